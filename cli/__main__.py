@@ -1,0 +1,3 @@
+from vecpipe.cli.app import main
+
+main()

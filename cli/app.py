@@ -1,0 +1,68 @@
+"""The vecpipe app: an ordered command registry, each command behind the error boundary."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import boundary
+
+# (command name, module under vecpipe.commands). Order is the order of `vecpipe --help`.
+COMMANDS: list[tuple[str, str]] = [
+    ("info", "info"),
+    ("convert", "convert"),
+]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+app = typer.Typer(
+    name="vecpipe",
+    help="Composable command-line tools for text embeddings. Each command reads and writes "
+         "record streams (JSONL, Arrow IPC, Parquet) so they chain with pipes.",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vecpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version and exit.")):
+    """Composable command-line tools for text embeddings."""
+
+
+def _register() -> None:
+    for name, module_name in COMMANDS:
+        module = importlib.import_module(f"vecpipe.commands.{module_name}")
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        if hasattr(module, "app"):  # a command with subcommands (e.g. eval)
+            app.add_typer(module.app, name=name, help=summary, context_settings=CONTEXT)
+        else:
+            app.command(name, help=module.run.__doc__, short_help=summary,
+                        context_settings=CONTEXT)(boundary(name)(module.run))
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app(prog_name="vecpipe")
+    except KeyboardInterrupt:  # during argument parsing or imports, outside a command
+        print("vecpipe: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

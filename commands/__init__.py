@@ -1,0 +1,1 @@
+"""One module per subcommand; each has a thin `run()` and pure functions that do the work."""
