@@ -62,13 +62,22 @@ def _peek(stream, size: int = _SNIFF_BYTES):
     return head, io.BufferedReader(_Prefixed(head, stream), _PIPE_BUFFER)
 
 
+def stdin_binary():
+    """stdin as a binary stream with a 1 MiB buffer (sys.stdin.buffer where stdin has no fd,
+    as under test runners)."""
+    try:
+        return open(sys.stdin.fileno(), "rb", buffering=_PIPE_BUFFER, closefd=False)
+    except (io.UnsupportedOperation, AttributeError, ValueError):
+        return sys.stdin.buffer
+
+
 def open_input(path: str):
     """A buffered binary stream for a path or `-`, gzip/zstd unwrapped, plus its head bytes.
 
     Returns (stream, head, compression) where compression is None, "gzip" or "zstd".
     """
     if path == "-":
-        raw = open(sys.stdin.fileno(), "rb", buffering=_PIPE_BUFFER, closefd=False)
+        raw = stdin_binary()
     else:
         try:
             raw = open(path, "rb", buffering=_PIPE_BUFFER)

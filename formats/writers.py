@@ -1,6 +1,7 @@
 """Writers: one RecordWriter for every output format, atomic for files, safe for terminals."""
 from __future__ import annotations
 
+import io
 import os
 import sys
 import tempfile
@@ -45,6 +46,16 @@ def resolve_output_format(output: str | None, output_format: str = "auto",
         raise UsageError(f"refusing to write binary {output_format} to a terminal",
                          hint="redirect stdout, use -o FILE, or --output-format jsonl")
     return output_format
+
+
+def stdout_binary():
+    """stdout as a binary stream with a 1 MiB buffer (sys.stdout.buffer where stdout has no fd,
+    as under test runners). Text already printed is flushed first to keep the order."""
+    sys.stdout.flush()
+    try:
+        return open(sys.stdout.fileno(), "wb", buffering=_PIPE_BUFFER, closefd=False)
+    except (io.UnsupportedOperation, AttributeError, ValueError):
+        return sys.stdout.buffer
 
 
 class AtomicFile:
@@ -97,8 +108,7 @@ class RecordWriter:
         self.schema = None
         self.rows = 0
         self._atomic = AtomicFile(self.output) if self.output else None
-        self._sink = self._atomic.file if self._atomic else \
-            open(sys.stdout.fileno(), "wb", buffering=_PIPE_BUFFER, closefd=False)
+        self._sink = self._atomic.file if self._atomic else stdout_binary()
         self._writer = None
         if schema is not None:
             self._start(schema)
@@ -160,8 +170,7 @@ def text_output(output: str | None):
 class _TextOutput:
     def __init__(self, output: str | None):
         self._atomic = AtomicFile(output) if output else None
-        self._sink = self._atomic.file if self._atomic else \
-            open(sys.stdout.fileno(), "wb", buffering=_PIPE_BUFFER, closefd=False)
+        self._sink = self._atomic.file if self._atomic else stdout_binary()
 
     def write(self, text: str) -> None:
         self._sink.write(text.encode())

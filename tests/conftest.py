@@ -1,0 +1,87 @@
+"""Shared fixtures: an in-process CLI runner with split stdout/stderr, record helpers, and the
+NFCorpus path (tests that use it skip when it is absent, as in a user's clone)."""
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pytest
+from typer.testing import CliRunner
+
+from vecpipe.cli.app import app
+
+REPO = Path(__file__).resolve().parent.parent
+NFCORPUS = REPO.parent / "shared" / "data" / "nfcorpus"
+
+
+class Result:
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.stdout_bytes = result.stdout_bytes
+        self.stdout = result.stdout_bytes.decode("utf-8", "replace")
+        self.stderr = result.stderr_bytes.decode("utf-8", "replace") if result.stderr_bytes \
+            else ""
+        self.exception = result.exception
+
+    def records(self) -> list[dict]:
+        """stdout parsed as JSONL or Arrow IPC stream, whichever it is."""
+        return parse_records(self.stdout_bytes)
+
+    def __repr__(self):
+        return f"<Result exit={self.exit_code} stderr={self.stderr!r}>"
+
+
+def parse_records(data: bytes) -> list[dict]:
+    if data.startswith(b"\xff\xff\xff\xff"):
+        return pa.ipc.open_stream(io.BytesIO(data)).read_all().to_pylist()
+    if data.startswith(b"ARROW1"):
+        return pa.ipc.open_file(io.BytesIO(data)).read_all().to_pylist()
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli():
+    """cli(*args, input=bytes|str) runs `vecpipe args` in-process through the error boundary."""
+    runner = CliRunner()
+
+    def invoke(*args, input=None, env=None):
+        return Result(runner.invoke(app, [str(a) for a in args], input=input, env=env,
+                                    catch_exceptions=True))
+    return invoke
+
+
+@pytest.fixture
+def run_vecpipe():
+    """run_vecpipe(*args, input=bytes) runs the installed console script as a subprocess."""
+    def run(*args, input=None, env=None, check=False):
+        full_env = dict(os.environ, **(env or {}))
+        return subprocess.run([sys.executable, "-m", "vecpipe.cli", *map(str, args)],
+                              input=input, capture_output=True, env=full_env, check=check)
+    return run
+
+
+def write_jsonl(path, records) -> Path:
+    path = Path(path)
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def nfcorpus() -> Path:
+    if not (NFCORPUS / "corpus.jsonl").is_file():
+        pytest.skip("../shared/data/nfcorpus is not present")
+    return NFCORPUS
+
+
+@pytest.fixture(name="write_jsonl")
+def write_jsonl_fixture():
+    """write_jsonl(path, records) -> Path (conftest is not importable under importlib mode)."""
+    return write_jsonl
+
+
+@pytest.fixture(name="parse_records")
+def parse_records_fixture():
+    return parse_records
