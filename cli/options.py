@@ -12,7 +12,7 @@ import typer
 Inputs = Annotated[Optional[List[str]], typer.Argument(
     help="Input files, or - for stdin (the default). Read in order as one stream; format "
          "sniffed from the first bytes (JSONL, Arrow, Parquet; gzip/zstd unwrapped).",
-    show_default=False, metavar="[INPUT]...")]
+    show_default=False, metavar="INPUT")]
 Output = Annotated[Optional[str], typer.Option(
     "-o", "--output", help="Write here (atomically) instead of stdout.", metavar="PATH")]
 OutputFormat = Annotated[str, typer.Option(

@@ -10,7 +10,7 @@ from vecpipe.cli import options
 
 def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             help="Record files, index folders, or - for stdin (the default).",
-            show_default=False, metavar="[INPUT]...")] = None,
+            show_default=False, metavar="INPUT")] = None,
         input_format: options.InputFormat = "auto",
         as_json: Annotated[bool, typer.Option(
             "--json", help="One JSON object per input even on a terminal.")] = False,

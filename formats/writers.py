@@ -149,8 +149,24 @@ class RecordWriter:
             self._atomic.commit()
 
     def abort(self) -> None:
+        """Drop a file output; on stdout, stop without writing an end-of-stream marker."""
         if self._atomic:
             self._atomic.abort()
+        else:
+            try:
+                self._sink.flush()
+            except OSError:
+                pass
+        if self._writer is not None:
+            try:
+                if self._sink is not sys.stdout.buffer:
+                    self._sink.close()
+                self._writer.close()
+            except (OSError, ValueError):
+                pass
+            if hasattr(self._writer, "is_open"):  # ParquetWriter would retry in __del__
+                self._writer.is_open = False
+            self._writer = None
 
     def __enter__(self) -> "RecordWriter":
         return self

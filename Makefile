@@ -1,0 +1,33 @@
+# vecpipe developer tasks. Everything installs into .venv; nothing needs network beyond PyPI.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+EXTRAS ?= test
+PYTEST_ARGS ?=
+
+.PHONY: install test bench man demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/startup.py
+
+man: install
+	$(BIN)/python -m vecpipe.cli.docgen .
+
+demo: install
+	$(BIN)/python bench/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

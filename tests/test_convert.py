@@ -1,0 +1,89 @@
+"""vecpipe convert and vecpipe info through the CLI, including the NFCorpus acceptance check."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from vecpipe.formats import schema as names
+
+FORMATS = {"jsonl": "jsonl", "arrow": "arrows", "arrow-file": "arrow", "parquet": "parquet"}
+
+
+def test_convert_select_and_limit(cli, tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"id": str(i), "text": f"t{i}", "x": i}
+                                             for i in range(10)])
+    r = cli("convert", src, "--select", "text,id", "--limit", "3", "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    assert r.records() == [{"text": "t0", "id": "0"}, {"text": "t1", "id": "1"},
+                           {"text": "t2", "id": "2"}]
+    assert "3 records" in r.stderr
+
+
+def test_convert_unknown_field_fails_before_output(cli, tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
+    out = tmp_path / "out.parquet"
+    r = cli("convert", src, "--select", "nope", "-o", out)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "no field 'nope'" in r.stderr and not out.exists()
+
+
+def test_convert_bad_input_is_one_line_exit_1(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n{"id": \n')
+    r = cli("convert", bad, "--output-format", "jsonl")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"vecpipe convert: error: invalid JSON: unexpected end of data ({bad}:2)"]
+
+
+def test_convert_usage_errors_exit_2(cli, tmp_path):
+    r = cli("convert", "--output-format", "xml")
+    assert r.exit_code == 2 and "unknown output format" in r.stderr
+    r = cli("convert", "--no-such-option")
+    assert r.exit_code == 2
+
+
+def test_convert_keeps_metadata(cli, tmp_path):
+    table = pa.table({"id": ["a"]})
+    table = table.replace_schema_metadata(names.with_meta(table.schema, {"model": "m"}).metadata)
+    src = tmp_path / "a.arrow"
+    with pa.OSFile(str(src), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    out = tmp_path / "b.parquet"
+    assert cli("convert", src, "-o", out).exit_code == 0
+    r = cli("info", out)
+    assert json.loads(r.stdout)["metadata"] == {"model": "m"}
+
+
+def test_info_on_stream_and_index_folder(cli, tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"id": "1", "embedding": [0.1, 0.2]}])
+    facts = json.loads(cli("info", src).stdout)
+    assert facts["format"] == "jsonl" and facts["rows"] == 1
+    assert facts["columns"] == {"id": "string", "embedding": "fixed_size_list<item: float>[2]"}
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"count": 5, "dim": 2}')
+    facts = json.loads(cli("info", folder).stdout)
+    assert facts["manifest"]["count"] == 5 and facts["format"] == "vecpipe-index"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("info", empty)
+    assert r.exit_code == 1 and "not a vecpipe index" in r.stderr
+
+
+def test_nfcorpus_every_format_and_back(cli, tmp_path, nfcorpus, parse_records):
+    """The issue's acceptance: 3,633 records through every output format and back, identical."""
+    import orjson
+
+    original = [orjson.loads(line) for line in (nfcorpus / "corpus.jsonl").read_bytes()
+                .splitlines()]
+    assert len(original) == 3633
+    for fmt, ext in FORMATS.items():
+        there = tmp_path / f"corpus.{ext}"
+        r = cli("convert", nfcorpus / "corpus.jsonl", "-o", there, "--output-format", fmt)
+        assert r.exit_code == 0, r
+        facts = json.loads(cli("info", there).stdout)
+        assert facts["rows"] == 3633 and facts["format"] == fmt
+        back = cli("convert", there, "--output-format", "jsonl")
+        assert back.exit_code == 0
+        assert back.records() == original, fmt
