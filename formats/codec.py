@@ -1,0 +1,530 @@
+"""The compress codec: a fitted, serialisable transform from float32 embeddings to compact codes.
+
+Steps, each optional, always applied in this order:
+
+1. `dim`: keep the leading `dim` dimensions (Matryoshka truncation), re-normalise.
+2. `pca`: subtract the calibration mean, project on the top `pca` principal components fitted on
+   the calibration sample (numpy `eigh` of the covariance), re-normalise.
+3. `to`: quantise to float32 (none), float16, bfloat16, int8/uint8 (per-dimension ranges fitted on
+   the calibration sample, optionally at quantiles; values outside are clipped, never wrapped),
+   or binary/ubinary (sign bits).
+
+Re-normalising happens only when the codec was fitted with `normalize=True` (the input vectors
+were unit length), so dot products in the reduced space are cosines again.
+
+Vocabulary used by every caller (compress, index, search):
+
+- `project(x)`: steps 1-2; float32 in the *reduced space* (`out_dim` columns).
+- `encode(x)`: project + quantise -> codes (numpy, `code_dtype`).
+- `decode(codes)`: float32 reconstruction of `project(x)` (not of x: dropped dims are gone).
+- `transform(q)`: a float query in *code coordinates*: `transform(q) @ code_matrix(c).T` ranks
+  documents exactly like `project(q) @ decode(c).T` (they differ by a per-query constant,
+  `offset(q)`). This is asymmetric scoring: float queries against int8/binary codes lose far less
+  than quantising the query too.
+- `score(q, codes)`: `project(q) @ decode(codes).T`, computed as above (brute force / rescoring).
+
+How codes are carried (numpy / Arrow `embedding` column / JSONL):
+
+- float16: float16 / fixed_size_list<float16> / numbers.
+- bfloat16: uint16 holding the upper half of the float32 bit pattern (rounded to nearest even) /
+  fixed_size_list<uint16> / integers 0-65535. Arrow has no bfloat16 type; uint16 keeps the two
+  bytes per value, and `vecpipe.dtype = bfloat16` plus the codec say how to read them.
+- int8 / uint8: fixed_size_list<int8|uint8> / integers. Code k of dimension i stands for
+  `low[i] + (k + 128) * step[i]` (int8) or `low[i] + k * step[i]` (uint8), step = range / 255.
+- binary / ubinary: uint8 (rows x ceil(dim/8)) sign bits `x > 0` packed by `numpy.packbits`
+  (dimension 0 is the most significant bit of byte 0) / fixed_size_binary / 0-255 integers.
+  Both names give the same bytes: sentence-transformers' `ubinary` exactly; its `binary` is the
+  same bytes minus 128 as int8, a representation vecpipe does not need since Arrow carries bytes.
+  `decode` maps a bit to the calibration mean of the values on its side of zero (per dimension).
+
+JSONL carries no metadata: a reader of JSONL codes needs the codec (`compress --codec FILE`);
+`codes_from_matrix` turns the float32 numbers the JSONL reader produces back into codes.
+
+Serialisation: `to_json()` is canonical (sorted keys, arrays as base64 of little-endian float32),
+so two streams have the same codec exactly when their `vecpipe.codec` strings are equal. The PCA
+projection is embedded in the JSON (384x128 float32 is ~260 KB of base64), together with its
+SHA-256 (`pca.sha256`, the "PCA hash"): a stream or index then describes itself completely and a
+user never has to keep a side file next to it; `index` stores the same JSON in its folder. A
+codec without PCA is a few KB.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Mapping
+
+import numpy as np
+
+from .errors import DataError, UsageError
+
+FORMAT_VERSION = 1
+TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
+BIT_TARGETS = ("binary", "ubinary")
+SCALAR_TARGETS = ("int8", "uint8")
+_CODE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+                "int8": np.int8, "uint8": np.uint8, "binary": np.uint8, "ubinary": np.uint8}
+_CODE_OFFSET = {"int8": 128.0, "uint8": 0.0}  # code k of a scalar target is level k + offset
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+_POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
+
+
+class Codec:
+    """A fitted transform. Build with `Codec.fit(...)` or `Codec.from_json(...)`."""
+
+    def __init__(self, to: str, input_dim: int, *, dim: int | None = None,
+                 pca_mean: np.ndarray | None = None, pca_components: np.ndarray | None = None,
+                 pca_explained: float | None = None, normalize: bool = True,
+                 low: np.ndarray | None = None, high: np.ndarray | None = None,
+                 clip_quantile: float | None = None, calibration_rows: int | None = None,
+                 model: str | None = None):
+        if to not in TARGETS:
+            raise UsageError(f"unknown codec target {to!r}; choose from {', '.join(TARGETS)}")
+        self.to = to
+        self.input_dim = int(input_dim)
+        self.dim = None if dim is None else int(dim)
+        self.pca_mean = _f32_or_none(pca_mean)
+        self.pca_components = _f32_or_none(pca_components)  # (truncated dim) x out_dim
+        self.pca_explained = pca_explained
+        self.normalize = bool(normalize)
+        self.low = _f32_or_none(low)    # scalar: range start; bits: level of a 0 bit
+        self.high = _f32_or_none(high)  # scalar: range end; bits: level of a 1 bit
+        self.clip_quantile = clip_quantile
+        self.calibration_rows = calibration_rows
+        self.model = model
+
+    # ----- fitting -------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, sample: np.ndarray, to: str = "float32", dim: int | None = None,
+            pca: int | None = None, clip_quantile: float | None = None, *,
+            normalize: bool = True, model: str | None = None) -> "Codec":
+        """Fit on a calibration sample (rows x input_dim float vectors)."""
+        sample = _as_matrix(sample)
+        rows, input_dim = sample.shape
+        if to not in TARGETS:
+            raise UsageError(f"unknown codec target {to!r}; choose from {', '.join(TARGETS)}")
+        _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile)
+        codec = cls(to, input_dim, dim=dim, normalize=normalize, clip_quantile=clip_quantile,
+                    calibration_rows=rows, model=model)
+        reduced = codec._truncate(sample)
+        if pca is not None:
+            codec.pca_mean, codec.pca_components, codec.pca_explained = _fit_pca(reduced, pca)
+            reduced = codec._pca(reduced)
+        if to in SCALAR_TARGETS:
+            codec.low, codec.high = _fit_ranges(reduced, clip_quantile)
+        elif to in BIT_TARGETS:
+            codec.low, codec.high = _fit_bit_levels(reduced)
+        return codec
+
+    # ----- shape facts ---------------------------------------------------------------------
+    @property
+    def out_dim(self) -> int:
+        """Dimensions after truncation/PCA (for bit targets: bits, not bytes)."""
+        if self.pca_components is not None:
+            return int(self.pca_components.shape[1])
+        return self.dim or self.input_dim
+
+    @property
+    def code_dtype(self) -> np.dtype:
+        return np.dtype(_CODE_DTYPES[self.to])
+
+    @property
+    def code_width(self) -> int:
+        """Columns of a code matrix: out_dim, or bytes of packed bits."""
+        return (self.out_dim + 7) // 8 if self.to in BIT_TARGETS else self.out_dim
+
+    @property
+    def bytes_per_vector(self) -> int:
+        return self.code_width * self.code_dtype.itemsize
+
+    @property
+    def is_bits(self) -> bool:
+        return self.to in BIT_TARGETS
+
+    def describe(self) -> str:
+        """A short human description, e.g. `384 -> pca 128 -> int8 (128 B/vector)`."""
+        steps = [str(self.input_dim)]
+        if self.dim is not None:
+            steps.append(f"dim {self.dim}")
+        if self.pca_components is not None:
+            steps.append(f"pca {self.out_dim}")
+        steps.append(self.to)
+        return " -> ".join(steps) + f" ({self.bytes_per_vector} B/vector)"
+
+    # ----- the transform -------------------------------------------------------------------
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """Truncation and PCA (float32, out_dim columns)."""
+        vectors = self._check_input(vectors)
+        reduced = self._truncate(vectors)
+        if self.pca_components is not None:
+            reduced = self._pca(reduced)
+        return reduced
+
+    def encode(self, vectors: np.ndarray) -> np.ndarray:
+        """float32 vectors (rows x input_dim) -> codes (rows x code_width, code_dtype)."""
+        return self.quantize(self.project(vectors))
+
+    def quantize(self, reduced: np.ndarray) -> np.ndarray:
+        """Vectors already in the reduced space -> codes."""
+        reduced = np.asarray(reduced, dtype=np.float32)
+        if self.to == "float32":
+            return np.ascontiguousarray(reduced)
+        if self.to == "float16":
+            return np.clip(reduced, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16)
+        if self.to == "bfloat16":
+            return float32_to_bfloat16_bits(reduced)
+        if self.to in SCALAR_TARGETS:
+            levels = np.rint((reduced - self.low) / self._steps())
+            levels = np.clip(levels, 0, 255) - _CODE_OFFSET[self.to]
+            return levels.astype(self.code_dtype)
+        return np.packbits(reduced > 0, axis=-1)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes -> float32 reconstruction of `project(x)`."""
+        codes = self._check_codes(codes)
+        if self.to in ("float32", "float16"):
+            return codes.astype(np.float32)
+        if self.to == "bfloat16":
+            return bfloat16_bits_to_float32(codes)
+        if self.to in SCALAR_TARGETS:
+            return (self.low + (codes.astype(np.float32) + _CODE_OFFSET[self.to])
+                    * self._steps()).astype(np.float32)
+        bits = self.code_matrix(codes)
+        return (self.low + bits * (self.high - self.low)).astype(np.float32)
+
+    def code_matrix(self, codes: np.ndarray) -> np.ndarray:
+        """Codes as float32 numbers, one column per reduced dimension (bits unpacked to 0/1)."""
+        codes = self._check_codes(codes)
+        if self.to in BIT_TARGETS:
+            return np.unpackbits(codes, axis=-1, count=self.out_dim).astype(np.float32)
+        if self.to == "bfloat16":
+            return bfloat16_bits_to_float32(codes)
+        return codes.astype(np.float32)
+
+    def transform(self, queries: np.ndarray) -> np.ndarray:
+        """Float queries in code coordinates: `transform(q) @ code_matrix(c).T + offset(q)`
+        equals `project(q) @ decode(c).T`, so without the offset it ranks the same."""
+        reduced = self.project(queries)
+        if self.to in SCALAR_TARGETS:
+            return (reduced * self._steps()).astype(np.float32)
+        if self.to in BIT_TARGETS:
+            return (reduced * (self.high - self.low)).astype(np.float32)
+        return reduced
+
+    def offset(self, queries: np.ndarray) -> np.ndarray:
+        """The per-query constant that turns `transform(q) @ code_matrix(c).T` into a score."""
+        reduced = self.project(queries)
+        if self.to in SCALAR_TARGETS:
+            zero = self.low + _CODE_OFFSET[self.to] * self._steps()
+            return (reduced @ zero).astype(np.float32)
+        if self.to in BIT_TARGETS:
+            return (reduced @ self.low).astype(np.float32)
+        return np.zeros(len(reduced), dtype=np.float32)
+
+    def score(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Asymmetric scores (queries x codes): float queries against the decoded codes."""
+        matrix = self.code_matrix(codes)
+        return self.transform(queries) @ matrix.T + self.offset(queries)[:, None]
+
+    # ----- Arrow and JSONL -----------------------------------------------------------------
+    def arrow_type(self):
+        import pyarrow as pa
+
+        if self.to in BIT_TARGETS:
+            return pa.binary(self.code_width)
+        return pa.list_(pa.from_numpy_dtype(self.code_dtype), self.code_width)
+
+    def to_arrow(self, codes: np.ndarray):
+        """Codes as the `embedding` column type (fixed_size_list or fixed_size_binary)."""
+        from .schema import numpy_to_packed_bits, numpy_to_vectors
+
+        codes = self._check_codes(codes)
+        return numpy_to_packed_bits(codes) if self.is_bits else numpy_to_vectors(codes)
+
+    def codes_from_matrix(self, matrix: np.ndarray, source: str | None = None) -> np.ndarray:
+        """Codes read back from any numeric matrix (Arrow codes, or the float32 numbers the JSONL
+        reader makes of them): checks width, integrality and range; never wraps."""
+        matrix = np.asarray(matrix)
+        if matrix.ndim != 2 or matrix.shape[1] != self.code_width:
+            width = matrix.shape[1] if matrix.ndim == 2 else "?"
+            raise DataError(f"vectors have {width} values, the codec ({self.describe()}) "
+                            f"makes {self.code_width}", source=source,
+                            hint="was this stream compressed with this codec?")
+        if matrix.dtype == self.code_dtype:
+            return matrix
+        if self.to in ("float32", "float16"):
+            return matrix.astype(self.code_dtype)
+        info = np.iinfo(self.code_dtype)
+        bad = (matrix < info.min) | (matrix > info.max)
+        if matrix.dtype.kind == "f":
+            bad |= ~np.isfinite(matrix) | (matrix != np.round(matrix))
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise DataError(f"value {matrix[row][bad[row]][0]!r} is not a {self.to} code "
+                            f"(integers {info.min}..{info.max})", source=source, record=row + 1)
+        return matrix.astype(self.code_dtype)
+
+    def metadata(self) -> dict[str, str]:
+        """The `vecpipe.*` keys a compressed stream carries."""
+        return {"codec": self.to_json(), "dtype": self.to, "dim": str(self.out_dim)}
+
+    # ----- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        data = {"format": FORMAT_VERSION, "to": self.to, "input_dim": self.input_dim,
+                "dim": self.dim, "normalize": self.normalize, "model": self.model,
+                "calibration_rows": self.calibration_rows, "pca": None, "levels": None}
+        if self.pca_components is not None:
+            components = _encode_array(self.pca_components)
+            data["pca"] = {"components": components, "mean": _encode_array(self.pca_mean),
+                           "explained_variance": self.pca_explained,
+                           "sha256": _array_hash(self.pca_components, self.pca_mean)}
+        if self.low is not None:
+            data["levels"] = {"low": _encode_array(self.low), "high": _encode_array(self.high),
+                              "clip_quantile": self.clip_quantile}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Codec":
+        try:
+            if data.get("format") != FORMAT_VERSION:
+                raise ValueError(f"unsupported codec format {data.get('format')!r}")
+            pca = data.get("pca") or {}
+            levels = data.get("levels") or {}
+            codec = cls(data["to"], data["input_dim"], dim=data.get("dim"),
+                        pca_mean=_decode_array(pca.get("mean")),
+                        pca_components=_decode_array(pca.get("components")),
+                        pca_explained=pca.get("explained_variance"),
+                        normalize=data.get("normalize", True),
+                        low=_decode_array(levels.get("low")),
+                        high=_decode_array(levels.get("high")),
+                        clip_quantile=levels.get("clip_quantile"),
+                        calibration_rows=data.get("calibration_rows"), model=data.get("model"))
+            if pca and pca.get("sha256") != _array_hash(codec.pca_components, codec.pca_mean):
+                raise ValueError("PCA projection does not match its sha256")
+            codec._check_consistent()
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"invalid codec: {err}") from None
+        return codec
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Codec":
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise DataError(f"invalid codec JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise DataError("invalid codec JSON: expected an object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: str) -> "Codec":
+        """Read a codec file written by `compress --save-codec`."""
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise DataError("no such codec file", source=path) from None
+        except OSError as err:
+            raise DataError(f"cannot read codec file: {err.strerror}", source=path) from None
+        try:
+            return cls.from_json(text)
+        except DataError as err:
+            raise err.located(path)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Codec) and self.to_json() == other.to_json()
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.describe()}>"
+
+    # ----- internals -----------------------------------------------------------------------
+    def _check_input(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = _as_matrix(vectors)
+        if vectors.shape[1] != self.input_dim:
+            raise DataError(f"vectors have {vectors.shape[1]} dimensions, the codec expects "
+                            f"{self.input_dim}", hint="use the codec fitted on vectors of the "
+                                                      "same model")
+        return vectors
+
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim == 1:
+            codes = codes[None, :]
+        if codes.shape[1] != self.code_width or codes.dtype != self.code_dtype:
+            raise DataError(f"codes are {codes.dtype} x {codes.shape[1]}, the codec makes "
+                            f"{self.code_dtype} x {self.code_width}")
+        return codes
+
+    def _truncate(self, vectors: np.ndarray) -> np.ndarray:
+        if self.dim is None or self.dim == self.input_dim:
+            return vectors
+        return self._renormalize(vectors[:, :self.dim])
+
+    def _pca(self, vectors: np.ndarray) -> np.ndarray:
+        return self._renormalize((vectors - self.pca_mean) @ self.pca_components)
+
+    def _renormalize(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not self.normalize:
+            return vectors
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.where(norms > 0, norms, 1)
+
+    def _steps(self) -> np.ndarray:
+        steps = (self.high - self.low) / 255
+        return np.where(steps > 0, steps, 1).astype(np.float32)
+
+    def _check_consistent(self) -> None:
+        if self.dim is not None and not 0 < self.dim <= self.input_dim:
+            raise ValueError(f"dim {self.dim} outside 1..{self.input_dim}")
+        if (self.pca_components is None) != (self.pca_mean is None):
+            raise ValueError("PCA needs both components and mean")
+        reduced_dim = self.dim or self.input_dim
+        if self.pca_components is not None and (
+                self.pca_components.ndim != 2 or self.pca_components.shape[0] != reduced_dim
+                or self.pca_mean.shape != (reduced_dim,)):
+            raise ValueError("PCA projection shape does not match the dimensions")
+        needs_levels = self.to in SCALAR_TARGETS or self.to in BIT_TARGETS
+        if needs_levels and (self.low is None or self.high is None
+                             or self.low.shape != (self.out_dim,)
+                             or self.high.shape != (self.out_dim,)):
+            raise ValueError(f"{self.to} codec needs low/high levels of {self.out_dim} values")
+
+
+def codec_from_meta(meta: Mapping[str, str], source: str | None = None) -> Codec | None:
+    """The codec recorded in a stream's `vecpipe.*` metadata (`codec` key), or None."""
+    text = meta.get("codec")
+    if not text:
+        return None
+    try:
+        return Codec.from_json(text)
+    except DataError as err:
+        err.message = f"vecpipe.codec metadata: {err.message}"
+        raise err.located(source)
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16), rounding to nearest even like torch and CPUs do."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def hamming_distances(query_bits: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Bit differences between packed-bit queries and codes (queries x codes, int32)."""
+    query_bits = np.asarray(query_bits, dtype=np.uint8)
+    codes = np.asarray(codes, dtype=np.uint8)
+    out = np.empty((len(query_bits), len(codes)), dtype=np.int32)
+    for row, query in enumerate(query_bits):
+        out[row] = _POPCOUNT[codes ^ query].sum(axis=1, dtype=np.int32)
+    return out
+
+
+# ----- fitting helpers -----------------------------------------------------------------------
+def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
+    if rows == 0:
+        raise DataError("no vectors to calibrate the codec on")
+    if dim is not None and not 0 < dim <= input_dim:
+        raise UsageError(f"--dim {dim} must be between 1 and the input's {input_dim} dimensions")
+    reduced_dim = dim or input_dim
+    if pca is not None:
+        if not 0 < pca <= reduced_dim:
+            raise UsageError(f"--pca {pca} must be between 1 and {reduced_dim} dimensions")
+        if rows <= pca:
+            raise DataError(f"PCA with {pca} components needs more than {pca} calibration rows, "
+                            f"got {rows}", hint="raise --calibration-rows or lower --pca")
+    if clip_quantile is not None:
+        if to not in SCALAR_TARGETS:
+            raise UsageError("--clip-quantile applies to int8/uint8 only")
+        if not 0 <= clip_quantile < 0.5:
+            raise UsageError("--clip-quantile must be in [0, 0.5), e.g. 0.001")
+
+
+def _fit_pca(vectors: np.ndarray, components: int):
+    """Mean, top principal directions (dim x components) and the variance share they keep."""
+    sample = vectors.astype(np.float64)
+    mean = sample.mean(axis=0)
+    centered = sample - mean
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    order = np.argsort(eigenvalues)[::-1][:components]
+    directions = eigenvectors[:, order]
+    # eigh's signs are arbitrary; fix them so the same sample gives the same codec everywhere
+    flip = np.sign(directions[np.abs(directions).argmax(axis=0), np.arange(components)])
+    directions *= np.where(flip == 0, 1, flip)
+    total = float(np.clip(eigenvalues, 0, None).sum())
+    explained = float(np.clip(eigenvalues[order], 0, None).sum() / total) if total > 0 else 1.0
+    return mean.astype(np.float32), directions.astype(np.float32), round(explained, 6)
+
+
+def _fit_ranges(vectors: np.ndarray, clip_quantile: float | None):
+    if clip_quantile:
+        low = np.quantile(vectors, clip_quantile, axis=0)
+        high = np.quantile(vectors, 1 - clip_quantile, axis=0)
+    else:
+        low, high = vectors.min(axis=0), vectors.max(axis=0)
+    return low.astype(np.float32), high.astype(np.float32)
+
+
+def _fit_bit_levels(vectors: np.ndarray):
+    """Per dimension, the mean of the calibration values at or below zero (a 0 bit) and above
+    zero (a 1 bit): the least-squares reconstruction of each bit. A side no sample fell on
+    mirrors the other."""
+    positive = vectors > 0
+    count_pos = positive.sum(axis=0)
+    count_neg = len(vectors) - count_pos
+    sum_pos = np.where(positive, vectors, 0).sum(axis=0, dtype=np.float64)
+    sum_neg = np.where(positive, 0, vectors).sum(axis=0, dtype=np.float64)
+    high = np.divide(sum_pos, count_pos, out=np.full(vectors.shape[1], np.nan),
+                     where=count_pos > 0)
+    low = np.divide(sum_neg, count_neg, out=np.full(vectors.shape[1], np.nan),
+                    where=count_neg > 0)
+    high = np.where(np.isnan(high), np.where(np.isnan(low), 1.0, -low), high)
+    low = np.where(np.isnan(low), -high, low)
+    low = np.where(low == high, low - 1.0, low)  # a dimension that is always 0
+    return low.astype(np.float32), high.astype(np.float32)
+
+
+# ----- small helpers -------------------------------------------------------------------------
+def _as_matrix(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors)
+    if vectors.ndim == 1:
+        vectors = vectors[None, :]
+    if vectors.ndim != 2:
+        raise DataError(f"expected a matrix of vectors, got {vectors.ndim} dimensions")
+    if vectors.dtype.kind != "f":
+        raise DataError(f"expected float vectors, got {vectors.dtype}")
+    return vectors.astype(np.float32, copy=False)
+
+
+def _f32_or_none(array) -> np.ndarray | None:
+    return None if array is None else np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _encode_array(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return {"shape": list(array.shape), "float32_base64": base64.b64encode(array.tobytes())
+            .decode("ascii")}
+
+
+def _decode_array(data) -> np.ndarray | None:
+    if data is None:
+        return None
+    raw = base64.b64decode(data["float32_base64"], validate=True)
+    shape = tuple(int(n) for n in data["shape"])
+    if len(raw) != 4 * int(np.prod(shape)):
+        raise ValueError(f"array of shape {shape} has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _array_hash(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype="<f4").tobytes())
+    return digest.hexdigest()
