@@ -46,7 +46,11 @@ class JsonlBatcher:
         import pyarrow as pa
 
         try:
-            batch = pa.RecordBatch.from_pylist(records)
+            # from_pylist would keep only the first record's keys, silently dropping fields
+            # that appear first in a later record of the batch.
+            keys = dict.fromkeys(key for record in records for key in record)
+            batch = pa.RecordBatch.from_pydict({key: [record.get(key) for record in records]
+                                                for key in keys})
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
             bad, field = _first_inconsistent(records)
             raise DataError(f"field {field!r} has values of different types ({err})",
