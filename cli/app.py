@@ -14,6 +14,8 @@ from .errors import boundary
 COMMANDS: list[tuple[str, str]] = [
     ("info", "info"),
     ("convert", "convert"),
+    ("index", "index"),
+    ("search", "search"),
 ]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
