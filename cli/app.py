@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("convert", "convert"),
     ("index", "index"),
     ("search", "search"),
+    ("mine-negatives", "mine_negatives"),
 ]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

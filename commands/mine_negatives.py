@@ -1,0 +1,603 @@
+"""Mine hard negatives for (query, positive) pairs, without false negatives or silent padding."""
+import os
+from dataclasses import dataclass
+from typing import Annotated, List, Optional
+
+import typer
+
+from vecpipe.cli import options
+
+QUERY_BATCH = 256          # queries searched and filtered together: memory ~ batch x depth
+_CACHE_LIMIT = 200_000     # guide-model vectors kept between batches
+
+
+def run(pairs: Annotated[Optional[List[str]], typer.Argument(
+            help="Pair records: `query` (or `anchor`) with `positive` text and/or "
+                 "`positive_id` (a corpus id), optional `query_id`; several records per query "
+                 "= several positives. - for stdin (the default).",
+            show_default=False, metavar="PAIRS")] = None,
+        corpus: Annotated[Optional[str], typer.Option(
+            "--corpus", help="Where negatives come from: an index folder (ANN), an embeddings "
+                             "stream (exact search), or text records (embedded with -m). "
+                             "Default: the BEIR corpus with --beir, else the positives' texts.",
+            metavar="CORPUS")] = None,
+        beir: Annotated[Optional[str], typer.Option(
+            "--beir", help="Take queries, positives (qrels score > 0) and corpus from this BEIR "
+                           "folder.", metavar="DIR")] = None,
+        split: Annotated[str, typer.Option("--split", help="BEIR qrels split.")] = "train",
+        model: options.Model = None,
+        num_negatives: Annotated[int, typer.Option(
+            "-n", "--num-negatives", help="Negatives per query.")] = 5,
+        range_min: Annotated[int, typer.Option(
+            "--range-min", help="Skip this many of the best surviving candidates.")] = 0,
+        range_max: Annotated[int, typer.Option(
+            "--range-max", help="Consider only this many surviving candidates (searched: "
+                                "range-max + the largest positive count of any query).")] = 50,
+        min_score: Annotated[Optional[float], typer.Option(
+            "--min-score", help="Drop candidates scoring below S.", metavar="S")] = None,
+        max_score: Annotated[Optional[float], typer.Option(
+            "--max-score", help="Drop candidates scoring above S.", metavar="S")] = None,
+        absolute_margin: Annotated[Optional[float], typer.Option(
+            "--absolute-margin", help="Keep a candidate only if score <= positive - A.",
+            metavar="A")] = None,
+        relative_margin: Annotated[Optional[float], typer.Option(
+            "--relative-margin", help="Keep a candidate only if score <= positive - "
+                                      "|positive| * R (0.05: NV-Retriever's 95%).",
+            metavar="R")] = None,
+        sampling: Annotated[str, typer.Option(
+            "--sampling", help="top: the best candidates; random: a seeded sample of the "
+                               "window.")] = "top",
+        seed: Annotated[int, typer.Option("--seed", help="Seed of --sampling random.")] = 0,
+        cross_encoder: Annotated[Optional[str], typer.Option(
+            "--cross-encoder", help="Rescore candidates and positives with this "
+                                    "cross-encoder before filtering and ranking.",
+            metavar="MODEL")] = None,
+        guide: Annotated[Optional[str], typer.Option(
+            "--guide", help="GISTEmbed-style: drop a candidate this model scores at least as "
+                            "similar to the query as the (weakest) positive.",
+            metavar="MODEL")] = None,
+        layout: Annotated[str, typer.Option(
+            "--layout", help="Rows as sentence-transformers trains on them: triplet, n-tuple "
+                             "(negative_1..n), labeled-pair, labeled-list.")] = "triplet",
+        with_scores: Annotated[bool, typer.Option(
+            "--with-scores", help="Add the scores (labeled layouts: scores replace "
+                                  "labels).")] = False,
+        on_short: Annotated[str, typer.Option(
+            "--on-short", help="A query with fewer than -n negatives: drop it, or keep it with "
+                               "fewer (never padded).")] = "drop",
+        stats: Annotated[Optional[str], typer.Option(
+            "--stats", help="Write the counts (candidates seen, removed by each rule, queries "
+                            "short, mean scores) to FILE as JSON.", metavar="FILE")] = None,
+        exact: Annotated[bool, typer.Option(
+            "--exact", help="With an index folder: brute-force search instead of HNSW.")] = False,
+        fields: Annotated[Optional[List[str]], typer.Option(
+            "--field", help="Corpus text: these fields joined by a space (repeatable; default "
+                            "text, with --beir title and text).", metavar="FIELD")] = None,
+        query_prompt: Annotated[Optional[str], typer.Option(
+            "--query-prompt", help="Prompt for query texts.", metavar="TEXT")] = None,
+        query_prompt_name: Annotated[Optional[str], typer.Option(
+            "--query-prompt-name", help="A prompt of the model, by name, for queries.",
+            metavar="NAME")] = None,
+        corpus_prompt: Annotated[Optional[str], typer.Option(
+            "--corpus-prompt", help="Prompt for corpus and positive texts.",
+            metavar="TEXT")] = None,
+        corpus_prompt_name: Annotated[Optional[str], typer.Option(
+            "--corpus-prompt-name", help="A prompt of the model, by name, for corpus texts.",
+            metavar="NAME")] = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        trust_remote_code: options.TrustRemoteCode = False,
+        output: options.Output = None,
+        output_format: options.OutputFormat = "auto",
+        input_format: options.InputFormat = "auto",
+        force: options.Force = False,
+        quiet: options.Quiet = False):
+    """Mine hard negatives for (query, positive) pairs and write training rows in
+    sentence-transformers' layouts. Candidates never include a known positive of the query (by
+    id or identical text) nor the query itself; every removal is counted (stderr summary,
+    --stats). Filters follow sentence-transformers' mine_hard_negatives: with an embeddings or
+    text corpus, --sampling top and the same model, the rows are the same. Scores are cosine
+    similarities (cross-encoder scores after --cross-encoder). Pairs and an embeddings or text
+    corpus are held in memory (the corpus as one vector matrix); search memory is bounded by
+    a query batch x corpus block. For corpora larger than memory, search an index folder.
+
+    \b
+    Example:
+      vecpipe mine-negatives --beir nfcorpus --split train -o triplets.jsonl
+      vecpipe mine-negatives pairs.jsonl --corpus idx/ -n 7 --range-min 10 \\
+          --relative-margin 0.05 --layout n-tuple --stats stats.json -o train.parquet
+    """
+    from vecpipe.formats.mining import LAYOUTS, MiningOptions
+    from vecpipe.formats.writers import resolve_output_format
+
+    settings = MiningOptions(num_negatives, range_min, range_max, min_score, max_score,
+                             absolute_margin, relative_margin, sampling, seed, on_short)
+    settings.check()
+    _check_layout(layout, on_short, LAYOUTS)
+    resolve_output_format(output, output_format)
+    pair_set = _read_pairs(pairs, beir, split, input_format)
+    source = _corpus_source(corpus, beir, pair_set, fields)
+    job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
+                   prompts=(query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name),
+                   batch_size=batch_size, exact=exact)
+    if cross_encoder:
+        job.cross_encoder = _load_cross_encoder(cross_encoder, device, trust_remote_code)
+    if guide:
+        job.guide = _Guide(guide, device, trust_remote_code, batch_size)
+    _mine(job, layout, with_scores, output, output_format)
+    _report(job, stats, layout)
+
+
+@dataclass
+class _Job:
+    pairs: object                 # PairSet
+    corpus: object                # _ExactCorpus or _IndexCorpus
+    model: object                 # LoadedModel for queries (and texts without a vector)
+    miner: object
+    query_prompt: str
+    corpus_prompt: str
+    batch_size: int
+    depth: int
+    cross_encoder: object = None
+    guide: object = None
+    output_name: str = "stdout"
+    output_format: str = ""
+
+
+def _check_layout(layout: str, on_short: str, layouts) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if layout not in layouts:
+        raise UsageError(f"unknown --layout {layout!r}; use {'|'.join(layouts)}",
+                         hint="the file format is --output-format (jsonl, arrow, parquet)")
+    if layout == "n-tuple" and on_short == "keep":
+        raise UsageError("--layout n-tuple needs exactly -n negatives per row; "
+                         "--on-short keep cannot fill it",
+                         hint="use --on-short drop, or --layout triplet/labeled-list")
+
+
+def _read_pairs(inputs, beir, split, input_format):
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.mining import read_beir, read_pairs
+    from vecpipe.formats.readers import RecordStream
+
+    if beir:
+        if inputs:
+            raise UsageError("give PAIRS or --beir, not both")
+        return read_beir(beir, split)
+    return read_pairs(RecordStream(inputs, input_format))
+
+
+# ---- the corpus ------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    path: str | None          # None: the positives' texts are the corpus
+    fields: list
+
+
+def _corpus_source(corpus, beir, pair_set, fields) -> _Source:
+    from vecpipe.formats.mining import beir_corpus
+
+    if corpus is None and beir:
+        return _Source(beir_corpus(beir), fields or ["title", "text"])
+    return _Source(corpus, fields or ["text"])
+
+
+class _ExactCorpus:
+    """Vectors in memory (normalized), ids and texts: exact search by blocks."""
+
+    def __init__(self, name, vectors, ids, texts, metadata, prompt):
+        from vecpipe.formats.mining import normalized
+
+        self.name = name
+        self.vectors = normalized(vectors)
+        self.ids = ids              # pa.Array of strings
+        self.texts = texts          # pa.Array of strings
+        self.metadata = metadata    # vecpipe.* keys of the vectors ({} for embedded text)
+        self.prompt = prompt        # the prompt the corpus texts were embedded with
+
+    def search(self, queries, k):
+        from vecpipe.formats.mining import exact_top_k
+
+        return exact_top_k(queries, self.vectors, k)
+
+    def row_scores(self, queries, rows):
+        """Score of queries[i] against corpus row rows[i], on the search's scale."""
+        return self.vector_scores(queries, self.vectors[rows])
+
+    def vector_scores(self, queries, vectors):
+        """Score of queries[i] against the model's vectors[i], on the search's scale."""
+        import numpy as np
+
+        from vecpipe.formats.mining import normalized
+
+        return np.einsum("ij,ij->i", queries, normalized(vectors))
+
+
+class _IndexCorpus:
+    """An index folder (index_store): HNSW search, or brute force with --exact."""
+
+    def __init__(self, path, fields, exact):
+        from vecpipe.formats.errors import DataError
+        from vecpipe.formats.index_store import FLOAT_DTYPES, open_index
+        from vecpipe.formats.mining import join_fields
+
+        self.index = open_index(path)
+        self.name, self.metadata = path, self.index.metadata
+        self.prompt = self.index.metadata.get("prompt", "")
+        self.ids = self.index.ids().combine_chunks()
+        self.texts = join_fields(self.index.rows(fields), fields, path)
+        quantized = self.index.dtype not in FLOAT_DTYPES
+        if quantized and self.index.full_vectors() is None:
+            raise DataError(f"a {self.index.dtype} index without full vectors cannot score "
+                             "positives and candidates alike", source=path,
+                             hint="rebuild it with --keep-vectors, or use a float index")
+        self._quantized, self._exact, self._searchers = quantized, exact, {}
+
+    def search(self, queries, k):
+        if k not in self._searchers:
+            self._searchers[k] = self.index.searcher(k, exact=self._exact,
+                                                     rescore=4 if self._quantized else None)
+        hits = self._searchers[k].search(queries)
+        return hits.scores, hits.rows
+
+    def row_scores(self, queries, rows):
+        """As the searcher scores: in the index space, or on the full vectors it rescores
+        with (quantized indexes)."""
+        import numpy as np
+
+        if self._quantized:
+            vectors = np.asarray(self.index.full_vectors()[rows], dtype=np.float32)
+            return self._paired(self.index.score_metric, queries, vectors)
+        vectors = self.index.stored_vectors(rows).astype(np.float32)
+        return self._paired(self.index.metric, self.index.encode(queries), vectors)
+
+    def vector_scores(self, queries, vectors):
+        if self._quantized:
+            return self._paired(self.index.score_metric, queries, vectors)
+        return self._paired(self.index.metric, self.index.encode(queries),
+                            self.index.encode(vectors))
+
+    @staticmethod
+    def _paired(metric, queries, vectors):
+        from vecpipe.formats.index_store import _paired_similarity
+
+        return _paired_similarity(metric, queries, vectors[:, None, :])[:, 0]
+
+
+def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_code, force,
+                 prompts, batch_size, exact):
+    """(corpus, model): the corpus ready to search and the model that embeds queries."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.mining import join_fields
+    from vecpipe.formats.readers import read_table
+
+    if source.path is None:
+        model = _load_model(model_spec, device, trust_remote_code)
+        return _embedded_corpus("positives", _positive_texts(pair_set), None, model, prompts,
+                                batch_size), model
+    if os.path.isdir(source.path):
+        corpus = _IndexCorpus(source.path, source.fields, exact)
+        model = _model_for_vectors(model_spec, corpus.metadata, source.path, device,
+                                   trust_remote_code, force, corpus.index.query_dim)
+        return corpus, model
+    table = read_table([source.path])
+    if table is None or table.num_rows == 0:
+        raise DataError("the corpus is empty", source=source.path)
+    id_name = names.find_id_column(table.schema)
+    ids = table.column(id_name).cast(pa.string()).combine_chunks() if id_name else \
+        pa.array([str(i) for i in range(1, table.num_rows + 1)])
+    texts = join_fields(table, source.fields, source.path)
+    if names.EMBEDDING in table.schema.names:
+        metadata = names.read_meta(table.schema)
+        vectors = names.vectors_to_numpy(table.column(names.EMBEDDING))
+        model = _model_for_vectors(model_spec, metadata, source.path, device, trust_remote_code,
+                                   force, vectors.shape[1])
+        return _ExactCorpus(source.path, vectors, ids, texts, metadata,
+                            metadata.get("prompt", "")), model
+    model = _load_model(model_spec, device, trust_remote_code)
+    return _embedded_corpus(source.path, texts, ids, model, prompts, batch_size), model
+
+
+def _positive_texts(pair_set):
+    import pyarrow as pa
+
+    from vecpipe.formats.errors import DataError
+
+    texts = {}
+    for query in pair_set.queries:
+        for positive in query.positives:
+            if positive.text is None:
+                raise DataError(f"positive_id {positive.id!r} needs a corpus to look it up",
+                                source=positive.source, record=positive.record,
+                                hint="pass --corpus, or give `positive` texts")
+            texts.setdefault(positive.text, None)
+    return pa.array(list(texts), pa.string())
+
+
+def _embedded_corpus(name, texts, ids, model, prompts, batch_size):
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+
+    prompt = _corpus_prompt(model, prompts)
+    if ids is None:
+        ids = pa.array([str(i) for i in range(1, len(texts) + 1)])
+    vectors = np.empty((len(texts), model.dim), dtype=np.float32)
+    step = max(batch_size * 32, 1024)
+    with console.progress(total=len(texts), desc="embedding corpus", unit="text") as bar:
+        for start in range(0, len(texts), step):
+            chunk = texts.slice(start, step).to_pylist()
+            vectors[start:start + len(chunk)] = model.encode(chunk, batch_size, prompt)
+            bar.update(len(chunk))
+    return _ExactCorpus(name, vectors, ids, texts, {}, prompt)
+
+
+def _corpus_prompt(model, prompts) -> str:
+    """--corpus-prompt(-name), else the model's document/passage/corpus prompt (as
+    sentence-transformers' encode_document)."""
+    if prompts[2] is not None or prompts[3] is not None:
+        return model.prompt_text(prompts[2], prompts[3])
+    return next((model.prompts[name] for name in ("document", "passage", "corpus")
+                 if name in model.prompts), "")
+
+
+def _query_prompt(model, corpus, prompts) -> str:
+    """--query-prompt(-name), else the index's query prompt, else the model's `query` prompt."""
+    if prompts[0] is not None or prompts[1] is not None:
+        return model.prompt_text(prompts[0], prompts[1])
+    recorded = getattr(getattr(corpus, "index", None), "query_prompt", None)
+    return recorded if recorded is not None else model.prompts.get("query", "")
+
+
+def _load_model(spec, device, trust_remote_code):
+    from vecpipe.cli.models import load_model
+
+    return load_model(spec, device=device, trust_remote_code=trust_remote_code)
+
+
+def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force, dim):
+    """The model that made the corpus vectors: -m, checked against the metadata, or the
+    metadata's model."""
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+
+    recorded = metadata.get("model")
+    if spec is None and recorded is None:
+        raise DataError("the corpus vectors name no model (JSONL carries no metadata)",
+                        source=source, hint="pass -m MODEL, the model that embedded them")
+    model = _load_model(spec or recorded, device, trust_remote_code)
+    given = {"model": model.name, **({"model_sha": model.sha} if model.sha else {})}
+    names.check_compatible(metadata, given, source, f"-m {spec or recorded}",
+                           keys=("model", "model_sha"), force=force)
+    if model.dim != dim:
+        raise DataError(f"corpus vectors have {dim} dimensions, model {model.name} makes "
+                        f"{model.dim}", source=source)
+    return model
+
+
+# ---- pairs against the corpus ----------------------------------------------------------------
+
+def _prepare(pair_set, source, settings, model_spec, device, trust_remote_code, force, prompts,
+             batch_size, exact):
+    from vecpipe.formats.mining import Miner, text_codes
+
+    corpus, model = _load_corpus(source, pair_set, model_spec, device, trust_remote_code, force,
+                                 prompts, batch_size, exact)
+    _resolve(pair_set, corpus)
+    depth = settings.range_max + pair_set.max_positives  # as sentence-transformers searches
+    return _Job(pair_set, corpus, model, Miner(settings, text_codes(corpus.texts)),
+                _query_prompt(model, corpus, prompts), corpus.prompt, batch_size, depth)
+
+
+def _resolve(pair_set, corpus) -> None:
+    """Find each positive's corpus row (by id, else by text) and fill in its text; find the
+    corpus rows that are the queries themselves (by id or text); one positive per text."""
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.mining import first_rows
+
+    positives = [p for q in pair_set.queries for p in q.positives]
+    by_id = [p for p in positives if p.id is not None]
+    for positive, row in zip(by_id, first_rows([p.id for p in by_id], corpus.ids)):
+        if row is None:
+            raise DataError(f"positive_id {positive.id!r} is not in the corpus "
+                            f"({corpus.name})", source=positive.source, record=positive.record)
+        positive.row = row
+        if positive.text is None:
+            positive.text = corpus.texts[row].as_py()
+    by_text = [p for p in positives if p.row is None]
+    for positive, row in zip(by_text, first_rows([p.text for p in by_text], corpus.texts)):
+        positive.row = row
+    queries = pair_set.queries
+    query_ids = [(q, i) for q in queries for i in q.ids]
+    for (query, _), row in zip(query_ids, first_rows([i for _, i in query_ids], corpus.ids)):
+        if row is not None:
+            query.rows.append(row)
+    for query, row in zip(queries, first_rows([q.text for q in queries], corpus.texts)):
+        if row is not None:
+            query.rows.append(row)
+    for query in queries:
+        query.dedupe_positives()
+
+
+# ---- mining ----------------------------------------------------------------------------------
+
+def _mine(job: _Job, layout, with_scores, output, output_format) -> None:
+    from vecpipe.cli import console
+    from vecpipe.formats.mining import layout_batch, layout_schema
+    from vecpipe.formats.writers import RecordWriter
+
+    settings = job.miner.options
+    schema = layout_schema(layout, job.pairs.anchor_field, settings.num_negatives, with_scores)
+    queries = job.pairs.queries
+    with RecordWriter(output, output_format, schema=schema) as writer, \
+            console.progress(total=len(queries), desc="mining", unit="query") as bar:
+        for start in range(0, len(queries), QUERY_BATCH):
+            batch = queries[start:start + QUERY_BATCH]
+            mined = _mine_batch(job, batch)
+            writer.write(layout_batch(layout, schema, mined, with_scores))
+            bar.update(len(batch))
+    job.miner.stats.rows_written = writer.rows
+    job.output_name = output or "stdout"
+    job.output_format = writer.format
+
+
+def _mine_batch(job: _Job, batch) -> list:
+    import numpy as np
+
+    from vecpipe.formats.mining import Mined, normalized
+
+    query_vectors = normalized(job.model.encode([q.text for q in batch], job.batch_size,
+                                                job.query_prompt))
+    scores, rows = job.corpus.search(query_vectors, job.depth)
+    positive_scores = _positive_scores(job, batch, query_vectors)
+    candidates = [job.miner.exclude(query, rows[i], scores[i], positive_scores[i])
+                  for i, query in enumerate(batch)]
+    if job.cross_encoder is not None:
+        candidates = _rescore(job, batch, candidates)
+    candidates = [job.miner.filter_scores(c) for c in candidates]
+    if job.guide is not None:
+        candidates = job.guide.filter(job, batch, candidates)
+    mined = []
+    for query, found in zip(batch, candidates):
+        chosen = job.miner.choose(query, found)
+        if chosen is None:
+            continue
+        texts = job.corpus.texts.take(np.asarray(chosen.rows)).to_pylist()
+        mined.append(Mined(query.text, [p.text for p in query.positives],
+                           chosen.positive_scores.tolist(), texts, chosen.scores.tolist()))
+    return mined
+
+
+def _positive_scores(job: _Job, batch, query_vectors) -> list:
+    """Each query's score against each of its positives: the corpus's own vector where the
+    positive is in the corpus, else the positive text embedded with the corpus prompt."""
+    import numpy as np
+
+    positives = [p for q in batch for p in q.positives]
+    owner = np.repeat(np.arange(len(batch)), [len(q.positives) for q in batch])
+    scores = np.empty(len(positives), dtype=np.float32)
+    inside = np.array([p.row is not None for p in positives], dtype=bool)
+    if inside.any():
+        rows = np.array([p.row for p in positives if p.row is not None], dtype=np.int64)
+        scores[inside] = job.corpus.row_scores(query_vectors[owner[inside]], rows)
+    if not inside.all():
+        texts = [p.text for p in positives if p.row is None]
+        vectors = job.model.encode(texts, job.batch_size, job.corpus_prompt)
+        scores[~inside] = job.corpus.vector_scores(query_vectors[owner[~inside]], vectors)
+    return np.split(scores, np.cumsum([len(q.positives) for q in batch])[:-1])
+
+
+def _rescore(job: _Job, batch, candidates) -> list:
+    """Cross-encoder scores for every remaining candidate and every positive."""
+    import numpy as np
+
+    from vecpipe.formats.mining import Candidates
+
+    pairs, sizes = [], []
+    for query, found in zip(batch, candidates):
+        texts = job.corpus.texts.take(np.asarray(found.rows)).to_pylist() if len(found.rows) \
+            else []
+        positives = [p.text for p in query.positives]
+        pairs += [(query.text, t) for t in texts] + [(query.text, t) for t in positives]
+        sizes += [len(texts), len(positives)]
+    scores = np.asarray(job.cross_encoder.predict(pairs, batch_size=job.batch_size,
+                                                  convert_to_numpy=True,
+                                                  show_progress_bar=False), dtype=np.float32)
+    parts = np.split(scores, np.cumsum(sizes)[:-1])
+    return [Candidates(found.rows, parts[2 * i], parts[2 * i + 1])
+            for i, found in enumerate(candidates)]
+
+
+def _load_cross_encoder(spec, device, trust_remote_code):
+    from vecpipe.cli.models import resolve_device
+    from vecpipe.formats.errors import DataError
+
+    if os.path.isdir(spec):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from sentence_transformers import CrossEncoder
+
+    try:
+        return CrossEncoder(spec, device=resolve_device(device),
+                            trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise DataError(f"cannot load cross-encoder {spec!r}: {err}",
+                        hint="offline? use a local folder") from None
+
+
+class _Guide:
+    """A second embedding model that vetoes candidates it finds as close as a positive."""
+
+    def __init__(self, spec, device, trust_remote_code, batch_size):
+        self.model = _load_model(spec, device, trust_remote_code)
+        self.batch_size = batch_size
+        self._cache = {}     # corpus row -> guide vector
+
+    def filter(self, job: _Job, batch, candidates) -> list:
+        import numpy as np
+
+        from vecpipe.formats.mining import normalized
+
+        queries = normalized(self.model.encode([q.text for q in batch], self.batch_size))
+        positives = normalized(self.model.encode([p.text for q in batch for p in q.positives],
+                                                 self.batch_size))
+        counts = [len(q.positives) for q in batch]
+        positives = np.split(positives, np.cumsum(counts)[:-1])
+        self._embed_rows(job.corpus, np.concatenate([c.rows for c in candidates]))
+        kept = []
+        for i, (query, found) in enumerate(zip(batch, candidates)):
+            weakest = np.min(positives[i] @ queries[i])
+            vectors = np.stack([self._cache[r] for r in found.rows.tolist()]) if len(found.rows) \
+                else np.zeros((0, self.model.dim), dtype=np.float32)
+            kept.append(job.miner.drop(found, vectors @ queries[i] >= weakest, "guide"))
+        return kept
+
+    def _embed_rows(self, corpus, rows) -> None:
+        from vecpipe.formats.mining import normalized
+
+        missing = sorted(set(rows.tolist()) - self._cache.keys())
+        if not missing:
+            return
+        if len(self._cache) + len(missing) > _CACHE_LIMIT:
+            self._cache.clear()
+        texts = corpus.texts.take(missing).to_pylist()
+        self._cache.update(zip(missing, normalized(self.model.encode(texts, self.batch_size))))
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+def _report(job: _Job, stats_path, layout) -> None:
+    import json
+
+    from vecpipe.cli import console
+    from vecpipe.formats.writers import text_output
+
+    facts = job.miner.stats.as_dict()
+    if stats_path:
+        document = {"options": {**job.miner.options.__dict__, "layout": layout,
+                                "depth": job.depth}, **facts}
+        with text_output(stats_path) as out:
+            out.write(json.dumps(document, indent=2) + "\n")
+    removed = ", ".join(f"{name.replace('_', ' ')} {count:,}"
+                        for name, count in facts["removed"].items() if count)
+    console.info(
+        f"{facts['queries']:,} queries, {facts['candidates_seen']:,} candidates seen; removed: "
+        f"{removed or 'none'}; beyond --range-max {facts['beyond_range_max']:,}, skipped by "
+        f"--range-min {facts['skipped_range_min']:,}")
+    console.info(
+        f"{facts['queries_short']:,} queries short of negatives "
+        f"({facts['queries_without_negatives']:,} with none, {facts['queries_dropped']:,} "
+        f"dropped); {facts['negatives']:,} negatives, {facts['rows_written']:,} rows -> "
+        f"{job.output_name} ({job.output_format}); mean score: positives "
+        f"{_fmt(facts['mean_positive_score'])}, negatives {_fmt(facts['mean_negative_score'])}")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

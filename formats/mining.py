@@ -1,0 +1,571 @@
+"""Hard-negative mining logic (numpy/pyarrow only), used by `vecpipe mine-negatives`.
+
+Semantics follow sentence-transformers' `util.mine_hard_negatives`, so that with the same
+model, exact search and `sampling="top"` the output is the same:
+
+- Queries are grouped by their text; every row of a query adds a positive. Positives are
+  de-duplicated by text (sentence-transformers de-duplicates its corpus by text).
+- Each query retrieves `range_max + P` nearest corpus records, P = the largest number of
+  positives any query has. Known positives (by id and by identical text), the query itself (by
+  id and by identical text) and repeated texts are set aside.
+- Score filters on the rest: `absolute_margin` (keep a negative only if score <= positive -
+  margin), `relative_margin` (score <= positive - |positive| * margin, so 0.05 = "95% of the
+  positive"), `max_score`, `min_score`; the positive is the query's *lowest*-scoring positive.
+- Survivors ranked by score: the first `range_max` are the window, its first `range_min` are
+  skipped (so `range_min` counts survivors, as in sentence-transformers), and `num_negatives`
+  are taken from the rest: the best (`top`) or a seeded random sample (`random`, reported in
+  score order).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from .errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+ANCHOR_FIELDS = ("query", "anchor")
+POSITIVE = "positive"
+POSITIVE_ID = "positive_id"
+QUERY_ID = "query_id"
+LAYOUTS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
+SAMPLINGS = ("top", "random")
+ON_SHORT = ("drop", "keep")
+# Removal reasons in the order the rules apply; each candidate is counted once, by the first.
+EXCLUSION_RULES = ("known_positive", "query_itself", "duplicate_text")
+SCORE_RULES = ("absolute_margin", "relative_margin", "max_score", "min_score")
+
+
+# ---- options --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MiningOptions:
+    num_negatives: int = 5
+    range_min: int = 0
+    range_max: int = 50
+    min_score: float | None = None
+    max_score: float | None = None
+    absolute_margin: float | None = None
+    relative_margin: float | None = None
+    sampling: str = "top"
+    seed: int = 0
+    on_short: str = "drop"
+
+    def check(self) -> None:
+        if self.num_negatives < 1:
+            raise UsageError(f"-n must be at least 1, got {self.num_negatives}")
+        if self.range_min < 0:
+            raise UsageError(f"--range-min must be >= 0, got {self.range_min}")
+        if self.range_max <= self.range_min:
+            raise UsageError(f"--range-max ({self.range_max}) must be larger than --range-min "
+                             f"({self.range_min})")
+        if self.num_negatives > self.range_max - self.range_min:
+            raise UsageError(f"cannot take {self.num_negatives} negatives from ranks "
+                             f"{self.range_min}..{self.range_max}",
+                             hint="lower -n or --range-min, or raise --range-max")
+        if self.sampling not in SAMPLINGS:
+            raise UsageError(f"unknown --sampling {self.sampling!r}; use top|random")
+        if self.on_short not in ON_SHORT:
+            raise UsageError(f"unknown --on-short {self.on_short!r}; use drop|keep")
+        for name in ("absolute_margin", "relative_margin"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.min_score is not None and self.max_score is not None \
+                and self.min_score > self.max_score:
+            raise UsageError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
+
+    @property
+    def uses_scores(self) -> bool:
+        return any(getattr(self, name) is not None for name in SCORE_RULES)
+
+
+# ---- pairs ----------------------------------------------------------------------------------
+
+@dataclass
+class Positive:
+    id: str | None
+    text: str | None
+    source: str | None = None
+    record: int | None = None
+    row: int | None = None          # corpus row, once resolved
+
+
+@dataclass
+class Query:
+    text: str
+    ids: list = field(default_factory=list)
+    positives: list = field(default_factory=list)
+    rows: list = field(default_factory=list)   # corpus rows that are this query (id or text)
+
+    def add_positive(self, positive: Positive) -> None:
+        for known in self.positives:
+            if positive.id is not None and known.id == positive.id:
+                return
+            if positive.id is None and known.id is None and known.text == positive.text:
+                return
+        self.positives.append(positive)
+
+    def dedupe_positives(self) -> None:
+        """One positive per text (after texts are known), first one kept."""
+        seen, kept = set(), []
+        for positive in self.positives:
+            if positive.text not in seen:
+                seen.add(positive.text)
+                kept.append(positive)
+        self.positives = kept
+
+
+@dataclass
+class PairSet:
+    """Queries in order of first appearance, each with its positives."""
+
+    anchor_field: str
+    queries: list
+    rows: int
+
+    @property
+    def max_positives(self) -> int:
+        return max((len(q.positives) for q in self.queries), default=0)
+
+
+class _Grouper:
+    def __init__(self):
+        self.by_text: dict[str, Query] = {}
+        self.rows = 0
+
+    def add(self, text, query_id, positive, positive_id, source=None, record=None) -> None:
+        if not isinstance(text, str) or not text:
+            raise DataError("empty or missing query text", source=source, record=record)
+        if positive is None and positive_id is None:
+            raise DataError("record has neither `positive` nor `positive_id`", source=source,
+                            record=record)
+        if positive is not None and not isinstance(positive, str):
+            raise DataError(f"`positive` must be text, got {type(positive).__name__}",
+                            source=source, record=record)
+        query = self.by_text.get(text)
+        if query is None:
+            query = self.by_text[text] = Query(text)
+        if query_id is not None and str(query_id) not in query.ids:
+            query.ids.append(str(query_id))
+        query.add_positive(Positive(None if positive_id is None else str(positive_id), positive,
+                                    source, record))
+        self.rows += 1
+
+    def result(self, anchor_field: str) -> PairSet:
+        return PairSet(anchor_field, list(self.by_text.values()), self.rows)
+
+
+def read_pairs(stream) -> PairSet:
+    """Group a RecordStream of (query|anchor, positive and/or positive_id[, query_id]) records."""
+    schema = stream.schema
+    if schema is None:
+        raise DataError("no pairs: the input is empty")
+    anchor = next((name for name in ANCHOR_FIELDS if name in schema.names), None)
+    if anchor is None:
+        raise DataError(f"pairs need a `query` or `anchor` field; fields are "
+                        f"{', '.join(schema.names)}")
+    if POSITIVE not in schema.names and POSITIVE_ID not in schema.names:
+        raise DataError(f"pairs need a `positive` or `positive_id` field; fields are "
+                        f"{', '.join(schema.names)}")
+    grouper = _Grouper()
+    for item in stream:
+        columns = {name: item.batch.column(name).to_pylist() if name in item.batch.schema.names
+                   else [None] * item.batch.num_rows
+                   for name in (anchor, QUERY_ID, POSITIVE, POSITIVE_ID)}
+        for offset in range(item.batch.num_rows):
+            grouper.add(columns[anchor][offset], columns[QUERY_ID][offset],
+                        columns[POSITIVE][offset], columns[POSITIVE_ID][offset],
+                        item.source, item.first_record + offset)
+    if not grouper.rows:
+        raise DataError("no pairs: the input has no records")
+    return grouper.result(anchor)
+
+
+def read_beir(folder: str, split: str) -> PairSet:
+    """Queries and positives (qrels score > 0) of a BEIR folder's split, in qrels order."""
+    from .readers import RecordStream
+
+    qrels = os.path.join(folder, "qrels", f"{split}.tsv")
+    queries_path = os.path.join(folder, "queries.jsonl")
+    for path in (qrels, queries_path, beir_corpus(folder)):
+        if not os.path.isfile(path):
+            raise DataError("no such file (not a BEIR folder, or no such split?)", source=path)
+    texts = {}
+    for item in RecordStream([queries_path]):
+        id_name = "_id" if "_id" in item.batch.schema.names else "id"
+        texts.update(zip(map(str, item.batch.column(id_name).to_pylist()),
+                         item.batch.column("text").to_pylist()))
+    grouper = _Grouper()
+    for record, (query_id, doc_id, score) in _qrels_rows(qrels):
+        if query_id not in texts:
+            raise DataError(f"query {query_id!r} is not in queries.jsonl", source=qrels,
+                            record=record)
+        if score > 0:
+            grouper.add(texts[query_id], query_id, None, doc_id, qrels, record)
+    if not grouper.rows:
+        raise DataError("no positive judgements in this split", source=qrels)
+    return grouper.result("query")
+
+
+def beir_corpus(folder: str) -> str:
+    return os.path.join(folder, "corpus.jsonl")
+
+
+def _qrels_rows(path: str) -> Iterator[tuple[int, tuple[str, str, float]]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        for record, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            if not row or (record == 1 and row[0] == "query-id"):
+                continue
+            try:
+                yield record, (row[0], row[1], float(row[2]))
+            except (IndexError, ValueError):
+                raise DataError("expected query-id, corpus-id, score", source=path,
+                                record=record) from None
+
+
+# ---- corpus texts ----------------------------------------------------------------------------
+
+def text_key(text: str) -> int:
+    """A stable 64-bit integer for a text (seeds the per-query random sample)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def text_codes(texts: "pa.Array") -> "np.ndarray":
+    """One integer per record, equal for records with identical text."""
+    import pyarrow as pa
+
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    return texts.dictionary_encode().indices.to_numpy(zero_copy_only=False).astype("int64")
+
+
+def first_rows(values: list, column: "pa.Array") -> list:
+    """For each value, the first row of `column` holding it, or None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not values:
+        return []
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    column = column.cast(pa.string())
+    return pc.index_in(pa.array(values, pa.string()), value_set=column).to_pylist()
+
+
+def join_fields(table: "pa.Table", fields: list[str], source: str | None = None) -> "pa.Array":
+    """The text of each record: the given fields joined with a space, empty parts skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    missing = [name for name in fields if name not in table.schema.names]
+    if missing:
+        raise DataError(f"corpus has no field {missing[0]!r}; fields are "
+                        f"{', '.join(table.schema.names)}", source=source)
+    parts = [table.column(name).combine_chunks() for name in fields]
+    for name, part in zip(fields, parts):
+        if not (pa.types.is_string(part.type) or pa.types.is_large_string(part.type)
+                or pa.types.is_null(part.type)):
+            raise DataError(f"corpus field {name!r} is {part.type}, expected text", source=source)
+    if len(parts) == 1:
+        joined = parts[0].cast(pa.string())
+    else:
+        parts = [pc.if_else(pc.equal(p.cast(pa.string()), ""), None, p.cast(pa.string()))
+                 for p in parts]
+        joined = pc.binary_join_element_wise(*parts, " ", null_handling="skip")
+    if joined.null_count:
+        bad = int(pc.index(pc.is_null(joined), True).as_py()) + 1
+        raise DataError("corpus record has no text", source=source, record=bad)
+    return joined
+
+
+# ---- exact search ----------------------------------------------------------------------------
+
+def normalized(vectors: "np.ndarray") -> "np.ndarray":
+    """Rows scaled to unit length (a view when they already are)."""
+    import numpy as np
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if len(vectors) and np.allclose(norms, 1.0, atol=1e-4):
+        return vectors
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def exact_top_k(queries: "np.ndarray", corpus: "np.ndarray", k: int,
+                block_rows: int = 1 << 16) -> tuple["np.ndarray", "np.ndarray"]:
+    """Best `k` rows of `corpus` per query by dot product: (scores, rows), each queries x
+    min(k, len(corpus)), sorted by score descending, ties by row. Memory: queries x block."""
+    import numpy as np
+
+    k = min(k, len(corpus))
+    best_scores = np.empty((len(queries), 0), dtype=np.float32)
+    best_rows = np.empty((len(queries), 0), dtype=np.int64)
+    for start in range(0, len(corpus), block_rows):
+        scores = queries @ corpus[start:start + block_rows].T
+        rows = np.arange(start, start + scores.shape[1], dtype=np.int64)
+        if scores.shape[1] > k:
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            scores, rows = np.take_along_axis(scores, part, 1), rows[part]
+        else:
+            rows = np.broadcast_to(rows, scores.shape)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_rows = np.concatenate([best_rows, rows], axis=1)
+        if best_scores.shape[1] > k:
+            part = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+            best_scores = np.take_along_axis(best_scores, part, 1)
+            best_rows = np.take_along_axis(best_rows, part, 1)
+    order = np.lexsort((best_rows, -best_scores), axis=1)
+    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+
+
+# ---- the mining rules ------------------------------------------------------------------------
+
+@dataclass
+class Candidates:
+    """One query's remaining candidates (corpus rows and scores, best first) and the scores of
+    its positives (same scale: the retriever's, or the cross-encoder's after rescoring)."""
+
+    rows: "np.ndarray"
+    scores: "np.ndarray"
+    positive_scores: "np.ndarray"
+
+    def keep(self, mask) -> "Candidates":
+        return Candidates(self.rows[mask], self.scores[mask], self.positive_scores)
+
+
+@dataclass
+class Stats:
+    queries: int = 0
+    candidates: int = 0
+    removed: dict = field(default_factory=lambda: dict.fromkeys(
+        EXCLUSION_RULES + SCORE_RULES + ("guide",), 0))
+    beyond_range_max: int = 0
+    skipped_range_min: int = 0
+    not_sampled: int = 0
+    queries_short: int = 0
+    queries_without_negatives: int = 0
+    queries_dropped: int = 0
+    negatives: int = 0
+    rows_written: int = 0
+    positive_score_sum: float = 0.0
+    positive_scores: int = 0
+    negative_score_sum: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "queries": self.queries, "candidates_seen": self.candidates,
+            "removed": dict(self.removed), "beyond_range_max": self.beyond_range_max,
+            "skipped_range_min": self.skipped_range_min, "not_sampled": self.not_sampled,
+            "queries_short": self.queries_short,
+            "queries_without_negatives": self.queries_without_negatives,
+            "queries_dropped": self.queries_dropped, "negatives": self.negatives,
+            "rows_written": self.rows_written,
+            "mean_positive_score": _mean(self.positive_score_sum, self.positive_scores),
+            "mean_negative_score": _mean(self.negative_score_sum, self.negatives),
+        }
+
+
+def _mean(total: float, count: int) -> float | None:
+    return round(total / count, 6) if count else None
+
+
+class Miner:
+    """The per-query rules, in order, counting every candidate they remove."""
+
+    def __init__(self, options: MiningOptions, codes=None):
+        self.options = options
+        self.stats = Stats()
+        self._codes = codes  # corpus row -> text code (None: the corpus has no text)
+
+    def exclude(self, query: Query, rows, scores, positive_scores) -> Candidates:
+        """Drop known positives, the query itself and repeated texts from retrieved candidates
+        (`rows` < 0 = no hit). Positives and the query are matched by corpus row (found by id
+        or by text beforehand) and, through the text codes, by identical text."""
+        import numpy as np
+
+        found = rows >= 0
+        rows, scores = rows[found], scores[found]
+        self.stats.queries += 1
+        self.stats.candidates += len(rows)
+        self.stats.positive_scores += len(positive_scores)
+        self.stats.positive_score_sum += float(np.sum(positive_scores, dtype=np.float64))
+        positive_rows = [p.row for p in query.positives if p.row is not None]
+        masks = {"known_positive": np.isin(rows, positive_rows),
+                 "query_itself": np.isin(rows, query.rows)}
+        if self._codes is not None:
+            codes = self._codes[rows]
+            masks["known_positive"] |= np.isin(codes, self._codes[positive_rows])
+            masks["query_itself"] |= np.isin(codes, self._codes[query.rows])
+            masks["duplicate_text"] = ~_first_occurrences(codes)
+        return self._apply(Candidates(rows, scores, positive_scores), masks)
+
+    def filter_scores(self, candidates: Candidates) -> Candidates:
+        """The margin and absolute score rules against the query's lowest positive score."""
+        import numpy as np
+
+        o, scores = self.options, candidates.scores
+        masks = {}
+        if o.absolute_margin is not None or o.relative_margin is not None:
+            weakest = np.min(candidates.positive_scores)
+            if o.absolute_margin is not None:
+                masks["absolute_margin"] = scores + np.float32(o.absolute_margin) > weakest
+            if o.relative_margin is not None:
+                threshold = weakest - np.abs(weakest) * np.float32(o.relative_margin)
+                masks["relative_margin"] = scores > threshold
+        if o.max_score is not None:
+            masks["max_score"] = scores > np.float32(o.max_score)
+        if o.min_score is not None:
+            masks["min_score"] = scores < np.float32(o.min_score)
+        return self._apply(candidates, masks)
+
+    def drop(self, candidates: Candidates, mask, rule: str) -> Candidates:
+        return self._apply(candidates, {rule: mask})
+
+    def _apply(self, candidates: Candidates, masks: dict) -> Candidates:
+        import numpy as np
+
+        removed = np.zeros(len(candidates.rows), dtype=bool)
+        for rule, mask in masks.items():
+            newly = mask & ~removed
+            self.stats.removed[rule] += int(newly.sum())
+            removed |= newly
+        return candidates.keep(~removed)
+
+    def choose(self, query: Query, candidates: Candidates) -> Candidates | None:
+        """The rank window and the sample; None when the query is dropped for being short."""
+        import numpy as np
+
+        o = self.options
+        order = np.argsort(-candidates.scores, kind="stable")
+        ranked = Candidates(candidates.rows[order], candidates.scores[order],
+                            candidates.positive_scores)
+        self.stats.beyond_range_max += max(0, len(ranked.rows) - o.range_max)
+        window = slice(o.range_min, o.range_max)
+        self.stats.skipped_range_min += min(o.range_min, len(ranked.rows))
+        ranked = Candidates(ranked.rows[window], ranked.scores[window], ranked.positive_scores)
+        take = min(o.num_negatives, len(ranked.rows))
+        if o.sampling == "top":
+            picked = np.arange(take)
+        else:
+            picked = np.sort(query_rng(o.seed, query.text).choice(len(ranked.rows), take,
+                                                                  replace=False))
+        self.stats.not_sampled += len(ranked.rows) - take
+        chosen = Candidates(ranked.rows[picked], ranked.scores[picked], ranked.positive_scores)
+        if take < o.num_negatives:
+            self.stats.queries_short += 1
+            if take == 0:
+                self.stats.queries_without_negatives += 1
+            if o.on_short == "drop":
+                self.stats.queries_dropped += 1
+                return None
+        self.stats.negatives += take
+        self.stats.negative_score_sum += float(np.sum(chosen.scores, dtype=np.float64))
+        return chosen
+
+
+def _first_occurrences(keys) -> "np.ndarray":
+    import numpy as np
+
+    first = np.zeros(len(keys), dtype=bool)
+    first[np.unique(keys, return_index=True)[1]] = True
+    return first
+
+
+def query_rng(seed: int, text: str):
+    """A generator per (seed, query): a query's sample does not depend on batching or order."""
+    import numpy as np
+
+    return np.random.default_rng([seed, text_key(text)])
+
+
+# ---- output layouts --------------------------------------------------------------------------
+
+@dataclass
+class Mined:
+    """One query's outcome: its positives (texts, scores) and chosen negatives."""
+
+    query: str
+    positives: list
+    positive_scores: list
+    negatives: list
+    negative_scores: list
+
+
+def layout_schema(layout: str, anchor: str, num_negatives: int, with_scores: bool) -> "pa.Schema":
+    """Columns as sentence-transformers' mine_hard_negatives names them."""
+    import pyarrow as pa
+
+    text, scores = pa.string(), pa.list_(pa.float64())
+    if layout == "triplet":
+        fields = [(anchor, text), (POSITIVE, text), ("negative", text)]
+        fields += [("scores", scores)] if with_scores else []
+    elif layout == "n-tuple":
+        fields = [(anchor, text), (POSITIVE, text)]
+        fields += [(f"negative_{i}", text) for i in range(1, num_negatives + 1)]
+        fields += [("scores", scores)] if with_scores else []
+    elif layout == "labeled-pair":
+        fields = [(anchor, text), (POSITIVE, text)]
+        fields += [("score", pa.float64())] if with_scores else [("label", pa.int64())]
+    elif layout == "labeled-list":
+        fields = [(anchor, text), (POSITIVE, pa.list_(text))]
+        fields += [("scores", scores)] if with_scores else [("labels", pa.list_(pa.int64()))]
+    else:
+        raise UsageError(f"unknown layout {layout!r}; use {'|'.join(LAYOUTS)}")
+    return pa.schema(fields)
+
+
+def layout_batch(layout: str, schema: "pa.Schema", mined: list, with_scores: bool):
+    """The rows of `mined` queries in `layout` as a RecordBatch of `schema`."""
+    import pyarrow as pa
+
+    columns = {name: [] for name in schema.names}
+    anchor = schema.names[0]
+    for item in mined:
+        for rows in _LAYOUT_ROWS[layout](item, with_scores):
+            row = dict(zip(schema.names, rows))
+            row[anchor] = item.query
+            for name in schema.names:
+                columns[name].append(row.get(name))
+    return pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema)
+
+
+def _triplet_rows(item: Mined, with_scores: bool):
+    for positive, positive_score in zip(item.positives, item.positive_scores):
+        for negative, negative_score in zip(item.negatives, item.negative_scores):
+            yield [None, positive, negative] + ([[positive_score, negative_score]]
+                                                if with_scores else [])
+
+
+def _tuple_rows(item: Mined, with_scores: bool):
+    if not item.negatives:
+        return
+    for positive, positive_score in zip(item.positives, item.positive_scores):
+        yield [None, positive, *item.negatives] + ([[positive_score, *item.negative_scores]]
+                                                   if with_scores else [])
+
+
+def _pair_rows(item: Mined, with_scores: bool):
+    for positive, positive_score in zip(item.positives, item.positive_scores):
+        yield [None, positive, positive_score if with_scores else 1]
+    for negative, negative_score in zip(item.negatives, item.negative_scores):
+        yield [None, negative, negative_score if with_scores else 0]
+
+
+def _list_rows(item: Mined, with_scores: bool):
+    if not item.negatives:
+        return
+    for positive, positive_score in zip(item.positives, item.positive_scores):
+        labels = [positive_score, *item.negative_scores] if with_scores else \
+            [1] + [0] * len(item.negatives)
+        yield [None, [positive, *item.negatives], labels]
+
+
+_LAYOUT_ROWS = {"triplet": _triplet_rows, "n-tuple": _tuple_rows, "labeled-pair": _pair_rows,
+                "labeled-list": _list_rows}
