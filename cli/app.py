@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("index", "index"),
     ("search", "search"),
     ("mine-negatives", "mine_negatives"),
+    ("eval", "eval"),
 ]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

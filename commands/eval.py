@@ -1,0 +1,818 @@
+"""Score retrieval runs, BEIR datasets, STS pairs and embedding sets (pytrec_eval/MTEB numbers)."""
+import math
+import time
+from typing import Annotated, List, Optional
+
+import typer
+
+from vecpipe.cli import options
+from vecpipe.cli.errors import boundary
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
+
+Ks = Annotated[Optional[str], typer.Option(
+    "-k", "--k", help="Cutoffs, comma-separated. [default: 1,3,5,10,100,1000]", metavar="K,K",
+    show_default=False)]
+MtebKs = Annotated[Optional[str], typer.Option(
+    "-k", "--k", help="Cutoffs, comma-separated; the run keeps the top max(k) hits. "
+                      "[default: MTEB's 1,3,5,10,20,100,1000]", metavar="K,K",
+    show_default=False)]
+Metrics = Annotated[Optional[str], typer.Option(
+    "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision. [default: all]",
+    metavar="M,M", show_default=False)]
+PerQuery = Annotated[bool, typer.Option(
+    "--per-query", help="Print one JSON record per run and query instead of the summary.")]
+FailUnder = Annotated[Optional[List[str]], typer.Option(
+    "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
+                         "repeatable. The report is printed first.", metavar="METRIC=VALUE")]
+AsJson = Annotated[bool, typer.Option(
+    "--json", help="One JSON record per line even on a terminal (the default off a terminal).")]
+AllQueries = Annotated[bool, typer.Option(
+    "--all-queries", help="Score qrels queries missing from a run as 0 (trec_eval -c) instead "
+                          "of leaving them out (pytrec_eval and MTEB).")]
+
+_LABELS = {"ndcg": "nDCG", "map": "MAP", "mrr": "MRR", "recall": "Recall", "precision": "P"}
+
+
+# ---------------------------------------------------------------- eval retrieval
+
+@app.command("retrieval")
+@boundary("eval retrieval")
+def retrieval(
+        runs: Annotated[Optional[List[str]], typer.Argument(
+            help="Runs: search output (any record format: query_id, id, score/rank) or TREC run "
+                 "files; - for stdin (the default). Several runs are compared with the first.",
+            show_default=False, metavar="RUN")] = None,
+        qrels: Annotated[str, typer.Option(
+            "--qrels", help="Judgments: BEIR qrels TSV, TREC qrels, or a run (e.g. exact "
+                            "search) whose top --qrels-depth hits count as relevant.",
+            metavar="QRELS")] = ...,
+        k: Ks = None,
+        metrics: Metrics = None,
+        qrels_depth: Annotated[int, typer.Option(
+            "--qrels-depth", min=1, help="When --qrels is a run: how many of its top hits are "
+                                         "relevant (recall@N is then ANN recall@N).")] = 10,
+        all_queries: AllQueries = False,
+        per_query: PerQuery = False,
+        fail_under: FailUnder = None,
+        permutations: Annotated[int, typer.Option(
+            "--permutations", min=100, help="Sign flips of the paired randomization test.")]
+        = 10000,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the randomization test.")]
+        = 0,
+        as_json: AsJson = False,
+        quiet: options.Quiet = False):
+    """Score runs against relevance judgments: nDCG@k, MAP@k, MRR@k, Recall@k and P@k exactly
+    as pytrec_eval computes them (ties broken by doc id descending; queries missing from a run
+    left out unless --all-queries). With several runs: deltas against the first and, per
+    metric, p-values of a paired randomization test (seeded) and a paired t-test. Prints a
+    table on a terminal and one JSON record per run (MTEB keys: ndcg_at_10...) otherwise.
+
+    \b
+    Example:
+      vecpipe search idx queries.jsonl | vecpipe eval retrieval --qrels qrels/test.tsv
+      vecpipe eval retrieval bm25.trec dense.trec --qrels qrels.txt -k 10,100
+      vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
+      vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
+    """
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import UsageError
+
+    ks, names = m.parse_ks(k), m.parse_metrics(metrics)
+    thresholds = _parse_fail_under(fail_under, ks, names)
+    runs = list(runs or ["-"])
+    if runs.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    judgments = _load_judgments(qrels, qrels_depth)
+    results = []
+    for path in runs:
+        name = "<stdin>" if path == "-" else path
+        results.append((name, _evaluate_run(m.read_run(path), name, judgments.qrels, ks, names,
+                                            all_queries)))
+    records = _run_records(results, ks, names, permutations, seed)
+    if per_query:
+        _print_json(_per_query_records(results))
+    else:
+        _emit(records, as_json, lambda: _retrieval_table(records, ks, names))
+    _check_fail_under(records, thresholds)
+
+
+def _load_judgments(path: str, depth: int):
+    from vecpipe.cli import console
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import DataError
+
+    judgments = m.read_qrels(path, depth)
+    if not judgments.qrels:
+        raise DataError("no judgments", source="<stdin>" if path == "-" else path)
+    if judgments.duplicates:
+        console.warn(f"{judgments.duplicates} repeated judgments in {path}; the last one counts")
+    if judgments.from_run:
+        console.info(f"{path} is a run: its top {depth} hits per query count as relevant")
+    return judgments
+
+
+def _evaluate_run(run, name, qrels, ks, names, all_queries):
+    from vecpipe.cli import console
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import DataError
+
+    evaluation = m.evaluate(qrels, run, ks, names, all_queries=all_queries)
+    if evaluation.queries == 0:
+        what = "is empty" if not run else "has no query in common with the qrels"
+        raise DataError(f"the run {what}", source=name,
+                        hint="check that query ids match the qrels; --all-queries scores "
+                             "missing queries as 0")
+    if evaluation.missing:
+        fate = "scored 0" if all_queries else "left out (pytrec_eval/MTEB; --all-queries " \
+                                              "scores them 0)"
+        console.warn(f"{name}: {len(evaluation.missing)} of {len(qrels)} qrels queries have no "
+                     f"results; {fate}")
+    if evaluation.unjudged:
+        console.warn(f"{name}: {len(evaluation.unjudged)} queries are not in the qrels; ignored")
+    return evaluation
+
+
+def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]:
+    """One summary record per run; runs after the first carry deltas and paired p-values."""
+    from vecpipe.formats import metrics as m
+
+    base_name, base = results[0]
+    records = []
+    for name, evaluation in results:
+        record = {"run": name, "queries": evaluation.queries, **evaluation.means}
+        if m.MAIN_METRIC in evaluation.means:
+            record["main_score"] = evaluation.means[m.MAIN_METRIC]
+        if evaluation is not base:
+            record.update(_compare(base, evaluation, base_name, permutations, seed))
+        records.append(record)
+    return records
+
+
+def _compare(base, other, base_name: str, permutations: int, seed: int) -> dict:
+    import numpy as np
+
+    from vecpipe.cli import console
+    from vecpipe.formats import metrics as m
+
+    common = sorted(set(base.per_query) & set(other.per_query))
+    if len(common) < max(len(base.per_query), len(other.per_query)):
+        console.warn(f"paired tests use the {len(common)} queries both runs answer")
+    a = np.array([[base.per_query[q][key] for key in base.keys] for q in common]).reshape(
+        len(common), len(base.keys))
+    b = np.array([[other.per_query[q][key] for key in base.keys] for q in common]).reshape(
+        len(common), len(base.keys))
+    p_random = m.sign_flip_pvalues(b - a, permutations, seed)
+    return {
+        "baseline": base_name, "paired_queries": len(common),
+        "delta": {key: other.means[key] - base.means[key] for key in base.keys},
+        "p_randomization": dict(zip(base.keys, map(float, p_random))),
+        "p_ttest": {key: m.paired_t_test(a[:, i], b[:, i]) for i, key in enumerate(base.keys)},
+    }
+
+
+def _per_query_records(results) -> list[dict]:
+    return [{"run": name, "query_id": qid, **scores}
+            for name, evaluation in results for qid, scores in evaluation.per_query.items()]
+
+
+def _retrieval_table(records, ks, names):
+    from rich.table import Table
+
+    from vecpipe.formats.metrics import metric_key
+
+    if len(records) == 1:
+        record = records[0]
+        table = Table(title=f"{record['run']}  ({record['queries']} queries)",
+                      title_justify="left")
+        table.add_column("metric")
+        for k in ks:
+            table.add_column(f"@{k}", justify="right")
+        for metric in names:
+            table.add_row(_LABELS[metric], *(f"{record[metric_key(metric, k)]:.5f}"
+                                             for k in ks))
+        return table
+    table = Table(title=f"{len(records)} runs vs {records[0]['run']}  (p: paired "
+                        f"randomization / t-test; * p < 0.05)", title_justify="left")
+    table.add_column("metric")
+    table.add_column(records[0]["run"], justify="right")
+    for record in records[1:]:
+        table.add_column(record["run"], justify="right")
+        table.add_column("Δ", justify="right")
+        table.add_column("p rand / t", justify="right")
+    for metric in names:
+        for k in ks:
+            key = metric_key(metric, k)
+            row = [f"{_LABELS[metric]}@{k}", f"{records[0][key]:.5f}"]
+            for record in records[1:]:
+                p_rand, p_t = record["p_randomization"][key], record["p_ttest"][key]
+                star = "*" if p_rand < 0.05 else ""
+                row += [f"{record[key]:.5f}", f"{record['delta'][key]:+.5f}",
+                        f"{_p(p_rand)} / {_p(p_t)}{star}"]
+            table.add_row(*row)
+    return table
+
+
+def _p(value: float) -> str:
+    return "1" if value >= 0.9995 else f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
+
+
+# ---------------------------------------------------------------- fail-under and output
+
+def _parse_fail_under(specs, ks=None, names=None) -> list[tuple[str, float]]:
+    """METRIC=VALUE pairs; retrieval metrics are normalized (ndcg@10 -> ndcg_at_10) and must be
+    among those computed."""
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import UsageError
+
+    thresholds = []
+    for spec in specs or []:
+        metric, sep, value = spec.partition("=")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if not sep or math.isnan(threshold):
+            raise UsageError(f"bad --fail-under {spec!r}; use METRIC=VALUE, e.g. ndcg@10=0.3")
+        key = metric.strip()
+        if ks is not None:
+            key = m.parse_metric_key(key)
+            computed = {m.metric_key(name, k) for name in names for k in ks}
+            if key not in computed:
+                raise UsageError(f"--fail-under {spec!r}: {key} is not computed",
+                                 hint="add its cutoff to -k and its metric to --metrics")
+        thresholds.append((key, threshold))
+    return thresholds
+
+
+def _check_fail_under(records: list[dict], thresholds) -> None:
+    from vecpipe.formats.errors import DataError, UsageError
+
+    misses = []
+    for key, threshold in thresholds:
+        for record in records:
+            if key not in record:
+                raise UsageError(f"--fail-under: no metric {key!r}; metrics are "
+                                 f"{', '.join(k for k in record if isinstance(record[k], float))}")
+            value = record[key]
+            if value is None or not value >= threshold:
+                label = record.get("run") or record.get("dataset") or record.get("input", "")
+                shown = "none" if value is None else f"{value:.5f}"
+                misses.append(f"{key} = {shown} < {threshold:g}" + (f" ({label})"
+                                                                    if label else ""))
+    if misses:
+        raise DataError("below --fail-under: " + "; ".join(misses))
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _print_json(records: list[dict]) -> None:
+    import json
+
+    for record in records:
+        print(json.dumps(_json_safe(record), ensure_ascii=False), flush=True)
+
+
+def _emit(records: list[dict], as_json: bool, make_table) -> None:
+    """A rich table on a terminal, JSON lines otherwise (or with --json)."""
+    from vecpipe.cli import console
+
+    if as_json or not console.stdout_is_terminal():
+        _print_json(records)
+    else:
+        from rich.console import Console
+
+        Console().print(make_table())
+
+
+# ---------------------------------------------------------------- eval beir
+
+@app.command("beir")
+@boundary("eval beir")
+def beir(
+        dataset: Annotated[str, typer.Argument(
+            help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (gzip ok).",
+            metavar="DIR")],
+        model: options.Model = None,
+        split: Annotated[str, typer.Option("--split", help="Which qrels/SPLIT.tsv to score.")]
+        = "test",
+        query_prompt: Annotated[Optional[str], typer.Option(
+            "--query-prompt", help="Text put before every query (e.g. 'query: ').",
+            metavar="TEXT")] = None,
+        doc_prompt: Annotated[Optional[str], typer.Option(
+            "--doc-prompt", help="Text put before every document (e.g. 'passage: ').",
+            metavar="TEXT")] = None,
+        k: MtebKs = None,
+        metrics: Metrics = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        save_run: Annotated[Optional[str], typer.Option(
+            "--save-run", help="Also write the top-1000 run here as a TREC run file (for "
+                               "`eval retrieval` comparisons).", metavar="PATH")] = None,
+        per_query: PerQuery = False,
+        fail_under: FailUnder = None,
+        as_json: AsJson = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Embed a BEIR dataset's corpus (title + " " + text, as MTEB) and the split's queries,
+    search exactly by cosine (numpy, corpus in blocks with a running top-k per query: memory
+    stays bounded), and score the top max(k) hits like MTEB (nDCG@10 is its main score).
+
+    \b
+    Example:
+      vecpipe eval beir ../shared/data/nfcorpus
+      vecpipe eval beir scifact -m intfloat/e5-small-v2 --query-prompt 'query: ' \\
+          --doc-prompt 'passage: ' --save-run e5.trec
+    """
+    from vecpipe.cli import console
+    from vecpipe.cli.models import load_model
+    from vecpipe.formats import metrics as m
+
+    ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
+    thresholds = _parse_fail_under(fail_under, ks, names)
+    files = _beir_files(dataset, split)
+    qrels = _beir_qrels(files["qrels"])
+    queries = _beir_queries(files["queries"], qrels)
+    started = time.perf_counter()
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    query_vectors = loaded.encode(list(queries.values()), batch_size, query_prompt or "")
+    top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], loaded, query_vectors,
+                                                  max(ks), batch_size, doc_prompt or "")
+    run = {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
+           for qid, rows, scores in zip(queries, *top)}
+    if save_run:
+        _save_run(save_run, queries, doc_ids, top)
+    evaluation = m.evaluate(qrels, run, ks, names)
+    seconds = time.perf_counter() - started
+    console.info(f"{len(doc_ids)} documents embedded in {corpus_seconds:.1f} s "
+                 f"({len(doc_ids) / max(corpus_seconds, 1e-9):.0f}/s), {len(queries)} queries; "
+                 f"{seconds:.1f} s in all")
+    record = {"dataset": dataset, "split": split, "model": loaded.name,
+              "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
+    if m.MAIN_METRIC in evaluation.means:
+        record["main_score"] = evaluation.means[m.MAIN_METRIC]
+    record["seconds"] = round(seconds, 3)
+    if per_query:
+        _print_json(_per_query_records([(dataset, evaluation)]))
+    else:
+        _emit([record], as_json, lambda: _retrieval_table(
+            [record | {"run": f"{dataset} {split} · {loaded.name}"}], ks, names))
+    _check_fail_under([record], thresholds)
+
+
+def _beir_files(dataset: str, split: str) -> dict:
+    import os
+
+    from vecpipe.formats.errors import DataError
+
+    if not os.path.isdir(dataset):
+        raise DataError("not a folder; expected a BEIR dataset folder", source=dataset)
+    wanted = {"corpus": "corpus.jsonl", "queries": "queries.jsonl",
+              "qrels": os.path.join("qrels", f"{split}.tsv")}
+    files = {}
+    for role, name in wanted.items():
+        path = next((os.path.join(dataset, name + ext) for ext in ("", ".gz")
+                     if os.path.isfile(os.path.join(dataset, name + ext))), None)
+        if path is None:
+            hint = None
+            if role == "qrels" and os.path.isdir(os.path.join(dataset, "qrels")):
+                splits = sorted(f.split(".")[0] for f in os.listdir(os.path.join(dataset,
+                                                                                 "qrels")))
+                hint = f"splits here: {', '.join(splits)}; choose one with --split"
+            raise DataError(f"missing {name}", source=dataset, hint=hint)
+        files[role] = path
+    return files
+
+
+def _beir_qrels(path: str) -> dict:
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import DataError
+
+    judgments = m.read_qrels(path)
+    if judgments.from_run or not judgments.qrels:
+        raise DataError("expected BEIR qrels (query-id, corpus-id, score)", source=path)
+    return judgments.qrels
+
+
+def _beir_queries(path: str, qrels: dict) -> dict:
+    """The texts of the queries the split judges, in qrels order (MTEB drops the others)."""
+    from vecpipe.cli import console
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import RecordStream
+
+    texts = {}
+    for item in RecordStream([path]):
+        batch = item.batch
+        id_column = names.find_id_column(batch.schema)
+        if id_column is None or names.TEXT not in batch.schema.names:
+            raise DataError("queries need fields _id and text", source=path)
+        for qid, text in zip(batch.column(id_column).to_pylist(),
+                             batch.column(names.TEXT).to_pylist()):
+            if str(qid) in qrels:
+                texts[str(qid)] = text or ""
+    missing = [qid for qid in qrels if qid not in texts]
+    if missing:
+        console.warn(f"{len(missing)} judged queries are not in {path}; left out")
+    if not texts:
+        raise DataError("no judged query found", source=path)
+    return {qid: texts[qid] for qid in qrels if qid in texts}
+
+
+_CORPUS_BLOCK = 8192   # documents embedded and searched at a time
+_QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 scores (64 MiB)
+
+
+def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt):
+    """Embed the corpus block by block and keep each query's top `depth` by cosine.
+
+    Returns ((rows, scores) per query best first, doc ids as a pyarrow array, seconds spent
+    embedding)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+    from vecpipe.formats.readers import RecordStream
+
+    top = RunningTopK(len(query_vectors), depth)
+    id_chunks, offset, embed_seconds = [], 0, 0.0
+    with console.progress(desc="corpus", unit="doc") as bar:
+        for item in RecordStream([path], batch_rows=_CORPUS_BLOCK):
+            ids, texts = _corpus_texts(item)
+            started = time.perf_counter()
+            doc_vectors = loaded.encode(texts, batch_size, prompt)
+            embed_seconds += time.perf_counter() - started
+            for start in range(0, len(query_vectors), _QUERY_BLOCK):
+                chunk = slice(start, start + _QUERY_BLOCK)
+                top.update(chunk, query_vectors[chunk] @ doc_vectors.T, offset)
+            id_chunks.append(ids)
+            offset += len(ids)
+            bar.update(len(ids))
+    doc_ids = pa.concat_arrays(id_chunks) if id_chunks else pa.array([], pa.string())
+    rows, scores = top.result()
+    return (rows, scores), doc_ids, embed_seconds
+
+
+def _corpus_texts(item):
+    """(ids as a pyarrow string array, MTEB's document texts) for one corpus batch."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+
+    batch = item.batch
+    id_column = names.find_id_column(batch.schema)
+    if id_column is None or names.TEXT not in batch.schema.names:
+        raise DataError("corpus records need fields _id and text", source=item.source,
+                        record=item.first_record)
+    ids = batch.column(id_column).cast(pa.string())
+    if ids.null_count:
+        raise DataError("null document id", source=item.source, record=item.first_record +
+                        int(pc.index(ids.is_null(), True).as_py()))
+    texts = batch.column(names.TEXT).to_pylist()
+    if "title" in batch.schema.names:  # MTEB: (title + " " + text).strip()
+        titles = batch.column("title").to_pylist()
+        texts = [((title or "") + " " + (text or "")).strip() for title, text in zip(titles,
+                                                                                     texts)]
+    else:
+        texts = [(text or "").strip() for text in texts]
+    return ids, texts
+
+
+class RunningTopK:
+    """Per query, the `depth` best (score, row) pairs seen so far over blocks of documents."""
+
+    def __init__(self, queries: int, depth: int):
+        import numpy as np
+
+        self.depth = depth
+        self.scores = np.full((queries, 0), -np.inf, dtype=np.float32)
+        self.rows = np.zeros((queries, 0), dtype=np.int64)
+
+    def update(self, chunk: slice, block_scores, offset: int) -> None:
+        """Merge scores of documents offset.. (a queries-in-chunk x block matrix)."""
+        import numpy as np
+
+        scores = np.concatenate([self.scores[chunk], block_scores], axis=1)
+        rows = np.concatenate([self.rows[chunk], np.broadcast_to(
+            np.arange(offset, offset + block_scores.shape[1]), block_scores.shape)], axis=1)
+        if scores.shape[1] > self.depth:
+            keep = np.argpartition(-scores, self.depth - 1, axis=1)[:, :self.depth]
+            scores = np.take_along_axis(scores, keep, axis=1)
+            rows = np.take_along_axis(rows, keep, axis=1)
+        if self.scores.shape[1] != scores.shape[1]:  # the first blocks are still filling up
+            self._grow(scores.shape[1])
+        self.scores[chunk], self.rows[chunk] = scores, rows
+
+    def _grow(self, width: int) -> None:
+        import numpy as np
+
+        pad = width - self.scores.shape[1]
+        self.scores = np.pad(self.scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        self.rows = np.pad(self.rows, ((0, 0), (0, pad)), constant_values=-1)
+
+    def result(self):
+        """(rows, scores) per query, best first."""
+        import numpy as np
+
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        rows = np.take_along_axis(self.rows, order, axis=1)
+        scores = np.take_along_axis(self.scores, order, axis=1)
+        return ([r[r >= 0] for r in rows], [s[r >= 0] for r, s in zip(rows, scores)])
+
+
+def _save_run(path: str, queries: dict, doc_ids, top) -> None:
+    from vecpipe.formats.metrics import write_trec_run
+    from vecpipe.formats.writers import text_output
+
+    with text_output(path) as sink:
+        write_trec_run(((qid, doc_ids.take(rows).to_pylist(), scores)
+                        for qid, rows, scores in zip(queries, *top)), sink)
+
+
+# ---------------------------------------------------------------- eval sts
+
+_STS_SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+
+
+@app.command("sts")
+@boundary("eval sts")
+def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="Pairs with a gold score (any record format; - for stdin, the default).",
+            show_default=False, metavar="PAIRS")] = None,
+        fields: Annotated[str, typer.Option(
+            "--fields", help="The two sides and the gold score. Text sides are embedded with "
+                             "-m; vector sides (e.g. embedding1,embedding2,score) are used "
+                             "as they are.", metavar="A,B,SCORE")] = "sentence1,sentence2,score",
+        model: options.Model = None,
+        prompt: Annotated[Optional[str], typer.Option(
+            "--prompt", help="Text put before both sides.", metavar="TEXT")] = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: FailUnder = None,
+        as_json: AsJson = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Correlate similarity with gold scores on sentence pairs: Pearson and Spearman for cosine,
+    dot, euclidean and manhattan (MTEB's STS conventions: a distance d scores as -d; vectors
+    as the model returns them; cosine_spearman is the main score). Reads all pairs.
+
+    \b
+    Example:
+      vecpipe eval sts stsb-test.jsonl
+      vecpipe eval sts pairs.parquet --fields embedding_a,embedding_b,label --json
+    """
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.readers import read_table
+
+    first, second, score_field = _sts_fields(fields)
+    thresholds = _parse_fail_under(fail_under)
+    known = {f"{name}_{corr}" for name in _STS_SIMILARITIES for corr in ("pearson", "spearman")}
+    unknown = [key for key, _ in thresholds if key not in known | {"main_score"}]
+    if unknown:
+        raise UsageError(f"--fail-under: no metric {unknown[0]!r}; use e.g. cosine_spearman")
+    table = read_table(inputs, input_format)
+    source = ", ".join(inputs or ["<stdin>"])
+    gold, a, b, model_name = _sts_inputs(table, source, (first, second, score_field), model,
+                                         prompt or "", batch_size, device, trust_remote_code)
+    record = {"pairs": len(gold)}
+    if model_name:
+        record["model"] = model_name
+    for name, similarity in m.paired_similarities(a, b).items():
+        record[f"{name}_pearson"] = m.pearson(gold, similarity)
+        record[f"{name}_spearman"] = m.spearman(gold, similarity)
+    record["main_score"] = record["cosine_spearman"]
+    _emit([record], as_json, lambda: _sts_table(record))
+    _check_fail_under([record], thresholds)
+
+
+def _sts_fields(text: str) -> tuple[str, str, str]:
+    from vecpipe.formats.errors import UsageError
+
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"bad --fields {text!r}; give three names: A,B,SCORE")
+    return parts[0], parts[1], parts[2]
+
+
+def _sts_inputs(table, source, fields, model, prompt, batch_size, device, trust_remote_code):
+    """(gold scores, vectors of side A, of side B, model name or None) from the pairs table."""
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+
+    if table is None or table.num_rows == 0:
+        raise DataError("no pairs", source=source)
+    missing = [f for f in fields if f not in table.schema.names]
+    if missing:
+        raise DataError(f"no field {missing[0]!r}; fields are {', '.join(table.schema.names)}",
+                        source=source, hint="name the fields with --fields A,B,SCORE")
+    gold_column = table.column(fields[2])
+    if not (pa.types.is_integer(gold_column.type) or pa.types.is_floating(gold_column.type)):
+        raise DataError(f"field {fields[2]!r} holds {gold_column.type}, expected numbers",
+                        source=source)
+    for field in fields:
+        column = table.column(field)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
+            raise DataError(f"field {field!r} is null", source=source, record=row)
+    gold = gold_column.to_numpy().astype(np.float64)
+    side_types = {pa.types.is_string(table.schema.field(f).type) or
+                  pa.types.is_large_string(table.schema.field(f).type) for f in fields[:2]}
+    if side_types == {True}:
+        from vecpipe.cli.models import load_model
+
+        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+        sides = [loaded.encode(table.column(f).to_pylist(), batch_size, prompt, normalize=False)
+                 for f in fields[:2]]
+        return gold, sides[0], sides[1], loaded.name
+    if side_types == {False}:
+        sides = [names.vectors_to_numpy(table.column(f), f) for f in fields[:2]]
+        if sides[0].shape[1] != sides[1].shape[1]:
+            raise DataError(f"{fields[0]} has {sides[0].shape[1]} dimensions, {fields[1]} "
+                            f"{sides[1].shape[1]}", source=source)
+        return gold, sides[0], sides[1], names.read_meta(table.schema).get("model")
+    raise DataError(f"fields {fields[0]!r} and {fields[1]!r} must both be text or both vectors",
+                    source=source)
+
+
+def _sts_table(record: dict):
+    from rich.table import Table
+
+    table = Table(title=f"{record['pairs']} pairs" + (f" · {record['model']}"
+                                                       if record.get("model") else ""),
+                  title_justify="left")
+    for column in ("similarity", "pearson", "spearman"):
+        table.add_column(column, justify="left" if column == "similarity" else "right")
+    for name in _STS_SIMILARITIES:
+        table.add_row(name, f"{record[f'{name}_pearson']:.5f}",
+                      f"{record[f'{name}_spearman']:.5f}")
+    return table
+
+
+# ---------------------------------------------------------------- eval embeddings
+
+@app.command("embeddings")
+@boundary("eval embeddings")
+def embeddings(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="One vector stream to describe, or two to compare (- for stdin, the default).",
+            show_default=False, metavar="INPUT [INPUT2]")] = None,
+        field: Annotated[str, typer.Option("--field", help="The vector field.")] = "embedding",
+        sample: Annotated[int, typer.Option(
+            "--sample", min=10, help="Rows sampled (uniformly, seeded) for the pairwise "
+                                     "statistics and the comparison.")] = 5000,
+        duplicate_threshold: Annotated[float, typer.Option(
+            "--duplicate-threshold", help="Cosine at or above which two rows are near "
+                                          "duplicates.")] = 0.95,
+        alpha: Annotated[float, typer.Option(
+            "--alpha", min=0.0, max=1.0, help="Significance level of the comparison (split "
+                                              "over its two tests).")] = 0.01,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the row samples.")] = 0,
+        input_format: options.InputFormat = "auto",
+        as_json: AsJson = False,
+        quiet: options.Quiet = False):
+    """Describe vectors without labels: RankMe effective rank (exp of the entropy of the
+    normalized singular values, over all rows), anisotropy (mean cosine of distinct pairs),
+    centroid norm, near-duplicate rate (rows with another row at cosine >= threshold; pairwise
+    statistics on a sample), norm statistics, per-dimension variance. With two inputs, also
+    whether they differ: rows of each are scored by cosine to the first input's centroid and
+    to their nearest row in a reference sample of it, and Mann-Whitney rank-sum tests compare
+    the two score distributions. Streams each input once; memory holds the sample.
+
+    \b
+    Example:
+      vecpipe eval embeddings corpus.arrow
+      vecpipe eval embeddings last_week.arrow today.arrow --json
+    """
+    from vecpipe.formats.errors import UsageError
+
+    paths = list(inputs or ["-"])
+    if len(paths) > 2:
+        raise UsageError("give one input to describe or two to compare")
+    if paths.count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+    summaries = [_summarize(path, field, sample, seed, input_format, duplicate_threshold)
+                 for path in paths]
+    records = [{"input": name, **meta_and_report}
+               for name, meta_and_report in ((s[0], s[1]) for s in summaries)]
+    if len(summaries) == 2:
+        records.append(_compare_embeddings(summaries, sample, alpha, seed))
+    _emit(records, as_json, lambda: _embeddings_table(records))
+
+
+def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
+               duplicate_threshold: float):
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.metrics import EmbeddingSummary
+    from vecpipe.formats.readers import RecordStream
+
+    stream = RecordStream([path], input_format, force=True)
+    name = "<stdin>" if path == "-" else path
+    # a comparison needs a reference and a held-out sample from the first input: sample 2x
+    summary = EmbeddingSummary(sample_size=2 * sample, seed=seed)
+    for item in stream:
+        if field not in item.batch.schema.names:
+            raise DataError(f"no field {field!r}; fields are {', '.join(item.batch.schema.names)}",
+                            source=name, hint="name the vector field with --field")
+        column = item.batch.column(field)
+        if pa.types.is_fixed_size_binary(column.type):
+            raise DataError("packed-bit vectors have no cosine geometry to describe",
+                            source=name, hint="describe the float vectors before compress")
+        try:
+            vectors = names.vectors_to_numpy(column, field)
+        except DataError as err:
+            raise err.located(name, None if err.record is None else
+                              item.first_record + err.record - 1)
+        if summary.gram is not None and vectors.shape[1] != len(summary.sums):
+            raise DataError(f"vectors change dimension ({len(summary.sums)} then "
+                            f"{vectors.shape[1]})", source=name, record=item.first_record)
+        summary.add(vectors)
+    if summary.rows == 0:
+        raise DataError("no vectors", source=name)
+    report = summary.report(duplicate_threshold, sample)
+    model = stream.metadata.get("model")
+    return name, ({"model": model} if model else {}) | report, summary
+
+
+def _compare_embeddings(summaries, sample: int, alpha: float, seed: int) -> dict:
+    import numpy as np
+
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.metrics import corpus_shift
+
+    (name_a, report_a, first), (name_b, report_b, second) = summaries
+    if report_a["dim"] != report_b["dim"]:
+        raise DataError(f"{name_a} has {report_a['dim']} dimensions, {name_b} "
+                        f"{report_b['dim']}: not comparable")
+    if report_a.get("model") != report_b.get("model"):
+        console.warn(f"models differ: {report_a.get('model')} vs {report_b.get('model')}")
+    shuffled = np.random.default_rng(seed).permutation(len(first.sample))
+    half = len(shuffled) // 2
+    reference, held_out = first.sample[shuffled[:half]], first.sample[shuffled[half:]]
+    other = second.subsample(sample)
+    tests = corpus_shift(reference, held_out, other)
+    differ = any(test["p_value"] < alpha / len(tests) for test in tests.values())
+    return {"compare": [name_a, name_b], "differ": differ, "alpha": alpha,
+            "reference": int(half), "samples": [int(len(held_out)), int(len(other))], **tests}
+
+
+def _embeddings_table(records):
+    from rich.table import Table
+
+    described = [r for r in records if "input" in r]
+    table = Table(title="embeddings", title_justify="left")
+    table.add_column("statistic")
+    for record in described:
+        table.add_column(record["input"], justify="right")
+    rows = [("rows", lambda r: f"{r['rows']:,}"), ("dim", lambda r: str(r["dim"])),
+            ("model", lambda r: r.get("model") or "-"),
+            ("RankMe", lambda r: f"{r['rankme']:.1f}"),
+            ("anisotropy", lambda r: _fmt(r["anisotropy"])),
+            ("centroid norm", lambda r: _fmt(r["centroid_norm"])),
+            ("near duplicates", lambda r: f"{r['near_duplicate_rate']:.2%} (cos ≥ "
+                                          f"{r['near_duplicate_threshold']:g}, "
+                                          f"{r['sample']:,} sampled)"),
+            ("norm mean ± std", lambda r: f"{r['norm']['mean']:.4f} ± {r['norm']['std']:.4f}"),
+            ("norm min / median / max", lambda r: f"{r['norm']['min']:.4f} / "
+                                                  f"{r['norm']['median']:.4f} / "
+                                                  f"{r['norm']['max']:.4f}"),
+            ("dim variance min / median / max",
+             lambda r: f"{r['dim_variance']['min']:.2e} / {r['dim_variance']['median']:.2e} / "
+                       f"{r['dim_variance']['max']:.2e}"),
+            ("dims with < 1% of mean variance", lambda r: str(r["dim_variance"]["low"]))]
+    for label, show in rows:
+        table.add_row(label, *(show(r) for r in described))
+    comparison = next((r for r in records if "compare" in r), None)
+    if comparison:
+        for test in ("centroid_cosine", "nearest_cosine"):
+            result = comparison[test]
+            table.add_row(f"{test.replace('_', ' ')} median",
+                          _fmt(result["first_median"]), _fmt(result["second_median"]))
+            table.add_row(f"  rank-sum p / AUC", "", f"{_p(result['p_value'])} / "
+                                                     f"{result['auc']:.3f}")
+        table.add_row("differ?", "", f"{'YES' if comparison['differ'] else 'no'} "
+                                     f"(alpha {comparison['alpha']:g})")
+    return table
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:.4f}"
