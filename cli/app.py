@@ -17,6 +17,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("index", "index"),
     ("search", "search"),
     ("mine-negatives", "mine_negatives"),
+    ("merge", "merge"),
     ("eval", "eval"),
 ]
 

@@ -1,0 +1,404 @@
+"""vecpipe merge: streams (schemas, metadata, dedupe, sorting, shard sets) and model soups."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vecpipe.formats import merging
+from vecpipe.formats import schema as names
+from vecpipe.formats.errors import DataError
+
+
+def write_arrow(path, records, meta=None):
+    table = pa.Table.from_pylist(records)
+    if "embedding" in table.schema.names:  # as embed writes them: fixed_size_list<float32>
+        vectors = names.numpy_to_vectors(np.array(table["embedding"].to_pylist(), np.float32))
+        table = table.set_column(table.schema.get_field_index("embedding"), "embedding",
+                                 vectors)
+    if meta:
+        table = table.replace_schema_metadata(names.with_meta(table.schema, meta).metadata)
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def read_any(path):
+    data = open(path, "rb").read()
+    if data.startswith(b"PAR1"):
+        return pq.read_table(path)
+    return pa.ipc.open_file(pa.py_buffer(data)).read_all()
+
+
+def records_of(r):
+    assert r.exit_code == 0, r
+    return r.records()
+
+
+# ---- streams ---------------------------------------------------------------------------------
+
+def test_mixed_formats_concatenate_with_unified_schema(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"_id": "1", "text": "one"},
+                                           {"_id": "2", "text": "two", "n": 2}])
+    b = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": ["3"], "n": [3.5], "tag": ["x"]}), b)
+    c = write_arrow(tmp_path / "c.arrow", [{"id": "4", "text": "four"}])
+    out = tmp_path / "out.arrow"
+    r = cli("merge", a, b, c, "-o", out)
+    assert r.exit_code == 0, r
+    table = read_any(out)
+    assert table.schema.names == ["id", "text", "n", "tag"]
+    assert table.schema.field("n").type == pa.float64()  # int in a.jsonl, double in b.parquet
+    assert table.to_pylist() == [
+        {"id": "1", "text": "one", "n": None, "tag": None},
+        {"id": "2", "text": "two", "n": 2.0, "tag": None},
+        {"id": "3", "text": None, "n": 3.5, "tag": "x"},
+        {"id": "4", "text": "four", "n": None, "tag": None}]
+    assert "3 inputs -> 4 records" in r.stderr
+
+
+def test_conflicting_types_name_field_and_files(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1", "score": 0.5}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "2", "score": "high"}])
+    out = tmp_path / "out.jsonl"
+    r = cli("merge", a, b, "-o", out)
+    assert r.exit_code == 1 and r.stdout == "" and not out.exists()
+    assert f"field 'score' is double in {a} but string in {b}" in r.stderr
+
+
+def test_integer_and_string_ids_unify_as_strings(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": 7}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "x"}])
+    assert records_of(cli("merge", a, b, "--output-format", "jsonl")) == [{"id": "7"},
+                                                                          {"id": "x"}]
+
+
+META = {"model": "m1", "dim": "2", "normalized": "true", "version": "0.1"}
+
+
+def vector_records(ids, dim=2):
+    return [{"id": i, "embedding": [float(k), 1.0][:dim] + [0.0] * (dim - 2)}
+            for k, i in enumerate(ids)]
+
+
+def test_common_metadata_is_kept(cli, tmp_path):
+    a = write_arrow(tmp_path / "a.arrow", vector_records(["1"]), META)
+    b = write_arrow(tmp_path / "b.arrow", vector_records(["2"]), dict(META, version="0.2",
+                                                                      prompt="q: "))
+    out = tmp_path / "out.parquet"
+    r = cli("merge", a, b, "-o", out)
+    assert r.exit_code == 0, r
+    meta = names.read_meta(read_any(out).schema)
+    assert meta == {"model": "m1", "dim": "2", "normalized": "true"}
+    assert "drops metadata not shared by all inputs: prompt" in r.stderr
+
+
+@pytest.mark.parametrize("key,other", [("model", "m2"), ("normalized", "false"),
+                                       ("codec", '{"method": "int8"}')])
+def test_metadata_conflicts_refused_unless_force(cli, tmp_path, key, other):
+    a = write_arrow(tmp_path / "a.arrow", vector_records(["1"]), META)
+    b = write_arrow(tmp_path / "b.arrow", vector_records(["2"]), dict(META, **{key: other}))
+    out = tmp_path / "out.arrow"
+    r = cli("merge", a, b, "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    assert f"{key} differs: {a} has {META.get(key, 'none')!r}, {b} has {other!r}" in r.stderr
+    r = cli("merge", a, b, "-o", out, "--force")
+    assert r.exit_code == 0, r
+    meta = names.read_meta(read_any(out).schema)
+    assert key not in meta and meta["dim"] == "2"
+    assert read_any(out).num_rows == 2
+
+
+def test_metadata_compared_with_first_input_that_has_it(cli, tmp_path, write_jsonl):
+    plain = write_jsonl(tmp_path / "plain.jsonl", vector_records(["0"]))
+    a = write_arrow(tmp_path / "a.arrow", vector_records(["1"]), META)
+    b = write_arrow(tmp_path / "b.arrow", vector_records(["2"]), dict(META, model="m2"))
+    r = cli("merge", plain, a, b, "--output-format", "jsonl")
+    assert r.exit_code == 1 and f"model differs: {a} has 'm1', {b} has 'm2'" in r.stderr
+
+
+def test_dimension_mismatch_is_a_type_conflict(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", vector_records(["1"], dim=2))
+    b = write_jsonl(tmp_path / "b.jsonl", vector_records(["2"], dim=3))
+    r = cli("merge", a, b, "--output-format", "jsonl")
+    assert r.exit_code == 1 and "field 'embedding' is fixed_size_list" in r.stderr
+
+
+@pytest.fixture
+def overlapping(tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1", "v": "a1"}, {"id": "2", "v": "a2"},
+                                           {"id": "1", "v": "a1-again"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "3", "v": "b3"}, {"id": "2", "v": "b2"}])
+    return a, b
+
+
+@pytest.mark.parametrize("mode,expected", [
+    ("none", ["a1", "a2", "a1-again", "b3", "b2"]),
+    ("first", ["a1", "a2", "b3"]),
+    ("last", ["a1-again", "b3", "b2"]),
+])
+def test_dedupe_modes(cli, overlapping, mode, expected):
+    r = cli("merge", *overlapping, "--dedupe", mode, "--output-format", "jsonl")
+    assert [rec["v"] for rec in records_of(r)] == expected
+
+
+def test_dedupe_last_reads_stdin_once_through_a_spool(cli, overlapping):
+    a, b = overlapping
+    r = cli("merge", a, "-", "--dedupe", "last", "--output-format", "jsonl",
+            input=b.read_bytes())
+    assert [rec["v"] for rec in records_of(r)] == ["a1-again", "b3", "b2"]
+
+
+def test_dedupe_error_fails_before_writing(cli, overlapping, tmp_path):
+    out = tmp_path / "out.jsonl"
+    a, b = overlapping
+    r = cli("merge", *overlapping, "--dedupe", "error", "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    assert f"duplicate id '1', first seen at {a}:1 ({a}:3)" in r.stderr
+    r = cli("merge", b, "-", "--dedupe", "error", "--output-format", "jsonl",
+            input=b'{"id": "9"}\n{"id": "3"}\n')
+    assert r.exit_code == 1 and r.stdout == ""
+    assert f"duplicate id '3', first seen at {b}:1 (<stdin>:2)" in r.stderr
+    r = cli("merge", b, "--dedupe", "error", "--output-format", "jsonl")
+    assert len(records_of(r)) == 2
+
+
+def test_dedupe_needs_ids(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}, {"id": None}])
+    r = cli("merge", a, "--dedupe", "first", "--output-format", "jsonl")
+    assert r.exit_code == 1 and f"record has no id; --dedupe needs one ({a}:2)" in r.stderr
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])
+    r = cli("merge", b, "--dedupe", "last", "--output-format", "jsonl")
+    assert r.exit_code == 1 and "no id field" in r.stderr
+
+
+def test_sort_by_is_global(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "c"}, {"id": "a"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "b"}, {"id": "a", "x": 1}])
+    r = cli("merge", a, b, "--sort-by", "id", "--dedupe", "last", "--output-format", "jsonl")
+    assert records_of(r) == [{"id": "a", "x": 1}, {"id": "b", "x": None},
+                             {"id": "c", "x": None}]
+    r = cli("merge", a, "--sort-by", "nope")
+    assert r.exit_code == 1 and "no field 'nope' to sort by" in r.stderr
+
+
+def test_batches_stream_across_many_inputs(cli, tmp_path, write_jsonl):
+    """Several thousand records from several files come out complete and in order."""
+    paths = [write_jsonl(tmp_path / f"p{k}.jsonl",
+                         [{"id": f"{k}-{i}", "n": i} for i in range(1500)]) for k in range(3)]
+    r = cli("merge", *paths, "--output-format", "arrow")
+    ids = [rec["id"] for rec in records_of(r)]
+    assert ids == [f"{k}-{i}" for k in range(3) for i in range(1500)]
+
+
+def part(folder, index, count, ext="jsonl"):
+    return folder / f"part-{index:05d}-of-{count:05d}.{ext}"
+
+
+def test_missing_or_repeated_shard_detected(cli, tmp_path, write_jsonl):
+    parts = [write_jsonl(part(tmp_path, i, 4), [{"id": str(i)}]) for i in (0, 1, 3)]
+    r = cli("merge", *parts, "--output-format", "jsonl")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "1 of 4 shards missing (shard 2)" in r.stderr
+    assert str(part(tmp_path, 2, 4)) in r.stderr
+    r = cli("merge", *parts, parts[1], "--output-format", "jsonl")
+    assert r.exit_code == 1 and "shard 1 of 4 given twice" in r.stderr
+    write_jsonl(part(tmp_path, 2, 4), [])  # an empty shard is a finished shard
+    all_parts = sorted(tmp_path.glob("part-*"))
+    assert len(records_of(cli("merge", *all_parts, "--output-format", "jsonl"))) == 3
+    r = cli("merge", *all_parts, "--expect-shards", "8")
+    assert r.exit_code == 1 and "expected 8 shards but the files say 4" in r.stderr
+
+
+def test_expect_shards_without_part_names(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "2"}])
+    r = cli("merge", a, b, "--expect-shards", "3")
+    assert r.exit_code == 1 and "expected 3 shards, got 2 inputs" in r.stderr
+    assert cli("merge", a, b, "--expect-shards", "2", "--output-format", "jsonl").exit_code == 0
+    r = cli("merge", a, a, "--expect-shards", "2")
+    assert r.exit_code == 1 and "given twice" in r.stderr
+
+
+def test_two_fanouts_checked_separately(cli, tmp_path, write_jsonl):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    parts = [write_jsonl(part(tmp_path / d, i, 2), [{"id": d + str(i)}])
+             for d in ("x", "y") for i in range(2)]
+    assert len(records_of(cli("merge", *parts, "--output-format", "jsonl"))) == 4
+    r = cli("merge", *parts[:3], "--output-format", "jsonl")
+    assert r.exit_code == 1 and str(part(tmp_path / "y", 1, 2)) in r.stderr
+
+
+def test_stdin_pipeline_subprocess(run_vecpipe, overlapping):
+    a, b = overlapping
+    out = run_vecpipe("merge", a, "-", "--dedupe", "first", "--output-format", "jsonl",
+                      input=b.read_bytes())
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["v"] for line in out.stdout.splitlines()] == ["a1", "a2", "b3"]
+
+
+def test_usage_errors(cli, tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
+    assert cli("merge", a, "--dedupe", "maybe").exit_code == 2
+    assert cli("merge", a, "--weights", "1").exit_code == 2
+    assert cli("merge", "-", "-").exit_code == 2
+    assert cli("merge", "--models", "default", "--sort-by", "id", "-o", tmp_path).exit_code == 2
+
+
+def embed_registered():
+    from vecpipe.cli.app import COMMANDS
+
+    return any(name == "embed" for name, _ in COMMANDS)
+
+
+@pytest.mark.skipif(not embed_registered(), reason="vecpipe embed is not registered yet")
+@pytest.mark.parametrize("fmt", ["arrow", "jsonl"])
+def test_merged_embed_shards_equal_unsharded(cli, tmp_path, write_jsonl, fmt):
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i}"}
+                                                 for i in range(200)])
+    whole = tmp_path / f"whole.{fmt}"
+    assert cli("embed", docs, "-m", "fake:16", "-o", whole).exit_code == 0
+    count = 3
+    parts = [part(tmp_path, i, count, fmt) for i in range(count)]
+    for i, path in enumerate(parts):
+        r = cli("embed", docs, "-m", "fake:16", "--shard", f"{i}/{count}", "-o", path)
+        assert r.exit_code == 0, r
+    r = cli("merge", *parts, "--expect-shards", count, "--output-format", "arrow")
+    expected = cli("convert", whole, "--output-format", "arrow").records()
+    merged = records_of(r)
+    key = lambda rec: rec["id"]  # noqa: E731
+    assert len(merged) == 200 and sorted(merged, key=key) == sorted(expected, key=key)
+    r = cli("merge", *parts, "--sort-by", "id", "--output-format", "arrow")
+    assert records_of(r) == sorted(expected, key=key)
+    r = cli("merge", *parts[:2], "--output-format", "arrow")
+    assert r.exit_code == 1 and "1 of 3 shards missing" in r.stderr
+
+
+# ---- model soups -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundled():
+    from vecpipe.cli.models import load_model
+
+    return load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory, bundled):
+    """A copy of the bundled model with every float weight nudged: a stand-in fine-tune."""
+    import copy
+
+    import torch
+
+    st = copy.deepcopy(bundled.st)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in st.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    folder = tmp_path_factory.mktemp("models") / "perturbed"
+    st.save(str(folder))
+    return folder
+
+
+SENTENCES = ["a merged model", "weight averaging of fine-tuned models", "nfcorpus"]
+
+
+def load(path):
+    from vecpipe.cli.models import load_model
+
+    return load_model(str(path), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_soup_with_weights_one_zero_reproduces_model_a(cli, tmp_path, bundled, perturbed,
+                                                       method):
+    out = tmp_path / "soup"
+    r = cli("merge", "--models", "default", perturbed, "--weights", "1,0", "--method", method,
+            "-o", out)
+    assert r.exit_code == 0, r
+    soup = load(out)
+    assert np.array_equal(soup.encode(SENTENCES), bundled.encode(SENTENCES))
+    for key, value in bundled.st.state_dict().items():
+        assert soup.st.state_dict()[key].equal(value), key
+    recipe = json.loads((out / "vecpipe-merge.json").read_text())
+    assert recipe["method"] == method and recipe["weights"] == [1.0, 0.0]
+    assert [type(m).__name__ for m in soup.st] == [type(m).__name__ for m in bundled.st]
+    r = cli("merge", "--models", "default", perturbed, "--weights", "0,1", "-o", out)
+    assert r.exit_code == 0, r  # an earlier merge result is replaced
+    from sentence_transformers import SentenceTransformer  # load_model would use its cache
+
+    replaced = SentenceTransformer(str(out), device="cpu")
+    assert np.array_equal(replaced.encode(SENTENCES), load(perturbed).encode(SENTENCES))
+
+
+def test_linear_soup_is_the_weighted_average(cli, tmp_path, bundled, perturbed):
+    out = tmp_path / "soup"
+    r = cli("merge", "--models", "default", perturbed, "--weights", "0.25,0.75", "-o", out)
+    assert r.exit_code == 0, r
+    a, b, soup = (bundled.st.state_dict(), load(perturbed).st.state_dict(),
+                  load(out).st.state_dict())
+    for key in a:
+        if a[key].is_floating_point():
+            expected = 0.25 * a[key].double() + 0.75 * b[key].double()
+            assert np.allclose(soup[key].double().numpy(), expected.numpy(), atol=1e-7), key
+
+
+def test_slerp_follows_the_arc():
+    """Against the closed form for orthonormal vectors: cos(t*pi/2) a + sin(t*pi/2) b."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 2)))
+    a, b = 3 * q[:, 0].reshape(8, 8), 3 * q[:, 1].reshape(8, 8)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        expected = np.cos(t * np.pi / 2) * a + np.sin(t * np.pi / 2) * b
+        assert np.allclose(merging.slerp_merge(a, b, t), expected, atol=1e-12)
+    near = a + 1e-6 * b  # near-parallel: the linear fallback
+    assert np.allclose(merging.slerp_merge(a, near, 0.5), 0.5 * a + 0.5 * near)
+    zero = np.zeros_like(a)
+    assert np.allclose(merging.slerp_merge(a, zero, 0.25), 0.75 * a)
+
+
+def test_incompatible_models_refused(cli, tmp_path, bundled):
+    import copy
+
+    st = copy.deepcopy(bundled.st)
+    st[0].auto_model.encoder.layer = st[0].auto_model.encoder.layer[:5]
+    st[0].auto_model.config.num_hidden_layers = 5
+    shallow = tmp_path / "shallow"
+    st.save(str(shallow))
+    out = tmp_path / "soup"
+    r = cli("merge", "--models", "default", shallow, "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    assert "differ in transformer config" in r.stderr and "num_hidden_layers" in r.stderr
+
+    st = copy.deepcopy(bundled.st)
+    st[1].pooling_mode = "cls"
+    cls = tmp_path / "cls"
+    st.save(str(cls))
+    r = cli("merge", "--models", "default", cls, "-o", out)
+    assert r.exit_code == 1 and "differ in module settings" in r.stderr
+
+    shapes = [("a", {"w": (2, 2), "b": (2,)}), ("b", {"w": (2, 3), "b": (2,)})]
+    with pytest.raises(DataError, match=r"'w' is \(2, 2\) in a but \(2, 3\) in b"):
+        merging.compare_state_shapes(shapes)
+    with pytest.raises(DataError, match="'b' only in a"):
+        merging.compare_state_shapes([shapes[0], ("b", {"w": (2, 2)})])
+
+
+def test_model_usage_errors(cli, tmp_path, perturbed):
+    out = tmp_path / "soup"
+    assert cli("merge", "--models", "default", perturbed).exit_code == 2  # no -o
+    assert cli("merge", "--models", "default", "-o", out).exit_code == 2
+    r = cli("merge", "--models", "default", perturbed, "--weights", "1,2,3", "-o", out)
+    assert r.exit_code == 2 and "3 values for 2 models" in r.stderr
+    r = cli("merge", "--models", "default", perturbed, perturbed, "--method", "slerp", "-o", out)
+    assert r.exit_code == 2 and "exactly two" in r.stderr
+    r = cli("merge", "--models", "default", "fake:8", "-o", out)
+    assert r.exit_code == 2 and "fake model" in r.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    r = cli("merge", "--models", "default", perturbed, "-o", busy)
+    assert r.exit_code == 2 and (busy / "notes.txt").exists()
