@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("convert", "convert"),
     ("index", "index"),
     ("search", "search"),
+    ("compress", "compress"),
     ("mine-negatives", "mine_negatives"),
     ("merge", "merge"),
     ("eval", "eval"),

@@ -1,0 +1,403 @@
+"""Compress vectors to float16/bfloat16/int8/uint8/binary codes, with truncation or PCA."""
+from typing import Annotated, Optional
+
+import typer
+
+from vecpipe.cli import options
+
+DEFAULT_CALIBRATION_ROWS = 10_000
+REPORT_QUERIES = 200
+REPORT_K = 10
+
+
+def run(inputs: options.Inputs = None,
+        output: options.Output = None,
+        output_format: options.OutputFormat = "auto",
+        input_format: options.InputFormat = "auto",
+        to: Annotated[Optional[str], typer.Option(
+            "--to", metavar="TYPE",
+            help="float32|float16|bfloat16|int8|uint8|binary|ubinary. int8/uint8 use "
+                 "per-dimension ranges from the calibration rows; binary/ubinary keep sign bits "
+                 "packed 8 per byte (the same bytes; numpy.packbits order).")] = None,
+        dim: Annotated[Optional[int], typer.Option(
+            "--dim", min=1, help="Keep the first N dimensions and re-normalise (Matryoshka "
+                                 "truncation; costly for models not trained for it).")] = None,
+        pca: Annotated[Optional[int], typer.Option(
+            "--pca", min=1, help="Project on the top N principal components fitted on the "
+                                 "calibration rows (after --dim), re-normalise.")] = None,
+        calibration_rows: Annotated[Optional[int], typer.Option(
+            "--calibration-rows", min=1, show_default=False,
+            help="Fit the codec on the first N rows, the only rows held in memory "
+                 f"[default: {DEFAULT_CALIBRATION_ROWS:,}].")] = None,
+        clip_quantile: Annotated[Optional[float], typer.Option(
+            "--clip-quantile", min=0.0, max=0.4999, metavar="Q",
+            help="int8/uint8: fit each range on the Q and 1-Q quantiles instead of min/max "
+                 "(outliers are clipped, never wrapped).")] = None,
+        codec_file: Annotated[Optional[str], typer.Option(
+            "--codec", metavar="FILE",
+            help="Apply exactly this saved codec (queries, more shards, JSONL) instead of "
+                 "fitting one.")] = None,
+        save_codec: Annotated[Optional[str], typer.Option(
+            "--save-codec", metavar="FILE", help="Also write the codec to FILE (JSON).")] = None,
+        report: Annotated[bool, typer.Option(
+            "--report", help="Print bytes/vector, reconstruction error and recall@10 retention "
+                             "(measured on the calibration rows) on stderr.")] = False,
+        report_json: Annotated[Optional[str], typer.Option(
+            "--report-json", metavar="PATH",
+            help="Write the report as JSON to PATH (- for stdout when -o takes the records).")]
+        = None,
+        force: options.Force = False,
+        quiet: options.Quiet = False):
+    """Compress the `embedding` column of a record stream: float16/bfloat16 casts, int8/uint8
+    scalar codes, packed sign bits, Matryoshka truncation and PCA, in that order of thought
+    (--dim, then --pca, then --to). The codec is fitted on the first --calibration-rows rows (the
+    only rows buffered; the rest streams through) and recorded in the output's vecpipe.codec
+    metadata, so index and search encode queries the same way. JSONL carries no metadata: keep
+    the codec with --save-codec and apply it to queries or more data with --codec.
+
+    \b
+    Example:
+      vecpipe compress vectors.arrow --to int8 --save-codec int8.json -o codes.arrow
+      vecpipe compress vectors.arrow --dim 256 --to binary --report -o bits.arrow
+      vecpipe compress queries.arrow --codec int8.json -o query_codes.arrow
+    """
+    from itertools import chain
+
+    from vecpipe.cli import console
+    from vecpipe.formats.codec import Codec
+    from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.writers import RecordWriter
+
+    check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
+                  report_json, bool(report or report_json))
+    codec = Codec.load(codec_file) if codec_file else None
+    stream = RecordStream(inputs, input_format, force=force)
+    if stream.schema is None:
+        console.info("no records")
+        return
+    meta = stream.metadata
+    check_input(stream.schema, meta, codec, codec_file, force)
+
+    rows = calibration_rows or DEFAULT_CALIBRATION_ROWS
+    wants_sample = codec is None or report or report_json
+    buffered, rest = calibrate(stream, rows) if wants_sample else ([], iter(stream))
+    sample = float_sample(buffered, rows) if wants_sample else None
+    if codec is None:
+        codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
+                          normalize=meta.get("normalized") != "false", model=meta.get("model"))
+
+    stats = CompressionStats(codec)
+    out_schema = compressed_schema(stream.schema, codec)
+    with RecordWriter(output, output_format, schema=out_schema) as out:
+        for item in chain(buffered, rest):
+            vectors = float_vectors(item)
+            codes = encode_located(codec, vectors, item)
+            stats.add(vectors, codes)
+            out.write(replace_embedding(item.batch, codec.to_arrow(codes)))
+    if save_codec:
+        write_codec(codec, save_codec)
+    console.info(f"{out.rows} vectors -> {codec.describe()} -> {output or 'stdout'} "
+                 f"({out.format})")
+    if report or report_json:
+        facts = build_report(codec, stats, sample, input_bytes(stream.schema, codec))
+        if report:
+            print_report(facts)
+        if report_json:
+            write_report_json(facts, report_json)
+
+
+# ----- options and input checks ------------------------------------------------------------
+def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
+                  report_json, report) -> None:
+    from vecpipe.formats.codec import TARGETS
+    from vecpipe.formats.errors import UsageError
+
+    if to is not None and to not in TARGETS:
+        raise UsageError(f"unknown --to {to!r}; choose from {', '.join(TARGETS)}")
+    fitting = {"--to": to, "--dim": dim, "--pca": pca, "--clip-quantile": clip_quantile}
+    given = [name for name, value in fitting.items() if value is not None]
+    if codec_file and given:
+        raise UsageError(f"--codec fixes the whole transform; drop {', '.join(given)}")
+    if codec_file and calibration_rows is not None and not report:
+        raise UsageError("with --codec, --calibration-rows only sizes the --report sample")
+    if not codec_file and to is None and dim is None and pca is None:
+        raise UsageError("nothing to do: give --to, --dim, --pca or --codec FILE")
+    if to == "float32" and dim is None and pca is None:
+        raise UsageError("--to float32 without --dim or --pca changes nothing")
+    if report_json == "-" and output in (None, "-"):
+        raise UsageError("--report-json - needs -o for the records (stdout carries data)")
+
+
+def check_input(schema, meta, codec, codec_file, force) -> None:
+    """Refuse what cannot be compressed: no float `embedding`, codes already, another model."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.codec import codec_from_meta
+    from vecpipe.formats.errors import DataError
+
+    if names.EMBEDDING not in schema.names:
+        raise DataError(f"no field {names.EMBEDDING!r}; fields are {', '.join(schema.names)}",
+                        hint="compress reads vectors written by `vecpipe embed`")
+    existing = codec_from_meta(meta)
+    if existing is not None:
+        raise DataError(f"input is already compressed ({existing.describe()})",
+                        hint="compress the float32 vectors, with every step in one call")
+    kind = schema.field(names.EMBEDDING).type
+    value_type = getattr(kind, "value_type", None)
+    if value_type is None or not pa.types.is_floating(value_type):
+        raise DataError(f"field 'embedding' is {kind}; compress needs float vectors",
+                        hint="codes without vecpipe.codec metadata (JSONL?) cannot be "
+                             "compressed again; compress the float32 vectors")
+    if codec is not None and not force:
+        model = meta.get("model")
+        if codec.model and model and codec.model != model:
+            raise DataError(f"model differs: the codec in {codec_file} was fitted on "
+                            f"{codec.model!r}, the input has {model!r}",
+                            hint="vectors of different models are not comparable; pass --force "
+                                 "if you know better")
+
+
+# ----- streaming -----------------------------------------------------------------------------
+def calibrate(stream, rows: int):
+    """Read batches until `rows` rows are buffered. Returns (buffered batches, the rest of the
+    stream as an unread iterator): memory holds at most `rows` rows plus one batch."""
+    items = iter(stream)
+    buffered, count = [], 0
+    while count < rows:
+        item = next(items, None)
+        if item is None:
+            break
+        buffered.append(item)
+        count += item.batch.num_rows
+    return buffered, items
+
+
+def float_sample(buffered, rows: int):
+    """The first `rows` vectors of the buffered batches, as one float32 matrix."""
+    import numpy as np
+
+    parts, count = [], 0
+    for item in buffered:
+        vectors = float_vectors(item)[:rows - count]
+        parts.append(vectors)
+        count += len(vectors)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def float_vectors(item):
+    """The batch's embeddings as finite float32 (errors name the file and record)."""
+    import numpy as np
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+
+    try:
+        vectors = names.vectors_to_numpy(item.batch.column(names.EMBEDDING))
+    except DataError as err:
+        raise located(err, item, (err.record or 1) - 1)
+    vectors = vectors.astype(np.float32, copy=False)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise DataError("embedding holds NaN or infinity", source=item.source,
+                        record=item.first_record + row)
+    return vectors
+
+
+def encode_located(codec, vectors, item):
+    from vecpipe.formats.errors import DataError
+
+    try:
+        return codec.encode(vectors)
+    except DataError as err:
+        raise located(err, item, 0)
+
+
+def located(err, item, row: int):
+    err.source = item.source
+    err.record = item.first_record + row
+    return err
+
+
+def compressed_schema(schema, codec):
+    """The input schema with the `embedding` field holding codes and the metadata updated."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+
+    index = schema.get_field_index(names.EMBEDDING)
+    schema = schema.set(index, pa.field(names.EMBEDDING, codec.arrow_type()))
+    return names.with_meta(schema, codec.metadata())
+
+
+def replace_embedding(batch, codes):
+    """The batch with its `embedding` column replaced by `codes` (the writer aligns the rest)."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+
+    columns = list(batch.columns)
+    columns[batch.schema.get_field_index(names.EMBEDDING)] = codes
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def write_codec(codec, path: str) -> None:
+    from vecpipe.formats.writers import AtomicFile
+
+    target = AtomicFile(path)
+    try:
+        target.file.write(codec.to_json().encode() + b"\n")
+    except BaseException:
+        target.abort()
+        raise
+    target.commit()
+
+
+def input_bytes(schema, codec) -> int:
+    """Bytes per input vector: dimensions x the width of the input's float type."""
+    from vecpipe.formats import schema as names
+
+    return codec.input_dim * schema.field(names.EMBEDDING).type.value_type.bit_width // 8
+
+
+# ----- the report ----------------------------------------------------------------------------
+class CompressionStats:
+    """Running reconstruction error over the whole stream (constant memory)."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.rows = 0
+        self.error_sq = 0.0
+        self.norm_sq = 0.0
+        self.cosine_sum = 0.0
+        self.kept_sum = 0.0
+
+    def add(self, vectors, codes) -> None:
+        import numpy as np
+
+        if not len(vectors):
+            return
+        reduced = self.codec.project(vectors)
+        decoded = self.codec.decode(codes)
+        self.rows += len(vectors)
+        self.error_sq += float(((reduced - decoded) ** 2).sum(dtype=np.float64))
+        self.norm_sq += float((reduced ** 2).sum(dtype=np.float64))
+        self.cosine_sum += float(cosines(reduced, decoded).sum(dtype=np.float64))
+        self.kept_sum += float(kept_energy(self.codec, vectors).sum(dtype=np.float64))
+
+
+def cosines(a, b):
+    import numpy as np
+
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.where(norms > 0, norms, 1)
+
+
+def kept_energy(codec, vectors):
+    """Per row, the share of the squared norm that truncation and PCA keep (1 without them)."""
+    import numpy as np
+
+    share = np.ones(len(vectors))
+    if codec.dim is not None:
+        head = (vectors[:, :codec.dim] ** 2).sum(axis=1)
+        share *= head / np.maximum((vectors ** 2).sum(axis=1), 1e-30)
+    if codec.pca_components is not None:
+        truncated = codec._truncate(vectors) - codec.pca_mean
+        kept = ((truncated @ codec.pca_components) ** 2).sum(axis=1)
+        share *= kept / np.maximum((truncated ** 2).sum(axis=1), 1e-30)
+    return share
+
+
+def recall_retention(codec, sample, queries: int = REPORT_QUERIES, k: int = REPORT_K):
+    """recall@k of compressed search against exact float search, on the sample: rows spread
+    through it are the queries, the whole sample (minus each query itself) the corpus."""
+    import numpy as np
+
+    from vecpipe.formats.codec import hamming_distances
+
+    if sample is None or len(sample) < k + 2:
+        return None
+    picks = np.unique(np.linspace(0, len(sample) - 1, min(queries, len(sample))).astype(int))
+    query_vectors = sample[picks]
+    codes = codec.encode(sample)
+    exact = query_vectors @ sample.T
+    asymmetric = codec.score(query_vectors, codes)
+    if codec.is_bits:
+        symmetric = -hamming_distances(codes[picks], codes).astype(np.float32)
+    elif codec.to in ("int8", "uint8"):
+        matrix = codec.code_matrix(codes)
+        symmetric = matrix[picks] @ matrix.T
+    else:
+        symmetric = None
+    result = {"queries": len(picks), "corpus": len(sample), "k": k,
+              "recall": overlap_at_k(exact, asymmetric, picks, k)}
+    if symmetric is not None:
+        result["recall_symmetric"] = overlap_at_k(exact, symmetric, picks, k)
+    return result
+
+
+def overlap_at_k(exact, approx, picks, k: int) -> float:
+    import numpy as np
+
+    rows = np.arange(len(picks))
+    exact, approx = exact.copy(), approx.astype(np.float32, copy=True)
+    exact[rows, picks] = -np.inf  # a query finds itself trivially: leave it out
+    approx[rows, picks] = -np.inf
+    truth = np.argpartition(-exact, k, axis=1)[:, :k]
+    found = np.argpartition(-approx, k, axis=1)[:, :k]
+    hits = [len(np.intersect1d(t, f)) for t, f in zip(truth, found)]
+    return round(float(np.mean(hits)) / k, 4)
+
+
+def build_report(codec, stats, sample, before_bytes: int) -> dict:
+    rows = max(stats.rows, 1)
+    facts = {
+        "vectors": stats.rows,
+        "codec": codec.describe(),
+        "bytes_per_vector": {"before": before_bytes, "after": codec.bytes_per_vector,
+                             "ratio": round(before_bytes / codec.bytes_per_vector, 2)},
+        "kept_energy": round(stats.kept_sum / rows, 4)
+        if codec.dim is not None or codec.pca_components is not None else None,
+        "quantization": {
+            "relative_error": round((stats.error_sq / max(stats.norm_sq, 1e-30)) ** 0.5, 5),
+            "mean_cosine": round(stats.cosine_sum / rows, 5)},
+        "retrieval": recall_retention(codec, sample),
+    }
+    if codec.pca_explained is not None:
+        facts["pca_explained_variance"] = codec.pca_explained
+    return facts
+
+
+def print_report(facts: dict) -> None:
+    import sys
+
+    sizes = facts["bytes_per_vector"]
+    lines = [f"report: {facts['vectors']} vectors, {facts['codec']}",
+             f"  bytes/vector   {sizes['before']} -> {sizes['after']} "
+             f"({sizes['ratio']}x smaller)"]
+    if facts["kept_energy"] is not None:
+        lines.append(f"  kept energy    {facts['kept_energy']} of the squared norm "
+                     "(truncation/PCA)")
+    quant = facts["quantization"]
+    lines.append(f"  quantization   relative error {quant['relative_error']}, "
+                 f"mean cosine {quant['mean_cosine']}")
+    retrieval = facts["retrieval"]
+    if retrieval is None:
+        lines.append("  recall@10      n/a (too few rows to measure)")
+    else:
+        line = f"  recall@{retrieval['k']}      {retrieval['recall']} float queries vs codes"
+        if "recall_symmetric" in retrieval:
+            line += f", {retrieval['recall_symmetric']} codes vs codes"
+        lines.append(line + f" ({retrieval['queries']} queries over the first "
+                            f"{retrieval['corpus']} vectors)")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def write_report_json(facts: dict, path: str) -> None:
+    import json
+
+    from vecpipe.formats.writers import text_output
+
+    with text_output(path) as sink:
+        sink.write(json.dumps(facts) + "\n")
