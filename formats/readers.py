@@ -45,7 +45,9 @@ class _Prefixed(io.RawIOBase):
             buffer[:n] = self._head[:n]
             self._head = self._head[n:]
             return n
-        data = self._stream.read(len(buffer))
+        # read1: what is available now; read() would wait for a full buffer (1 MiB) or EOF,
+        # stalling every record behind a slow producer (tail -f | vecpipe ...)
+        data = getattr(self._stream, "read1", self._stream.read)(len(buffer))
         if not data:
             return 0
         buffer[:len(data)] = data
