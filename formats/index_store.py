@@ -232,6 +232,10 @@ class IndexBuilder:
             raise UsageError(f"unknown --on-duplicate {on_duplicate!r}; use "
                              f"{'|'.join(ON_DUPLICATE)}")
         self.path = os.path.abspath(path)
+        if base is not None and base.manifest.get("layout") == "linked":
+            raise UsageError("cannot append to a linked multi-shard index",
+                             hint="index the new records on their own and link them in with "
+                                  "`vecpipe merge --index --link`")
         self.spec = spec or _spec_of(base)
         self.spec.check()
         self.fields = list(base.fields) if base else [ID, *[f for f in fields if f != ID]]
@@ -489,8 +493,13 @@ def _numpy_dtype(name: str):
 # ---- opening ----------------------------------------------------------------------------------
 
 def open_index(path: str, verify: bool = False) -> "OpenIndex":
-    """Open an index folder: manifest and file sizes checked (checksums too with `verify`)."""
+    """Open an index folder: manifest and file sizes checked (checksums too with `verify`).
+    A linked multi-shard folder (`merge --index --link`) opens as a LinkedIndex."""
     manifest = read_manifest(path)
+    if manifest.get("layout") == "linked":
+        from .linked_index import open_linked
+
+        return open_linked(path, manifest, verify)
     _check_files(path, manifest, verify)
     return OpenIndex(path, manifest)
 

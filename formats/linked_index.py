@@ -1,0 +1,207 @@
+"""A linked index: several index folders searched as one (`vecpipe merge --index --link`).
+
+    idx/manifest.json        "layout": "linked", the shards, their row offsets, what they share
+    idx/shards/00000/        a complete index folder (its files hard-linked from the source
+                             index where the file system allows, else copied)
+    idx/shards/00000.hidden.npy   optional: sorted row numbers of this shard that another
+                             shard's copy of the same id shadows (--dedupe first|last)
+
+The row space is the concatenation of the shards (global row = shard offset + shard row), so a
+linked index offers what `OpenIndex` offers (rows, ids, searcher...) to `search` and
+`mine-negatives`. Each query searches every shard with the shard's own Searcher (filters,
+rescoring, exact fallbacks) and the per-shard top k are merged by score: shards hold disjoint
+ids (hidden rows are masked), so the merged top k equals a search over one index holding them
+all. usearch's own multi-index search (`Indexes`) is not used: every shard keys its rows from
+0, and it returns those keys without saying which shard they came from.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Sequence
+
+from .errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+LAYOUT = "linked"
+SHARDS = "shards"
+
+
+def shard_folder(number: int) -> str:
+    return os.path.join(SHARDS, f"{number:05d}")
+
+
+def open_linked(path: str, manifest: dict, verify: bool = False) -> "LinkedIndex":
+    from .index_store import open_index
+
+    shards = []
+    for entry in manifest["shards"]:
+        shard = open_index(os.path.join(path, entry["path"]), verify=verify)
+        if shard.count != entry["count"]:
+            raise DataError(f"shard {entry['path']} holds {shard.count} vectors, the manifest "
+                            f"says {entry['count']}: the index is damaged", source=path)
+        shards.append(shard)
+    return LinkedIndex(path, manifest, shards)
+
+
+class LinkedIndex:
+    """Shards read as one index; the same reading interface as index_store.OpenIndex."""
+
+    def __init__(self, path: str, manifest: dict, shards: Sequence):
+        import numpy as np
+
+        self.path, self.manifest, self.shards = path, manifest, list(shards)
+        first = self.shards[0]
+        self.count = sum(shard.count for shard in self.shards)  # rows, shadowed ones included
+        self.offsets = np.cumsum([0] + [shard.count for shard in self.shards])
+        self.dim, self.metric, self.dtype = first.dim, first.metric, first.dtype
+        self.score_metric = first.score_metric
+        self.metadata: dict = manifest.get("metadata") or {}
+        self.query_prompt = manifest.get("query_prompt")
+        self.fields: list[str] = manifest["fields"]
+        self.full_spec = manifest.get("full")
+        self.codec = first.codec if manifest.get("shared_codec", True) else None
+        self.query_dim = first.query_dim
+        self._rows = None
+        self._hidden = [self._read_hidden(entry) for entry in manifest["shards"]]
+
+    def _read_hidden(self, entry: dict):
+        import numpy as np
+
+        if not entry.get("hidden"):
+            return None
+        return np.load(os.path.join(self.path, entry["hidden"]))
+
+    def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
+        """The stored fields of every shard, in row order (a field a shard lacks is null)."""
+        import pyarrow as pa
+
+        from .merging import unify_schemas
+        from .schema import align_batch
+
+        if self._rows is None:
+            tables = [shard.rows() for shard in self.shards]
+            schema = unify_schemas([(shard.path, table.schema)
+                                    for shard, table in zip(self.shards, tables)])
+            self._rows = pa.Table.from_batches(
+                [align_batch(batch, schema) for table in tables for batch in table.to_batches()],
+                schema)
+        if columns is None:
+            return self._rows
+        missing = [c for c in columns if c not in self.fields]
+        if missing:
+            raise DataError(f"the index does not store field {missing[0]!r} (it stores: "
+                            f"{', '.join(self.fields)})", source=self.path)
+        return self._rows.select(list(columns))
+
+    def ids(self) -> "pa.ChunkedArray":
+        return self.rows().column("id")
+
+    def visible_mask(self):
+        """bool per row: False for rows shadowed by another shard's copy of their id."""
+        import numpy as np
+
+        mask = np.ones(self.count, dtype=bool)
+        for offset, hidden in zip(self.offsets, self._hidden):
+            if hidden is not None:
+                mask[offset + hidden] = False
+        return mask
+
+    def _locate(self, rows):
+        """(shard number, shard row) of global rows."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        return shard, rows - self.offsets[shard]
+
+    def stored_vectors(self, rows) -> "np.ndarray":
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        shard_of, local = self._locate(rows)
+        empty = self.shards[0].stored_vectors([])  # the width and dtype of the codes
+        out = np.empty((len(rows), empty.shape[1]), dtype=empty.dtype)
+        for number, shard in enumerate(self.shards):
+            here = shard_of == number
+            if here.any():
+                out[here] = shard.stored_vectors(local[here])
+        return out
+
+    def full_vectors(self):
+        if self.full_spec is None:
+            return None
+        return _ConcatenatedRows([shard.full_vectors() for shard in self.shards])
+
+    def encode(self, queries) -> "np.ndarray":
+        if self.codec is None and self.dtype in ("i8", "b1"):
+            raise DataError("the shards were quantized with different codecs; give float "
+                            "queries", source=self.path)
+        return self.shards[0].encode(queries)
+
+    def searcher(self, k: int, **options) -> "LinkedSearcher":
+        return LinkedSearcher(self, k, **options)
+
+
+class _ConcatenatedRows:
+    """Row-indexable view of several memory-mapped arrays (`view[rows]`, `len(view)`)."""
+
+    def __init__(self, arrays):
+        import numpy as np
+
+        self.arrays = arrays
+        self.offsets = np.cumsum([0] + [len(a) for a in arrays])
+        self.shape = (int(self.offsets[-1]), arrays[0].shape[1])
+        self.dtype = arrays[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows):
+        import numpy as np
+
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((*rows.shape, self.shape[1]), dtype=self.dtype)
+        for number, array in enumerate(self.arrays):
+            here = part == number
+            if here.any():
+                out[here] = array[rows[here] - self.offsets[number]]
+        return out
+
+
+class LinkedSearcher:
+    """One Searcher per shard; results merged into the top k by score (ties by row)."""
+
+    def __init__(self, index: LinkedIndex, k: int, mask=None, **options):
+        import numpy as np
+
+        self.index, self.k = index, k
+        allowed = index.visible_mask()
+        if mask is not None:
+            allowed &= np.asarray(mask, dtype=bool)
+        self.searchers = []
+        for number, shard in enumerate(index.shards):
+            start, stop = index.offsets[number], index.offsets[number + 1]
+            shard_mask = allowed[start:stop]
+            self.searchers.append(shard.searcher(
+                k, mask=None if shard_mask.all() else shard_mask, **options))
+
+    def search(self, queries, encoded: bool = False):
+        import numpy as np
+
+        from .index_store import _sorted_hits
+
+        if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
+            raise UsageError("the shards use different codecs: query with float vectors")
+        rows, scores = [], []
+        for offset, searcher in zip(self.index.offsets, self.searchers):
+            hits = searcher.search(queries, encoded=encoded)
+            rows.append(np.where(hits.rows >= 0, hits.rows + offset, -1))
+            scores.append(hits.scores)
+        return _sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
+                            self.k)
