@@ -11,7 +11,8 @@ from vecpipe.cli import options
 
 def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             help="Record files (any mix of formats) or - for stdin (the default); with "
-                 "--models, model folders (`default` = the bundled model).",
+                 "--index, index folders; with --models, model folders (`default` = the "
+                 "bundled model).",
             show_default=False, metavar="INPUT")] = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
@@ -20,7 +21,8 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             "--dedupe", help="none|first|last|error: keep the first or the last record of "
                              "each id (later inputs win with last), or fail on a repeated id. "
                              "Holds every id in memory, not the records; last and error read "
-                             "the inputs twice (stdin is spooled to a temporary file).",
+                             "the inputs twice (stdin is spooled to a temporary file). With "
+                             "--index: the first or last index's copy wins.",
             metavar="MODE")] = "none",
         sort_by: Annotated[Optional[str], typer.Option(
             "--sort-by", help="Sort the merged records by this field (e.g. id). Global: holds "
@@ -29,6 +31,12 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             "--expect-shards", help="Fail unless the inputs are exactly N shards (files named "
                                     "part-0000I-of-0000N are checked for gaps and repeats "
                                     "even without this).", metavar="N")] = None,
+        index: Annotated[bool, typer.Option(
+            "--index", help="The INPUTs are index folders: rebuild one index from them into "
+                            "-o (ids must be disjoint, or follow --dedupe).")] = False,
+        link: Annotated[bool, typer.Option(
+            "--link", help="With --index: don't rebuild; write a folder of linked shards "
+                           "(files hard-linked) that `search` queries as one index.")] = False,
         models: Annotated[bool, typer.Option(
             "--models", help="Merge the weights of the INPUT models (identical architecture) "
                              "into the folder -o.")] = False,
@@ -46,17 +54,29 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     missing from an input becomes null; a field with conflicting types is an error), and inputs
     whose vecpipe metadata (model, dim, normalized, codec) differ are refused unless --force.
     The output carries the metadata all inputs share. Inputs named part-0000I-of-0000N must form
-    complete shard sets. With --models, average the weights of sentence-transformers models
-    (model soups) and save the result as a model folder.
+    complete shard sets. With --index, merge index folders (same checks); with --models,
+    average the weights of sentence-transformers models (model soups) into a model folder.
 
     \b
     Example:
       vecpipe merge shards/part-*.arrow --expect-shards 16 --sort-by id -o corpus.arrow
       vecpipe merge old.parquet new.jsonl --dedupe last -o corpus.parquet
+      vecpipe merge --index idx-a idx-b --dedupe last -o idx
+      vecpipe merge --index --link idx-2024 idx-2025 -o idx-all   # search idx-all ...
       vecpipe merge --models default tuned/ --weights 0.5,0.5 -o soup/
     """
     from vecpipe.formats.errors import UsageError
 
+    if index and models:
+        raise UsageError("give --index or --models, not both")
+    if link and not index:
+        raise UsageError("--link applies to --index")
+    if index:
+        if sort_by or expect_shards is not None or weights is not None or method != "linear":
+            raise UsageError("--sort-by, --expect-shards, --weights and --method do not apply "
+                             "to --index")
+        merge_indexes(inputs or [], output, dedupe, link, force)
+        return
     if models:
         if dedupe != "none" or sort_by or expect_shards is not None:
             raise UsageError("--dedupe, --sort-by and --expect-shards apply to record streams, "
@@ -260,7 +280,7 @@ def merge_models(specs, output, weights_text, method, force) -> None:
     if method not in ("linear", "slerp"):
         raise UsageError(f"unknown --method {method!r}; choose linear or slerp")
     t = slerp_position(weights) if method == "slerp" else None
-    check_output_folder(output)
+    check_output_folder(output, PROVENANCE_FILE, "a merged model")
     loaded = [load_for_merge(spec) for spec in specs]
     check_same_modules(loaded)
     states = [model.st.state_dict() for model in loaded]
@@ -365,16 +385,17 @@ def merged_state(states, weights, t) -> dict:
     return merged
 
 
-def check_output_folder(output: str) -> None:
-    """Replace only an empty folder or an earlier merge result, never other data."""
+def check_output_folder(output: str, marker: str, what: str) -> None:
+    """Replace only an empty folder or an earlier output of the same kind (it holds `marker`),
+    never other data."""
     from vecpipe.formats.errors import UsageError
 
     if os.path.exists(output):
         if not os.path.isdir(output):
             raise UsageError(f"-o {output} exists and is not a folder")
-        if os.listdir(output) and not os.path.isfile(os.path.join(output, PROVENANCE_FILE)):
-            raise UsageError(f"-o {output} is a folder with other files; not replacing it",
-                             hint="choose a new or empty folder")
+        if os.listdir(output) and not os.path.isfile(os.path.join(output, marker)):
+            raise UsageError(f"-o {output} is a folder with other files, not {what}; "
+                             f"not replacing it", hint="choose a new or empty folder")
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent):
         raise UsageError(f"output folder does not exist: {parent}")
@@ -410,6 +431,9 @@ def replace_folder(tmp: str, dest: str) -> None:
     """Move a finished folder into place; an existing one is swapped out, then removed."""
     import shutil
 
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o755 & ~umask)  # mkdtemp made it private
     old = None
     if os.path.exists(dest):
         old = f"{tmp}.old"
@@ -417,3 +441,246 @@ def replace_folder(tmp: str, dest: str) -> None:
     os.rename(tmp, dest)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- indexes -------------------------------------------------------------------------------
+
+INDEX_BLOCK_ROWS = 8192
+BUILDER_DUPLICATES = {"none": "error", "error": "error", "first": "skip", "last": "replace"}
+
+
+def merge_indexes(paths, output, dedupe, link, force) -> None:
+    """One index rebuilt from several (from their stored codes, or their kept full vectors when
+    codecs differ), or with `link` a folder of linked shards searched as one."""
+    from vecpipe.cli import console
+    from vecpipe.formats import merging
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.index_store import MANIFEST, open_index
+
+    if output in (None, "-"):
+        raise UsageError("--index needs -o DIR for the merged index folder")
+    if not paths:
+        raise UsageError("--index needs the index folders to merge")
+    if dedupe not in merging.DEDUPE_MODES:
+        raise UsageError(f"unknown --dedupe {dedupe!r}; choose from "
+                         f"{', '.join(merging.DEDUPE_MODES)}")
+    check_output_folder(output, MANIFEST, "a vecpipe index")
+    indexes = [open_index(path) for path in paths]
+    plan = plan_index_merge(indexes, force, link)
+    if link:
+        summary = link_indexes(indexes, plan, output, dedupe)
+    else:
+        summary = rebuild_index(indexes, plan, output, dedupe)
+    console.info(f"{len(indexes)} indexes -> {output}: {summary}")
+
+
+@dataclass
+class IndexMergePlan:
+    """What the merged index is: metadata, query prompt, stored fields (unified schema), the
+    full-vector spec (kept only when every input keeps them) and, for a rebuild, the codec the
+    inputs' codes must be re-encoded with (None: copy codes as they are)."""
+
+    metadata: dict
+    query_prompt: object
+    rows_schema: object
+    full: object
+    shared_codec: bool
+    reencode: object = None
+
+
+def plan_index_merge(indexes, force: bool, link: bool) -> IndexMergePlan:
+    from vecpipe.cli import console
+    from vecpipe.formats import merging
+    from vecpipe.formats.errors import DataError
+
+    first = indexes[0]
+    for index in indexes[1:]:
+        for what in ("dim", "metric", "dtype", "score_metric"):
+            if getattr(index, what) != getattr(first, what):
+                raise DataError(f"{what} differs: {first.path} has {getattr(first, what)!r}, "
+                                f"{index.path} has {getattr(index, what)!r}",
+                                hint="indexes merge only when their vectors are the same kind; "
+                                     "rebuild one from the records")
+    if link and any(index.manifest.get("layout") == "linked" for index in indexes):
+        raise DataError("linking a linked index is not supported",
+                        hint="link its source indexes instead, or merge it into one index "
+                             "first")
+    named = [(index.path, dict(index.metadata)) for index in indexes]
+    merging.check_metadata([(name, {k: v for k, v in meta.items() if k != "codec"})
+                            for name, meta in named], force)
+    prompts = {index.query_prompt for index in indexes}
+    if len(prompts) > 1 and not force:
+        raise DataError(f"query prompt differs: {first.path} has {first.query_prompt!r}, "
+                        f"{next(i for i in indexes if i.query_prompt != first.query_prompt).path}"
+                        f" has another", hint="pass --force to keep none")
+    shared_codec = all(index.codec == first.codec for index in indexes)
+    full = first.full_spec if all(index.full_spec == first.full_spec for index in indexes) \
+        else None
+    if first.full_spec is not None and full is None:
+        console.warn("not every index keeps full vectors: the merged index keeps none")
+    metadata, _ = merging.common_metadata(named)
+    plan = IndexMergePlan(metadata, first.query_prompt if len(prompts) == 1 else None,
+                          merging.unify_schemas([(index.path, index.rows().schema)
+                                                 for index in indexes]),
+                          full, shared_codec)
+    if not shared_codec:
+        resolve_codecs(indexes, plan, force, link)
+    return plan
+
+
+def resolve_codecs(indexes, plan: IndexMergePlan, force: bool, link: bool) -> None:
+    """Inputs quantized with different codecs: linked shards each encode queries their own way
+    (with --force); a rebuild re-encodes every input's kept full vectors with the first codec."""
+    from vecpipe.formats.errors import DataError
+
+    first, other = indexes[0], next(i for i in indexes if i.codec != indexes[0].codec)
+    described = f"{first.path} has {describe_codec(first)}, {other.path} has " \
+                f"{describe_codec(other)}"
+    if link:
+        if not force:
+            raise DataError(f"codec differs: {described}",
+                            hint="pass --force to link them anyway (each shard encodes queries "
+                                 "with its own codec; scores are then only comparable "
+                                 "approximately)")
+        return
+    if first.codec is None or any(index.full_spec is None for index in indexes):
+        raise DataError(f"codec differs: {described}; the codes cannot be mixed",
+                        hint="index with --keep-vectors so merge can re-encode them, or link "
+                             "them with --link --force")
+    plan.reencode = first.codec
+    plan.metadata.update(first.codec.metadata())
+    plan.shared_codec = True
+
+
+def describe_codec(index) -> str:
+    return "no codec" if index.codec is None else index.codec.describe()
+
+
+def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
+    from vecpipe.formats.index_store import IndexBuilder, IndexSpec
+    from vecpipe.formats.errors import DataError
+
+    first = indexes[0]
+    hnsw = getattr(first, "shards", [first])[0].manifest["hnsw"]
+    spec = IndexSpec(dim=first.dim, metric=first.metric, dtype=first.dtype,
+                     score_metric=first.score_metric, connectivity=hnsw["connectivity"],
+                     expansion_add=hnsw["expansion_add"],
+                     expansion_search=hnsw["expansion_search"], metadata=plan.metadata,
+                     query_prompt=plan.query_prompt, full=plan.full)
+    builder = IndexBuilder(output, spec, on_duplicate=BUILDER_DUPLICATES[dedupe],
+                           fields=plan.rows_schema.names)
+    try:
+        with builder:
+            for index in indexes:
+                for block in index_blocks(index, plan):
+                    builder.add(**block)
+    except DataError as err:
+        if err.message.startswith("duplicate id"):
+            err.hint = "--dedupe first keeps the first copy, --dedupe last the last"
+        raise
+    notes = [f"{builder.skipped:,} duplicates skipped" if builder.skipped else "",
+             f"{builder.replaced:,} replaced" if builder.replaced else "",
+             "codes re-encoded with the first codec" if plan.reencode is not None else ""]
+    return ", ".join([f"{builder.count:,} vectors rebuilt"] + [n for n in notes if n])
+
+
+def index_blocks(index, plan: IndexMergePlan):
+    """IndexBuilder.add arguments for the visible rows of one index, block by block."""
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.index_store import to_index_codes
+
+    rows_table = index.rows()
+    visible = index.visible_mask() if hasattr(index, "visible_mask") else None
+    for start in range(0, index.count, INDEX_BLOCK_ROWS):
+        rows = np.arange(start, min(start + INDEX_BLOCK_ROWS, index.count))
+        if visible is not None:
+            rows = rows[visible[rows]]
+        full = None
+        if plan.full is not None or plan.reencode is not None:
+            full = np.asarray(index.full_vectors()[rows])
+        if plan.reencode is not None:
+            vectors = to_index_codes(plan.reencode,
+                                     plan.reencode.encode(full.astype(np.float32)))
+        else:
+            vectors = index.stored_vectors(rows)
+        stored = pa.Table.from_batches(
+            [names.align_batch(batch, plan.rows_schema)
+             for batch in rows_table.take(pa.array(rows)).to_batches()], plan.rows_schema)
+        yield dict(ids=stored.column(names.ID).to_pylist(), vectors=vectors, stored=stored,
+                   full=full if plan.full is not None else None, source=index.path,
+                   first_record=start + 1)
+
+
+def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
+    """A folder of hard-linked (else copied) shards, the rows each shard's duplicates hide,
+    and a manifest saying how they form one index."""
+    import datetime
+    import json
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from vecpipe.cli import __version__
+    from vecpipe.formats import linked_index, merging
+    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION, MANIFEST
+
+    hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
+                                   [index.path for index in indexes])
+    output = os.path.abspath(output)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=os.path.dirname(output))
+    try:
+        shards, copied = [], 0
+        for number, (index, rows) in enumerate(zip(indexes, hidden)):
+            folder = linked_index.shard_folder(number)
+            copied += link_index_files(index.path, os.path.join(tmp, folder))
+            entry = {"path": folder, "count": index.count, "hidden": None,
+                     "source": os.path.abspath(index.path)}
+            if len(rows):
+                entry["hidden"] = f"{folder}.hidden.npy"
+                np.save(os.path.join(tmp, entry["hidden"]), np.asarray(rows, dtype=np.int64))
+            shards.append(entry)
+        total = sum(index.count for index in indexes)
+        visible = total - sum(len(rows) for rows in hidden)
+        first = indexes[0]
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "layout": linked_index.LAYOUT,
+            "vecpipe_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            "count": visible, "rows": total, "dim": first.dim, "metric": first.metric,
+            "dtype": first.dtype, "score_metric": first.score_metric,
+            "metadata": plan.metadata, "query_prompt": plan.query_prompt,
+            "fields": plan.rows_schema.names, "full": plan.full,
+            "shared_codec": plan.shared_codec, "duplicates": dedupe, "shards": shards}
+        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        replace_folder(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    how = f"{copied} files copied (other file system)" if copied else "files hard-linked"
+    return f"{len(shards)} shards linked, {visible:,} vectors ({total - visible:,} duplicates " \
+           f"hidden; {how})"
+
+
+def link_index_files(source: str, target: str) -> int:
+    """Hard-link an index folder's files into `target`; copy where linking fails. Returns the
+    number of files copied."""
+    import shutil
+
+    from vecpipe.formats.index_store import MANIFEST, read_manifest
+
+    os.makedirs(target)
+    copied = 0
+    for name in [MANIFEST, *read_manifest(source).get("files", {})]:
+        try:
+            os.link(os.path.join(source, name), os.path.join(target, name))
+        except OSError:
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+            copied += 1
+    return copied

@@ -328,3 +328,27 @@ def compare_state_shapes(named: Sequence[tuple[str, dict]]) -> None:
                                 f"in {name}",
                                 hint="weight merging needs models fine-tuned from one base "
                                      "model")
+
+
+# ---- linked index shards -------------------------------------------------------------------
+
+def shadowed_rows(id_lists: Sequence[list[str]], mode: str,
+                  sources: Sequence[str]) -> list[list[int]]:
+    """For shards holding `id_lists` (ids unique within a shard), the rows of each shard that
+    another shard's copy of the same id hides: with `first` the earliest shard's copy wins, with
+    `last` the latest's; `none`/`error` fail on the first id held twice."""
+    hidden: list[list[int]] = [[] for _ in id_lists]
+    owner_of: dict[str, int] = {}
+    order = range(len(id_lists))
+    for shard in (reversed(order) if mode == "last" else order):
+        for row, key in enumerate(id_lists[shard]):
+            owner = owner_of.setdefault(key, shard)
+            if owner == shard:
+                continue
+            if mode in ("none", "error"):
+                raise DataError(f"duplicate id {key!r}: in {sources[min(owner, shard)]} and "
+                                f"{sources[max(owner, shard)]}",
+                                hint="--dedupe first keeps the first copy, --dedupe last the "
+                                     "last")
+            hidden[shard].append(row)
+    return hidden

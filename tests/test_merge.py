@@ -402,3 +402,172 @@ def test_model_usage_errors(cli, tmp_path, perturbed):
     (busy / "notes.txt").write_text("keep me")
     r = cli("merge", "--models", "default", perturbed, "-o", busy)
     assert r.exit_code == 2 and (busy / "notes.txt").exists()
+
+
+# ---- indexes ---------------------------------------------------------------------------------
+
+VEC_META = {"model": "m", "dim": "16", "normalized": "false"}
+
+
+def write_vectors(path, ids, vectors, meta=VEC_META, **extra):
+    columns = {"id": pa.array(ids, pa.string()),
+               "embedding": names.numpy_to_vectors(np.asarray(vectors, np.float32)),
+               **{name: pa.array(values) for name, values in extra.items()}}
+    table = pa.table(columns)
+    table = table.replace_schema_metadata(names.with_meta(table.schema, meta).metadata)
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+@pytest.fixture
+def two_indexes(cli, tmp_path):
+    """Index a (300 vectors) and b (200 + copies of ids a1, a2), with a field naming the source,
+    and their vectors for brute force."""
+    rng = np.random.default_rng(7)
+    va, vb = rng.standard_normal((300, 16)), rng.standard_normal((202, 16))
+    ids_a = [f"a{i}" for i in range(300)]
+    ids_b = [f"b{i}" for i in range(200)] + ["a1", "a2"]
+    write_vectors(tmp_path / "a.arrow", ids_a, va, src=["a"] * 300)
+    write_vectors(tmp_path / "b.arrow", ids_b, vb, src=["b"] * 202, year=list(range(202)))
+    for name in ("a", "b"):
+        r = cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / f"idx-{name}",
+                "--store-all", "--keep-vectors")
+        assert r.exit_code == 0, r
+    queries = rng.standard_normal((20, 16))
+    write_vectors(tmp_path / "q.arrow", [f"q{i}" for i in range(20)], queries)
+    return dict(a=(tmp_path / "idx-a", ids_a, va), b=(tmp_path / "idx-b", ids_b, vb),
+                queries=tmp_path / "q.arrow", query_vectors=queries)
+
+
+def brute_force(queries, ids, vectors, k):
+    """{query number: [(id, cosine)...]} best first."""
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = q @ x.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return {n: [(ids[j], scores[n, j]) for j in row] for n, row in enumerate(top)}
+
+
+def search_hits(cli, index, queries, *options):
+    r = cli("search", index, queries, "--output-format", "jsonl", "--all-fields", *options)
+    assert r.exit_code == 0, r
+    hits = {}
+    for rec in r.records():
+        hits.setdefault(int(rec["query_id"][1:]), []).append(rec)
+    return hits
+
+
+def union(two, dedupe):
+    """The ids and vectors a merged index should hold, and which source each came from."""
+    (_, ids_a, va), (_, ids_b, vb) = two["a"], two["b"]
+    keep_b = [i for i, key in enumerate(ids_b) if key not in ("a1", "a2") or dedupe != "first"]
+    keep_a = [i for i, key in enumerate(ids_a) if key not in ("a1", "a2") or dedupe != "last"]
+    ids = [ids_a[i] for i in keep_a] + [ids_b[i] for i in keep_b]
+    vectors = np.vstack([va[keep_a], vb[keep_b]])
+    sources = ["a"] * len(keep_a) + ["b"] * len(keep_b)
+    return ids, vectors, dict(zip(ids, sources))
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["rebuild", "link"])
+@pytest.mark.parametrize("dedupe", ["first", "last"])
+def test_merged_index_search_equals_brute_force(cli, tmp_path, two_indexes, link, dedupe):
+    out = tmp_path / "merged"
+    args = ["--index", *(["--link"] if link else []), two_indexes["a"][0], two_indexes["b"][0]]
+    r = cli("merge", *args, "-o", out)
+    assert r.exit_code == 1 and "duplicate id 'a1'" in r.stderr and not out.exists()
+    r = cli("merge", *args, "--dedupe", dedupe, "-o", out)
+    assert r.exit_code == 0, r
+    ids, vectors, source_of = union(two_indexes, dedupe)
+    assert len(ids) == 500
+    expected = brute_force(two_indexes["query_vectors"], ids, vectors, 10)
+    exact = search_hits(cli, out, two_indexes["queries"], "-k", "10", "--exact")
+    ann = search_hits(cli, out, two_indexes["queries"], "-k", "10")
+    found = 0
+    for n, best in expected.items():
+        assert [h["id"] for h in exact[n]] == [key for key, _ in best]
+        assert np.allclose([h["score"] for h in exact[n]], [s for _, s in best], atol=1e-5)
+        assert all(h["src"] == source_of[h["id"]] for h in exact[n])  # the winning copy
+        assert len({h["id"] for h in ann[n]}) == len(ann[n]) == 10
+        found += len({h["id"] for h in ann[n]} & {key for key, _ in best})
+    assert found / (10 * len(expected)) >= 0.95
+    filtered = search_hits(cli, out, two_indexes["queries"], "-k", "5", "--exact",
+                           "--filter", 'src == "b"')
+    in_b = [i for i, key in enumerate(ids) if source_of[key] == "b"]
+    expected_b = brute_force(two_indexes["query_vectors"], [ids[i] for i in in_b],
+                             vectors[in_b], 5)
+    assert all([h["id"] for h in filtered[n]] == [key for key, _ in best]
+               for n, best in expected_b.items())
+
+
+def test_linked_index_is_a_snapshot_of_hard_linked_shards(cli, tmp_path, two_indexes):
+    out = tmp_path / "linked"
+    r = cli("merge", "--index", "--link", two_indexes["a"][0], two_indexes["b"][0],
+            "--dedupe", "last", "-o", out)
+    assert r.exit_code == 0, r
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layout"] == "linked" and manifest["count"] == 500
+    assert manifest["rows"] == 502 and manifest["fields"] == ["id", "src", "year"]
+    shard = out / manifest["shards"][0]["path"]
+    assert (shard / "vectors.usearch").stat().st_ino == \
+        (two_indexes["a"][0] / "vectors.usearch").stat().st_ino
+    assert sorted(np.load(out / manifest["shards"][0]["hidden"]).tolist()) == [1, 2]
+    r = cli("index", tmp_path / "a.arrow", "-o", out, "--append", "--on-duplicate", "skip")
+    assert r.exit_code == 2 and "cannot append to a linked" in r.stderr
+    r = cli("merge", "--index", out, "-o", tmp_path / "flat")  # a linked index rebuilds
+    assert r.exit_code == 0, r
+    flat = json.loads((tmp_path / "flat" / "manifest.json").read_text())
+    assert flat["count"] == 500 and "layout" not in flat
+    r = cli("merge", "--index", "--link", out, two_indexes["a"][0], "-o", tmp_path / "x")
+    assert r.exit_code == 1 and "linking a linked index" in r.stderr
+
+
+def test_index_merge_refuses_mismatches(cli, tmp_path, two_indexes):
+    rng = np.random.default_rng(3)
+    write_vectors(tmp_path / "c.arrow", ["c1", "c2"], rng.standard_normal((2, 16)),
+                  meta=dict(VEC_META, model="other"))
+    assert cli("index", tmp_path / "c.arrow", "-o", tmp_path / "idx-c").exit_code == 0
+    for link in ([], ["--link"]):
+        out = tmp_path / f"merged{len(link)}"
+        r = cli("merge", "--index", *link, two_indexes["a"][0], tmp_path / "idx-c", "-o", out)
+        assert r.exit_code == 1 and not out.exists()
+        assert f"model differs: {two_indexes['a'][0]} has 'm', {tmp_path / 'idx-c'} has " \
+               f"'other'" in r.stderr
+        r = cli("merge", "--index", *link, two_indexes["a"][0], tmp_path / "idx-c", "-o", out,
+                "--force")
+        assert r.exit_code == 0, r
+        assert "model" not in json.loads((out / "manifest.json").read_text())["metadata"]
+    assert cli("index", tmp_path / "c.arrow", "-o", tmp_path / "idx-h", "--dtype", "f16",
+               "--force").exit_code == 0
+    r = cli("merge", "--index", two_indexes["a"][0], tmp_path / "idx-h", "-o", out, "--force")
+    assert r.exit_code == 1 and "dtype differs" in r.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    r = cli("merge", "--index", two_indexes["a"][0], "-o", busy)
+    assert r.exit_code == 2 and (busy / "keep.txt").exists()
+
+
+def test_quantized_indexes_with_different_codecs(cli, tmp_path, two_indexes):
+    """i8 indexes fit their own codecs: a rebuild re-encodes the kept full vectors with the
+    first codec; linking them needs --force."""
+    from vecpipe.formats.index_store import open_index, to_index_codes
+
+    for name in ("a", "b"):
+        r = cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / f"i8-{name}", "--dtype",
+                "i8", "--keep-vectors", "--store-all")
+        assert r.exit_code == 0, r
+    inputs = [tmp_path / "i8-a", tmp_path / "i8-b"]
+    r = cli("merge", "--index", "--link", *inputs, "--dedupe", "first", "-o", tmp_path / "l")
+    assert r.exit_code == 1 and "codec differs" in r.stderr
+    r = cli("merge", "--index", *inputs, "--dedupe", "first", "-o", tmp_path / "m")
+    assert r.exit_code == 0 and "re-encoded" in r.stderr, r
+    merged, first = open_index(str(tmp_path / "m")), open_index(str(inputs[0]))
+    assert merged.codec == first.codec and merged.count == 500
+    rows = np.arange(merged.count)
+    full = np.asarray(merged.full_vectors()[rows], np.float32)
+    assert np.array_equal(merged.stored_vectors(rows),
+                          to_index_codes(first.codec, first.codec.encode(full)))
+    ids, vectors, _ = union(two_indexes, "first")
+    assert np.array_equal(full, vectors.astype(np.float32))
+    assert merged.ids().to_pylist() == ids
