@@ -859,9 +859,8 @@ class Searcher:
     def _to_hits(self, found, count: int, row_of_key=None) -> Hits:
         import numpy as np
 
-        keys = np.asarray(found.keys).reshape(-1, count).astype(np.int64)
-        distances = np.asarray(found.distances, dtype=np.float32).reshape(-1, count)
-        valid = np.arange(count)[None, :] < np.asarray(found.counts).reshape(-1, 1)
+        keys, distances, counts = _match_arrays(found, count)
+        valid = np.arange(count)[None, :] < counts[:, None]
         keys = np.where(valid, keys, 0)
         rows = np.where(valid, keys if row_of_key is None else row_of_key[keys], -1)
         scores = distance_to_score(self.index.metric, distances, self.index.dim)
@@ -915,6 +914,22 @@ class Searcher:
             codec = self.index.codec
             vectors = codec.decode(from_index_codes(codec, self.index.stored_vectors(unique)))
         return vectors[inverse].reshape(*rows.shape, -1)
+
+
+def _match_arrays(found, count: int):
+    """usearch results as (keys, distances) of queries x count and found counts; usearch answers
+    a single query with a trimmed `Matches` instead of `BatchMatches`."""
+    import numpy as np
+
+    if hasattr(found, "counts"):
+        return (np.asarray(found.keys).reshape(-1, count).astype(np.int64),
+                np.asarray(found.distances, dtype=np.float32).reshape(-1, count),
+                np.asarray(found.counts).reshape(-1))
+    n = len(found.keys)
+    keys = np.zeros((1, count), dtype=np.int64)
+    distances = np.zeros((1, count), dtype=np.float32)
+    keys[0, :n], distances[0, :n] = found.keys, found.distances
+    return keys, distances, np.array([n])
 
 
 def _padded(hits: Hits, width: int):
