@@ -81,7 +81,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         if dedupe != "none" or sort_by or expect_shards is not None:
             raise UsageError("--dedupe, --sort-by and --expect-shards apply to record streams, "
                              "not --models")
-        merge_models(inputs or [], output, weights, method, force)
+        merge_models(inputs or [], output, weights, method)
         return
     if weights is not None or method != "linear":
         raise UsageError("--weights and --method apply only with --models")
@@ -106,6 +106,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
                   force) -> None:
     from vecpipe.cli import console
     from vecpipe.formats import merging
+    from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.writers import RecordWriter
 
@@ -118,7 +119,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     with spooled_stdin(paths, needed=dedupe in ("last", "error")) as readable:
         sources = [open_source(path, shown, input_format) for path, shown in readable]
         present = [s for s in sources if s.schema is not None]
-        metas = [(s.name, read_meta(s.schema)) for s in present]
+        metas = [(s.name, names.read_meta(s.schema)) for s in present]
         merging.check_metadata(metas, force)
         schema = merging.unify_schemas([(s.name, merging.id_renamed(s.schema))
                                         for s in present])
@@ -140,12 +141,6 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     dropped_note = f", {keeper.dropped} duplicates dropped" if keeper else ""
     console.info(f"{len(paths)} inputs -> {out.rows} records -> {output or 'stdout'} "
                  f"({out.format}){dropped_note}")
-
-
-def read_meta(schema):
-    from vecpipe.formats import schema as names
-
-    return names.read_meta(schema)
 
 
 @contextlib.contextmanager
@@ -265,7 +260,7 @@ def sorted_table(batches, schema, field: str):
 PROVENANCE_FILE = "vecpipe-merge.json"
 
 
-def merge_models(specs, output, weights_text, method, force) -> None:
+def merge_models(specs, output, weights_text, method) -> None:
     """Weighted average (linear) or per-tensor slerp of models with identical architecture; the
     first model's tokenizer, pooling and normalize modules are kept."""
     from vecpipe.cli import console

@@ -1,0 +1,172 @@
+"""Model soup sweep: the bundled all-MiniLM-L6-v2 merged with a copy briefly fine-tuned on
+NFCorpus train pairs, scored on the NFCorpus test split at several weights.
+
+Steps, each through the real CLI where one exists:
+  1. `vecpipe mine-negatives --beir DATA --split train -n 1` -> (anchor, positive, negative)
+     triplets mined with the bundled model.
+  2. Fine-tune a copy of the bundled model for --steps steps with sentence-transformers'
+     MultipleNegativesRankingLoss (in-batch + the mined hard negative; each batch holds distinct
+     queries), AdamW, linear warm-up/decay, on the CPU; saved with SentenceTransformer.save.
+  3. For each weight w of the fine-tuned model: `vecpipe merge --models default TUNED
+     --weights 1-w,w [--method M] -o SOUP` and `vecpipe eval beir DATA -m SOUP --split test`.
+     w = 0 is the base model and w = 1 the fine-tuned one (merge reproduces them exactly).
+
+    .venv/bin/python bench/model_soup.py [--data ../shared/data/nfcorpus] [--work DIR]
+        [--steps 200] [--batch-size 32] [--max-length 128] [--weights 0,0.25,0.5,0.75,1]
+        [--method linear]
+
+Prints a Markdown table (nDCG@10, recall@100 per weight) and the time of every step; the raw
+numbers go to WORK/results.json. Mining and fine-tuning are skipped when their outputs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VECPIPE = [sys.executable, "-m", "vecpipe.cli"]
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    triplets = work / "triplets.jsonl"
+    if not triplets.exists():
+        timings["mine"] = timed(lambda: vecpipe(
+            "mine-negatives", "--beir", args.data, "--split", "train", "-n", "1",
+            "--layout", "triplet", "-o", triplets))
+    tuned = work / "tuned"
+    if not (tuned / "config.json").exists():
+        timings["fine-tune"] = timed(lambda: fine_tune(triplets, tuned, args))
+    rows = []
+    for weight in args.weights:
+        soup = work / f"soup-{weight:g}"
+        merge_s = timed(lambda: vecpipe(
+            "merge", "--models", "default", tuned, "--weights", f"{1 - weight:g},{weight:g}",
+            "--method", args.method, "-o", soup, "-q"))
+        started = time.perf_counter()
+        report = json.loads(vecpipe("eval", "beir", args.data, "-m", soup, "--split", "test",
+                                    "--metrics", "ndcg,recall", "-k", "10,100", "--json",
+                                    "-q").splitlines()[-1])
+        rows.append({"weight": weight, "ndcg@10": report["ndcg_at_10"],
+                     "recall@100": report["recall_at_100"], "merge_s": merge_s,
+                     "eval_s": time.perf_counter() - started})
+        print(f"w={weight:g}: nDCG@10 {report['ndcg_at_10']:.4f}, recall@100 "
+              f"{report['recall_at_100']:.4f}", file=sys.stderr, flush=True)
+    results = {"args": vars(args), "timings_s": timings, "rows": rows,
+               "load": os.getloadavg(), "cpus": os.cpu_count()}
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nfcorpus"))
+    parser.add_argument("--work", default="/tmp/vecpipe-bench-soup")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="token window while training (the saved model keeps its own)")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
+                        default=[0, 0.25, 0.5, 0.75, 1])
+    parser.add_argument("--method", default="linear", choices=["linear", "slerp"])
+    return parser.parse_args()
+
+
+def vecpipe(*args) -> str:
+    out = subprocess.run([*VECPIPE, *map(str, args)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"vecpipe {args[0]} failed:\n{out.stderr}")
+    return out.stdout
+
+
+def timed(step) -> float:
+    started = time.perf_counter()
+    step()
+    return round(time.perf_counter() - started, 1)
+
+
+def training_batches(triplets: Path, steps: int, batch_size: int, seed: int):
+    """`steps` batches of (anchor, positive, negative) with distinct anchors in each batch, so
+    in-batch negatives are never another copy of the anchor's own positives."""
+    by_query: dict[str, list[tuple[str, str, str]]] = {}
+    with open(triplets, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            anchor = row["anchor"] if "anchor" in row else row["query"]
+            by_query.setdefault(anchor, []).append((anchor, row["positive"], row["negative"]))
+    rng = random.Random(seed)
+    queries = sorted(by_query)
+    batches = []
+    while len(batches) < steps:
+        rng.shuffle(queries)
+        for start in range(0, len(queries) - batch_size + 1, batch_size):
+            batches.append([rng.choice(by_query[q]) for q in queries[start:start + batch_size]])
+            if len(batches) == steps:
+                break
+    return batches
+
+
+def fine_tune(triplets: Path, target: Path, args) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from vecpipe.cli.models import bundled_model_path
+
+    torch.manual_seed(args.seed)
+    model = SentenceTransformer(bundled_model_path(), device="cpu")
+    saved_length = model.max_seq_length
+    model.max_seq_length = args.max_length
+    loss_fn = MultipleNegativesRankingLoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup,
+                                    max(0.0, (args.steps - step) / (args.steps - warmup))))
+    model.train()
+    started = time.perf_counter()
+    for step, batch in enumerate(training_batches(triplets, args.steps, args.batch_size,
+                                                  args.seed)):
+        features = [model.tokenize([row[column] for row in batch]) for column in range(3)]
+        loss = loss_fn(features, None)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 20 == 0 or step == args.steps - 1:
+            print(f"step {step + 1}/{args.steps}: loss {loss.item():.4f} "
+                  f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    model.eval()
+    model.max_seq_length = saved_length
+    model.save(str(target))
+
+
+def print_table(results: dict) -> None:
+    args, timings = results["args"], results["timings_s"]
+    print(f"| weight of fine-tuned ({args['method']}) | nDCG@10 | recall@100 |")
+    print("|---|---|---|")
+    for row in results["rows"]:
+        print(f"| {row['weight']:g} | {row['ndcg@10']:.4f} | {row['recall@100']:.4f} |")
+    evals = [row["eval_s"] for row in results["rows"]]
+    merges = [row["merge_s"] for row in results["rows"]]
+    print(f"\nsteps {args['steps']} x batch {args['batch_size']} (max length "
+          f"{args['max_length']}, lr {args['lr']}); timings (s): "
+          + ", ".join(f"{k} {v}" for k, v in timings.items())
+          + f", merge median {sorted(merges)[len(merges) // 2]:.1f}, eval beir median "
+          f"{sorted(evals)[len(evals) // 2]:.1f}; load average {results['load'][0]:.1f} on "
+          f"{results['cpus']} CPUs")
+
+
+if __name__ == "__main__":
+    main()
