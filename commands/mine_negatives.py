@@ -32,7 +32,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             "--range-min", help="Skip this many of the best surviving candidates.")] = 0,
         range_max: Annotated[int, typer.Option(
             "--range-max", help="Consider only this many surviving candidates (searched: "
-                                "range-max + the largest positive count of any query).")] = 50,
+                                "range-max + the most pair records of any query).")] = 50,
         min_score: Annotated[Optional[float], typer.Option(
             "--min-score", help="Drop candidates scoring below S.", metavar="S")] = None,
         max_score: Annotated[Optional[float], typer.Option(
@@ -96,8 +96,10 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     sentence-transformers' layouts. Candidates never include a known positive of the query (by
     id or identical text) nor the query itself; every removal is counted (stderr summary,
     --stats). Filters follow sentence-transformers' mine_hard_negatives: with an embeddings or
-    text corpus, --sampling top and the same model, the rows are the same. Scores are cosine
-    similarities (cross-encoder scores after --cross-encoder). Pairs and an embeddings or text
+    text corpus, --sampling top and the same model, the rows are the same (ties in score go to
+    the earlier corpus record); unlike there, --cross-encoder rescores even when no score rule
+    is set. Scores are cosine similarities (cross-encoder scores after --cross-encoder), or the
+    index's own scores for an index folder. Pairs and an embeddings or text
     corpus are held in memory (the corpus as one vector matrix); search memory is bounded by
     a query batch x corpus block. For corpora larger than memory, search an index folder.
 
@@ -116,14 +118,14 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     _check_layout(layout, on_short, LAYOUTS)
     resolve_output_format(output, output_format)
     pair_set = _read_pairs(pairs, beir, split, input_format)
-    source = _corpus_source(corpus, beir, pair_set, fields)
+    source = _corpus_source(corpus, beir, fields)
+    rescorer = _load_cross_encoder(cross_encoder, device, trust_remote_code) \
+        if cross_encoder else None
+    vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
     job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
                    prompts=(query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name),
                    batch_size=batch_size, exact=exact)
-    if cross_encoder:
-        job.cross_encoder = _load_cross_encoder(cross_encoder, device, trust_remote_code)
-    if guide:
-        job.guide = _Guide(guide, device, trust_remote_code, batch_size)
+    job.cross_encoder, job.guide = rescorer, vetoer
     _mine(job, layout, with_scores, output, output_format)
     _report(job, stats, layout)
 
@@ -176,7 +178,7 @@ class _Source:
     fields: list
 
 
-def _corpus_source(corpus, beir, pair_set, fields) -> _Source:
+def _corpus_source(corpus, beir, fields) -> _Source:
     from vecpipe.formats.mining import beir_corpus
 
     if corpus is None and beir:
@@ -390,7 +392,7 @@ def _prepare(pair_set, source, settings, model_spec, device, trust_remote_code, 
     corpus, model = _load_corpus(source, pair_set, model_spec, device, trust_remote_code, force,
                                  prompts, batch_size, exact)
     _resolve(pair_set, corpus)
-    depth = settings.range_max + pair_set.max_positives  # as sentence-transformers searches
+    depth = settings.range_max + pair_set.search_depth_extra
     return _Job(pair_set, corpus, model, Miner(settings, text_codes(corpus.texts)),
                 _query_prompt(model, corpus, prompts), corpus.prompt, batch_size, depth)
 

@@ -5,8 +5,8 @@ model, exact search and `sampling="top"` the output is the same:
 
 - Queries are grouped by their text; every row of a query adds a positive. Positives are
   de-duplicated by text (sentence-transformers de-duplicates its corpus by text).
-- Each query retrieves `range_max + P` nearest corpus records, P = the largest number of
-  positives any query has. Known positives (by id and by identical text), the query itself (by
+- Each query retrieves `range_max + P` nearest corpus records, P = the largest number of pair
+  records any query has. Known positives (by id and by identical text), the query itself (by
   id and by identical text) and repeated texts are set aside.
 - Score filters on the rest: `absolute_margin` (keep a negative only if score <= positive -
   margin), `relative_margin` (score <= positive - |positive| * margin, so 0.05 = "95% of the
@@ -103,6 +103,7 @@ class Query:
     ids: list = field(default_factory=list)
     positives: list = field(default_factory=list)
     rows: list = field(default_factory=list)   # corpus rows that are this query (id or text)
+    records: int = 0                            # pair records naming this query
 
     def add_positive(self, positive: Positive) -> None:
         for known in self.positives:
@@ -131,8 +132,10 @@ class PairSet:
     rows: int
 
     @property
-    def max_positives(self) -> int:
-        return max((len(q.positives) for q in self.queries), default=0)
+    def search_depth_extra(self) -> int:
+        """What the search fetches beyond range_max to make room for known positives: the
+        most pair records any query has (sentence-transformers' rule, duplicates included)."""
+        return max((q.records for q in self.queries), default=0)
 
 
 class _Grouper:
@@ -156,6 +159,7 @@ class _Grouper:
             query.ids.append(str(query_id))
         query.add_positive(Positive(None if positive_id is None else str(positive_id), positive,
                                     source, record))
+        query.records += 1
         self.rows += 1
 
     def result(self, anchor_field: str) -> PairSet:

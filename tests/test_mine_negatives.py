@@ -31,6 +31,8 @@ def make_pairs(corpus, queries=12):
         pairs.append({"query": text, "positive_id": corpus[q]["id"]})
         if q % 3 == 0:  # a second positive, given by text only
             pairs.append({"query": text, "positive": corpus[q + 40]["text"]})
+        if q == 5:  # the same pair twice: one positive, but it widens the search
+            pairs += [pairs[-1]] * 3
     return pairs
 
 
@@ -54,7 +56,8 @@ def reference(pairs, corpus, n=3, range_min=0, range_max=50, absolute_margin=Non
         group = groups.setdefault(p["query"], [])
         if positive not in group:
             group.append(positive)
-    depth = range_max + max(len(g) for g in groups.values())
+    records = [p["query"] for p in pairs]
+    depth = range_max + max(records.count(q) for q in groups)
     out = {}
     for query, positives in groups.items():
         q = fake_vectors([query], DIM)[0]
@@ -456,3 +459,21 @@ def test_cross_encoder_rescoring_equals_sentence_transformers(cli, tmp_path, st_
             "jsonl")
     assert r.exit_code == 0, r
     assert_same_rows(r.records(), expected)
+
+
+def test_pipeline_from_an_arrow_pipe_into_head(tmp_path, small, write_jsonl):
+    """A shell user: pairs through `convert` (Arrow on the pipe), output cut short by head."""
+    import subprocess
+    import sys
+
+    pairs_path, corpus_path, _, _ = small
+    cmd = [sys.executable, "-m", "vecpipe.cli"]
+    convert = subprocess.Popen(cmd + ["convert", str(pairs_path), "-q"], stdout=subprocess.PIPE)
+    mine = subprocess.Popen(cmd + ["mine-negatives", "--corpus", str(corpus_path), "-m", FAKE,
+                                   "--output-format", "jsonl", "-q"],
+                            stdin=convert.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    convert.stdout.close()
+    head = subprocess.run(["head", "-1"], stdin=mine.stdout, capture_output=True)
+    mine.stdout.close()
+    assert mine.wait() == 0 and convert.wait() == 0 and mine.stderr.read() == b""
+    assert json.loads(head.stdout)["query"] == "question 0 about apple"
