@@ -59,8 +59,16 @@ class _Prefixed(io.RawIOBase):
 
 
 def _peek(stream, size: int = _SNIFF_BYTES):
-    """Read the first `size` bytes; return them and an equivalent unread stream."""
-    head = stream.read(size)
+    """Read enough of the start to sniff (what the producer has sent, up to `size` bytes, and at
+    least 8 bytes past leading whitespace unless the input ends); return those bytes and an
+    equivalent unread stream."""
+    read = getattr(stream, "read1", stream.read)
+    head = b""
+    while len(head) < size and len(head.lstrip(b"\xef\xbb\xbf \t\r\n")) < 8:
+        chunk = read(size - len(head))
+        if not chunk:
+            break
+        head += chunk
     return head, io.BufferedReader(_Prefixed(head, stream), _PIPE_BUFFER)
 
 
