@@ -20,13 +20,13 @@ def run(inputs: options.Inputs = None,
                  "per-dimension ranges from the calibration rows; binary/ubinary keep sign bits "
                  "packed 8 per byte (the same bytes; numpy.packbits order).")] = None,
         dim: Annotated[Optional[int], typer.Option(
-            "--dim", min=1, help="Keep the first N dimensions and re-normalise (Matryoshka "
+            "--dim", min=1, metavar="N", help="Keep the first N dimensions and re-normalise (Matryoshka "
                                  "truncation; costly for models not trained for it).")] = None,
         pca: Annotated[Optional[int], typer.Option(
-            "--pca", min=1, help="Project on the top N principal components fitted on the "
+            "--pca", min=1, metavar="N", help="Project on the top N principal components fitted on the "
                                  "calibration rows (after --dim), re-normalise.")] = None,
         calibration_rows: Annotated[Optional[int], typer.Option(
-            "--calibration-rows", min=1, show_default=False,
+            "--calibration-rows", min=1, show_default=False, metavar="N",
             help="Fit the codec on the first N rows, the only rows held in memory "
                  f"[default: {DEFAULT_CALIBRATION_ROWS:,}].")] = None,
         clip_quantile: Annotated[Optional[float], typer.Option(
@@ -48,9 +48,9 @@ def run(inputs: options.Inputs = None,
         = None,
         force: options.Force = False,
         quiet: options.Quiet = False):
-    """Compress the `embedding` column of a record stream: float16/bfloat16 casts, int8/uint8
-    scalar codes, packed sign bits, Matryoshka truncation and PCA, in that order of thought
-    (--dim, then --pca, then --to). The codec is fitted on the first --calibration-rows rows (the
+    """Compress the `embedding` column of a record stream: Matryoshka truncation (--dim), PCA
+    (--pca) and quantisation (--to: float16/bfloat16 casts, int8/uint8 codes, packed sign
+    bits), applied in that order. The codec is fitted on the first --calibration-rows rows (the
     only rows buffered; the rest streams through) and recorded in the output's vecpipe.codec
     metadata, so index and search encode queries the same way. JSONL carries no metadata: keep
     the codec with --save-codec and apply it to queries or more data with --codec.
@@ -303,7 +303,7 @@ def kept_energy(codec, vectors):
         head = (vectors[:, :codec.dim] ** 2).sum(axis=1)
         share *= head / np.maximum((vectors ** 2).sum(axis=1), 1e-30)
     if codec.pca_components is not None:
-        truncated = codec._truncate(vectors) - codec.pca_mean
+        truncated = codec._truncate(vectors)
         kept = ((truncated @ codec.pca_components) ** 2).sum(axis=1)
         share *= kept / np.maximum((truncated ** 2).sum(axis=1), 1e-30)
     return share
@@ -365,7 +365,7 @@ def build_report(codec, stats, sample, before_bytes: int) -> dict:
         "retrieval": recall_retention(codec, sample),
     }
     if codec.pca_explained is not None:
-        facts["pca_explained_variance"] = codec.pca_explained
+        facts["pca_kept_energy_calibration"] = codec.pca_explained
     return facts
 
 

@@ -3,8 +3,12 @@
 Steps, each optional, always applied in this order:
 
 1. `dim`: keep the leading `dim` dimensions (Matryoshka truncation), re-normalise.
-2. `pca`: subtract the calibration mean, project on the top `pca` principal components fitted on
-   the calibration sample (numpy `eigh` of the covariance), re-normalise.
+2. `pca`: project on the top `pca` principal directions of the calibration sample, re-normalise.
+   The directions are those of the uncentred second moment (numpy `eigh` of X^T X, i.e. a
+   truncated SVD), which best preserve dot products. Centring on the corpus mean (textbook PCA)
+   lost 2.5-3.3 more nDCG@10 points on NFCorpus with MiniLM (0.268 vs 0.301 at 128 dims;
+   float32 0.316): queries and documents do not share a mean, and the mean direction carries
+   ranking signal.
 3. `to`: quantise to float32 (none), float16, bfloat16, int8/uint8 (per-dimension ranges fitted on
    the calibration sample, optionally at quantiles; values outside are clipped, never wrapped),
    or binary/ubinary (sign bits).
@@ -73,7 +77,7 @@ class Codec:
     """A fitted transform. Build with `Codec.fit(...)` or `Codec.from_json(...)`."""
 
     def __init__(self, to: str, input_dim: int, *, dim: int | None = None,
-                 pca_mean: np.ndarray | None = None, pca_components: np.ndarray | None = None,
+                 pca_components: np.ndarray | None = None,
                  pca_explained: float | None = None, normalize: bool = True,
                  low: np.ndarray | None = None, high: np.ndarray | None = None,
                  clip_quantile: float | None = None, calibration_rows: int | None = None,
@@ -83,7 +87,6 @@ class Codec:
         self.to = to
         self.input_dim = int(input_dim)
         self.dim = None if dim is None else int(dim)
-        self.pca_mean = _f32_or_none(pca_mean)
         self.pca_components = _f32_or_none(pca_components)  # (truncated dim) x out_dim
         self.pca_explained = pca_explained
         self.normalize = bool(normalize)
@@ -108,7 +111,7 @@ class Codec:
                     calibration_rows=rows, model=model)
         reduced = codec._truncate(sample)
         if pca is not None:
-            codec.pca_mean, codec.pca_components, codec.pca_explained = _fit_pca(reduced, pca)
+            codec.pca_components, codec.pca_explained = _fit_pca(reduced, pca)
             reduced = codec._pca(reduced)
         if to in SCALAR_TARGETS:
             codec.low, codec.high = _fit_ranges(reduced, clip_quantile)
@@ -275,9 +278,8 @@ class Codec:
                 "calibration_rows": self.calibration_rows, "pca": None, "levels": None}
         if self.pca_components is not None:
             components = _encode_array(self.pca_components)
-            data["pca"] = {"components": components, "mean": _encode_array(self.pca_mean),
-                           "explained_variance": self.pca_explained,
-                           "sha256": _array_hash(self.pca_components, self.pca_mean)}
+            data["pca"] = {"components": components, "kept_energy": self.pca_explained,
+                           "sha256": _array_hash(self.pca_components)}
         if self.low is not None:
             data["levels"] = {"low": _encode_array(self.low), "high": _encode_array(self.high),
                               "clip_quantile": self.clip_quantile}
@@ -294,15 +296,14 @@ class Codec:
             pca = data.get("pca") or {}
             levels = data.get("levels") or {}
             codec = cls(data["to"], data["input_dim"], dim=data.get("dim"),
-                        pca_mean=_decode_array(pca.get("mean")),
                         pca_components=_decode_array(pca.get("components")),
-                        pca_explained=pca.get("explained_variance"),
+                        pca_explained=pca.get("kept_energy"),
                         normalize=data.get("normalize", True),
                         low=_decode_array(levels.get("low")),
                         high=_decode_array(levels.get("high")),
                         clip_quantile=levels.get("clip_quantile"),
                         calibration_rows=data.get("calibration_rows"), model=data.get("model"))
-            if pca and pca.get("sha256") != _array_hash(codec.pca_components, codec.pca_mean):
+            if pca and pca.get("sha256") != _array_hash(codec.pca_components):
                 raise ValueError("PCA projection does not match its sha256")
             codec._check_consistent()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -364,7 +365,7 @@ class Codec:
         return self._renormalize(vectors[:, :self.dim])
 
     def _pca(self, vectors: np.ndarray) -> np.ndarray:
-        return self._renormalize((vectors - self.pca_mean) @ self.pca_components)
+        return self._renormalize(vectors @ self.pca_components)
 
     def _renormalize(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -380,12 +381,9 @@ class Codec:
     def _check_consistent(self) -> None:
         if self.dim is not None and not 0 < self.dim <= self.input_dim:
             raise ValueError(f"dim {self.dim} outside 1..{self.input_dim}")
-        if (self.pca_components is None) != (self.pca_mean is None):
-            raise ValueError("PCA needs both components and mean")
         reduced_dim = self.dim or self.input_dim
         if self.pca_components is not None and (
-                self.pca_components.ndim != 2 or self.pca_components.shape[0] != reduced_dim
-                or self.pca_mean.shape != (reduced_dim,)):
+                self.pca_components.ndim != 2 or self.pca_components.shape[0] != reduced_dim):
             raise ValueError("PCA projection shape does not match the dimensions")
         needs_levels = self.to in SCALAR_TARGETS or self.to in BIT_TARGETS
         if needs_levels and (self.low is None or self.high is None
@@ -437,8 +435,8 @@ def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
     if pca is not None:
         if not 0 < pca <= reduced_dim:
             raise UsageError(f"--pca {pca} must be between 1 and {reduced_dim} dimensions")
-        if rows <= pca:
-            raise DataError(f"PCA with {pca} components needs more than {pca} calibration rows, "
+        if rows < pca:
+            raise DataError(f"PCA with {pca} components needs at least {pca} calibration rows, "
                             f"got {rows}", hint="raise --calibration-rows or lower --pca")
     if clip_quantile is not None:
         if to not in SCALAR_TARGETS:
@@ -448,19 +446,18 @@ def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
 
 
 def _fit_pca(vectors: np.ndarray, components: int):
-    """Mean, top principal directions (dim x components) and the variance share they keep."""
+    """The top principal directions of the uncentred sample (dim x components) and the share
+    of the squared norm they keep."""
     sample = vectors.astype(np.float64)
-    mean = sample.mean(axis=0)
-    centered = sample - mean
-    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered)
+    eigenvalues, eigenvectors = np.linalg.eigh(sample.T @ sample)
     order = np.argsort(eigenvalues)[::-1][:components]
     directions = eigenvectors[:, order]
     # eigh's signs are arbitrary; fix them so the same sample gives the same codec everywhere
     flip = np.sign(directions[np.abs(directions).argmax(axis=0), np.arange(components)])
     directions *= np.where(flip == 0, 1, flip)
     total = float(np.clip(eigenvalues, 0, None).sum())
-    explained = float(np.clip(eigenvalues[order], 0, None).sum() / total) if total > 0 else 1.0
-    return mean.astype(np.float32), directions.astype(np.float32), round(explained, 6)
+    kept = float(np.clip(eigenvalues[order], 0, None).sum() / total) if total > 0 else 1.0
+    return directions.astype(np.float32), round(kept, 6)
 
 
 def _fit_ranges(vectors: np.ndarray, clip_quantile: float | None):
