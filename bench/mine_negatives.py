@@ -156,6 +156,10 @@ def vecpipe(*args) -> list:
 
 
 def peer(config: dict, work: Path, name: str) -> list:
+    """The peer's command line; its cached query vectors are removed first, so that it
+    embeds the queries as vecpipe does."""
+    for cached in Path(config["cache"]).glob("query_embeddings_*.npy"):
+        cached.unlink()
     path = work / f"{name}.json"
     path.write_text(json.dumps(config))
     return [sys.executable, __file__, "--peer", str(path)]

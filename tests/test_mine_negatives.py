@@ -226,6 +226,30 @@ def test_embeddings_stream_and_index_folder_give_the_same_rows(cli, small, tmp_p
     assert mismatch.exit_code == 1 and "model differs" in mismatch.stderr
 
 
+def test_binary_index_scores_with_its_full_vectors(cli, small, tmp_path):
+    pairs_path, corpus_path, pairs, corpus = small
+    texts = [d["text"] for d in corpus]
+    table = pa.table({"id": [d["id"] for d in corpus], "text": texts,
+                      "embedding": names.numpy_to_vectors(fake_vectors(texts, 64))})
+    table = table.replace_schema_metadata(
+        names.with_meta(table.schema, load_model("fake:64").metadata()).metadata)
+    stream = tmp_path / "emb.arrow"
+    with pa.ipc.new_file(stream, table.schema) as writer:
+        writer.write_table(table)
+    for name, extra in (("bits", []), ("bits-full", ["--keep-vectors"])):
+        r = cli("index", stream, "-o", tmp_path / name, "--store", "text", "--dtype", "b1",
+                "-q", *extra)
+        assert r.exit_code == 0, r
+    args = ["-n", "3", "--with-scores", "--output-format", "jsonl"]
+    refused = cli("mine-negatives", pairs_path, "--corpus", tmp_path / "bits", *args)
+    assert refused.exit_code == 1 and "--keep-vectors" in refused.stderr
+    r = cli("mine-negatives", pairs_path, "--corpus", tmp_path / "bits-full", *args)
+    assert r.exit_code == 0, r
+    for row in r.records():  # cosines of the float vectors, positive and negative alike
+        q, p, n = fake_vectors([row["query"], row["positive"], row["negative"]], 64)
+        assert row["scores"] == pytest.approx([q @ p, q @ n], abs=1e-5)
+
+
 def test_beir_folder_and_positives_as_corpus(cli, tmp_path, write_jsonl):
     corpus = make_corpus(40)
     folder = tmp_path / "beir"
