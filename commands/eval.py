@@ -11,10 +11,10 @@ from vecpipe.cli.errors import boundary
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
 Ks = Annotated[Optional[str], typer.Option(
-    "-k", "--k", help="Cutoffs, comma-separated. [default: 1,3,5,10,100,1000]", metavar="K,K",
-    show_default=False)]
+    "-k", "--cutoffs", help="Cutoffs, comma-separated. [default: 1,3,5,10,100,1000]",
+    metavar="K,K", show_default=False)]
 MtebKs = Annotated[Optional[str], typer.Option(
-    "-k", "--k", help="Cutoffs, comma-separated; the run keeps the top max(k) hits. "
+    "-k", "--cutoffs", help="Cutoffs, comma-separated; the run keeps the top max(k) hits. "
                       "[default: MTEB's 1,3,5,10,20,100,1000]", metavar="K,K",
     show_default=False)]
 Metrics = Annotated[Optional[str], typer.Option(
@@ -81,7 +81,7 @@ def retrieval(
     ks, names = m.parse_ks(k), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
     runs = list(runs or ["-"])
-    if runs.count("-") > 1:
+    if runs.count("-") + (qrels == "-") > 1:
         raise UsageError("stdin (-) can be read only once")
     judgments = _load_judgments(qrels, qrels_depth)
     results = []
@@ -314,6 +314,16 @@ def beir(
         metrics: Metrics = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
+        exact: Annotated[bool, typer.Option(
+            "--exact", help="Exact cosine search (the default; --index-dtype searches an "
+                            "HNSW index instead).")] = False,
+        index_dtype: Annotated[Optional[str], typer.Option(
+            "--index-dtype", help="Search a temporary HNSW index of this dtype instead: "
+                                  "f32|f16|bf16|i8|b1 (i8/b1 quantized as `vecpipe index` "
+                                  "does; scores show what the index costs in quality).",
+            metavar="DTYPE")] = None,
+        ef: Annotated[Optional[int], typer.Option(
+            "--ef", min=1, help="HNSW expansion_search with --index-dtype.")] = None,
         save_run: Annotated[Optional[str], typer.Option(
             "--save-run", help="Also write the top-1000 run here as a TREC run file (for "
                                "`eval retrieval` comparisons).", metavar="PATH")] = None,
@@ -325,12 +335,14 @@ def beir(
     """Embed a BEIR dataset's corpus (title + " " + text, as MTEB) and the split's queries,
     search exactly by cosine (numpy, corpus in blocks with a running top-k per query: memory
     stays bounded), and score the top max(k) hits like MTEB (nDCG@10 is its main score).
+    --index-dtype searches a temporary HNSW index instead, to see what an index costs.
 
     \b
     Example:
       vecpipe eval beir ../shared/data/nfcorpus
+      vecpipe eval beir nfcorpus --index-dtype i8 --save-run i8.trec
       vecpipe eval beir scifact -m intfloat/e5-small-v2 --query-prompt 'query: ' \\
-          --doc-prompt 'passage: ' --save-run e5.trec
+          --doc-prompt 'passage: '
     """
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model
@@ -338,6 +350,7 @@ def beir(
 
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
+    _check_search_options(exact, index_dtype, ef)
     files = _beir_files(dataset, split)
     qrels = _beir_qrels(files["qrels"])
     queries = _beir_queries(files["queries"], qrels)
@@ -345,7 +358,8 @@ def beir(
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     query_vectors = loaded.encode(list(queries.values()), batch_size, query_prompt or "")
     top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], loaded, query_vectors,
-                                                  max(ks), batch_size, doc_prompt or "")
+                                                  max(ks), batch_size, doc_prompt or "",
+                                                  index_dtype, ef)
     run = {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
            for qid, rows, scores in zip(queries, *top)}
     if save_run:
@@ -356,6 +370,7 @@ def beir(
                  f"({len(doc_ids) / max(corpus_seconds, 1e-9):.0f}/s), {len(queries)} queries; "
                  f"{seconds:.1f} s in all")
     record = {"dataset": dataset, "split": split, "model": loaded.name,
+              "search": f"hnsw-{index_dtype}" if index_dtype else "exact",
               "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
     if m.MAIN_METRIC in evaluation.means:
         record["main_score"] = evaluation.means[m.MAIN_METRIC]
@@ -366,6 +381,18 @@ def beir(
         _emit([record], as_json, lambda: _retrieval_table(
             [record | {"run": f"{dataset} {split} · {loaded.name}"}], ks, names))
     _check_fail_under([record], thresholds)
+
+
+def _check_search_options(exact: bool, index_dtype, ef) -> None:
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.index_store import DTYPES
+
+    if exact and index_dtype:
+        raise UsageError("--exact and --index-dtype exclude each other")
+    if index_dtype and index_dtype not in DTYPES:
+        raise UsageError(f"unknown --index-dtype {index_dtype!r}; use {'|'.join(DTYPES)}")
+    if ef is not None and not index_dtype:
+        raise UsageError("--ef applies to --index-dtype searches only")
 
 
 def _beir_files(dataset: str, split: str) -> dict:
@@ -431,34 +458,44 @@ _CORPUS_BLOCK = 8192   # documents embedded and searched at a time
 _QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 scores (64 MiB)
 
 
-def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt):
-    """Embed the corpus block by block and keep each query's top `depth` by cosine.
+def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt, index_dtype=None,
+                   ef=None):
+    """Embed the corpus block by block and find each query's top `depth` by cosine: exactly
+    (running top-k, bounded memory) or, with `index_dtype`, through a temporary HNSW index.
 
     Returns ((rows, scores) per query best first, doc ids as a pyarrow array, seconds spent
     embedding)."""
-    import numpy as np
+    import tempfile
+
     import pyarrow as pa
 
     from vecpipe.cli import console
     from vecpipe.formats.readers import RecordStream
 
-    top = RunningTopK(len(query_vectors), depth)
     id_chunks, offset, embed_seconds = [], 0, 0.0
-    with console.progress(desc="corpus", unit="doc") as bar:
-        for item in RecordStream([path], batch_rows=_CORPUS_BLOCK):
-            ids, texts = _corpus_texts(item)
-            started = time.perf_counter()
-            doc_vectors = loaded.encode(texts, batch_size, prompt)
-            embed_seconds += time.perf_counter() - started
-            for start in range(0, len(query_vectors), _QUERY_BLOCK):
-                chunk = slice(start, start + _QUERY_BLOCK)
-                top.update(chunk, query_vectors[chunk] @ doc_vectors.T, offset)
-            id_chunks.append(ids)
-            offset += len(ids)
-            bar.update(len(ids))
-    doc_ids = pa.concat_arrays(id_chunks) if id_chunks else pa.array([], pa.string())
-    rows, scores = top.result()
-    return (rows, scores), doc_ids, embed_seconds
+    with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
+        search = _IndexSearch(query_vectors, depth, index_dtype, ef, loaded.name, tmp) \
+            if index_dtype else _ExactSearch(query_vectors, depth)
+        with console.progress(desc="corpus", unit="doc") as bar:
+            for item in RecordStream([path], batch_rows=_CORPUS_BLOCK):
+                ids, texts = _corpus_texts(item)
+                if not texts:
+                    continue
+                started = time.perf_counter()
+                doc_vectors = loaded.encode(texts, batch_size, prompt)
+                embed_seconds += time.perf_counter() - started
+                search.add(ids, doc_vectors, offset)
+                id_chunks.append(ids)
+                offset += len(ids)
+                bar.update(len(ids))
+        if not id_chunks:
+            from vecpipe.formats.errors import DataError
+
+            raise DataError("the corpus is empty", source=path)
+        rows, scores = search.hits()
+    found = [r >= 0 for r in rows]
+    return ([r[ok] for r, ok in zip(rows, found)], [s[ok] for s, ok in zip(scores, found)]), \
+        pa.concat_arrays(id_chunks), embed_seconds
 
 
 def _corpus_texts(item):
@@ -481,53 +518,79 @@ def _corpus_texts(item):
     texts = batch.column(names.TEXT).to_pylist()
     if "title" in batch.schema.names:  # MTEB: (title + " " + text).strip()
         titles = batch.column("title").to_pylist()
-        texts = [((title or "") + " " + (text or "")).strip() for title, text in zip(titles,
-                                                                                     texts)]
+        texts = [((title or "") + " " + (text or "")).strip()
+                 for title, text in zip(titles, texts)]
     else:
         texts = [(text or "").strip() for text in texts]
     return ids, texts
 
 
-class RunningTopK:
-    """Per query, the `depth` best (score, row) pairs seen so far over blocks of documents."""
+class _ExactSearch:
+    """Exact cosine search (vectors are normalized): a running top-k per chunk of queries."""
 
-    def __init__(self, queries: int, depth: int):
+    def __init__(self, queries, depth: int):
+        from vecpipe.formats.index_store import TopK
+
+        self.queries = queries
+        self.tops = [(start, TopK(len(queries[start:start + _QUERY_BLOCK]), depth))
+                     for start in range(0, len(queries), _QUERY_BLOCK)]
+
+    def add(self, ids, vectors, first_row: int) -> None:
+        for start, top in self.tops:
+            top.update(self.queries[start:start + _QUERY_BLOCK] @ vectors.T, first_row)
+
+    def hits(self):
+        """(rows, scores): queries x depth, best first, row -1 where fewer documents exist."""
         import numpy as np
 
-        self.depth = depth
-        self.scores = np.full((queries, 0), -np.inf, dtype=np.float32)
-        self.rows = np.zeros((queries, 0), dtype=np.int64)
+        return (np.concatenate([top.rows for _, top in self.tops]),
+                np.concatenate([top.scores for _, top in self.tops]))
 
-    def update(self, chunk: slice, block_scores, offset: int) -> None:
-        """Merge scores of documents offset.. (a queries-in-chunk x block matrix)."""
-        import numpy as np
 
-        scores = np.concatenate([self.scores[chunk], block_scores], axis=1)
-        rows = np.concatenate([self.rows[chunk], np.broadcast_to(
-            np.arange(offset, offset + block_scores.shape[1]), block_scores.shape)], axis=1)
-        if scores.shape[1] > self.depth:
-            keep = np.argpartition(-scores, self.depth - 1, axis=1)[:, :self.depth]
-            scores = np.take_along_axis(scores, keep, axis=1)
-            rows = np.take_along_axis(rows, keep, axis=1)
-        if self.scores.shape[1] != scores.shape[1]:  # the first blocks are still filling up
-            self._grow(scores.shape[1])
-        self.scores[chunk], self.rows[chunk] = scores, rows
+class _IndexSearch:
+    """ANN search through a temporary vecpipe index of `dtype` (f32|f16|bf16|i8|b1), built as
+    `vecpipe index --dtype` builds it: i8/b1 codes from a codec fitted on the first block."""
 
-    def _grow(self, width: int) -> None:
-        import numpy as np
+    def __init__(self, queries, depth: int, dtype: str, ef, model: str, tmp: str):
+        import os
 
-        pad = width - self.scores.shape[1]
-        self.scores = np.pad(self.scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        self.rows = np.pad(self.rows, ((0, 0), (0, pad)), constant_values=-1)
+        self.queries, self.depth, self.dtype, self.ef, self.model = \
+            queries, depth, dtype, ef, model
+        self.path = os.path.join(tmp, "index")
+        self.builder = self.codec = None
 
-    def result(self):
-        """(rows, scores) per query, best first."""
-        import numpy as np
+    def _start(self, vectors) -> None:
+        from vecpipe.formats.codec import Codec
+        from vecpipe.formats.index_store import IndexBuilder, IndexSpec
 
-        order = np.argsort(-self.scores, axis=1, kind="stable")
-        rows = np.take_along_axis(self.rows, order, axis=1)
-        scores = np.take_along_axis(self.scores, order, axis=1)
-        return ([r[r >= 0] for r in rows], [s[r >= 0] for r, s in zip(rows, scores)])
+        target = {"i8": "int8", "b1": "binary"}.get(self.dtype)
+        metadata = {"model": self.model, "normalized": "true"}
+        if target:
+            self.codec = Codec.fit(vectors, to=target, normalize=True, model=self.model)
+            metadata.update(self.codec.metadata())
+        metric = "hamming" if self.dtype == "b1" else "cos"
+        spec = IndexSpec(dim=vectors.shape[1], metric=metric, dtype=self.dtype,
+                         score_metric="cos", metadata=metadata)
+        self.builder = IndexBuilder(self.path, spec)
+
+    def add(self, ids, vectors, first_row: int) -> None:
+        import pyarrow as pa
+
+        from vecpipe.formats.index_store import to_index_codes
+
+        if self.builder is None:
+            self._start(vectors)
+        if self.codec is not None:
+            vectors = to_index_codes(self.codec, self.codec.encode(vectors))
+        self.builder.add(ids.to_pylist(), vectors, pa.table({"id": ids}),
+                         first_record=first_row + 1)
+
+    def hits(self):
+        from vecpipe.formats.index_store import open_index
+
+        self.builder.commit()
+        found = open_index(self.path).searcher(self.depth, ef=self.ef).search(self.queries)
+        return found.rows, found.scores
 
 
 def _save_run(path: str, queries: dict, doc_ids, top) -> None:

@@ -396,6 +396,23 @@ def test_beir_prompts_reach_the_model(cli):
         assert row["precision_at_1"] == ref[row["query_id"]]["P_1"]
 
 
+def test_beir_through_a_temporary_index(cli):
+    exact = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5").records()[0]
+    f32 = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5", "--index-dtype", "f32")
+    assert f32.exit_code == 0, f32
+    f32 = f32.records()[0]
+    assert f32["search"] == "hnsw-f32" and exact["search"] == "exact"
+    for key in ("ndcg_at_5", "mrr_at_5", "recall_at_5"):  # 11 documents: HNSW finds them all
+        assert f32[key] == pytest.approx(exact[key], abs=1e-6)
+    for dtype in ("i8", "b1"):
+        r = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5", "--index-dtype", dtype)
+        assert r.exit_code == 0, r
+        assert 0.0 <= r.records()[0]["ndcg_at_5"] <= 1.0
+    for bad in (["--exact", "--index-dtype", "f16"], ["--index-dtype", "f64"], ["--ef", "10"]):
+        r = cli("eval", "beir", TINY, "-m", "fake:16", *bad)
+        assert r.exit_code == 2 and r.stdout == "", r
+
+
 def test_beir_errors(cli, tmp_path):
     r = cli("eval", "beir", TINY, "-m", "fake:8", "--split", "train")
     assert r.exit_code == 1 and "missing qrels/train.tsv" in r.stderr
@@ -448,9 +465,7 @@ def test_sts_on_vector_columns_equals_scipy(cli, tmp_path):
 
 
 def test_sts_embeds_text_with_the_bundled_model(cli, tmp_path, write_jsonl):
-    from sentence_transformers import SentenceTransformer
-
-    from vecpipe.cli.models import bundled_model_path
+    from vecpipe.cli.models import load_model
 
     pairs = [("A man is playing a guitar.", "A person plays an instrument.", 4.2),
              ("A dog runs in the park.", "A cat sleeps on the sofa.", 1.0),
@@ -463,7 +478,7 @@ def test_sts_embeds_text_with_the_bundled_model(cli, tmp_path, write_jsonl):
     r = cli("eval", "sts", path)
     assert r.exit_code == 0, r
     record = r.records()[0]
-    st = SentenceTransformer(bundled_model_path(), device="cpu")
+    st = load_model(None).st  # sentence-transformers itself, without our wrapper
     e1 = st.encode([p[0] for p in pairs]).astype(np.float64)
     e2 = st.encode([p[1] for p in pairs]).astype(np.float64)
     cosine = (e1 * e2).sum(1) / np.linalg.norm(e1, axis=1) / np.linalg.norm(e2, axis=1)
