@@ -14,6 +14,7 @@ from .errors import boundary
 COMMANDS: list[tuple[str, str]] = [
     ("info", "info"),
     ("convert", "convert"),
+    ("embed", "embed"),
     ("index", "index"),
     ("search", "search"),
     ("compress", "compress"),
