@@ -86,13 +86,14 @@ def run(inputs: options.Inputs = None,
         codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
                           normalize=meta.get("normalized") != "false", model=meta.get("model"))
 
-    stats = CompressionStats(codec)
+    stats = CompressionStats(codec) if report or report_json else None
     out_schema = compressed_schema(stream.schema, codec)
     with RecordWriter(output, output_format, schema=out_schema) as out:
         for item in chain(buffered, rest):
             vectors = float_vectors(item)
             codes = encode_located(codec, vectors, item)
-            stats.add(vectors, codes)
+            if stats is not None:
+                stats.add(vectors, codes)
             out.write(replace_embedding(item.batch, codec.to_arrow(codes)))
     if save_codec:
         write_codec(codec, save_codec)

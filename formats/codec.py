@@ -177,8 +177,10 @@ class Codec:
         if self.to == "bfloat16":
             return float32_to_bfloat16_bits(reduced)
         if self.to in SCALAR_TARGETS:
-            levels = np.rint((reduced - self.low) / self._steps())
-            levels = np.clip(levels, 0, 255) - _CODE_OFFSET[self.to]
+            levels = (reduced - self.low) / self._steps()
+            np.rint(levels, out=levels)
+            np.clip(levels, 0, 255, out=levels)
+            levels -= _CODE_OFFSET[self.to]
             return levels.astype(self.code_dtype)
         return np.packbits(reduced > 0, axis=-1)
 
