@@ -1,5 +1,6 @@
 """Score retrieval runs, BEIR datasets, STS pairs and embedding sets (pytrec_eval/MTEB numbers)."""
 import math
+import os
 import time
 from typing import Annotated, List, Optional
 
@@ -129,7 +130,7 @@ def _evaluate_run(run, name, qrels, ks, names, all_queries):
         console.warn(f"{name}: {len(evaluation.missing)} of {len(qrels)} qrels queries have no "
                      f"results; {fate}")
     if evaluation.unjudged:
-        console.warn(f"{name}: {len(evaluation.unjudged)} queries are not in the qrels; ignored")
+        console.warn(f"{name}: ignored {len(evaluation.unjudged)} queries not in the qrels")
     return evaluation
 
 
@@ -177,29 +178,29 @@ def _per_query_records(results) -> list[dict]:
 
 
 def _retrieval_table(records, ks, names):
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     from vecpipe.formats.metrics import metric_key
 
     if len(records) == 1:
         record = records[0]
-        table = Table(title=f"{record['run']}  ({record['queries']} queries)",
-                      title_justify="left")
+        table = Table()
         table.add_column("metric")
         for k in ks:
             table.add_column(f"@{k}", justify="right")
         for metric in names:
             table.add_row(_LABELS[metric], *(f"{record[metric_key(metric, k)]:.5f}"
                                              for k in ks))
-        return table
-    table = Table(title=f"{len(records)} runs vs {records[0]['run']}  (p: paired "
-                        f"randomization / t-test; * p < 0.05)", title_justify="left")
+        return Group(Text(f"{record['run']} · {record['queries']} queries"), table)
+    table = Table()
     table.add_column("metric")
-    table.add_column(records[0]["run"], justify="right")
+    table.add_column(_short(records[0]["run"]), justify="right", no_wrap=True)
     for record in records[1:]:
-        table.add_column(record["run"], justify="right")
+        table.add_column(_short(record["run"]), justify="right", no_wrap=True)
         table.add_column("Δ", justify="right")
-        table.add_column("p rand / t", justify="right")
+        table.add_column("p rand / t", justify="right", no_wrap=True)
     for metric in names:
         for k in ks:
             key = metric_key(metric, k)
@@ -210,7 +211,13 @@ def _retrieval_table(records, ks, names):
                 row += [f"{record[key]:.5f}", f"{record['delta'][key]:+.5f}",
                         f"{_p(p_rand)} / {_p(p_t)}{star}"]
             table.add_row(*row)
-    return table
+    title = (f"{len(records)} runs vs {records[0]['run']}, {records[1]['paired_queries']} "
+             f"paired queries (p: paired randomization / t-test; * p < 0.05)")
+    return Group(Text(title), table)
+
+
+def _short(name: str) -> str:
+    return os.path.basename(name) or name
 
 
 def _p(value: float) -> str:
@@ -378,8 +385,8 @@ def beir(
     if per_query:
         _print_json(_per_query_records([(dataset, evaluation)]))
     else:
-        _emit([record], as_json, lambda: _retrieval_table(
-            [record | {"run": f"{dataset} {split} · {loaded.name}"}], ks, names))
+        label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
+        _emit([record], as_json, lambda: _retrieval_table([record | {"run": label}], ks, names))
     _check_fail_under([record], thresholds)
 
 
@@ -396,8 +403,6 @@ def _check_search_options(exact: bool, index_dtype, ef) -> None:
 
 
 def _beir_files(dataset: str, split: str) -> dict:
-    import os
-
     from vecpipe.formats.errors import DataError
 
     if not os.path.isdir(dataset):
@@ -552,8 +557,6 @@ class _IndexSearch:
     `vecpipe index --dtype` builds it: i8/b1 codes from a codec fitted on the first block."""
 
     def __init__(self, queries, depth: int, dtype: str, ef, model: str, tmp: str):
-        import os
-
         self.queries, self.depth, self.dtype, self.ef, self.model = \
             queries, depth, dtype, ef, model
         self.path = os.path.join(tmp, "index")
@@ -715,15 +718,17 @@ def _sts_inputs(table, source, fields, model, prompt, batch_size, device, trust_
 def _sts_table(record: dict):
     from rich.table import Table
 
-    table = Table(title=f"{record['pairs']} pairs" + (f" · {record['model']}"
-                                                       if record.get("model") else ""),
-                  title_justify="left")
+    from rich.console import Group
+    from rich.text import Text
+
+    title = f"{record['pairs']} pairs" + (f" · {record['model']}" if record.get("model") else "")
+    table = Table()
     for column in ("similarity", "pearson", "spearman"):
         table.add_column(column, justify="left" if column == "similarity" else "right")
     for name in _STS_SIMILARITIES:
         table.add_row(name, f"{record[f'{name}_pearson']:.5f}",
                       f"{record[f'{name}_spearman']:.5f}")
-    return table
+    return Group(Text(title), table)
 
 
 # ---------------------------------------------------------------- eval embeddings
@@ -750,11 +755,11 @@ def embeddings(
         quiet: options.Quiet = False):
     """Describe vectors without labels: RankMe effective rank (exp of the entropy of the
     normalized singular values, over all rows), anisotropy (mean cosine of distinct pairs),
-    centroid norm, near-duplicate rate (rows with another row at cosine >= threshold; pairwise
-    statistics on a sample), norm statistics, per-dimension variance. With two inputs, also
-    whether they differ: rows of each are scored by cosine to the first input's centroid and
-    to their nearest row in a reference sample of it, and Mann-Whitney rank-sum tests compare
-    the two score distributions. Streams each input once; memory holds the sample.
+    centroid norm, near-duplicate rate (rows with another row at cosine >= threshold), norm
+    statistics, per-dimension variance; pairwise statistics use a seeded sample. With two
+    inputs, also whether they differ: on held-out sampled rows, Mann-Whitney rank-sum tests
+    compare the projection on the difference of the two mean directions and the cosine to the
+    nearest row of the first input. Streams each input once; memory holds the samples.
 
     \b
     Example:
@@ -768,12 +773,13 @@ def embeddings(
         raise UsageError("give one input to describe or two to compare")
     if paths.count("-") > 1:
         raise UsageError("stdin (-) can be read only once")
-    summaries = [_summarize(path, field, sample, seed, input_format, duplicate_threshold)
-                 for path in paths]
+    # different seeds: two inputs that overlap get different rows sampled
+    summaries = [_summarize(path, field, sample, seed + i, input_format, duplicate_threshold)
+                 for i, path in enumerate(paths)]
     records = [{"input": name, **meta_and_report}
                for name, meta_and_report in ((s[0], s[1]) for s in summaries)]
     if len(summaries) == 2:
-        records.append(_compare_embeddings(summaries, sample, alpha, seed))
+        records.append(_compare_embeddings(summaries, alpha, seed))
     _emit(records, as_json, lambda: _embeddings_table(records))
 
 
@@ -814,9 +820,7 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
     return name, ({"model": model} if model else {}) | report, summary
 
 
-def _compare_embeddings(summaries, sample: int, alpha: float, seed: int) -> dict:
-    import numpy as np
-
+def _compare_embeddings(summaries, alpha: float, seed: int) -> dict:
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.metrics import corpus_shift
@@ -827,53 +831,59 @@ def _compare_embeddings(summaries, sample: int, alpha: float, seed: int) -> dict
                         f"{report_b['dim']}: not comparable")
     if report_a.get("model") != report_b.get("model"):
         console.warn(f"models differ: {report_a.get('model')} vs {report_b.get('model')}")
-    shuffled = np.random.default_rng(seed).permutation(len(first.sample))
-    half = len(shuffled) // 2
-    reference, held_out = first.sample[shuffled[:half]], first.sample[shuffled[half:]]
-    other = second.subsample(sample)
-    tests = corpus_shift(reference, held_out, other)
-    differ = any(test["p_value"] < alpha / len(tests) for test in tests.values())
-    return {"compare": [name_a, name_b], "differ": differ, "alpha": alpha,
-            "reference": int(half), "samples": [int(len(held_out)), int(len(other))], **tests}
+    result = corpus_shift(first.sample, second.sample, seed)
+    tests = [value for value in result.values() if isinstance(value, dict)]
+    differ = any(test["p_value"] < alpha / len(tests) for test in tests)
+    if result["shared_rows"]:
+        console.info(f"{result['shared_rows']} sampled rows of {name_b} also appear in "
+                     f"{name_a}'s sample; left out of the comparison")
+    return {"compare": [name_a, name_b], "differ": differ, "alpha": alpha, **result}
+
+
+_EMBEDDING_ROWS = [
+    ("rows", lambda r: f"{r['rows']:,}"),
+    ("dim", lambda r: str(r["dim"])),
+    ("model", lambda r: r.get("model") or "-"),
+    ("RankMe", lambda r: f"{r['rankme']:.1f}"),
+    ("anisotropy", lambda r: _fmt(r["anisotropy"])),
+    ("centroid norm", lambda r: _fmt(r["centroid_norm"])),
+    ("near duplicates", lambda r: f"{r['near_duplicate_rate']:.2%}"),
+    ("norm mean ± std", lambda r: f"{r['norm']['mean']:.4f} ± {r['norm']['std']:.4f}"),
+    ("norm min/median/max", lambda r: "/".join(f"{r['norm'][key]:.3f}"
+                                               for key in ("min", "median", "max"))),
+    ("dim variance min/median/max", lambda r: "/".join(f"{r['dim_variance'][key]:.2e}"
+                                                       for key in ("min", "median", "max"))),
+    ("dims < 1% of mean variance", lambda r: str(r["dim_variance"]["low"])),
+]
 
 
 def _embeddings_table(records):
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     described = [r for r in records if "input" in r]
-    table = Table(title="embeddings", title_justify="left")
+    table = Table()
     table.add_column("statistic")
     for record in described:
-        table.add_column(record["input"], justify="right")
-    rows = [("rows", lambda r: f"{r['rows']:,}"), ("dim", lambda r: str(r["dim"])),
-            ("model", lambda r: r.get("model") or "-"),
-            ("RankMe", lambda r: f"{r['rankme']:.1f}"),
-            ("anisotropy", lambda r: _fmt(r["anisotropy"])),
-            ("centroid norm", lambda r: _fmt(r["centroid_norm"])),
-            ("near duplicates", lambda r: f"{r['near_duplicate_rate']:.2%} (cos ≥ "
-                                          f"{r['near_duplicate_threshold']:g}, "
-                                          f"{r['sample']:,} sampled)"),
-            ("norm mean ± std", lambda r: f"{r['norm']['mean']:.4f} ± {r['norm']['std']:.4f}"),
-            ("norm min / median / max", lambda r: f"{r['norm']['min']:.4f} / "
-                                                  f"{r['norm']['median']:.4f} / "
-                                                  f"{r['norm']['max']:.4f}"),
-            ("dim variance min / median / max",
-             lambda r: f"{r['dim_variance']['min']:.2e} / {r['dim_variance']['median']:.2e} / "
-                       f"{r['dim_variance']['max']:.2e}"),
-            ("dims with < 1% of mean variance", lambda r: str(r["dim_variance"]["low"]))]
-    for label, show in rows:
+        table.add_column(_short(record["input"]), justify="right")
+    for label, show in _EMBEDDING_ROWS:
         table.add_row(label, *(show(r) for r in described))
+    first = described[0]
+    notes = [f"pairwise statistics on {first['sample']:,} sampled rows; near duplicates: "
+             f"cosine >= {first['near_duplicate_threshold']:g}"]
     comparison = next((r for r in records if "compare" in r), None)
     if comparison:
-        for test in ("centroid_cosine", "nearest_cosine"):
+        for test in ("mean_shift", "nearest_cosine"):
             result = comparison[test]
-            table.add_row(f"{test.replace('_', ' ')} median",
-                          _fmt(result["first_median"]), _fmt(result["second_median"]))
-            table.add_row(f"  rank-sum p / AUC", "", f"{_p(result['p_value'])} / "
-                                                     f"{result['auc']:.3f}")
-        table.add_row("differ?", "", f"{'YES' if comparison['differ'] else 'no'} "
-                                     f"(alpha {comparison['alpha']:g})")
-    return table
+            table.add_row(f"{test.replace('_', ' ')} (median)", _fmt(result["first_median"]),
+                          _fmt(result["second_median"]))
+            table.add_row("  rank-sum p / AUC", "", f"{_p(result['p_value'])} / "
+                                                   f"{result['auc']:.3f}")
+        verdict = "differ" if comparison["differ"] else "do not differ detectably"
+        notes.append(f"the inputs {verdict} (alpha {comparison['alpha']:g}, split over the "
+                     f"two rank-sum tests)")
+    return Group(table, *(Text(note) for note in notes))
 
 
 def _fmt(value) -> str:

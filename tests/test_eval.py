@@ -196,7 +196,7 @@ def test_retrieval_trec_run_with_beir_qrels_equals_pytrec(cli):
         assert record[key] == pytest.approx(value, abs=1e-9), key
     assert record["queries"] == 3 and record["main_score"] == record["ndcg_at_10"]
     assert "1 of 4 qrels queries have no results" in r.stderr
-    assert "1 queries are not in the qrels" in r.stderr
+    assert "ignored 1 queries not in the qrels" in r.stderr
 
 
 def test_retrieval_records_from_stdin_with_trec_qrels(cli):
@@ -333,7 +333,7 @@ def test_retrieval_table_on_a_terminal():
     from vecpipe.commands import eval as ev
 
     records = [{"run": "a", "queries": 3, "ndcg_at_10": 0.5, "mrr_at_10": 0.25},
-               {"run": "b", "queries": 3, "ndcg_at_10": 0.6, "mrr_at_10": 0.25,
+               {"run": "x/b", "queries": 3, "ndcg_at_10": 0.6, "mrr_at_10": 0.25, "paired_queries": 3,
                 "delta": {"ndcg_at_10": 0.1, "mrr_at_10": 0.0},
                 "p_randomization": {"ndcg_at_10": 0.01, "mrr_at_10": 1.0},
                 "p_ttest": {"ndcg_at_10": 0.02, "mrr_at_10": 1.0}}]
@@ -548,11 +548,15 @@ def test_embeddings_comparison_detects_a_shift(cli, tmp_path):
     r = cli("eval", "embeddings", first, same, "--sample", "400")
     assert r.exit_code == 0, r
     comparison = r.records()[-1]
-    assert comparison["differ"] is False and comparison["samples"] == [400, 400]
+    assert comparison["differ"] is False and comparison["held_out"] == [400, 400]
+    assert comparison["mean_shift"]["p_value"] > 0.01
+    r = cli("eval", "embeddings", first, first, "--sample", "400")  # overlapping rows dropped
+    comparison = r.records()[-1]
+    assert comparison["differ"] is False and comparison["shared_rows"] > 0
     r = cli("eval", "embeddings", first, shifted, "--sample", "400")
     comparison = r.records()[-1]
     assert comparison["differ"] is True
-    assert comparison["centroid_cosine"]["p_value"] < 1e-6
+    assert comparison["mean_shift"]["p_value"] < 1e-6
 
 
 def test_embeddings_errors(cli, tmp_path, write_jsonl):
