@@ -592,6 +592,9 @@ class OpenIndex:
             raise DataError(f"query vectors have dimension {queries.shape[-1]}, the index "
                             f"expects {self.query_dim}", source=self.path)
         if self.codec is not None:
+            if self.score_metric == "cos":  # scale-free: unit queries stay inside the ranges
+                queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
+                                               1e-30)
             return to_index_codes(self.codec, self.codec.encode(queries))
         if self.dtype in ("i8", "b1"):
             raise DataError(f"the index holds {self.dtype} codes but records no codec, so float "
@@ -780,6 +783,7 @@ class Searcher:
         self.index, self.k, self.exact, self.min_score, self.threads = \
             index, k, exact, min_score, threads
         self.rescore_source = _rescore_source(index, rescore)
+        self.rescore_requested = rescore is not None
         self.want = k * (rescore or 1)
         if ef is not None:
             index.usearch.expansion_search = ef
@@ -812,10 +816,10 @@ class Searcher:
 
         queries = np.asarray(queries)
         coded = queries if encoded else self.index.encode(queries)
+        if encoded and self.rescore_requested:
+            raise UsageError("--rescore needs float query vectors, not codes")
         candidates = self._candidates(coded)
-        if self.rescore_source is not None:
-            if encoded:
-                raise UsageError("rescoring needs float query vectors, not codes")
+        if self.rescore_source is not None and not encoded:
             candidates = self._rescored(queries, candidates.rows)
         return _sorted_hits(candidates.rows, candidates.scores, self.k) \
             .thresholded(self.min_score)

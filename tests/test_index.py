@@ -117,6 +117,7 @@ def test_quantizes_float_input_with_the_compress_codec(cli, tmp_path, docs):
                                   codec.encode(docs["vectors"]))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # 1e39 -> float32 inf, on purpose
 @pytest.mark.parametrize("case", ["nan", "inf", "dim-change", "empty", "no-embedding"])
 def test_bad_input_is_refused_before_anything_is_written(cli, tmp_path, write_jsonl, case):
     good = {"id": "a", "embedding": [0.1, 0.2, 0.3, 0.4]}

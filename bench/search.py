@@ -1,0 +1,271 @@
+"""Benchmark `vecpipe index` + search: build time, index bytes, QPS and recall@10 per dtype,
+against faiss HNSW and numpy exact search in the same run.
+
+    python bench/search.py --sizes 100000                      # ~minutes on 2 cores
+    python bench/search.py --sizes 100000,1000000 --out bench/out/search.json
+
+Data:
+- real: all-MiniLM-L6-v2 embeddings of NFCorpus titles + the docstrings of Python's stdlib
+  (documents) and NFCorpus queries (queries), embedded once and cached in bench/out/. Used as is
+  for the "real" size, and to fit the synthetic generator.
+- synthetic (the 100k and 1M sizes): Gaussian with the mean and full covariance of the real
+  document embeddings, normalized; queries drawn the same way. It has the real anisotropic
+  spectrum (iid Gaussian vectors have none and are a misleading worst case, see DESIGN.md) but no
+  cluster structure, which makes it harder than real text for HNSW: a conservative stand-in.
+
+Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
+expansion_add=128, expansion_search=64) from an Arrow file; searches run in-process through
+`index_store.Searcher` on 1,000 query vectors (embedding time excluded), median of 3 runs.
+faiss: IndexHNSWFlat(M=16, efConstruction=128, efSearch=64, inner product) on the same vectors.
+Exact: numpy float32 matmul + top-k in blocks. recall@10 is against the exact float top 10.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parent.parent
+NFCORPUS = REPO.parent / "shared" / "data" / "nfcorpus"
+CACHE = REPO / "bench" / "out" / "real_minilm.npz"
+K = 10
+VARIANTS = [  # (name, index options, search options)
+    ("f32", ["--dtype", "f32"], {}),
+    ("f16", ["--dtype", "f16"], {}),
+    ("i8", ["--dtype", "i8"], {}),
+    ("i8+rescore4", ["--dtype", "i8"], {"rescore": 4}),
+    ("b1", ["--dtype", "b1", "--keep-vectors"], {}),
+    ("b1+rescore4", ["--dtype", "b1", "--keep-vectors"], {"rescore": 4}),
+    ("b1+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10}),
+]
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def real_embeddings():
+    """(docs, queries) real MiniLM vectors, cached."""
+    if CACHE.is_file():
+        data = np.load(CACHE)
+        return data["docs"], data["queries"]
+    sys.path.insert(0, str(REPO / "bench"))
+    import demo_corpus
+
+    from vecpipe.cli.models import load_model
+
+    titles = [orjson.loads(line)["title"] for line in open(NFCORPUS / "corpus.jsonl", "rb")]
+    stdlib = [r["text"] for r in demo_corpus.records(max_chars=500)]
+    queries = [orjson.loads(line)["text"] for line in open(NFCORPUS / "queries.jsonl", "rb")]
+    model = load_model(None)
+    started = time.time()
+    docs = model.encode(titles + stdlib, batch_size=32)
+    query_vectors = model.encode(queries, batch_size=32)
+    print(f"embedded {len(docs) + len(queries):,} texts in {time.time() - started:.0f} s",
+          file=sys.stderr)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(CACHE, docs=docs, queries=query_vectors)
+    return docs, query_vectors
+
+
+class SpectrumMatched:
+    """Normalized Gaussian vectors with the mean and covariance of real embeddings."""
+
+    def __init__(self, real, seed=0):
+        self.mean = real.mean(axis=0)
+        cov = np.cov(real, rowvar=False)
+        values, vectors = np.linalg.eigh(cov)
+        self.transform = (vectors * np.sqrt(np.clip(values, 0, None))).T.astype(np.float32)
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, n, block=100_000):
+        out = np.empty((n, len(self.mean)), dtype=np.float32)
+        for start in range(0, n, block):
+            z = self.rng.standard_normal((min(block, n - start), len(self.mean)),
+                                         dtype=np.float32)
+            x = self.mean + z @ self.transform
+            out[start:start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+
+def participation_ratio(x) -> float:
+    """(sum of eigenvalues)^2 / sum of squares: the effective number of dimensions."""
+    values = np.clip(np.linalg.eigvalsh(np.cov(x[:20000], rowvar=False)), 0, None)
+    return float(values.sum() ** 2 / (values ** 2).sum())
+
+
+def write_arrow(path, vectors):
+    ids = pa.array([f"d{i}" for i in range(len(vectors))])
+    schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), 384))],
+                       metadata={b"vecpipe.model": b"sentence-transformers/all-MiniLM-L6-v2",
+                                 b"vecpipe.dim": b"384", b"vecpipe.normalized": b"true"})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, len(vectors), 65536):
+            block = vectors[start:start + 65536]
+            writer.write_batch(pa.record_batch(
+                [ids.slice(start, len(block)),
+                 pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), 384)],
+                schema=schema))
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+def median_time(run, repeats=3):
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def exact_search(docs, queries, k=K, block=100_000):
+    from vecpipe.formats.index_store import TopK
+
+    top = TopK(len(queries), k)
+    for start in range(0, len(docs), block):
+        top.update(queries @ docs[start:start + block].T, start)
+    return top.rows
+
+
+def recall_at_k(found, truth) -> float:
+    return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def build_vecpipe(arrow, folder, options):
+    """`vecpipe index` in a subprocess: (seconds, peak RSS bytes)."""
+    cmd = [sys.executable, "-m", "vecpipe.cli", "index", str(arrow), "-o", str(folder), "-q",
+           *options]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"index failed: {' '.join(cmd)}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def measure_vecpipe(arrow, folder, queries, truth, built: dict):
+    from vecpipe.formats.index_store import open_index
+
+    rows = []
+    for name, options, search_options in VARIANTS:
+        key = tuple(options)
+        if key not in built:
+            target = folder / f"idx-{len(built)}"
+            built[key] = (target, *build_vecpipe(arrow, target, options))
+        target, build_s, rss = built[key]
+        index = open_index(str(target))
+        searcher = index.searcher(K, **search_options)
+        searcher.search(queries[:10])  # page the index in
+        seconds, hits = median_time(lambda: searcher.search(queries))
+        files = index.manifest["files"]
+        rows.append({"engine": "vecpipe", "variant": name, "build_s": round(build_s, 1),
+                     "build_peak_rss_mb": round(rss / 2**20),
+                     "index_bytes": files["vectors.usearch"]["bytes"],
+                     "full_vectors_bytes": files.get("full.npy", {}).get("bytes", 0),
+                     "qps": round(len(queries) / seconds),
+                     "recall@10": round(recall_at_k(hits.rows, truth), 4)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def measure_faiss(docs, queries, truth):
+    import faiss
+
+    index = faiss.IndexHNSWFlat(docs.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 128
+    started = time.perf_counter()
+    index.add(docs)
+    build_s = time.perf_counter() - started
+    index.hnsw.efSearch = 64
+    index.search(queries[:10], K)
+    seconds, (_, found) = median_time(lambda: index.search(queries, K))
+    row = {"engine": "faiss", "variant": "HNSWFlat f32", "build_s": round(build_s, 1),
+           "index_bytes": int(faiss.serialize_index(index).nbytes),
+           "qps": round(len(queries) / seconds), "recall@10": round(recall_at_k(found, truth), 4)}
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def run_size(name, docs, queries, workdir):
+    print(f"== {name}: {len(docs):,} docs, {len(queries):,} queries", file=sys.stderr)
+    seconds, truth = median_time(lambda: exact_search(docs, queries), repeats=1)
+    rows = [{"engine": "numpy", "variant": "exact f32", "index_bytes": docs.nbytes,
+             "qps": round(len(queries) / seconds), "recall@10": 1.0}]
+    folder = Path(tempfile.mkdtemp(dir=workdir))
+    try:
+        arrow = folder / "docs.arrow"
+        write_arrow(arrow, docs)
+        rows += measure_vecpipe(arrow, folder, queries, truth, {})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    rows.append(measure_faiss(docs, queries, truth))
+    return {"set": name, "docs": len(docs), "queries": len(queries), "rows": rows}
+
+
+def markdown(result) -> str:
+    exact_qps = next(r["qps"] for r in result["rows"] if r["engine"] == "numpy")
+    f32_bytes = next(r["index_bytes"] for r in result["rows"] if r.get("variant") == "f32")
+    lines = [f"{result['set']}: {result['docs']:,} docs, {result['queries']:,} queries",
+             "", "| engine | variant | build s | index MB | vs f32 | full.npy MB | QPS | "
+                 "x exact | recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['engine']} | {r['variant']} | {r.get('build_s', '-')} | "
+            f"{r['index_bytes'] / 2**20:.1f} | {f32_bytes / r['index_bytes']:.1f}x | "
+            f"{r.get('full_vectors_bytes', 0) / 2**20:.0f} | {r['qps']:,} | "
+            f"{r['qps'] / exact_qps:.1f} | {r['recall@10']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100000", help="synthetic sizes, comma-separated")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--no-real", action="store_true", help="skip the real-embedding set")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--workdir", default=tempfile.gettempdir(), help="for index folders")
+    args = parser.parse_args(argv)
+
+    real_docs, real_queries = real_embeddings()
+    generator = SpectrumMatched(real_docs)
+    iid = np.random.default_rng(1).standard_normal((20000, 384)).astype(np.float32)
+    spectra = {"real": participation_ratio(real_docs),
+               "synthetic": participation_ratio(generator.sample(20000)),
+               "iid gaussian": participation_ratio(iid)}
+    print("effective dimensions (participation ratio): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in spectra.items()), file=sys.stderr)
+    results = []
+    if not args.no_real:
+        results.append(run_size("real MiniLM (NFCorpus titles + stdlib docstrings)", real_docs,
+                                real_queries[:args.queries], args.workdir))
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        docs = generator.sample(size)
+        queries = generator.sample(args.queries)
+        results.append(run_size(f"synthetic {size:,} (real spectrum)", docs, queries,
+                                args.workdir))
+        del docs
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
+               "load_avg": os.getloadavg(), "machine": platform.machine()}
+    for result in results:
+        print(markdown(result) + "\n")
+    print(f"effective dimensions: {spectra}; machine: {machine}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"machine": machine, "spectra": spectra,
+                                              "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
