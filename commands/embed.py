@@ -56,6 +56,17 @@ def run(inputs: options.Inputs = None,
             "--cache", help="Content-addressed vector cache: reruns embed only new or changed "
                             "texts.", metavar="DIR")] = None,
         shard: options.Shard = None,
+        engine: Annotated[str, typer.Option(
+            "--engine", help="local|ray. ray: Ray actors (one per GPU, or per group of CPUs) "
+                             "embed parts of the INPUT files or folders; -o DIR gets part "
+                             "files, -o FILE the input order. Needs vecpipe[ray].")] = "local",
+        address: Annotated[Optional[str], typer.Option(
+            "--address", help="With --engine ray: the cluster to attach to (default "
+                              "RAY_ADDRESS, else a local cluster).", metavar="ADDR")] = None,
+        parts: Annotated[Optional[int], typer.Option(
+            "--parts", min=1, help="With --engine ray: split the input into N parts (default: "
+                                   "as many as -o DIR holds, else one per worker).",
+            metavar="N")] = None,
         skip_invalid: Annotated[bool, typer.Option(
             "--skip-invalid", help="Skip records with missing, empty or non-string text (and "
                                    "count them) instead of failing.")] = False,
@@ -78,12 +89,16 @@ def run(inputs: options.Inputs = None,
       vecpipe embed corpus.jsonl --field title --field text -o corpus.arrow
       vecpipe embed queries.jsonl --prompt 'query: ' --dim 128 --cache ~/.cache/vp | vecpipe info
       vecpipe embed docs.parquet --chunk-tokens 200 --chunk-overlap 50 --shard 0/4 -o p0.arrow
+      vecpipe embed corpus.jsonl --shard auto -o parts/      # parts/part-0000I-of-0000N.arrow
+      vecpipe embed --engine ray corpus/ -o corpus.arrow
     """
+    given = dict(locals())  # the options as given: the Ray engine hands them to its workers
     import signal
 
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model, parse_devices
     from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.parts import completed_rows, mark_complete
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
@@ -92,6 +107,15 @@ def run(inputs: options.Inputs = None,
                 chunk_overlap=chunk_overlap, drop_text=drop_text, skip_invalid=skip_invalid,
                 shard=parse_shard(shard), window=window)
     plan.check_options()
+    if engine != "local" or address or parts:
+        from vecpipe.commands.embed_ray import embed_on_ray
+        return embed_on_ray(given, engine, address, parts)
+    part = shard_part(output, plan.shard, output_format)
+    if part is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
+        output, output_format = part
+        if completed_rows(output) is not None:
+            console.info(f"{output} is already complete: skipped")
+            return None
     resolve_output_format(output, output_format)  # a bad -o or format fails before any work
     devices = parse_devices(device)
     stream = RecordStream(inputs, input_format, batch_rows=min(1024, window), force=force)
@@ -111,11 +135,35 @@ def run(inputs: options.Inputs = None,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if part is not None:
+        mark_complete(output, stats.rows)
+    report(stats, output, loaded.max_length)
+    return stats
+
+
+def report(stats, output, max_length) -> None:
+    """The summary on stderr, and how many inputs were truncated (never silently)."""
+    from vecpipe.cli import console
+
     console.info(stats.summary(output))
     if stats.truncated:
+        window = f"{max_length}-token" if max_length else "token"
         console.warn(f"{stats.truncated} of {stats.embedded} embedded texts were longer than "
-                     f"the model's {loaded.max_length}-token window and were truncated "
+                     f"the model's {window} window and were truncated "
                      "(split them with --chunk-tokens)")
+
+
+def shard_part(output, shard, output_format):
+    """(part file, format) for `--shard I/N -o DIR/`, or None when -o is not a folder."""
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.parts import part_path, wants_part_folder
+
+    if not wants_part_folder(output):
+        return None
+    if shard is None:
+        raise UsageError(f"-o {output} is a folder: part files need --shard I/N",
+                         hint="or --engine ray, which makes the parts itself")
+    return part_path(output, shard, output_format)
 
 
 def _terminate_as_interrupt(signal):
