@@ -226,6 +226,20 @@ def test_retrieval_reads_arrow_runs_ranked_by_rank_alone(cli, tmp_path):
     assert r.records()[0]["mrr_at_1"] == pytest.approx(0.5)  # rank 1 is best: q1 misses at 1
 
 
+def test_retrieval_reads_an_arrow_stream_on_stdin(cli):
+    import io
+
+    hits = [json.loads(line) for line in (DATA / "dense.jsonl").read_text().splitlines()]
+    table = pa.Table.from_pylist(hits)
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    from_arrow = cli("eval", "retrieval", "--qrels", DATA / "qrels.tsv", input=sink.getvalue())
+    from_jsonl = cli("eval", "retrieval", DATA / "dense.jsonl", "--qrels", DATA / "qrels.tsv")
+    assert from_arrow.exit_code == 0, from_arrow
+    assert from_arrow.records()[0]["ndcg_at_10"] == from_jsonl.records()[0]["ndcg_at_10"]
+
+
 def test_several_runs_compared_with_paired_tests(cli):
     r = cli("eval", "retrieval", DATA / "bm25.trec", DATA / "dense.jsonl", "--qrels",
             DATA / "qrels.tsv", "-k", "10", "--metrics", "ndcg,recall")
@@ -419,6 +433,9 @@ def test_beir_errors(cli, tmp_path):
     assert "splits here: dev, test" in r.stderr
     r = cli("eval", "beir", tmp_path / "nope", "-m", "fake:8")
     assert r.exit_code == 1 and "not a folder" in r.stderr
+    r = cli("eval", "beir", TINY, "-m", "fake:8", "--fail-under", "recall@1000=1.01")
+    assert r.exit_code == 1 and r.records()[0]["recall_at_1000"] == 1.0
+    assert "below --fail-under: recall_at_1000 = 1.00000 < 1.01" in r.stderr
 
 
 @pytest.mark.skipif(os.environ.get("VECPIPE_SLOW", "") in ("", "0"),
