@@ -1,0 +1,388 @@
+"""The Ray engine of `vecpipe embed --engine ray`: Ray actors run embed's own shard code on parts.
+
+Not a command: only commands/embed.py imports it, and ray is imported inside functions (it is the
+optional extra `vecpipe[ray]`). One stateful actor per GPU (or per group of CPUs) loads the model
+once and embeds whole parts with `embed --shard I/N -o DIR/`, so its part files are the ones a
+Slurm array or `make -j` would write: atomic, checksummed, skipped when a rerun finds them
+complete, and interchangeable between engines. The driver only schedules parts; for `-o FILE` it
+then restores the input order (see `gather`), so the file equals the unsharded run's.
+
+Plain actors, not Ray Data: parts keep the resume contract and the schema metadata, vectors never
+pass through Ray's tensor type, and no CPU has to stay free for Ray Data's read tasks (an actor
+pool that takes every CPU waits forever for them on a small machine).
+"""
+import os
+
+RAY_HINT = "pip install 'vecpipe[ray]'"
+MAX_CPUS_PER_WORKER = 8  # torch's CPU throughput stops growing past ~8 threads; use more actors
+
+
+def embed_on_ray(options: dict, engine: str = "ray", address: str | None = None,
+                 parts: int | None = None):
+    """Run `embed` with the given options (as embed.run received them) on a Ray cluster.
+
+    -o DIR (or DIR/, or a name without extension): part files in DIR, merged later by `merge`.
+    -o FILE: parts in the hidden folder `.FILE.parts/` beside it (kept for a resuming rerun),
+    then FILE in input order, then the parts removed.
+    """
+    from vecpipe.cli import console
+    from vecpipe.commands.embed import Stats, report
+
+    check_options(options, engine)
+    files = input_files(options["inputs"])
+    folder, final = part_folder(options["output"], options["output_format"])
+    part_format = "arrow-file" if final else options["output_format"]
+    count = known_part_count(folder, parts)
+    todo = unfinished_parts(folder, count, part_format) if count else None
+    totals = Stats()
+    if todo != []:
+        ray = import_ray()
+        with connected(ray, address) as where:
+            shape = worker_shape(ray, options["device"], where)
+            count = count or shape.count
+            todo = unfinished_parts(folder, count, part_format)
+            console.info(f"ray: {shape.describe()} on {where}; {len(todo)} of {count} parts "
+                         f"to embed into {folder}")
+            job = dict(options, inputs=files, output_format=part_format, engine="local",
+                       address=None, parts=None, quiet=True)
+            run_parts(ray, shape, job, folder, count, todo, totals)
+    else:
+        console.info(f"all {count} parts in {folder} are complete: nothing to embed")
+    if final:
+        gather(files, options, folder, count, final, options["output_format"])
+        remove_parts(folder)
+    if todo:
+        report(totals, final or folder, None)
+
+
+# -- inputs and outputs -----------------------------------------------------------------------
+
+def input_files(inputs) -> list:
+    """Absolute paths of the input files; a folder stands for its files (sorted, not hidden)."""
+    from vecpipe.formats.errors import DataError, UsageError
+
+    if not inputs or "-" in inputs:
+        raise UsageError("--engine ray reads files or folders, not stdin",
+                         hint="name the input files or their folder")
+    files = []
+    for path in inputs:
+        if os.path.isdir(path):
+            found = sorted(name for name in os.listdir(path) if not name.startswith("."))
+            files += [os.path.join(path, name) for name in found
+                      if os.path.isfile(os.path.join(path, name))]
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise DataError("no such file", source=path)
+    if not files:
+        raise DataError(f"no input files in {', '.join(inputs)}")
+    return [os.path.abspath(path) for path in files]
+
+
+def part_folder(output, output_format):
+    """(folder of part files, final file or None) for `-o`."""
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.parts import wants_part_folder
+    from vecpipe.formats.writers import resolve_output_format
+
+    if output in (None, "-"):
+        raise UsageError("--engine ray writes files: give -o FILE or -o DIR/")
+    if wants_part_folder(output) or not os.path.splitext(output)[1]:
+        return os.path.abspath(output), None
+    resolve_output_format(output, output_format)  # a bad name or format fails before any work
+    final = os.path.abspath(output)
+    folder, name = os.path.split(final)
+    return os.path.join(folder, f".{name}.parts"), final
+
+
+def check_options(options: dict, engine: str) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {engine!r}; use local or ray")
+    if engine == "local":
+        raise UsageError("--address and --parts need --engine ray")
+    if options["shard"] is not None:
+        raise UsageError("--engine ray makes its own parts: leave out --shard",
+                         hint="--parts N sets how many")
+    if "," in options["device"]:
+        raise UsageError("--engine ray gives each worker one device; use --device auto|cpu|cuda")
+
+
+def known_part_count(folder: str, parts: int | None) -> int | None:
+    """--parts, else the count of the parts already in the folder (so a rerun on another
+    cluster resumes), else None (one part per worker)."""
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.parts import list_parts
+
+    counts = {shard.count for shard, _ in list_parts(folder)} if os.path.isdir(folder) else set()
+    if len(counts) > 1 or (parts and counts and counts != {parts}):
+        found = ", ".join(str(n) for n in sorted(counts))
+        raise UsageError(f"{folder} holds parts of {found} shards"
+                         + (f", not {parts}" if parts else ""),
+                         hint="use a new output folder, or the same --parts as before")
+    return parts or next(iter(counts), None)
+
+
+def unfinished_parts(folder: str, count: int, part_format: str) -> list:
+    from vecpipe.formats.parts import completed_rows, part_path
+    from vecpipe.formats.shards import Shard
+
+    return [index for index in range(count)
+            if completed_rows(part_path(folder, Shard(index, count), part_format)[0]) is None]
+
+
+def remove_parts(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- the cluster ------------------------------------------------------------------------------
+
+def import_ray():
+    from vecpipe.formats.errors import DataError
+
+    try:
+        import ray
+    except ImportError:
+        raise DataError("--engine ray needs Ray, which is not installed",
+                        hint=RAY_HINT) from None
+    return ray
+
+
+class connected:
+    """Attach to a running Ray (this process's, --address, RAY_ADDRESS or `ray start` on this
+    machine), else start a local cluster; leave it as found."""
+
+    def __init__(self, ray, address):
+        self.ray = ray
+        self.address = address
+        self.started = False
+
+    def __enter__(self) -> str:
+        ray = self.ray
+        if ray.is_initialized():
+            return "the running Ray session"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        debug = os.environ.get("VECPIPE_DEBUG", "") not in ("", "0")
+        ray.init(address=self.address, include_dashboard=False, log_to_driver=debug,
+                 logging_level="INFO" if debug else "ERROR", configure_logging=True)
+        self.started = True
+        return self.address or os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
+
+    def __exit__(self, *exc) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+class Shape:
+    """How many workers, and the CPUs/GPUs and device each one gets."""
+
+    def __init__(self, count: int, cpus: int, gpus: int):
+        self.count, self.cpus, self.gpus = count, cpus, gpus
+        self.device = "cuda" if gpus else "cpu"
+
+    def describe(self) -> str:
+        each = f"1 GPU and {self.cpus} CPU" if self.gpus else f"{self.cpus} CPU"
+        return f"{self.count} worker{'s' * (self.count != 1)} ({each}{'s' * (self.cpus != 1)} " \
+               "each)"
+
+
+def worker_shape(ray, device: str, where: str) -> Shape:
+    """One worker per free GPU (unless --device cpu), else per group of at most 8 free CPUs.
+
+    Counted from what is free now, so a busy cluster gets fewer workers instead of actors that
+    wait forever for resources.
+    """
+    from vecpipe.formats.errors import DataError, UsageError
+
+    free = ray.available_resources()
+    cpus, gpus = int(free.get("CPU", 0)), int(free.get("GPU", 0))
+    if device.startswith("cuda") and not gpus:
+        raise UsageError(f"--device {device}: {where} has no free GPU")
+    if device in ("auto", "cuda") and gpus:
+        return Shape(gpus, max(1, min(MAX_CPUS_PER_WORKER, cpus // gpus)), 1)
+    if cpus < 1:
+        raise DataError(f"{where} has no free CPU", hint="wait for other jobs, or add nodes")
+    per_worker = min(cpus, MAX_CPUS_PER_WORKER)
+    return Shape(cpus // per_worker, per_worker, 0)
+
+
+# -- the work ---------------------------------------------------------------------------------
+
+class PartWorker:
+    """A Ray actor: embeds whole parts with embed's own `--shard I/N -o DIR/` code, loading the
+    model once (the first part loads it; embed's loader caches it per process)."""
+
+    def __init__(self, options: dict, device: str, cpus: int):
+        os.environ["OMP_NUM_THREADS"] = str(cpus)  # before torch loads
+        self.options = dict(options, device=device)
+        self.cpus = cpus
+
+    def embed_part(self, index: int, count: int, folder: str):
+        """(index, stats as a dict) or (index, error fields) when the part failed."""
+        from vecpipe.cli import console
+        from vecpipe.commands import embed
+        from vecpipe.formats.errors import VecpipeError
+
+        console.configure("vecpipe embed", quiet=True)
+        self._limit_threads()
+        try:
+            stats = embed.run(**dict(self.options, shard=f"{index}/{count}",
+                                     output=folder + os.sep, engine="local"))
+        except VecpipeError as err:  # Ray would pickle it without its location and hint
+            return index, {"error": [type(err).__name__, err.message, err.source, err.record,
+                                     err.hint]}
+        return index, vars(stats) if stats is not None else {}
+
+    def _limit_threads(self) -> None:
+        import sys
+
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(self.cpus)
+
+
+def run_parts(ray, shape: Shape, job: dict, folder: str, count: int, todo: list,
+              totals) -> None:
+    """Embed the parts `todo` on `shape.count` actors; the next free actor takes the next part.
+    Adds each part's stats into `totals`; raises the first part's error."""
+    from ray.util import ActorPool
+
+    from vecpipe.cli import console
+    from vecpipe.formats.parts import part_path
+    from vecpipe.formats.shards import Shard
+
+    worker = ray.remote(num_cpus=shape.cpus, num_gpus=shape.gpus)(PartWorker)
+    actors = [worker.remote(job, shape.device, shape.cpus)
+              for _ in range(min(shape.count, len(todo)))]
+    try:
+        pool = ActorPool(actors)
+        for index, stats in pool.map_unordered(
+                lambda actor, index: actor.embed_part.remote(index, count, folder), todo):
+            if "error" in stats:
+                raise rebuilt_error(*stats["error"])
+            add_stats(totals, stats)
+            path = part_path(folder, Shard(index, count), job["output_format"])[0]
+            console.info(f"{os.path.basename(path)}: {stats.get('rows', 0)} vectors")
+    finally:
+        for actor in actors:  # free the cluster's resources now, not when this driver exits
+            ray.kill(actor)
+
+
+def rebuilt_error(kind: str, message: str, source, record, hint):
+    from vecpipe.formats.errors import DataError, UsageError
+
+    cls = UsageError if kind == "UsageError" else DataError
+    return cls(message, source=source, record=record, hint=hint)
+
+
+def add_stats(totals, stats: dict) -> None:
+    for name, value in stats.items():
+        if isinstance(value, int):
+            setattr(totals, name, getattr(totals, name, 0) + value)
+        elif value and not getattr(totals, name, None):
+            setattr(totals, name, value)
+
+
+# -- the parts -> one file in input order ----------------------------------------------------
+
+def gather(files, options, folder: str, count: int, output: str, output_format: str) -> None:
+    """Write the parts to `output` in input order, as the unsharded run would have.
+
+    Order is carried by ids: a part holds its shard's records in input order, so reading the
+    inputs' ids again (embed's own id and validity rules) says for every record which part
+    holds its next row(s): `shard_of(id)`. A streaming interleave over memory-mapped parts, no
+    sort; the ids of the rows taken are checked against the input's.
+    """
+    from vecpipe.commands import embed
+    from vecpipe.formats.parts import part_path
+    from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.shards import Shard, shard_of
+    from vecpipe.formats.writers import RecordWriter
+
+    cursors = [PartCursor(part_path(folder, Shard(i, count), "arrow-file")[0])
+               for i in range(count)]
+    plan = embed.Plan(fields=list(options["fields"] or ["text"]), id_field=options["id_field"],
+                      skip_invalid=options["skip_invalid"])
+    stream = RecordStream(files, options["input_format"], force=options["force"])
+    plan.id_column = embed.find_id(stream.schema, plan.id_field)
+    chunked = options["chunk_tokens"] is not None
+    with RecordWriter(output, output_format, schema=cursors[0].table.schema) as writer:
+        for part in embed.selected_parts(stream, stream.schema, None, plan, embed.Stats()):
+            firsts = [cursor.row for cursor in cursors]
+            taken = []  # (shard, row in that part) of each output row, in input order
+            for record_id in part.ids:
+                shard = shard_of(record_id, count)
+                taken += [(shard, row) for row in cursors[shard].take(record_id, chunked)]
+            writer.write_table(interleaved(cursors, firsts, taken))
+    for cursor in cursors:
+        cursor.check_all_taken()
+
+
+def interleaved(cursors, firsts, taken):
+    """The rows `taken` as one table: each part's rows are one contiguous slice."""
+    import pyarrow as pa
+
+    used = sorted({shard for shard, _ in taken})
+    base, offset = {}, 0
+    for shard in used:
+        base[shard] = offset
+        offset += cursors[shard].row - firsts[shard]
+    pieces = pa.concat_tables([cursors[shard].table.slice(firsts[shard],
+                                                          cursors[shard].row - firsts[shard])
+                               for shard in used] or [cursors[0].table.slice(0, 0)])
+    order = [base[shard] + row - firsts[shard] for shard, row in taken]
+    return pieces.take(pa.array(order, pa.int64()))
+
+
+class PartCursor:
+    """A memory-mapped part and the row where the next record's rows start."""
+
+    WINDOW = 8192  # ids are read this many rows at a time
+
+    def __init__(self, path: str):
+        import pyarrow as pa
+
+        self.path = path
+        self.table = pa.ipc.open_file(pa.memory_map(path)).read_all()  # zero-copy
+        self.row = 0
+        self._window = (0, [], [], [])  # first row, ids, parent ids, chunk numbers
+
+    def take(self, record_id: str, chunked: bool) -> range:
+        """The rows of record `record_id` (all its chunks when chunked), which must come next."""
+        first = row = self.row
+        if chunked:
+            while row < self.table.num_rows and self._key(row)[1:] == (record_id, row - first):
+                row += 1
+        elif row < self.table.num_rows and self._key(row)[0] == record_id:
+            row += 1
+        if row == first:
+            self._mismatch(f"has no row for id {record_id!r} next")
+        self.row = row
+        return range(first, row)
+
+    def _key(self, row: int):
+        """(id, parent id, chunk number) of a row."""
+        start, ids, parents, chunks = self._window
+        if not start <= row < start + len(ids):
+            window = self.table.slice(row, self.WINDOW)
+            names = window.column_names
+            ids = window.column("id").to_pylist()
+            parents = window.column("parent_id").to_pylist() if "parent_id" in names else ids
+            chunks = window.column("chunk").to_pylist() if "chunk" in names else [0] * len(ids)
+            start = row
+            self._window = (start, ids, parents, chunks)
+        index = row - start
+        return ids[index], parents[index], chunks[index]
+
+    def check_all_taken(self) -> None:
+        if self.row != self.table.num_rows:
+            self._mismatch("holds rows that no input record has")
+
+    def _mismatch(self, what: str) -> None:
+        from vecpipe.formats.errors import DataError
+
+        raise DataError(f"{what}: the parts do not match the inputs", source=self.path,
+                        hint="the inputs changed since the parts were written: delete the "
+                             "parts folder and rerun")
