@@ -115,6 +115,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
                          f"{', '.join(merging.DEDUPE_MODES)}")
     if paths.count("-") > 1:
         raise UsageError("stdin (-) can be read only once")
+    paths = expand_part_folders(paths)
     merging.check_shard_set(paths, expect_shards)
     with spooled_stdin(paths, needed=dedupe in ("last", "error")) as readable:
         sources = [open_source(path, shown, input_format) for path, shown in readable]
@@ -139,8 +140,25 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
                 for batch in batches:
                     out.write(batch)
     dropped_note = f", {keeper.dropped} duplicates dropped" if keeper else ""
-    console.info(f"{len(paths)} inputs -> {out.rows} records -> {output or 'stdout'} "
+    console.info(f"{len(paths)} input{'s' if len(paths) != 1 else ''} -> {out.rows} records -> {output or 'stdout'} "
                  f"({out.format}){dropped_note}")
+
+
+def expand_part_folders(paths):
+    """A folder stands for the part files in it (`embed --shard I/N -o DIR/`), in shard order."""
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.parts import list_parts
+
+    expanded = []
+    for path in paths:
+        if path != "-" and os.path.isdir(path):
+            parts = [part for _, part in list_parts(path)]
+            if not parts:
+                raise DataError("folder holds no part-0000I-of-0000N files", source=path)
+            expanded.extend(parts)
+        else:
+            expanded.append(path)
+    return expanded
 
 
 @contextlib.contextmanager

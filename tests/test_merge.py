@@ -276,6 +276,29 @@ def test_merged_embed_shards_equal_unsharded(cli, tmp_path, write_jsonl, fmt):
     assert r.exit_code == 1 and "1 of 3 shards missing" in r.stderr
 
 
+@pytest.mark.skipif(not embed_registered(), reason="vecpipe embed is not registered yet")
+def test_part_folder_of_embed_shards(cli, tmp_path, write_jsonl):
+    """`embed --shard I/N -o DIR/` writes part files (and dot-file sidecars); merge DIR reads
+    the parts in shard order and notices a missing one."""
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{i}", "text": f"document {i}"}
+                                                 for i in range(50)])
+    folder = tmp_path / "parts"
+    for i in (0, 2, 1):
+        r = cli("embed", docs, "-m", "fake:8", "--shard", f"{i}/3", "-o", f"{folder}/")
+        assert r.exit_code == 0, r
+    r = cli("merge", folder, "--expect-shards", "3", "--sort-by", "id", "--output-format",
+            "jsonl")
+    whole = cli("embed", docs, "-m", "fake:8", "--output-format", "jsonl")
+    assert records_of(r) == sorted(records_of(whole), key=lambda rec: rec["id"])
+    (folder / "part-00001-of-00003.arrow").unlink()
+    r = cli("merge", folder, "--output-format", "jsonl")
+    assert r.exit_code == 1 and "part-00001-of-00003.arrow" in r.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("merge", empty)
+    assert r.exit_code == 1 and "no part-0000I-of-0000N files" in r.stderr
+
+
 # ---- model soups -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
