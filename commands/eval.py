@@ -331,6 +331,10 @@ def beir(
             metavar="DTYPE")] = None,
         ef: Annotated[Optional[int], typer.Option(
             "--ef", min=1, help="HNSW expansion_search with --index-dtype.")] = None,
+        cache: Annotated[Optional[str], typer.Option(
+            "--cache", help="Embedding cache folder, shared with `vecpipe embed --cache`: "
+                            "reruns embed only texts not seen with this model and prompt.",
+            metavar="DIR")] = None,
         save_run: Annotated[Optional[str], typer.Option(
             "--save-run", help="Also write the top-1000 run here as a TREC run file (for "
                                "`eval retrieval` comparisons).", metavar="PATH")] = None,
@@ -363,19 +367,21 @@ def beir(
     queries = _beir_queries(files["queries"], qrels)
     started = time.perf_counter()
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
-    query_vectors = loaded.encode(list(queries.values()), batch_size, query_prompt or "")
-    top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], loaded, query_vectors,
-                                                  max(ks), batch_size, doc_prompt or "",
-                                                  index_dtype, ef)
+    with _Encoder(loaded, batch_size, cache) as encoder:
+        query_vectors = encoder(list(queries.values()), query_prompt or "")
+        top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], encoder, query_vectors,
+                                                      max(ks), doc_prompt or "", index_dtype,
+                                                      ef, loaded.name)
     run = {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
            for qid, rows, scores in zip(queries, *top)}
     if save_run:
         _save_run(save_run, queries, doc_ids, top)
     evaluation = m.evaluate(qrels, run, ks, names)
     seconds = time.perf_counter() - started
+    cached = f" ({encoder.hits} texts from the cache)" if cache else ""
     console.info(f"{len(doc_ids)} documents embedded in {corpus_seconds:.1f} s "
-                 f"({len(doc_ids) / max(corpus_seconds, 1e-9):.0f}/s), {len(queries)} queries; "
-                 f"{seconds:.1f} s in all")
+                 f"({len(doc_ids) / max(corpus_seconds, 1e-9):.0f}/s), {len(queries)} queries"
+                 f"{cached}; {seconds:.1f} s in all")
     record = {"dataset": dataset, "split": split, "model": loaded.name,
               "search": f"hnsw-{index_dtype}" if index_dtype else "exact",
               "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
@@ -463,8 +469,53 @@ _CORPUS_BLOCK = 8192   # documents embedded and searched at a time
 _QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 scores (64 MiB)
 
 
-def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt, index_dtype=None,
-                   ef=None):
+class _Encoder:
+    """encoder(texts, prompt) -> unit vectors, through the embedding cache when there is one.
+    The cache space uses `vecpipe embed`'s settings (normalized, full dim) so both share it."""
+
+    def __init__(self, loaded, batch_size: int, folder: str | None):
+        self.loaded, self.batch_size, self.folder = loaded, batch_size, folder
+        self.caches: dict = {}
+        self.hits = 0
+
+    def __call__(self, texts: list, prompt: str):
+        import numpy as np
+
+        if self.folder is None:
+            return self.loaded.encode(texts, self.batch_size, prompt)
+        cache = self._cache(prompt)
+        vectors, hits = cache.lookup(texts)
+        missing = np.flatnonzero(~hits)
+        if len(missing):
+            fresh = self.loaded.encode([texts[i] for i in missing], self.batch_size, prompt)
+            cache.store([texts[i] for i in missing], fresh)
+            vectors[missing] = fresh
+        self.hits += int(hits.sum())
+        return vectors
+
+    def _cache(self, prompt: str):
+        from vecpipe.formats.cache import EmbeddingCache, cache_space
+
+        if prompt not in self.caches:
+            model = self.loaded
+            dtype = "float32" if model.st is None else \
+                str(next(model.st.parameters()).dtype).replace("torch.", "")
+            settings = {"model": model.name, "model_sha": model.sha, "prompt": prompt,
+                        "dim": model.dim, "normalize": True, "backend": model.backend,
+                        "max_length": model.max_length, "dtype": dtype}
+            self.caches[prompt] = EmbeddingCache(self.folder, cache_space(settings), model.dim,
+                                                 description=settings)
+        return self.caches[prompt]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cache in self.caches.values():
+            cache.close()
+
+
+def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, model_name):
     """Embed the corpus block by block and find each query's top `depth` by cosine: exactly
     (running top-k, bounded memory) or, with `index_dtype`, through a temporary HNSW index.
 
@@ -479,7 +530,7 @@ def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt, index
 
     id_chunks, offset, embed_seconds = [], 0, 0.0
     with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
-        search = _IndexSearch(query_vectors, depth, index_dtype, ef, loaded.name, tmp) \
+        search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp) \
             if index_dtype else _ExactSearch(query_vectors, depth)
         with console.progress(desc="corpus", unit="doc") as bar:
             for item in RecordStream([path], batch_rows=_CORPUS_BLOCK):
@@ -487,7 +538,7 @@ def _search_corpus(path, loaded, query_vectors, depth, batch_size, prompt, index
                 if not texts:
                     continue
                 started = time.perf_counter()
-                doc_vectors = loaded.encode(texts, batch_size, prompt)
+                doc_vectors = encode(texts, prompt)
                 embed_seconds += time.perf_counter() - started
                 search.add(ids, doc_vectors, offset)
                 id_chunks.append(ids)

@@ -427,6 +427,23 @@ def test_beir_through_a_temporary_index(cli):
         assert r.exit_code == 2 and r.stdout == "", r
 
 
+def test_beir_cache_is_shared_with_embed(cli, tmp_path, write_jsonl):
+    cache = tmp_path / "cache"
+    docs = [json.loads(line) for line in open(TINY / "corpus.jsonl")]
+    texts = write_jsonl(tmp_path / "texts.jsonl", [
+        {"id": d["_id"], "text": (d["title"] + " " + d["text"]).strip()} for d in docs])
+    embedded = cli("embed", texts, "-m", "fake:16", "--cache", cache, "--output-format", "jsonl")
+    assert embedded.exit_code == 0, embedded
+    first = cli("eval", "beir", TINY, "-m", "fake:16", "--cache", cache)
+    assert first.exit_code == 0, first
+    # the 11 documents, and 4 queries whose text equals a document's (q4 is new)
+    assert "(15 texts from the cache)" in first.stderr
+    again = cli("eval", "beir", TINY, "-m", "fake:16", "--cache", cache)
+    assert "(16 texts from the cache)" in again.stderr
+    assert again.records()[0]["ndcg_at_10"] == first.records()[0]["ndcg_at_10"] == \
+        cli("eval", "beir", TINY, "-m", "fake:16").records()[0]["ndcg_at_10"]
+
+
 def test_beir_errors(cli, tmp_path):
     r = cli("eval", "beir", TINY, "-m", "fake:8", "--split", "train")
     assert r.exit_code == 1 and "missing qrels/train.tsv" in r.stderr
