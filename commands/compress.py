@@ -80,8 +80,10 @@ def run(inputs: options.Inputs = None,
 
     rows = calibration_rows or DEFAULT_CALIBRATION_ROWS
     wants_sample = codec is None or report or report_json
-    buffered, rest = calibrate(stream, rows) if wants_sample else ([], iter(stream))
+    buffered, rest = calibrate(stream, rows if wants_sample else 1)
     sample = float_sample(buffered, rows) if wants_sample else None
+    if buffered and not force:
+        refuse_codes(float_vectors(buffered[0]), buffered[0])
     if codec is None:
         codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
                           normalize=meta.get("normalized") != "false", model=meta.get("model"))
@@ -204,6 +206,21 @@ def float_vectors(item):
         raise DataError("embedding holds NaN or infinity", source=item.source,
                         record=item.first_record + row)
     return vectors
+
+
+def refuse_codes(vectors, item) -> None:
+    """Codes written as JSONL come back as float numbers with no codec; re-compressing them is
+    never meant. Whole numbers beyond +-1 in every value of a batch give them away."""
+    import numpy as np
+
+    from vecpipe.formats.errors import DataError
+
+    if len(vectors) and np.abs(vectors).max() > 1 and np.array_equal(vectors, np.rint(vectors)):
+        raise DataError("the vectors hold only whole numbers: codes from an earlier compress?",
+                        source=item.source, record=item.first_record,
+                        hint="JSONL carries no vecpipe.codec metadata; give the codec to whoever "
+                             "reads JSONL codes (compress/index/search --codec FILE), compress "
+                             "the float32 vectors, or pass --force")
 
 
 def encode_located(codec, vectors, item):

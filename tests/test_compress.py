@@ -306,6 +306,11 @@ def test_mismatched_codecs_and_models_refused(cli, tmp_path):
     narrow = write_arrow(tmp_path / "narrow.arrow", unit_vectors(5, 16))
     r = cli("compress", narrow, "--codec", saved, "--output-format", "jsonl")
     assert r.exit_code == 1 and "16 dimensions" in r.stderr
+    # int8 codes written as JSONL lose the codec: they are refused, not compressed again
+    as_jsonl = cli("compress", src, "--codec", saved, "--output-format", "jsonl").stdout
+    (tmp_path / "codes.jsonl").write_text(as_jsonl)
+    r = cli("compress", tmp_path / "codes.jsonl", "--to", "binary")
+    assert r.exit_code == 1 and "whole numbers" in r.stderr and "--codec FILE" in r.stderr
     # two compressed inputs with different codecs do not mix in one stream
     second = tmp_path / "c2.arrow"
     assert cli("compress", src, "--to", "uint8", "-o", second).exit_code == 0
