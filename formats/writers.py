@@ -111,7 +111,11 @@ class RecordWriter:
         self._sink = self._atomic.file if self._atomic else stdout_binary()
         self._writer = None
         if schema is not None:
-            self._start(schema)
+            try:
+                self._start(schema)
+            except BaseException:  # e.g. Ctrl-C/SIGTERM while pyarrow.parquet imports
+                self.abort()
+                raise
 
     def _start(self, schema) -> None:
         import pyarrow as pa
