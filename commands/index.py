@@ -132,7 +132,7 @@ class IndexPlan:
         buffered, sample, rows = [], [], 0
         for item in items:
             buffered.append(item)
-            sample.append(self._float_vectors(item))
+            sample.append(_column_vectors(item, "embedding"))
             rows += item.batch.num_rows
             if rows >= CALIBRATION_ROWS:
                 break
@@ -142,11 +142,6 @@ class IndexPlan:
         self.spec.metadata.update(self.encoder.metadata())
         yield from buffered
         yield from items
-
-    def _float_vectors(self, item):
-        from vecpipe.formats import schema as names
-
-        return _column_vectors(item, names.EMBEDDING)
 
     def _convert(self, item) -> dict:
         import pyarrow as pa
@@ -166,7 +161,9 @@ class IndexPlan:
             vectors = to_index_codes(self.input_codec, vectors)
         ids = self._ids(batch, item)
         stored = pa.table([pa.array(ids, pa.string())] +
-                          [batch.column(name) for name in self.fields[1:]], names=self.fields)
+                          [batch.column(name) if name in batch.schema.names
+                           else pa.nulls(batch.num_rows) for name in self.fields[1:]],
+                          names=self.fields)
         return dict(ids=ids, vectors=vectors, stored=stored, full=full, source=item.source,
                     first_record=item.first_record)
 

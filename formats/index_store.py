@@ -19,9 +19,14 @@ API (numpy/pyarrow/usearch only):
   `.search(queries) -> Hits` does ANN or exact search, filters at any selectivity, rescoring and
   the score threshold. `read_manifest(path)` reads only the manifest.
 - Scores are similarities, larger is better, whatever the metric: cos -> cosine, ip -> dot
-  product, l2sq -> minus the squared distance, hamming -> the fraction of equal bits.
-  `similarity(metric, queries, vectors)` and `TopK` compute the same scores with numpy (exact
-  search over a stream).
+  product, l2sq -> minus the squared distance, hamming -> the fraction of equal bits
+  (`distance_to_score` converts usearch distances). `similarity(metric, queries, vectors)` and
+  `TopK` compute the same scores with numpy (exact search over a stream).
+- Quantized indexes: i8 holds the compress codec's int8 codes (uint8 codes shifted by -128), b1
+  its packed sign bits; the codec travels in `metadata["codec"]`. `to_index_codes` /
+  `from_index_codes` convert between codec codes and what usearch stores. i8 scores are always
+  the float query against the decoded codes (asymmetric); b1 scores are hamming-based unless
+  rescored.
 """
 from __future__ import annotations
 
