@@ -44,12 +44,19 @@ K = 10
 VARIANTS = [  # (name, index options, search options)
     ("f32", ["--dtype", "f32"], {}),
     ("f16", ["--dtype", "f16"], {}),
-    ("i8", ["--dtype", "i8"], {}),
-    ("i8+rescore4", ["--dtype", "i8"], {"rescore": 4}),
+    ("i8 (default: k*4 rescored)", ["--dtype", "i8"], {}),
+    ("i8 rescore1", ["--dtype", "i8"], {"rescore": 1}),
     ("b1", ["--dtype", "b1", "--keep-vectors"], {}),
     ("b1+rescore4", ["--dtype", "b1", "--keep-vectors"], {"rescore": 4}),
     ("b1+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10}),
+    ("b1+rescore20", ["--dtype", "b1", "--keep-vectors"], {"rescore": 20}),
+    ("b1 exact+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10, "exact": True}),
 ]
+# Runs a command and prints its peak RSS: measured from a small launcher, because a child forked
+# from this (large) process inherits this process's RSS into its own ru_maxrss.
+LAUNCHER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -147,12 +154,11 @@ def build_vecpipe(arrow, folder, options):
     cmd = [sys.executable, "-m", "vecpipe.cli", "index", str(arrow), "-o", str(folder), "-q",
            *options]
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    if status != 0:
-        raise SystemExit(f"index failed: {' '.join(cmd)}")
-    return seconds, usage.ru_maxrss * 1024
+    if done.returncode != 0:
+        raise SystemExit(f"index failed: {' '.join(cmd)}: {done.stderr}")
+    return seconds, int(done.stderr.split()[-1]) * 1024
 
 
 def measure_vecpipe(arrow, folder, queries, truth, built: dict):

@@ -25,7 +25,8 @@ def run(index: Annotated[str, typer.Argument(
         rescore: Annotated[Optional[int], typer.Option(
             "--rescore", min=1, help="Fetch k*MULT candidates from a compressed index and "
                                      "rescore them with the kept full vectors (or the float "
-                                     "query against the codes).", metavar="MULT",
+                                     "query against the codes; i8 indexes do that on k*4 by "
+                                     "default).", metavar="MULT",
             show_default=False)] = None,
         min_score: Annotated[Optional[float], typer.Option(
             "--min-score", help="Drop hits scoring below S (fewer than k hits allowed).",
@@ -76,10 +77,10 @@ def run(index: Annotated[str, typer.Argument(
 
     \b
     Example:
-      echo '{"id": "q1", "text": "how do I parse JSON?"}' | vecpipe search idx --fields text
+      echo "how do I parse JSON?" | vecpipe search idx --input-format text --fields text
       vecpipe search idx queries.jsonl -k 100 --output-format trec -o run.trec
       vecpipe search idx queries.jsonl --filter 'lang == "en" and year >= 2020' --rescore 4
-      vecpipe search docs.arrow queries.jsonl --exact   # no index: exact over the stream
+      vecpipe search docs.arrow queries.jsonl   # no index: exact search over the stream
     """
     import os
 
