@@ -187,26 +187,36 @@ def _corpus_source(corpus, beir, fields) -> _Source:
 
 
 class _ExactCorpus:
-    """Vectors in memory (normalized), ids and texts: exact search by blocks."""
+    """Vectors in memory (normalized), ids and texts: exact search by blocks. A text that
+    occurs several times is searched once (its first record), so that a rank counts distinct
+    texts, as in sentence-transformers, which de-duplicates its corpus."""
 
     def __init__(self, name, vectors, ids, texts, metadata, prompt):
-        from vecpipe.formats.mining import normalized
+        import numpy as np
+
+        from vecpipe.formats.mining import normalized, text_codes
 
         self.name = name
-        self.vectors = normalized(vectors)
         self.ids = ids              # pa.Array of strings
         self.texts = texts          # pa.Array of strings
+        self.codes = text_codes(texts)
         self.metadata = metadata    # vecpipe.* keys of the vectors ({} for embedded text)
         self.prompt = prompt        # the prompt the corpus texts were embedded with
+        first_row_of_code = np.unique(self.codes, return_index=True)[1]
+        self.searched = np.sort(first_row_of_code)        # the rows searched, ascending
+        self._slot = np.searchsorted(self.searched, first_row_of_code[self.codes])
+        self.duplicates = len(self.codes) - len(self.searched)
+        self.vectors = normalized(vectors[self.searched] if self.duplicates else vectors)
 
     def search(self, queries, k):
         from vecpipe.formats.mining import exact_top_k
 
-        return exact_top_k(queries, self.vectors, k)
+        scores, slots = exact_top_k(queries, self.vectors, k)
+        return scores, self.searched[slots]
 
     def row_scores(self, queries, rows):
         """Score of queries[i] against corpus row rows[i], on the search's scale."""
-        return self.vector_scores(queries, self.vectors[rows])
+        return self.vector_scores(queries, self.vectors[self._slot[rows]])
 
     def vector_scores(self, queries, vectors):
         """Score of queries[i] against the model's vectors[i], on the search's scale."""
@@ -223,13 +233,15 @@ class _IndexCorpus:
     def __init__(self, path, fields, exact):
         from vecpipe.formats.errors import DataError
         from vecpipe.formats.index_store import FLOAT_DTYPES, open_index
-        from vecpipe.formats.mining import join_fields
+        from vecpipe.formats.mining import join_fields, text_codes
 
         self.index = open_index(path)
         self.name, self.metadata = path, self.index.metadata
         self.prompt = self.index.metadata.get("prompt", "")
         self.ids = self.index.ids().combine_chunks()
         self.texts = join_fields(self.index.rows(fields), fields, path)
+        self.codes = text_codes(self.texts)
+        self.duplicates = 0   # an index searches every record, repeated texts included
         quantized = self.index.dtype not in FLOAT_DTYPES
         if quantized and self.index.full_vectors() is None:
             raise DataError(f"a {self.index.dtype} index without full vectors cannot score "
@@ -387,13 +399,13 @@ def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force,
 
 def _prepare(pair_set, source, settings, model_spec, device, trust_remote_code, force, prompts,
              batch_size, exact):
-    from vecpipe.formats.mining import Miner, text_codes
+    from vecpipe.formats.mining import Miner
 
     corpus, model = _load_corpus(source, pair_set, model_spec, device, trust_remote_code, force,
                                  prompts, batch_size, exact)
     _resolve(pair_set, corpus)
     depth = settings.range_max + pair_set.search_depth_extra
-    return _Job(pair_set, corpus, model, Miner(settings, text_codes(corpus.texts)),
+    return _Job(pair_set, corpus, model, Miner(settings, corpus.codes),
                 _query_prompt(model, corpus, prompts), corpus.prompt, batch_size, depth)
 
 
@@ -581,7 +593,8 @@ def _report(job: _Job, stats_path, layout) -> None:
     from vecpipe.cli import console
     from vecpipe.formats.writers import text_output
 
-    facts = job.miner.stats.as_dict()
+    facts = {"corpus_records": len(job.corpus.texts),
+             "corpus_repeated_texts": job.corpus.duplicates, **job.miner.stats.as_dict()}
     if stats_path:
         document = {"options": {**job.miner.options.__dict__, "layout": layout,
                                 "depth": job.depth}, **facts}

@@ -36,6 +36,18 @@ def make_pairs(corpus, queries=12):
     return pairs
 
 
+def embeddings_file(path, corpus, dim=DIM):
+    """An Arrow file of fake:DIM vectors with the metadata `vecpipe embed` writes."""
+    texts = [d["text"] for d in corpus]
+    table = pa.table({"id": [d["id"] for d in corpus], "text": texts,
+                      "embedding": names.numpy_to_vectors(fake_vectors(texts, dim))})
+    table = table.replace_schema_metadata(
+        names.with_meta(table.schema, load_model(f"fake:{dim}").metadata()).metadata)
+    with pa.ipc.new_file(path, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
 @pytest.fixture
 def small(tmp_path, write_jsonl):
     corpus = make_corpus()
@@ -46,8 +58,9 @@ def small(tmp_path, write_jsonl):
 
 def reference(pairs, corpus, n=3, range_min=0, range_max=50, absolute_margin=None,
               relative_margin=None, max_score=None, min_score=None, guide=None):
-    """The rules written as plain loops over a full ranking (fake model vectors)."""
-    texts = [d["text"] for d in corpus]
+    """The rules written as plain loops over a full ranking of the distinct texts (fake model
+    vectors)."""
+    texts = list(dict.fromkeys(d["text"] for d in corpus))
     text_of = {d["id"]: d["text"] for d in corpus}
     vectors = fake_vectors(texts, DIM)
     groups = {}
@@ -136,20 +149,33 @@ def test_positives_by_id_and_text_and_the_query_itself_are_never_negatives(cli, 
     assert not negatives & banned
     assert len(negatives) == 33 - 5   # everything else, each text once
     stats = json.loads((tmp_path / "stats.json").read_text())
-    assert stats["removed"]["known_positive"] == 3 and stats["removed"]["query_itself"] == 2
-    assert stats["candidates_seen"] == 33 and stats["queries_short"] == 1
+    # the twin is searched once, as its first record (d1), so it is no separate candidate
+    assert stats["corpus_repeated_texts"] == 1 and stats["candidates_seen"] == 32
+    assert stats["removed"]["known_positive"] == 2 and stats["removed"]["query_itself"] == 2
+    assert stats["queries_short"] == 1
 
 
 def test_duplicate_texts_give_one_negative(cli, tmp_path, write_jsonl):
     corpus = make_corpus(20) + [{"id": f"copy{i}", "text": "apple apple note 0 again"}
                                 for i in range(3)]
-    pairs = [{"query": "apple apple note 0 agai", "positive_id": "d5"}]
-    r = cli("mine-negatives", write_jsonl(tmp_path / "p.jsonl", pairs), "--corpus",
-            write_jsonl(tmp_path / "c.jsonl", corpus), "-m", FAKE, "-n", "21",
-            "--on-short", "keep", "--output-format", "jsonl", "--stats", tmp_path / "s.json")
-    negatives = [row["negative"] for row in r.records()]
-    assert len(negatives) == len(set(negatives)) == 23 - 1 - 2
-    assert json.loads((tmp_path / "s.json").read_text())["removed"]["duplicate_text"] == 2
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"query": "apple apple note 0 agai",
+                                                "positive_id": "d5"}])
+    index = tmp_path / "idx"
+    assert cli("index", embeddings_file(tmp_path / "e.arrow", corpus), "-o", index,
+               "--store", "text", "-q").exit_code == 0
+    args = ["-n", "21", "--on-short", "keep", "--output-format", "jsonl"]
+    searched_once = cli("mine-negatives", pairs, "--corpus",
+                        write_jsonl(tmp_path / "c.jsonl", corpus), "-m", FAKE, *args,
+                        "--stats", tmp_path / "exact.json")
+    all_searched = cli("mine-negatives", pairs, "--corpus", index, "--exact", *args,
+                       "--stats", tmp_path / "index.json")
+    for result in (searched_once, all_searched):
+        negatives = [row["negative"] for row in result.records()]
+        assert len(negatives) == len(set(negatives)) == 23 - 1 - 2
+    exact = json.loads((tmp_path / "exact.json").read_text())
+    assert exact["corpus_repeated_texts"] == 2 and exact["removed"]["duplicate_text"] == 0
+    index_stats = json.loads((tmp_path / "index.json").read_text())
+    assert index_stats["removed"]["duplicate_text"] == 2
 
 
 def test_random_sampling_is_seeded_and_inside_the_window(cli, small):
@@ -206,14 +232,7 @@ def test_layouts_and_scores(cli, small):
 
 def test_embeddings_stream_and_index_folder_give_the_same_rows(cli, small, tmp_path):
     pairs_path, corpus_path, pairs, corpus = small
-    texts = [d["text"] for d in corpus]
-    table = pa.table({"id": [d["id"] for d in corpus], "text": texts,
-                      "embedding": names.numpy_to_vectors(fake_vectors(texts, DIM))})
-    table = table.replace_schema_metadata(
-        names.with_meta(table.schema, load_model(FAKE).metadata()).metadata)
-    stream = tmp_path / "emb.arrow"
-    with pa.ipc.new_file(stream, table.schema) as writer:
-        writer.write_table(table)
+    stream = embeddings_file(tmp_path / "emb.arrow", corpus)
     assert cli("index", stream, "-o", tmp_path / "idx", "--store", "text", "-q").exit_code == 0
     args = ["-n", "3", "--relative-margin", "0.05", "--output-format", "jsonl"]
     from_text = cli("mine-negatives", pairs_path, "--corpus", corpus_path, "-m", FAKE, *args)
@@ -228,14 +247,7 @@ def test_embeddings_stream_and_index_folder_give_the_same_rows(cli, small, tmp_p
 
 def test_binary_index_scores_with_its_full_vectors(cli, small, tmp_path):
     pairs_path, corpus_path, pairs, corpus = small
-    texts = [d["text"] for d in corpus]
-    table = pa.table({"id": [d["id"] for d in corpus], "text": texts,
-                      "embedding": names.numpy_to_vectors(fake_vectors(texts, 64))})
-    table = table.replace_schema_metadata(
-        names.with_meta(table.schema, load_model("fake:64").metadata()).metadata)
-    stream = tmp_path / "emb.arrow"
-    with pa.ipc.new_file(stream, table.schema) as writer:
-        writer.write_table(table)
+    stream = embeddings_file(tmp_path / "emb.arrow", corpus, dim=64)
     for name, extra in (("bits", []), ("bits-full", ["--keep-vectors"])):
         r = cli("index", stream, "-o", tmp_path / name, "--store", "text", "--dtype", "b1",
                 "-q", *extra)
