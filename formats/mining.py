@@ -5,9 +5,11 @@ model, exact search and `sampling="top"` the output is the same:
 
 - Queries are grouped by their text; every row of a query adds a positive. Positives are
   de-duplicated by text (sentence-transformers de-duplicates its corpus by text).
-- Each query retrieves `range_max + P` nearest corpus records, P = the largest number of pair
+- Each query retrieves `range_max + P` nearest corpus texts, P = the largest number of pair
   records any query has. Known positives (by id and by identical text), the query itself (by
-  id and by identical text) and repeated texts are set aside.
+  id and by identical text) and repeated texts are set aside. (An exact corpus is searched
+  once per distinct text, as sentence-transformers de-duplicates its corpus; an index
+  searches every record, so there a repeated text uses up a place.)
 - Score filters on the rest: `absolute_margin` (keep a negative only if score <= positive -
   margin), `relative_margin` (score <= positive - |positive| * margin, so 0.05 = "95% of the
   positive"), `max_score`, `min_score`; the positive is the query's *lowest*-scoring positive.
