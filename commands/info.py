@@ -65,13 +65,24 @@ def describe_stream(path: str, input_format: str = "auto") -> dict:
              "bytes": os.path.getsize(path) if path != "-" else None,
              "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
              "metadata": names.read_meta(schema)}
-    for key in ("codec",):
-        if key in facts["metadata"]:
-            try:
-                facts["metadata"][key] = json.loads(facts["metadata"][key])
-            except ValueError:
-                pass
+    if "codec" in facts["metadata"]:
+        facts["metadata"]["codec"] = codec_summary(facts["metadata"]["codec"])
     return facts
+
+
+def codec_summary(codec_json: str) -> dict:
+    """The codec in a few words: a PCA codec carries hundreds of KB of projection."""
+    import hashlib
+
+    from vecpipe.formats.codec import Codec
+
+    codec = Codec.from_json(codec_json)
+    summary = {"transform": codec.describe(), "to": codec.to,
+               "sha256": hashlib.sha256(codec_json.encode()).hexdigest()[:16]}
+    pca = json.loads(codec_json).get("pca")
+    if pca:
+        summary["pca_sha256"] = pca.get("sha256")
+    return summary
 
 
 def print_table(facts: dict) -> None:
