@@ -4,8 +4,15 @@
 sentence-transformers' own ONNX path needs optimum, which does not install next to transformers 5,
 so the export is done here with torch.onnx: the transformer alone (input ids and masks in, token
 embeddings out). Pooling and normalization stay sentence-transformers' modules (cli/models.py).
-Exports are written once, atomically, beside the weights (`<model>/onnx/`) or, when that folder is
-not writable, in the export folder given (else ~/.cache/vecpipe/onnx/).
+
+Files, each made once and atomically, beside the weights (`<model>/onnx/`) or, when that folder is
+not writable, in the export folder given (else ~/.cache/vecpipe/onnx/):
+  vecpipe-<sha>-fp32.onnx       plain ONNX ops (eager attention traced): OpenVINO reads this one
+  vecpipe-<sha>-fp32-opt.onnx   onnxruntime's transformer fusions (attention, layer norm, GELU);
+                                kept only when its output matches the plain file's
+  vecpipe-<sha>-int8.onnx       the fused file with int8 weights (dynamic quantization)
+Measured here (2 shared cores): fused float32 ~1.15x the unfused graph, fused int8 ~1.3x the
+unfused int8 and ~1.8x torch.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -27,11 +35,11 @@ _OPSET = 17
 
 def runtime_for(model, backend: str, device: str, export_dir: str | None):
     """A callable: tokenized features -> token embeddings (torch tensor), for `backend`."""
-    fp32 = ensure_export(model, export_dir)
+    plain = ensure_export(model, export_dir)
     if backend == "openvino":
-        return OpenVinoRuntime(fp32, device)
-    path = fp32 if backend == "onnx" else ensure_int8(fp32)
-    return OrtRuntime(path, device)
+        return OpenVinoRuntime(plain, device)
+    fused = ensure_fused(plain, model.st)
+    return OrtRuntime(fused if backend == "onnx" else ensure_int8(fused), device)
 
 
 def export_folder(model, export_dir: str | None) -> str:
@@ -59,9 +67,23 @@ def ensure_export(model, export_dir: str | None) -> str:
     return path
 
 
+def ensure_fused(plain_path: str, st) -> str:
+    """The file with onnxruntime's transformer fusions, or the plain one where fusing fails or
+    changes the output."""
+    path = plain_path.replace("-fp32.onnx", "-fp32-opt.onnx")
+    if os.path.isfile(path):
+        return path
+    console.info(f"optimizing the ONNX graph (once): {path}")
+    with _atomic_path(path) as tmp:
+        if not fuse_transformer(plain_path, tmp, st):
+            console.warn("onnxruntime could not fuse this model's graph; using the plain export")
+            return plain_path
+    return path
+
+
 def ensure_int8(fp32_path: str) -> str:
     """A dynamically quantized (int8 weights) copy of an exported model, made on first use."""
-    path = fp32_path.replace("-fp32.onnx", "-int8.onnx")
+    path = re.sub(r"-fp32(-opt)?\.onnx$", "-int8.onnx", fp32_path)
     if not os.path.isfile(path):
         console.info(f"quantizing to int8 (once): {path}")
         with _atomic_path(path) as tmp:
@@ -114,33 +136,73 @@ def export_transformer(st, path: str) -> None:
             return self.inner(**dict(zip(names, inputs)), return_dict=True).last_hidden_state
 
     axes = {name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]}
-    wrapped = Wrapped(transformer.model).eval().float()
+    inner = transformer.model
+    wrapped = Wrapped(inner).eval().float()
+    attention = getattr(inner.config, "_attn_implementation", None)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), \
             torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
+            # Eager attention traces to the plain MatMul/Softmax pattern onnxruntime can fuse.
+            if attention and hasattr(inner, "set_attn_implementation"):
+                inner.set_attn_implementation("eager")
             torch.onnx.export(wrapped, tuple(sample[n] for n in names), path,
                               input_names=names, output_names=["last_hidden_state"],
                               dynamic_axes=axes, opset_version=_OPSET, dynamo=False)
         except Exception as err:  # noqa: BLE001 - many exporter failures, one message
             raise DataError(f"ONNX export failed: {type(err).__name__}: {err}",
                             hint="use --backend torch") from None
+        finally:
+            if attention and hasattr(inner, "set_attn_implementation"):
+                inner.set_attn_implementation(attention)
+
+
+def fuse_transformer(src: str, dst: str, st) -> bool:
+    """onnxruntime's BERT-family fusions into `dst`; False when they do not apply or change the
+    output (checked on a padded sample against the plain graph)."""
+    from onnxruntime.transformers import optimizer
+
+    config = _transformer_module(st).model.config
+    heads = getattr(config, "num_attention_heads", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    try:
+        with _quiet_logging():
+            fused = optimizer.optimize_model(src, model_type="bert", num_heads=heads,
+                                             hidden_size=hidden)
+            if not fused.get_fused_operator_statistics().get("Attention"):
+                return False
+            fused.save_model_to_file(dst)
+    except Exception:  # noqa: BLE001 - fusion is an optimization; the plain graph still works
+        return False
+    sample = st.tokenizer(["vecpipe", "a longer sample text, so that the batch holds padding"],
+                          padding=True, return_tensors="np")
+    plain, optimized = OrtRuntime(src, "cpu"), OrtRuntime(dst, "cpu")
+    difference = (plain(sample) - optimized(sample)).abs().max().item()
+    return difference < 1e-3
 
 
 def quantize_int8(src: str, dst: str) -> None:
-    """Dynamic quantization of the MatMul weights, int8 per channel.
+    """Dynamic quantization: int8 weights per channel (MatMul, fused Attention), activations
+    quantized on the fly.
 
     reduce_range keeps 7-bit weights: without VNNI (AVX2, AVX-512 without VNNI) the u8*s8
     products can saturate; measured here, it kept mean cosine to float32 at 0.994.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    with _quiet_logging():  # quantize_dynamic warns about optional pre-processing
+        # DefaultTensorType: fused contrib ops (Attention...) defeat ONNX shape inference.
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                         reduce_range=True, extra_options={"DefaultTensorType": 1})
+
+
+@contextlib.contextmanager
+def _quiet_logging():
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic warns about optional pre-processing
+    root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=True, op_types_to_quantize=["MatMul"])
+        yield
     finally:
         root.setLevel(level)
 

@@ -53,7 +53,7 @@ def reference():
 
 def test_vectors_equal_sentence_transformers_with_and_without_windowing(cli, tmp_path,
                                                                         write_jsonl, reference):
-    texts = synthetic_texts(40)
+    texts = synthetic_texts(24, longest=330)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
     expected = reference.encode(texts, batch_size=32, normalize_embeddings=True)
     for extra in ([], ["--window", "7", "--batch-size", "3"]):
@@ -61,7 +61,7 @@ def test_vectors_equal_sentence_transformers_with_and_without_windowing(cli, tmp
         r = cli("embed", src, "-o", out, "--device", "cpu", *extra)
         assert r.exit_code == 0, r
         table = read_arrow(out)
-        assert table.column("id").to_pylist() == [f"d{i}" for i in range(40)]
+        assert table.column("id").to_pylist() == [f"d{i}" for i in range(24)]
         got = names.vectors_to_numpy(table.column("embedding"))
         np.testing.assert_allclose(got, expected, atol=1e-5)
     meta = names.read_meta(table.schema)
@@ -70,7 +70,7 @@ def test_vectors_equal_sentence_transformers_with_and_without_windowing(cli, tmp
     tokens = reference.tokenizer(texts, truncation=False)["input_ids"]
     too_long = sum(len(ids) > 256 for ids in tokens)
     assert too_long > 0
-    assert f"{too_long} of 40 embedded texts were longer than the model's 256-token" in r.stderr
+    assert f"{too_long} of 24 embedded texts were longer than the model's 256-token" in r.stderr
 
 
 def test_prompt_and_matryoshka_dim_match_sentence_transformers(cli, tmp_path, write_jsonl,
@@ -113,6 +113,29 @@ def test_onnx_backends_match_torch(cli, tmp_path, write_jsonl, reference):
     cosines = (quantized * expected).sum(axis=1)
     assert cosines.min() > 0.97, cosines
     assert names.read_meta(table.schema)["backend"] == "onnx-int8"
+
+
+def test_openvino_backend_matches_torch(cli, tmp_path, write_jsonl, reference):
+    pytest.importorskip("openvino")
+    texts = synthetic_texts(6, seed=4, longest=80)
+    src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
+    r = cli("embed", src, "--backend", "openvino", "--device", "cpu", "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    np.testing.assert_allclose(vectors(r.records()), reference.encode(texts), atol=1e-5)
+
+
+def test_missing_backend_package_is_a_clear_error(cli, tmp_path, write_jsonl, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else
+                        real_find_spec(name, *a))
+    src = write_jsonl(tmp_path / "in.jsonl", records_of(["x"]))
+    r = cli("embed", src, "--backend", "onnx-int8", "-m", bundled_model_path())
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "--backend onnx-int8 needs the onnxruntime package" in r.stderr
+    assert "hint: pip install onnxruntime" in r.stderr
 
 
 def test_chunks_recover_text_with_model_tokenizer(cli, tmp_path, write_jsonl, reference):

@@ -1,0 +1,235 @@
+"""Benchmark `vecpipe embed` against plain sentence-transformers on BEIR NFCorpus (title + text).
+
+1. Throughput, torch backend: `vecpipe embed --field title --field text` reading the corpus JSONL
+   on stdin and writing Arrow to /dev/null (a subprocess, as a user runs it) vs.
+   `SentenceTransformer.encode` of the same texts in one in-memory call in this process; same
+   model, batch size and device. Runs alternate (ST, vecpipe, ST, vecpipe...) so machine load hits
+   both alike; medians and their ratio. The subprocess pays interpreter start-up and model
+   loading, which encode's timing does not; that fixed cost is measured on a one-record input and
+   reported, with the ratio both with and without it.
+2. Exported CPU backends (onnx, onnx-int8, openvino when installed): same pipeline timed against
+   the same ST baseline; quality cost as mean/min cosine to the float32 sentence-transformers
+   vectors and the NFCorpus nDCG@10 change (test qrels; brute-force cosine top 10, queries embedded
+   with the same backend; pytrec_eval ndcg_cut_10). These runs write Arrow to a temporary file
+   (read back for the quality numbers) instead of /dev/null.
+3. Peak RSS of the torch run (os.wait4's ru_maxrss) for the first 1/10 of the corpus vs. the
+   whole corpus (10x the input).
+
+    .venv/bin/python bench/embed.py [--data ../shared/data/nfcorpus] [--repeats 3]
+        [--backends onnx,onnx-int8] [--batch-size 32] [--device cpu] [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+K = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nfcorpus"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", default="onnx,onnx-int8",
+                        help="comma-separated exported backends to compare ('' for none)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit", type=int, default=None, help="first N documents only")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    with tempfile.TemporaryDirectory(prefix="vecpipe-bench-embed-") as tmp:
+        corpus_path = Path(tmp) / "corpus.jsonl"
+        docs = read_jsonl(data / "corpus.jsonl")[:args.limit]
+        corpus_path.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
+        texts = [" ".join(p for p in (d.get("title"), d.get("text")) if p) for d in docs]
+        print(machine_line())
+        print(f"corpus: {len(texts)} NFCorpus documents (title + text), batch {args.batch_size}, "
+              f"device {args.device}\n")
+        st = load_st(args.device)
+        reference = st.encode(texts[:64], batch_size=args.batch_size)  # warm-up
+        reference, st_times, vp_times = throughput(st, texts, corpus_path, args)
+        startup = min(run_embed(first_lines(corpus_path, 1, tmp), args)[0] for _ in range(2))
+        report_throughput(len(texts), st_times, vp_times, startup)
+        backends = [b for b in args.backends.split(",") if b]
+        if backends:
+            compare_backends(backends, st, reference, texts, docs, corpus_path, data, args,
+                             st_times, startup, tmp)
+        if not args.skip_rss:
+            report_rss(corpus_path, len(texts), args, tmp)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def first_lines(path: Path, count: int, tmp: str) -> Path:
+    out = Path(tmp) / f"first{count}.jsonl"
+    with open(path, "rb") as src:
+        out.write_bytes(b"".join(line for _, line in zip(range(count), src)))
+    return out
+
+
+def machine_line() -> str:
+    load = os.getloadavg()
+    return (f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at start "
+            f"(shared machine: timings are noisy)")
+
+
+def load_st(device: str):
+    from sentence_transformers import SentenceTransformer
+
+    from vecpipe.cli.models import bundled_model_path
+
+    return SentenceTransformer(bundled_model_path(), device=device)
+
+
+def embed_cmd(args, extra=()):
+    return [sys.executable, "-m", "vecpipe.cli", "embed", "--field", "title", "--field", "text",
+            "--batch-size", str(args.batch_size), "--device", args.device, "-q", *extra]
+
+
+def run_embed(input_path: Path, args, extra=(), output=None):
+    """(seconds, peak RSS KiB) of one `vecpipe embed` subprocess reading `input_path` on stdin."""
+    out_args = ["-o", str(output)] if output else ["--output-format", "arrow"]
+    with open(input_path, "rb") as stdin, open(os.devnull, "wb") as devnull:
+        start = time.perf_counter()
+        proc = subprocess.Popen(embed_cmd(args, [*extra, *out_args]), stdin=stdin,
+                                stdout=devnull)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"vecpipe embed failed with exit {proc.returncode}")
+    return seconds, usage.ru_maxrss
+
+
+def throughput(st, texts, corpus_path, args):
+    st_times, vp_times, vectors = [], [], None
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        vectors = st.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)
+        st_times.append(time.perf_counter() - start)
+        vp_times.append(run_embed(corpus_path, args)[0])
+        print(f"  run: ST {st_times[-1]:.1f} s, vecpipe {vp_times[-1]:.1f} s", flush=True)
+    return np.asarray(vectors, dtype=np.float32), st_times, vp_times
+
+
+def report_throughput(count, st_times, vp_times, startup):
+    st_s, vp_s = statistics.median(st_times), statistics.median(vp_times)
+    print("\n| pipeline (torch, CPU) | seconds (median) | docs/s | vs ST encode |")
+    print("|---|---|---|---|")
+    print(f"| SentenceTransformer.encode, one in-memory call | {st_s:.1f} | {count / st_s:.1f} "
+          f"| 1.00x |")
+    print(f"| vecpipe embed < corpus.jsonl > /dev/null (Arrow), end to end | {vp_s:.1f} | "
+          f"{count / vp_s:.1f} | {st_s / vp_s:.2f}x |")
+    net = max(vp_s - startup, 1e-9)
+    print(f"| same, less the fixed start-up ({startup:.1f} s: interpreter, imports, model "
+          f"load; measured on 1 record) | {net:.1f} | {count / net:.1f} | {st_s / net:.2f}x |")
+    print()
+
+
+def compare_backends(backends, st, reference, texts, docs, corpus_path, data, args, st_times,
+                     startup, tmp):
+    queries, qrels = test_queries(data, {d["_id"] for d in docs})
+    doc_ids = [d["_id"] for d in docs]
+    query_texts = list(queries.values())
+    base_q = st.encode(query_texts, batch_size=args.batch_size, normalize_embeddings=True)
+    base_ndcg = ndcg_at_10(reference, np.asarray(base_q), doc_ids, list(queries), qrels)
+    st_s = statistics.median(st_times)
+    rows = [f"| sentence-transformers torch float32 | {st_s:.1f} | {len(texts) / st_s:.1f} | "
+            f"1.00x | 1.0000 | 1.0000 | {base_ndcg:.4f} | 0 |"]
+    from vecpipe.cli.models import load_model
+
+    for backend in backends:
+        try:
+            load_model(None, device="cpu", backend=backend)  # export once, outside the timing
+        except Exception as err:  # noqa: BLE001 - report and go on with the other backends
+            print(f"backend {backend}: unavailable ({err})")
+            continue
+        out = Path(tmp) / f"{backend}.arrow"
+        seconds = statistics.median(run_embed(corpus_path, args, ["--backend", backend], out)[0]
+                                    for _ in range(args.repeats))
+        got = read_vectors(out)
+        cosines = (got * reference).sum(axis=1)
+        model = load_model(None, device="cpu", backend=backend)
+        queries_vec = model.encode(query_texts, batch_size=args.batch_size)
+        ndcg = ndcg_at_10(got, queries_vec, doc_ids, list(queries), qrels)
+        rows.append(f"| vecpipe embed --backend {backend} | {seconds:.1f} | "
+                    f"{len(texts) / seconds:.1f} | {st_s / seconds:.2f}x "
+                    f"({st_s / max(seconds - startup, 1e-9):.2f}x less start-up) | "
+                    f"{cosines.mean():.4f} | {cosines.min():.4f} | {ndcg:.4f} | "
+                    f"{ndcg - base_ndcg:+.4f} |")
+        print(f"  {backend}: {seconds:.1f} s", flush=True)
+    print(f"\nqueries: {len(queries)} NFCorpus test queries with qrels\n")
+    print("| backend | seconds | docs/s | vs ST encode | mean cos to fp32 | min cos | "
+          "nDCG@10 | change |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print()
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    from vecpipe.formats import schema as names
+
+    with pa.memory_map(str(path)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return names.vectors_to_numpy(table.column("embedding")).astype(np.float32)
+
+
+def test_queries(data: Path, doc_ids: set[str]):
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (data / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        query_id, doc_id, score = line.split("\t")
+        if doc_id in doc_ids:
+            qrels.setdefault(query_id, {})[doc_id] = int(score)
+    queries = {q["_id"]: q["text"] for q in read_jsonl(data / "queries.jsonl")
+               if q["_id"] in qrels}
+    return queries, qrels
+
+
+def ndcg_at_10(doc_vectors, query_vectors, doc_ids, query_ids, qrels) -> float:
+    """Mean nDCG@10 (pytrec_eval) of brute-force cosine top-10 search."""
+    import pytrec_eval
+
+    docs = doc_vectors / np.linalg.norm(doc_vectors, axis=1, keepdims=True)
+    queries = query_vectors / np.linalg.norm(query_vectors, axis=1, keepdims=True)
+    scores = queries @ docs.T
+    run = {}
+    for row, query_id in enumerate(query_ids):
+        top = np.argsort(-scores[row])[:K]
+        run[query_id] = {doc_ids[i]: float(scores[row, i]) for i in top}
+    evaluator = pytrec_eval.RelevanceEvaluator({q: qrels[q] for q in query_ids},
+                                               {"ndcg_cut_10"})
+    per_query = evaluator.evaluate(run)
+    return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
+
+
+def report_rss(corpus_path: Path, count: int, args, tmp: str) -> None:
+    tenth = first_lines(corpus_path, max(1, count // 10), tmp)
+    small_s, small = run_embed(tenth, args)
+    full_s, full = run_embed(corpus_path, args)
+    print("| input | seconds | peak RSS |")
+    print("|---|---|---|")
+    print(f"| {max(1, count // 10)} documents | {small_s:.1f} | {small / 1024:.0f} MiB |")
+    print(f"| {count} documents (10x) | {full_s:.1f} | {full / 1024:.0f} MiB |")
+    print()
+
+
+if __name__ == "__main__":
+    main()
