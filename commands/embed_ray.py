@@ -254,6 +254,7 @@ def run_parts(ray, shape: Shape, job: dict, folder: str, count: int, todo: list,
     from vecpipe.formats.shards import Shard
 
     worker = ray.remote(num_cpus=shape.cpus, num_gpus=shape.gpus)(PartWorker)
+    free_before = ray.available_resources().get("CPU", 0)
     actors = [worker.remote(job, shape.device, shape.cpus)
               for _ in range(min(shape.count, len(todo)))]
     try:
@@ -268,6 +269,17 @@ def run_parts(ray, shape: Shape, job: dict, folder: str, count: int, todo: list,
     finally:
         for actor in actors:  # free the cluster's resources now, not when this driver exits
             ray.kill(actor)
+        wait_for_cpus(ray, free_before)
+
+
+def wait_for_cpus(ray, cpus: float, patience: float = 10.0) -> None:
+    """Wait (a little) until the killed actors' CPUs are free again: Ray returns them
+    asynchronously, and a next run in the same session sizes its workers by what is free."""
+    import time
+
+    deadline = time.monotonic() + patience
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def rebuilt_error(kind: str, message: str, source, record, hint):
