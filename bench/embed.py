@@ -16,7 +16,8 @@
    whole corpus (10x the input).
 
     .venv/bin/python bench/embed.py [--data ../shared/data/nfcorpus] [--repeats 3]
-        [--backends onnx,onnx-int8] [--batch-size 32] [--device cpu] [--limit N]
+        [--backends onnx,onnx-int8,openvino] [--backend-repeats 1] [--batch-size 32]
+        [--device cpu] [--limit N]
 """
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ K = 10
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "nfcorpus"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", default="onnx,onnx-int8",
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the torch comparison")
+    parser.add_argument("--backend-repeats", type=int, default=1)
+    parser.add_argument("--backends", default="onnx,onnx-int8,openvino",
                         help="comma-separated exported backends to compare ('' for none)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
@@ -164,7 +166,7 @@ def compare_backends(backends, st, reference, texts, docs, corpus_path, data, ar
             continue
         out = Path(tmp) / f"{backend}.arrow"
         seconds = statistics.median(run_embed(corpus_path, args, ["--backend", backend], out)[0]
-                                    for _ in range(args.repeats))
+                                    for _ in range(args.backend_repeats))
         got = read_vectors(out)
         cosines = (got * reference).sum(axis=1)
         model = load_model(None, device="cpu", backend=backend)

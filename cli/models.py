@@ -171,9 +171,16 @@ class LoadedModel:
         if self.st is None or self.backend != "torch":
             raise UsageError("several --device values need the torch backend and a real model")
         cpu_workers = sum(d == "cpu" for d in devices)
-        if cpu_workers:  # children read it at start-up; avoid oversubscribing the cores
+        saved = os.environ.get("OMP_NUM_THREADS")
+        if cpu_workers:  # the children read it at start-up: share the cores, no oversubscription
             os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
-        return self.st.start_multi_process_pool(target_devices=devices)
+        try:
+            return self.st.start_multi_process_pool(target_devices=devices)
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
 
     def encode_pool(self, pool, texts: list[str], batch_size: int = 32, prompt: str = "",
                     normalize: bool = True, dim: int | None = None):
@@ -333,6 +340,7 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_device(device)
+    _tokenizer_threads(resolved)
     try:
         st = SentenceTransformer(path, device=resolved if backend == "torch" else "cpu",
                                  trust_remote_code=trust_remote_code)
@@ -394,6 +402,16 @@ def _apply_dtype(st, dtype: str, device: str) -> None:
         raise UsageError(f"unknown dtype {dtype!r}; use {'|'.join(DTYPES)}")
     if dtype != "float32":
         st.to(choices[dtype])
+
+
+def _tokenizer_threads(device: str) -> None:
+    """On a GPU the host tokenizes for it: let the Rust tokenizer use every core (on CPU the
+    cores are the model's; the default stays off). A user's own setting wins."""
+    if device.startswith("cuda") and not _user_set_tokenizer_threads:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+
+
+_user_set_tokenizer_threads = "TOKENIZERS_PARALLELISM" in os.environ
 
 
 def _quiet_libraries(offline: bool) -> None:
