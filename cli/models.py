@@ -195,6 +195,16 @@ class LoadedModel:
     def stop_pool(self, pool) -> None:
         self.st.stop_multi_process_pool(pool)
 
+    def vector_settings(self, prompt: str = "", dim: int | None = None,
+                        normalize: bool = True) -> dict:
+        """Everything besides the text that decides a vector: the key space of
+        vecpipe.formats.cache (embed and eval share cached vectors through it)."""
+        dtype = "float32" if self.st is None else \
+            str(next(self.st.parameters()).dtype).replace("torch.", "")
+        return {"model": self.name, "model_sha": self.sha, "prompt": prompt,
+                "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
+                "max_length": self.max_length, "dtype": dtype}
+
     def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
         """The `vecpipe.*` keys describing vectors this model produced."""
         from vecpipe.cli import __version__

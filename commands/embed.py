@@ -253,16 +253,7 @@ class Plan:
         return self.normalize or (model.normalizes and self.dim is None)
 
     def cache_settings(self, model) -> dict:
-        return {"model": model.name, "model_sha": model.sha, "prompt": self.prompt,
-                "dim": self.out_dim(model), "normalize": self.normalize,
-                "backend": model.backend, "max_length": model.max_length,
-                "dtype": _model_dtype(model)}
-
-
-def _model_dtype(model) -> str:
-    if model.st is None:
-        return "float32"
-    return str(next(model.st.parameters()).dtype).replace("torch.", "")
+        return model.vector_settings(self.prompt, self.dim, self.normalize)
 
 
 # -- the stream -------------------------------------------------------------------------------
