@@ -470,8 +470,8 @@ _QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 s
 
 
 class _Encoder:
-    """encoder(texts, prompt) -> unit vectors, through the embedding cache when there is one.
-    The cache space uses `vecpipe embed`'s settings (normalized, full dim) so both share it."""
+    """encoder(texts, prompt) -> unit vectors, through the embedding cache when there is one
+    (keyed by the model's vector_settings, as `vecpipe embed` keys it: both share vectors)."""
 
     def __init__(self, loaded, batch_size: int, folder: str | None):
         self.loaded, self.batch_size, self.folder = loaded, batch_size, folder
@@ -497,14 +497,9 @@ class _Encoder:
         from vecpipe.formats.cache import EmbeddingCache, cache_space
 
         if prompt not in self.caches:
-            model = self.loaded
-            dtype = "float32" if model.st is None else \
-                str(next(model.st.parameters()).dtype).replace("torch.", "")
-            settings = {"model": model.name, "model_sha": model.sha, "prompt": prompt,
-                        "dim": model.dim, "normalize": True, "backend": model.backend,
-                        "max_length": model.max_length, "dtype": dtype}
-            self.caches[prompt] = EmbeddingCache(self.folder, cache_space(settings), model.dim,
-                                                 description=settings)
+            settings = self.loaded.vector_settings(prompt)
+            self.caches[prompt] = EmbeddingCache(self.folder, cache_space(settings),
+                                                 self.loaded.dim, description=settings)
         return self.caches[prompt]
 
     def __enter__(self):
