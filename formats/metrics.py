@@ -194,20 +194,13 @@ def _record_batches(stream, head: bytes, path: str, compressed: bool) -> Iterato
     from . import readers
 
     name = _input_name(path)
-    fmt = readers.sniff(head)
     seekable_path = None if (compressed or path == "-") else path
-    try:
-        # readers has no public reader for a stream already peeked at; sniffing a TREC file
-        # must not consume stdin before we know which parser to use.
-        for _schema, batches in readers._READERS[fmt](stream, name, seekable_path, _READ_ROWS):
-            record = 1
-            for batch in batches:
-                yield batch, record
-                record += batch.num_rows
-    except DataError as err:
-        raise err.located(name)
-    except UnicodeDecodeError as err:
-        raise DataError(f"invalid UTF-8 ({err.reason})", source=name) from None
+    for _schema, batches in readers.read_opened(stream, readers.sniff(head), name,
+                                                seekable_path, _READ_ROWS):
+        record = 1
+        for batch in batches:
+            yield batch, record
+            record += batch.num_rows
 
 
 def _text_lines(stream, name: str) -> Iterator[tuple[int, str]]:

@@ -201,16 +201,24 @@ class RecordStream:
         self.formats[name] = fmt + (f"+{compression}" if compression else "")
         seekable_path = None if (compression or path == "-") else path
         try:
-            reader = _READERS[fmt]
-            yield from reader(stream, name, seekable_path, self.batch_rows)
-        except DataError as err:
-            raise err.located(name)
-        except UnicodeDecodeError as err:
-            raise DataError(f"invalid UTF-8 ({err.reason})", source=name) from None
-        except OSError as err:
-            raise DataError(f"read failed: {err}", source=name) from None
+            yield from read_opened(stream, fmt, name, seekable_path, self.batch_rows)
         finally:
             stream.close()
+
+
+def read_opened(stream, fmt: str, name: str, seekable_path: str | None = None,
+                batch_rows: int = DEFAULT_BATCH_ROWS):
+    """(schema, batch iterator) pairs of a stream already opened and sniffed with `open_input`
+    (for callers that look at the head bytes first, e.g. to tell a TREC file from records).
+    `seekable_path`: the plain file behind the stream, for memory-mapped Arrow/Parquet reads."""
+    try:
+        yield from _READERS[fmt](stream, name, seekable_path, batch_rows)
+    except DataError as err:
+        raise err.located(name)
+    except UnicodeDecodeError as err:
+        raise DataError(f"invalid UTF-8 ({err.reason})", source=name) from None
+    except OSError as err:
+        raise DataError(f"read failed: {err}", source=name) from None
 
 
 def _arrow_error(name: str, err: Exception, record: int) -> DataError:
