@@ -57,6 +57,11 @@ def run(inputs: options.Inputs = None,
             metavar="MODEL", show_default=False)] = None,
         threads: Annotated[int, typer.Option(
             "--threads", min=0, help="usearch threads (0 = all cores).")] = 0,
+        shard: Annotated[Optional[str], typer.Option(
+            "--shard", help="Index only shard I of N (I/N, or auto from Slurm/torchrun/"
+                            "Kubernetes) into DIR/part-0000I-of-0000N.idx; a complete one is "
+                            "skipped. `merge --index --link DIR/part-*` serves them as one.",
+            metavar="I/N")] = None,
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
@@ -71,16 +76,25 @@ def run(inputs: options.Inputs = None,
       vecpipe embed docs.jsonl | vecpipe index -o idx --store title
       vecpipe index docs.arrow --dtype b1 --keep-vectors -o idx   # then: search --rescore 10
       vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate replace
+      vecpipe index corpus.arrow --shard 3/8 -o idx/   # idx/part-00003-of-00008.idx
     """
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.index_store import IndexBuilder
     from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.shards import parse_shard
 
+    part = parse_shard(shard)
+    if part is not None:
+        output = shard_index_path(output, part)
+        if not append and complete_index(output):
+            console.info(f"{output} is already complete: skipped")
+            return
     stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS, force=force)
     plan = plan_index(stream, output, metric, dtype, connectivity, expansion_add,
                       expansion_search, store, store_all, keep_vectors, append, query_prompt,
                       model, force)
+    plan.shard = part
     builder_args = dict(on_duplicate=on_duplicate, threads=threads)
     if plan.base is not None:
         builder = IndexBuilder(output, base=plan.base, **builder_args)
@@ -88,10 +102,14 @@ def run(inputs: options.Inputs = None,
         builder = IndexBuilder(output, plan.spec, fields=plan.fields, **builder_args)
     with builder, console.progress(desc="index", unit="vec") as bar:
         for batch in plan.batches():
-            builder.add(**batch)
+            _add(builder, batch)
             bar.update(len(batch["ids"]))
         if plan.rows_read == 0:
             raise DataError("empty input: no records to index", source=stream.inputs[0])
+        if part is not None and builder.count == 0:
+            raise DataError(f"shard {part.index}/{part.count} holds none of the input's "
+                            f"{plan.rows_read:,} records, and an index needs one",
+                            hint="use fewer shards")
     added = builder.count - (plan.base.count if plan.base else 0)
     console.info(f"{builder.count:,} vectors in {output} ({added:,} added"
                  + (f", {builder.skipped:,} duplicates skipped" if builder.skipped else "")
@@ -112,16 +130,18 @@ class IndexPlan:
         self.keep_vectors = keep_vectors
         self.rows_read = 0
         self.next_record = 1            # for inputs without ids: the record number is the id
+        self.shard = None               # --shard: keep only this shard's records
 
     def batches(self):
         """Dicts of IndexBuilder.add arguments, one per input batch."""
         items = iter(self.stream)
         if self.fit_codec:
             items = self._calibrated(items)
-        for item in items:
+        for item in items:  # the codec is fitted on the whole input: the same for every shard
             if item.batch.num_rows:
                 self.rows_read += item.batch.num_rows
-                yield self._convert(item)
+                batch = self._convert(item)
+                yield batch if self.shard is None else _in_shard(batch, self.shard)
 
     def _calibrated(self, items):
         """Buffer the first CALIBRATION_ROWS vectors, fit the codec on them, then go on."""
@@ -186,6 +206,55 @@ class IndexPlan:
         if not pa.types.is_string(column.type):
             column = column.cast(pa.string())
         return column.to_pylist()
+
+
+def shard_index_path(folder: str, shard) -> str:
+    """DIR/part-0000I-of-0000N.idx: one index folder per shard."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, shard.part_name("idx"))
+
+
+def complete_index(path: str) -> bool:
+    """Whether `path` is an index whose files match their manifest's checksums."""
+    import os
+
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.index_store import open_index
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        open_index(path, verify=True)
+    except DataError:
+        return False
+    return True
+
+
+def _in_shard(batch: dict, shard) -> dict:
+    """The rows of a converted batch that belong to `shard` (record ids hashed as `embed
+    --shard` does); `kept` maps them back to their records for error messages."""
+    from vecpipe.formats.shards import shard_mask
+
+    kept = shard_mask(batch["ids"], shard).nonzero()[0]
+    full = batch["full"]
+    return dict(batch, ids=[batch["ids"][row] for row in kept], vectors=batch["vectors"][kept],
+                stored=batch["stored"].take(kept), full=None if full is None else full[kept],
+                kept=kept)
+
+
+def _add(builder, batch: dict) -> None:
+    """builder.add; an error in a shard's rows names the input record it came from."""
+    from vecpipe.formats.errors import DataError
+
+    kept = batch.pop("kept", None)
+    try:
+        builder.add(**batch)
+    except DataError as err:
+        if kept is not None and err.record is not None:
+            err.record = batch["first_record"] + int(kept[err.record - batch["first_record"]])
+        raise
 
 
 def _column_vectors(item, name):
