@@ -269,3 +269,41 @@ def test_ray_reports_a_worker_error_with_its_location(cli, ray_cluster, tmp_path
     assert "empty text" in result.stderr and "a.jsonl:8" in result.stderr
     assert "--skip-invalid" in result.stderr  # the hint survived the trip
     assert not (tmp_path / "out.arrow").exists()
+
+
+# -- index --shard ----------------------------------------------------------------------------
+
+def test_index_shards_linked_search_like_one_index(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", corpus(80))
+    vectors = tmp_path / "vectors.arrow"
+    assert cli("embed", source, "-m", "fake:16", "-o", vectors).exit_code == 0
+    for index in range(3):
+        result = cli("index", vectors, "--shard", f"{index}/3", "-o", tmp_path / "idx")
+        assert result.exit_code == 0, result.stderr
+    again = cli("index", vectors, "--shard", "1/3", "-o", tmp_path / "idx")
+    assert again.exit_code == 0 and "already complete: skipped" in again.stderr
+    parts = sorted((tmp_path / "idx").iterdir())
+    assert [p.name for p in parts] == [f"part-0000{i}-of-00003.idx" for i in range(3)]
+    linked = cli("merge", "--index", "--link", *parts, "-o", tmp_path / "linked")
+    assert linked.exit_code == 0, linked.stderr
+    assert cli("index", vectors, "-o", tmp_path / "whole").exit_code == 0
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "text": f"passage {i} word"}
+                                                 for i in range(0, 80, 9)])
+    hits = [cli("search", tmp_path / name, queries, "-m", "fake:16", "-k", "5", "--exact",
+                "--output-format", "jsonl").records() for name in ("linked", "whole")]
+    assert [(h["query_id"], h["id"]) for h in hits[0]] == \
+        [(h["query_id"], h["id"]) for h in hits[1]]
+    assert [h["score"] for h in hits[0]] == pytest.approx([h["score"] for h in hits[1]])
+
+
+def test_index_shard_errors_name_the_input_record(cli, tmp_path, write_jsonl):
+    records = [{"id": f"v{i}", "embedding": [1.0, float(i)]} for i in range(10)]
+    records[7]["id"] = records[2]["id"]  # the same id hashes to the same shard
+    source = write_jsonl(tmp_path / "v.jsonl", records)
+    shard = shard_of("v2", 2)
+    result = cli("index", source, "--shard", f"{shard}/2", "-o", tmp_path / "idx")
+    assert result.exit_code == 1
+    assert "duplicate id 'v2'" in result.stderr and "v.jsonl:8" in result.stderr
+    empty = cli("index", write_jsonl(tmp_path / "one.jsonl", records[:1]), "--shard",
+                f"{1 - shard_of('v0', 2)}/2", "-o", tmp_path / "idx2")
+    assert empty.exit_code == 1 and "fewer shards" in empty.stderr
