@@ -87,6 +87,12 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
         trust_remote_code: options.TrustRemoteCode = False,
+        shard: Annotated[Optional[str], typer.Option(
+            "--shard", help="Mine only the queries of shard I of N (by query text; I/N, or auto "
+                            "from Slurm/torchrun/Kubernetes). The corpus and search depth stay "
+                            "those of the whole job, so the shards' rows together are the "
+                            "unsharded run's. With -o DIR/: DIR/part-0000I-of-0000N.<ext>, "
+                            "skipped when complete.", metavar="I/N")] = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
@@ -108,14 +114,25 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe mine-negatives --beir nfcorpus --split train -o triplets.jsonl
       vecpipe mine-negatives pairs.jsonl --corpus idx/ -n 7 --range-min 10 \\
           --relative-margin 0.05 --layout n-tuple --stats stats.json -o train.parquet
+      vecpipe mine-negatives --beir nfcorpus --shard auto -o mined/
     """
+    from vecpipe.cli import console
     from vecpipe.formats.mining import LAYOUTS, MiningOptions
+    from vecpipe.formats.parts import completed_rows, mark_complete
+    from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
     settings = MiningOptions(num_negatives, range_min, range_max, min_score, max_score,
                              absolute_margin, relative_margin, sampling, seed, on_short)
     settings.check()
     _check_layout(layout, on_short, LAYOUTS)
+    part = parse_shard(shard)
+    part_file = _part_file(output, part, output_format)
+    if part_file is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
+        output, output_format = part_file
+        if completed_rows(output) is not None:
+            console.info(f"{output} is already complete: skipped")
+            return
     resolve_output_format(output, output_format)
     pair_set = _read_pairs(pairs, beir, split, input_format)
     source = _corpus_source(corpus, beir, fields)
@@ -126,8 +143,34 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
                    prompts=(query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name),
                    batch_size=batch_size, exact=exact)
     job.cross_encoder, job.guide = rescorer, vetoer
+    if part is not None:
+        _keep_shard(job.pairs, part)
     _mine(job, layout, with_scores, output, output_format)
+    if part_file is not None:
+        mark_complete(output, job.miner.stats.rows_written)
     _report(job, stats, layout)
+
+
+def _part_file(output, shard, output_format):
+    """(part file, format) for `--shard I/N -o DIR/`, or None when -o is not a folder."""
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.parts import part_path, wants_part_folder
+
+    if not wants_part_folder(output):
+        return None
+    if shard is None:
+        raise UsageError(f"-o {output} is a folder: part files need --shard I/N")
+    return part_path(output, shard, output_format)
+
+
+def _keep_shard(pair_set, shard) -> None:
+    """Keep the queries of one shard (hashed by query text, the key pairs are grouped by). Done
+    after the corpus and search depth are set from every pair, so each query is mined exactly
+    as in the unsharded run."""
+    from vecpipe.formats.shards import shard_mask
+
+    keep = shard_mask([query.text for query in pair_set.queries], shard)
+    pair_set.queries = [query for query, kept in zip(pair_set.queries, keep) if kept]
 
 
 @dataclass
