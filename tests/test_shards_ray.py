@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from vecpipe.formats.parts import completed_rows
 from vecpipe.formats.shards import shard_of
 
+REPO_DATA = Path(__file__).resolve().parent / "data"
 TEST_TIMEOUT = 180  # seconds per test, generous for a loaded 2-core machine
 RAY_START_TIMEOUT = 240
 
@@ -307,3 +309,24 @@ def test_index_shard_errors_name_the_input_record(cli, tmp_path, write_jsonl):
     empty = cli("index", write_jsonl(tmp_path / "one.jsonl", records[:1]), "--shard",
                 f"{1 - shard_of('v0', 2)}/2", "-o", tmp_path / "idx2")
     assert empty.exit_code == 1 and "fewer shards" in empty.stderr
+
+
+# -- mine-negatives --shard -------------------------------------------------------------------
+
+def test_mine_negatives_shards_together_equal_the_unsharded_run(cli, tmp_path, parse_records):
+    data = REPO_DATA / "mine"
+    common = (data / "pairs.jsonl", "--corpus", data / "corpus.jsonl", "-m", "fake:32", "-n",
+              "2", "--range-max", "3", "--on-short", "keep")
+    plain = cli("mine-negatives", *common, "--output-format", "jsonl")
+    assert plain.exit_code == 0, plain.stderr
+    rows = []
+    for index in range(3):
+        result = cli("mine-negatives", *common, "--shard", f"{index}/3",
+                     "-o", f"{tmp_path}/mined/")
+        assert result.exit_code == 0, result.stderr
+        path = tmp_path / "mined" / f"part-0000{index}-of-00003.arrow"
+        rows += read_arrow(path).to_pylist()
+        assert completed_rows(str(path)) == read_arrow(path).num_rows
+    again = cli("mine-negatives", *common, "--shard", "2/3", "-o", f"{tmp_path}/mined/")
+    assert again.exit_code == 0 and "already complete: skipped" in again.stderr
+    assert sorted(rows, key=repr) == sorted(plain.records(), key=repr)
