@@ -102,8 +102,7 @@ def run(index: Annotated[str, typer.Argument(
         if ef is not None or rescore is not None:
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
-        searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric,
-                                input_format)
+        searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
     reader = QueryReader(queries, searcher, batch_size=batch_size, **query_options)
     write_hits(searcher.results(reader), searcher.schema, output, fmt)
 
@@ -305,8 +304,7 @@ class StreamSearch:
 
     QUERY_CHUNK = 1024
 
-    def __init__(self, path, k, min_score, filter_text, fields, all_fields, metric,
-                 input_format):
+    def __init__(self, path, k, min_score, filter_text, fields, all_fields, metric):
         import pyarrow as pa
 
         from vecpipe.formats import schema as names
@@ -314,7 +312,8 @@ class StreamSearch:
         from vecpipe.formats.errors import DataError
         from vecpipe.formats.readers import RecordStream
 
-        self.stream = RecordStream([path], input_format, batch_rows=STREAM_BLOCK_ROWS)
+        # sniffed: --input-format names the queries' format
+        self.stream = RecordStream([path], batch_rows=STREAM_BLOCK_ROWS)
         self.source = path
         schema = self.stream.schema
         if schema is None:

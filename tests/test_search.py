@@ -370,6 +370,18 @@ def test_text_queries_use_the_manifest_model_and_refuse_another(cli, corpus, tmp
     assert cli("search", corpus["idx"], foreign, "--force").exit_code == 0
 
 
+def test_plain_text_lines_as_queries_against_a_stream(cli, corpus, tmp_path):
+    """--input-format names the queries' format; the searched stream is still sniffed."""
+    qfile = tmp_path / "questions.txt"
+    qfile.write_text("first question\nsecond question\n")
+    r = cli("search", corpus["src"], qfile, "--input-format", "text", "-k", 3)
+    assert r.exit_code == 0, r
+    truth, _ = brute_force(load_model("fake:32").encode(["first question", "second question"]),
+                           corpus["vectors"], k=3)
+    got = [(h["query_id"], h["id"]) for h in r.records()]
+    assert got == [(str(q + 1), f"d{row}") for q in range(2) for row in truth[q]]
+
+
 def test_trec_output(cli, corpus, tmp_path):
     out = tmp_path / "run.trec"
     r = cli("search", corpus["idx"], corpus["qfile"], "-k", 3, "--output-format", "trec",
