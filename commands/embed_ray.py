@@ -164,6 +164,7 @@ class connected:
         ray = self.ray
         if ray.is_initialized():
             return "the running Ray session"
+        check_reachable(self.address or os.environ.get("RAY_ADDRESS"))
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         debug = os.environ.get("VECPIPE_DEBUG", "") not in ("", "0")
         ray.init(address=self.address, include_dashboard=False, log_to_driver=debug,
@@ -174,6 +175,26 @@ class connected:
     def __exit__(self, *exc) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def check_reachable(address: str | None, seconds: float = 10.0) -> None:
+    """Fail fast on a cluster address nobody answers at: ray.init waits for it forever (and
+    ignores SIGTERM meanwhile)."""
+    import socket
+
+    from vecpipe.formats.errors import DataError
+
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray knows and we do not: let Ray judge it
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as err:
+        raise DataError(f"no Ray cluster answers at {address} ({err.strerror or err})",
+                        hint="check --address/RAY_ADDRESS (the head's host:port, default port "
+                             "6379), or leave both unset for a local cluster") from None
 
 
 class Shape:

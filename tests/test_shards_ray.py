@@ -7,6 +7,7 @@ and ends the run instead of eating CI's budget; a signal would not interrupt a b
 import faulthandler
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,18 @@ def test_ray_engine_usage_errors(cli, tmp_path, write_jsonl):
                         (("--engine", "spark", "-o", tmp_path / "y.arrow"), "local or ray")]:
         result = cli("embed", source, "-m", "fake:8", *args)
         assert result.exit_code == 2 and words in result.stderr, (args, result.stderr)
+
+
+def test_ray_engine_fails_fast_on_an_address_nobody_answers(cli, tmp_path, write_jsonl):
+    pytest.importorskip("ray")
+    (tmp_path / "in").mkdir()
+    write_jsonl(tmp_path / "in" / "a.jsonl", corpus(5))
+    with socket.socket() as unused:  # a port nobody listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    result = cli("embed", tmp_path / "in", "-m", "fake:8", "--engine", "ray", "--address",
+                 f"127.0.0.1:{port}", "-o", tmp_path / "out.arrow")
+    assert result.exit_code == 1 and "no Ray cluster answers" in result.stderr
 
 
 # -- the Ray engine ---------------------------------------------------------------------------
