@@ -280,8 +280,8 @@ def run_parts(ray, shape: Shape, job: dict, folder: str, count: int, todo: list,
               for _ in range(min(shape.count, len(todo)))]
     try:
         pool = ActorPool(actors)
-        for index, stats in pool.map_unordered(
-                lambda actor, index: actor.embed_part.remote(index, count, folder), todo):
+        for index, stats in worker_results(ray, pool.map_unordered(
+                lambda actor, index: actor.embed_part.remote(index, count, folder), todo)):
             if "error" in stats:
                 raise rebuilt_error(*stats["error"])
             add_stats(totals, stats)
@@ -301,6 +301,21 @@ def wait_for_cpus(ray, cpus: float, patience: float = 10.0) -> None:
     deadline = time.monotonic() + patience
     while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def worker_results(ray, results):
+    """The pool's results; a worker that crashed (not a vecpipe error: out of memory, a
+    missing package on a node...) becomes one line instead of Ray's remote traceback."""
+    from vecpipe.formats.errors import DataError
+
+    try:
+        yield from results
+    except ray.exceptions.RayError as err:
+        cause = getattr(err, "cause", None) or err
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        raise DataError(f"a Ray worker failed: {type(cause).__name__}: {first_line}",
+                        hint="VECPIPE_DEBUG=1 shows the workers' output; vecpipe and the model "
+                             "must be installed on every node") from None
 
 
 def rebuilt_error(kind: str, message: str, source, record, hint):
