@@ -44,7 +44,7 @@ def embed_on_ray(options: dict, engine: str = "ray", address: str | None = None,
             console.info(f"ray: {shape.describe()} on {where}; {len(todo)} of {count} parts "
                          f"to embed into {folder}")
             job = dict(options, inputs=files, output_format=part_format, engine="local",
-                       address=None, parts=None, quiet=True)
+                       address=None, parts=None, quiet=True, **absolute_paths(options))
             run_parts(ray, shape, job, folder, count, todo, totals)
     else:
         console.info(f"all {count} parts in {folder} are complete: nothing to embed")
@@ -93,6 +93,16 @@ def part_folder(output, output_format):
     final = os.path.abspath(output)
     folder, name = os.path.split(final)
     return os.path.join(folder, f".{name}.parts"), final
+
+
+def absolute_paths(options: dict) -> dict:
+    """A model folder and the cache as absolute paths: workers do not share our directory."""
+    found = {}
+    if options["model"] and os.path.isdir(options["model"]):
+        found["model"] = os.path.abspath(options["model"])
+    if options["cache"]:
+        found["cache"] = os.path.abspath(options["cache"])
+    return found
 
 
 def check_options(options: dict, engine: str) -> None:
