@@ -1,4 +1,5 @@
-"""The shard contract of `embed` (part files, resume, --shard auto) and its Ray engine.
+"""The shard contract (part files, resume, --shard auto) of embed, index and mine-negatives,
+and embed's Ray engine.
 
 Ray tests share one local cluster (`ray.init(num_cpus=2)`, usage stats off) and skip when ray is
 not installed. Every test runs under a watchdog (faulthandler): a hang dumps every thread's stack
