@@ -26,8 +26,15 @@ bench: install
 man: install
 	$(BIN)/python -m vecpipe.cli.docgen .
 
+# The main job end to end on the bundled model: a corpus every machine has (the docstrings of
+# Python's standard library), embedded, indexed, and searched with a few questions.
 demo: install
-	$(BIN)/python bench/demo.py
+	mkdir -p demo
+	$(BIN)/python bench/demo_corpus.py -o demo/stdlib.jsonl
+	$(BIN)/python bench/demo_corpus.py --queries demo/queries.jsonl
+	$(BIN)/vecpipe embed demo/stdlib.jsonl --field text | $(BIN)/vecpipe index -o demo/idx --store title
+	$(BIN)/vecpipe search demo/idx demo/queries.jsonl -k 3 --fields title --output-format jsonl \
+		| $(BIN)/python bench/demo_corpus.py --show
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo
