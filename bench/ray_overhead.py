@@ -10,7 +10,9 @@ rounds so machine load hits them alike; medians are reported with ratios to `pla
            cluster, one actor per group of up to 8 CPUs loads the model and embeds the parts,
            then the driver writes them in input order and stops the cluster
 
-The fixed cost is the same runs on a one-document corpus. In this process it also times
+Besides wall time, each variant's CPU time (user + system of the process and every descendant it
+waited for, Ray's daemons and actors included) is reported: on a machine shared with other jobs
+it is steadier than wall time. The fixed cost is the same runs on a one-document corpus. In this process it also times
 `ray.init(num_cpus=C)` and `ray.shutdown()` and sums the memory (RSS, PSS) of the processes Ray
 starts, and checks that ray.arrow equals plain.arrow (ids, order, metadata, vectors).
 The GPU half of the issue (1..N actors on one GPU) needs a GPU and is not measured here.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -66,7 +69,7 @@ def vecpipe(*args) -> list[str]:
             "text", "--device", "cpu", *map(str, args)]
 
 
-def time_variants(folder: Path, parts: int, rounds: int) -> dict[str, list[float]]:
+def time_variants(folder: Path, parts: int, rounds: int) -> dict[str, list[tuple]]:
     source = folder / "in" / "corpus.jsonl"
     variants = {
         "plain": [vecpipe(source, "-o", folder / "plain.arrow")],
@@ -75,27 +78,35 @@ def time_variants(folder: Path, parts: int, rounds: int) -> dict[str, list[float
         "ray": [vecpipe("--engine", "ray", "--parts", parts, folder / "in",
                         "-o", folder / "ray.arrow")],
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[tuple]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, commands in variants.items():
             subprocess.run(["rm", "-rf", str(folder / "parts")], check=True)
+            cpu_before = children_cpu()
             start = time.perf_counter()
             for command in commands:
                 subprocess.run(command, check=True, env=ENV, cwd=REPO)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start, children_cpu() - cpu_before))
     return times
 
 
-def report(name: str, docs: int, times: dict[str, list[float]]) -> None:
-    base = statistics.median(times["plain"])
-    print(f"\n{name} (wall seconds per run, median of {len(times['plain'])}):")
-    for variant, values in times.items():
-        median = statistics.median(values)
-        rate = f", {docs / median:.1f} docs/s" if docs > 1 else ""
-        print(f"  {variant:7s} {median:7.1f} s  ({median / base:.2f}x plain{rate}; "
-              f"runs: {', '.join(f'{v:.1f}' for v in values)})")
-    print(f"  ray - plain: {statistics.median(times['ray']) - base:+.1f} s, "
-          f"ray - shards: {statistics.median(times['ray']) - statistics.median(times['shards']):+.1f} s")
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report(name: str, docs: int, times: dict[str, list[tuple]]) -> None:
+    wall = {variant: statistics.median(w for w, _ in runs) for variant, runs in times.items()}
+    cpu = {variant: statistics.median(c for _, c in runs) for variant, runs in times.items()}
+    print(f"\n{name} (seconds per run, medians of {len(times['plain'])}):")
+    for variant, runs in times.items():
+        rate = f", {docs / wall[variant]:.1f} docs/s" if docs > 1 else ""
+        print(f"  {variant:7s} wall {wall[variant]:7.1f} s ({wall[variant] / wall['plain']:.2f}x "
+              f"plain{rate}), CPU {cpu[variant]:7.1f} s ({cpu[variant] / cpu['plain']:.2f}x); "
+              f"runs (wall/CPU): {', '.join(f'{w:.0f}/{c:.0f}' for w, c in runs)}")
+    for other in ("plain", "shards"):
+        print(f"  ray - {other}: wall {wall['ray'] - wall[other]:+.1f} s, "
+              f"CPU {cpu['ray'] - cpu[other]:+.1f} s")
 
 
 def ray_start_cost() -> None:
