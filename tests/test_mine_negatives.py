@@ -429,7 +429,7 @@ def test_equals_sentence_transformers_on_the_committed_set(cli, st_cache, theirs
 
 
 def test_equals_sentence_transformers_on_nfcorpus_train(cli, nfcorpus, tmp_path, write_jsonl):
-    """NFCorpus train pairs of 30 queries against 400 documents (titles, to keep the test
+    """NFCorpus train pairs of 25 queries against 300 documents (titles, to keep the test
     fast); sentence-transformers embeds the corpus once and we mine from those vectors."""
     docs = [json.loads(line) for line in (nfcorpus / "corpus.jsonl").read_text().splitlines()]
     queries = {json.loads(line)["_id"]: json.loads(line)["text"]
@@ -438,10 +438,10 @@ def test_equals_sentence_transformers_on_nfcorpus_train(cli, nfcorpus, tmp_path,
     with open(nfcorpus / "qrels" / "train.tsv", newline="") as f:
         for row in list(csv.reader(f, delimiter="\t"))[1:]:
             judged.setdefault(row[0], []).append(row[1])
-    chosen = [q for q, ids in judged.items() if len(ids) <= 8][:30]
+    chosen = [q for q, ids in judged.items() if len(ids) <= 8][:25]
     wanted = {d for q in chosen for d in judged[q]}
     docs = [d for d in docs if d["_id"] in wanted] + \
-        [d for d in docs if d["_id"] not in wanted][:400 - len(wanted)]
+        [d for d in docs if d["_id"] not in wanted][:300 - len(wanted)]
     title = {d["_id"]: d["title"] for d in docs}
     pairs = [{"query": queries[q], "positive": title[d], "positive_id": d}
              for q in chosen for d in judged[q]]
