@@ -12,21 +12,31 @@ from .errors import boundary
 
 # (command name, module under vecpipe.commands). Order is the order of `vecpipe --help`.
 COMMANDS: list[tuple[str, str]] = [
-    ("info", "info"),
-    ("convert", "convert"),
     ("embed", "embed"),
     ("index", "index"),
     ("search", "search"),
     ("compress", "compress"),
+    ("eval", "eval"),
     ("mine-negatives", "mine_negatives"),
     ("merge", "merge"),
-    ("eval", "eval"),
+    ("info", "info"),
+    ("convert", "convert"),
 ]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+class _RegistryOrder(typer.core.TyperGroup):
+    """List commands in COMMANDS order (typer puts sub-apps like `eval` last)."""
+
+    def list_commands(self, ctx):
+        order = [name for name, _ in COMMANDS]
+        return sorted(super().list_commands(ctx),
+                      key=lambda n: order.index(n) if n in order else len(order))
+
+
 app = typer.Typer(
     name="vecpipe",
+    cls=_RegistryOrder,
     help="Composable command-line tools for text embeddings. Each command reads and writes "
          "record streams (JSONL, Arrow IPC, Parquet) so they chain with pipes.",
     context_settings=CONTEXT,

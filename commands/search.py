@@ -539,6 +539,7 @@ def write_hits(results, schema, output, fmt) -> None:
 
 
 def trec_lines(table) -> str:
-    """TREC run lines: `qid Q0 docid rank score run`."""
+    """TREC run lines: `qid Q0 docid rank score run`. Scores keep 9 significant digits (float32
+    round-trips): rounding would create ties that trec_eval breaks by doc id."""
     columns = [table.column(name).to_pylist() for name in ("query_id", "id", "rank", "score")]
-    return "".join(f"{q} Q0 {d} {r} {s:.6f} {TREC_RUN_NAME}\n" for q, d, r, s in zip(*columns))
+    return "".join(f"{q} Q0 {d} {r} {s:.9g} {TREC_RUN_NAME}\n" for q, d, r, s in zip(*columns))
