@@ -38,6 +38,21 @@ def corpus(n=60, start=0, invalid=()):
             for i in range(start, start + n)]
 
 
+def long_corpus(n=12000):
+    """Enough text that a half-written part has flushed bytes (the writer buffers 1 MiB)."""
+    return [{"id": f"doc-{i}", "text": f"passage {i} " + "word " * 80} for i in range(n)]
+
+
+def wait_until_halfway(proc, folder):
+    """Until the part's temporary holds bytes: the job is past its start and not done."""
+    deadline = time.monotonic() + 120
+    while not (folder.is_dir() and any(p.name.endswith(".tmp") and p.stat().st_size > 0
+                                       for p in folder.iterdir())):
+        assert proc.poll() is None, "finished before it could be killed; make the input bigger"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def read_arrow(path):
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
@@ -91,16 +106,12 @@ def test_rerun_skips_a_complete_part_and_redoes_an_altered_one(cli, tmp_path, wr
 
 
 def test_a_part_killed_halfway_leaves_no_part_and_a_rerun_completes_it(tmp_path, write_jsonl):
-    source = write_jsonl(tmp_path / "in.jsonl", corpus(20000))
+    source = write_jsonl(tmp_path / "in.jsonl", long_corpus())
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "vecpipe.cli", "embed", str(source), "-m", "fake:8",
            "--window", "64", "--shard", "0/2", "-o", f"{out}/"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
-        assert proc.poll() is None, "finished before it could be killed; make the input bigger"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_halfway(proc, out)
     proc.send_signal(signal.SIGKILL)  # no cleanup at all, as when a node dies
     proc.wait(timeout=30)
     part = out / "part-00000-of-00002.arrow"
@@ -108,20 +119,17 @@ def test_a_part_killed_halfway_leaves_no_part_and_a_rerun_completes_it(tmp_path,
     rerun = subprocess.run(cmd, capture_output=True, timeout=TEST_TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr
     ids = read_arrow(part).column("id").to_pylist()
-    assert ids == [f"doc-{i}" for i in range(20000) if shard_of(f"doc-{i}", 2) == 0]
+    assert ids == [f"doc-{i}" for i in range(12000) if shard_of(f"doc-{i}", 2) == 0]
     assert completed_rows(str(part)) == len(ids)
 
 
 def test_sigterm_halfway_removes_the_temporary_too(tmp_path, write_jsonl):
-    source = write_jsonl(tmp_path / "in.jsonl", corpus(20000))
+    source = write_jsonl(tmp_path / "in.jsonl", long_corpus())
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vecpipe.cli", "embed", str(source), "-m",
                              "fake:8", "--window", "64", "--shard", "1/2", "-o", f"{out}/"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_halfway(proc, out)
     proc.terminate()
     assert proc.wait(timeout=60) == 130
     assert list(out.iterdir()) == []
