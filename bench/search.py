@@ -194,11 +194,13 @@ def build_vecpipe(arrow, folder, options):
     return seconds, int(done.stderr.split()[-1]) * 1024
 
 
-def measure_vecpipe(arrow, folder, queries, truth, built: dict):
+def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes):
     from vecpipe.formats.index_store import open_index
 
     rows = []
     for name, options, search_options in VARIANTS:
+        if options[1] not in dtypes:
+            continue
         key = tuple(options)
         if key not in built:
             target = folder / f"idx-{len(built)}"
@@ -241,7 +243,7 @@ def measure_faiss(docs, queries, truth):
     return rows
 
 
-def run_size(name, docs, queries, workdir):
+def run_size(name, docs, queries, workdir, dtypes=("f32", "f16", "i8", "b1"), faiss=True):
     print(f"== {name}: {len(docs):,} docs, {len(queries):,} queries", file=sys.stderr)
     seconds, truth = median_time(lambda: exact_search(docs, queries), repeats=1)
     rows = [{"engine": "numpy", "variant": "exact f32", "index_bytes": docs.nbytes,
@@ -250,16 +252,18 @@ def run_size(name, docs, queries, workdir):
     try:
         arrow = folder / "docs.arrow"
         write_arrow(arrow, docs)
-        rows += measure_vecpipe(arrow, folder, queries, truth, {})
+        rows += measure_vecpipe(arrow, folder, queries, truth, {}, dtypes)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    rows += measure_faiss(docs, queries, truth)
+    if faiss:
+        rows += measure_faiss(docs, queries, truth)
     return {"set": name, "docs": len(docs), "queries": len(queries), "rows": rows}
 
 
 def markdown(result) -> str:
     exact_qps = next(r["qps"] for r in result["rows"] if r["engine"] == "numpy")
-    f32_bytes = next(r["index_bytes"] for r in result["rows"] if r.get("variant") == "f32")
+    f32_bytes = next((r["index_bytes"] for r in result["rows"] if r.get("variant") == "f32"),
+                     result["docs"] * (384 * 4 + 150))  # vectors + ~150 B of graph each
     lines = [f"{result['set']}: {result['docs']:,} docs, {result['queries']:,} queries",
              "", "| engine | variant | build s | index MB | vs f32 | full.npy MB | QPS | "
                  "x exact | recall@10 |", "|---|---|---|---|---|---|---|---|---|"]
@@ -278,10 +282,13 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding set")
     parser.add_argument("--synthetic", choices=("anchored", "gaussian"), default="anchored")
+    parser.add_argument("--dtypes", default="f32,f16,i8,b1", help="index dtypes to build")
+    parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="for index folders")
     args = parser.parse_args(argv)
 
+    dtypes = args.dtypes.split(",")
     real_docs, real_queries = real_embeddings()
     generator = (Anchored if args.synthetic == "anchored" else SpectrumMatched)(real_docs)
     iid = np.random.default_rng(1).standard_normal((20000, 384)).astype(np.float32)
@@ -296,7 +303,8 @@ def main(argv=None):
     results = []
     if not args.no_real:
         results.append(run_size("real MiniLM (NFCorpus titles + stdlib docstrings)", real_docs,
-                                real_queries[:args.queries], args.workdir))
+                                real_queries[:args.queries], args.workdir, dtypes,
+                                not args.no_faiss))
     for size in [int(s) for s in args.sizes.split(",") if s]:
         docs = generator.sample(size)
         if args.synthetic == "anchored":
@@ -305,7 +313,7 @@ def main(argv=None):
         else:
             queries = generator.sample(args.queries)
             name = f"gaussian synthetic {size:,} (real mean and covariance)"
-        results.append(run_size(name, docs, queries, args.workdir))
+        results.append(run_size(name, docs, queries, args.workdir, dtypes, not args.no_faiss))
         del docs
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "load_avg": os.getloadavg(), "machine": platform.machine()}
