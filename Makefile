@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,onnx,ray
+EXTRAS ?= test,onnx,openvino,ray
 PYTEST_ARGS ?=
 
 .PHONY: install test bench man demo clean
