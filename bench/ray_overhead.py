@@ -12,8 +12,10 @@ rounds so machine load hits them alike; medians are reported with ratios to `pla
 
 Besides wall time, each variant's CPU time (user + system of the process and all its
 descendants) is reported: on a machine shared with other jobs it is steadier than wall time.
-Ray's daemons and actors outlive their parents' wait, so this process makes itself a child
-subreaper (Linux prctl) and reaps every orphan before reading its children's CPU time. The fixed cost is the same runs on a one-document corpus. In this process it also times
+It is sampled from /proc every 0.2 s, the last value seen per process (Ray's actors never reach
+RUSAGE_CHILDREN, measured here), so each process's last 0.2 s may be missed.
+
+The fixed cost is the same runs on a one-document corpus. In this process it also times
 `ray.init(num_cpus=C)` and `ray.shutdown()` and sums the memory (RSS, PSS) of the processes Ray
 starts, and checks that ray.arrow equals plain.arrow (ids, order, metadata, vectors).
 The GPU half of the issue (1..N actors on one GPU) needs a GPU and is not measured here.
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,8 +50,6 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, load average {load()} at start")
     ray_start_cost()
-    reap_orphans()
-    become_subreaper()
     with tempfile.TemporaryDirectory(prefix="vecpipe-bench-ray-") as tmp:
         tmp = Path(tmp)
         docs = [orjson.loads(line) for line in
@@ -85,41 +84,47 @@ def time_variants(folder: Path, parts: int, rounds: int) -> dict[str, list[tuple
     for _ in range(rounds):
         for name, commands in variants.items():
             subprocess.run(["rm", "-rf", str(folder / "parts")], check=True)
-            cpu_before = children_cpu()
-            start = time.perf_counter()
+            wall = cpu = 0.0
             for command in commands:
-                subprocess.run(command, check=True, env=ENV, cwd=REPO)
-            wall = time.perf_counter() - start
-            reap_orphans()
-            times[name].append((wall, children_cpu() - cpu_before))
+                command_wall, command_cpu = run_measured(command)
+                wall, cpu = wall + command_wall, cpu + command_cpu
+            times[name].append((wall, cpu))
     return times
 
 
-def become_subreaper() -> None:
-    """Orphaned descendants (Ray's daemons and workers) become our children, so their CPU
-    time reaches RUSAGE_CHILDREN once reaped."""
-    import ctypes
+def run_measured(command) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process tree) of one command."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu_of: dict[int, float] = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=ENV, cwd=REPO)
+    while proc.poll() is None:
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            cpu_of[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        time.sleep(0.2)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, command)
+    return time.perf_counter() - start, sum(cpu_of.values())
 
-    pr_set_child_subreaper = 36
-    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
-
-def reap_orphans(patience: float = 60.0) -> None:
-    deadline = time.monotonic() + patience
-    while time.monotonic() < deadline:
+def descendants(root: int) -> set:
+    parent_of = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.1)
-    print("  warning: some orphaned processes were still running; their CPU is not counted")
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parent_of[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    family, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parent_of.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    return family - {root}
 
 
 def report(name: str, docs: int, times: dict[str, list[tuple]]) -> None:
@@ -160,19 +165,7 @@ def ray_start_cost() -> None:
 
 def children_memory():
     """(RSS, PSS, count) summed over this process's descendants (Linux /proc)."""
-    parent_of = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            parent_of[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-    family, grew = {os.getpid()}, True
-    while grew:
-        more = {pid for pid, parent in parent_of.items() if parent in family} - family
-        family |= more
-        grew = bool(more)
-    family.discard(os.getpid())
+    family = descendants(os.getpid())
     rss = pss = 0
     for pid in family:
         try:
