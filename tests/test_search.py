@@ -91,17 +91,17 @@ def _real_texts():
     nfcorpus = REPO.parent / "shared" / "data" / "nfcorpus"
     if (nfcorpus / "corpus.jsonl").is_file():
         with open(nfcorpus / "corpus.jsonl", "rb") as f:
-            docs = [orjson.loads(next(f))["title"] for _ in range(400)]
+            docs = [orjson.loads(next(f))["title"] for _ in range(300)]
         with open(nfcorpus / "queries.jsonl", "rb") as f:
-            queries = [orjson.loads(next(f))["text"] for _ in range(40)]
+            queries = [orjson.loads(next(f))["text"] for _ in range(30)]
         return docs, queries
     spec = importlib.util.spec_from_file_location("demo_corpus", REPO / "bench" / "demo_corpus.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     records = sorted(demo.records(max_chars=200), key=lambda r: r["id"])
     texts = [r["text"] for r in records]
-    return texts[::max(1, len(texts) // 400)][:400], [r["id"].replace(".", " ") for r in
-                                                      records[1::len(records) // 40]][:40]
+    return texts[::max(1, len(texts) // 300)][:300], [r["id"].replace(".", " ") for r in
+                                                      records[1::len(records) // 30]][:30]
 
 
 @pytest.fixture(scope="module")
