@@ -37,16 +37,9 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
 
 
 def describe_index(path: str) -> dict:
-    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.index_store import read_manifest
 
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.isfile(manifest_path):
-        raise DataError("folder has no manifest.json; not a vecpipe index", source=path)
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except ValueError as err:
-        raise DataError(f"invalid manifest.json: {err}", source=path) from None
+    manifest = read_manifest(path)
     files = {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
              if os.path.isfile(os.path.join(path, name))}
     return {"path": path, "format": "vecpipe-index", "bytes": sum(files.values()),

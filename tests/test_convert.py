@@ -62,7 +62,10 @@ def test_info_on_stream_and_index_folder(cli, tmp_path, write_jsonl):
     assert facts["columns"] == {"id": "string", "embedding": "fixed_size_list<item: float>[2]"}
     folder = tmp_path / "idx"
     folder.mkdir()
-    (folder / "manifest.json").write_text('{"count": 5, "dim": 2}')
+    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION
+
+    (folder / "manifest.json").write_text(json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "count": 5, "dim": 2}))
     facts = json.loads(cli("info", folder).stdout)
     assert facts["manifest"]["count"] == 5 and facts["format"] == "vecpipe-index"
     empty = tmp_path / "empty"
