@@ -275,20 +275,47 @@ def compare_scale(nf: dict, work: Path, size: int, cap_gb: float) -> None:
     ours = measured(vecpipe(nf["pairs_path"], "--corpus", index, *cli_options, *COMMON,
                             "-o", work / "ours-scale.arrow", "-q"))
     report("vecpipe mine-negatives (HNSW index folder)", [ours])
+    exact = measured(vecpipe(nf["pairs_path"], "--corpus", index, "--exact", *cli_options,
+                             *COMMON, "-o", work / "ours-scale-exact.arrow", "-q"))
+    report("vecpipe mine-negatives --exact (brute force in the index)", [exact])
     cache = work / f"st-cache-{size}"
     cache.mkdir(exist_ok=True)
     texts = json.loads(texts_path.read_text())
     cache_file, order = st_cache_file(cache, texts, [p["positive"] for p in nf["pairs"]])
-    if len(order) != len(texts):
-        raise SystemExit("synthetic texts are not distinct")
-    if not cache_file.exists():
-        os.link(vectors_path, cache_file)
+    if not cache_file.exists():  # its corpus order: first occurrences of each text
+        first = {}
+        for row, text in enumerate(texts):
+            first.setdefault(text, row)
+        rows = np.array([first[t] for t in order])
+        vectors = np.load(vectors_path, mmap_mode="r")
+        cached = np.lib.format.open_memmap(cache_file, mode="w+", dtype=np.float32,
+                                           shape=(len(rows), vectors.shape[1]))
+        for start in range(0, len(rows), 100_000):
+            cached[start:start + 100_000] = vectors[rows[start:start + 100_000]]
+        cached.flush()
+        del cached
     config = {"pairs": str(nf["pairs_path"]), "corpus_texts": str(texts_path),
               "cache": str(cache), "options": options}
     capped = measured(peer(config, work, "peer-scale"), memory_cap_gb=cap_gb)
     report(f"sentence-transformers default (exact torch), {cap_gb:g} GB address cap", [capped])
-    flat = measured(peer({**config, "faiss": True}, work, "peer-scale-faiss"))
+    flat = measured(peer({**config, "faiss": True, "output": str(work / "peer-scale.arrow")},
+                         work, "peer-scale-faiss"))
     report("sentence-transformers use_faiss=True (exact IndexFlatIP)", [flat])
+    if flat["rc"] == 0:
+        for name in ("ours-scale.arrow", "ours-scale-exact.arrow"):
+            overlap(work / name, work / "peer-scale.arrow")
+
+
+def overlap(ours_path: Path, peer_path: Path) -> None:
+    """How many of the peer's (query, negative) pairs we found too."""
+    def pairs(path):
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        return set(zip(table.column("query").to_pylist(), table.column("negative").to_pylist()))
+
+    ours, theirs = pairs(ours_path), pairs(peer_path)
+    print(f"{ours_path.name}: {len(ours):,} (query, negative) pairs, peer {len(theirs):,}, "
+          f"shared {len(ours & theirs):,} ({len(ours & theirs) / max(len(theirs), 1):.1%} of "
+          "the peer's)", flush=True)
 
 
 def synthetic(nf: dict, size: int, vectors_path: Path):
