@@ -16,7 +16,7 @@
 
     .venv/bin/python bench/mine_negatives.py [--data ../shared/data/nfcorpus]
         [--work /tmp/vecpipe-bench-mine] [--scale 1000000 | --scale 0] [--repeat 1]
-        [--peer-memory-gb 8]
+        [--peer-memory-gb 8] [--skip-nfcorpus] [--scale-exact]
 
 The first run embeds NFCorpus (minutes on a small CPU) and caches it in --work.
 """
@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--peer-memory-gb", type=float, default=8.0)
     parser.add_argument("--skip-nfcorpus", action="store_true")
+    parser.add_argument("--scale-exact", action="store_true",
+                        help="also mine the synthetic corpus with --exact (slow: usearch "
+                             "brute force)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ def main() -> None:
     if not args.skip_nfcorpus:
         compare_nfcorpus(nf, work, args.repeat)
     if args.scale:
-        compare_scale(nf, work, args.scale, args.peer_memory_gb)
+        compare_scale(nf, work, args.scale, args.peer_memory_gb, args.scale_exact)
 
 
 def machine() -> str:
@@ -256,7 +259,7 @@ def compare_rows(ours_path: Path, peer_path: Path) -> None:
 
 # ---- 2. scale ------------------------------------------------------------------------------
 
-def compare_scale(nf: dict, work: Path, size: int, cap_gb: float) -> None:
+def compare_scale(nf: dict, work: Path, size: int, cap_gb: float, exact: bool) -> None:
     index = work / f"idx-{size}"
     texts_path = work / f"synthetic-{size}-texts.json"
     vectors_path = work / f"synthetic-{size}.npy"
@@ -269,15 +272,6 @@ def compare_scale(nf: dict, work: Path, size: int, cap_gb: float) -> None:
                           str(index), "--store", "text", "-q"])
         report(f"vecpipe index ({size:,} x 384 f32, --store text)", [built])
         arrow.unlink()
-    options, cli_options = CONFIGS[0]
-    print(f"\nsynthetic {size:,}-passage corpus, NFCorpus train pairs, "
-          f"{' '.join(cli_options + COMMON)}", flush=True)
-    ours = measured(vecpipe(nf["pairs_path"], "--corpus", index, *cli_options, *COMMON,
-                            "-o", work / "ours-scale.arrow", "-q"))
-    report("vecpipe mine-negatives (HNSW index folder)", [ours])
-    exact = measured(vecpipe(nf["pairs_path"], "--corpus", index, "--exact", *cli_options,
-                             *COMMON, "-o", work / "ours-scale-exact.arrow", "-q"))
-    report("vecpipe mine-negatives --exact (brute force in the index)", [exact])
     cache = work / f"st-cache-{size}"
     cache.mkdir(exist_ok=True)
     texts = json.loads(texts_path.read_text())
@@ -294,16 +288,32 @@ def compare_scale(nf: dict, work: Path, size: int, cap_gb: float) -> None:
             cached[start:start + 100_000] = vectors[rows[start:start + 100_000]]
         cached.flush()
         del cached
-    config = {"pairs": str(nf["pairs_path"]), "corpus_texts": str(texts_path),
-              "cache": str(cache), "options": options}
-    capped = measured(peer(config, work, "peer-scale"), memory_cap_gb=cap_gb)
-    report(f"sentence-transformers default (exact torch), {cap_gb:g} GB address cap", [capped])
-    flat = measured(peer({**config, "faiss": True, "output": str(work / "peer-scale.arrow")},
-                         work, "peer-scale-faiss"))
-    report("sentence-transformers use_faiss=True (exact IndexFlatIP)", [flat])
-    if flat["rc"] == 0:
-        for name in ("ours-scale.arrow", "ours-scale-exact.arrow"):
-            overlap(work / name, work / "peer-scale.arrow")
+    for number, (options, cli_options) in enumerate(CONFIGS):
+        print(f"\nsynthetic {size:,}-passage corpus, NFCorpus train pairs, "
+              f"{' '.join(cli_options + COMMON)}", flush=True)
+        ours_out = work / f"ours-scale-{number}.arrow"
+        ours = measured(vecpipe(nf["pairs_path"], "--corpus", index, *cli_options, *COMMON,
+                                "-o", ours_out, "-q"))
+        report("vecpipe mine-negatives (HNSW index folder)", [ours])
+        outputs = [ours_out]
+        if exact:
+            outputs.append(work / f"ours-scale-{number}-exact.arrow")
+            report("vecpipe mine-negatives --exact (brute force in the index)", [measured(
+                vecpipe(nf["pairs_path"], "--corpus", index, "--exact", *cli_options, *COMMON,
+                        "-o", outputs[-1], "-q"))])
+        config = {"pairs": str(nf["pairs_path"]), "corpus_texts": str(texts_path),
+                  "cache": str(cache), "options": options}
+        if number == 0:
+            capped = measured(peer(config, work, "peer-scale"), memory_cap_gb=cap_gb)
+            report(f"sentence-transformers default (exact torch), {cap_gb:g} GB address cap",
+                   [capped])
+        peer_out = work / f"peer-scale-{number}.arrow"
+        flat = measured(peer({**config, "faiss": True, "output": str(peer_out)}, work,
+                             "peer-scale-faiss"))
+        report("sentence-transformers use_faiss=True (exact IndexFlatIP)", [flat])
+        if flat["rc"] == 0:
+            for path in outputs:
+                overlap(path, peer_out)
 
 
 def overlap(ours_path: Path, peer_path: Path) -> None:

@@ -70,6 +70,10 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
                             "short, mean scores) to FILE as JSON.", metavar="FILE")] = None,
         exact: Annotated[bool, typer.Option(
             "--exact", help="With an index folder: brute-force search instead of HNSW.")] = False,
+        ef: Annotated[Optional[int], typer.Option(
+            "--ef", min=1, help="With an index folder: HNSW expansion_search (default: the "
+                                "index's); deep windows (large --range-max, many positives) "
+                                "need ef well above the search depth.", metavar="N")] = None,
         fields: Annotated[Optional[List[str]], typer.Option(
             "--field", help="Corpus text: these fields joined by a space (repeatable; default "
                             "text, with --beir title and text).", metavar="FIELD")] = None,
@@ -141,7 +145,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
     job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
                    prompts=(query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name),
-                   batch_size=batch_size, exact=exact)
+                   batch_size=batch_size, ann={"exact": exact, "ef": ef})
     job.cross_encoder, job.guide = rescorer, vetoer
     if part is not None:
         _keep_shard(job.pairs, part)
@@ -273,7 +277,7 @@ class _ExactCorpus:
 class _IndexCorpus:
     """An index folder (index_store): HNSW search, or brute force with --exact."""
 
-    def __init__(self, path, fields, exact):
+    def __init__(self, path, fields, ann):
         from vecpipe.formats.errors import DataError
         from vecpipe.formats.index_store import FLOAT_DTYPES, open_index
         from vecpipe.formats.mining import join_fields, text_codes
@@ -290,11 +294,11 @@ class _IndexCorpus:
             raise DataError(f"a {self.index.dtype} index without full vectors cannot score "
                              "positives and candidates alike", source=path,
                              hint="rebuild it with --keep-vectors, or use a float index")
-        self._quantized, self._exact, self._searchers = quantized, exact, {}
+        self._quantized, self._ann, self._searchers = quantized, ann, {}
 
     def search(self, queries, k):
         if k not in self._searchers:
-            self._searchers[k] = self.index.searcher(k, exact=self._exact,
+            self._searchers[k] = self.index.searcher(k, **self._ann,
                                                      rescore=4 if self._quantized else None)
         hits = self._searchers[k].search(queries)
         return hits.scores, hits.rows
@@ -324,7 +328,7 @@ class _IndexCorpus:
 
 
 def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_code, force,
-                 prompts, batch_size, exact):
+                 prompts, batch_size, ann):
     """(corpus, model): the corpus ready to search and the model that embeds queries."""
     import pyarrow as pa
 
@@ -338,7 +342,7 @@ def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_cod
         return _embedded_corpus("positives", _positive_texts(pair_set), None, model, prompts,
                                 batch_size), model
     if os.path.isdir(source.path):
-        corpus = _IndexCorpus(source.path, source.fields, exact)
+        corpus = _IndexCorpus(source.path, source.fields, ann)
         model = _model_for_vectors(model_spec, corpus.metadata, source.path, device,
                                    trust_remote_code, force, corpus.index.query_dim)
         return corpus, model
@@ -441,11 +445,11 @@ def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force,
 # ---- pairs against the corpus ----------------------------------------------------------------
 
 def _prepare(pair_set, source, settings, model_spec, device, trust_remote_code, force, prompts,
-             batch_size, exact):
+             batch_size, ann):
     from vecpipe.formats.mining import Miner
 
     corpus, model = _load_corpus(source, pair_set, model_spec, device, trust_remote_code, force,
-                                 prompts, batch_size, exact)
+                                 prompts, batch_size, ann)
     _resolve(pair_set, corpus)
     depth = settings.range_max + pair_set.search_depth_extra
     return _Job(pair_set, corpus, model, Miner(settings, corpus.codes),
