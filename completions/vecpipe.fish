@@ -160,6 +160,7 @@ complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l with-scor
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l on-short -r -d 'A query with fewer than -n negatives: drop it, or keep it with fewer (never padded).'
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l stats -r -d 'Write the counts (candidates seen, removed by each rule, queries short, mean scores) to FILE as JSON.'
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l exact -d 'With an index folder: brute-force search instead of HNSW.'
+complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l ef -r -d 'With an index folder: HNSW expansion_search (default: the index\'s); deep windows (large --range-max, many positives) need ef well above the search depth.'
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l field -r -d 'Corpus text: these fields joined by a space (repeatable; default text, with --beir title and text).'
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l query-prompt -r -d 'Prompt for query texts.'
 complete -c vecpipe -n '__fish_seen_subcommand_from mine-negatives' -l query-prompt-name -r -d 'A prompt of the model, by name, for queries.'
