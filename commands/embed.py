@@ -98,7 +98,7 @@ def run(inputs: options.Inputs = None,
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model, parse_devices
     from vecpipe.formats.readers import RecordStream
-    from vecpipe.formats.parts import completed_rows, mark_complete
+    from vecpipe.formats.parts import completed_rows, mark_complete, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
@@ -110,7 +110,8 @@ def run(inputs: options.Inputs = None,
     if engine != "local" or address or parts:
         from vecpipe.commands.embed_ray import embed_on_ray
         return embed_on_ray(given, engine, address, parts)
-    part = shard_part(output, plan.shard, output_format)
+    part = shard_output(output, plan.shard, output_format,
+                        hint="or --engine ray, which makes the parts itself")
     if part is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
         output, output_format = part
         if completed_rows(output) is not None:
@@ -151,19 +152,6 @@ def report(stats, output, max_length) -> None:
         console.warn(f"{stats.truncated} of {stats.embedded} embedded texts were longer than "
                      f"the model's {window} window and were truncated "
                      "(split them with --chunk-tokens)")
-
-
-def shard_part(output, shard, output_format):
-    """(part file, format) for `--shard I/N -o DIR/`, or None when -o is not a folder."""
-    from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.parts import part_path, wants_part_folder
-
-    if not wants_part_folder(output):
-        return None
-    if shard is None:
-        raise UsageError(f"-o {output} is a folder: part files need --shard I/N",
-                         hint="or --engine ray, which makes the parts itself")
-    return part_path(output, shard, output_format)
 
 
 def _terminate_as_interrupt(signal):

@@ -122,7 +122,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     """
     from vecpipe.cli import console
     from vecpipe.formats.mining import LAYOUTS, MiningOptions
-    from vecpipe.formats.parts import completed_rows, mark_complete
+    from vecpipe.formats.parts import completed_rows, mark_complete, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
@@ -131,7 +131,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     settings.check()
     _check_layout(layout, on_short, LAYOUTS)
     part = parse_shard(shard)
-    part_file = _part_file(output, part, output_format)
+    part_file = shard_output(output, part, output_format)
     if part_file is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
         output, output_format = part_file
         if completed_rows(output) is not None:
@@ -153,18 +153,6 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     if part_file is not None:
         mark_complete(output, job.miner.stats.rows_written)
     _report(job, stats, layout)
-
-
-def _part_file(output, shard, output_format):
-    """(part file, format) for `--shard I/N -o DIR/`, or None when -o is not a folder."""
-    from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.parts import part_path, wants_part_folder
-
-    if not wants_part_folder(output):
-        return None
-    if shard is None:
-        raise UsageError(f"-o {output} is a folder: part files need --shard I/N")
-    return part_path(output, shard, output_format)
 
 
 def _keep_shard(pair_set, shard) -> None:

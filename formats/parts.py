@@ -32,6 +32,17 @@ def part_path(folder: str, shard: Shard, output_format: str = "auto") -> tuple[s
     return path, resolve_output_format(path, fmt)
 
 
+def shard_output(output: str | None, shard: Shard | None, output_format: str = "auto",
+                 hint: str | None = None) -> tuple[str, str] | None:
+    """(part file, format) for `--shard I/N -o DIR/`; None when -o is not a folder. A folder
+    without --shard is a usage error (`hint` says what else the command accepts)."""
+    if not wants_part_folder(output):
+        return None
+    if shard is None:
+        raise UsageError(f"-o {output} is a folder: part files need --shard I/N", hint=hint)
+    return part_path(output, shard, output_format)
+
+
 def _sidecar(path: str) -> str:
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}.done.json")
