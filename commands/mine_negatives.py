@@ -310,9 +310,9 @@ class _IndexCorpus:
 
     @staticmethod
     def _paired(metric, queries, vectors):
-        from vecpipe.formats.index_store import _paired_similarity
+        from vecpipe.formats.index_store import paired_similarity
 
-        return _paired_similarity(metric, queries, vectors[:, None, :])[:, 0]
+        return paired_similarity(metric, queries, vectors[:, None, :])[:, 0]
 
 
 def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_code, force,

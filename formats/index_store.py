@@ -686,7 +686,7 @@ def similarity(metric: str, queries, vectors) -> "np.ndarray":
     raise UsageError(f"unknown metric {metric!r}")
 
 
-def _paired_similarity(metric: str, queries, candidates) -> "np.ndarray":
+def paired_similarity(metric: str, queries, candidates) -> "np.ndarray":
     """Scores of query i against its own candidates[i] (queries x candidates x dim)."""
     import numpy as np
 
@@ -724,7 +724,7 @@ class TopK:
             scores, rows = np.take_along_axis(scores, part, 1), columns[part] + first_row
         else:
             rows = np.broadcast_to(columns + first_row, scores.shape)
-        merged = _sorted_hits(np.concatenate([self.rows, rows], axis=1),
+        merged = sorted_hits(np.concatenate([self.rows, rows], axis=1),
                               np.concatenate([self.scores, scores], axis=1), self.k)
         self.rows, self.scores = merged.rows, merged.scores
 
@@ -753,7 +753,7 @@ class Hits:
         return Hits(np.where(keep, self.rows, -1), np.where(keep, self.scores, -np.inf))
 
 
-def _sorted_hits(rows, scores, width: int) -> Hits:
+def sorted_hits(rows, scores, width: int) -> Hits:
     """Order candidates by score, ties by row, and keep `width` per query."""
     import numpy as np
 
@@ -831,7 +831,7 @@ class Searcher:
         candidates = self._candidates(coded)
         if self.rescore_source is not None and not encoded:
             candidates = self._rescored(queries, candidates.rows)
-        return _sorted_hits(candidates.rows, candidates.scores, self.k) \
+        return sorted_hits(candidates.rows, candidates.scores, self.k) \
             .thresholded(self.min_score)
 
     # -- candidates in the index space
@@ -913,7 +913,7 @@ class Searcher:
         for start in range(0, len(rows), 256):
             block = rows[start:start + 256]
             vectors = self._rescore_vectors(np.where(block >= 0, block, 0))
-            scores[start:start + 256] = _paired_similarity(
+            scores[start:start + 256] = paired_similarity(
                 self.index.score_metric, queries[start:start + 256], vectors)
         return Hits(rows, np.where(rows >= 0, scores, -np.inf))
 

@@ -194,7 +194,7 @@ class LinkedSearcher:
     def search(self, queries, encoded: bool = False):
         import numpy as np
 
-        from .index_store import _sorted_hits
+        from .index_store import sorted_hits
 
         if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
             raise UsageError("the shards use different codecs: query with float vectors")
@@ -203,5 +203,5 @@ class LinkedSearcher:
             hits = searcher.search(queries, encoded=encoded)
             rows.append(np.where(hits.rows >= 0, hits.rows + offset, -1))
             scores.append(hits.scores)
-        return _sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
+        return sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
                             self.k)
