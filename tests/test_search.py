@@ -313,6 +313,10 @@ def test_query_codes_from_the_same_codec(cli, corpus, tmp_path):
     stored = open_index(str(idx)).stored_vectors(range(N)).astype(np.float64)
     truth, _ = brute_force(codes.astype(np.float64), stored)
     assert all([h[0] for h in got[i]] == list(truth[i]) for i in range(5))
+    # ANN with the i8 default (k*4 float rescoring) falls back to symmetric code scores
+    ann = hits_by_query(cli("search", idx, qfile).records(), 5)
+    assert all(len(ann[i]) == 10 for i in range(5))
+    assert np.mean([len({h[0] for h in ann[i]} & set(truth[i])) for i in range(5)]) >= 9
     other = Codec.fit(corpus["vectors"][:100], to="int8")
     table = table.replace_schema_metadata({"vecpipe.codec": other.to_json()})
     with pa.OSFile(str(qfile), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
