@@ -19,7 +19,8 @@ Data:
   a pessimistic case (iid Gaussian vectors, without even the spectrum, are worse still).
 
 Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
-expansion_add=128, expansion_search=64) from an Arrow file; searches run in-process through
+expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search) from
+an Arrow file; searches run in-process through
 `index_store.Searcher` on 1,000 query vectors (embedding time excluded), median of 3 runs.
 faiss: IndexHNSWFlat(M=16, efConstruction=128, efSearch=64, inner product) on the same vectors.
 Exact: numpy float32 matmul + top-k in blocks. recall@10 is against the exact float top 10.
@@ -53,11 +54,14 @@ VARIANTS = [  # (name, index options, search options)
     ("f16", ["--dtype", "f16"], {}),
     ("i8 (default: k*4 rescored)", ["--dtype", "i8"], {}),
     ("i8 rescore1", ["--dtype", "i8"], {"rescore": 1}),
-    ("b1", ["--dtype", "b1", "--keep-vectors"], {}),
-    ("b1+rescore4", ["--dtype", "b1", "--keep-vectors"], {"rescore": 4}),
-    ("b1+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10}),
-    ("b1+rescore20", ["--dtype", "b1", "--keep-vectors"], {"rescore": 20}),
-    ("b1 exact+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10, "exact": True}),
+    ("b1 hnsw", ["--dtype", "b1", "--keep-vectors"], {}),
+    ("b1 hnsw+rescore4", ["--dtype", "b1", "--keep-vectors"], {"rescore": 4}),
+    ("b1 hnsw+rescore10", ["--dtype", "b1", "--keep-vectors"], {"rescore": 10}),
+    ("b1 hnsw+rescore20", ["--dtype", "b1", "--keep-vectors"], {"rescore": 20}),
+    ("b1 flat", ["--dtype", "b1", "--flat", "--keep-vectors"], {}),
+    ("b1 flat+rescore10", ["--dtype", "b1", "--flat", "--keep-vectors"], {"rescore": 10}),
+    ("b1 flat+rescore50", ["--dtype", "b1", "--flat", "--keep-vectors"], {"rescore": 50}),
+    ("b1 flat+rescore100", ["--dtype", "b1", "--flat", "--keep-vectors"], {"rescore": 100}),
 ]
 # Runs a command and prints its peak RSS: measured from a small launcher, because a child forked
 # from this (large) process inherits this process's RSS into its own ru_maxrss.
@@ -194,12 +198,12 @@ def build_vecpipe(arrow, folder, options):
     return seconds, int(done.stderr.split()[-1]) * 1024
 
 
-def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes):
+def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=()):
     from vecpipe.formats.index_store import open_index
 
     rows = []
     for name, options, search_options in VARIANTS:
-        if options[1] not in dtypes:
+        if options[1] not in dtypes or any(name.startswith(prefix) for prefix in skip):
             continue
         key = tuple(options)
         if key not in built:
@@ -213,7 +217,8 @@ def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes):
         files = index.manifest["files"]
         rows.append({"engine": "vecpipe", "variant": name, "build_s": round(build_s, 1),
                      "build_peak_rss_mb": round(rss / 2**20),
-                     "index_bytes": files["vectors.usearch"]["bytes"],
+                     "index_bytes": files["vectors.npy" if index.flat else "vectors.usearch"]
+                     ["bytes"],
                      "full_vectors_bytes": files.get("full.npy", {}).get("bytes", 0),
                      "qps": round(len(queries) / seconds),
                      "recall@10": round(recall_at_k(hits.rows, truth), 4)})
@@ -243,7 +248,8 @@ def measure_faiss(docs, queries, truth):
     return rows
 
 
-def run_size(name, docs, queries, workdir, dtypes=("f32", "f16", "i8", "b1"), faiss=True):
+def run_size(name, docs, queries, workdir, dtypes=("f32", "f16", "i8", "b1"), faiss=True,
+             skip=()):
     print(f"== {name}: {len(docs):,} docs, {len(queries):,} queries", file=sys.stderr)
     seconds, truth = median_time(lambda: exact_search(docs, queries), repeats=1)
     rows = [{"engine": "numpy", "variant": "exact f32", "index_bytes": docs.nbytes,
@@ -252,7 +258,7 @@ def run_size(name, docs, queries, workdir, dtypes=("f32", "f16", "i8", "b1"), fa
     try:
         arrow = folder / "docs.arrow"
         write_arrow(arrow, docs)
-        rows += measure_vecpipe(arrow, folder, queries, truth, {}, dtypes)
+        rows += measure_vecpipe(arrow, folder, queries, truth, {}, dtypes, skip)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     if faiss:
@@ -283,12 +289,15 @@ def main(argv=None):
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding set")
     parser.add_argument("--synthetic", choices=("anchored", "gaussian"), default="anchored")
     parser.add_argument("--dtypes", default="f32,f16,i8,b1", help="index dtypes to build")
+    parser.add_argument("--skip", default="", help="variants to leave out: comma-separated "
+                                                   "name prefixes, e.g. 'b1 hnsw,f32 ef'")
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="for index folders")
     args = parser.parse_args(argv)
 
     dtypes = args.dtypes.split(",")
+    skip = tuple(prefix for prefix in args.skip.split(",") if prefix)
     real_docs, real_queries = real_embeddings()
     generator = (Anchored if args.synthetic == "anchored" else SpectrumMatched)(real_docs)
     iid = np.random.default_rng(1).standard_normal((20000, 384)).astype(np.float32)
@@ -304,7 +313,7 @@ def main(argv=None):
     if not args.no_real:
         results.append(run_size("real MiniLM (NFCorpus titles + stdlib docstrings)", real_docs,
                                 real_queries[:args.queries], args.workdir, dtypes,
-                                not args.no_faiss))
+                                not args.no_faiss, skip))
     for size in [int(s) for s in args.sizes.split(",") if s]:
         docs = generator.sample(size)
         if args.synthetic == "anchored":
@@ -313,7 +322,8 @@ def main(argv=None):
         else:
             queries = generator.sample(args.queries)
             name = f"gaussian synthetic {size:,} (real mean and covariance)"
-        results.append(run_size(name, docs, queries, args.workdir, dtypes, not args.no_faiss))
+        results.append(run_size(name, docs, queries, args.workdir, dtypes, not args.no_faiss,
+                                skip))
         del docs
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
                "load_avg": os.getloadavg(), "machine": platform.machine()}

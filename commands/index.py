@@ -33,6 +33,11 @@ def run(inputs: options.Inputs = None,
             "--expansion-search", min=1, help="HNSW candidate list while searching, recorded "
                                               "as the default for `search --ef` (default 64).",
             metavar="N", show_default=False)] = None,
+        flat: Annotated[bool, typer.Option(
+            "--flat", help="No HNSW graph: keep the vectors alone and search them exactly "
+                           "(usearch's SIMD brute force). With --dtype b1 the smallest index "
+                           "(48 B per 384-dim vector; the graph adds ~140 B); pair it with "
+                           "--keep-vectors and `search --rescore`.")] = False,
         store: Annotated[Optional[List[str]], typer.Option(
             "--store", help="Keep this field for output and --filter (repeat, or a,b). `id` is "
                             "always kept.", metavar="FIELD", show_default=False)] = None,
@@ -65,8 +70,8 @@ def run(inputs: options.Inputs = None,
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
-    """Build a usearch HNSW index folder from embedding records (`id`, `embedding`, other
-    fields). The folder is written under a temporary name beside DIR and renamed into place,
+    """Build a usearch HNSW index folder (or, with --flat, an exactly searched one) from
+    embedding records (`id`, `embedding`, other fields). The folder is written under a temporary name beside DIR and renamed into place,
     so an interrupted build leaves the previous index intact. Keys are row numbers; ids and
     --store'd fields go to rows.parquet, the model/prompt/codec to manifest.json so that
     `search` embeds queries the same way.
@@ -75,6 +80,7 @@ def run(inputs: options.Inputs = None,
     Example:
       vecpipe embed docs.jsonl | vecpipe index -o idx --store title
       vecpipe index docs.arrow --dtype b1 --keep-vectors -o idx   # then: search --rescore 10
+      vecpipe index docs.arrow --dtype b1 --flat --keep-vectors -o idx   # no graph: 32x < f32
       vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate replace
       vecpipe index corpus.arrow --shard 3/8 -o idx/   # idx/part-00003-of-00008.idx
     """
@@ -92,8 +98,8 @@ def run(inputs: options.Inputs = None,
             return
     stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS, force=force)
     plan = plan_index(stream, output, metric, dtype, connectivity, expansion_add,
-                      expansion_search, store, store_all, keep_vectors, append, query_prompt,
-                      model, force)
+                      expansion_search, flat, store, store_all, keep_vectors, append,
+                      query_prompt, model, force)
     plan.shard = part
     builder_args = dict(on_duplicate=on_duplicate, threads=threads)
     if plan.base is not None:
@@ -114,7 +120,8 @@ def run(inputs: options.Inputs = None,
     console.info(f"{builder.count:,} vectors in {output} ({added:,} added"
                  + (f", {builder.skipped:,} duplicates skipped" if builder.skipped else "")
                  + (f", {builder.replaced:,} replaced" if builder.replaced else "")
-                 + f"; {builder.spec.dtype}, {builder.spec.metric})")
+                 + f"; {builder.spec.dtype}, {builder.spec.metric}"
+                 + (", flat" if builder.spec.flat else "") + ")")
 
 
 class IndexPlan:
@@ -284,7 +291,8 @@ def _check_finite(vectors, item) -> None:
 
 
 def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expansion_search,
-               store, store_all, keep_vectors, append, query_prompt, model, force) -> IndexPlan:
+               flat, store, store_all, keep_vectors, append, query_prompt, model,
+               force) -> IndexPlan:
     """Validate everything that can be checked before reading vectors; no output yet."""
     from vecpipe.formats import schema as names
     from vecpipe.formats.codec import codec_from_meta
@@ -303,12 +311,13 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     codec = codec_from_meta(meta, source=stream.inputs[0])
     kind = _vector_kind(schema.field(names.EMBEDDING).type, meta, codec)
     if append:
-        return _append_plan(stream, output, meta, kind, codec, metric, dtype, store, store_all,
-                            keep_vectors, query_prompt, force)
+        return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
+                            store_all, keep_vectors, query_prompt, force)
     fields = _stored_fields(schema, store, store_all)
     spec, fit_codec = _new_spec(kind, codec, meta, metric, dtype, keep_vectors, schema)
     spec.connectivity, spec.expansion_add, spec.expansion_search = \
         connectivity, expansion_add, expansion_search
+    spec.flat = flat
     spec.query_prompt = query_prompt
     return IndexPlan(stream, spec, fields, None, kind, codec, fit_codec=fit_codec,
                      keep_vectors=keep_vectors)
@@ -418,7 +427,7 @@ def _stored_fields(schema, store, store_all) -> list:
     return [names.ID, *dict.fromkeys(n for n in wanted if n not in (names.ID, id_column))]
 
 
-def _append_plan(stream, output, meta, kind, codec, metric, dtype, store, store_all,
+def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, store_all,
                  keep_vectors, query_prompt, force) -> IndexPlan:
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
@@ -432,6 +441,8 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, store, store_
                               ("--dtype", dtype, (base.dtype,))):
         if given is not None and given not in kept:
             raise UsageError(f"{name} {given} differs from the index's {kept[0]}")
+    if flat and not base.flat:
+        raise UsageError("the index has an HNSW graph; --flat applies to new indexes")
     if keep_vectors and base.full_spec is None:
         raise UsageError("the index keeps no full vectors; --keep-vectors applies to new "
                          "indexes")

@@ -570,15 +570,13 @@ def describe_codec(index) -> str:
 
 
 def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
-    from vecpipe.formats.index_store import IndexBuilder, IndexSpec
+    from vecpipe.formats.index_store import IndexBuilder, IndexSpec, hnsw_options
     from vecpipe.formats.errors import DataError
 
     first = indexes[0]
-    hnsw = getattr(first, "shards", [first])[0].manifest["hnsw"]
+    layout = hnsw_options(getattr(first, "shards", [first])[0].manifest)
     spec = IndexSpec(dim=first.dim, metric=first.metric, dtype=first.dtype,
-                     score_metric=first.score_metric, connectivity=hnsw["connectivity"],
-                     expansion_add=hnsw["expansion_add"],
-                     expansion_search=hnsw["expansion_search"], metadata=plan.metadata,
+                     score_metric=first.score_metric, **layout, metadata=plan.metadata,
                      query_prompt=plan.query_prompt, full=plan.full)
     builder = IndexBuilder(output, spec, on_duplicate=BUILDER_DUPLICATES[dedupe],
                            fields=plan.rows_schema.names)

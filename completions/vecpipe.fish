@@ -42,6 +42,7 @@ complete -c vecpipe -n '__fish_seen_subcommand_from index' -l dtype -r -d 'f32|f
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l connectivity -r -d 'HNSW edges per node (M); usearch\'s default 16.'
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l expansion-add -r -d 'HNSW candidate list while building (default 128).'
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l expansion-search -r -d 'HNSW candidate list while searching, recorded as the default for `search --ef` (default 64).'
+complete -c vecpipe -n '__fish_seen_subcommand_from index' -l flat -d 'No HNSW graph: keep the vectors alone and search them exactly (usearch\'s SIMD brute force)'
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l store -r -d 'Keep this field for output and --filter (repeat, or a,b)'
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l store-all -d 'Keep every field but the vectors.'
 complete -c vecpipe -n '__fish_seen_subcommand_from index' -l keep-vectors -d 'Also keep the full-precision vectors (full.npy, memory-mapped) for `search --rescore`.'

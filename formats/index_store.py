@@ -4,6 +4,8 @@
                          metadata of the indexed vectors (model, prompt, codec...), stored fields,
                          file sizes and sha256 checksums
     idx/vectors.usearch  usearch HNSW; keys are row numbers (uint64)
+    idx/vectors.npy      instead, with `index --flat`: the index-space vectors alone, row i = key
+                         i, memory-mapped and searched exactly (no graph)
     idx/rows.parquet     row number (= position) -> `id` and the stored fields
     idx/full.npy         optional full-precision vectors for rescoring (memory-mapped)
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 FORMAT = "vecpipe-index"
 FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
+FLAT_VECTORS = "vectors.npy"
 METRICS = ("cos", "ip", "l2sq", "hamming")
 FLOAT_METRICS = ("cos", "ip", "l2sq")
 DTYPES = ("f32", "f16", "bf16", "i8", "b1")
@@ -70,7 +73,8 @@ class IndexSpec:
     """What a new index is. `dim` is the index-space dimension (bits for b1); `metric` is the
     usearch metric; `score_metric` the float metric of rescoring and of i8 scores (the same as
     `metric` for float indexes); `full` describes kept full-precision vectors ({"dim", "dtype"})
-    or is None; `metadata` holds the stream metadata of the vectors (model, codec...)."""
+    or is None; `metadata` holds the stream metadata of the vectors (model, codec...); `flat`
+    keeps the vectors without an HNSW graph (exact search only)."""
 
     dim: int
     metric: str = "cos"
@@ -82,6 +86,7 @@ class IndexSpec:
     metadata: dict = field(default_factory=dict)
     query_prompt: str | None = None
     full: dict | None = None
+    flat: bool = False
 
     def check(self) -> None:
         if self.metric not in METRICS:
@@ -96,6 +101,12 @@ class IndexSpec:
             raise UsageError(f"score metric must be one of {'|'.join(FLOAT_METRICS)}")
         if self.dtype == "b1" and self.dim % 8:
             raise DataError(f"b1 needs a dimension divisible by 8, got {self.dim}")
+        if self.flat and self.dtype == "bf16":
+            raise UsageError("a flat index keeps f32, f16, i8 or b1 vectors; use --dtype f16 "
+                             "for half the size of f32")
+        if self.flat and (self.connectivity or self.expansion_add or self.expansion_search):
+            raise UsageError("a flat index has no HNSW graph: --connectivity and --expansion-* "
+                             "do not apply")
 
 
 def read_manifest(path: str) -> dict:
@@ -255,7 +266,8 @@ class IndexBuilder:
         _clean_leftovers(self.path)
         self.tmp = _sibling(self.path, "building")
         try:
-            self._usearch = self._start_usearch(base)
+            self._vectors = self._start_flat(base) if self.spec.flat else \
+                self._start_usearch(base)
             self._full = self._start_full(base)
         except BaseException:
             self.abort()
@@ -289,15 +301,22 @@ class IndexBuilder:
         self.spec.expansion_search = index.expansion_search
         return index
 
+    def _start_flat(self, base):
+        spec = self.spec
+        width = spec.dim // 8 if spec.dtype == "b1" else spec.dim
+        writer = _NpyWriter(os.path.join(self.tmp, FLAT_VECTORS), width,
+                            _index_numpy_dtype(spec.dtype))
+        if base is not None:
+            _copy_rows(base.flat_vectors(), writer)
+        return writer
+
     def _start_full(self, base):
         if not self.spec.full:
             return None
         writer = _NpyWriter(os.path.join(self.tmp, FULL), self.spec.full["dim"],
                             _numpy_dtype(self.spec.full["dtype"]))
         if base is not None:
-            full = base.full_vectors()
-            for start in range(0, len(full), 65536):
-                writer.append(full[start:start + 65536])
+            _copy_rows(base.full_vectors(), writer)
         return writer
 
     def _take_base(self, base: "OpenIndex") -> None:
@@ -320,12 +339,17 @@ class IndexBuilder:
         if (full is None) != (self._full is None):
             raise ValueError("full vectors must be given exactly when the spec keeps them")
         new_rows, new_pos, replace_rows, replace_pos = self._assign_rows(ids, source, first_record)
-        keys = np.asarray(new_rows, dtype=np.uint64)
-        if len(keys):
-            self._usearch.add(keys, vectors[new_pos], threads=self.threads)
-        for row, pos in zip(replace_rows, replace_pos):
-            self._usearch.remove(row)
-            self._usearch.add(row, vectors[pos])
+        if self.spec.flat:  # new rows are numbered in arrival order, so they append
+            self._vectors.append(vectors[new_pos])
+            for row, pos in zip(replace_rows, replace_pos):
+                self._vectors.overwrite(row, vectors[pos])
+        else:
+            keys = np.asarray(new_rows, dtype=np.uint64)
+            if len(keys):
+                self._vectors.add(keys, vectors[new_pos], threads=self.threads)
+            for row, pos in zip(replace_rows, replace_pos):
+                self._vectors.remove(row)
+                self._vectors.add(row, vectors[pos])
         if self._full is not None:
             self._full.append(full[new_pos])
             for row, pos in zip(replace_rows, replace_pos):
@@ -402,10 +426,13 @@ class IndexBuilder:
 
         if self.count == 0:
             raise DataError("no records to index")
-        self._usearch.save(os.path.join(self.tmp, VECTORS))
+        if self.spec.flat:
+            self._vectors.close()
+        else:
+            self._vectors.save(os.path.join(self.tmp, VECTORS))
         rows = pa.concat_tables(self._tables).take(pa.array(self._position[:self.count]))
         pq.write_table(rows, os.path.join(self.tmp, ROWS), compression="zstd")
-        files = [VECTORS, ROWS]
+        files = [FLAT_VECTORS if self.spec.flat else VECTORS, ROWS]
         if self._full is not None:
             self._full.close()
             files.append(FULL)
@@ -426,9 +453,10 @@ class IndexBuilder:
             "format": FORMAT, "format_version": FORMAT_VERSION, "vecpipe_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "count": self.count, "dim": spec.dim, "metric": spec.metric, "dtype": spec.dtype,
-            "score_metric": spec.score_metric,
-            "hnsw": {"connectivity": spec.connectivity, "expansion_add": spec.expansion_add,
-                     "expansion_search": spec.expansion_search},
+            "score_metric": spec.score_metric, "flat": spec.flat,
+            "hnsw": None if spec.flat else {
+                "connectivity": spec.connectivity, "expansion_add": spec.expansion_add,
+                "expansion_search": spec.expansion_search},
             "metadata": spec.metadata, "query_prompt": spec.query_prompt,
             "fields": self.fields, "full": spec.full,
             "files": _file_facts(self.tmp, files),
@@ -446,8 +474,9 @@ class IndexBuilder:
         shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
-        if getattr(self, "_full", None) is not None:
-            self._full.abort()
+        for writer in (getattr(self, "_full", None), getattr(self, "_vectors", None)):
+            if isinstance(writer, _NpyWriter):
+                writer.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> "IndexBuilder":
@@ -484,12 +513,23 @@ def _check_target(path: str, base) -> None:
 def _spec_of(base: "OpenIndex") -> IndexSpec:
     m = base.manifest
     return IndexSpec(dim=m["dim"], metric=m["metric"], dtype=m["dtype"],
-                     score_metric=m.get("score_metric"),
-                     connectivity=m["hnsw"]["connectivity"],
-                     expansion_add=m["hnsw"]["expansion_add"],
-                     expansion_search=m["hnsw"]["expansion_search"],
+                     score_metric=m.get("score_metric"), **hnsw_options(m),
                      metadata=dict(m["metadata"]), query_prompt=m.get("query_prompt"),
                      full=m.get("full"))
+
+
+def hnsw_options(manifest: dict) -> dict:
+    """The IndexSpec keywords that rebuild an index's layout: its HNSW parameters, or flat."""
+    if manifest.get("flat"):
+        return {"flat": True}
+    hnsw = manifest["hnsw"]
+    return {"connectivity": hnsw["connectivity"], "expansion_add": hnsw["expansion_add"],
+            "expansion_search": hnsw["expansion_search"]}
+
+
+def _copy_rows(matrix, writer: _NpyWriter, block: int = 65536) -> None:
+    for start in range(0, len(matrix), block):
+        writer.append(matrix[start:start + block])
 
 
 def _numpy_dtype(name: str):
@@ -529,7 +569,8 @@ class OpenIndex:
         self.fields: list[str] = manifest["fields"]
         self.full_spec: dict | None = manifest.get("full")
         self.query_prompt: str | None = manifest.get("query_prompt")
-        self._usearch = self._rows = self._full = None
+        self.flat: bool = bool(manifest.get("flat"))
+        self._usearch = self._rows = self._full = self._flat = None
         self.codec = None
         if self.metadata.get("codec"):
             from .codec import codec_from_meta
@@ -538,6 +579,8 @@ class OpenIndex:
 
     @property
     def usearch(self):
+        if self.flat:
+            raise UsageError("a flat index has no HNSW graph; it is searched exactly")
         if self._usearch is None:
             from usearch.index import Index
 
@@ -567,6 +610,14 @@ class OpenIndex:
     def ids(self) -> "pa.ChunkedArray":
         return self.rows().column(ID)
 
+    def flat_vectors(self):
+        """A flat index's vectors (memory-mapped numpy array, index space)."""
+        if self._flat is None:
+            import numpy as np
+
+            self._flat = np.load(os.path.join(self.path, FLAT_VECTORS), mmap_mode="r")
+        return self._flat
+
     def full_vectors(self):
         """The kept full-precision vectors (memory-mapped numpy array), or None."""
         if self.full_spec is None:
@@ -590,6 +641,8 @@ class OpenIndex:
         width = self.dim // 8 if self.dtype == "b1" else self.dim
         if len(rows) == 0:
             return np.zeros((0, width), dtype=_index_numpy_dtype(self.dtype))
+        if self.flat:
+            return np.asarray(self.flat_vectors()[rows.astype(np.int64)])
         return np.vstack(self.usearch.get(rows)).reshape(len(rows), width)
 
     def encode(self, queries) -> "np.ndarray":
@@ -796,6 +849,8 @@ class Searcher:
         self.want = k * (rescore or (_SCALAR_CODES_RESCORE if self.rescore_source == "codes"
                                      else 1))
         if ef is not None:
+            if index.flat:
+                raise UsageError("--ef tunes HNSW search; this index is flat (always exact)")
             index.usearch.expansion_search = ef
         self.allowed = None if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
         if self.allowed is not None and len(self.allowed) == index.count:
@@ -806,12 +861,13 @@ class Searcher:
     def _plan(self) -> str:
         """none | exact | ann | exact-subset | ann-filtered (see the class docstring)."""
         n = self.index.count
+        exact = self.exact or self.index.flat
         if self.allowed is None:
-            return "exact" if self.exact or self.want >= n else "ann"
+            return "exact" if exact or self.want >= n else "ann"
         m = len(self.allowed)
         if m == 0:
             return "none"
-        if self.exact or m <= self._fetch() * _HNSW_COST or self._fetch() >= n // 2:
+        if exact or m <= self._fetch() * _HNSW_COST or self._fetch() >= n // 2:
             return "exact-subset"
         return "ann-filtered"
 
@@ -867,7 +923,13 @@ class Searcher:
         return Hits(rows, scores)
 
     def _usearch(self, coded, count: int, exact: bool) -> Hits:
-        found = self.index.usearch.search(coded, count, exact=exact, threads=self.threads)
+        if self.index.flat:
+            from usearch.index import search
+
+            found = search(self.index.flat_vectors(), coded, count, self.index.metric,
+                           exact=True, threads=self.threads)
+        else:
+            found = self.index.usearch.search(coded, count, exact=exact, threads=self.threads)
         return self._to_hits(found, count)
 
     def _to_hits(self, found, count: int, row_of_key=None) -> Hits:
@@ -886,7 +948,7 @@ class Searcher:
         if self._allowed_vectors is None:
             self._allowed_vectors = self.index.stored_vectors(self.allowed)
         count = min(self.want, len(self.allowed))
-        found = search(self._allowed_vectors, coded, count, self.index.usearch.metric_kind,
+        found = search(self._allowed_vectors, coded, count, self.index.metric,
                        exact=True, threads=self.threads)
         return self._to_hits(found, count, row_of_key=self.allowed)
 

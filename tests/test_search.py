@@ -334,6 +334,90 @@ def test_rescore_needs_something_to_rescore_with(cli, tmp_path):
     assert r.exit_code == 2 and "--keep-vectors" in r.stderr
 
 
+# ---- flat indexes (no graph) --------------------------------------------------------------------
+
+def assert_same_hits(result, expected, n=40):
+    got, want = hits_by_query(result.records(), n), hits_by_query(expected.records(), n)
+    for q in range(n):  # tied scores (hamming, float16) may break either way
+        scores = np.array([h[1] for h in want[q]])
+        np.testing.assert_allclose([h[1] for h in got[q]], scores, atol=1e-6)
+        gaps = np.diff(scores, prepend=np.inf, append=-np.inf if len(scores) == N else np.nan)
+        untied = (np.abs(gaps[:-1]) > 1e-5) & (np.abs(gaps[1:]) > 1e-5)
+        assert [h[0] for h, u in zip(got[q], untied) if u] == \
+            [h[0] for h, u in zip(want[q], untied) if u], q
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "i8", "b1"])
+def test_flat_index_answers_like_exact_search_on_the_graph_index(cli, corpus, tmp_path, dtype):
+    flat, graph = tmp_path / "flat", tmp_path / "graph"
+    for folder, extra in ((flat, ["--flat"]), (graph, [])):
+        assert cli("index", corpus["src"], "-o", folder, "--dtype", dtype, "--keep-vectors",
+                   "--store", "group", *extra).exit_code == 0
+    assert not (flat / "vectors.usearch").exists()
+    width, itemsize = (DIM // 8, 1) if dtype == "b1" else (DIM, {"f32": 4, "f16": 2}.get(dtype, 1))
+    assert (flat / "vectors.npy").stat().st_size == 128 + N * width * itemsize
+    manifest = orjson.loads((flat / "manifest.json").read_bytes())
+    assert manifest["flat"] is True and manifest["hnsw"] is None
+    # b1's many tied hamming distances pick different candidates to rescore: rescore them all
+    rescore = ["--rescore", N // K if dtype == "b1" else 3]
+    for options in ([], ["--filter", "group == 3"], rescore, ["-k", 4000]):
+        assert_same_hits(cli("search", flat, corpus["qfile"], *options),
+                         cli("search", graph, corpus["qfile"], "--exact", *options))
+    if dtype == "f32":  # and both equal numpy brute force
+        truth, scores = brute_force(corpus["queries"], corpus["vectors"])
+        got = hits_by_query(cli("search", flat, corpus["qfile"]).records(), 40)
+        assert all([h[0] for h in got[i]] == list(truth[i]) for i in range(40))
+        np.testing.assert_allclose([[h[1] for h in got[i]] for i in range(40)], scores, atol=1e-5)
+
+
+def test_flat_index_appends_replaces_and_merges(cli, corpus, tmp_path):
+    half = N // 2
+    vectors, ids = corpus["vectors"], corpus["columns"]["id"]
+    meta = {"model": "fake:32", "dim": DIM, "normalized": "true"}
+    first = write_arrow(tmp_path / "a.arrow", {"id": ids[:half]}, vectors[:half], meta)
+    changed = vectors[half - 10:].copy()
+    changed[:10] = -changed[:10]  # the 10 overlapping ids get new vectors
+    second = write_arrow(tmp_path / "b.arrow", {"id": ids[half - 10:]}, changed, meta)
+    grown = tmp_path / "grown"
+    assert cli("index", first, "-o", grown, "--flat").exit_code == 0
+    r = cli("index", second, "-o", grown, "--append", "--on-duplicate", "replace")
+    assert r.exit_code == 0 and "flat" in r.stderr
+    final = vectors.copy()
+    final[half - 10:half] = changed[:10]
+    truth, _ = brute_force(corpus["queries"], final)
+    got = hits_by_query(cli("search", grown, corpus["qfile"]).records(), 40)
+    assert all([h[0] for h in got[i]] == list(truth[i]) for i in range(40))
+    for how in (["--link"], []):  # linked shards, and a rebuilt index that stays flat
+        merged = tmp_path / f"merged{len(how)}"
+        parts = []
+        for name, src in (("p0", first), ("p1", second)):
+            if not (tmp_path / name).exists():
+                assert cli("index", src, "-o", tmp_path / name, "--flat").exit_code == 0
+            parts.append(tmp_path / name)
+        assert cli("merge", "--index", *how, *parts, "-o", merged, "--dedupe", "last"
+                   ).exit_code == 0, how
+        if not how:
+            assert orjson.loads((merged / "manifest.json").read_bytes())["flat"] is True
+        got = hits_by_query(cli("search", merged, corpus["qfile"]).records(), 40)
+        assert all([h[0] for h in got[i]] == list(truth[i]) for i in range(40)), how
+
+
+@pytest.mark.parametrize("index_args, search_args, message", [
+    (["--flat", "--connectivity", "8"], None, "no HNSW graph"),
+    (["--flat", "--dtype", "bf16"], None, "f32, f16, i8 or b1"),
+    (["--flat"], ["--ef", "100"], "flat"),
+])
+def test_flat_index_refuses_graph_options(cli, corpus, tmp_path, index_args, search_args,
+                                          message):
+    r = cli("index", corpus["src"], "-o", tmp_path / "idx", *index_args)
+    if search_args is not None:
+        assert r.exit_code == 0
+        r = cli("search", tmp_path / "idx", corpus["qfile"], *search_args)
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+    r = cli("index", corpus["src"], "-o", corpus["idx"], "--append", "--flat")
+    assert r.exit_code == 2 and "new indexes" in r.stderr
+
+
 # ---- exact search over a stream ---------------------------------------------------------------
 
 def test_stream_search_equals_brute_force_with_filter_and_fields(cli, corpus):
