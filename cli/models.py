@@ -373,6 +373,19 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
     return model
 
 
+def load_cross_encoder(spec: str, device: str = "auto", trust_remote_code: bool = False):
+    """A sentence-transformers CrossEncoder (a hub name or a local folder) for rescoring pairs."""
+    _quiet_libraries(offline=os.path.isdir(spec))
+    from sentence_transformers import CrossEncoder
+
+    try:
+        return CrossEncoder(spec, device=resolve_device(device),
+                            trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise DataError(f"cannot load cross-encoder {spec!r}: {err}",
+                        hint="offline? use a local folder") from None
+
+
 def _embedding_dim(st) -> int:
     method = getattr(st, "get_embedding_dimension", None) or st.get_sentence_embedding_dimension
     return int(method())

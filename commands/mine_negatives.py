@@ -121,6 +121,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe mine-negatives --beir nfcorpus --shard auto -o mined/
     """
     from vecpipe.cli import console
+    from vecpipe.cli.models import load_cross_encoder
     from vecpipe.formats.mining import LAYOUTS, MiningOptions
     from vecpipe.formats.parts import completed_rows, mark_complete, shard_output
     from vecpipe.formats.shards import parse_shard
@@ -140,7 +141,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     resolve_output_format(output, output_format)
     pair_set = _read_pairs(pairs, beir, split, input_format)
     source = _corpus_source(corpus, beir, fields)
-    rescorer = _load_cross_encoder(cross_encoder, device, trust_remote_code) \
+    rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \
         if cross_encoder else None
     vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
     job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
@@ -561,24 +562,6 @@ def _rescore(job: _Job, batch, candidates) -> list:
     parts = np.split(scores, np.cumsum(sizes)[:-1])
     return [Candidates(found.rows, parts[2 * i], parts[2 * i + 1])
             for i, found in enumerate(candidates)]
-
-
-def _load_cross_encoder(spec, device, trust_remote_code):
-    from vecpipe.cli.models import resolve_device
-    from vecpipe.formats.errors import DataError
-
-    if os.path.isdir(spec):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from sentence_transformers import CrossEncoder
-
-    try:
-        return CrossEncoder(spec, device=resolve_device(device),
-                            trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise DataError(f"cannot load cross-encoder {spec!r}: {err}",
-                        hint="offline? use a local folder") from None
 
 
 class _Guide:
