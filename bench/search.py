@@ -18,6 +18,11 @@ Data:
   The real spectrum but no cluster structure: every point is nearly equidistant from the rest,
   a pessimistic case (iid Gaussian vectors, without even the spectrum, are worse still).
 
+- `--vectors FILE.arrow`: any embeddings file (e.g. `vecpipe embed` of real texts); its last
+  --queries rows are held out as the queries, the rest are the documents. BENCHMARKS.md used
+  500k lines of English comments and docstrings from the installed Python packages, embedded
+  with the bundled MiniLM (`--backend onnx-int8`).
+
 Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
 expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search) from
 an Arrow file; searches run in-process through
@@ -140,6 +145,14 @@ class Anchored(SpectrumMatched):
             x = anchors + self.scale * self.noise(count)
             out[start:start + count] = x / np.linalg.norm(x, axis=1, keepdims=True)
         return out
+
+
+def file_embeddings(path, queries: int):
+    """(docs, held-out queries) from an Arrow file's `embedding` column: the last rows query."""
+    with pa.memory_map(str(path)) as source:
+        column = pa.ipc.open_file(source).read_all().column("embedding").combine_chunks()
+    vectors = column.values.to_numpy().reshape(len(column), -1).astype(np.float32)
+    return vectors[:-queries], vectors[-queries:]
 
 
 def participation_ratio(x) -> float:
@@ -287,6 +300,8 @@ def main(argv=None):
     parser.add_argument("--sizes", default="100000", help="synthetic sizes, comma-separated")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding set")
+    parser.add_argument("--vectors", help="also an embeddings Arrow file (last --queries rows "
+                                          "held out as queries)")
     parser.add_argument("--synthetic", choices=("anchored", "gaussian"), default="anchored")
     parser.add_argument("--dtypes", default="f32,f16,i8,b1", help="index dtypes to build")
     parser.add_argument("--skip", default="", help="variants to leave out: comma-separated "
@@ -314,6 +329,12 @@ def main(argv=None):
         results.append(run_size("real MiniLM (NFCorpus titles + stdlib docstrings)", real_docs,
                                 real_queries[:args.queries], args.workdir, dtypes,
                                 not args.no_faiss, skip))
+    if args.vectors:
+        docs, queries = file_embeddings(args.vectors, args.queries)
+        spectra["file"] = participation_ratio(docs)
+        results.append(run_size(f"{Path(args.vectors).name} (real vectors, held-out queries)",
+                                docs, queries, args.workdir, dtypes, not args.no_faiss, skip))
+        del docs
     for size in [int(s) for s in args.sizes.split(",") if s]:
         docs = generator.sample(size)
         if args.synthetic == "anchored":
