@@ -25,8 +25,8 @@ Data:
 
 Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
 expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search) from
-an Arrow file; searches run in-process through
-`index_store.Searcher` on 1,000 query vectors (embedding time excluded), median of 3 runs.
+an Arrow file; searches run in-process through `index_store.Searcher` on 1,000 query vectors
+(embedding time excluded), median of 3 runs.
 faiss: IndexHNSWFlat(M=16, efConstruction=128, efSearch=64, inner product) on the same vectors.
 Exact: numpy float32 matmul + top-k in blocks. recall@10 is against the exact float top 10.
 """
@@ -212,7 +212,7 @@ def build_vecpipe(arrow, folder, options):
 
 
 def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=()):
-    from vecpipe.formats.index_store import open_index
+    from vecpipe.formats.index_store import FLAT_VECTORS, FULL, VECTORS, open_index
 
     rows = []
     for name, options, search_options in VARIANTS:
@@ -230,9 +230,8 @@ def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=())
         files = index.manifest["files"]
         rows.append({"engine": "vecpipe", "variant": name, "build_s": round(build_s, 1),
                      "build_peak_rss_mb": round(rss / 2**20),
-                     "index_bytes": files["vectors.npy" if index.flat else "vectors.usearch"]
-                     ["bytes"],
-                     "full_vectors_bytes": files.get("full.npy", {}).get("bytes", 0),
+                     "index_bytes": files[FLAT_VECTORS if index.flat else VECTORS]["bytes"],
+                     "full_vectors_bytes": files.get(FULL, {}).get("bytes", 0),
                      "qps": round(len(queries) / seconds),
                      "recall@10": round(recall_at_k(hits.rows, truth), 4)})
         print(json.dumps(rows[-1]), file=sys.stderr)

@@ -71,8 +71,9 @@ def run(inputs: options.Inputs = None,
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Build a usearch HNSW index folder (or, with --flat, an exactly searched one) from
-    embedding records (`id`, `embedding`, other fields). The folder is written under a temporary name beside DIR and renamed into place,
-    so an interrupted build leaves the previous index intact. Keys are row numbers; ids and
+    embedding records (`id`, `embedding`, other fields). The folder is written under a
+    temporary name beside DIR and renamed into place, so an interrupted build leaves the
+    previous index intact. Keys are row numbers; ids and
     --store'd fields go to rows.parquet, the model/prompt/codec to manifest.json so that
     `search` embeds queries the same way.
 

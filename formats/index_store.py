@@ -302,10 +302,9 @@ class IndexBuilder:
         return index
 
     def _start_flat(self, base):
-        spec = self.spec
-        width = spec.dim // 8 if spec.dtype == "b1" else spec.dim
-        writer = _NpyWriter(os.path.join(self.tmp, FLAT_VECTORS), width,
-                            _index_numpy_dtype(spec.dtype))
+        writer = _NpyWriter(os.path.join(self.tmp, FLAT_VECTORS),
+                            _index_width(self.spec.dim, self.spec.dtype),
+                            _index_numpy_dtype(self.spec.dtype))
         if base is not None:
             _copy_rows(base.flat_vectors(), writer)
         return writer
@@ -359,7 +358,7 @@ class IndexBuilder:
     def _checked_vectors(self, vectors, source, first_record):
         import numpy as np
 
-        width = self.spec.dim // 8 if self.spec.dtype == "b1" else self.spec.dim
+        width = _index_width(self.spec.dim, self.spec.dtype)
         if vectors.ndim != 2 or vectors.shape[1] != width:
             raise DataError(f"vectors have dimension {vectors.shape[-1]}, the index has "
                             f"{width}", source=source, record=first_record)
@@ -638,7 +637,7 @@ class OpenIndex:
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.uint64)
-        width = self.dim // 8 if self.dtype == "b1" else self.dim
+        width = _index_width(self.dim, self.dtype)
         if len(rows) == 0:
             return np.zeros((0, width), dtype=_index_numpy_dtype(self.dtype))
         if self.flat:
@@ -695,6 +694,11 @@ def from_index_codes(codec, stored):
 
         return float32_to_bfloat16_bits(stored)
     return np.ascontiguousarray(stored, dtype=codec.code_dtype)
+
+
+def _index_width(dim: int, dtype: str) -> int:
+    """Columns of an index-space vector: bytes of packed bits for b1, else the dimension."""
+    return dim // 8 if dtype == "b1" else dim
 
 
 def _index_numpy_dtype(dtype: str):
@@ -778,7 +782,7 @@ class TopK:
         else:
             rows = np.broadcast_to(columns + first_row, scores.shape)
         merged = sorted_hits(np.concatenate([self.rows, rows], axis=1),
-                              np.concatenate([self.scores, scores], axis=1), self.k)
+                             np.concatenate([self.scores, scores], axis=1), self.k)
         self.rows, self.scores = merged.rows, merged.scores
 
     def hits(self, min_score: float | None = None) -> "Hits":

@@ -204,4 +204,4 @@ class LinkedSearcher:
             rows.append(np.where(hits.rows >= 0, hits.rows + offset, -1))
             scores.append(hits.scores)
         return sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
-                            self.k)
+                           self.k)
