@@ -8,9 +8,10 @@ five words, and is at least 80% letters and spaces. With the .venv that `make in
 characters (~15 tokens): mostly English prose about code, some code. The exact set depends on the
 installed package versions.
 
-    .venv/bin/python bench/package_text.py | head -501000 > lines.jsonl
+    .venv/bin/python bench/package_text.py | head -1001000 > lines.jsonl
     .venv/bin/vecpipe embed lines.jsonl --backend onnx-int8 --batch-size 64 -o lines.arrow
-    .venv/bin/python bench/search.py --vectors lines.arrow --sizes '' --no-real
+    .venv/bin/python bench/search.py --vectors lines.arrow --vector-sizes 100000,1000000 \
+        --sizes '' --no-real
 """
 from __future__ import annotations
 

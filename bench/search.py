@@ -1,32 +1,39 @@
 """Benchmark `vecpipe index` + search: build time, index bytes, QPS and recall@10 per dtype,
 against faiss HNSW and numpy exact search in the same run.
 
-    python bench/search.py --sizes 100000                      # ~minutes on 2 cores
-    python bench/search.py --sizes 100000,1000000 --out bench/out/search.json
+    # the numbers in BENCHMARKS.md: 1M real MiniLM vectors (embedding them: ~50 min on 2 cores)
+    python bench/package_text.py | head -1001000 > lines.jsonl
+    vecpipe embed lines.jsonl --backend onnx-int8 --batch-size 64 -o lines.arrow
+    python bench/search.py --vectors lines.arrow --vector-sizes 100000,1000000 --sizes '' \
+        --no-real --out bench/out/search-1m-real.json
+    python bench/search.py --sizes 100000   # no embedding needed: synthetic vectors
 
 Data:
-- real: all-MiniLM-L6-v2 embeddings of NFCorpus titles + the docstrings of Python's stdlib
-  (documents) and NFCorpus queries (queries), embedded once and cached in bench/out/. Used as is
-  for the "real" size, and to fit the synthetic generator.
-- synthetic (the 100k and 1M sizes; real MiniLM at that scale is unaffordable on 2 CPU cores:
-  ~25 ms per short text), two generators fitted to the real document embeddings:
+- `--vectors FILE.arrow`: any embeddings file (e.g. `vecpipe embed` of real texts); its last
+  --queries rows are held out as the queries, the rest are the documents (`--vector-sizes`: the
+  first N of them, for each N). BENCHMARKS.md used 1M lines of English comments and docstrings
+  from the installed Python packages (`bench/package_text.py`), embedded with the bundled MiniLM.
+- real (unless --no-real): all-MiniLM-L6-v2 embeddings of NFCorpus titles + the docstrings of
+  Python's stdlib (documents) and NFCorpus queries (queries), embedded once and cached in
+  bench/out/. Used as is, and to fit the synthetic generators.
+- synthetic (`--sizes`), two generators fitted to the real document embeddings, for a quick run
+  without embedding hundreds of thousands of texts:
   `anchored` (default): the real documents plus normalize(real doc + s * g), g ~ N(0, covariance
   of the real documents), s set so that a point's cosine to its anchor is the real documents'
   median nearest-neighbour cosine. Real topical structure and spectrum; queried with the REAL
-  query embeddings.
+  query embeddings. At 1M its local intrinsic dimension is far above real text's and HNSW
+  recall collapses (BENCHMARKS.md): use real vectors for 1M numbers.
   `gaussian`: normalized N(mean, covariance) of the real documents, queries drawn the same way.
   The real spectrum but no cluster structure: every point is nearly equidistant from the rest,
   a pessimistic case (iid Gaussian vectors, without even the spectrum, are worse still).
 
-- `--vectors FILE.arrow`: any embeddings file (e.g. `vecpipe embed` of real texts); its last
-  --queries rows are held out as the queries, the rest are the documents. BENCHMARKS.md used
-  500k lines of English comments and docstrings from the installed Python packages, embedded
-  with the bundled MiniLM (`--backend onnx-int8`).
-
 Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
 expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search) from
-an Arrow file; searches run in-process through `index_store.Searcher` on 1,000 query vectors
-(embedding time excluded), median of 3 runs.
+an Arrow file. Its peak RSS counts the pages of that memory-mapped file, which the kernel can
+drop at will; piping an Arrow stream into `vecpipe index -` instead measures about the usearch
+index plus 140 MB of interpreter and ~60 MB per 100k rows (the ids, buffers). Searches run
+in-process through `index_store.Searcher` on 1,000 query vectors (embedding time excluded),
+median of 3 runs.
 faiss: IndexHNSWFlat(M=16, efConstruction=128, efSearch=64, inner product) on the same vectors.
 Exact: numpy float32 matmul + top-k in blocks. recall@10 is against the exact float top 10.
 """
@@ -301,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--no-real", action="store_true", help="skip the real-embedding set")
     parser.add_argument("--vectors", help="also an embeddings Arrow file (last --queries rows "
                                           "held out as queries)")
+    parser.add_argument("--vector-sizes", default="", help="with --vectors: index only the first "
+                        "N documents, for each N (comma-separated; default: all of them)")
     parser.add_argument("--synthetic", choices=("anchored", "gaussian"), default="anchored")
     parser.add_argument("--dtypes", default="f32,f16,i8,b1", help="index dtypes to build")
     parser.add_argument("--skip", default="", help="variants to leave out: comma-separated "
@@ -331,8 +340,10 @@ def main(argv=None):
     if args.vectors:
         docs, queries = file_embeddings(args.vectors, args.queries)
         spectra["file"] = participation_ratio(docs)
-        results.append(run_size(f"{Path(args.vectors).name} (real vectors, held-out queries)",
-                                docs, queries, args.workdir, dtypes, not args.no_faiss, skip))
+        for size in [int(s) for s in args.vector_sizes.split(",") if s] or [len(docs)]:
+            results.append(run_size(f"{Path(args.vectors).name}: first {size:,} (real vectors, "
+                                    "held-out queries)", docs[:size], queries, args.workdir,
+                                    dtypes, not args.no_faiss, skip))
         del docs
     for size in [int(s) for s in args.sizes.split(",") if s]:
         docs = generator.sample(size)
