@@ -928,10 +928,7 @@ class Searcher:
 
     def _usearch(self, coded, count: int, exact: bool) -> Hits:
         if self.index.flat:
-            from usearch.index import search
-
-            found = search(self.index.flat_vectors(), coded, count, self.index.metric,
-                           exact=True, threads=self.threads)
+            found = self._scan(self.index.flat_vectors(), coded, count)
         else:
             found = self.index.usearch.search(coded, count, exact=exact, threads=self.threads)
         return self._to_hits(found, count)
@@ -947,14 +944,18 @@ class Searcher:
         return Hits(rows, np.where(valid, scores, -np.inf).astype(np.float32))
 
     def _exact_subset(self, coded) -> Hits:
-        from usearch.index import search
-
         if self._allowed_vectors is None:
             self._allowed_vectors = self.index.stored_vectors(self.allowed)
         count = min(self.want, len(self.allowed))
-        found = search(self._allowed_vectors, coded, count, self.index.metric,
-                       exact=True, threads=self.threads)
+        found = self._scan(self._allowed_vectors, coded, count)
         return self._to_hits(found, count, row_of_key=self.allowed)
+
+    def _scan(self, vectors, coded, count: int):
+        """usearch's exact brute force over index-space vectors (keys = their positions)."""
+        from usearch.index import search
+
+        return search(vectors, coded, count, self.index.metric, exact=True,
+                      threads=self.threads)
 
     def _ann_filtered(self, coded) -> Hits:
         import numpy as np
