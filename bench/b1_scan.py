@@ -12,16 +12,14 @@ import argparse
 import time
 
 import numpy as np
-import pyarrow as pa
 from usearch.index import search
+
+from search import file_embeddings  # bench/search.py: this folder is on sys.path when run
 
 
 def sign_bits(path, docs: int, queries: int):
-    with pa.memory_map(path) as source:
-        column = pa.ipc.open_file(source).read_all().column("embedding").combine_chunks()
-    vectors = column.values.to_numpy().reshape(len(column), -1)
-    return (np.packbits(vectors[:docs] > 0, axis=1),
-            np.packbits(vectors[-queries:] > 0, axis=1))
+    doc_vectors, query_vectors = file_embeddings(path, queries)
+    return np.packbits(doc_vectors[:docs] > 0, axis=1), np.packbits(query_vectors > 0, axis=1)
 
 
 def blas_scores(codes, queries, block=65536):
