@@ -55,3 +55,50 @@ def test_installed_console_script_runs_outside_the_repo(tmp_path):
     probe = subprocess.run([sys.executable, "-c", "import formats"], capture_output=True,
                            cwd=tmp_path)
     assert probe.returncode != 0
+
+
+def _pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_every_dependency_is_pinned_in_constraints():
+    """Numbers must not change because PyPI served a newer release: every dependency the
+    project names, extras included, has an exact pin that `make install` uses."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    named = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        named += extra
+    pins = _pins()
+    unpinned = {canonicalize_name(Requirement(spec).name) for spec in named} - set(pins)
+    assert not unpinned, f"pin these in constraints.txt: {sorted(unpinned)}"
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
+
+
+def test_installed_versions_are_the_pinned_ones():
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    wrong = {}
+    for name, pinned in _pins().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # an extra this environment did not install
+        if Version(installed).public != Version(pinned).public:
+            wrong[name] = (installed, pinned)
+    assert not wrong, f"installed != constraints.txt: {wrong}"
