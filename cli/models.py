@@ -45,6 +45,7 @@ class LoadedModel:
     backend: str = "torch"
     runtime: object = None    # exported backends: features -> token embeddings (torch tensor)
     path: str | None = None   # local folder of the weights, when there is one
+    precision: str = "float32"  # what the model computes in (the vectors stay float32)
 
     @property
     def is_fake(self) -> bool:
@@ -199,11 +200,9 @@ class LoadedModel:
                         normalize: bool = True) -> dict:
         """Everything besides the text that decides a vector: the key space of
         vecpipe.formats.cache (embed and eval share cached vectors through it)."""
-        dtype = "float32" if self.st is None else \
-            str(next(self.st.parameters()).dtype).replace("torch.", "")
         return {"model": self.name, "model_sha": self.sha, "prompt": prompt,
                 "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
-                "max_length": self.max_length, "dtype": dtype}
+                "max_length": self.max_length, "dtype": self.precision}
 
     def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
         """The `vecpipe.*` keys describing vectors this model produced."""
@@ -218,6 +217,8 @@ class LoadedModel:
             meta["prompt"] = prompt
         if self.backend != "torch":
             meta["backend"] = self.backend
+        if self.precision != "float32":
+            meta["precision"] = self.precision
         return meta
 
 
@@ -344,9 +345,10 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
         raise UsageError(f"unknown dtype {dtype!r}; use {'|'.join(DTYPES)}")
     if backend != "torch":
         _check_backend_installed(backend)
-        if dtype in ("float16", "bfloat16"):
-            raise UsageError(f"--backend {backend} runs float32 (onnx-int8: int8 weights); "
-                             f"--dtype {dtype} is for the torch backend")
+        if dtype == "float16" or (dtype == "bfloat16" and backend != "openvino"):
+            raise UsageError(f"--backend {backend} runs float32 (onnx-int8: int8 weights, "
+                             f"openvino: float32 or bfloat16); --dtype {dtype} is for the torch "
+                             "backend")
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_device(device)
@@ -366,10 +368,12 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
                         path=path if local else None)
     if backend == "torch":
         _apply_dtype(st, dtype, resolved)
+        model.precision = str(next(st.parameters()).dtype).replace("torch.", "")
     else:
         from . import onnx_export
 
-        model.runtime = onnx_export.runtime_for(model, backend, resolved, export_dir)
+        model.runtime = onnx_export.runtime_for(model, backend, resolved, export_dir, dtype)
+        model.precision = getattr(model.runtime, "precision", "float32")
     return model
 
 

@@ -33,11 +33,11 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _OPSET = 17
 
 
-def runtime_for(model, backend: str, device: str, export_dir: str | None):
+def runtime_for(model, backend: str, device: str, export_dir: str | None, dtype: str = "auto"):
     """A callable: tokenized features -> token embeddings (torch tensor), for `backend`."""
     plain = ensure_export(model, export_dir)
     if backend == "openvino":
-        return OpenVinoRuntime(plain, device)
+        return OpenVinoRuntime(plain, device, bfloat16=dtype == "bfloat16")
     fused = ensure_fused(plain, model.st)
     return OrtRuntime(fused if backend == "onnx" else ensure_int8(fused), device)
 
@@ -232,15 +232,24 @@ class OrtRuntime:
 
 
 class OpenVinoRuntime:
-    """The exported ONNX file compiled by OpenVINO for the CPU."""
+    """The exported ONNX file compiled by OpenVINO for the CPU.
 
-    def __init__(self, path: str, device: str):
+    The precision is always set explicitly: OpenVINO's CPU plugin otherwise picks bfloat16 on
+    CPUs with AMX or AVX512-BF16, so the same command would give other vectors on another machine.
+    """
+
+    def __init__(self, path: str, device: str, bfloat16: bool = False):
         import openvino as ov
 
         if device != "cpu":
             raise UsageError("--backend openvino runs on the CPU here; use --device cpu")
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(path), "CPU")
+        if bfloat16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            console.warn("this CPU has no bfloat16 support: --backend openvino runs float32")
+            bfloat16 = False
+        self.precision = "bfloat16" if bfloat16 else "float32"
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"}
+        self.compiled = core.compile_model(core.read_model(path), "CPU", hint)
         self.names = [port.get_any_name() for port in self.compiled.inputs]
 
     def __call__(self, features):

@@ -38,7 +38,9 @@ def run(inputs: options.Inputs = None,
                              "(cuda:0,cuda:1): one worker process per device.")] = "auto",
         dtype: Annotated[str, typer.Option(
             "--dtype", help="auto|float32|float16|bfloat16 model precision (auto: float16 on "
-                            "CUDA); output vectors are float32.")] = "auto",
+                            "CUDA, float32 elsewhere; openvino takes float32 or bfloat16); output vectors "
+                            "are float32, and a precision other than float32 is recorded in "
+                            "the metadata.")] = "auto",
         backend: Annotated[str, typer.Option(
             "--backend", help="torch|onnx|onnx-int8|openvino. ONNX exports are made once and "
                               "kept beside the weights.")] = "torch",

@@ -22,7 +22,8 @@ CHAR_START = "char_start"
 CHAR_END = "char_end"
 
 META_PREFIX = "vecpipe."
-META_KEYS = ("model", "model_sha", "dim", "normalized", "prompt", "dtype", "codec", "version")
+META_KEYS = ("model", "model_sha", "dim", "normalized", "prompt", "dtype", "codec", "version",
+             "backend", "precision")
 # Keys whose difference makes two vector sets incomparable.
 IDENTITY_KEYS = ("model", "dim", "codec")
 

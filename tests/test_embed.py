@@ -115,13 +115,49 @@ def test_onnx_backends_match_torch(cli, tmp_path, write_jsonl, reference):
     assert names.read_meta(table.schema)["backend"] == "onnx-int8"
 
 
-def test_openvino_backend_matches_torch(cli, tmp_path, write_jsonl, reference):
-    pytest.importorskip("openvino")
+@pytest.fixture
+def openvino_hints(monkeypatch):
+    """The config every OpenVINO compile_model call was given."""
+    ov = pytest.importorskip("openvino")
+    given = []
+    real = ov.Core.compile_model
+
+    def compile_model(self, model, device=None, config=None, *args):
+        given.append(dict(config or {}))
+        return real(self, model, device, config or {}, *args)
+    monkeypatch.setattr(ov.Core, "compile_model", compile_model)
+    return given
+
+
+def test_openvino_backend_matches_torch(cli, tmp_path, write_jsonl, reference, openvino_hints):
     texts = synthetic_texts(6, seed=4, longest=80)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
-    r = cli("embed", src, "--backend", "openvino", "--device", "cpu", "--output-format", "jsonl")
+    r = cli("embed", src, "--backend", "openvino", "--device", "cpu", "-o", tmp_path / "v.arrow")
     assert r.exit_code == 0, r
-    np.testing.assert_allclose(vectors(r.records()), reference.encode(texts), atol=1e-5)
+    table = pa.ipc.open_file(str(tmp_path / "v.arrow")).read_all()
+    np.testing.assert_allclose(vectors(table.to_pylist()), reference.encode(texts), atol=1e-5)
+    # OpenVINO's CPU default is bfloat16 on AMX/AVX512-BF16 CPUs: the hint must be explicit
+    assert openvino_hints and all(c.get("INFERENCE_PRECISION_HINT") == "f32"
+                                  for c in openvino_hints)
+    assert "precision" not in names.read_meta(table.schema)
+
+
+def test_openvino_bfloat16_only_when_asked_and_recorded(cli, tmp_path, write_jsonl,
+                                                        openvino_hints):
+    import openvino as ov
+
+    src = write_jsonl(tmp_path / "in.jsonl", records_of(["bone density", "vitamin d"]))
+    r = cli("embed", src, "--backend", "openvino", "--dtype", "bfloat16", "--device", "cpu",
+            "-o", tmp_path / "v.arrow")
+    assert r.exit_code == 0, r
+    meta = names.read_meta(pa.ipc.open_file(str(tmp_path / "v.arrow")).schema)
+    if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        assert openvino_hints[-1]["INFERENCE_PRECISION_HINT"] == "bf16"
+        assert meta["precision"] == "bfloat16"
+    else:  # the CPU cannot: said on stderr, run and recorded as float32
+        assert "no bfloat16 support" in r.stderr
+        assert openvino_hints[-1]["INFERENCE_PRECISION_HINT"] == "f32"
+        assert "precision" not in meta
 
 
 def test_missing_backend_package_is_a_clear_error(cli, tmp_path, write_jsonl, monkeypatch):
