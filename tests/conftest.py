@@ -14,7 +14,21 @@ from typer.testing import CliRunner
 from vecpipe.cli.app import app
 
 REPO = Path(__file__).resolve().parent.parent
-NFCORPUS = REPO.parent / "shared" / "data" / "nfcorpus"
+
+
+def _nfcorpus_folder() -> Path:
+    """$VECPIPE_TEST_DATA (the data folder holding nfcorpus/, or nfcorpus/ itself), else the
+    shared data folder beside the checkout."""
+    given = os.environ.get("VECPIPE_TEST_DATA")
+    if not given:
+        return REPO.parent / "shared" / "data" / "nfcorpus"
+    given = Path(given).expanduser().resolve()
+    return given if (given / "corpus.jsonl").is_file() else given / "nfcorpus"
+
+
+NFCORPUS = _nfcorpus_folder()
+REAL_DATA_SKIP = (f"real data: NFCorpus not found at {NFCORPUS} "
+                  "(set VECPIPE_TEST_DATA to the folder that holds nfcorpus/)")
 
 
 class Result:
@@ -69,11 +83,32 @@ def write_jsonl(path, records) -> Path:
     return path
 
 
+def has_nfcorpus() -> bool:
+    return (NFCORPUS / "corpus.jsonl").is_file()
+
+
 @pytest.fixture
 def nfcorpus() -> Path:
-    if not (NFCORPUS / "corpus.jsonl").is_file():
-        pytest.skip("../shared/data/nfcorpus is not present")
+    if not has_nfcorpus():
+        pytest.skip(REAL_DATA_SKIP)
     return NFCORPUS
+
+
+@pytest.fixture(scope="session")
+def nfcorpus_path() -> Path | None:
+    """The NFCorpus folder when present, else None (for tests with a fallback corpus)."""
+    return NFCORPUS if has_nfcorpus() else None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many real-data tests did not run, and why, where a summary reader looks."""
+    skipped = [report for report in terminalreporter.stats.get("skipped", [])
+               if REAL_DATA_SKIP in str(report.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} real-data tests skipped: {REAL_DATA_SKIP}",
+                                    yellow=True)
+    elif has_nfcorpus():
+        terminalreporter.write_line(f"real-data tests ran on NFCorpus at {NFCORPUS}")
 
 
 @pytest.fixture(name="write_jsonl")

@@ -85,11 +85,10 @@ def corpus(tmp_path_factory):
 
 # ---- real embeddings ----------------------------------------------------------------------------
 
-def _real_texts():
+def _real_texts(nfcorpus):
     """(doc texts, query texts): NFCorpus titles and queries when present, else the docstrings of
     Python's standard library (bench/demo_corpus.py)."""
-    nfcorpus = REPO.parent / "shared" / "data" / "nfcorpus"
-    if (nfcorpus / "corpus.jsonl").is_file():
+    if nfcorpus is not None:
         with open(nfcorpus / "corpus.jsonl", "rb") as f:
             docs = [orjson.loads(next(f))["title"] for _ in range(300)]
         with open(nfcorpus / "queries.jsonl", "rb") as f:
@@ -105,11 +104,11 @@ def _real_texts():
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, nfcorpus_path):
     """Real all-MiniLM-L6-v2 embeddings (sentence-transformers directly) and an index of them."""
     folder = tmp_path_factory.mktemp("real")
     model = load_model(None)
-    doc_texts, query_texts = _real_texts()
+    doc_texts, query_texts = _real_texts(nfcorpus_path)
     docs = np.asarray(model.st.encode(doc_texts, batch_size=64, normalize_embeddings=True))
     queries = np.asarray(model.st.encode(query_texts, batch_size=64, normalize_embeddings=True))
     src = write_arrow(folder / "docs.arrow", {"id": [f"d{i}" for i in range(len(docs))]},
