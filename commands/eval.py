@@ -66,8 +66,13 @@ def retrieval(
     """Score runs against relevance judgments: nDCG@k, MAP@k, MRR@k, Recall@k and P@k exactly
     as pytrec_eval computes them (ties broken by doc id descending; queries missing from a run
     left out unless --all-queries). With several runs: deltas against the first and, per
-    metric, p-values of a paired randomization test (seeded) and a paired t-test. Prints a
-    table on a terminal and one JSON record per run (MTEB keys: ndcg_at_10...) otherwise.
+    metric, p-values of a paired randomization test (seeded) and a paired t-test, all runs'
+    means, deltas and tests over one query set: the judged queries that every run answers
+    (stderr says how many each run lacks), or with --all-queries every judged query (a
+    missing one scores 0, as trec_eval -c and ranx). Fails when no document of a run is in
+    the qrels (ids that do not match), warns when under 10% of its top-10 hits are, and when
+    a cutoff is deeper than the run. Prints a table on a terminal and one JSON record per
+    run (MTEB keys: ndcg_at_10...) otherwise.
 
     \b
     Example:
@@ -85,11 +90,17 @@ def retrieval(
     if runs.count("-") + (qrels == "-") > 1:
         raise UsageError("stdin (-) can be read only once")
     judgments = _load_judgments(qrels, qrels_depth)
+    qrels_name = "<stdin>" if qrels == "-" else qrels
     results = []
     for path in runs:
         name = "<stdin>" if path == "-" else path
-        results.append((name, _evaluate_run(m.read_run(path), name, judgments.qrels, ks, names,
-                                            all_queries)))
+        run = m.read_run(path)
+        evaluation = _evaluate_run(run, name, judgments.qrels, ks, names, all_queries)
+        _check_judged(run, judgments.qrels, name, qrels_name)
+        _warn_shallow(run, judgments.qrels, ks, name)
+        results.append((name, evaluation))
+    if len(results) > 1:
+        results = _on_common_queries(results, len(judgments.qrels), qrels_name, all_queries)
     records = _run_records(results, ks, names, permutations, seed)
     if per_query:
         _print_json(_per_query_records(results))
@@ -134,6 +145,71 @@ def _evaluate_run(run, name, qrels, ks, names, all_queries):
     return evaluation
 
 
+JUDGED_DEPTH = 10      # the top hits whose judged share is checked
+JUDGED_WARN_SHARE = 0.1
+
+
+def _check_judged(run, qrels, name: str, qrels_name: str) -> None:
+    """Fail when no hit of the run is a judged document, warn when few of the top hits are:
+    ids that do not match the qrels score 0 and look like a bad model."""
+    from vecpipe.cli import console
+    from vecpipe.formats import metrics as m
+    from vecpipe.formats.errors import DataError
+
+    judged, hits = m.judged_hits(run, qrels)
+    if hits and not judged:
+        raise DataError(f"none of the run's documents is judged in {qrels_name}: every metric "
+                        "would be 0", source=name,
+                        hint="do the document ids match the qrels'? chunk ids (doc#2: search "
+                             "the parents), _id vs id, or the qrels of another dataset")
+    judged, hits = m.judged_hits(run, qrels, JUDGED_DEPTH)
+    if hits and judged < JUDGED_WARN_SHARE * hits:
+        console.warn(f"{name}: only {judged} of the {hits} top-{JUDGED_DEPTH} hits "
+                     f"({judged / hits:.1%}) are documents judged in {qrels_name}; unjudged "
+                     "documents count as not relevant (do the ids match the qrels'?)")
+
+
+def _warn_shallow(run, qrels, ks, name: str) -> None:
+    from vecpipe.cli import console
+    from vecpipe.formats import metrics as m
+
+    depth = m.run_depth(run, qrels)
+    deeper = [k for k in ks if k > depth]
+    if depth and deeper:
+        cutoffs = ", ".join(f"@{k}" for k in deeper)
+        console.warn(f"{name}: at most {depth} hits per query: {cutoffs} "
+                     f"{'sees' if len(deeper) == 1 else 'see'} no deeper than @{depth} "
+                     f"(a deeper run, e.g. search -k {max(ks)}, fills them)")
+
+
+def _on_common_queries(results, judged: int, qrels_name: str, all_queries: bool):
+    """Every run scored on the same queries, so that means, deltas and paired tests agree:
+    those that every run answers (pytrec_eval leaves a query a run lacks out), or with
+    --all-queries all judged queries (trec_eval -c, ranx: a missing query scores 0)."""
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import DataError
+
+    common = set.intersection(*(set(evaluation.per_query) for _, evaluation in results))
+    if not common:
+        raise DataError("the runs answer no judged query in common",
+                        hint="--all-queries compares on every judged query, a missing one "
+                             "scoring 0")
+    if all_queries:
+        console.info(f"runs compared on all {len(common)} queries judged in {qrels_name} "
+                     "(--all-queries: a query a run lacks scores 0)")
+    else:
+        lacks = ", ".join(f"{name} lacks {len(evaluation.missing)}"
+                          for name, evaluation in results)
+        message = (f"runs compared on the {len(common)} queries judged in {qrels_name} that "
+                   f"every run answers ({lacks} of the {judged} judged)")
+        if len(common) < judged:
+            console.warn(message + "; --all-queries compares on all of them, a missing one "
+                                   "scoring 0")
+        else:
+            console.info(message)
+    return [(name, evaluation.restricted(common)) for name, evaluation in results]
+
+
 def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]:
     """One summary record per run; runs after the first carry deltas and paired p-values."""
     from vecpipe.formats import metrics as m
@@ -153,12 +229,9 @@ def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]
 def _compare(base, other, base_name: str, permutations: int, seed: int) -> dict:
     import numpy as np
 
-    from vecpipe.cli import console
     from vecpipe.formats import metrics as m
 
-    common = sorted(set(base.per_query) & set(other.per_query))
-    if len(common) < max(len(base.per_query), len(other.per_query)):
-        console.warn(f"paired tests use the {len(common)} queries both runs answer")
+    common = sorted(set(base.per_query) & set(other.per_query))  # all: see _on_common_queries
     a = np.array([[base.per_query[q][key] for key in base.keys] for q in common]).reshape(
         len(common), len(base.keys))
     b = np.array([[other.per_query[q][key] for key in base.keys] for q in common]).reshape(

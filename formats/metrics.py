@@ -142,6 +142,12 @@ class Evaluation:
     def queries(self) -> int:
         return len(self.per_query)
 
+    def restricted(self, queries: Iterable[str]) -> "Evaluation":
+        """The same scores over `queries` only (a subset of per_query), means recomputed."""
+        kept = {qid: self.per_query[qid] for qid in sorted(queries)}
+        return Evaluation(kept, _means(kept, self.keys), self.keys, self.missing,
+                          self.unjudged)
+
 
 def evaluate(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS,
              metrics: Sequence[str] = METRICS, all_queries: bool = False) -> Evaluation:
@@ -153,13 +159,36 @@ def evaluate(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS,
             per_query[qid] = query_scores(ranking(run[qid]), qrels[qid], ks, metrics)
         elif all_queries:
             per_query[qid] = dict.fromkeys(keys, 0.0)
-    means = {}
-    if per_query:
-        for key in keys:
-            means[key] = math.fsum(scores[key] for scores in per_query.values()) / len(per_query)
-    return Evaluation(per_query, means, keys,
+    return Evaluation(per_query, _means(per_query, keys), keys,
                       missing=sorted(q for q in qrels if q not in run),
                       unjudged=sorted(q for q in run if q not in qrels))
+
+
+def _means(per_query: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> dict:
+    if not per_query:
+        return {}
+    return {key: math.fsum(scores[key] for scores in per_query.values()) / len(per_query)
+            for key in keys}
+
+
+def run_depth(run: Run, qrels: Qrels) -> int:
+    """The most hits any judged query of the run has (0 for none)."""
+    return max((len(docs) for qid, docs in run.items() if qid in qrels), default=0)
+
+
+def judged_hits(run: Run, qrels: Qrels, depth: int | None = None) -> tuple[int, int]:
+    """(hits whose document the qrels judge for any query, all hits) over the top `depth` hits
+    (all with None) of the run's judged queries. Few or none judged means the ids do not match
+    the qrels' (chunk ids, `_id` vs `id`, another dataset's qrels), not a bad ranking."""
+    known = {doc for docs in qrels.values() for doc in docs}
+    judged = total = 0
+    for qid, docs in run.items():
+        if qid not in qrels:
+            continue
+        top = ranking(docs)[:depth] if depth is not None else docs
+        judged += sum(doc in known for doc in top)
+        total += len(top)
+    return judged, total
 
 
 def run_to_qrels(run: Run, depth: int) -> Qrels:

@@ -1,0 +1,114 @@
+"""Numbers that must not mislead (issue 14): comparisons of runs on one query set, runs whose ids
+the qrels never judge, cutoffs deeper than the run, truncation counts in `eval beir`, in-sample
+compress reports, and parameter-free codecs that compare equal however they were made. Scores
+are checked against pytrec_eval and numpy, never against vecpipe's own output."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import pytrec_eval
+
+QRELS = {  # six judged queries
+    "q1": {"a1": 1, "a2": 2}, "q2": {"b1": 1}, "q3": {"c1": 1, "c2": 1},
+    "q4": {"d1": 1}, "q5": {"e1": 2}, "q6": {"f1": 1},
+}
+
+
+def write_qrels(path, qrels=QRELS):
+    lines = ["query-id\tcorpus-id\tscore"] + [f"{q}\t{d}\t{rel}" for q, docs in qrels.items()
+                                              for d, rel in docs.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_trec(path, run):
+    path.write_text("".join(f"{q} Q0 {d} {rank} {score} t\n" for q, docs in run.items()
+                            for rank, (d, score) in enumerate(docs.items(), 1)))
+    return path
+
+
+def pytrec_ndcg10(qrels, run):
+    return {q: s["ndcg_cut_10"] for q, s in
+            pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run).items()}
+
+
+# A baseline that answers only q1..q3 (well), and a run that answers all six: better than the
+# baseline on q1..q3, but it finds nothing on q4..q6, so its mean over its own six queries is
+# below the baseline's mean over three.
+BASE = {"q1": {"a2": 3.0, "x": 2.0, "a1": 1.0}, "q2": {"x": 2.0, "b1": 1.0},
+        "q3": {"c1": 2.0, "x": 1.0}}
+OTHER = {"q1": {"a2": 3.0, "a1": 2.0}, "q2": {"b1": 2.0}, "q3": {"c1": 2.0, "c2": 1.5},
+         "q4": {"zz": 1.0}, "q5": {"zz": 1.0}, "q6": {"zz": 1.0}}
+
+
+def test_deltas_and_tests_use_the_queries_both_runs_answer(cli, tmp_path):
+    qrels = write_qrels(tmp_path / "qrels.tsv")
+    base, other = write_trec(tmp_path / "base.trec", BASE), write_trec(tmp_path / "o.trec", OTHER)
+    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "-k", "10", "--metrics", "ndcg")
+    assert r.exit_code == 0, r
+    first, second = r.records()
+    ref_base, ref_other = pytrec_ndcg10(QRELS, BASE), pytrec_ndcg10(QRELS, OTHER)
+    common = sorted(ref_base)  # q1..q3
+    own_means = (np.mean(list(ref_base.values())), np.mean(list(ref_other.values())))
+    assert own_means[1] < own_means[0]  # what the old delta compared: the wrong sign
+    paired = [np.mean([ref[q] for q in common]) for ref in (ref_base, ref_other)]
+    assert paired[1] > paired[0]
+    assert first["ndcg_at_10"] == pytest.approx(paired[0], abs=1e-9)
+    assert second["ndcg_at_10"] == pytest.approx(paired[1], abs=1e-9)
+    assert second["delta"]["ndcg_at_10"] == pytest.approx(paired[1] - paired[0], abs=1e-9)
+    assert second["delta"]["ndcg_at_10"] > 0
+    assert first["queries"] == second["queries"] == second["paired_queries"] == 3
+    assert f"runs compared on the 3 queries judged in {qrels} that every run answers ({base} " \
+           f"lacks 3, {other} lacks 0 of the 6 judged)" in r.stderr
+
+
+def test_all_queries_compares_every_judged_query_scored_0_when_missing(cli, tmp_path):
+    qrels = write_qrels(tmp_path / "qrels.tsv")
+    base, other = write_trec(tmp_path / "base.trec", BASE), write_trec(tmp_path / "o.trec", OTHER)
+    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "-k", "10", "--metrics", "ndcg",
+            "--all-queries")
+    assert r.exit_code == 0, r
+    first, second = r.records()
+    ref_base, ref_other = pytrec_ndcg10(QRELS, BASE), pytrec_ndcg10(QRELS, OTHER)
+    means = [sum(ref.get(q, 0.0) for q in QRELS) / len(QRELS) for ref in (ref_base, ref_other)]
+    assert first["ndcg_at_10"] == pytest.approx(means[0], abs=1e-9)
+    assert second["delta"]["ndcg_at_10"] == pytest.approx(means[1] - means[0], abs=1e-9)
+    assert second["paired_queries"] == 6
+    assert "compared on all 6 queries judged in" in r.stderr
+
+
+def test_a_run_whose_ids_the_qrels_never_judge_fails(cli, tmp_path):
+    qrels = write_qrels(tmp_path / "qrels.tsv")
+    chunks = write_trec(tmp_path / "chunks.trec", {q: {f"{d}#0": 1.0 for d in docs}
+                                                   for q, docs in QRELS.items()})
+    r = cli("eval", "retrieval", chunks, "--qrels", qrels)
+    assert r.exit_code == 1 and r.stdout == ""
+    assert f"none of the run's documents is judged in {qrels}" in r.stderr
+    assert f"({chunks})" in r.stderr
+
+
+def test_a_run_with_few_judged_documents_warns(cli, tmp_path):
+    qrels = write_qrels(tmp_path / "qrels.tsv")
+    # per query 10 hits, one of them judged (q1's a1) only for q1: 1 of 60 top-10 hits judged
+    run = {q: {f"n{q}{i}": 10.0 - i for i in range(10)} for q in QRELS}
+    run["q1"] = {"a1": 11.0, **{f"nq1{i}": 9.0 - i for i in range(9)}}
+    path = write_trec(tmp_path / "few.trec", run)
+    r = cli("eval", "retrieval", path, "--qrels", qrels, "-k", "10")
+    assert r.exit_code == 0, r
+    assert "only 1 of the 60 top-10 hits (1.7%)" in r.stderr
+    well = write_trec(tmp_path / "well.trec", {q: {d: 1.0 for d in docs} for q, docs in
+                                              QRELS.items()})
+    r = cli("eval", "retrieval", well, "--qrels", qrels, "-k", "2")
+    assert r.exit_code == 0 and "top-10 hits" not in r.stderr, r
+
+
+def test_cutoffs_deeper_than_the_run_warn(cli, tmp_path):
+    qrels = write_qrels(tmp_path / "qrels.tsv")
+    run = write_trec(tmp_path / "two.trec", {q: {d: 1.0 for d in list(docs) + ["x", "y"]}
+                                             for q, docs in QRELS.items()})
+    r = cli("eval", "retrieval", run, "--qrels", qrels, "-k", "1,3,4,10")
+    assert r.exit_code == 0, r
+    assert f"{run}: at most 4 hits per query: @10 sees no deeper" in r.stderr
+    r = cli("eval", "retrieval", run, "--qrels", qrels, "-k", "1,4")
+    assert r.exit_code == 0 and "hits per query" not in r.stderr, r
