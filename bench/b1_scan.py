@@ -16,6 +16,8 @@ from usearch.index import search
 
 from search import file_embeddings  # bench/search.py: this folder is on sys.path when run
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 
 def sign_bits(path, docs: int, queries: int):
     doc_vectors, query_vectors = file_embeddings(path, queries)
@@ -47,6 +49,7 @@ def main():
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     codes, queries = sign_bits(args.vectors, args.docs, args.queries)
     runs = [(f"usearch exact search, threads={t}",
              lambda q, t=t: search(codes, q, 10, "hamming", exact=True, threads=t))

@@ -30,6 +30,8 @@ import pyarrow as pa
 from vecpipe.formats import schema as names
 from vecpipe.formats.codec import codec_from_meta, hamming_distances
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 K = 10
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--throughput-rows", type=int, default=200_000,
                         help="rows of the synthetic stream timed through compress (0: skip)")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     data = load_or_embed(Path(args.data), Path(args.cache))
     qrels = read_qrels(Path(args.data) / "qrels" / "test.tsv")

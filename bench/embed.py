@@ -37,6 +37,8 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 K = 10
 
@@ -53,6 +55,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N documents only")
     parser.add_argument("--skip-rss", action="store_true")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     data = Path(args.data)
     with tempfile.TemporaryDirectory(prefix="vecpipe-bench-embed-") as tmp:
@@ -60,7 +63,6 @@ def main() -> None:
         docs = read_jsonl(data / "corpus.jsonl")[:args.limit]
         corpus_path.write_bytes(b"".join(orjson.dumps(d) + b"\n" for d in docs))
         texts = [" ".join(p for p in (d.get("title"), d.get("text")) if p) for d in docs]
-        print(machine_line())
         print(f"corpus: {len(texts)} NFCorpus documents (title + text), batch {args.batch_size}, "
               f"device {args.device}\n")
         st = load_st(args.device)
@@ -85,12 +87,6 @@ def first_lines(path: Path, count: int, tmp: str) -> Path:
     with open(path, "rb") as src:
         out.write_bytes(b"".join(line for _, line in zip(range(count), src)))
     return out
-
-
-def machine_line() -> str:
-    load = os.getloadavg()
-    return (f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} at start "
-            f"(shared machine: timings are noisy)")
 
 
 def load_st(device: str):

@@ -18,6 +18,8 @@ import pytrec_eval
 
 from vecpipe.formats import metrics as m
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 KS = (1, 3, 5, 10, 100, 1000)
 
 
@@ -61,7 +63,7 @@ def main() -> None:
     ref_seconds, ref_means = timed(reference, args.repeat)
     our_seconds, ours = timed(lambda: m.evaluate(qrels, run, KS), args.repeat)
     worst = max(abs(ours.means[key] - value) for key, value in ref_means.items())
-    print(json.dumps({"queries": args.queries, "depth": args.depth,
+    print(json.dumps({"machine": machine_line(), "queries": args.queries, "depth": args.depth,
                       "pytrec_eval_s": round(ref_seconds, 3), "vecpipe_s": round(our_seconds, 3),
                       "ratio": round(our_seconds / ref_seconds, 2),
                       "max_abs_difference": worst}))

@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 # (peer options, vecpipe options): NV-Retriever's TopK-PercPos (95%), and plain top 5
 CONFIGS = [
@@ -59,6 +61,7 @@ def main() -> None:
                         help="also mine the synthetic corpus with --exact (slow: usearch "
                              "brute force)")
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     print(machine(), flush=True)

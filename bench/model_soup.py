@@ -30,12 +30,15 @@ import sys
 import time
 from pathlib import Path
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 VECPIPE = [sys.executable, "-m", "vecpipe.cli"]
 
 
 def main() -> None:
     args = parse_args()
+    print(machine_line(), flush=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

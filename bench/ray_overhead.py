@@ -36,6 +36,8 @@ from pathlib import Path
 
 import orjson
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE")
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
 
     print(f"machine: {os.cpu_count()} CPUs, load average {load()} at start")
     ray_start_cost()

@@ -55,6 +55,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
 NFCORPUS = REPO.parent / "shared" / "data" / "nfcorpus"
 CACHE = REPO / "bench" / "out" / "real_minilm.npz"
@@ -318,6 +320,7 @@ def main(argv=None):
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="for index folders")
     args = parser.parse_args(argv)
+    print(machine_line(), flush=True)
 
     dtypes = args.dtypes.split(",")
     skip = tuple(prefix for prefix in args.skip.split(",") if prefix)
@@ -357,7 +360,8 @@ def main(argv=None):
                                 skip))
         del docs
     machine = {"python": platform.python_version(), "cpus": os.cpu_count(),
-               "load_avg": os.getloadavg(), "machine": platform.machine()}
+               "load_avg": os.getloadavg(), "machine": platform.machine(),
+               "cpu": machine_line()}
     for result in results:
         print(markdown(result) + "\n")
     print(f"effective dimensions: {spectra}; machine: {machine}")

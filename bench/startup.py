@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
 COMMANDS = {
     "python -c pass (baseline)": [sys.executable, "-c", "pass"],
     "vecpipe --help": [sys.executable, "-m", "vecpipe.cli", "--help"],
@@ -36,6 +38,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
+    print(machine_line(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         small = os.path.join(tmp, "small.jsonl")
         with open(small, "w") as f:

@@ -87,10 +87,14 @@ def has_nfcorpus() -> bool:
     return (NFCORPUS / "corpus.jsonl").is_file()
 
 
+_real_data_used = []
+
+
 @pytest.fixture
 def nfcorpus() -> Path:
     if not has_nfcorpus():
         pytest.skip(REAL_DATA_SKIP)
+    _real_data_used.append(True)
     return NFCORPUS
 
 
@@ -107,7 +111,7 @@ def pytest_terminal_summary(terminalreporter):
     if skipped:
         terminalreporter.write_line(f"{len(skipped)} real-data tests skipped: {REAL_DATA_SKIP}",
                                     yellow=True)
-    elif has_nfcorpus():
+    elif _real_data_used:
         terminalreporter.write_line(f"real-data tests ran on NFCorpus at {NFCORPUS}")
 
 
