@@ -10,6 +10,11 @@ import typer
 from . import __version__
 from .errors import boundary
 
+try:  # typer vendors its own copy of click (0.2x); older ones use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
 # (command name, module under vecpipe.commands). Order is the order of `vecpipe --help`.
 COMMANDS: list[tuple[str, str]] = [
     ("embed", "embed"),
@@ -26,12 +31,38 @@ COMMANDS: list[tuple[str, str]] = [
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 class _RegistryOrder(typer.core.TyperGroup):
-    """List commands in COMMANDS order (typer puts sub-apps like `eval` last)."""
+    """List commands in COMMANDS order (typer puts sub-apps like `eval` last), and give click's
+    own usage errors (`-k 0`, an unknown option) the one-line form of every other error."""
 
     def list_commands(self, ctx):
         order = [name for name, _ in COMMANDS]
         return sorted(super().list_commands(ctx),
                       key=lambda n: order.index(n) if n in order else len(order))
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as err:  # bare `vecpipe`: the help, as before
+            err.show()
+            sys.exit(err.exit_code)
+        except click_errors.ClickException as err:
+            print(usage_line(err), file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+        except click_errors.Abort:
+            print("vecpipe: interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(err) -> str:
+    """`vecpipe search: error: <click's message> (see 'vecpipe search --help')`."""
+    ctx = getattr(err, "ctx", None)
+    path = ctx.command_path if ctx is not None else "vecpipe"
+    message = " ".join(err.format_message().split())
+    see = f" (see '{path} --help')" if isinstance(err, click_errors.UsageError) else ""
+    return f"{path}: error: {message}{see}"
 
 
 app = typer.Typer(

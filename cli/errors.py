@@ -1,18 +1,21 @@
 """The one error boundary: exceptions become one stderr line and an exit status.
 
-0 success (also when our stdout reader goes away); 1 runtime/data failure; 2 usage; 130 Ctrl-C.
+0 success (also when our stdout reader goes away); 1 runtime/data failure; 2 usage; 130 Ctrl-C;
+143 SIGTERM (both after the same cleanup).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import signal
 import sys
 import traceback
 
 import typer
 
-from vecpipe.formats.errors import DataError, UsageError, VecpipeError
+from vecpipe.formats.errors import DataError, Terminated, UsageError, VecpipeError
 
 from . import console
 
@@ -38,6 +41,49 @@ def _is_broken_pipe(err: BaseException) -> bool:
         "Broken pipe" in str(err) and type(err).__name__ in ("ArrowIOError", "OSError"))
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM unwinds the command like Ctrl-C (cleanup runs), then exits 143."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (an embedding caller's worker): leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def os_error_line(err: OSError) -> str:
+    """`No space left on device (out.arrow)`: the cause and the file, never the exception type."""
+    cause = err.strerror or str(err) or type(err).__name__
+    names = [name for name in (err.filename, getattr(err, "filename2", None)) if name]
+    return f"{cause} ({' -> '.join(map(str, names))})" if names else cause
+
+
+def _report(err: Exception) -> int:
+    """Print the one line (and hint) for an exception that is not a VecpipeError; exit status."""
+    if isinstance(err, MemoryError):
+        console.error("out of memory", "use smaller --batch-size or shard the input")
+    elif isinstance(err, OSError):
+        hint = "free some space, or write elsewhere with -o" \
+            if err.errno == errno.ENOSPC else None
+        console.error(os_error_line(err), hint)
+    elif isinstance(err, EOFError):
+        console.error("the input ended early: a truncated or corrupt compressed file?")
+    elif isinstance(err, RecursionError):
+        console.error("the input is nested too deeply to process")
+    else:
+        console.error(f"{type(err).__name__}: {err}",
+                      "set VECPIPE_DEBUG=1 for a traceback and report it")
+    return 1
+
+
 def boundary(command: str):
     """Decorate a command function: configure the console and map exceptions to exit codes."""
     def wrap(func):
@@ -45,7 +91,8 @@ def boundary(command: str):
         def run(*args, **kwargs):
             console.configure(f"vecpipe {command}", bool(kwargs.get("quiet", False)))
             try:
-                return func(*args, **kwargs)
+                with _sigterm_as_interrupt():
+                    return func(*args, **kwargs)
             except (typer.Exit, typer.Abort):
                 raise
             except VecpipeError as err:
@@ -53,6 +100,9 @@ def boundary(command: str):
                     traceback.print_exc()
                 console.error(str(err), err.hint)
                 raise typer.Exit(err.exit_code) from None
+            except Terminated:
+                console.error("terminated")
+                raise typer.Exit(143) from None
             except KeyboardInterrupt:
                 console.error("interrupted")
                 raise typer.Exit(130) from None
@@ -62,11 +112,6 @@ def boundary(command: str):
                     raise typer.Exit(0) from None
                 if _debug():
                     traceback.print_exc()
-                if isinstance(err, MemoryError):
-                    console.error("out of memory", "use smaller --batch-size or shard the input")
-                else:
-                    console.error(f"{type(err).__name__}: {err}",
-                                  "set VECPIPE_DEBUG=1 for a traceback and report it")
-                raise typer.Exit(1) from None
+                raise typer.Exit(_report(err)) from None
         return run
     return wrap

@@ -41,3 +41,8 @@ class UsageError(VecpipeError):
     """A combination of options that cannot work, found after parsing: exit status 2."""
 
     exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every cleanup path (temporary
+    files and folders, unterminated streams) runs for it too; exit status 143 (128 + 15)."""

@@ -30,6 +30,24 @@ def test_unknown_option_is_usage_error(cli, path):
     r = cli(*path[1:], "--definitely-not-an-option")
     assert r.exit_code == 2
     assert r.stdout == ""
+    # click's own usage errors take the one-line form of every other error
+    assert r.stderr.splitlines() == [
+        f"{' '.join(path)}: error: No such option: --definitely-not-an-option "
+        f"(see '{' '.join(path)} --help')"], r.stderr
+
+
+def test_bad_option_value_is_one_usage_line(run_vecpipe):
+    r = run_vecpipe("search", "idx", "-k", "0")
+    assert r.returncode == 2 and r.stdout == b""
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vecpipe search: error: Invalid value for '-k'")
+    assert lines[0].endswith("(see 'vecpipe search --help')")
+    r = run_vecpipe("no-such-command")
+    assert r.returncode == 2
+    assert r.stderr.decode().splitlines() == [
+        "vecpipe: error: No such command 'no-such-command'. (see 'vecpipe --help')"]
+    r = run_vecpipe()  # bare: the help, as before
+    assert b"Usage: vecpipe" in r.stdout + r.stderr and b"Commands:" in r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("path", LEAVES, ids=lambda p: " ".join(p))
