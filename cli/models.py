@@ -311,12 +311,13 @@ def parse_fake(spec: str) -> int:
 
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, backend: str = "torch",
+               trust_remote_code: bool | None = None, backend: str = "torch",
                max_length: int | None = None, export_dir: str | None = None) -> LoadedModel:
     """Load (once per process) the model named by `spec`: None/default = bundled MiniLM.
 
     `backend` picks the runtime (see BACKENDS); `max_length` lowers the token window;
     `export_dir` is where ONNX exports go when the model's folder is not writable.
+    `trust_remote_code` None: the command has no --trust-remote-code (such models are refused).
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; use {'|'.join(BACKENDS)}")
@@ -355,10 +356,14 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
     _tokenizer_threads(resolved)
     try:
         st = SentenceTransformer(path, device=resolved if backend == "torch" else "cpu",
-                                 trust_remote_code=trust_remote_code)
+                                 trust_remote_code=bool(trust_remote_code))
     except OSError as err:
         raise DataError(f"cannot load model {spec!r}: {err}",
                         hint="offline? use a local folder or the bundled default") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise remote_code_error(spec, can_trust=trust_remote_code is not None) from None
     if max_length is not None:
         _set_max_length(st, max_length)
     model = LoadedModel(name=name, sha=weights_sha(path) if local else None,
@@ -388,6 +393,19 @@ def load_cross_encoder(spec: str, device: str = "auto", trust_remote_code: bool 
     except OSError as err:
         raise DataError(f"cannot load cross-encoder {spec!r}: {err}",
                         hint="offline? use a local folder") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise remote_code_error(spec) from None
+
+
+def remote_code_error(spec: str, can_trust: bool = True) -> DataError:
+    """transformers refuses a model folder whose config names its own Python code."""
+    return DataError(f"model {spec!r} comes with its own Python code, which vecpipe does not run "
+                     "unless asked",
+                     hint="read that code, then pass --trust-remote-code" if can_trust else
+                     "this command cannot run such a model: embed with --trust-remote-code "
+                     "and give it vectors")
 
 
 def _embedding_dim(st) -> int:

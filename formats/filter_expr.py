@@ -25,6 +25,7 @@ API: `parse(text) -> Filter`; `Filter.fields` (names it reads); `Filter.mask(tab
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,11 +256,17 @@ def _call(compute, node, left, right):
 
 # ---- the parser -------------------------------------------------------------------------------
 
+# Parsing, field listing and evaluation all recurse once per level: a bound keeps a crafted
+# filter a usage error instead of Python's RecursionError.
+MAX_NESTING = 100
+
+
 class _Parser:
     def __init__(self, text: str):
         self.text = text
         self.tokens = tokenize(text)
         self.at = 0
+        self.depth = 0
 
     def peek(self) -> Token:
         return self.tokens[self.at]
@@ -289,6 +296,15 @@ class _Parser:
             else token.value)
         return _syntax(self.text, token.pos, f"{what}, found {found}")
 
+    @contextmanager
+    def nested(self):
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise UsageError(f"--filter: nested deeper than {MAX_NESTING} levels at position "
+                             f"{self.peek().pos}; flatten it (and/or chains need no brackets)")
+        yield
+        self.depth -= 1
+
     def parse(self) -> Node:
         if self.peek().kind == "end":
             raise self.error("empty filter")
@@ -311,12 +327,14 @@ class _Parser:
 
     def not_expr(self) -> Node:
         if self.accept("keyword", "not"):
-            return Not(self.not_expr())
+            with self.nested():
+                return Not(self.not_expr())
         return self.primary()
 
     def primary(self) -> Node:
         if self.accept("punct", "("):
-            node = self.expr()
+            with self.nested():
+                node = self.expr()
             self.expect("punct", ")")
             return node
         value = self.value()
