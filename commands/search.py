@@ -127,6 +127,9 @@ class QueryReader:
         self.model = None
         self.codes = False
         self.next_record = 1
+        from vecpipe.formats.codec import accepted_query_dims
+        self.query_dims, self.expected_dims = accepted_query_dims(target.metadata,
+                                                                  target.query_dim)
         self._check_schema()
 
     def _check_schema(self) -> None:
@@ -224,10 +227,10 @@ class QueryReader:
             raise err.located(item.source)
         if self.codes:
             return self.target.query_codes(vectors, item), True
-        if vectors.shape[1] != self.target.query_dim:
-            raise DataError(f"query vectors have dimension {vectors.shape[1]}, the searched "
-                            f"vectors {self.target.query_dim}", source=item.source,
-                            record=item.first_record)
+        if vectors.shape[1] not in self.query_dims:
+            raise DataError(f"query vectors have {vectors.shape[1]} dimensions, "
+                            f"{self.target.source} expects {self.expected_dims}",
+                            source=item.source, record=item.first_record)
         finite = np.isfinite(vectors).all(axis=1)
         if not finite.all():
             raise DataError("query vector holds NaN or infinity", source=item.source,

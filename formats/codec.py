@@ -290,6 +290,34 @@ class Codec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
+    def identity(self) -> str:
+        """The canonical form compared between streams: only what changes the vectors. How
+        the codec was fitted (calibration rows, quantile, kept energy, the model, recorded
+        under its own key) is left out, so a parameter-free transform (truncation, float16)
+        compares equal however it was produced, and a fitted one by its parameters."""
+        data = self.to_dict()
+        del data["calibration_rows"], data["model"]
+        if data["dim"] == self.input_dim:
+            data["dim"] = None  # truncation to every dimension keeps the vectors
+        if data["pca"]:
+            data["pca"] = {"sha256": data["pca"]["sha256"]}
+        if data["levels"]:
+            data["levels"] = {key: data["levels"][key] for key in ("low", "high")}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @property
+    def query_dims(self) -> tuple[int, ...]:
+        """Dimensions of float vectors `project` takes: the input's and, for truncation
+        without PCA, the truncated one (truncating again changes nothing; `embed --dim`)."""
+        if self.dim is not None and self.pca_components is None and self.dim != self.input_dim:
+            return self.input_dim, self.dim
+        return (self.input_dim,)
+
+    def expected_dims(self) -> str:
+        """`384` or `384 (or 128, already truncated)`, for error messages."""
+        dims = self.query_dims
+        return str(dims[0]) + (f" (or {dims[1]}, already truncated)" if len(dims) > 1 else "")
+
     @classmethod
     def from_dict(cls, data: Mapping) -> "Codec":
         try:
@@ -338,7 +366,7 @@ class Codec:
             raise err.located(path)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Codec) and self.to_json() == other.to_json()
+        return isinstance(other, Codec) and self.identity() == other.identity()
 
     def __repr__(self) -> str:
         return f"<Codec {self.describe()}>"
@@ -346,10 +374,10 @@ class Codec:
     # ----- internals -----------------------------------------------------------------------
     def _check_input(self, vectors: np.ndarray) -> np.ndarray:
         vectors = _as_matrix(vectors)
-        if vectors.shape[1] != self.input_dim:
+        if vectors.shape[1] not in self.query_dims:
             raise DataError(f"vectors have {vectors.shape[1]} dimensions, the codec expects "
-                            f"{self.input_dim}", hint="use the codec fitted on vectors of the "
-                                                      "same model")
+                            f"{self.expected_dims()}", hint="use the codec fitted on vectors "
+                                                            "of the same model")
         return vectors
 
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -404,6 +432,32 @@ def codec_from_meta(meta: Mapping[str, str], source: str | None = None) -> Codec
     except DataError as err:
         err.message = f"vecpipe.codec metadata: {err.message}"
         raise err.located(source)
+
+
+def accepted_query_dims(meta: Mapping[str, str], dim: int) -> tuple[tuple[int, ...], str]:
+    """(the float query dimensions vectors described by `meta` take, how to say it): those of
+    their codec (its input, or already truncated, see `Codec.query_dims`), or `dim`."""
+    codec = codec_from_meta(meta)
+    if codec is None:
+        return (dim,), str(dim)
+    return codec.query_dims, codec.expected_dims()
+
+
+def codec_difference(text_a: str, text_b: str) -> tuple[str, str] | None:
+    """None when two `vecpipe.codec` values make the same vectors (see `Codec.identity`), else
+    how to show each, e.g. `384 -> dim 128 -> int8 (128 B/vector)` and the same with
+    `; levels differ`. A value that is not a codec (merge's `none`) is shown as it is."""
+    if text_a == text_b:
+        return None
+    try:
+        a, b = Codec.from_json(text_a), Codec.from_json(text_b)
+    except DataError:
+        return repr(text_a[:200]), repr(text_b[:200])
+    if a.identity() == b.identity():
+        return None
+    data_a, data_b = json.loads(a.identity()), json.loads(b.identity())
+    fields = [key for key in sorted(data_a) if data_a[key] != data_b[key]]
+    return a.describe(), f"{b.describe()}; {' and '.join(fields)} differ"
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

@@ -649,9 +649,12 @@ class OpenIndex:
         import numpy as np
 
         queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.query_dim:
-            raise DataError(f"query vectors have dimension {queries.shape[-1]}, the index "
-                            f"expects {self.query_dim}", source=self.path)
+        codec = self.codec
+        if queries.ndim != 2 or queries.shape[1] not in (codec.query_dims if codec else
+                                                         (self.query_dim,)):
+            raise DataError(f"query vectors have {queries.shape[-1]} dimensions, the index "
+                            f"expects {codec.expected_dims() if codec else self.query_dim}",
+                            source=self.path)
         if self.codec is not None:
             if self.score_metric == "cos":  # scale-free: unit queries stay inside the ranges
                 queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
@@ -975,6 +978,10 @@ class Searcher:
         import numpy as np
 
         scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        if self.rescore_source == "full" and queries.shape[1] != self.index.full_spec["dim"]:
+            raise DataError(f"--rescore with {FULL} needs {self.index.full_spec['dim']}-"
+                            f"dimensional queries, not {queries.shape[1]} (already truncated)",
+                            source=self.index.path, hint="give the untruncated query vectors")
         if self.rescore_source == "codes":
             queries = self.index.codec.project(queries)
         for start in range(0, len(rows), 256):

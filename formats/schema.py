@@ -59,11 +59,28 @@ def check_compatible(meta_a: Mapping[str, str], meta_b: Mapping[str, str], name_
         return
     for key in keys:
         a, b = meta_a.get(key), meta_b.get(key)
-        if a is not None and b is not None and a != b:
+        if a is None or b is None or a == b:
+            continue
+        shown = (repr(a), repr(b)) if key != "codec" else _codec_difference(a, b)
+        if shown is not None:
             raise DataError(
-                f"{key} differs: {name_a} has {a!r}, {name_b} has {b!r}",
+                f"{key} differs: {name_a} has {shown[0]}, {name_b} has {shown[1]}",
                 hint="vectors from different models or codecs are not comparable; "
                      "pass --force if you know better")
+
+
+def _codec_difference(a: str, b: str):
+    from .codec import codec_difference  # numpy: only when two codecs are compared
+
+    return codec_difference(a, b)
+
+
+def _same(key: str, a: str | None, b: str | None) -> bool:
+    """Equal values, codecs compared by what they do to the vectors (`Codec.identity`)."""
+    if a == b:
+        return True
+    return key == "codec" and a is not None and b is not None and \
+        _codec_difference(a, b) is None
 
 
 def merged_meta(metas: Iterable[Mapping[str, str]]) -> dict[str, str]:
@@ -73,7 +90,7 @@ def merged_meta(metas: Iterable[Mapping[str, str]]) -> dict[str, str]:
         return {}
     common = dict(metas[0])
     for meta in metas[1:]:
-        common = {k: v for k, v in common.items() if meta.get(k) == v}
+        common = {k: v for k, v in common.items() if _same(k, meta.get(k), v)}
     return common
 
 

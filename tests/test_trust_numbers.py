@@ -112,3 +112,103 @@ def test_cutoffs_deeper_than_the_run_warn(cli, tmp_path):
     assert f"{run}: at most 4 hits per query: @10 sees no deeper" in r.stderr
     r = cli("eval", "retrieval", run, "--qrels", qrels, "-k", "1,4")
     assert r.exit_code == 0 and "hits per query" not in r.stderr, r
+
+
+# ---------------------------------------------------------------- parameter-free codecs
+
+def _texts(path, prefix, n):
+    path.write_text("".join(json.dumps({"id": f"{prefix}{i}", "text": f"{prefix} text {i} "
+                                        f"topic {i % 7}"}) + "\n" for i in range(n)))
+    return path
+
+
+def _fake(texts, dim=384):
+    """The fake model's vectors, independently of vecpipe's pipeline: hash-seeded Gaussians."""
+    from vecpipe.cli.models import fake_vectors
+
+    return fake_vectors(texts, dim, "", normalize=False)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def truncated_index(tmp_path, run_vecpipe):
+    docs = _texts(tmp_path / "docs.jsonl", "doc", 300)
+    embedded = run_vecpipe("embed", "-m", "fake:384", docs, "-o", tmp_path / "d.arrow")
+    assert embedded.returncode == 0, embedded.stderr
+    for name, to in (("idx", "float32"), ("idx16", "float16")):
+        compressed = run_vecpipe("compress", tmp_path / "d.arrow", "--dim", "128", "--to", to,
+                                 "-o", tmp_path / f"{name}.arrow")
+        assert compressed.returncode == 0, compressed.stderr
+        built = run_vecpipe("index", tmp_path / f"{name}.arrow", "-o", tmp_path / name)
+        assert built.returncode == 0, built.stderr
+    return tmp_path
+
+
+def test_truncated_queries_equal_however_they_were_made(truncated_index, run_vecpipe):
+    """Queries truncated by `embed --dim 128` or by `compress --dim 128` (fitted on 25 rows,
+    the index's codec on 300) search an index of `compress --dim 128` vectors alike, and find
+    the numpy cosine top-5 of the truncated fake vectors."""
+    tmp = truncated_index
+    queries = _texts(tmp / "q.jsonl", "query", 25)
+    assert run_vecpipe("embed", "-m", "fake:384", queries, "-o", tmp / "full.arrow").returncode == 0
+    made = {"embed --dim": ["embed", "-m", "fake:384", "--dim", "128", queries]}
+    for to in ("float32", "float16"):
+        made[f"compress --to {to}"] = ["compress", tmp / "full.arrow", "--dim", "128", "--to", to]
+    for name, args in made.items():
+        out = run_vecpipe(*args, "-o", tmp / f"{name}.arrow")
+        assert out.returncode == 0, out.stderr
+    texts = [f"query text {i} topic {i % 7}" for i in range(25)]
+    doc_texts = [f"doc text {i} topic {i % 7}" for i in range(300)]
+    exact = _unit(_unit(_fake(texts))[:, :128]) @ _unit(_unit(_fake(doc_texts))[:, :128]).T
+    fifth = -np.sort(-exact, axis=1)[:, 4]
+    for index, made_by in (("idx", "embed --dim"), ("idx", "compress --to float32"),
+                           ("idx16", "embed --dim"), ("idx16", "compress --to float16")):
+        found = run_vecpipe("search", tmp / index, tmp / f"{made_by}.arrow", "-k", "5",
+                            "--exact", "--output-format", "jsonl")
+        assert found.returncode == 0, (index, made_by, found.stderr)
+        hits = [json.loads(line) for line in found.stdout.splitlines()]
+        assert len(hits) == 25 * 5
+        tolerance = 1e-5 if index == "idx" else 3e-3  # float16 vectors
+        for hit in hits:
+            q, d = int(hit["query_id"][5:]), int(hit["id"][3:])
+            assert hit["score"] == pytest.approx(exact[q, d], abs=tolerance), (index, made_by)
+            assert exact[q, d] >= fifth[q] - 2 * tolerance, (index, made_by, hit)
+
+
+def test_a_query_dimension_mismatch_names_what_the_index_expects(truncated_index, run_vecpipe,
+                                                                tmp_path):
+    queries = _texts(tmp_path / "q.jsonl", "query", 5)
+    assert run_vecpipe("embed", "-m", "fake:384", "--dim", "64", queries,
+                       "-o", tmp_path / "q64.arrow").returncode == 0
+    found = run_vecpipe("search", truncated_index / "idx", tmp_path / "q64.arrow")
+    assert found.returncode == 1
+    stderr = found.stderr.decode()
+    assert "query vectors have 64 dimensions" in stderr
+    assert "expects 384 (or 128, already truncated)" in stderr, stderr
+    assert stderr.count("\n") <= 2  # one error line and at most a hint
+
+
+def test_codec_identity_drops_what_does_not_change_the_vectors():
+    from vecpipe.formats.codec import Codec
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.schema import check_compatible, merged_meta
+
+    rng = np.random.default_rng(0)
+    small, large = _unit(rng.normal(size=(25, 16))), _unit(rng.normal(size=(300, 16)))
+    for to in ("float32", "float16", "bfloat16"):
+        a, b = Codec.fit(small, to, dim=8), Codec.fit(large, to, dim=8)
+        assert a.to_json() != b.to_json()  # calibration rows 25 vs 300
+        meta_a, meta_b = a.metadata(), b.metadata()
+        check_compatible(meta_a, meta_b, "a", "b")
+        assert merged_meta([meta_a, meta_b])["codec"] == meta_a["codec"]
+        assert a == b
+    fitted = Codec.fit(small, "int8", dim=8), Codec.fit(large, "int8", dim=8)
+    with pytest.raises(DataError, match="codec differs: a has 16 -> dim 8 -> int8"):
+        check_compatible(fitted[0].metadata(), fitted[1].metadata(), "a", "b")
+    assert "codec" not in merged_meta([fitted[0].metadata(), fitted[1].metadata()])
+    with pytest.raises(DataError, match="codec differs"):
+        check_compatible(Codec.fit(small, "float16", dim=8).metadata(),
+                         Codec.fit(small, "float16", dim=4).metadata(), "a", "b", keys=("codec",))
