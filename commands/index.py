@@ -11,8 +11,10 @@ READ_BATCH_ROWS = 8192  # usearch adds in parallel; bigger batches keep its thre
 
 def run(inputs: options.Inputs = None,
         output: Annotated[str, typer.Option(
-            "-o", "--output", help="The index folder to write (replaced atomically), or to "
-                                   "extend with --append.", metavar="DIR")] = ...,
+            "-o", "--output", help="The index folder to write (replaced atomically; through a "
+                                   "symlink, the link's target folder is replaced and the "
+                                   "link kept), or to extend with --append.",
+            metavar="DIR")] = ...,
         metric: Annotated[Optional[str], typer.Option(
             "--metric", help="cos|ip|l2sq|hamming. Default: cos for float vectors, hamming for "
                              "packed bits. With --dtype b1, cos/ip/l2sq name the metric of "
@@ -381,6 +383,16 @@ def _new_spec(kind, codec, meta, metric, dtype, keep_vectors, schema):
     if keep_vectors and kind != "float":
         raise UsageError("--keep-vectors needs float input vectors; this input holds codes",
                          hint="index the float vectors with --dtype i8|b1 --keep-vectors")
+    reduced = codec is not None and (codec.out_dim != codec.input_dim or
+                                     codec.pca_components is not None)
+    if keep_vectors and reduced:
+        # the stream holds only the reduced vectors, which the index holds anyway: kept, they
+        # would rescore nothing, and rescoring compares them with full-size queries
+        raise UsageError(f"--keep-vectors keeps full vectors for rescoring, but this input "
+                         f"was reduced from {codec.input_dim} to {codec.out_dim} dimensions "
+                         f"({codec.describe()}): the full vectors are not in it",
+                         hint="index the uncompressed vectors with --dtype i8|b1 "
+                              "--keep-vectors, or drop --keep-vectors")
     if dtype == "b1":
         score_metric = metric if metric in FLOAT_METRICS else None
         usearch_metric = "hamming"
@@ -434,7 +446,7 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.index_store import open_index
 
-    base = open_index(output)
+    base = open_index(output, verify=True)  # its files are copied into the new index
     if store or store_all or query_prompt is not None:
         raise UsageError("--append keeps the index's stored fields and query prompt; "
                          "--store/--store-all/--query-prompt apply to new indexes")

@@ -14,6 +14,11 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         input_format: options.InputFormat = "auto",
         as_json: Annotated[bool, typer.Option(
             "--json", help="One JSON object per input even on a terminal.")] = False,
+        verify: Annotated[bool, typer.Option(
+            "--verify", help="Instead: check every file of the INPUT index folders (a linked "
+                             "index's shards too) against the manifest's sizes and sha256 "
+                             "checksums; exit 1 naming the first damaged file, else one OK "
+                             "line per index on stderr.")] = False,
         quiet: options.Quiet = False):
     """Describe record streams or index folders. Reads each stream to the end to count rows
     (Arrow files and Parquet answer from their footers). Prints a table on a terminal and one
@@ -24,9 +29,13 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe info corpus.jsonl
       vecpipe embed docs.jsonl | vecpipe info
       vecpipe info idx/
+      vecpipe info --verify idx/   # exit 1 if a file does not match its checksum
     """
     from vecpipe.cli import console
 
+    if verify:
+        verify_indexes(inputs or [])
+        return
     for path in inputs or ["-"]:
         facts = describe_index(path) if os.path.isdir(path) else describe_stream(path,
                                                                                   input_format)
@@ -34,6 +43,20 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             print(json.dumps(facts, ensure_ascii=False), flush=True)
         else:
             print_table(facts)
+
+
+def verify_indexes(paths) -> None:
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.index_store import verify_index
+
+    if not paths:
+        raise UsageError("--verify needs the index folders to check")
+    for path in paths:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--verify checks index folders; {path} is not one")
+        checked = verify_index(path)
+        console.info(f"{path}: OK, {checked} files match their checksums")
 
 
 def describe_index(path: str) -> dict:

@@ -426,7 +426,7 @@ def save_model(loaded, merged, output: str, recipe: dict) -> None:
 
     soup = copy.deepcopy(loaded[0].st)
     soup.load_state_dict(merged)
-    output = os.path.abspath(output)
+    output = real_output(output)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=os.path.dirname(output))
     try:
         soup.save(tmp)
@@ -440,8 +440,15 @@ def save_model(loaded, merged, output: str, recipe: dict) -> None:
         raise
 
 
+def real_output(output: str) -> str:
+    """The folder an output path names: a symlink's target is replaced and the link kept, so
+    the temporary folder is made beside the target (the rename needs one file system)."""
+    return os.path.realpath(os.path.abspath(output))
+
+
 def replace_folder(tmp: str, dest: str) -> None:
-    """Move a finished folder into place; an existing one is swapped out, then removed."""
+    """Move a finished folder into place; an existing one is swapped out, then removed.
+    `dest` is a real path (`real_output`): renaming a symlink would move the link itself."""
     import shutil
 
     umask = os.umask(0)
@@ -478,7 +485,7 @@ def merge_indexes(paths, output, dedupe, link, force) -> None:
         raise UsageError(f"unknown --dedupe {dedupe!r}; choose from "
                          f"{', '.join(merging.DEDUPE_MODES)}")
     check_output_folder(output, MANIFEST, "a vecpipe index")
-    indexes = [open_index(path) for path in paths]
+    indexes = [open_index(path, verify=True) for path in paths]  # copied or linked: check them
     plan = plan_index_merge(indexes, force, link)
     if link:
         summary = link_indexes(indexes, plan, output, dedupe)
@@ -637,17 +644,17 @@ def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str
 
     from vecpipe.cli import __version__
     from vecpipe.formats import linked_index, merging
-    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION, MANIFEST
+    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION, MANIFEST, file_facts
 
     hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
                                    [index.path for index in indexes])
-    output = os.path.abspath(output)
+    output = real_output(output)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=os.path.dirname(output))
     try:
         shards, copied = [], 0
         for number, (index, rows) in enumerate(zip(indexes, hidden)):
             folder = linked_index.shard_folder(number)
-            copied += link_index_files(index.path, os.path.join(tmp, folder))
+            copied += link_index_files(index, os.path.join(tmp, folder))
             entry = {"path": folder, "count": index.count, "hidden": None,
                      "source": os.path.abspath(index.path)}
             if len(rows):
@@ -666,7 +673,8 @@ def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str
             "dtype": first.dtype, "score_metric": first.score_metric,
             "metadata": plan.metadata, "query_prompt": plan.query_prompt,
             "fields": plan.rows_schema.names, "full": plan.full,
-            "shared_codec": plan.shared_codec, "duplicates": dedupe, "shards": shards}
+            "shared_codec": plan.shared_codec, "duplicates": dedupe, "shards": shards,
+            "files": file_facts(tmp, [entry["hidden"] for entry in shards if entry["hidden"]])}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -679,19 +687,20 @@ def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str
            f"hidden; {how})"
 
 
-def link_index_files(source: str, target: str) -> int:
-    """Hard-link an index folder's files into `target`; copy where linking fails. Returns the
-    number of files copied."""
+def link_index_files(index, target: str) -> int:
+    """Hard-link the files of an opened index into `target`; copy where linking fails. The
+    names come from its checked manifest (plain known names only). Returns the number of
+    files copied."""
     import shutil
 
-    from vecpipe.formats.index_store import MANIFEST, read_manifest
+    from vecpipe.formats.index_store import MANIFEST
 
     os.makedirs(target)
     copied = 0
-    for name in [MANIFEST, *read_manifest(source).get("files", {})]:
+    for name in [MANIFEST, *index.manifest["files"]]:
         try:
-            os.link(os.path.join(source, name), os.path.join(target, name))
+            os.link(os.path.join(index.path, name), os.path.join(target, name))
         except OSError:
-            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+            shutil.copy2(os.path.join(index.path, name), os.path.join(target, name))
             copied += 1
     return copied

@@ -84,9 +84,11 @@ def run(index: Annotated[str, typer.Argument(
     """
     import os
 
-    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.writers import resolve_output_format
 
+    if index != "-" and not os.path.exists(index):  # before the options that depend on its kind
+        raise DataError("no such index folder or embeddings file", source=index)
     if fields and all_fields:
         raise UsageError("give --fields or --all-fields, not both")
     fmt = resolve_output_format(output, output_format, extra=("trec",))

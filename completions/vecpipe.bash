@@ -17,7 +17,7 @@ _vecpipe() {
         "eval embeddings") words="--field --sample --duplicate-threshold --alpha --seed --input-format --json -q --quiet --help" ;;
         "mine-negatives") words="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --layout --with-scores --on-short --stats --exact --ef --field --query-prompt --query-prompt-name --corpus-prompt --corpus-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force -q --quiet --help" ;;
         "merge") words="-o --output --output-format --input-format --dedupe --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help" ;;
-        "info") words="--input-format --json -q --quiet --help" ;;
+        "info") words="--input-format --json --verify -q --quiet --help" ;;
         "convert") words="-o --output --output-format --input-format --select --limit --force -q --quiet --help" ;;
         *) words="" ;;
     esac

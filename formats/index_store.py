@@ -36,8 +36,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import stat
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -110,7 +114,8 @@ class IndexSpec:
 
 
 def read_manifest(path: str) -> dict:
-    """The manifest of an index folder, checked for format and version."""
+    """The manifest of an index folder, checked for format, version, field types and file
+    names (see `check_manifest`)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
         raise DataError("no such index folder", source=path)
@@ -119,14 +124,122 @@ def read_manifest(path: str) -> dict:
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise DataError(f"invalid manifest.json: {err}", source=path) from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError("manifest.json is not a vecpipe index manifest", source=path)
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise DataError(f"index format {manifest['format_version']} is newer than this vecpipe "
-                        f"reads ({FORMAT_VERSION})", source=path, hint="upgrade vecpipe")
+    version = manifest.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise DataError("manifest.json: 'format_version' must be a positive integer",
+                        source=path)
+    if version > FORMAT_VERSION:
+        raise DataError(f"index format {version} is newer than this vecpipe reads "
+                        f"({FORMAT_VERSION})", source=path, hint="upgrade vecpipe")
+    check_manifest(manifest, path)
     return manifest
+
+
+# ---- manifest checks: a manifest is input, and may have been crafted -------------------------
+
+_SHARD_FILE = re.compile(r"shards/[0-9]{5}\.hidden\.npy")
+
+
+def check_manifest(manifest: dict, path: str) -> None:
+    """Refuse a manifest whose fields have the wrong types or whose file names are not the
+    known plain names (`shards/NNNNN[.hidden.npy]` in a linked index): a name is never
+    followed outside the folder, and the error says nothing about the file it names."""
+    _field(manifest, path, "count", _is_count, "a non-negative integer")
+    _field(manifest, path, "dim", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    _field(manifest, path, "metric", lambda v: v in METRICS, "|".join(METRICS))
+    _field(manifest, path, "dtype", lambda v: v in DTYPES, "|".join(DTYPES))
+    _field(manifest, path, "score_metric", lambda v: v is None or v in FLOAT_METRICS,
+           "|".join(FLOAT_METRICS), optional=True)
+    _field(manifest, path, "fields", lambda v: isinstance(v, list) and ID in v and
+           all(isinstance(name, str) for name in v), "a list of field names with 'id'")
+    _field(manifest, path, "metadata", lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(value, str) for value in v.values())), "an object of strings",
+        optional=True)
+    _field(manifest, path, "query_prompt", lambda v: v is None or isinstance(v, str),
+           "a string or null", optional=True)
+    _field(manifest, path, "full", _is_full_spec,
+           'null or {"dim": N, "dtype": "float32"|"float16"}', optional=True)
+    if manifest.get("layout") == "linked":
+        _check_linked_manifest(manifest, path)
+        return
+    if "layout" in manifest:
+        raise DataError("manifest.json: unknown 'layout'", source=path)
+    _field(manifest, path, "flat", lambda v: isinstance(v, bool), "true or false",
+           optional=True)
+    if not manifest.get("flat"):
+        _field(manifest, path, "hnsw", lambda v: isinstance(v, dict) and all(
+            _is_int(v.get(key)) and v[key] >= 1
+            for key in ("connectivity", "expansion_add", "expansion_search")),
+            "an object of positive connectivity/expansion_add/expansion_search")
+    expected = {FLAT_VECTORS if manifest.get("flat") else VECTORS, ROWS}
+    if manifest.get("full"):
+        expected.add(FULL)
+    _check_file_names(manifest, path, lambda name: name in expected)
+    for name in sorted(expected - set(manifest["files"])):
+        raise DataError(f"manifest.json lists no {name}: the index is damaged", source=path)
+
+
+def _check_linked_manifest(manifest: dict, path: str) -> None:
+    from .linked_index import shard_folder
+
+    _field(manifest, path, "shards", lambda v: isinstance(v, list) and v and all(
+        isinstance(entry, dict) for entry in v), "a list of shard objects")
+    for number, entry in enumerate(manifest["shards"]):
+        folder = shard_folder(number)
+        if entry.get("path") != folder:
+            raise DataError(f"manifest.json: shard {number} must be in {folder}, not "
+                            f"{_shown(entry.get('path'))}", source=path)
+        if not _is_count(entry.get("count")):
+            raise DataError(f"manifest.json: the 'count' of {folder} must be a non-negative "
+                            "integer", source=path)
+        if entry.get("hidden") not in (None, f"{folder}.hidden.npy"):
+            raise DataError(f"manifest.json: the hidden rows of {folder} must be in "
+                            f"{folder}.hidden.npy, not {_shown(entry['hidden'])}", source=path)
+    if "files" in manifest:  # older linked indexes recorded no checksums for hidden rows
+        _check_file_names(manifest, path, _SHARD_FILE.fullmatch)
+
+
+def _check_file_names(manifest: dict, path: str, known) -> None:
+    _field(manifest, path, "files", lambda v: isinstance(v, dict) and all(
+        isinstance(facts, dict) and _is_count(facts.get("bytes"))
+        and isinstance(facts.get("sha256"), str) for facts in v.values()),
+        'an object of {"bytes", "sha256"} per file name')
+    for name in manifest["files"]:
+        if not known(name):
+            raise DataError(f"manifest.json lists {_shown(name)}, which is not an index file "
+                            "name: refusing the index", source=path)
+
+
+def _field(manifest: dict, path: str, key: str, valid, expected: str,
+           optional: bool = False) -> None:
+    if optional and key not in manifest:
+        return
+    if key not in manifest or not valid(manifest[key]):
+        shown = "missing" if key not in manifest else _shown(manifest[key])
+        raise DataError(f"manifest.json: {key!r} must be {expected}, not {shown}",
+                        source=path)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
+def _is_full_spec(value) -> bool:
+    return value is None or (isinstance(value, dict) and _is_int(value.get("dim")) and
+                             value["dim"] >= 1 and value.get("dtype") in ("float32", "float16"))
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _sha256(path: str) -> str:
@@ -134,21 +247,62 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _file_facts(folder: str, names: Iterable[str]) -> dict:
+def file_facts(folder: str, names: Iterable[str]) -> dict:
     return {name: {"bytes": os.path.getsize(os.path.join(folder, name)),
                    "sha256": _sha256(os.path.join(folder, name))} for name in names}
 
 
-def _check_files(path: str, manifest: dict, verify: bool) -> None:
-    for name, facts in manifest.get("files", {}).items():
+def check_files(path: str, manifest: dict, verify: bool) -> int:
+    """Sizes (and with `verify` checksums) of the files the manifest lists, whose names
+    `check_manifest` accepted; returns how many were checked."""
+    files = manifest.get("files", {})
+    for name, facts in files.items():
         file_path = os.path.join(path, name)
-        if not os.path.isfile(file_path):
-            raise DataError(f"index file {name} is missing", source=path)
-        if os.path.getsize(file_path) != facts["bytes"]:
-            raise DataError(f"index file {name} has {os.path.getsize(file_path)} bytes, the "
-                            f"manifest says {facts['bytes']}: the index is damaged", source=path)
+        try:
+            info = os.lstat(file_path)
+        except FileNotFoundError:
+            raise DataError(f"index file {name} is missing", source=path) from None
+        if not stat.S_ISREG(info.st_mode):  # a link could lead anywhere: vecpipe writes none
+            raise DataError(f"index file {name} is not a plain file", source=path)
+        if info.st_size != facts["bytes"]:
+            raise DataError(f"index file {name} has {info.st_size} bytes, the manifest says "
+                            f"{facts['bytes']}: the index is damaged", source=path)
         if verify and _sha256(file_path) != facts["sha256"]:
-            raise DataError(f"index file {name} does not match its checksum", source=path)
+            raise DataError(f"index file {name} does not match its checksum: the index is "
+                            "damaged", source=path)
+    return len(files)
+
+
+def _npy_header(path: str, name: str):
+    """(shape, dtype) of a .npy file, read without loading (or unpickling) anything."""
+    import numpy as np
+
+    try:
+        with open(os.path.join(path, name), "rb") as f:
+            npy = np.lib.format
+            read_header = npy.read_array_header_1_0 if npy.read_magic(f) == (1, 0) \
+                else npy.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+    except (ValueError, OSError, SyntaxError) as err:
+        raise DataError(f"{name} is not a readable .npy file ({err})", source=path) from None
+    if dtype.hasobject:
+        raise DataError(f"{name} holds Python objects (dtype object), not numbers; vecpipe "
+                        "never unpickles index files", source=path)
+    if fortran:
+        raise DataError(f"{name} is in Fortran order; vecpipe writes C order", source=path)
+    return shape, dtype
+
+
+def _check_matrix(path: str, name: str, rows: int, width: int, dtype) -> None:
+    import numpy as np
+
+    shape, found = _npy_header(path, name)
+    if found != np.dtype(dtype):
+        raise DataError(f"{name} holds {found} values, the manifest implies "
+                        f"{np.dtype(dtype)}: the index is damaged", source=path)
+    if shape != (rows, width):
+        raise DataError(f"{name} has shape {shape}, the manifest says {rows} vectors of "
+                        f"{width}: the index is damaged", source=path)
 
 
 # ---- full-precision vectors (.npy written incrementally) --------------------------------------
@@ -251,7 +405,9 @@ class IndexBuilder:
         if on_duplicate not in ON_DUPLICATE:
             raise UsageError(f"unknown --on-duplicate {on_duplicate!r}; use "
                              f"{'|'.join(ON_DUPLICATE)}")
-        self.path = os.path.abspath(path)
+        # a symlink to an index: its target folder is replaced and the link kept (renaming
+        # the link itself would leave the target and the swapped-out link behind)
+        self.path = os.path.realpath(path)
         if base is not None and base.manifest.get("layout") == "linked":
             raise UsageError("cannot append to a linked multi-shard index",
                              hint="index the new records on their own and link them in with "
@@ -337,23 +493,37 @@ class IndexBuilder:
         vectors = self._checked_vectors(vectors, source, first_record)
         if (full is None) != (self._full is None):
             raise ValueError("full vectors must be given exactly when the spec keeps them")
+        if full is not None and (full.ndim != 2 or full.shape[1] != self.spec.full["dim"]):
+            raise DataError(f"full vectors have dimension {full.shape[-1]}, the index keeps "
+                            f"{self.spec.full['dim']}", source=source, record=first_record)
         new_rows, new_pos, replace_rows, replace_pos = self._assign_rows(ids, source, first_record)
         if self.spec.flat:  # new rows are numbered in arrival order, so they append
             self._vectors.append(vectors[new_pos])
             for row, pos in zip(replace_rows, replace_pos):
                 self._vectors.overwrite(row, vectors[pos])
         else:
-            keys = np.asarray(new_rows, dtype=np.uint64)
-            if len(keys):
-                self._vectors.add(keys, vectors[new_pos], threads=self.threads)
-            for row, pos in zip(replace_rows, replace_pos):
-                self._vectors.remove(row)
-                self._vectors.add(row, vectors[pos])
+            with _SignalWatch() as watch:
+                try:
+                    self._add_to_graph(new_rows, new_pos, replace_rows, replace_pos, vectors)
+                except RuntimeError:
+                    if watch.raised is not None:  # Ctrl-C or SIGTERM, not a usearch failure
+                        raise watch.raised from None
+                    raise
         if self._full is not None:
             self._full.append(full[new_pos])
             for row, pos in zip(replace_rows, replace_pos):
                 self._full.overwrite(row, full[pos])
         self._add_stored(stored, new_rows + replace_rows, new_pos + replace_pos)
+
+    def _add_to_graph(self, new_rows, new_pos, replace_rows, replace_pos, vectors) -> None:
+        import numpy as np
+
+        keys = np.asarray(new_rows, dtype=np.uint64)
+        if len(keys):
+            self._vectors.add(keys, vectors[new_pos], threads=self.threads)
+        for row, pos in zip(replace_rows, replace_pos):
+            self._vectors.remove(row)
+            self._vectors.add(row, vectors[pos])
 
     def _checked_vectors(self, vectors, source, first_record):
         import numpy as np
@@ -458,7 +628,7 @@ class IndexBuilder:
                 "expansion_search": spec.expansion_search},
             "metadata": spec.metadata, "query_prompt": spec.query_prompt,
             "fields": self.fields, "full": spec.full,
-            "files": _file_facts(self.tmp, files),
+            "files": file_facts(self.tmp, files),
         }
 
     def _swap_into_place(self) -> None:
@@ -490,6 +660,38 @@ class IndexBuilder:
                 raise
         else:
             self.abort()
+
+
+class _SignalWatch:
+    """Around usearch's add, which runs Python's signal handlers itself and, when one raises
+    (Ctrl-C's KeyboardInterrupt), stops with a RuntimeError of its own that loses the handler's
+    exception: the watch keeps that exception so that it can be raised instead."""
+
+    def __init__(self):
+        self.raised: BaseException | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_SignalWatch":
+        if threading.current_thread() is threading.main_thread():  # handlers live there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self._previous[signum] = handler
+                    signal.signal(signum, self._watched(handler))
+        return self
+
+    def _watched(self, handler):
+        def run(signum, frame):
+            try:
+                handler(signum, frame)
+            except BaseException as err:
+                self.raised = err
+                raise
+        return run
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _umask() -> int:
@@ -548,8 +750,29 @@ def open_index(path: str, verify: bool = False) -> "OpenIndex":
         from .linked_index import open_linked
 
         return open_linked(path, manifest, verify)
-    _check_files(path, manifest, verify)
-    return OpenIndex(path, manifest)
+    checked = check_files(path, manifest, verify)
+    _check_arrays(path, manifest)
+    index = OpenIndex(path, manifest)
+    index.files_checked = checked
+    return index
+
+
+def verify_index(path: str) -> int:
+    """Check every file of an index (a linked one's shards too) against the manifest's sizes
+    and checksums; returns the number of files checked."""
+    return open_index(path, verify=True).files_checked
+
+
+def _check_arrays(path: str, manifest: dict) -> None:
+    """The .npy files hold what the manifest says (count, width, dtype), read from their
+    headers: a count that disagrees would index past the vectors."""
+    count, dim, dtype = manifest["count"], manifest["dim"], manifest["dtype"]
+    if manifest.get("flat"):
+        _check_matrix(path, FLAT_VECTORS, count, _index_width(dim, dtype),
+                      _index_numpy_dtype(dtype))
+    full = manifest.get("full")
+    if full:
+        _check_matrix(path, FULL, count, full["dim"], _numpy_dtype(full["dtype"]))
 
 
 class OpenIndex:
@@ -596,7 +819,7 @@ class OpenIndex:
         import pyarrow.parquet as pq
 
         if self._rows is None:
-            self._rows = pq.read_table(os.path.join(self.path, ROWS), memory_map=True)
+            self._rows = _read_rows(self.path, self.count, self.fields)
         if columns is None:
             return self._rows
         missing = [c for c in columns if c not in self.fields]
@@ -609,12 +832,15 @@ class OpenIndex:
     def ids(self) -> "pa.ChunkedArray":
         return self.rows().column(ID)
 
+    files_checked = 0  # set by open_index
+
     def flat_vectors(self):
         """A flat index's vectors (memory-mapped numpy array, index space)."""
         if self._flat is None:
             import numpy as np
 
-            self._flat = np.load(os.path.join(self.path, FLAT_VECTORS), mmap_mode="r")
+            self._flat = np.load(os.path.join(self.path, FLAT_VECTORS), mmap_mode="r",
+                                 allow_pickle=False)
         return self._flat
 
     def full_vectors(self):
@@ -624,7 +850,8 @@ class OpenIndex:
         if self._full is None:
             import numpy as np
 
-            self._full = np.load(os.path.join(self.path, FULL), mmap_mode="r")
+            self._full = np.load(os.path.join(self.path, FULL), mmap_mode="r",
+                                 allow_pickle=False)
         return self._full
 
     @property
@@ -668,6 +895,22 @@ class OpenIndex:
 
     def searcher(self, k: int, **options) -> "Searcher":
         return Searcher(self, k, **options)
+
+
+def _read_rows(path: str, count: int, fields: list) -> "pa.Table":
+    """rows.parquet, memory-mapped, checked against the manifest's count and fields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(os.path.join(path, ROWS), memory_map=True)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
+    if table.num_rows != count or table.column_names != fields:
+        raise DataError(f"{ROWS} holds {table.num_rows} rows of "
+                        f"{', '.join(table.column_names)}; the manifest says {count} of "
+                        f"{', '.join(fields)}: the index is damaged", source=path)
+    return table
 
 
 def to_index_codes(codec, codes):
@@ -1040,6 +1283,12 @@ def _rescore_source(index: OpenIndex, rescore: int | None) -> str | None:
     if rescore is None:
         return "codes" if scalar_codes else None
     if index.full_spec is not None:
+        if index.full_spec["dim"] != index.query_dim:  # `index` refuses to build these now
+            raise DataError(f"{FULL} holds {index.full_spec['dim']}-dimensional vectors, the "
+                            f"queries have {index.query_dim}: it kept the reduced vectors of a "
+                            "compressed stream, which cannot rescore", source=index.path,
+                            hint="search without --rescore, or rebuild the index from the "
+                                 "uncompressed vectors")
         return "full"
     if index.codec is not None:
         return "codes"

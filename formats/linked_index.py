@@ -34,8 +34,11 @@ def shard_folder(number: int) -> str:
 
 
 def open_linked(path: str, manifest: dict, verify: bool = False) -> "LinkedIndex":
-    from .index_store import open_index
+    """`manifest` is checked by index_store.check_manifest: shard paths are `shards/NNNNN`,
+    hidden rows `shards/NNNNN.hidden.npy`."""
+    from .index_store import check_files, open_index
 
+    checked = check_files(path, manifest, verify)
     shards = []
     for entry in manifest["shards"]:
         shard = open_index(os.path.join(path, entry["path"]), verify=verify)
@@ -43,11 +46,16 @@ def open_linked(path: str, manifest: dict, verify: bool = False) -> "LinkedIndex
             raise DataError(f"shard {entry['path']} holds {shard.count} vectors, the manifest "
                             f"says {entry['count']}: the index is damaged", source=path)
         shards.append(shard)
-    return LinkedIndex(path, manifest, shards)
+        checked += shard.files_checked
+    index = LinkedIndex(path, manifest, shards)
+    index.files_checked = checked
+    return index
 
 
 class LinkedIndex:
     """Shards read as one index; the same reading interface as index_store.OpenIndex."""
+
+    files_checked = 0  # set by open_linked
 
     def __init__(self, path: str, manifest: dict, shards: Sequence):
         import numpy as np
@@ -72,7 +80,17 @@ class LinkedIndex:
 
         if not entry.get("hidden"):
             return None
-        return np.load(os.path.join(self.path, entry["hidden"]))
+        try:
+            rows = np.load(os.path.join(self.path, entry["hidden"]), allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{entry['hidden']} is not a readable .npy array of rows ({err})",
+                            source=self.path) from None
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or (
+                len(rows) and not 0 <= rows.min() <= rows.max() < entry["count"]):
+            raise DataError(f"{entry['hidden']} must hold row numbers of its shard "
+                            f"(0..{entry['count'] - 1}): the index is damaged",
+                            source=self.path)
+        return rows.astype(np.int64)
 
     def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
         """The stored fields of every shard, in row order (a field a shard lacks is null)."""
