@@ -7,6 +7,7 @@ from vecpipe.cli import options
 
 DEFAULT_CALIBRATION_ROWS = 10_000
 REPORT_QUERIES = 200
+REPORT_HELD_OUT_QUERIES = 1000
 REPORT_K = 10
 
 
@@ -41,7 +42,13 @@ def run(inputs: options.Inputs = None,
             "--save-codec", metavar="FILE", help="Also write the codec to FILE (JSON).")] = None,
         report: Annotated[bool, typer.Option(
             "--report", help="Print bytes/vector, reconstruction error and recall@10 retention "
-                             "(measured on the calibration rows) on stderr.")] = False,
+                             "on stderr; recall uses calibration rows as queries (in-sample, "
+                             "optimistic) unless --report-queries.")] = False,
+        report_queries: Annotated[Optional[str], typer.Option(
+            "--report-queries", metavar="FILE",
+            help="Float vectors of the same model and dimensions (e.g. embedded queries) to "
+                 f"measure the report's recall@10 with, as held-out queries (at most "
+                 f"{REPORT_HELD_OUT_QUERIES:,}, spread through FILE).")] = None,
         report_json: Annotated[Optional[str], typer.Option(
             "--report-json", metavar="PATH",
             help="Write the report as JSON to PATH (- for stdout when -o takes the records).")]
@@ -70,6 +77,7 @@ def run(inputs: options.Inputs = None,
 
     check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
                   report_json, bool(report or report_json))
+    check_report_queries(report_queries, bool(report or report_json), inputs)
     codec = Codec.load(codec_file) if codec_file else None
     stream = RecordStream(inputs, input_format, force=force)
     if stream.schema is None:
@@ -77,6 +85,7 @@ def run(inputs: options.Inputs = None,
         return
     meta = stream.metadata
     check_input(stream.schema, meta, codec, codec_file, force)
+    held_out = read_report_queries(report_queries, meta, force) if report_queries else None
 
     rows = calibration_rows or DEFAULT_CALIBRATION_ROWS
     wants_sample = codec is None or report or report_json
@@ -88,6 +97,7 @@ def run(inputs: options.Inputs = None,
         codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
                           normalize=meta.get("normalized") != "false", model=meta.get("model"))
 
+    check_held_out(held_out, codec)
     stats = CompressionStats(codec) if report or report_json else None
     out_schema = compressed_schema(stream.schema, codec)
     with RecordWriter(output, output_format, schema=out_schema) as out:
@@ -102,7 +112,7 @@ def run(inputs: options.Inputs = None,
     console.info(f"{out.rows} vectors -> {codec.describe()} -> {output or 'stdout'} "
                  f"({out.format})")
     if report or report_json:
-        facts = build_report(codec, stats, sample, input_bytes(stream.schema, codec))
+        facts = build_report(codec, stats, sample, input_bytes(stream.schema, codec), held_out)
         if report:
             print_report(facts)
         if report_json:
@@ -129,6 +139,52 @@ def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, out
         raise UsageError("--to float32 without --dim or --pca changes nothing")
     if report_json == "-" and output in (None, "-"):
         raise UsageError("--report-json - needs -o for the records (stdout carries data)")
+
+
+def check_report_queries(path, report: bool, inputs) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if path is None:
+        return
+    if not report:
+        raise UsageError("--report-queries needs --report or --report-json")
+    if path == "-" and (not inputs or "-" in inputs):
+        raise UsageError("the vectors and --report-queries cannot both come from stdin")
+
+
+def read_report_queries(path: str, meta, force: bool):
+    """(name, float32 query vectors) from FILE, in the input's vector space (model and
+    dimensions checked): at most REPORT_HELD_OUT_QUERIES, spread through the file."""
+    import numpy as np
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import RecordStream
+
+    stream = RecordStream([path])
+    name = stream.inputs[0] if path != "-" else "<stdin>"
+    if stream.schema is None or names.EMBEDDING not in stream.schema.names:
+        raise DataError("--report-queries: no 'embedding' field", source=name,
+                        hint="give float query vectors, e.g. from `vecpipe embed`")
+    query_meta = stream.metadata
+    if query_meta.get("codec"):
+        raise DataError("--report-queries: the vectors are compressed already", source=name,
+                        hint="give the float vectors the codec is applied to")
+    names.check_compatible(meta, query_meta, "the input", name, keys=("model", "dim"),
+                           force=force)
+    vectors = np.concatenate([float_vectors(item) for item in stream])
+    if len(vectors) > REPORT_HELD_OUT_QUERIES:
+        vectors = vectors[np.linspace(0, len(vectors) - 1, REPORT_HELD_OUT_QUERIES).astype(int)]
+    return name, vectors
+
+
+def check_held_out(held_out, codec) -> None:
+    """Before any output: held-out queries have the input's dimensions (JSONL has no dim)."""
+    from vecpipe.formats.errors import DataError
+
+    if held_out is not None and held_out[1].shape[1] != codec.input_dim:
+        raise DataError(f"--report-queries: vectors have {held_out[1].shape[1]} dimensions, "
+                        f"the input {codec.input_dim}", source=held_out[0])
 
 
 def check_input(schema, meta, codec, codec_file, force) -> None:
@@ -327,48 +383,66 @@ def kept_energy(codec, vectors):
     return share
 
 
-def recall_retention(codec, sample, queries: int = REPORT_QUERIES, k: int = REPORT_K):
-    """recall@k of compressed search against exact float search, on the sample: rows spread
-    through it are the queries, the whole sample (minus each query itself) the corpus."""
+def recall_retention(codec, sample, held_out=None, queries: int = REPORT_QUERIES,
+                     k: int = REPORT_K):
+    """recall@k of compressed search against exact float search over the sample. The queries
+    are `held_out` (name, vectors) or, in-sample, rows spread through the sample (each left
+    out of its own results): these flatter a codec fitted on the same rows."""
     import numpy as np
-
-    from vecpipe.formats.codec import hamming_distances
 
     if sample is None or len(sample) < k + 2:
         return None
-    picks = np.unique(np.linspace(0, len(sample) - 1, min(queries, len(sample))).astype(int))
-    query_vectors = sample[picks]
+    if held_out is not None:
+        source, query_vectors = held_out
+        picks = None
+    else:
+        source = "calibration rows"
+        picks = np.unique(np.linspace(0, len(sample) - 1, min(queries, len(sample))).astype(int))
+        query_vectors = sample[picks]
+    if len(query_vectors) == 0:
+        return None
     codes = codec.encode(sample)
     exact = query_vectors @ sample.T
     asymmetric = codec.score(query_vectors, codes)
-    if codec.is_bits:
-        symmetric = -hamming_distances(codes[picks], codes).astype(np.float32)
-    elif codec.to in ("int8", "uint8"):
-        matrix = codec.code_matrix(codes)
-        symmetric = matrix[picks] @ matrix.T
-    else:
-        symmetric = None
-    result = {"queries": len(picks), "corpus": len(sample), "k": k,
+    symmetric = symmetric_scores(codec, codec.encode(query_vectors), codes)
+    result = {"queries": len(query_vectors), "corpus": len(sample), "k": k,
+              "queries_from": source, "in_sample": held_out is None,
               "recall": overlap_at_k(exact, asymmetric, picks, k)}
     if symmetric is not None:
         result["recall_symmetric"] = overlap_at_k(exact, symmetric, picks, k)
     return result
 
 
-def overlap_at_k(exact, approx, picks, k: int) -> float:
+def symmetric_scores(codec, query_codes, codes):
+    """Codes against codes (what an index without rescoring does), or None for float types."""
     import numpy as np
 
-    rows = np.arange(len(picks))
+    from vecpipe.formats.codec import hamming_distances
+
+    if codec.is_bits:
+        return -hamming_distances(query_codes, codes).astype(np.float32)
+    if codec.to in ("int8", "uint8"):
+        return codec.code_matrix(query_codes) @ codec.code_matrix(codes).T
+    return None
+
+
+def overlap_at_k(exact, approx, picks, k: int) -> float:
+    """Mean share of the exact top k found in the approximate top k; `picks`: the sample rows
+    that are the queries (in-sample), left out of their own results, or None."""
+    import numpy as np
+
     exact, approx = exact.copy(), approx.astype(np.float32, copy=True)
-    exact[rows, picks] = -np.inf  # a query finds itself trivially: leave it out
-    approx[rows, picks] = -np.inf
+    if picks is not None:
+        rows = np.arange(len(picks))
+        exact[rows, picks] = -np.inf  # a query finds itself trivially: leave it out
+        approx[rows, picks] = -np.inf
     truth = np.argpartition(-exact, k, axis=1)[:, :k]
     found = np.argpartition(-approx, k, axis=1)[:, :k]
     hits = [len(np.intersect1d(t, f)) for t, f in zip(truth, found)]
     return round(float(np.mean(hits)) / k, 4)
 
 
-def build_report(codec, stats, sample, before_bytes: int) -> dict:
+def build_report(codec, stats, sample, before_bytes: int, held_out=None) -> dict:
     rows = max(stats.rows, 1)
     facts = {
         "vectors": stats.rows,
@@ -380,7 +454,7 @@ def build_report(codec, stats, sample, before_bytes: int) -> dict:
         "quantization": {
             "relative_error": round((stats.error_sq / max(stats.norm_sq, 1e-30)) ** 0.5, 5),
             "mean_cosine": round(stats.cosine_sum / rows, 5)},
-        "retrieval": recall_retention(codec, sample),
+        "retrieval": recall_retention(codec, sample, held_out),
     }
     if codec.pca_explained is not None:
         facts["pca_kept_energy_calibration"] = codec.pca_explained
@@ -407,8 +481,10 @@ def print_report(facts: dict) -> None:
         line = f"  recall@{retrieval['k']}      {retrieval['recall']} float queries vs codes"
         if "recall_symmetric" in retrieval:
             line += f", {retrieval['recall_symmetric']} codes vs codes"
-        lines.append(line + f" ({retrieval['queries']} queries over the first "
-                            f"{retrieval['corpus']} vectors)")
+        queries = f"{retrieval['queries']} held-out queries from {retrieval['queries_from']}" \
+            if not retrieval["in_sample"] else \
+            f"in-sample: calibration rows as queries, {retrieval['queries']} of them"
+        lines.append(line + f" ({queries}, over the first {retrieval['corpus']} vectors)")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

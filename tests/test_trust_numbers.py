@@ -212,3 +212,80 @@ def test_codec_identity_drops_what_does_not_change_the_vectors():
     with pytest.raises(DataError, match="codec differs"):
         check_compatible(Codec.fit(small, "float16", dim=8).metadata(),
                          Codec.fit(small, "float16", dim=4).metadata(), "a", "b", keys=("codec",))
+
+
+# ---------------------------------------------------------------- compress --report queries
+
+def _write_vectors(path, vectors, model="fake:32"):
+    from vecpipe.formats import schema as names
+
+    table = pa.table({"id": [f"r{i}" for i in range(len(vectors))],
+                      "embedding": names.numpy_to_vectors(vectors.astype(np.float32))})
+    meta = {"model": model, "dim": str(vectors.shape[1]), "normalized": "true"}
+    table = table.replace_schema_metadata(names.with_meta(table.schema, meta).metadata)
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def _anisotropic(rows, dim, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, dim)) * np.linspace(2.0, 0.2, dim) + rng.standard_normal(dim)
+    return _unit(x).astype(np.float32)
+
+
+def _recall_at_10(exact, approx):
+    truth = np.argsort(-exact, axis=1)[:, :10]
+    found = np.argsort(-approx, axis=1)[:, :10]
+    return np.mean([len(np.intersect1d(t, f)) for t, f in zip(truth, found)]) / 10
+
+
+def test_compress_report_says_its_recall_is_in_sample(cli, tmp_path):
+    src = _write_vectors(tmp_path / "v.arrow", _anisotropic(600, 32, 0))
+    r = cli("compress", src, "--dim", "16", "--report", "--report-json", "-",
+            "-o", tmp_path / "c.arrow")
+    assert r.exit_code == 0, r
+    retrieval = json.loads(r.stdout)["retrieval"]
+    assert retrieval["in_sample"] is True and retrieval["queries_from"] == "calibration rows"
+    assert "in-sample: calibration rows as queries" in r.stderr
+
+
+def test_compress_report_queries_are_held_out(cli, tmp_path):
+    x = _anisotropic(600, 32, 0)
+    queries = _anisotropic(40, 32, 7)
+    src = _write_vectors(tmp_path / "v.arrow", x)
+    qfile = _write_vectors(tmp_path / "q.arrow", queries)
+    r = cli("compress", src, "--dim", "16", "--report", "--report-json", "-",
+            "--report-queries", qfile, "-o", tmp_path / "c.arrow")
+    assert r.exit_code == 0, r
+    retrieval = json.loads(r.stdout)["retrieval"]
+    expected = _recall_at_10(queries @ x.T, _unit(queries[:, :16]) @ _unit(x[:, :16]).T)
+    assert retrieval["recall"] == pytest.approx(expected, abs=1e-4)
+    assert retrieval["in_sample"] is False and retrieval["queries_from"] == str(qfile)
+    assert retrieval["queries"] == 40 and retrieval["corpus"] == 600
+    assert f"40 held-out queries from {qfile}" in r.stderr
+
+
+def test_compress_report_queries_must_share_the_vector_space(cli, tmp_path):
+    src = _write_vectors(tmp_path / "v.arrow", _anisotropic(100, 32, 0))
+    out = tmp_path / "c.arrow"
+    other_dim = _write_vectors(tmp_path / "q24.arrow", _anisotropic(5, 24, 1))
+    r = cli("compress", src, "--dim", "16", "--report", "--report-queries", other_dim, "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    assert "dim differs" in r.stderr and str(other_dim) in r.stderr, r
+    other_model = _write_vectors(tmp_path / "qm.arrow", _anisotropic(5, 32, 1), model="m2")
+    r = cli("compress", src, "--dim", "16", "--report", "--report-queries", other_model,
+            "-o", out)
+    assert r.exit_code == 1 and "model differs" in r.stderr and not out.exists(), r
+    r = cli("compress", src, "--dim", "16", "--report-queries", other_model, "-o", out)
+    assert r.exit_code == 2 and "--report-queries needs --report" in r.stderr, r
+
+
+def test_compress_report_queries_from_jsonl_are_checked_before_any_output(cli, tmp_path,
+                                                                         write_jsonl):
+    src = _write_vectors(tmp_path / "v.arrow", _anisotropic(100, 32, 0))
+    qfile = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "embedding": [0.1] * 24}])
+    out = tmp_path / "c.arrow"
+    r = cli("compress", src, "--dim", "16", "--report", "--report-queries", qfile, "-o", out)
+    assert r.exit_code == 1 and not out.exists()
+    assert f"--report-queries: vectors have 24 dimensions, the input 32 ({qfile})" in r.stderr
