@@ -32,7 +32,7 @@ def run(inputs: options.Inputs = None,
     stream = RecordStream(inputs, input_format, force=force)
     columns = parse_select(select)
     schema = stream.schema
-    with RecordWriter(output, output_format,
+    with RecordWriter(output, output_format, widen=True,
                       schema=None if schema is None else selected_schema(schema, columns)) as out:
         for item in stream:
             if limit is not None and out.rows >= limit:
@@ -42,7 +42,7 @@ def run(inputs: options.Inputs = None,
                 batch = batch.select(columns)
             if limit is not None:
                 batch = batch.slice(0, limit - out.rows)
-            out.write(batch)
+            out.write(batch, item.source, item.first_record)
     console.info(f"{out.rows} records -> {output or 'stdout'} ({out.format})")
 
 

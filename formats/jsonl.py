@@ -1,4 +1,5 @@
-"""JSONL through orjson: lines -> RecordBatches with one stable schema, and batches -> lines."""
+"""JSONL through orjson: lines -> RecordBatches with a schema that widens as fields show their
+types, and batches -> lines."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -9,21 +10,30 @@ from . import schema as names
 from .errors import DataError
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 class JsonlBatcher:
     """Parses a binary line stream into RecordBatches of `rows` records.
 
-    The first batch fixes the schema; later batches are aligned to it. `embedding` columns
+    The schema widens as records arrive: a field null so far takes the type of its first
+    value, and a field first seen later joins (null before); each batch carries the schema
+    widened so far. A value that fits neither is a DataError at its line. `embedding` columns
     become fixed_size_list<float32> so vectors keep one Arrow type whatever the JSON held.
+    `text_fields`: a value there that is not a string becomes null (for a command that skips
+    records without text).
     """
 
-    def __init__(self, stream, name: str, rows: int):
-        self.lines = enumerate(stream, 1)
+    def __init__(self, stream, name: str, rows: int, text_fields: tuple[str, ...] = ()):
+        self.lines = enumerate(_without_bom(stream), 1)
         self.name = name
         self.rows = rows
+        self.text_fields = tuple(text_fields)
         self.schema = None
 
-    def _records(self) -> tuple[list[dict], int] | None:
-        records, first_line = [], None
+    def _records(self) -> tuple[list[dict], list[int]] | None:
+        """The next records and the line number of each."""
+        records, lines = [], []
         for lineno, line in self.lines:
             if not line.strip():
                 continue
@@ -35,16 +45,20 @@ class JsonlBatcher:
             if not isinstance(record, dict):
                 raise DataError(f"expected a JSON object, got {type(record).__name__}",
                                 source=self.name, record=lineno)
-            if first_line is None:
-                first_line = lineno
             records.append(record)
+            lines.append(lineno)
             if len(records) == self.rows:
                 break
-        return (records, first_line) if records else None
+        return (records, lines) if records else None
 
-    def _to_batch(self, records: list[dict], first_line: int):
+    def _parse(self, records: list[dict], lines: list[int]):
+        """The records as one batch with the types they hold themselves."""
         import pyarrow as pa
 
+        for field in self.text_fields:
+            for record in records:
+                if not isinstance(record.get(field), (str, type(None))):
+                    record[field] = None
         try:
             # from_pylist would keep only the first record's keys, silently dropping fields
             # that appear first in a later record of the batch.
@@ -54,27 +68,78 @@ class JsonlBatcher:
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
             bad, field = _first_inconsistent(records)
             raise DataError(f"field {field!r} has values of different types ({err})",
-                            source=self.name, record=first_line + bad) from None
-        batch = _vector_columns_to_float32(batch, self.name, first_line)
-        if self.schema is not None:
+                            source=self.name, record=lines[bad]) from None
+        return _vector_columns_to_float32(batch, self.name, lines)
+
+    def _to_batch(self, records: list[dict], lines: list[int]):
+        batch = self._parse(records, lines)
+        if self.schema is None:
+            self.schema = batch.schema
+            return batch
+        self.schema = widened_schema(self.schema, batch.schema)
+        self._check_fits(batch, records, lines)
+        return names.align_batch(batch, self.schema)
+
+    def _check_fits(self, batch, records: list[dict], lines: list[int]) -> None:
+        """Refuse a field whose values cannot take the schema's type, at the first such line."""
+        import pyarrow as pa
+
+        for field in batch.schema:
+            target = self.schema.field(field.name).type
+            if field.type.equals(target) or pa.types.is_null(field.type):
+                continue
             try:
-                batch = names.align_batch(batch, self.schema)
-            except DataError as err:
-                raise err.located(self.name, first_line)
-        return batch
+                batch.column(field.name).cast(target)
+                continue
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass
+            bad = self._first_misfit(records, lines, field.name, target)
+            raise DataError(f"field {field.name!r} changed type from {target} to {field.type}",
+                            source=self.name, record=bad)
+
+    def _first_misfit(self, records, lines, field: str, target) -> int:
+        """The line of the first record whose `field` cannot take `target` (the error path)."""
+        import pyarrow as pa
+
+        for record, line in zip(records, lines):
+            if record.get(field) is None:
+                continue
+            try:
+                self._parse([{field: record[field]}], [line]).column(0).cast(target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, DataError):
+                return line
+        return lines[0]
 
     def first(self):
         got = self._records()
         if got is None:
             return None
-        batch = self._to_batch(*got)
-        self.schema = batch.schema
-        return batch
+        return self._to_batch(*got)
 
     def batches(self, first) -> Iterator:
         yield first
         while (got := self._records()) is not None:
             yield self._to_batch(*got)
+
+
+def _without_bom(stream):
+    """The lines of `stream`, a UTF-8 byte order mark at its start skipped."""
+    lines = iter(stream)
+    first = next(lines, b"")
+    yield first[len(_BOM):] if first.startswith(_BOM) else first
+    yield from lines
+
+
+def widened_schema(schema, other):
+    """`schema` widened by `other`: a null field takes `other`'s type, a field only in `other`
+    is added (at the end); `schema`'s metadata is kept. Other type differences are left to the
+    caller (a cast, or an error)."""
+    import pyarrow as pa
+
+    fields = [other.field(f.name) if pa.types.is_null(f.type) and f.name in other.names
+              else f for f in schema]
+    fields += [f for f in other if f.name not in schema.names]
+    return pa.schema(fields, metadata=schema.metadata)
 
 
 def _first_inconsistent(records: list[dict]) -> tuple[int, str]:
@@ -90,7 +155,7 @@ def _first_inconsistent(records: list[dict]) -> tuple[int, str]:
     return 0, "?"
 
 
-def _vector_columns_to_float32(batch, name: str, first_line: int):
+def _vector_columns_to_float32(batch, name: str, lines: list[int]):
     import pyarrow as pa
 
     index = batch.schema.get_field_index(names.EMBEDDING)
@@ -99,13 +164,14 @@ def _vector_columns_to_float32(batch, name: str, first_line: int):
     column = batch.column(index)
     if not pa.types.is_list(column.type) and not pa.types.is_null(column.type):
         raise DataError(f"field 'embedding' must be an array of numbers, got {column.type}",
-                        source=name, record=first_line)
+                        source=name, record=lines[0])
     if pa.types.is_null(column.type):
         return batch
     try:
         vectors = names.vectors_to_numpy(column)
     except DataError as err:
-        raise err.located(name, first_line + (err.record or 1) - 1)
+        err.source, err.record = name, lines[(err.record or 1) - 1]  # row -> line
+        raise
     vectors = names.numpy_to_vectors(vectors.astype("float32", copy=False))
     return batch.set_column(index, pa.field(names.EMBEDDING, vectors.type), vectors)
 

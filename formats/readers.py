@@ -5,8 +5,10 @@ sniffing reads ahead instead of seeking, so pipes work.
 """
 from __future__ import annotations
 
+import functools
 import io
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -97,6 +99,17 @@ def open_input(path: str):
             raise DataError("is a directory, expected a record file", source=path) from None
         except PermissionError:
             raise DataError("permission denied", source=path) from None
+    try:
+        return _unwrapped(raw)
+    except EOFError as err:  # gzip's "Compressed file ended before the end-of-stream marker"
+        raise DataError(f"truncated compressed input: {err}",
+                        source=STDIN_NAME if path == "-" else path) from None
+    except (OSError, zlib.error) as err:
+        raise DataError(f"read failed: {_os_cause(err)}",
+                        source=STDIN_NAME if path == "-" else path) from None
+
+
+def _unwrapped(raw):
     head, stream = _peek(raw)
     if head.startswith(b"\x1f\x8b"):
         import gzip
@@ -111,8 +124,9 @@ def open_input(path: str):
     return stream, head, None
 
 
-def sniff(head: bytes) -> str | None:
-    """The format of a stream from its first bytes; None for an empty input."""
+def sniff(head: bytes, name: str | None = None) -> str | None:
+    """The format of a stream from its first bytes; None for an empty input. `name` (the
+    input's) is cited when the format is not recognized."""
     if head.startswith(b"ARROW1"):
         return "arrow-file"
     if head.startswith(b"\xff\xff\xff\xff") or head.startswith(b"\x00\x00\x00\x00"):
@@ -124,7 +138,7 @@ def sniff(head: bytes) -> str | None:
         return None if len(head) < _SNIFF_BYTES else "jsonl"
     if text.startswith(b"{"):
         return "jsonl"
-    raise DataError(f"unrecognized input format (starts with {head[:16]!r})",
+    raise DataError(f"unrecognized input format (starts with {head[:16]!r})", source=name,
                     hint="name the format with --input-format jsonl|arrow|parquet|csv|tsv|text")
 
 
@@ -132,11 +146,15 @@ class RecordStream:
     """Several inputs read in order as one stream of SourceBatches of at most `batch_rows` rows.
 
     `schema` and `metadata` open the first non-empty input on demand. Inputs whose
-    `vecpipe.*` model/dim/codec differ are refused unless `force`.
+    `vecpipe.*` model/dim/codec differ are refused unless `force`. JSONL batches carry the
+    schema widened so far (a field null at first or first seen later), so a batch's schema can
+    be wider than `schema`. `text_fields`: in JSONL, a value there that is not a string becomes
+    null, for a command that skips records without text (embed --skip-invalid).
     """
 
     def __init__(self, inputs: list[str] | None, input_format: str | None = None,
-                 batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False):
+                 batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
+                 text_fields: tuple[str, ...] = ()):
         self.inputs = list(inputs) if inputs else ["-"]
         if self.inputs.count("-") > 1:
             raise UsageError("stdin (-) can be read only once")
@@ -145,6 +163,7 @@ class RecordStream:
         self.input_format = None if input_format == "auto" else input_format
         self.batch_rows = batch_rows
         self.force = force
+        self.text_fields = tuple(text_fields)
         self._iter = self._batches()
         self._pending: list[SourceBatch] = []
         self._schema = None
@@ -194,44 +213,98 @@ class RecordStream:
     def _read_one(self, path: str, name: str):
         """Yield (schema, batch iterator) for one input; nothing for an empty input."""
         stream, head, compression = open_input(path)
-        fmt = self.input_format or sniff(head)
+        try:
+            fmt = self.input_format or sniff(head, name)
+        except DataError:
+            stream.close()
+            raise
         if fmt is None:
             stream.close()
             return
         self.formats[name] = fmt + (f"+{compression}" if compression else "")
         seekable_path = None if (compression or path == "-") else path
         try:
-            yield from read_opened(stream, fmt, name, seekable_path, self.batch_rows)
+            yield from read_opened(stream, fmt, name, seekable_path, self.batch_rows,
+                                   self.text_fields)
         finally:
             stream.close()
 
 
 def read_opened(stream, fmt: str, name: str, seekable_path: str | None = None,
-                batch_rows: int = DEFAULT_BATCH_ROWS):
+                batch_rows: int = DEFAULT_BATCH_ROWS, text_fields: tuple[str, ...] = ()):
     """(schema, batch iterator) pairs of a stream already opened and sniffed with `open_input`
     (for callers that look at the head bytes first, e.g. to tell a TREC file from records).
     `seekable_path`: the plain file behind the stream, for memory-mapped Arrow/Parquet reads."""
+    read = functools.partial(_read_jsonl, text_fields=text_fields) if fmt == "jsonl" \
+        else _READERS[fmt]
+    for schema, batches in _located(read(stream, name, seekable_path, batch_rows), name):
+        yield schema, _located(batches, name)
+
+
+def _located(items, name: str):
+    """`items`, with read failures (bad UTF-8, a truncated gzip, I/O errors) as DataErrors
+    naming the input: the batches are read after the (schema, batches) pair is handed out."""
     try:
-        yield from _READERS[fmt](stream, name, seekable_path, batch_rows)
+        yield from items
     except DataError as err:
         raise err.located(name)
     except UnicodeDecodeError as err:
         raise DataError(f"invalid UTF-8 ({err.reason})", source=name) from None
-    except OSError as err:
-        raise DataError(f"read failed: {err}", source=name) from None
+    except EOFError as err:  # gzip's "Compressed file ended before the end-of-stream marker"
+        raise DataError(f"truncated compressed input: {err}", source=name) from None
+    except (OSError, zlib.error) as err:
+        raise DataError(f"read failed: {_os_cause(err)}", source=name) from None
+
+
+def _os_cause(err: Exception) -> str:
+    return (getattr(err, "strerror", None) or str(err)) if getattr(err, "errno", None) \
+        else str(err)
 
 
 def _arrow_error(name: str, err: Exception, record: int) -> DataError:
     return DataError(f"truncated or corrupt Arrow data: {err}", source=name, record=record)
 
 
-def _read_arrow_stream(stream, name, _path, _rows):
+UNTERMINATED = "stream ended without an end-of-stream marker: the producer failed"
+
+
+class _EndWatch:
+    """A file object for pyarrow that notes whether a read hit the end of `stream`.
+
+    pyarrow's stream reader takes a plain EOF at a message boundary for a normal end; only the
+    end-of-stream marker means the producer finished. pyarrow reads exactly the bytes of each
+    frame and nothing past the marker, so a read that comes back short means the input ended
+    before (or without) the marker.
+    """
+
+    closed = False
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.hit_end = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if size is None or size < 0 or len(data) < size:
+            self.hit_end = True
+        return data
+
+
+def open_arrow_stream(stream, name: str):
+    """(schema, batch iterator) of an Arrow IPC stream that must end with its end-of-stream
+    marker: the one checked reader of IPC streams. A stream cut short (a producer that failed
+    or was killed) is a DataError at the record after the last complete batch, never an end."""
     import pyarrow as pa
 
+    watch = _EndWatch(stream)
     try:
-        reader = pa.ipc.open_stream(stream)
+        reader = pa.ipc.open_stream(watch)
     except (pa.ArrowInvalid, OSError) as err:
-        raise _arrow_error(name, err, 1) from None
+        raise (DataError(UNTERMINATED, source=name, record=1) if watch.hit_end
+               else _arrow_error(name, err, 1)) from None
 
     def batches():
         record = 1
@@ -239,13 +312,20 @@ def _read_arrow_stream(stream, name, _path, _rows):
             try:
                 batch = reader.read_next_batch()
             except StopIteration:
+                if watch.hit_end:
+                    raise DataError(UNTERMINATED, source=name, record=record) from None
                 return
             except (pa.ArrowInvalid, OSError) as err:
-                raise _arrow_error(name, err, record) from None
+                raise (DataError(UNTERMINATED, source=name, record=record) if watch.hit_end
+                       else _arrow_error(name, err, record)) from None
             record += batch.num_rows
             yield batch
 
-    yield reader.schema, batches()
+    return reader.schema, batches()
+
+
+def _read_arrow_stream(stream, name, _path, _rows):
+    yield open_arrow_stream(stream, name)
 
 
 def _read_arrow_file(stream, name, path, _rows):
@@ -318,10 +398,10 @@ def _read_text(stream, name, _path, rows):
     yield schema, batches()
 
 
-def _read_jsonl(stream, name, _path, rows):
+def _read_jsonl(stream, name, _path, rows, text_fields=()):
     from .jsonl import JsonlBatcher
 
-    batcher = JsonlBatcher(stream, name, rows)
+    batcher = JsonlBatcher(stream, name, rows, text_fields)
     first = batcher.first()
     if first is None:
         return
@@ -339,13 +419,41 @@ _READERS = {
 }
 
 
+def fit_batch(item: SourceBatch, schema):
+    """`item.batch` aligned to `schema`, which a command fixed from the first records. A batch
+    whose schema widened past it (a JSONL field first typed, or first seen, in a later record)
+    is a DataError at the first record that needs the wider schema."""
+    from .jsonl import widened_schema
+
+    try:
+        return names.align_batch(item.batch, schema)
+    except DataError as err:
+        wider = widened_schema(schema, item.batch.schema)
+        changed = [f for f in wider if f.name not in schema.names or
+                   not f.type.equals(schema.field(f.name).type)]
+        if not changed:
+            raise err.located(item.source, item.first_record)
+        field = changed[0]
+        valid = item.batch.column(field.name).is_valid().to_numpy(zero_copy_only=False)
+        raise DataError(f"field {field.name!r} first holds {field.type} here, after the "
+                        "output's fields were fixed by the first records", source=item.source,
+                        record=item.first_record + int(valid.argmax()),
+                        hint="convert the input first (vecpipe convert IN -o IN.arrow "
+                             "widens the fields), or put a record with this field first") \
+            from None
+
+
 def read_table(inputs: list[str] | None, input_format: str | None = None, force: bool = False):
-    """Everything as one pyarrow Table (for commands that are inherently global)."""
+    """Everything as one pyarrow Table (for commands that are inherently global), under the
+    schema widened by every batch."""
     import pyarrow as pa
+
+    from .jsonl import widened_schema
 
     stream = RecordStream(inputs, input_format, force=force)
     batches = [item.batch for item in stream]
     if stream.schema is None:
         return None
-    aligned = [names.align_batch(b, stream.schema) for b in batches]
-    return pa.Table.from_batches(aligned, stream.schema)
+    schema = functools.reduce(widened_schema, (b.schema for b in batches), stream.schema)
+    aligned = [names.align_batch(b, schema) for b in batches]
+    return pa.Table.from_batches(aligned, schema)

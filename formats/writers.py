@@ -1,14 +1,15 @@
 """Writers: one RecordWriter for every output format, atomic for files, safe for terminals."""
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
 import tempfile
 
 from . import schema as names
-from .errors import UsageError
-from .jsonl import batch_to_lines
+from .errors import DataError, UsageError
+from .jsonl import batch_to_lines, widened_schema
 
 OUTPUT_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet")
 BINARY_FORMATS = ("arrow", "arrow-file", "parquet")
@@ -19,6 +20,26 @@ _EXTENSIONS = {
     ".parquet": "parquet", ".pq": "parquet",
 }
 _PIPE_BUFFER = 1 << 20
+STDOUT_NAME = "<stdout>"
+_CAUSES = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EBADF: "output is closed",
+    errno.EISDIR: "is a directory, expected a file name",
+}
+
+
+def write_error(err: OSError, target: str | None) -> Exception:
+    """The DataError for a failed write to `target` (None: stdout); a broken pipe stays itself
+    (the error boundary makes it a quiet exit 0: our reader went away)."""
+    if isinstance(err, BrokenPipeError) or err.errno == errno.EPIPE:
+        return err
+    cause = _CAUSES.get(err.errno) or f"write failed: {err.strerror or err}"
+    hint = "free some space, or write elsewhere with -o" if err.errno == errno.ENOSPC else None
+    return DataError(cause, source=target or STDOUT_NAME, hint=hint)
 
 
 def resolve_output_format(output: str | None, output_format: str = "auto",
@@ -28,8 +49,8 @@ def resolve_output_format(output: str | None, output_format: str = "auto",
     `extra` names command-specific text formats (e.g. `trec`) that are allowed too.
     """
     to_stdout = output in (None, "-")
-    if stdout_isatty is None:
-        stdout_isatty = to_stdout and sys.stdout.isatty()
+    if stdout_isatty is None:  # sys.stdout is None when started with stdout closed (>&-)
+        stdout_isatty = to_stdout and sys.stdout is not None and sys.stdout.isatty()
     if output_format not in OUTPUT_FORMATS and output_format not in extra:
         raise UsageError(f"unknown output format {output_format!r}; choose from "
                          f"{', '.join(OUTPUT_FORMATS + extra)}")
@@ -51,6 +72,9 @@ def resolve_output_format(output: str | None, output_format: str = "auto",
 def stdout_binary():
     """stdout as a binary stream with a 1 MiB buffer (sys.stdout.buffer where stdout has no fd,
     as under test runners). Text already printed is flushed first to keep the order."""
+    if sys.stdout is None:
+        raise DataError("stdout is closed", source=STDOUT_NAME,
+                        hint="redirect stdout to a file or pipe, or use -o FILE")
     sys.stdout.flush()
     try:
         return open(sys.stdout.fileno(), "wb", buffering=_PIPE_BUFFER, closefd=False)
@@ -66,14 +90,27 @@ class AtomicFile:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise UsageError(f"output folder does not exist: {folder}")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                        suffix=".tmp", dir=folder)
+        if os.path.isdir(path):  # found now, not by the rename after all the work
+            raise DataError("is a directory, expected a file name", source=path)
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                                            suffix=".tmp", dir=folder)
+        except OSError as err:
+            raise write_error(err, path) from None
         self.file = os.fdopen(fd, "wb", buffering=_PIPE_BUFFER)
 
     def commit(self) -> None:
-        self.file.close()
-        os.chmod(self.tmp, 0o644 & ~_umask())
-        os.replace(self.tmp, self.path)
+        """Close and rename into place; on any failure (the final flush, the rename) the
+        temporary file is removed and the error raised (OSError as a DataError)."""
+        try:
+            self.file.close()
+            os.chmod(self.tmp, 0o644 & ~_umask())
+            os.replace(self.tmp, self.path)
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, OSError):
+                raise write_error(err, self.path) from None
+            raise
 
     def abort(self) -> None:
         try:
@@ -96,48 +133,102 @@ class RecordWriter:
     """Write RecordBatches to `-o PATH` (atomically) or stdout, in one output format.
 
     The schema is fixed by `schema=` or the first batch; later batches are aligned to it.
+    `widen`: a batch with a field that is new, or null in the schema so far, widens the schema
+    instead (as a JSONL stream's does): free for JSONL, a rewrite of what a binary file output
+    holds so far, and a DataError on a binary stdout (its schema is already out).
     `metadata` (vecpipe keys without prefix) is added to the schema. Use as a context manager:
-    the file appears only when the block ends without an exception.
+    the file appears only when the block ends without an exception. Write failures (disk
+    full...) are DataErrors naming the output.
     """
 
     def __init__(self, output: str | None, output_format: str = "auto", schema=None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, widen: bool = False):
         self.output = None if output in (None, "-") else output
         self.format = resolve_output_format(output, output_format)
         self.metadata = metadata or {}
+        self.widen = widen
         self.schema = None
         self.rows = 0
         self._atomic = AtomicFile(self.output) if self.output else None
-        self._sink = self._atomic.file if self._atomic else stdout_binary()
         self._writer = None
-        if schema is not None:
-            try:
+        try:
+            self._sink = self._atomic.file if self._atomic else stdout_binary()
+            if schema is not None:
                 self._start(schema)
-            except BaseException:  # e.g. Ctrl-C/SIGTERM while pyarrow.parquet imports
-                self.abort()
-                raise
+        except BaseException:  # e.g. Ctrl-C/SIGTERM while pyarrow.parquet imports
+            self.abort()
+            raise
 
     def _start(self, schema) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.schema = names.with_meta(schema, self.metadata) if self.metadata else schema
-        if self.format == "arrow":
-            self._writer = pa.ipc.new_stream(self._sink, self.schema)
-        elif self.format == "arrow-file":
-            self._writer = pa.ipc.new_file(self._sink, self.schema)
-        elif self.format == "parquet":
-            self._writer = pq.ParquetWriter(self._sink, self.schema)
+        try:
+            if self.format == "arrow":
+                self._writer = pa.ipc.new_stream(self._sink, self.schema)
+            elif self.format == "arrow-file":
+                self._writer = pa.ipc.new_file(self._sink, self.schema)
+            elif self.format == "parquet":
+                self._writer = pq.ParquetWriter(self._sink, self.schema)
+        except OSError as err:
+            raise write_error(err, self.output) from None
 
-    def write(self, batch) -> None:
+    def write(self, batch, source: str | None = None, first_record: int | None = None) -> None:
+        """Write `batch`; `source`/`first_record` (where it was read) locate a widening that
+        cannot be written."""
         if self.schema is None:
             self._start(batch.schema)
+        if self.widen:
+            wider = widened_schema(self.schema, batch.schema)
+            if not wider.equals(self.schema, check_metadata=False):
+                self._widen_to(wider, batch, source, first_record)
         batch = names.align_batch(batch, self.schema)
-        if self.format == "jsonl":
-            self._sink.write(batch_to_lines(batch))
-        elif batch.num_rows or self.format != "parquet":
-            self._writer.write_batch(batch)
+        try:
+            if self.format == "jsonl":
+                self._sink.write(batch_to_lines(batch))
+            elif batch.num_rows or self.format != "parquet":
+                self._writer.write_batch(batch)
+        except OSError as err:
+            raise write_error(err, self.output) from None
         self.rows += batch.num_rows
+
+    def _widen_to(self, schema, batch, source, first_record) -> None:
+        if self.format == "jsonl":  # lines carry no schema: nothing written changes
+            self.schema = schema
+            return
+        if self._atomic is not None:
+            self._rewrite(schema)
+            return
+        changed = next(f for f in schema if f.name not in self.schema.names
+                       or not f.type.equals(self.schema.field(f.name).type))
+        valid = batch.column(changed.name).is_valid().to_numpy(zero_copy_only=False)
+        record = None if first_record is None else first_record + int(valid.argmax())
+        raise DataError(f"field {changed.name!r} first holds {changed.type} here, after the "
+                        f"{self.format} stream on stdout began with the schema of the first "
+                        "records (an Arrow stream has one schema)", source=source,
+                        record=record,
+                        hint="write JSONL (--output-format jsonl) or a file (-o FILE), or put "
+                             "a record with this field first")
+
+    def _rewrite(self, schema) -> None:
+        """Write the file so far again under the wider `schema` (rare: once per widening)."""
+        old_atomic, old_writer = self._atomic, self._writer
+        try:
+            old_writer.close()
+            old_atomic.file.flush()
+        except OSError as err:
+            raise write_error(err, self.output) from None
+        self._atomic = AtomicFile(self.output)
+        self._sink, self._writer = self._atomic.file, None
+        try:
+            self._start(schema)
+            for batch in _written_batches(old_atomic.tmp, self.format):
+                self._writer.write_batch(names.align_batch(batch, self.schema))
+        except OSError as err:
+            raise write_error(err, self.output) from None
+        finally:
+            old_atomic.abort()
 
     def write_table(self, table) -> None:
         for batch in table.to_batches():
@@ -146,40 +237,62 @@ class RecordWriter:
             self._start(table.schema)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._sink.flush()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            self._sink.flush()
+        except OSError as err:
+            raise write_error(err, self.output) from None
         if self._atomic:
             self._atomic.commit()
 
     def abort(self) -> None:
-        """Drop a file output; on stdout, stop without writing an end-of-stream marker."""
+        """Drop a file output; on stdout, stop without writing an end-of-stream marker (or a
+        file footer), so a reader downstream sees the stream as cut short.
+
+        The writer is dropped, never closed: closing would write the marker. pyarrow's IPC
+        writers write nothing when dropped; a ParquetWriter would close itself in __del__.
+        """
         if self._atomic:
             self._atomic.abort()
         else:
-            try:
+            try:  # what was produced goes out, so a reader sees a stream without its end
                 self._sink.flush()
-            except OSError:
+            except (OSError, ValueError, AttributeError):
                 pass
-        if self._writer is not None:
-            try:
-                if self._sink is not sys.stdout.buffer:
-                    self._sink.close()
-                self._writer.close()
-            except (OSError, ValueError):
-                pass
-            if hasattr(self._writer, "is_open"):  # ParquetWriter would retry in __del__
-                self._writer.is_open = False
-            self._writer = None
+        if hasattr(self._writer, "is_open"):
+            self._writer.is_open = False
+        self._writer = None
 
     def __enter__(self) -> "RecordWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise
+
+
+def _written_batches(path: str, fmt: str):
+    """The batches of a file this module wrote and closed (for a rewrite)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .readers import open_arrow_stream
+
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches()
+    elif fmt == "arrow-file":
+        reader = pa.ipc.open_file(pa.memory_map(path))
+        yield from (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+        with open(path, "rb") as stream:
+            yield from open_arrow_stream(stream, path)[1]
 
 
 def text_output(output: str | None):
@@ -189,18 +302,32 @@ def text_output(output: str | None):
 
 class _TextOutput:
     def __init__(self, output: str | None):
+        self.output = output
         self._atomic = AtomicFile(output) if output else None
-        self._sink = self._atomic.file if self._atomic else stdout_binary()
+        try:
+            self._sink = self._atomic.file if self._atomic else stdout_binary()
+        except BaseException:
+            if self._atomic:
+                self._atomic.abort()
+            raise
 
     def write(self, text: str) -> None:
-        self._sink.write(text.encode())
+        try:
+            self._sink.write(text.encode())
+        except OSError as err:
+            raise write_error(err, self.output) from None
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._sink.flush()
+            try:
+                self._sink.flush()
+            except OSError as err:
+                if self._atomic:
+                    self._atomic.abort()
+                raise write_error(err, self.output) from None
             if self._atomic:
                 self._atomic.commit()
         elif self._atomic:

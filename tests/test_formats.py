@@ -164,6 +164,10 @@ def test_truncated_arrow_stream_is_an_error(tmp_path):
     write(path, pa.table({"id": [str(i) for i in range(100)]}), "arrow")
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2 + 10])
+    with pytest.raises(DataError, match="stream ended without an end-of-stream marker"):
+        read_table([str(path)])
+    damaged = b"\xff\xff\xff\xff\x10\x00\x00\x00" + b"\x01" * 16  # a bad message, then the end
+    path.write_bytes(data[:-8] + damaged + data[-8:])
     with pytest.raises(DataError, match="truncated or corrupt Arrow"):
         read_table([str(path)])
 
