@@ -121,7 +121,8 @@ def run(inputs: options.Inputs = None,
             return None
     resolve_output_format(output, output_format)  # a bad -o or format fails before any work
     devices = parse_devices(device)
-    stream = RecordStream(inputs, input_format, batch_rows=min(1024, window), force=force)
+    stream = RecordStream(inputs, input_format, batch_rows=min(1024, window), force=force,
+                          text_fields=tuple(plan.fields) if plan.skip_invalid else ())
     input_schema = stream.schema
     plan.id_column = find_id(input_schema, id_field)
     many = len(devices) > 1
@@ -347,11 +348,11 @@ class Part:
 
 def selected_parts(stream, input_schema, model, plan, stats):
     """Parts from the stream: this shard's valid records (chunked when asked)."""
-    from vecpipe.formats import schema as names
+    from vecpipe.formats.readers import fit_batch
 
     next_record = 1  # across all inputs: record-number ids stay unique
     for item in stream:
-        batch = names.align_batch(item.batch, input_schema)
+        batch = fit_batch(item, input_schema)
         part = select_records(batch, item.source, item.first_record, next_record, plan, stats)
         next_record += batch.num_rows
         if part is None:
