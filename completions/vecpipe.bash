@@ -9,7 +9,7 @@ _vecpipe() {
         "embed") words="-o --output --output-format --input-format -m --model --field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --dtype --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force -q --quiet --help" ;;
         "index") words="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --store --store-all --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force -q --quiet --help" ;;
         "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --field --metric -o --output --output-format --input-format --batch-size --threads --device --force -q --quiet --help" ;;
-        "compress") words="-o --output --output-format --input-format --to --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-json --force -q --quiet --help" ;;
+        "compress") words="-o --output --output-format --input-format --to --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --report-json --force -q --quiet --help" ;;
         "eval") words="retrieval beir sts embeddings --help" ;;
         "eval retrieval") words="--qrels -k --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --json -q --quiet --help" ;;
         "eval beir") words="-m --model --split --query-prompt --doc-prompt -k --cutoffs --metrics --batch-size --device --exact --index-dtype --ef --cache --save-run --per-query --fail-under --json --trust-remote-code -q --quiet --help" ;;
