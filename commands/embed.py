@@ -95,12 +95,8 @@ def run(inputs: options.Inputs = None,
       vecpipe embed --engine ray corpus/ -o corpus.arrow
     """
     given = dict(locals())  # the options as given: the Ray engine hands them to its workers
-    import signal
-
     from vecpipe.cli import console
-    from vecpipe.cli.models import load_model, parse_devices
-    from vecpipe.formats.readers import RecordStream
-    from vecpipe.formats.parts import completed_rows, mark_complete, shard_output
+    from vecpipe.formats.parts import PartClaim, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
@@ -114,35 +110,91 @@ def run(inputs: options.Inputs = None,
         return embed_on_ray(given, engine, address, parts)
     part = shard_output(output, plan.shard, output_format,
                         hint="or --engine ray, which makes the parts itself")
-    if part is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
-        output, output_format = part
-        if completed_rows(output) is not None:
+    if part is None:
+        resolve_output_format(output, output_format)  # a bad -o or format fails before any work
+        return embed_run(given, plan, output, output_format)
+    output, output_format = part  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
+    with PartClaim(output, shard_job(given, output_format, plan.shard)) as claim:
+        if claim.rows is not None:
             console.info(f"{output} is already complete: skipped")
             return None
-    resolve_output_format(output, output_format)  # a bad -o or format fails before any work
-    devices = parse_devices(device)
-    stream = RecordStream(inputs, input_format, batch_rows=min(1024, window), force=force,
+        for note in claim.notes():
+            console.info(note)
+        return embed_run(given, plan, output, output_format, claim)
+
+
+def embed_run(options: dict, plan, output, output_format, claim=None):
+    """Load the model, embed the input into `output`, mark the part (`claim`), report."""
+    import signal
+
+    from vecpipe.cli.models import load_model, parse_devices
+    from vecpipe.formats.readers import RecordStream
+
+    devices = parse_devices(options["device"])
+    stream = RecordStream(options["inputs"], options["input_format"],
+                          batch_rows=min(1024, plan.window), force=options["force"],
                           text_fields=tuple(plan.fields) if plan.skip_invalid else ())
     input_schema = stream.schema
-    plan.id_column = find_id(input_schema, id_field)
+    plan.id_column = find_id(input_schema, plan.id_field)
     many = len(devices) > 1
-    loaded = load_model(model, device="cpu" if many else devices[0],
+    dtype = options["dtype"]
+    loaded = load_model(options["model"], device="cpu" if many else devices[0],
                         dtype=pool_dtype(dtype, devices) if many else dtype,
-                        trust_remote_code=trust_remote_code, backend=backend,
-                        max_length=max_length, export_dir=cache)
-    plan.prompt = loaded.prompt_text(prompt, prompt_name)
+                        trust_remote_code=options["trust_remote_code"],
+                        backend=options["backend"], max_length=options["max_length"],
+                        export_dir=options["cache"])
+    plan.prompt = loaded.prompt_text(options["prompt"], options["prompt_name"])
     plan.check_model(loaded)
     previous = _terminate_as_interrupt(signal)
     try:
         stats = embed_stream(stream, input_schema, loaded, plan, output, output_format,
-                             cache_dir=cache, devices=devices if many else None)
+                             cache_dir=options["cache"], devices=devices if many else None)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if part is not None:
-        mark_complete(output, stats.rows)
+    if claim is not None:
+        claim.finish(stats.rows)
     report(stats, output, loaded.max_length)
     return stats
+
+
+# The options whose value changes what a part holds (flag -> run() parameter). Not counted:
+# where and how fast the work runs (--device, --batch-size, --window, --cache, --engine,
+# --address, --parts), -q, and --trust-remote-code (it allows a model, -m names it). --dtype
+# counts as given: `auto` is float16 on CUDA and float32 elsewhere, whichever machine runs it.
+JOB_OPTIONS = {"--input-format": "input_format", "--field": "fields", "--id-field": "id_field",
+               "--prompt": "prompt", "--prompt-name": "prompt_name", "--dim": "dim",
+               "--no-normalize": "no_normalize", "--dtype": "dtype", "--backend": "backend",
+               "--max-length": "max_length", "--chunk-tokens": "chunk_tokens",
+               "--chunk-overlap": "chunk_overlap", "--skip-invalid": "skip_invalid",
+               "--drop-text": "drop_text", "--force": "force"}
+
+
+def shard_job(options: dict, part_format: str, shard):
+    """The job a part of `embed --shard I/N -o DIR/` is made by: the inputs' contents, the
+    model's, the options that change the output and the part's format."""
+    from vecpipe.formats.parts import Job
+
+    counted = {flag: options[name] for flag, name in JOB_OPTIONS.items()}
+    counted.update({"--model": model_identity(options["model"]),
+                    "--output-format": part_format})
+    return Job(list(options["inputs"] or ["-"]), counted, shard)
+
+
+def model_identity(spec: str | None) -> str:
+    """-m as a job counts it: a local model folder (the bundled one too) by its files' content,
+    exports left out (a model retrained in place is another model); a hub name by its name."""
+    import os
+
+    from vecpipe.cli.models import BUNDLED_ALIASES, bundled_model_path
+    from vecpipe.formats.parts import content_facts
+
+    if spec is not None and spec.startswith("fake:"):
+        return spec
+    folder = bundled_model_path() if spec is None or spec in BUNDLED_ALIASES else spec
+    if not os.path.isdir(folder):
+        return spec
+    return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
 
 
 def report(stats, output, max_length) -> None:

@@ -33,14 +33,14 @@ def embed_on_ray(options: dict, engine: str = "ray", address: str | None = None,
     folder, final = part_folder(options["output"], options["output_format"])
     part_format = "arrow-file" if final else options["output_format"]
     count = known_part_count(folder, parts)
-    todo = unfinished_parts(folder, count, part_format) if count else None
+    todo = unfinished_parts(folder, count, part_format, options, files) if count else None
     totals = Stats()
     if todo != []:
         ray = import_ray()
         with connected(ray, address) as where:
             shape = worker_shape(ray, options["device"], where)
             count = count or shape.count
-            todo = unfinished_parts(folder, count, part_format)
+            todo = unfinished_parts(folder, count, part_format, options, files, tell=True)
             console.info(f"ray: {shape.describe()} on {where}; {len(todo)} of {count} parts "
                          f"to embed into {folder}")
             job = dict(options, inputs=files, output_format=part_format, engine="local",
@@ -134,12 +134,25 @@ def known_part_count(folder: str, parts: int | None) -> int | None:
     return parts or next(iter(counts), None)
 
 
-def unfinished_parts(folder: str, count: int, part_format: str) -> list:
-    from vecpipe.formats.parts import completed_rows, part_path
+def unfinished_parts(folder: str, count: int, part_format: str, options: dict,
+                     files: list, tell: bool = False) -> list:
+    """The parts not complete for this job (inputs and options as `embed --shard` counts
+    them); with `tell`, say why each one that exists is made again."""
+    from vecpipe.cli import console
+    from vecpipe.commands.embed import shard_job
+    from vecpipe.formats.parts import part_path, part_status
     from vecpipe.formats.shards import Shard
 
-    return [index for index in range(count)
-            if completed_rows(part_path(folder, Shard(index, count), part_format)[0]) is None]
+    todo = []
+    for index in range(count):
+        shard = Shard(index, count)
+        path, fmt = part_path(folder, shard, part_format)
+        rows, why = part_status(path, shard_job(dict(options, inputs=files), fmt, shard))
+        if rows is None:
+            todo.append(index)
+            if why and tell:
+                console.info(f"{os.path.basename(path)}: {why}: making it again")
+    return todo
 
 
 def remove_parts(folder: str) -> None:

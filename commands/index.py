@@ -96,7 +96,13 @@ def run(inputs: options.Inputs = None,
     part = parse_shard(shard)
     if part is not None:
         output = shard_index_path(output, part)
-        if not append and complete_index(output):
+        counted = {"--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
+                   "--expansion-add": expansion_add, "--expansion-search": expansion_search,
+                   "--flat": flat, "--store": store, "--store-all": store_all,
+                   "--keep-vectors": keep_vectors, "--on-duplicate": on_duplicate,
+                   "--query-prompt": query_prompt, "--model": model,
+                   "--input-format": input_format, "--force": force}  # not --threads, -q
+        if complete_index(output, inputs, counted, part, append):
             console.info(f"{output} is already complete: skipped")
             return
     stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS, force=force)
@@ -226,20 +232,32 @@ def shard_index_path(folder: str, shard) -> str:
     return os.path.join(folder, shard.part_name("idx"))
 
 
-def complete_index(path: str) -> bool:
-    """Whether `path` is an index whose files match their manifest's checksums."""
+def complete_index(path: str, inputs, options: dict, shard, append: bool = False) -> bool:
+    """Whether the index part `path` is intact and was built from these inputs (their content)
+    and options. When not (or with --append), say why and record the build about to start."""
     import os
 
+    from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.index_store import open_index
+    from vecpipe.formats.index_store import MANIFEST, open_index
+    from vecpipe.formats.parts import Job, folder_part_job, folder_part_status, start_folder_part
 
-    if not os.path.isdir(path):
-        return False
-    try:
-        open_index(path, verify=True)
-    except DataError:
-        return False
-    return True
+    if append:  # the part is then what its last job made plus this input
+        options = dict(options, **{"--append": folder_part_job(path)})
+    job = Job(list(inputs or ["-"]), options, shard)
+    manifest = os.path.join(path, MANIFEST)
+    if not append:
+        try:
+            intact = os.path.isdir(path) and open_index(path, verify=True) is not None
+        except DataError:
+            intact = False
+        done, why = folder_part_status(path, job, manifest, intact)
+        if done:
+            return True
+        if why:
+            console.info(f"{path}: {why}: making it again")
+    start_folder_part(path, job, manifest)
+    return False
 
 
 def _in_shard(batch: dict, shard) -> dict:

@@ -120,10 +120,13 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
           --relative-margin 0.05 --layout n-tuple --stats stats.json -o train.parquet
       vecpipe mine-negatives --beir nfcorpus --shard auto -o mined/
     """
+    given = dict(locals())
+    import contextlib
+
     from vecpipe.cli import console
     from vecpipe.cli.models import load_cross_encoder
     from vecpipe.formats.mining import LAYOUTS, MiningOptions
-    from vecpipe.formats.parts import completed_rows, mark_complete, shard_output
+    from vecpipe.formats.parts import PartClaim, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
@@ -133,27 +136,74 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     _check_layout(layout, on_short, LAYOUTS)
     part = parse_shard(shard)
     part_file = shard_output(output, part, output_format)
-    if part_file is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>, resumable
-        output, output_format = part_file
-        if completed_rows(output) is not None:
-            console.info(f"{output} is already complete: skipped")
-            return
-    resolve_output_format(output, output_format)
-    pair_set = _read_pairs(pairs, beir, split, input_format)
-    source = _corpus_source(corpus, beir, fields)
-    rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \
-        if cross_encoder else None
-    vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
-    job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
-                   prompts=(query_prompt, query_prompt_name, corpus_prompt, corpus_prompt_name),
-                   batch_size=batch_size, ann={"exact": exact, "ef": ef})
-    job.cross_encoder, job.guide = rescorer, vetoer
-    if part is not None:
-        _keep_shard(job.pairs, part)
-    _mine(job, layout, with_scores, output, output_format)
-    if part_file is not None:
-        mark_complete(output, job.miner.stats.rows_written)
+    with contextlib.ExitStack() as hold:
+        claim = None
+        if part_file is not None:  # --shard I/N -o DIR/: DIR/part-0000I-of-0000N.<ext>
+            output, output_format = part_file
+            claim = hold.enter_context(PartClaim(output, _shard_job(given, output_format,
+                                                                    part)))
+            if claim.rows is not None:
+                console.info(f"{output} is already complete: skipped")
+                return
+            for note in claim.notes():
+                console.info(note)
+        resolve_output_format(output, output_format)
+        pair_set = _read_pairs(pairs, beir, split, input_format)
+        source = _corpus_source(corpus, beir, fields)
+        rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \
+            if cross_encoder else None
+        vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
+        job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
+                       prompts=(query_prompt, query_prompt_name, corpus_prompt,
+                                corpus_prompt_name),
+                       batch_size=batch_size, ann={"exact": exact, "ef": ef})
+        job.cross_encoder, job.guide = rescorer, vetoer
+        if part is not None:
+            _keep_shard(job.pairs, part)
+        _mine(job, layout, with_scores, output, output_format)
+        if claim is not None:
+            claim.finish(job.miner.stats.rows_written)
     _report(job, stats, layout)
+
+
+# Options that do not change the rows: --batch-size, --device, --trust-remote-code, --stats,
+# -q. The models count by their folder's content when local (see _model_identity).
+_JOB_OPTIONS = ("split", "num_negatives", "range_min", "range_max", "min_score", "max_score",
+                "absolute_margin", "relative_margin", "sampling", "seed", "layout",
+                "with_scores", "on_short", "exact", "ef", "fields", "query_prompt",
+                "query_prompt_name", "corpus_prompt", "corpus_prompt_name", "input_format",
+                "force")
+
+
+def _shard_job(options: dict, part_format: str, shard):
+    """What a `--shard I/N -o DIR/` part is made from: the pairs, the BEIR folder, the corpus
+    (a file, or an index folder: its files), the models and the options that change rows."""
+    from vecpipe.formats.parts import Job
+
+    inputs = list(options["pairs"] or ([] if options["beir"] else ["-"]))
+    inputs += [path for path in (options["beir"], options["corpus"]) if path]
+    counted = {"--" + name.replace("_", "-"): options[name] for name in _JOB_OPTIONS}
+    counted.update({f"--{name.replace('_', '-')}": _model_identity(options[name], bundled)
+                    for name, bundled in (("model", True), ("cross_encoder", False),
+                                          ("guide", False))})
+    counted["--output-format"] = part_format
+    return Job(inputs, counted, shard)
+
+
+def _model_identity(spec, bundled: bool):
+    """A model as the job counts it: a local folder (the bundled one for `default`, and for an
+    unset -m: `bundled`) by its files' content, exports left out; a hub name by its name."""
+    from vecpipe.cli.models import BUNDLED_ALIASES, bundled_model_path
+    from vecpipe.formats.parts import content_facts
+
+    if spec is None and not bundled:
+        return None
+    if spec is not None and spec.startswith("fake:"):
+        return spec
+    folder = bundled_model_path() if spec is None or spec in BUNDLED_ALIASES else spec
+    if not os.path.isdir(folder):
+        return spec
+    return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
 
 
 def _keep_shard(pair_set, shard) -> None:

@@ -116,8 +116,11 @@ def test_a_part_killed_halfway_leaves_no_part_and_a_rerun_completes_it(tmp_path,
     proc.wait(timeout=30)
     part = out / "part-00000-of-00002.arrow"
     assert not part.exists() and completed_rows(str(part)) is None
+    assert any(p.name.endswith(".tmp") for p in out.iterdir())  # what the dead run left
     rerun = subprocess.run(cmd, capture_output=True, timeout=TEST_TIMEOUT)
     assert rerun.returncode == 0, rerun.stderr
+    assert b"left by a run that did not finish" in rerun.stderr
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
     ids = read_arrow(part).column("id").to_pylist()
     assert ids == [f"doc-{i}" for i in range(12000) if shard_of(f"doc-{i}", 2) == 0]
     assert completed_rows(str(part)) == len(ids)
@@ -306,7 +309,7 @@ def test_index_shards_linked_search_like_one_index(cli, tmp_path, write_jsonl):
         assert result.exit_code == 0, result.stderr
     again = cli("index", vectors, "--shard", "1/3", "-o", tmp_path / "idx")
     assert again.exit_code == 0 and "already complete: skipped" in again.stderr
-    parts = sorted((tmp_path / "idx").iterdir())
+    parts = sorted(p for p in (tmp_path / "idx").iterdir() if not p.name.startswith("."))
     assert [p.name for p in parts] == [f"part-0000{i}-of-00003.idx" for i in range(3)]
     linked = cli("merge", "--index", "--link", *parts, "-o", tmp_path / "linked")
     assert linked.exit_code == 0, linked.stderr

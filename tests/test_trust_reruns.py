@@ -1,0 +1,269 @@
+"""Issue 14, restartable jobs: a rerun of `embed`/`index`/`mine-negatives --shard I/N -o DIR/`
+makes a part again when its inputs or output-changing options changed, says why, and never lets
+parts of two jobs merge; a dead run's temporaries go on the next run. And Ctrl-C during a real
+model's `embed` always exits 130."""
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from vecpipe.commands import embed, embed_ray
+from vecpipe.formats.errors import DataError
+from vecpipe.formats.parts import Job, PartClaim, check_one_job, list_parts, mark_complete
+from vecpipe.formats.shards import Shard
+
+MINE = Path(__file__).resolve().parent / "data" / "mine"
+
+
+def docs(n, start=0):
+    return [{"id": f"doc-{i}", "title": f"title {i}", "other": f"o{i}",
+             "text": f"passage {i} " + "word " * (i % 5)} for i in range(start, start + n)]
+
+
+def read_arrow(path):
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def embed_parts(cli, source, folder, count, *extra, shards=None):
+    results = []
+    for index in range(count) if shards is None else shards:
+        result = cli("embed", source, "-m", "fake:8", "--shard", f"{index}/{count}",
+                     "-o", f"{folder}/", *extra)
+        assert result.exit_code == 0, result.stderr
+        results.append(result)
+    return results
+
+
+# -- embed --------------------------------------------------------------------------------------
+
+def test_embed_parts_are_made_again_when_the_input_grows(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(500))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 8)
+    assert len(cli("merge", parts, "--output-format", "jsonl").records()) == 500
+    write_jsonl(source, docs(520))
+    for result in embed_parts(cli, source, parts, 8):
+        assert "skipped" not in result.stderr
+        assert "input " in result.stderr and "bytes): making it again" in result.stderr
+    merged = cli("merge", parts, "--output-format", "jsonl").records()
+    assert sorted(r["id"] for r in merged) == sorted(d["id"] for d in docs(520))
+
+
+@pytest.mark.parametrize("option", [("--dim", "4"), ("--prompt", "query: "),
+                                    ("--field", "title"), ("--id-field", "other"),
+                                    ("--drop-text",), ("--no-normalize",),
+                                    ("--chunk-tokens", "2")])
+def test_embed_part_made_with_another_option_is_made_again(cli, tmp_path, write_jsonl, option):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(40))
+    embed_parts(cli, source, tmp_path / "parts", 2, shards=[1])
+    rerun = embed_parts(cli, source, tmp_path / "parts", 2, *option, shards=[1])[0]
+    assert "skipped" not in rerun.stderr and f"{option[0]} changed (" in rerun.stderr
+    embed_parts(cli, source, tmp_path / "fresh", 2, *option, shards=[1])
+    name = "part-00001-of-00002.arrow"
+    got, want = read_arrow(tmp_path / "parts" / name), read_arrow(tmp_path / "fresh" / name)
+    assert got.equals(want) and got.schema.metadata == want.schema.metadata
+
+
+def test_embed_part_with_another_model_is_made_again(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(30))
+    embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])
+    rerun = cli("embed", source, "-m", "fake:16", "--shard", "0/2", "-o", f"{tmp_path}/parts/")
+    assert rerun.exit_code == 0 and "--model changed (\"fake:8\" -> \"fake:16\")" in rerun.stderr
+    assert read_arrow(tmp_path / "parts" / "part-00000-of-00002.arrow").schema.field(
+        "embedding").type.list_size == 16
+
+
+def test_speed_options_and_a_touched_input_still_skip(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(30))
+    embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])
+    os.utime(source, ns=(1, 1))  # same content, another mtime
+    again = embed_parts(cli, source, tmp_path / "parts", 2, "--batch-size", "3", "--window",
+                        "5", "--cache", tmp_path / "cache", shards=[0])[0]
+    assert "already complete: skipped" in again.stderr
+
+
+def test_same_size_edit_of_the_input_is_noticed(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(30))
+    embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])
+    stat = source.stat()
+    source.write_bytes(source.read_bytes().replace(b"passage 7 ", b"passage X "))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
+    rerun = embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])[0]
+    assert "changed (same size, other content): making it again" in rerun.stderr
+
+
+def test_stdin_parts_are_always_made_again_and_say_so(cli, tmp_path):
+    data = b"".join(orjson.dumps(d) + b"\n" for d in docs(20))
+    args = ("embed", "-m", "fake:8", "--shard", "0/2", "-o", f"{tmp_path}/parts/")
+    assert cli(*args, input=data).exit_code == 0
+    again = cli(*args, input=data)
+    assert again.exit_code == 0 and "skipped" not in again.stderr
+    assert "the input is stdin, which cannot be compared before it is read" in again.stderr
+
+
+def test_a_part_marked_by_an_older_vecpipe_is_made_again(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])
+    part = tmp_path / "parts" / "part-00000-of-00002.arrow"
+    mark_complete(str(part), read_arrow(part).num_rows)  # the old sidecar: no job
+    rerun = embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])[0]
+    assert "no record of its inputs and options" in rerun.stderr
+
+
+def test_a_dead_runs_temporaries_are_removed_a_live_runs_are_not(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    dead = parts / ".part-00000-of-00002.arrow.k3j4h5.tmp"
+    dead.write_bytes(b"half a part")
+    first = embed_parts(cli, source, parts, 2, shards=[0])[0]
+    assert not dead.exists() and "left by a run that did not finish" in first.stderr
+    assert sorted(p.name for p in parts.iterdir()) == [".part-00000-of-00002.arrow.done.json",
+                                                       "part-00000-of-00002.arrow"]
+    live = parts / ".part-00001-of-00002.arrow.a1b2c3.tmp"
+    live.write_bytes(b"being written")
+    holder = subprocess.Popen(  # another process holds the part's lock, as a running job does
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.lockf(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n",
+         str(parts / ".part-00001-of-00002.arrow.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        busy = cli("embed", source, "-m", "fake:8", "--shard", "1/2", "-o", f"{parts}/")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.exit_code == 1 and "another run is making this part now" in busy.stderr
+    assert live.exists() and not (parts / "part-00001-of-00002.arrow").exists()
+
+
+def test_an_input_changed_while_it_was_read_leaves_no_part(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"text": "a"}\n')
+    part = tmp_path / "part-00000-of-00001.arrow"
+    with PartClaim(str(part), Job([str(source)], {}, Shard(0, 1))) as claim:
+        part.write_bytes(b"rows")
+        with open(source, "ab") as f:
+            f.write(b'{"text": "b"}\n')
+        with pytest.raises(DataError, match="changed while it was being read"):
+            claim.finish(1)
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_parts_of_two_jobs_are_refused_together(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(60))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 3)
+    paths = [path for _, path in list_parts(str(parts))]
+    check_one_job(paths)  # one job: fine
+    write_jsonl(source, docs(61))
+    embed_parts(cli, source, parts, 3, shards=[1])  # only part 1 made again
+    with pytest.raises(DataError, match="was made by another job than part-00000-of-00003"
+                                        r".arrow \(input .* changed") as refused:
+        check_one_job(paths)
+    assert refused.value.source.endswith("part-00001-of-00003.arrow")
+    os.unlink(parts / ".part-00002-of-00003.arrow.done.json")
+    with pytest.raises(DataError, match="is not marked complete"):
+        check_one_job(paths)
+
+
+def test_ray_driver_schedules_the_parts_whose_job_changed(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(60))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 3)
+    options = {name: p.default for name, p in inspect.signature(embed.run).parameters.items()}
+    options.update(model="fake:8")
+    files = embed_ray.input_files([str(source)])
+    assert embed_ray.unfinished_parts(str(parts), 3, "auto", options, files) == []
+    assert embed_ray.unfinished_parts(str(parts), 3, "auto", dict(options, dim=4), files) == \
+        [0, 1, 2]
+    write_jsonl(source, docs(61))
+    assert embed_ray.unfinished_parts(str(parts), 3, "auto", options, files) == [0, 1, 2]
+
+
+# -- index --shard ------------------------------------------------------------------------------
+
+@pytest.fixture
+def vectors(cli, tmp_path, write_jsonl):
+    def make(n):
+        out = tmp_path / "vectors.arrow"
+        source = write_jsonl(tmp_path / "v.jsonl", docs(n))
+        assert cli("embed", source, "-m", "fake:8", "-o", out).exit_code == 0
+        return out
+    return make
+
+
+def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, vectors):
+    from vecpipe.formats.index_store import open_index
+
+    source = vectors(80)
+    args = ("index", source, "--shard", "1/2", "-o", tmp_path / "idx")
+    part = tmp_path / "idx" / "part-00001-of-00002.idx"
+    assert cli(*args).exit_code == 0
+    assert "already complete: skipped" in cli(*args).stderr
+    other = cli(*args, "--metric", "ip")
+    assert "--metric changed (none -> \"ip\"): making it again" in other.stderr
+    assert open_index(str(part)).metric == "ip"
+    count = open_index(str(part)).count
+    vectors(100)
+    grown = cli(*args, "--metric", "ip")
+    assert "input " in grown.stderr and "bytes): making it again" in grown.stderr
+    assert open_index(str(part)).count > count
+    assert "already complete: skipped" in cli(*args, "--metric", "ip").stderr
+
+
+def test_index_part_whose_build_failed_is_not_complete(cli, tmp_path, vectors, monkeypatch):
+    from vecpipe.formats.index_store import IndexBuilder, open_index
+
+    source = vectors(80)
+    args = ("index", source, "--shard", "0/2", "-o", tmp_path / "idx")
+    assert cli(*args).exit_code == 0
+    real_commit = IndexBuilder.commit
+
+    def failing_commit(self):
+        raise DataError("no space left on device")
+    monkeypatch.setattr(IndexBuilder, "commit", failing_commit)
+    assert cli(*args, "--dtype", "f16").exit_code == 1  # the old (f32) index stays intact
+    monkeypatch.setattr(IndexBuilder, "commit", real_commit)
+    again = cli(*args, "--dtype", "f16")
+    assert again.exit_code == 0 and "its last build did not finish" in again.stderr
+    assert open_index(str(tmp_path / "idx" / "part-00000-of-00002.idx")).dtype == "f16"
+
+
+def test_index_part_extended_with_append_is_rebuilt_by_a_plain_rerun(cli, tmp_path, vectors,
+                                                                     write_jsonl):
+    source = vectors(40)
+    args = ("index", source, "--shard", "0/2", "-o", tmp_path / "idx")
+    assert cli(*args).exit_code == 0
+    more = tmp_path / "more.arrow"
+    assert cli("embed", write_jsonl(tmp_path / "m.jsonl", docs(20, start=40)), "-m", "fake:8",
+               "-o", more).exit_code == 0
+    assert cli("index", more, "--shard", "0/2", "-o", tmp_path / "idx", "--append").exit_code == 0
+    rerun = cli(*args)
+    assert "it was extended with --append since it was built" in rerun.stderr
+
+
+# -- mine-negatives --shard ---------------------------------------------------------------------
+
+def test_mine_negatives_part_is_made_again_when_options_or_pairs_change(cli, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes((MINE / "pairs.jsonl").read_bytes())
+    common = (pairs, "--corpus", MINE / "corpus.jsonl", "-m", "fake:32", "--range-max", "3",
+              "--on-short", "keep", "--shard", "1/3", "-o", f"{tmp_path}/mined/")
+    part = tmp_path / "mined" / "part-00001-of-00003.arrow"
+    assert cli("mine-negatives", *common, "-n", "2").exit_code == 0
+    assert "already complete" in cli("mine-negatives", *common, "-n", "2").stderr
+    rows = read_arrow(part).num_rows
+    more = cli("mine-negatives", *common, "-n", "3")
+    assert "--num-negatives changed (2 -> 3): making it again" in more.stderr
+    assert read_arrow(part).num_rows > rows
+    with open(pairs, "ab") as f:
+        f.write(orjson.dumps({"query": "a new query", "positive": "a new positive"}) + b"\n")
+    grown = cli("mine-negatives", *common, "-n", "3")
+    assert "already complete" not in grown.stderr and "pairs.jsonl changed (" in grown.stderr
+    assert "already complete" in cli("mine-negatives", *common, "-n", "3").stderr
