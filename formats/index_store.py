@@ -32,6 +32,7 @@ API (numpy/pyarrow/usearch only):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -502,13 +503,8 @@ class IndexBuilder:
             for row, pos in zip(replace_rows, replace_pos):
                 self._vectors.overwrite(row, vectors[pos])
         else:
-            with _SignalWatch() as watch:
-                try:
-                    self._add_to_graph(new_rows, new_pos, replace_rows, replace_pos, vectors)
-                except RuntimeError:
-                    if watch.raised is not None:  # Ctrl-C or SIGTERM, not a usearch failure
-                        raise watch.raised from None
-                    raise
+            with _interruptible():
+                self._add_to_graph(new_rows, new_pos, replace_rows, replace_pos, vectors)
         if self._full is not None:
             self._full.append(full[new_pos])
             for row, pos in zip(replace_rows, replace_pos):
@@ -662,10 +658,23 @@ class IndexBuilder:
             self.abort()
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """Around usearch's add and search, which run Python's signal handlers themselves and,
+    when one raises (Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated), stop with an exception
+    of their own that loses the handler's (RuntimeError from add, MemoryError from an exact
+    search): the handler's exception is raised instead."""
+    with _SignalWatch() as watch:
+        try:
+            yield
+        except (RuntimeError, MemoryError):
+            if watch.raised is not None:
+                raise watch.raised from None
+            raise
+
+
 class _SignalWatch:
-    """Around usearch's add, which runs Python's signal handlers itself and, when one raises
-    (Ctrl-C's KeyboardInterrupt), stops with a RuntimeError of its own that loses the handler's
-    exception: the watch keeps that exception so that it can be raised instead."""
+    """Keeps the exception that a SIGINT or SIGTERM handler raised while it was entered."""
 
     def __init__(self):
         self.raised: BaseException | None = None
@@ -1176,7 +1185,9 @@ class Searcher:
         if self.index.flat:
             found = self._scan(self.index.flat_vectors(), coded, count)
         else:
-            found = self.index.usearch.search(coded, count, exact=exact, threads=self.threads)
+            with _interruptible():
+                found = self.index.usearch.search(coded, count, exact=exact,
+                                                  threads=self.threads)
         return self._to_hits(found, count)
 
     def _to_hits(self, found, count: int, row_of_key=None) -> Hits:
@@ -1200,8 +1211,9 @@ class Searcher:
         """usearch's exact brute force over index-space vectors (keys = their positions)."""
         from usearch.index import search
 
-        return search(vectors, coded, count, self.index.metric, exact=True,
-                      threads=self.threads)
+        with _interruptible():
+            return search(vectors, coded, count, self.index.metric, exact=True,
+                          threads=self.threads)
 
     def _ann_filtered(self, coded) -> Hits:
         import numpy as np

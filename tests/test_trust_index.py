@@ -346,3 +346,28 @@ def test_a_signal_during_the_hnsw_build_cleans_up_with_the_conventional_status(
     assert stderr.decode().strip().splitlines() == [f"vecpipe index: error: {word}"]
     assert (idx / "manifest.json").read_bytes() == before
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_ctrl_c_during_an_exact_search_exits_130(tmp_path):
+    """usearch answers a signal inside its exact search with std::bad_alloc (MemoryError):
+    it must read as the interruption it is, not as 'out of memory'."""
+    idx = tmp_path / "flat"
+    cmd = [sys.executable, "-m", "vecpipe.cli"]
+    big = write_arrow(tmp_path / "big.arrow", 100_000, dim=SLOW_DIM, seed=4)
+    subprocess.run(cmd + ["index", str(big), "-o", str(idx), "--flat"], check=True,
+                   capture_output=True)
+    queries = query_file(tmp_path / "q.jsonl", n=3000, dim=SLOW_DIM)
+    proc = subprocess.Popen(cmd + ["search", str(idx), str(queries), "--threads", "1",
+                                   "--batch-size", "3000", "-o", str(tmp_path / "hits.jsonl")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(6)  # started, index opened, queries read: inside the scan (~1 min)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.decode().strip().splitlines() == ["vecpipe search: error: interrupted"]
+    assert not (tmp_path / "hits.jsonl").exists()
