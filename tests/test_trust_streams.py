@@ -67,9 +67,11 @@ def test_failing_embed_in_a_pipe_leaves_the_index_byte_identical(tmp_path, write
     assert snapshot(idx) == before
 
 
-def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl):
-    """convert | convert -o out.jsonl, the producer sent SIGTERM mid-stream: the old out.jsonl
-    stays as it was."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl, signum):
+    """convert | convert -o out.jsonl, the producer killed mid-stream: the old out.jsonl stays
+    as it was. SIGTERM: the producer cleans up (ends at a batch); SIGKILL: it dies where its
+    buffer was cut (mid-message)."""
     out = tmp_path / "out.jsonl"
     out.write_bytes(b'{"id":"old"}\n')
     producer = subprocess.Popen(VECPIPE + ["convert", "-", "--output-format", "arrow"],
@@ -91,7 +93,7 @@ def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl):
     producer.stdin.write(lines)  # stdin stays open: the producer waits for more, mid-stream
     producer.stdin.flush()
     assert forwarded.wait(60), "the producer wrote nothing"
-    producer.send_signal(signal.SIGTERM)
+    producer.send_signal(signum)
     producer.wait(60)
     producer.stdin.close()
     thread.join(60)
