@@ -75,7 +75,7 @@ def describe_stream(path: str, input_format: str = "auto") -> dict:
 
     stream = RecordStream([path], input_format)
     rows = sum(item.batch.num_rows for item in stream)
-    schema = stream.schema
+    schema = stream.widest_schema or stream.schema  # a JSONL field typed late counts
     name = STDIN_NAME if path == "-" else path
     facts = {"path": name, "format": stream.formats.get(name, "empty"), "rows": rows,
              "bytes": os.path.getsize(path) if path != "-" else None,

@@ -169,6 +169,8 @@ class RecordStream:
         self._schema = None
         self._started = False
         self.formats: dict[str, str] = {}
+        self.widest_schema = None  # `schema` widened by every batch read so far
+
 
     @property
     def schema(self):
@@ -206,9 +208,18 @@ class RecordStream:
                     for start in range(0, max(batch.num_rows, 1), self.batch_rows):
                         piece = batch.slice(start, self.batch_rows)
                         if piece.num_rows or batch.num_rows == 0:
+                            self._widen(piece.schema)
                             yield SourceBatch(piece, name, record)
                         record += piece.num_rows
         self._started = True
+
+    def _widen(self, schema) -> None:
+        from .jsonl import widened_schema
+
+        if self.widest_schema is None:
+            self.widest_schema = schema
+        elif schema is not self.widest_schema:
+            self.widest_schema = widened_schema(self.widest_schema, schema)
 
     def _read_one(self, path: str, name: str):
         """Yield (schema, batch iterator) for one input; nothing for an empty input."""
@@ -448,12 +459,10 @@ def read_table(inputs: list[str] | None, input_format: str | None = None, force:
     schema widened by every batch."""
     import pyarrow as pa
 
-    from .jsonl import widened_schema
-
     stream = RecordStream(inputs, input_format, force=force)
     batches = [item.batch for item in stream]
     if stream.schema is None:
         return None
-    schema = functools.reduce(widened_schema, (b.schema for b in batches), stream.schema)
+    schema = stream.widest_schema or stream.schema
     aligned = [names.align_batch(b, schema) for b in batches]
     return pa.Table.from_batches(aligned, schema)

@@ -60,12 +60,10 @@ def test_info_on_stream_and_index_folder(cli, tmp_path, write_jsonl):
     facts = json.loads(cli("info", src).stdout)
     assert facts["format"] == "jsonl" and facts["rows"] == 1
     assert facts["columns"] == {"id": "string", "embedding": "fixed_size_list<item: float>[2]"}
-    folder = tmp_path / "idx"
-    folder.mkdir()
-    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION
-
-    (folder / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "format_version": FORMAT_VERSION, "count": 5, "dim": 2}))
+    folder = tmp_path / "idx"  # a real index: info reads manifests as strictly as search does
+    vectors = write_jsonl(tmp_path / "v.jsonl", [{"id": str(i), "embedding": [0.1 * i, 1.0]}
+                                                 for i in range(5)])
+    assert cli("index", vectors, "-o", folder, "--flat").exit_code == 0
     facts = json.loads(cli("info", folder).stdout)
     assert facts["manifest"]["count"] == 5 and facts["format"] == "vecpipe-index"
     empty = tmp_path / "empty"

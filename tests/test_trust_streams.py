@@ -354,3 +354,10 @@ def test_unrecognized_format_names_the_file_among_several(cli, tmp_path, write_j
     assert result.exit_code == 1
     assert result.stderr.splitlines()[0] == ("vecpipe convert: error: unrecognized input format "
                                              f"(starts with b'hello, not recor') ({odd})")
+
+
+def test_info_reports_the_widened_fields(cli, tmp_path, write_jsonl):
+    facts = orjson.loads(cli("info", late_fields(tmp_path / "late.jsonl", write_jsonl)).stdout)
+    assert facts["rows"] == 3000
+    assert facts["columns"] == {"id": "string", "text": "string", "title": "string",
+                                "year": "int64"}
