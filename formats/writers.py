@@ -150,7 +150,7 @@ class RecordWriter:
         self.schema = None
         self.rows = 0
         self._atomic = AtomicFile(self.output) if self.output else None
-        self._writer = None
+        self._sink = self._writer = None
         try:
             self._sink = self._atomic.file if self._atomic else stdout_binary()
             if schema is not None:
@@ -255,10 +255,10 @@ class RecordWriter:
         """
         if self._atomic:
             self._atomic.abort()
-        else:
+        elif self._sink is not None:
             try:  # what was produced goes out, so a reader sees a stream without its end
                 self._sink.flush()
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError):
                 pass
         if hasattr(self._writer, "is_open"):
             self._writer.is_open = False
@@ -304,12 +304,7 @@ class _TextOutput:
     def __init__(self, output: str | None):
         self.output = output
         self._atomic = AtomicFile(output) if output else None
-        try:
-            self._sink = self._atomic.file if self._atomic else stdout_binary()
-        except BaseException:
-            if self._atomic:
-                self._atomic.abort()
-            raise
+        self._sink = self._atomic.file if self._atomic else stdout_binary()
 
     def write(self, text: str) -> None:
         try:

@@ -299,6 +299,15 @@ def test_disk_full_while_writing_is_one_line(cli, tmp_path, write_jsonl, monkeyp
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 
+def test_text_outputs_fail_cleanly_too(tmp_path, monkeypatch):
+    target = tmp_path / "run.trec"
+    with pytest.raises(DataError, match="disk full") as err:
+        with writers.text_output(str(target)) as out:
+            out.write("q1 Q0 d1 1 1.0 x\n")
+            out._sink.flush = _raise_enospc  # the final flush fails
+    assert err.value.source == str(target) and os.listdir(tmp_path) == []
+
+
 def test_disk_full_on_stdout_is_one_line(tmp_path, write_jsonl):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
