@@ -367,9 +367,27 @@ def start_folder_part(path: str, job: Job, manifest: str) -> None:
 
 
 def folder_part_job(path: str) -> str | None:
-    """The digest of the job a folder part's sidecar names (None without one)."""
-    facts = _read_marker(path) or {}
-    return (facts.get("job") or {}).get("digest")
+    """The digest of the job that made a folder part (None: unknown, or not finished)."""
+    return (_made_by(path) or {}).get("digest")
+
+
+def _made_by(path: str) -> dict | None:
+    """The recorded job that made the part `path` (a file, or an index folder); None when no
+    sidecar says so, the part changed since, or its build never finished."""
+    facts = _read_marker(path)
+    if facts is None or not isinstance(facts.get("job"), dict):
+        return None
+    if not os.path.isdir(path):
+        return facts["job"] if _intact(path, facts) else None
+    from .index_store import MANIFEST
+
+    try:
+        current = _digest(os.path.join(path, MANIFEST))
+    except OSError:
+        return None
+    if "building_over" in facts:
+        return facts["job"] if current != facts["building_over"] else None
+    return facts["job"] if current == facts.get("manifest_sha256") else None
 
 
 # -- sets of parts ----------------------------------------------------------------------------
@@ -386,15 +404,15 @@ def list_parts(folder: str) -> list[tuple[Shard, str]]:
 
 def check_one_job(paths: list[str]) -> None:
     """Refuse to combine part files made by different jobs (other inputs or options), or a part
-    not marked complete among marked ones: merging them would mix old and new parts. Parts
-    without sidecars at all (e.g. `--shard I/N -o FILE`) are not checked."""
+    not marked complete among marked ones: merging them would mix old and new parts. Works for
+    part files and index part folders. When no part names its job (`--shard I/N -o FILE`, or
+    parts of an older vecpipe) nothing is checked."""
     marked, unmarked = {}, []
     for path in paths:
         if parse_part_name(path) is None:
             continue
-        facts = _read_marker(path)
-        job = (facts or {}).get("job")
-        if job is None or (os.path.isfile(path) and not _intact(path, facts)):
+        job = _made_by(path)
+        if job is None:
             unmarked.append(path)
         else:
             marked[path] = job
