@@ -1,4 +1,5 @@
 """Embed text records with a sentence-transformers model: streaming, cached, shardable."""
+import threading
 from typing import Annotated, List, Optional
 
 import typer
@@ -6,6 +7,7 @@ import typer
 from vecpipe.cli import options
 
 DEFAULT_WINDOW = 4096
+INTERRUPTED: list = []  # the exceptions Ctrl-C/SIGTERM raised while embedding
 ID_HELP = "Field holding record ids (default: id, else _id, else the record number)."
 
 
@@ -145,13 +147,13 @@ def embed_run(options: dict, plan, output, output_format, claim=None):
                         export_dir=options["cache"])
     plan.prompt = loaded.prompt_text(options["prompt"], options["prompt_name"])
     plan.check_model(loaded)
-    previous = _terminate_as_interrupt(signal)
+    previous = _interrupts_as_exceptions(signal)
     try:
         stats = embed_stream(stream, input_schema, loaded, plan, output, output_format,
                              cache_dir=options["cache"], devices=devices if many else None)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     if claim is not None:
         claim.finish(stats.rows)
     report(stats, output, loaded.max_length)
@@ -209,17 +211,27 @@ def report(stats, output, max_length) -> None:
                      "(split them with --chunk-tokens)")
 
 
-def _terminate_as_interrupt(signal):
-    """SIGTERM (a killed job) cleans up like Ctrl-C: no partial -o file is left behind."""
-    import threading
+def _interrupts_as_exceptions(signal) -> dict:
+    """Ctrl-C and SIGTERM (a killed job) raise KeyboardInterrupt and Terminated, so the run
+    unwinds and no partial -o file is left behind. Each is also remembered in INTERRUPTED:
+    Python drops an exception raised inside a finalizer ("Exception ignored in ..."), and the
+    run would go on, so the encoding loop checks it at every batch. Returns the handlers to
+    put back."""
+    from vecpipe.formats.errors import Terminated
 
+    INTERRUPTED.clear()
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return {}
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    def handler(raised):
+        def interrupt(signum, frame):
+            INTERRUPTED.append(raised)
+            raise raised()
+        return interrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {number: signal.signal(number, handler(raised))
+            for number, raised in ((signal.SIGINT, KeyboardInterrupt),
+                                   (signal.SIGTERM, Terminated))}
 
 
 def pool_dtype(dtype: str, devices: list[str]) -> str:
@@ -352,7 +364,8 @@ def embed_stream(stream, input_schema, model, plan, output=None, output_format="
         bar = stack.enter_context(console.progress(desc="embed", unit="rec"))
         encoder = Encoder(model, plan, stats, cache, pool)
         parts = selected_parts(stream, input_schema, model, plan, stats)
-        for window, vectors in encoder.run(parts):
+        windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
+        for window, vectors in windows:
             for part, part_vectors in window.split(vectors):
                 sink.write(output_batch(part, part_vectors, out_schema, plan))
                 stats.rows += len(part.texts)
@@ -566,10 +579,19 @@ class Encoder:
 
     def run(self, parts):
         """Yield (window, vectors per unique text) in input order."""
+        items = background(self._prepared(parts), depth=8)
+        try:
+            yield from self._vectors(items)
+        finally:
+            items.close()  # the reader thread stops before an interrupt ends the process
+
+    def _vectors(self, items):
         import numpy as np
 
         vectors = None
-        for kind, window, payload in background(self._prepared(parts), depth=8):
+        for kind, window, payload in items:
+            if INTERRUPTED:  # a signal whose exception Python dropped
+                raise INTERRUPTED[0]()
             if kind == "start":
                 vectors = np.empty((len(window.unique), self.dim), dtype=np.float32)
                 if payload is not None:  # cache hits: (slots, their vectors)
@@ -634,9 +656,15 @@ class Encoder:
         return np.flatnonzero(hits), cached[hits]
 
 
+READER_JOIN_SECONDS = 5.0
+
+
 def background(iterable, depth: int = 8):
     """Iterate `iterable` in a daemon thread, at most `depth` items ahead; its exceptions are
-    raised here. Leaving the loop early stops the thread at its next item."""
+    raised here. Leaving the loop early (close(), an exception) stops the thread at its next
+    item and waits for it: a thread still inside torch or the tokenizer when the interpreter
+    exits aborts the process ("terminate called without an active exception", exit 134 on
+    Ctrl-C). A thread blocked reading a stalled stdin is waited for only a few seconds."""
     import queue
     import threading
 
@@ -677,6 +705,7 @@ def background(iterable, depth: int = 8):
             yield item
     finally:
         stop.set()
+        thread.join(timeout=READER_JOIN_SECONDS)
 
 
 # -- vectors -> output ------------------------------------------------------------------------

