@@ -100,13 +100,14 @@ def run(inputs: options.Inputs = None,
     check_held_out(held_out, codec)
     stats = CompressionStats(codec) if report or report_json else None
     out_schema = compressed_schema(stream.schema, codec)
-    with RecordWriter(output, output_format, schema=out_schema) as out:
+    with RecordWriter(output, output_format, schema=out_schema, widen=True) as out:
         for item in chain(buffered, rest):
             vectors = float_vectors(item)
             codes = encode_located(codec, vectors, item)
             if stats is not None:
                 stats.add(vectors, codes)
-            out.write(replace_embedding(item.batch, codec.to_arrow(codes)))
+            out.write(replace_embedding(item.batch, codec.to_arrow(codes)), item.source,
+                      item.first_record)
     if save_codec:
         write_codec(codec, save_codec)
     console.info(f"{out.rows} vectors -> {codec.describe()} -> {output or 'stdout'} "

@@ -370,3 +370,21 @@ def test_info_reports_the_widened_fields(cli, tmp_path, write_jsonl):
     assert facts["rows"] == 3000
     assert facts["columns"] == {"id": "string", "text": "string", "title": "string",
                                 "year": "int64"}
+
+
+def test_compress_widens_a_file_output_and_refuses_an_arrow_stdout(cli, tmp_path, write_jsonl):
+    rows = [{"id": str(i), "embedding": [1.0, 0.5 * (i % 7), 0.25, 1.0], "title": None}
+            for i in range(1500)]
+    for row in rows[1100:]:
+        row["title"] = "late"
+    source = write_jsonl(tmp_path / "vectors.jsonl", rows)
+    done = cli("compress", source, "--dim", "2", "-o", tmp_path / "c.arrow")
+    assert done.exit_code == 0, done.stderr
+    table = read_table([str(tmp_path / "c.arrow")])
+    assert table.schema.field("title").type == pa.string()
+    assert table.column("title").to_pylist()[1099:1101] == [None, "late"]
+    refused = cli("compress", source, "--dim", "2", "--output-format", "arrow")
+    assert refused.exit_code == 1
+    assert refused.stderr.splitlines()[0].startswith("vecpipe compress: error: field 'title' "
+                                                     "first holds string here")
+    assert refused.stderr.splitlines()[0].endswith(f"({source}:1101)")
