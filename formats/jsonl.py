@@ -30,10 +30,19 @@ class JsonlBatcher:
         self.rows = rows
         self.text_fields = tuple(text_fields)
         self.schema = None
+        self.last_line = 0  # of the last record read
 
     def _records(self) -> tuple[list[dict], list[int]] | None:
         """The next records and the line number of each."""
         records, lines = [], []
+        try:
+            return self._read_records(records, lines)
+        except EOFError as err:  # a truncated gzip: cite the line it cut
+            line = (lines[-1] if lines else self.last_line) + 1
+            raise DataError(f"truncated compressed input: {err}", source=self.name,
+                            record=line) from None
+
+    def _read_records(self, records: list[dict], lines: list[int]):
         for lineno, line in self.lines:
             if not line.strip():
                 continue
@@ -49,6 +58,8 @@ class JsonlBatcher:
             lines.append(lineno)
             if len(records) == self.rows:
                 break
+        if lines:
+            self.last_line = lines[-1]
         return (records, lines) if records else None
 
     def _parse(self, records: list[dict], lines: list[int]):
