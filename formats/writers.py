@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import sys
 import tempfile
 
@@ -83,17 +84,27 @@ def stdout_binary():
 
 
 class AtomicFile:
-    """A binary file written under a temporary name in the target folder, renamed on commit."""
+    """A binary file written under a temporary name in the target folder, renamed on commit.
+
+    A symlink is written through: its target is replaced, the link stays. A device, FIFO or
+    socket (`-o /dev/null`, a named pipe) is written in place (`direct`): renaming a file onto
+    it would replace the node itself, and run as root that removes /dev/null for everyone.
+    """
 
     def __init__(self, path: str):
-        self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
+        self.path = path  # as the user named it, for messages
+        self.target, self.direct = _write_target(path)
+        folder = os.path.dirname(self.target)
         if not os.path.isdir(folder):
             raise UsageError(f"output folder does not exist: {folder}")
-        if os.path.isdir(path):  # found now, not by the rename after all the work
+        if os.path.isdir(self.target):  # found now, not by the rename after all the work
             raise DataError("is a directory, expected a file name", source=path)
+        self.tmp = None
         try:
-            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+            if self.direct:
+                self.file = open(self.target, "wb", buffering=_PIPE_BUFFER)
+                return
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.target)}.",
                                             suffix=".tmp", dir=folder)
         except OSError as err:
             raise write_error(err, path) from None
@@ -104,8 +115,9 @@ class AtomicFile:
         temporary file is removed and the error raised (OSError as a DataError)."""
         try:
             self.file.close()
-            os.chmod(self.tmp, 0o644 & ~_umask())
-            os.replace(self.tmp, self.path)
+            if not self.direct:
+                os.chmod(self.tmp, 0o644 & ~_umask())
+                os.replace(self.tmp, self.target)
         except BaseException as err:
             self.abort()
             if isinstance(err, OSError):
@@ -117,10 +129,24 @@ class AtomicFile:
             self.file.close()
         except OSError:
             pass
-        try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+
+def _write_target(path: str) -> tuple[str, bool]:
+    """(the path to write, whether to write it in place rather than rename onto it)."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return os.path.realpath(path), False  # a new name, or a dangling link's target
+    except OSError:
+        return os.path.abspath(path), False  # let the write report it, naming the file
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return os.path.realpath(path), False
+    return os.path.abspath(path), True
 
 
 def _umask() -> int:
@@ -197,7 +223,7 @@ class RecordWriter:
         if self.format == "jsonl":  # lines carry no schema: nothing written changes
             self.schema = schema
             return
-        if self._atomic is not None:
+        if self._atomic is not None and not self._atomic.direct:
             self._rewrite(schema)
             return
         changed = next(f for f in schema if f.name not in self.schema.names

@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -393,3 +394,53 @@ def test_compress_widens_a_file_output_and_refuses_an_arrow_stdout(cli, tmp_path
     assert refused.stderr.splitlines()[0].startswith("vecpipe compress: error: field 'title' "
                                                      "first holds string here")
     assert refused.stderr.splitlines()[0].endswith(f"({source}:1101)")
+
+
+# ---- -o onto what is not a regular file ------------------------------------------------------
+
+def _records_file(tmp_path, write_jsonl):
+    return write_jsonl(tmp_path / "in.jsonl", [{"id": str(i), "text": f"t{i}"} for i in range(5)])
+
+
+def test_output_to_a_symlink_writes_through_and_keeps_the_link(cli, tmp_path, write_jsonl):
+    src = _records_file(tmp_path, write_jsonl)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "out.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(target)
+    r = cli("convert", src, "-o", link)
+    assert r.exit_code == 0, r
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert len(target.read_text().splitlines()) == 5
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["out.jsonl"]
+
+
+def test_output_to_a_fifo_writes_into_it(cli, tmp_path, write_jsonl):
+    import threading
+
+    src = _records_file(tmp_path, write_jsonl)
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    r = cli("convert", src, "-o", fifo, "--output-format", "jsonl")
+    reader.join(timeout=30)
+    assert r.exit_code == 0, r
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)  # still the FIFO, not a file renamed onto it
+    assert len(got[0].splitlines()) == 5
+
+
+def test_output_to_a_device_never_replaces_it(cli, tmp_path, write_jsonl):
+    """`-o /dev/null` run as root renamed a file onto /dev/null; a private null device here."""
+    src = _records_file(tmp_path, write_jsonl)
+    null = tmp_path / "null"
+    try:
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    r = cli("convert", src, "-o", null, "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    assert stat.S_ISCHR(os.lstat(null).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "null"]
