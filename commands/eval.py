@@ -419,6 +419,7 @@ def beir(
     """Embed a BEIR dataset's corpus (title + " " + text, as MTEB) and the split's queries,
     search exactly by cosine (numpy, corpus in blocks with a running top-k per query: memory
     stays bounded), and score the top max(k) hits like MTEB (nDCG@10 is its main score).
+    Texts longer than the model's window are truncated, as MTEB does, and counted on stderr.
     --index-dtype searches a temporary HNSW index instead, to see what an index costs.
 
     \b
@@ -441,7 +442,7 @@ def beir(
     started = time.perf_counter()
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     with _Encoder(loaded, batch_size, cache) as encoder:
-        query_vectors = encoder(list(queries.values()), query_prompt or "")
+        query_vectors = encoder(list(queries.values()), query_prompt or "", "queries")
         top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], encoder, query_vectors,
                                                       max(ks), doc_prompt or "", index_dtype,
                                                       ef, loaded.name)
@@ -455,6 +456,7 @@ def beir(
     console.info(f"{len(doc_ids)} documents embedded in {corpus_seconds:.1f} s "
                  f"({len(doc_ids) / max(corpus_seconds, 1e-9):.0f}/s), {len(queries)} queries"
                  f"{cached}; {seconds:.1f} s in all")
+    encoder.report_truncated()
     record = {"dataset": dataset, "split": split, "model": loaded.name,
               "search": f"hnsw-{index_dtype}" if index_dtype else "exact",
               "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
@@ -543,28 +545,58 @@ _QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 s
 
 
 class _Encoder:
-    """encoder(texts, prompt) -> unit vectors, through the embedding cache when there is one
-    (keyed by the model's vector_settings, as `vecpipe embed` keys it: both share vectors)."""
+    """encoder(texts, prompt, role) -> unit vectors, through the embedding cache when there is
+    one (keyed by the model's vector_settings, as `vecpipe embed` keys it: both share
+    vectors); counts, per role, the texts embedded and those the model's window truncated."""
 
     def __init__(self, loaded, batch_size: int, folder: str | None):
         self.loaded, self.batch_size, self.folder = loaded, batch_size, folder
         self.caches: dict = {}
         self.hits = 0
+        self.embedded = {"documents": 0, "queries": 0}
+        self.truncated = {"documents": 0, "queries": 0}
 
-    def __call__(self, texts: list, prompt: str):
+    def __call__(self, texts: list, prompt: str, role: str = "documents"):
         import numpy as np
 
         if self.folder is None:
-            return self.loaded.encode(texts, self.batch_size, prompt)
+            return self._encode(texts, prompt, role)
         cache = self._cache(prompt)
         vectors, hits = cache.lookup(texts)
         missing = np.flatnonzero(~hits)
         if len(missing):
-            fresh = self.loaded.encode([texts[i] for i in missing], self.batch_size, prompt)
+            fresh = self._encode([texts[i] for i in missing], prompt, role)
             cache.store([texts[i] for i in missing], fresh)
             vectors[missing] = fresh
         self.hits += int(hits.sum())
         return vectors
+
+    def _encode(self, texts: list, prompt: str, role: str):
+        self.embedded[role] += len(texts)
+        self.truncated[role] += self._count_truncated(texts, prompt)
+        return self.loaded.encode(texts, self.batch_size, prompt)
+
+    def _count_truncated(self, texts: list, prompt: str) -> int:
+        """What `embed` counts, with the model's own count_truncated (a second tokenization:
+        a fraction of the model's time)."""
+        if self.loaded.is_fake or not self.loaded.max_length:
+            return 0
+        count = 0
+        for start in range(0, len(texts), self.batch_size):
+            batch = texts[start:start + self.batch_size]
+            count += self.loaded.count_truncated(batch, self.loaded.tokenize(batch, prompt),
+                                                 prompt)
+        return count
+
+    def report_truncated(self) -> None:
+        from vecpipe.cli import console
+
+        if any(self.truncated.values()):
+            console.warn(f"{self.truncated['documents']} of {self.embedded['documents']} "
+                         f"documents and {self.truncated['queries']} of "
+                         f"{self.embedded['queries']} queries were longer than the model's "
+                         f"{self.loaded.max_length}-token window and were truncated (scored "
+                         "truncated, as MTEB does)")
 
     def _cache(self, prompt: str):
         from vecpipe.formats.cache import EmbeddingCache, cache_space

@@ -289,3 +289,29 @@ def test_compress_report_queries_from_jsonl_are_checked_before_any_output(cli, t
     r = cli("compress", src, "--dim", "16", "--report", "--report-queries", qfile, "-o", out)
     assert r.exit_code == 1 and not out.exists()
     assert f"--report-queries: vectors have 24 dimensions, the input 32 ({qfile})" in r.stderr
+
+
+# ---------------------------------------------------------------- eval beir truncation
+
+def test_beir_reports_documents_longer_than_the_window(cli, tmp_path, write_jsonl):
+    from vecpipe.cli.models import load_model
+
+    long_text = " ".join(f"word{i} nutrition" for i in range(300))
+    docs = [{"_id": "d1", "title": "Long", "text": long_text},
+            {"_id": "d2", "title": "Short", "text": "vitamin d and bone health"},
+            {"_id": "d3", "title": "", "text": "statins and cholesterol"}]
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write_jsonl(folder / "corpus.jsonl", docs)
+    write_jsonl(folder / "queries.jsonl", [{"_id": "q1", "text": "bone health"},
+                                           {"_id": "q2", "text": "cholesterol drugs"}])
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n"
+                                               "q2\td3\t1\n")
+    model = load_model(None)
+    tokenizer, window = model.st.tokenizer, model.st.max_seq_length
+    lengths = [len(tokenizer((d["title"] + " " + d["text"]).strip())["input_ids"]) for d in docs]
+    assert [n > window for n in lengths] == [True, False, False]
+    r = cli("eval", "beir", folder, "-k", "1,3")
+    assert r.exit_code == 0, r
+    assert f"1 of 3 documents and 0 of 2 queries were longer than the model's {window}-token " \
+           "window and were truncated" in r.stderr
