@@ -1,3 +1,3 @@
-from vecpipe.cli.app import main
+from vecpipe.cli import main
 
 main()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from . import __version__
+from . import __version__, console
 from .errors import boundary
 
 try:  # typer vendors its own copy of click (0.2x); older ones use click itself
@@ -51,8 +51,9 @@ class _RegistryOrder(typer.core.TyperGroup):
             print(usage_line(err), file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
         except click_errors.Abort:
+            code = 130
+        if code == 130 and not console.errors_reported():  # typer caught a Ctrl-C itself
             print("vecpipe: interrupted", file=sys.stderr, flush=True)
-            sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
 

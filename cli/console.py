@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import sys
 
-_state = {"quiet": False, "command": "vecpipe"}
+_state = {"quiet": False, "command": "vecpipe", "errors": 0}
 
 
 def configure(command: str, quiet: bool = False) -> None:
     _state["command"] = command
     _state["quiet"] = quiet
+
+
+def errors_reported() -> int:
+    return _state["errors"]
 
 
 def is_quiet() -> bool:
@@ -31,6 +35,7 @@ def warn(message: str) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
+    _state["errors"] += 1
     message = " ".join(message.split())  # one line, whatever the cause's text held
     print(f"{_state['command']}: error: {message}", file=sys.stderr, flush=True)
     if hint:

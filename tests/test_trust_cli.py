@@ -2,6 +2,7 @@
 Ctrl-C, OS errors and other library exceptions become `<cause> (<file>)` lines, a crafted filter
 is a usage error, and a model with its own code points at --trust-remote-code."""
 import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -121,3 +122,17 @@ def test_custom_code_hint_names_no_option_the_command_lacks(cli, tmp_path, write
     assert r.exit_code == 1, r
     assert "comes with its own Python code" in r.stderr
     assert "hint: this command cannot run such a model" in r.stderr
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.8])
+def test_ctrl_c_while_the_app_starts_is_quiet_and_130(delay):
+    """Before the app can catch anything it imports every command (about a second)."""
+    script = os.path.join(os.path.dirname(sys.executable), "vecpipe")
+    proc = subprocess.Popen([script, "convert", "-", "--output-format", "jsonl"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert b"Traceback" not in stderr and stderr.strip().endswith(b"interrupted"), stderr
