@@ -117,6 +117,8 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
         raise UsageError("stdin (-) can be read only once")
     paths = expand_part_folders(paths)
     merging.check_shard_set(paths, expect_shards)
+    if not force:
+        check_one_job(paths)
     with spooled_stdin(paths, needed=dedupe in ("last", "error")) as readable:
         sources = [open_source(path, shown, input_format) for path, shown in readable]
         present = [s for s in sources if s.schema is not None]
@@ -142,6 +144,13 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     dropped_note = f", {keeper.dropped} duplicates dropped" if keeper else ""
     console.info(f"{len(paths)} input{'s' if len(paths) != 1 else ''} -> {out.rows} records -> {output or 'stdout'} "
                  f"({out.format}){dropped_note}")
+
+
+def check_one_job(paths) -> None:
+    """Parts of `--shard` runs whose inputs or options differ are never merged together."""
+    from vecpipe.formats.parts import check_one_job as refuse_mixed_jobs
+
+    refuse_mixed_jobs([path for path in paths if path != "-"])
 
 
 def expand_part_folders(paths):
@@ -485,6 +494,8 @@ def merge_indexes(paths, output, dedupe, link, force) -> None:
         raise UsageError(f"unknown --dedupe {dedupe!r}; choose from "
                          f"{', '.join(merging.DEDUPE_MODES)}")
     check_output_folder(output, MANIFEST, "a vecpipe index")
+    if not force:
+        check_one_job(paths)
     indexes = [open_index(path, verify=True) for path in paths]  # copied or linked: check them
     plan = plan_index_merge(indexes, force, link)
     if link:

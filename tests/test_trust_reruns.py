@@ -369,3 +369,32 @@ def test_ctrl_c_during_a_real_model_embed_always_exits_130(tmp_path):
         assert code == 130 and "terminate called" not in stderr, (attempt, code, stderr)
         assert "interrupted" in stderr and "Traceback" not in stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_merge_refuses_parts_of_two_jobs(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(60))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 3)
+    assert cli("merge", parts, "-o", tmp_path / "all.arrow").exit_code == 0
+    write_jsonl(source, docs(61))
+    embed_parts(cli, source, parts, 3, shards=[1])  # a rerun of one shard only
+    r = cli("merge", parts, "-o", tmp_path / "mixed.arrow")
+    assert r.exit_code == 1 and "was made by another job" in r.stderr, r
+    assert not (tmp_path / "mixed.arrow").exists()
+    embed_parts(cli, source, parts, 3)  # the whole job again: parts 0 and 2 are made again
+    r = cli("merge", parts, "-o", tmp_path / "all.arrow")
+    assert r.exit_code == 0, r
+    assert read_arrow(tmp_path / "all.arrow").num_rows == 61
+
+
+def test_merge_index_refuses_index_parts_of_two_jobs(cli, tmp_path, vectors):
+    source = vectors(60)
+    for index in range(2):
+        assert cli("index", source, "--shard", f"{index}/2", "-o", tmp_path / "idx").exit_code == 0
+    assert cli("index", source, "--shard", "1/2", "-o", tmp_path / "idx", "--metric",
+               "ip").exit_code == 0
+    paths = [path for _, path in list_parts(str(tmp_path / "idx"))]
+    for link in ((), ("--link",)):
+        r = cli("merge", "--index", *paths, *link, "-o", tmp_path / "merged")
+        assert r.exit_code == 1 and "was made by another job" in r.stderr, r
+        assert not (tmp_path / "merged").exists()
