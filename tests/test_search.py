@@ -121,7 +121,9 @@ def real(tmp_path_factory, nfcorpus_path):
 
 def test_real_embeddings_ann_recall_and_exact_equal_brute_force(cli, real):
     idx = real["folder"] / "idx"
-    assert cli("index", real["src"], "-o", idx).exit_code == 0
+    # one build thread: usearch's parallel insertion order varies the graph from run to run
+    # (recall 0.92-1.0 seen on these 30 queries), a single thread builds the same graph each time
+    assert cli("index", real["src"], "-o", idx, "--threads", "1").exit_code == 0
     truth, truth_scores = brute_force(real["queries"], real["docs"])
     n = len(real["queries"])
 
