@@ -300,6 +300,20 @@ def weights_sha(folder: str) -> str | None:
     return digest
 
 
+def model_identity(spec: str | None) -> str:
+    """A model as a resumable job counts it (see formats/parts.Job): a local folder (the bundled
+    one for None/`default`) by its files' content, ONNX exports left out, so a model retrained in
+    place is another model; a hub name by its name."""
+    from vecpipe.formats.parts import content_facts
+
+    if spec is not None and spec.startswith("fake:"):
+        return spec
+    folder = bundled_model_path() if spec is None or spec in BUNDLED_ALIASES else spec
+    if not os.path.isdir(folder):
+        return spec
+    return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
+
+
 def parse_fake(spec: str) -> int:
     try:
         dim = int(spec.split(":", 1)[1])

@@ -178,25 +178,11 @@ def shard_job(options: dict, part_format: str, shard):
     from vecpipe.formats.parts import Job
 
     counted = {flag: options[name] for flag, name in JOB_OPTIONS.items()}
+    from vecpipe.cli.models import model_identity
+
     counted.update({"--model": model_identity(options["model"]),
                     "--output-format": part_format})
     return Job(list(options["inputs"] or ["-"]), counted, shard)
-
-
-def model_identity(spec: str | None) -> str:
-    """-m as a job counts it: a local model folder (the bundled one too) by its files' content,
-    exports left out (a model retrained in place is another model); a hub name by its name."""
-    import os
-
-    from vecpipe.cli.models import BUNDLED_ALIASES, bundled_model_path
-    from vecpipe.formats.parts import content_facts
-
-    if spec is not None and spec.startswith("fake:"):
-        return spec
-    folder = bundled_model_path() if spec is None or spec in BUNDLED_ALIASES else spec
-    if not os.path.isdir(folder):
-        return spec
-    return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
 
 
 def report(stats, output, max_length) -> None:

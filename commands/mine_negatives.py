@@ -191,19 +191,11 @@ def _shard_job(options: dict, part_format: str, shard):
 
 
 def _model_identity(spec, bundled: bool):
-    """A model as the job counts it: a local folder (the bundled one for `default`, and for an
-    unset -m: `bundled`) by its files' content, exports left out; a hub name by its name."""
-    from vecpipe.cli.models import BUNDLED_ALIASES, bundled_model_path
-    from vecpipe.formats.parts import content_facts
+    """-m, --cross-encoder, --guide as the job counts them; an unset one is None unless it
+    stands for the bundled model (`bundled`)."""
+    from vecpipe.cli.models import model_identity
 
-    if spec is None and not bundled:
-        return None
-    if spec is not None and spec.startswith("fake:"):
-        return spec
-    folder = bundled_model_path() if spec is None or spec in BUNDLED_ALIASES else spec
-    if not os.path.isdir(folder):
-        return spec
-    return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
+    return None if spec is None and not bundled else model_identity(spec)
 
 
 def _keep_shard(pair_set, shard) -> None:

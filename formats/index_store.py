@@ -489,7 +489,6 @@ class IndexBuilder:
     def add(self, ids: Sequence[str], vectors, stored, full=None, source: str | None = None,
             first_record: int = 1) -> None:
         """Add one batch; `first_record` (1-based) locates errors in `source`."""
-        import numpy as np
 
         vectors = self._checked_vectors(vectors, source, first_record)
         if (full is None) != (self._full is None):
@@ -825,7 +824,6 @@ class OpenIndex:
 
     def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
         """The stored fields (all, or `columns`), row i = key i, memory-mapped."""
-        import pyarrow.parquet as pq
 
         if self._rows is None:
             self._rows = _read_rows(self.path, self.count, self.fields)

@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 
-from vecpipe.cli.app import app
 from vecpipe.cli.docgen import command_tree
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,6 @@
 import json
 
 import pyarrow as pa
-import pytest
 
 from vecpipe.formats import schema as names
 

@@ -1,6 +1,5 @@
 """Record streams: every format pair round-trips, metadata travels, bad input fails cleanly."""
 import gzip
-import io
 import os
 import subprocess
 import sys
