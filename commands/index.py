@@ -90,7 +90,7 @@ def run(inputs: options.Inputs = None,
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.index_store import IndexBuilder
-    from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.readers import RecordStream, shown_name
     from vecpipe.formats.shards import parse_shard
 
     part = parse_shard(shard)
@@ -120,7 +120,8 @@ def run(inputs: options.Inputs = None,
             _add(builder, batch)
             bar.update(len(batch["ids"]))
         if plan.rows_read == 0:
-            raise DataError("empty input: no records to index", source=stream.inputs[0])
+            raise DataError("empty input: no records to index",
+                            source=shown_name(stream.inputs[0]))
         if part is not None and builder.count == 0:
             raise DataError(f"shard {part.index}/{part.count} holds none of the input's "
                             f"{plan.rows_read:,} records, and an index needs one",
@@ -318,18 +319,19 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     from vecpipe.formats import schema as names
     from vecpipe.formats.codec import codec_from_meta
     from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import shown_name
 
     schema = stream.schema
     if schema is None:
-        raise DataError("empty input: no records to index", source=stream.inputs[0])
+        raise DataError("empty input: no records to index", source=shown_name(stream.inputs[0]))
     if names.EMBEDDING not in schema.names:
         raise DataError(f"input has no {names.EMBEDDING!r} field (fields: "
-                        f"{', '.join(schema.names)})", source=stream.inputs[0],
+                        f"{', '.join(schema.names)})", source=shown_name(stream.inputs[0]),
                         hint="make vectors with `vecpipe embed` first")
     meta = dict(stream.metadata)
     if model is not None:
         meta.update(_model_meta(model, meta, force))
-    codec = codec_from_meta(meta, source=stream.inputs[0])
+    codec = codec_from_meta(meta, source=shown_name(stream.inputs[0]))
     kind = _vector_kind(schema.field(names.EMBEDDING).type, meta, codec)
     if append:
         return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
@@ -463,6 +465,7 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.index_store import open_index
+    from vecpipe.formats.readers import shown_name
 
     base = open_index(output, verify=True)  # its files are copied into the new index
     if store or store_all or query_prompt is not None:
@@ -482,7 +485,8 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
         raise DataError("the index keeps full vectors, so appended records need float vectors")
     quantize_here = kind == "float" and codec is None and base.codec is not None
     keys = ("model",) if quantize_here else names.IDENTITY_KEYS
-    names.check_compatible(base.metadata, meta, output, stream.inputs[0], keys=keys, force=force)
+    names.check_compatible(base.metadata, meta, output, shown_name(stream.inputs[0]), keys=keys,
+                          force=force)
     if kind != "float" and base.dtype != _KIND_DTYPE[kind]:
         raise DataError(f"the input holds {kind} codes, the index is {base.dtype}")
     return IndexPlan(stream, None, base.fields, base, kind, codec,

@@ -18,6 +18,11 @@ from .errors import DataError, UsageError
 DEFAULT_BATCH_ROWS = 1024
 INPUT_FORMATS = ("auto", "jsonl", "arrow", "arrow-file", "parquet", "csv", "tsv", "text")
 STDIN_NAME = "<stdin>"
+
+
+def shown_name(path: str) -> str:
+    """How messages name an input: `<stdin>` for `-`."""
+    return STDIN_NAME if path == "-" else path
 _PIPE_BUFFER = 1 << 20
 _SNIFF_BYTES = 512
 

@@ -444,3 +444,10 @@ def test_output_to_a_device_never_replaces_it(cli, tmp_path, write_jsonl):
     assert r.exit_code == 0, r
     assert stat.S_ISCHR(os.lstat(null).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "null"]
+
+
+def test_index_names_stdin_as_such_in_its_errors(run_vecpipe, tmp_path):
+    r = run_vecpipe("index", "-o", tmp_path / "idx", input=b"")
+    assert r.returncode == 1
+    assert r.stderr.decode().splitlines()[0] == \
+        "vecpipe index: error: empty input: no records to index (<stdin>)"
