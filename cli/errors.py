@@ -16,6 +16,7 @@ import traceback
 import typer
 
 from vecpipe.formats.errors import DataError, Terminated, UsageError, VecpipeError
+from vecpipe.formats.writers import STDOUT_NAME
 
 from . import console
 
@@ -39,6 +40,27 @@ def _is_broken_pipe(err: BaseException) -> bool:
     return isinstance(err, BrokenPipeError) or (
         isinstance(err, OSError) and err.errno == errno.EPIPE) or (
         "Broken pipe" in str(err) and type(err).__name__ in ("ArrowIOError", "OSError"))
+
+
+class _ClosedStdout:
+    """sys.stdout when the shell closed it (`>&-`: Python sets it to None). Reports printed to it
+    fail as one line, as record streams do, instead of an AttributeError; a command that
+    writes to -o never touches it."""
+
+    encoding = "utf-8"
+
+    def _closed(self, *args, **kwargs):
+        raise DataError("stdout is closed", source=STDOUT_NAME,
+                        hint="redirect stdout to a file or pipe, or use -o FILE")
+
+    write = fileno = _closed
+    buffer = property(_closed)
+
+    def isatty(self) -> bool:
+        return False
+
+    def flush(self) -> None:
+        pass
 
 
 def _raise_terminated(signum, frame):
@@ -90,6 +112,8 @@ def boundary(command: str):
         @functools.wraps(func)
         def run(*args, **kwargs):
             console.configure(f"vecpipe {command}", bool(kwargs.get("quiet", False)))
+            if sys.stdout is None:
+                sys.stdout = _ClosedStdout()
             try:
                 with _sigterm_as_interrupt():
                     return func(*args, **kwargs)

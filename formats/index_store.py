@@ -33,6 +33,7 @@ API (numpy/pyarrow/usearch only):
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import DataError, UsageError
+from .writers import write_error
 
 if TYPE_CHECKING:
     import numpy as np
@@ -590,12 +592,17 @@ class IndexBuilder:
 
         if self.count == 0:
             raise DataError("no records to index")
-        if self.spec.flat:
-            self._vectors.close()
-        else:
-            self._vectors.save(os.path.join(self.tmp, VECTORS))
-        rows = pa.concat_tables(self._tables).take(pa.array(self._position[:self.count]))
-        pq.write_table(rows, os.path.join(self.tmp, ROWS), compression="zstd")
+        try:
+            if self.spec.flat:
+                self._vectors.close()
+            else:
+                self._vectors.save(os.path.join(self.tmp, VECTORS))
+            rows = pa.concat_tables(self._tables).take(pa.array(self._position[:self.count]))
+            pq.write_table(rows, os.path.join(self.tmp, ROWS), compression="zstd")
+        except OSError as err:
+            raise write_error(err, self.path) from None
+        except RuntimeError as err:  # usearch says only "Failed to serialize into stream"
+            raise _save_error(err, self.tmp, self.path) from None
         files = [FLAT_VECTORS if self.spec.flat else VECTORS, ROWS]
         if self._full is not None:
             self._full.close()
@@ -655,6 +662,18 @@ class IndexBuilder:
                 raise
         else:
             self.abort()
+
+
+def _save_error(err: RuntimeError, folder: str, path: str) -> DataError:
+    """usearch's failed save as a DataError: disk full when the folder's filesystem is."""
+    try:
+        usage = os.statvfs(folder)
+        full = usage.f_bavail * usage.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    return DataError(f"could not write the index: {err}", source=path)
 
 
 @contextlib.contextmanager

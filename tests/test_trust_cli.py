@@ -136,3 +136,16 @@ def test_ctrl_c_while_the_app_starts_is_quiet_and_130(delay):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert b"Traceback" not in stderr and stderr.strip().endswith(b"interrupted"), stderr
+
+
+@pytest.mark.parametrize("command", [["info"], ["eval", "embeddings"], ["info", "--json"]])
+def test_reports_to_a_closed_stdout_are_one_line(tmp_path, command):
+    records = tmp_path / "v.jsonl"
+    records.write_text("".join(f'{{"id": "{i}", "embedding": [{i}.0, 1.0]}}\n' for i in range(5)))
+    script = os.path.join(os.path.dirname(sys.executable), "vecpipe")
+    shell = " ".join([script, *command, str(records), ">&-"])
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.decode().splitlines()[0] == \
+        f"vecpipe {' '.join(command[:2] if command[0] == 'eval' else command[:1])}: error: " \
+        "stdout is closed (<stdout>)"

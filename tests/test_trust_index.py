@@ -371,3 +371,25 @@ def test_ctrl_c_during_an_exact_search_exits_130(tmp_path):
     assert proc.returncode == 130, stderr
     assert stderr.decode().strip().splitlines() == ["vecpipe search: error: interrupted"]
     assert not (tmp_path / "hits.jsonl").exists()
+
+
+def test_disk_full_while_saving_the_graph_is_one_line(cli, tmp_path, write_jsonl, monkeypatch):
+    """usearch reports a full disk as RuntimeError("Failed to serialize into stream")."""
+    import collections
+
+    from usearch.index import Index
+
+    src = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "text": f"t {i}"} for i in range(50)])
+    assert cli("embed", src, "-m", "fake:8", "-o", tmp_path / "v.arrow").exit_code == 0
+
+    def failing_save(self, *args, **kwargs):
+        raise RuntimeError("Failed to serialize into stream")
+    monkeypatch.setattr(Index, "save", failing_save)
+    full = collections.namedtuple("statvfs", "f_bavail f_frsize")(0, 4096)
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    r = cli("index", tmp_path / "v.arrow", "-o", tmp_path / "idx")
+    assert r.exit_code == 1, r
+    assert r.stderr.splitlines()[0].startswith(
+        "vecpipe index: error: disk full (no space left on device) (")
+    assert "RuntimeError" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "v.arrow"]
