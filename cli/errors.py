@@ -16,7 +16,7 @@ import traceback
 import typer
 
 from vecpipe.formats.errors import DataError, Terminated, UsageError, VecpipeError
-from vecpipe.formats.writers import STDOUT_NAME
+from vecpipe.formats.writers import STDOUT_NAME, write_error
 
 from . import console
 
@@ -81,11 +81,10 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def os_error_line(err: OSError) -> str:
-    """`No space left on device (out.arrow)`: the cause and the file, never the exception type."""
-    cause = err.strerror or str(err) or type(err).__name__
+def _file_names(err: OSError) -> str:
+    """`a -> b` for a rename, `a` for one file, "" for none."""
     names = [name for name in (err.filename, getattr(err, "filename2", None)) if name]
-    return f"{cause} ({' -> '.join(map(str, names))})" if names else cause
+    return " -> ".join(map(str, names))
 
 
 def _report(err: Exception) -> int:
@@ -93,9 +92,9 @@ def _report(err: Exception) -> int:
     if isinstance(err, MemoryError):
         console.error("out of memory", "use smaller --batch-size or shard the input")
     elif isinstance(err, OSError):
-        hint = "free some space, or write elsewhere with -o" \
-            if err.errno == errno.ENOSPC else None
-        console.error(os_error_line(err), hint)
+        # writers name their outputs; an OSError with no file name is a plain print to stdout
+        mapped = write_error(err, _file_names(err) or None)
+        console.error(str(mapped), getattr(mapped, "hint", None))
     elif isinstance(err, EOFError):
         console.error("the input ended early: a truncated or corrupt compressed file?")
     elif isinstance(err, RecursionError):

@@ -465,7 +465,7 @@ def batch_texts(batch, fields):
         present = [v for v in values if v]
         if all(v is None for v in values):
             texts.append(None)
-            problems.append(f"missing or null field {label}")
+            problems.append(f"no text in field {label} (missing, null or not a string)")
             continue
         text = " ".join(present)
         if not text.strip():

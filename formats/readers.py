@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import stat
 import sys
 import zlib
 from dataclasses import dataclass
@@ -105,13 +107,29 @@ def open_input(path: str):
         except PermissionError:
             raise DataError("permission denied", source=path) from None
     try:
-        return _unwrapped(raw)
+        opened = _unwrapped(raw)
     except EOFError as err:  # gzip's "Compressed file ended before the end-of-stream marker"
         raise DataError(f"truncated compressed input: {err}",
                         source=STDIN_NAME if path == "-" else path) from None
     except (OSError, zlib.error) as err:
         raise DataError(f"read failed: {_os_cause(err)}",
                         source=STDIN_NAME if path == "-" else path) from None
+    if path == "-" and not opened[1] and _is_pipe(raw):
+        opened[0].close()
+        raise DataError("empty input: nothing arrived on the pipe", source=STDIN_NAME,
+                        hint="if the command before it in the pipe failed, its error is above; "
+                             "an empty file is read as no records when given by name or with <")
+    return opened
+
+
+def _is_pipe(stream) -> bool:
+    """True for a pipe, FIFO or socket, where zero bytes usually mean that the producer died
+    before writing, not an empty input (unlike `< empty.jsonl` or `< /dev/null`)."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _unwrapped(raw):

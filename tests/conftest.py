@@ -69,11 +69,12 @@ def cli():
 
 @pytest.fixture
 def run_vecpipe():
-    """run_vecpipe(*args, input=bytes) runs the installed console script as a subprocess."""
-    def run(*args, input=None, env=None, check=False):
+    """run_vecpipe(*args, input=bytes or stdin=file) runs vecpipe as a subprocess."""
+    def run(*args, input=None, stdin=None, env=None, check=False):
         full_env = dict(os.environ, **(env or {}))
         return subprocess.run([sys.executable, "-m", "vecpipe.cli", *map(str, args)],
-                              input=input, capture_output=True, env=full_env, check=check)
+                              input=input, stdin=stdin, capture_output=True, env=full_env,
+                              check=check)
     return run
 
 

@@ -248,8 +248,8 @@ def test_metadata_and_arrow_schema(cli, tmp_path, write_jsonl):
         "[16]" in facts["columns"]["embedding"]
 
 
-BAD = [({"id": "1", "text": None}, "missing or null field 'text'"),
-       ({"id": "1"}, "missing or null field 'text'"),
+BAD = [({"id": "1", "text": None}, "no text in field 'text' (missing, null or not a string)"),
+       ({"id": "1"}, "no text in field 'text' (missing, null or not a string)"),
        ({"id": "1", "text": ""}, "empty text in field 'text'"),
        ({"id": "1", "text": "   "}, "empty text in field 'text'")]
 

@@ -26,11 +26,13 @@ def _run_bounded(capsys, exc):
 
 @pytest.mark.parametrize("exc, line", [
     (OSError(errno.ENOSPC, "No space left on device", "out.arrow"),
-     "vecpipe convert: error: No space left on device (out.arrow)"),
+     "vecpipe convert: error: disk full (no space left on device) (out.arrow)"),
     (PermissionError(errno.EACCES, "Permission denied", "/ro/out.jsonl"),
-     "vecpipe convert: error: Permission denied (/ro/out.jsonl)"),
+     "vecpipe convert: error: permission denied (/ro/out.jsonl)"),
     (IsADirectoryError(errno.EISDIR, "Is a directory", "idx"),
-     "vecpipe convert: error: Is a directory (idx)"),
+     "vecpipe convert: error: is a directory, expected a file name (idx)"),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "vecpipe convert: error: disk full (no space left on device) (<stdout>)"),
     (EOFError("Compressed file ended before the end-of-stream marker was reached"),
      "vecpipe convert: error: the input ended early: a truncated or corrupt compressed file?"),
     (RecursionError("maximum recursion depth exceeded"),

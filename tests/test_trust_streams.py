@@ -118,6 +118,29 @@ def test_failing_convert_in_a_pipe_keeps_no_partial_output(tmp_path, write_jsonl
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":"old"}\n'
 
 
+@pytest.mark.parametrize("consumer", ["convert -o out.jsonl", "compress --dim 4 -o out.jsonl",
+                                      "merge -o out.jsonl", "index -o out.jsonl"])
+def test_a_producer_that_fails_before_its_first_byte_loses_nothing(tmp_path, consumer):
+    """The upstream dies before writing anything: zero bytes on a pipe are no input, not an
+    empty one, so the consumer fails and the old output stays."""
+    (tmp_path / "bad.jsonl").write_bytes(b"garbage\n")
+    (tmp_path / "out.jsonl").write_bytes(b'{"id":"old"}\n')
+    result = shell(f"$VP embed bad.jsonl -m fake:8 | $VP {consumer}", tmp_path)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "error: empty input: nothing arrived on the pipe (<stdin>)" in stderr
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":"old"}\n'
+
+
+def test_an_empty_file_is_still_an_empty_input(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    for command in ("$VP convert empty.jsonl", "$VP convert < empty.jsonl",
+                    "$VP convert < /dev/null"):
+        result = shell(command + " --output-format jsonl", tmp_path)
+        assert result.returncode == 0, result.stderr.decode()
+        assert result.stdout == b""
+
+
 def test_a_failed_writer_on_stdout_omits_the_marker_and_a_good_one_writes_it(cli, tmp_path,
                                                                              write_jsonl):
     good = write_jsonl(tmp_path / "good.jsonl", records(10))
@@ -209,6 +232,7 @@ def test_embed_skip_invalid_skips_a_numeric_text(cli, tmp_path, write_jsonl):
     assert [r["id"] for r in result.records()] == [str(i) for i in range(20) if i != 7]
     assert "1 invalid records skipped (first: " in result.stderr and "mixed.jsonl:8" in \
         result.stderr
+    assert "not a string" in result.stderr
     strict = cli("embed", path, "-m", "fake:8", "--output-format", "jsonl")
     assert strict.exit_code == 1 and "mixed.jsonl:8" in strict.stderr
 
@@ -449,5 +473,10 @@ def test_output_to_a_device_never_replaces_it(cli, tmp_path, write_jsonl):
 def test_index_names_stdin_as_such_in_its_errors(run_vecpipe, tmp_path):
     r = run_vecpipe("index", "-o", tmp_path / "idx", input=b"")
     assert r.returncode == 1
+    assert r.stderr.decode().splitlines()[0] == \
+        "vecpipe index: error: empty input: nothing arrived on the pipe (<stdin>)"
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with open(tmp_path / "empty.jsonl", "rb") as empty:
+        r = run_vecpipe("index", "-o", tmp_path / "idx", stdin=empty)
     assert r.stderr.decode().splitlines()[0] == \
         "vecpipe index: error: empty input: no records to index (<stdin>)"
