@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from vecpipe.formats import schema as names
-from vecpipe.formats.codec import codec_from_meta, hamming_distances
+from vecpipe.core.codec import codec_from_meta, hamming_distances
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytrec_eval
 
-from vecpipe.formats import metrics as m
+from vecpipe.core import metrics as m
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
 

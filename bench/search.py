@@ -196,7 +196,7 @@ def median_time(run, repeats=3):
 
 
 def exact_search(docs, queries, k=K, block=100_000):
-    from vecpipe.formats.index_store import TopK
+    from vecpipe.core.vectors import TopK
 
     top = TopK(len(queries), k)
     for start in range(0, len(docs), block):
@@ -221,7 +221,7 @@ def build_vecpipe(arrow, folder, options):
 
 
 def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=()):
-    from vecpipe.formats.index_store import FLAT_VECTORS, FULL, VECTORS, open_index
+    from vecpipe.core.index_store import FLAT_VECTORS, FULL, VECTORS, open_index
 
     rows = []
     for name, options, search_options in VARIANTS:

@@ -1,6 +1,6 @@
 """The vecpipe command-line app: registry, shared options, error boundary, console, models."""
 
-__version__ = "0.1.0"
+from vecpipe.formats import __version__  # noqa: F401 - vecpipe --version
 
 
 def main() -> None:
@@ -9,7 +9,7 @@ def main() -> None:
     import sys
 
     try:
-        from .app import main as run_app
+        from vecpipe.cli.app import main as run_app
     except KeyboardInterrupt:
         print("vecpipe: interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

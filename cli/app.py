@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from . import __version__, console
-from .errors import boundary
+from vecpipe.cli import __version__, console
+from vecpipe.cli.errors import boundary
 
 try:  # typer vendors its own copy of click (0.2x); older ones use click itself
     from typer._click import exceptions as click_errors

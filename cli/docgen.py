@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from . import __version__
+from vecpipe.cli import __version__
 
 DATE = "2026"
 EXIT_STATUS = [("0", "success (also when the reader of stdout goes away, as with | head)"),
@@ -33,7 +33,7 @@ def _is_option(param) -> bool:
 
 def command_tree():
     """[(path, click.Command)] for the root and every (sub)command, in registry order."""
-    from .app import app
+    from vecpipe.cli.app import app
 
     root = typer.main.get_command(app)
     out = []

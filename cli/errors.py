@@ -18,7 +18,7 @@ import typer
 from vecpipe.formats.errors import DataError, Terminated, UsageError, VecpipeError
 from vecpipe.formats.writers import STDOUT_NAME, write_error
 
-from . import console
+from vecpipe.cli import console
 
 __all__ = ["DataError", "UsageError", "VecpipeError", "boundary"]
 

@@ -199,14 +199,14 @@ class LoadedModel:
     def vector_settings(self, prompt: str = "", dim: int | None = None,
                         normalize: bool = True) -> dict:
         """Everything besides the text that decides a vector: the key space of
-        vecpipe.formats.cache (embed and eval share cached vectors through it)."""
+        vecpipe.core.cache (embed and eval share cached vectors through it)."""
         return {"model": self.name, "model_sha": self.sha, "prompt": prompt,
                 "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
                 "max_length": self.max_length, "dtype": self.precision}
 
     def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
         """The `vecpipe.*` keys describing vectors this model produced."""
-        from vecpipe.cli import __version__
+        from vecpipe.formats import __version__
 
         meta = {"model": self.name, "dim": str(dim or self.dim),
                 "normalized": "true" if normalized else "false", "dtype": "float32",
@@ -389,7 +389,7 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
         _apply_dtype(st, dtype, resolved)
         model.precision = str(next(st.parameters()).dtype).replace("torch.", "")
     else:
-        from . import onnx_export
+        from vecpipe.core import onnx_runtime as onnx_export
 
         model.runtime = onnx_export.runtime_for(model, backend, resolved, export_dir, dtype)
         model.precision = getattr(model.runtime, "precision", "float32")

@@ -71,7 +71,7 @@ def run(inputs: options.Inputs = None,
     from itertools import chain
 
     from vecpipe.cli import console
-    from vecpipe.formats.codec import Codec
+    from vecpipe.core.codec import Codec
     from vecpipe.formats.readers import RecordStream
     from vecpipe.formats.writers import RecordWriter
 
@@ -123,7 +123,7 @@ def run(inputs: options.Inputs = None,
 # ----- options and input checks ------------------------------------------------------------
 def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
                   report_json, report) -> None:
-    from vecpipe.formats.codec import TARGETS
+    from vecpipe.core.codec import TARGETS
     from vecpipe.formats.errors import UsageError
 
     if to is not None and to not in TARGETS:
@@ -193,7 +193,7 @@ def check_input(schema, meta, codec, codec_file, force) -> None:
     import pyarrow as pa
 
     from vecpipe.formats import schema as names
-    from vecpipe.formats.codec import codec_from_meta
+    from vecpipe.core.codec import codec_from_meta
     from vecpipe.formats.errors import DataError
 
     if names.EMBEDDING not in schema.names:
@@ -418,7 +418,7 @@ def symmetric_scores(codec, query_codes, codes):
     """Codes against codes (what an index without rescoring does), or None for float types."""
     import numpy as np
 
-    from vecpipe.formats.codec import hamming_distances
+    from vecpipe.core.codec import hamming_distances
 
     if codec.is_bits:
         return -hamming_distances(query_codes, codes).astype(np.float32)

@@ -336,7 +336,7 @@ def embed_stream(stream, input_schema, model, plan, output=None, output_format="
     with contextlib.ExitStack() as stack:
         cache = None
         if cache_dir:
-            from vecpipe.formats.cache import EmbeddingCache, cache_space
+            from vecpipe.core.cache import EmbeddingCache, cache_space
 
             settings = plan.cache_settings(model)
             cache = stack.enter_context(EmbeddingCache(cache_dir, cache_space(settings),

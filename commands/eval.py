@@ -81,7 +81,7 @@ def retrieval(
       vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
       vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
     """
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import UsageError
 
     ks, names = m.parse_ks(k), m.parse_metrics(metrics)
@@ -111,7 +111,7 @@ def retrieval(
 
 def _load_judgments(path: str, depth: int):
     from vecpipe.cli import console
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import DataError
 
     judgments = m.read_qrels(path, depth)
@@ -126,7 +126,7 @@ def _load_judgments(path: str, depth: int):
 
 def _evaluate_run(run, name, qrels, ks, names, all_queries):
     from vecpipe.cli import console
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import DataError
 
     evaluation = m.evaluate(qrels, run, ks, names, all_queries=all_queries)
@@ -153,7 +153,7 @@ def _check_judged(run, qrels, name: str, qrels_name: str) -> None:
     """Fail when no hit of the run is a judged document, warn when few of the top hits are:
     ids that do not match the qrels score 0 and look like a bad model."""
     from vecpipe.cli import console
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import DataError
 
     judged, hits = m.judged_hits(run, qrels)
@@ -171,7 +171,7 @@ def _check_judged(run, qrels, name: str, qrels_name: str) -> None:
 
 def _warn_shallow(run, qrels, ks, name: str) -> None:
     from vecpipe.cli import console
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
 
     depth = m.run_depth(run, qrels)
     deeper = [k for k in ks if k > depth]
@@ -212,7 +212,7 @@ def _on_common_queries(results, judged: int, qrels_name: str, all_queries: bool)
 
 def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]:
     """One summary record per run; runs after the first carry deltas and paired p-values."""
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
 
     base_name, base = results[0]
     records = []
@@ -229,7 +229,7 @@ def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]
 def _compare(base, other, base_name: str, permutations: int, seed: int) -> dict:
     import numpy as np
 
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
 
     common = sorted(set(base.per_query) & set(other.per_query))  # all: see _on_common_queries
     a = np.array([[base.per_query[q][key] for key in base.keys] for q in common]).reshape(
@@ -255,7 +255,7 @@ def _retrieval_table(records, ks, names):
     from rich.table import Table
     from rich.text import Text
 
-    from vecpipe.formats.metrics import metric_key
+    from vecpipe.core.metrics import metric_key
 
     if len(records) == 1:
         record = records[0]
@@ -302,7 +302,7 @@ def _p(value: float) -> str:
 def _parse_fail_under(specs, ks=None, names=None) -> list[tuple[str, float]]:
     """METRIC=VALUE pairs; retrieval metrics are normalized (ndcg@10 -> ndcg_at_10) and must be
     among those computed."""
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import UsageError
 
     thresholds = []
@@ -431,7 +431,7 @@ def beir(
     """
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
 
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
@@ -473,7 +473,7 @@ def beir(
 
 def _check_search_options(exact: bool, index_dtype, ef) -> None:
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.index_store import DTYPES
+    from vecpipe.core.index_store import DTYPES
 
     if exact and index_dtype:
         raise UsageError("--exact and --index-dtype exclude each other")
@@ -506,7 +506,7 @@ def _beir_files(dataset: str, split: str) -> dict:
 
 
 def _beir_qrels(path: str) -> dict:
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import DataError
 
     judgments = m.read_qrels(path)
@@ -599,7 +599,7 @@ class _Encoder:
                          "truncated, as MTEB does)")
 
     def _cache(self, prompt: str):
-        from vecpipe.formats.cache import EmbeddingCache, cache_space
+        from vecpipe.core.cache import EmbeddingCache, cache_space
 
         if prompt not in self.caches:
             settings = self.loaded.vector_settings(prompt)
@@ -685,7 +685,7 @@ class _ExactSearch:
     """Exact cosine search (vectors are normalized): a running top-k per chunk of queries."""
 
     def __init__(self, queries, depth: int):
-        from vecpipe.formats.index_store import TopK
+        from vecpipe.core.vectors import TopK
 
         self.queries = queries
         self.tops = [(start, TopK(len(queries[start:start + _QUERY_BLOCK]), depth))
@@ -714,8 +714,8 @@ class _IndexSearch:
         self.builder = self.codec = None
 
     def _start(self, vectors) -> None:
-        from vecpipe.formats.codec import Codec
-        from vecpipe.formats.index_store import IndexBuilder, IndexSpec
+        from vecpipe.core.codec import Codec
+        from vecpipe.core.index_store import IndexBuilder, IndexSpec
 
         target = {"i8": "int8", "b1": "binary"}.get(self.dtype)
         metadata = {"model": self.model, "normalized": "true"}
@@ -730,7 +730,7 @@ class _IndexSearch:
     def add(self, ids, vectors, first_row: int) -> None:
         import pyarrow as pa
 
-        from vecpipe.formats.index_store import to_index_codes
+        from vecpipe.core.index_store import to_index_codes
 
         if self.builder is None:
             self._start(vectors)
@@ -740,7 +740,7 @@ class _IndexSearch:
                          first_record=first_row + 1)
 
     def hits(self):
-        from vecpipe.formats.index_store import open_index
+        from vecpipe.core.index_store import open_index
 
         self.builder.commit()
         found = open_index(self.path).searcher(self.depth, ef=self.ef).search(self.queries)
@@ -748,7 +748,7 @@ class _IndexSearch:
 
 
 def _save_run(path: str, queries: dict, doc_ids, top) -> None:
-    from vecpipe.formats.metrics import write_trec_run
+    from vecpipe.core.metrics import write_trec_run
     from vecpipe.formats.writers import text_output
 
     with text_output(path) as sink:
@@ -789,7 +789,7 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe eval sts stsb-test.jsonl
       vecpipe eval sts pairs.parquet --fields embedding_a,embedding_b,label --json
     """
-    from vecpipe.formats import metrics as m
+    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import UsageError
     from vecpipe.formats.readers import read_table
 
@@ -940,7 +940,7 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
 
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.metrics import EmbeddingSummary
+    from vecpipe.core.metrics import EmbeddingSummary
     from vecpipe.formats.readers import RecordStream
 
     stream = RecordStream([path], input_format, force=True)
@@ -974,7 +974,7 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
 def _compare_embeddings(summaries, alpha: float, seed: int) -> dict:
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.metrics import corpus_shift
+    from vecpipe.core.metrics import corpus_shift
 
     (name_a, report_a, first), (name_b, report_b, second) = summaries
     if report_a["dim"] != report_b["dim"]:

@@ -89,7 +89,7 @@ def run(inputs: options.Inputs = None,
     """
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.index_store import IndexBuilder
+    from vecpipe.core.index_store import IndexBuilder
     from vecpipe.formats.readers import RecordStream, shown_name
     from vecpipe.formats.shards import parse_shard
 
@@ -164,7 +164,7 @@ class IndexPlan:
         """Buffer the first CALIBRATION_ROWS vectors, fit the codec on them, then go on."""
         import numpy as np
 
-        from vecpipe.formats.codec import Codec
+        from vecpipe.core.codec import Codec
 
         buffered, sample, rows = [], [], 0
         for item in items:
@@ -184,7 +184,7 @@ class IndexPlan:
         import pyarrow as pa
 
         from vecpipe.formats import schema as names
-        from vecpipe.formats.index_store import to_index_codes
+        from vecpipe.core.index_store import to_index_codes
 
         batch = item.batch
         vectors = _column_vectors(item, names.EMBEDDING)
@@ -240,7 +240,7 @@ def complete_index(path: str, inputs, options: dict, shard, append: bool = False
 
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.index_store import MANIFEST, open_index
+    from vecpipe.core.index_store import MANIFEST, open_index
     from vecpipe.formats.parts import Job, folder_part_job, folder_part_status, start_folder_part
 
     if append:  # the part is then what its last job made plus this input
@@ -317,7 +317,7 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
                force) -> IndexPlan:
     """Validate everything that can be checked before reading vectors; no output yet."""
     from vecpipe.formats import schema as names
-    from vecpipe.formats.codec import codec_from_meta
+    from vecpipe.core.codec import codec_from_meta
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.readers import shown_name
 
@@ -392,7 +392,7 @@ def _new_spec(kind, codec, meta, metric, dtype, keep_vectors, schema):
     import pyarrow as pa
 
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.index_store import FLOAT_METRICS, IndexSpec
+    from vecpipe.core.index_store import FLOAT_METRICS, IndexSpec
 
     value_type = getattr(schema.field("embedding").type, "value_type", None)
     default = "f16" if kind == "float" and value_type == pa.float16() else _KIND_DTYPE[kind]
@@ -464,7 +464,7 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
                  keep_vectors, query_prompt, force) -> IndexPlan:
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
-    from vecpipe.formats.index_store import open_index
+    from vecpipe.core.index_store import open_index
     from vecpipe.formats.readers import shown_name
 
     base = open_index(output, verify=True)  # its files are copied into the new index

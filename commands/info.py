@@ -48,7 +48,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
 def verify_indexes(paths) -> None:
     from vecpipe.cli import console
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.index_store import verify_index
+    from vecpipe.core.index_store import verify_index
 
     if not paths:
         raise UsageError("--verify needs the index folders to check")
@@ -60,7 +60,7 @@ def verify_indexes(paths) -> None:
 
 
 def describe_index(path: str) -> dict:
-    from vecpipe.formats.index_store import read_manifest
+    from vecpipe.core.index_store import read_manifest
 
     manifest = read_manifest(path)
     files = {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
@@ -90,7 +90,7 @@ def codec_summary(codec_json: str) -> dict:
     """The codec in a few words: a PCA codec carries hundreds of KB of projection."""
     import hashlib
 
-    from vecpipe.formats.codec import Codec
+    from vecpipe.core.codec import Codec
 
     codec = Codec.from_json(codec_json)
     summary = {"transform": codec.describe(), "to": codec.to,

@@ -105,7 +105,7 @@ class Source:
 def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, expect_shards,
                   force) -> None:
     from vecpipe.cli import console
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.writers import RecordWriter
@@ -214,7 +214,7 @@ def renamed_errors(path: str, shown: str):
 
 def source_batches(source: Source, input_format: str):
     """(renamed batch, shown name, first record number) for each batch of one input."""
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
     from vecpipe.formats.readers import RecordStream
 
     if source.schema is None:
@@ -233,7 +233,7 @@ def all_batches(sources, input_format):
 
 def prepare_dedupe(mode: str, sources, input_format):
     """The keeper for --dedupe (None for none), after the first pass that last/error need."""
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
 
     if mode == "none":
         return None
@@ -256,7 +256,7 @@ def kept_batches(sources, input_format, keeper):
     """Every batch in input order, filtered by the dedupe keeper."""
     import pyarrow as pa
 
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
 
     ordinal = 0
     for batch, name, first in all_batches(sources, input_format):
@@ -291,7 +291,7 @@ def merge_models(specs, output, weights_text, method) -> None:
     """Weighted average (linear) or per-tensor slerp of models with identical architecture; the
     first model's tokenizer, pooling and normalize modules are kept."""
     from vecpipe.cli import console
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
     from vecpipe.formats.errors import UsageError
 
     if output in (None, "-"):
@@ -391,7 +391,7 @@ def merged_state(states, weights, t) -> dict:
     first model."""
     import torch
 
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
 
     merged = {}
     for key, first in states[0].items():
@@ -431,7 +431,7 @@ def save_model(loaded, merged, output: str, recipe: dict) -> None:
     import shutil
     import tempfile
 
-    from vecpipe.cli import __version__
+    from vecpipe.formats import __version__
 
     soup = copy.deepcopy(loaded[0].st)
     soup.load_state_dict(merged)
@@ -482,9 +482,9 @@ def merge_indexes(paths, output, dedupe, link, force) -> None:
     """One index rebuilt from several (from their stored codes, or their kept full vectors when
     codecs differ), or with `link` a folder of linked shards searched as one."""
     from vecpipe.cli import console
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.index_store import MANIFEST, open_index
+    from vecpipe.core.index_store import MANIFEST, open_index
 
     if output in (None, "-"):
         raise UsageError("--index needs -o DIR for the merged index folder")
@@ -521,7 +521,7 @@ class IndexMergePlan:
 
 def plan_index_merge(indexes, force: bool, link: bool) -> IndexMergePlan:
     from vecpipe.cli import console
-    from vecpipe.formats import merging
+    from vecpipe.core import merging
     from vecpipe.formats.errors import DataError
 
     first = indexes[0]
@@ -588,7 +588,7 @@ def describe_codec(index) -> str:
 
 
 def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
-    from vecpipe.formats.index_store import IndexBuilder, IndexSpec, hnsw_options
+    from vecpipe.core.index_store import IndexBuilder, IndexSpec, hnsw_options
     from vecpipe.formats.errors import DataError
 
     first = indexes[0]
@@ -619,7 +619,7 @@ def index_blocks(index, plan: IndexMergePlan):
     import pyarrow as pa
 
     from vecpipe.formats import schema as names
-    from vecpipe.formats.index_store import to_index_codes
+    from vecpipe.core.index_store import to_index_codes
 
     rows_table = index.rows()
     visible = index.visible_mask() if hasattr(index, "visible_mask") else None
@@ -653,9 +653,10 @@ def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str
 
     import numpy as np
 
-    from vecpipe.cli import __version__
-    from vecpipe.formats import linked_index, merging
-    from vecpipe.formats.index_store import FORMAT, FORMAT_VERSION, MANIFEST, file_facts
+    from vecpipe.formats import __version__
+    from vecpipe.core import linked_index
+    from vecpipe.core import merging
+    from vecpipe.core.index_store import FORMAT, FORMAT_VERSION, MANIFEST, file_facts
 
     hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
                                    [index.path for index in indexes])
@@ -704,7 +705,7 @@ def link_index_files(index, target: str) -> int:
     files copied."""
     import shutil
 
-    from vecpipe.formats.index_store import MANIFEST
+    from vecpipe.core.index_store import MANIFEST
 
     os.makedirs(target)
     copied = 0

@@ -125,7 +125,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
 
     from vecpipe.cli import console
     from vecpipe.cli.models import load_cross_encoder
-    from vecpipe.formats.mining import LAYOUTS, MiningOptions
+    from vecpipe.core.mining import LAYOUTS, MiningOptions
     from vecpipe.formats.parts import PartClaim, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
@@ -238,7 +238,7 @@ def _check_layout(layout: str, on_short: str, layouts) -> None:
 
 def _read_pairs(inputs, beir, split, input_format):
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.mining import read_beir, read_pairs
+    from vecpipe.core.mining import read_beir, read_pairs
     from vecpipe.formats.readers import RecordStream
 
     if beir:
@@ -257,7 +257,7 @@ class _Source:
 
 
 def _corpus_source(corpus, beir, fields) -> _Source:
-    from vecpipe.formats.mining import beir_corpus
+    from vecpipe.core.mining import beir_corpus
 
     if corpus is None and beir:
         return _Source(beir_corpus(beir), fields or ["title", "text"])
@@ -272,7 +272,8 @@ class _ExactCorpus:
     def __init__(self, name, vectors, ids, texts, metadata, prompt):
         import numpy as np
 
-        from vecpipe.formats.mining import normalized, text_codes
+        from vecpipe.core.mining import text_codes
+        from vecpipe.core.vectors import normalized
 
         self.name = name
         self.ids = ids              # pa.Array of strings
@@ -287,7 +288,7 @@ class _ExactCorpus:
         self.vectors = normalized(vectors[self.searched] if self.duplicates else vectors)
 
     def search(self, queries, k):
-        from vecpipe.formats.mining import exact_top_k
+        from vecpipe.core.vectors import exact_top_k
 
         scores, slots = exact_top_k(queries, self.vectors, k)
         return scores, self.searched[slots]
@@ -300,7 +301,7 @@ class _ExactCorpus:
         """Score of queries[i] against the model's vectors[i], on the search's scale."""
         import numpy as np
 
-        from vecpipe.formats.mining import normalized
+        from vecpipe.core.vectors import normalized
 
         return np.einsum("ij,ij->i", queries, normalized(vectors))
 
@@ -310,8 +311,8 @@ class _IndexCorpus:
 
     def __init__(self, path, fields, ann):
         from vecpipe.formats.errors import DataError
-        from vecpipe.formats.index_store import FLOAT_DTYPES, open_index
-        from vecpipe.formats.mining import join_fields, text_codes
+        from vecpipe.core.index_store import FLOAT_DTYPES, open_index
+        from vecpipe.core.mining import join_fields, text_codes
 
         self.index = open_index(path)
         self.name, self.metadata = path, self.index.metadata
@@ -353,7 +354,7 @@ class _IndexCorpus:
 
     @staticmethod
     def _paired(metric, queries, vectors):
-        from vecpipe.formats.index_store import paired_similarity
+        from vecpipe.core.vectors import paired_similarity
 
         return paired_similarity(metric, queries, vectors[:, None, :])[:, 0]
 
@@ -365,7 +366,7 @@ def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_cod
 
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.mining import join_fields
+    from vecpipe.core.mining import join_fields
     from vecpipe.formats.readers import read_table
 
     if source.path is None:
@@ -477,7 +478,7 @@ def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force,
 
 def _prepare(pair_set, source, settings, model_spec, device, trust_remote_code, force, prompts,
              batch_size, ann):
-    from vecpipe.formats.mining import Miner
+    from vecpipe.core.mining import Miner
 
     corpus, model = _load_corpus(source, pair_set, model_spec, device, trust_remote_code, force,
                                  prompts, batch_size, ann)
@@ -491,7 +492,7 @@ def _resolve(pair_set, corpus) -> None:
     """Find each positive's corpus row (by id, else by text) and fill in its text; find the
     corpus rows that are the queries themselves (by id or text); one positive per text."""
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.mining import first_rows
+    from vecpipe.core.mining import first_rows
 
     positives = [p for q in pair_set.queries for p in q.positives]
     by_id = [p for p in positives if p.id is not None]
@@ -521,7 +522,7 @@ def _resolve(pair_set, corpus) -> None:
 
 def _mine(job: _Job, layout, with_scores, output, output_format) -> None:
     from vecpipe.cli import console
-    from vecpipe.formats.mining import layout_batch, layout_schema
+    from vecpipe.core.mining import layout_batch, layout_schema
     from vecpipe.formats.writers import RecordWriter
 
     settings = job.miner.options
@@ -542,7 +543,8 @@ def _mine(job: _Job, layout, with_scores, output, output_format) -> None:
 def _mine_batch(job: _Job, batch) -> list:
     import numpy as np
 
-    from vecpipe.formats.mining import Mined, normalized
+    from vecpipe.core.mining import Mined
+    from vecpipe.core.vectors import normalized
 
     query_vectors = normalized(job.model.encode([q.text for q in batch], job.batch_size,
                                                 job.query_prompt))
@@ -589,7 +591,7 @@ def _rescore(job: _Job, batch, candidates) -> list:
     """Cross-encoder scores for every remaining candidate and every positive."""
     import numpy as np
 
-    from vecpipe.formats.mining import Candidates
+    from vecpipe.core.mining import Candidates
 
     pairs, sizes = [], []
     for query, found in zip(batch, candidates):
@@ -617,7 +619,7 @@ class _Guide:
     def filter(self, job: _Job, batch, candidates) -> list:
         import numpy as np
 
-        from vecpipe.formats.mining import normalized
+        from vecpipe.core.vectors import normalized
 
         queries = normalized(self.model.encode([q.text for q in batch], self.batch_size))
         positives = normalized(self.model.encode([p.text for q in batch for p in q.positives],
@@ -634,7 +636,7 @@ class _Guide:
         return kept
 
     def _embed_rows(self, corpus, rows) -> None:
-        from vecpipe.formats.mining import normalized
+        from vecpipe.core.vectors import normalized
 
         missing = sorted(set(rows.tolist()) - self._cache.keys())
         if not missing:

@@ -129,7 +129,7 @@ class QueryReader:
         self.model = None
         self.codes = False
         self.next_record = 1
-        from vecpipe.formats.codec import accepted_query_dims
+        from vecpipe.core.codec import accepted_query_dims
         self.query_dims, self.expected_dims = accepted_query_dims(target.metadata,
                                                                   target.query_dim)
         self._check_schema()
@@ -269,7 +269,7 @@ class IndexSearch:
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
                  threads):
-        from vecpipe.formats.index_store import open_index
+        from vecpipe.core.index_store import open_index
 
         self.index = open_index(path)
         self.source = path
@@ -280,7 +280,7 @@ class IndexSearch:
         self.schema = _output_schema(self.rows.schema)
         mask = None
         if filter_text is not None:
-            from vecpipe.formats.filter_expr import parse
+            from vecpipe.core.filter_expr import parse
 
             expression = parse(filter_text)
             expression.check_fields(self.index.fields, "the index")
@@ -290,7 +290,7 @@ class IndexSearch:
 
     def query_codes(self, vectors, item):
         """Query codes made by the index's codec (e.g. `compress --codec`) -> index space."""
-        from vecpipe.formats.index_store import to_index_codes
+        from vecpipe.core.index_store import to_index_codes
 
         codec = self.index.codec
         return to_index_codes(codec, codec.codes_from_matrix(vectors, source=item.source))
@@ -313,7 +313,7 @@ class StreamSearch:
         import pyarrow as pa
 
         from vecpipe.formats import schema as names
-        from vecpipe.formats.codec import codec_from_meta
+        from vecpipe.core.codec import codec_from_meta
         from vecpipe.formats.errors import DataError
         from vecpipe.formats.readers import RecordStream
 
@@ -341,7 +341,7 @@ class StreamSearch:
         self.schema = _output_schema(self.fields_schema)
         self.filter = None
         if filter_text is not None:
-            from vecpipe.formats.filter_expr import parse
+            from vecpipe.core.filter_expr import parse
 
             self.filter = parse(filter_text)
             self.filter.check_fields(available, path)
@@ -378,7 +378,7 @@ class StreamSearch:
         """One pass over the stream: (Hits over stream row numbers, their stored fields)."""
         import numpy as np
 
-        from vecpipe.formats.index_store import Hits, TopK
+        from vecpipe.core.vectors import Hits, TopK
 
         chunks = [queries[start:start + self.QUERY_CHUNK]
                   for start in range(0, len(queries), self.QUERY_CHUNK)]
@@ -429,7 +429,7 @@ class StreamSearch:
             self.codec.out_dim if self.codec is not None else self.query_dim)
 
     def _scores(self, queries, vectors):
-        from vecpipe.formats.index_store import similarity
+        from vecpipe.core.vectors import similarity
 
         return similarity(self.metric, queries, vectors)
 
@@ -496,7 +496,7 @@ class RowLookup:
 
 def _stream_metric(metric, bits) -> str:
     from vecpipe.formats.errors import UsageError
-    from vecpipe.formats.index_store import METRICS
+    from vecpipe.core.index_store import METRICS
 
     if metric is None:
         return "hamming" if bits else "cos"

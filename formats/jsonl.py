@@ -6,8 +6,8 @@ from typing import Iterator
 
 import orjson
 
-from . import schema as names
-from .errors import DataError
+from vecpipe.formats import schema as names
+from vecpipe.formats.errors import DataError
 
 
 _BOM = b"\xef\xbb\xbf"

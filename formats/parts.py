@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 
-from .errors import DataError, UsageError
-from .shards import Shard, parse_part_name
-from .writers import AtomicFile, resolve_output_format
+from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.shards import Shard, parse_part_name
+from vecpipe.formats.writers import AtomicFile, resolve_output_format
 
 EXTENSIONS = {"arrow-file": "arrow", "arrow": "arrows", "parquet": "parquet", "jsonl": "jsonl"}
 UNRECORDED = "it has no record of its inputs and options (made by an older vecpipe)"
@@ -379,7 +379,7 @@ def _made_by(path: str) -> dict | None:
         return None
     if not os.path.isdir(path):
         return facts["job"] if _intact(path, facts) else None
-    from .index_store import MANIFEST
+    from vecpipe.core.index_store import MANIFEST
 
     try:
         current = _digest(os.path.join(path, MANIFEST))

@@ -14,8 +14,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from . import schema as names
-from .errors import DataError, UsageError
+from vecpipe.formats import schema as names
+from vecpipe.formats.errors import DataError, UsageError
 
 DEFAULT_BATCH_ROWS = 1024
 INPUT_FORMATS = ("auto", "jsonl", "arrow", "arrow-file", "parquet", "csv", "tsv", "text")
@@ -237,7 +237,7 @@ class RecordStream:
         self._started = True
 
     def _widen(self, schema) -> None:
-        from .jsonl import widened_schema
+        from vecpipe.formats.jsonl import widened_schema
 
         if self.widest_schema is None:
             self.widest_schema = schema
@@ -433,7 +433,7 @@ def _read_text(stream, name, _path, rows):
 
 
 def _read_jsonl(stream, name, _path, rows, text_fields=()):
-    from .jsonl import JsonlBatcher
+    from vecpipe.formats.jsonl import JsonlBatcher
 
     batcher = JsonlBatcher(stream, name, rows, text_fields)
     first = batcher.first()
@@ -457,7 +457,7 @@ def fit_batch(item: SourceBatch, schema):
     """`item.batch` aligned to `schema`, which a command fixed from the first records. A batch
     whose schema widened past it (a JSONL field first typed, or first seen, in a later record)
     is a DataError at the first record that needs the wider schema."""
-    from .jsonl import widened_schema
+    from vecpipe.formats.jsonl import widened_schema
 
     try:
         return names.align_batch(item.batch, schema)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from .errors import DataError
+from vecpipe.formats.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,7 +70,7 @@ def check_compatible(meta_a: Mapping[str, str], meta_b: Mapping[str, str], name_
 
 
 def _codec_difference(a: str, b: str):
-    from .codec import codec_difference  # numpy: only when two codecs are compared
+    from vecpipe.core.codec import codec_difference  # numpy: only when two codecs are compared
 
     return codec_difference(a, b)
 

@@ -11,7 +11,7 @@ import os
 import re
 from typing import NamedTuple
 
-from .errors import UsageError
+from vecpipe.formats.errors import UsageError
 
 PART_PATTERN = re.compile(r"part-(\d{5})-of-(\d{5})")
 

@@ -8,9 +8,9 @@ import stat
 import sys
 import tempfile
 
-from . import schema as names
-from .errors import DataError, UsageError
-from .jsonl import batch_to_lines, widened_schema
+from vecpipe.formats import schema as names
+from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.jsonl import batch_to_lines, widened_schema
 
 OUTPUT_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet")
 BINARY_FORMATS = ("arrow", "arrow-file", "parquet")
@@ -309,7 +309,7 @@ def _written_batches(path: str, fmt: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .readers import open_arrow_stream
+    from vecpipe.formats.readers import open_arrow_stream
 
     if fmt == "parquet":
         yield from pq.ParquetFile(path).iter_batches()

@@ -8,7 +8,7 @@ import pytest
 
 from vecpipe.commands import compress as compress_cmd
 from vecpipe.formats import schema as names
-from vecpipe.formats.codec import Codec, codec_from_meta, hamming_distances
+from vecpipe.core.codec import Codec, codec_from_meta, hamming_distances
 from vecpipe.formats.errors import DataError, UsageError
 
 TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")

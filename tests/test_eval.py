@@ -15,7 +15,7 @@ import pytest
 import pytrec_eval
 import scipy.stats
 
-from vecpipe.formats import metrics as m
+from vecpipe.core import metrics as m
 
 DATA = Path(__file__).resolve().parent / "data" / "eval"
 TINY = DATA / "tinybeir"

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from vecpipe.cli.models import load_model
-from vecpipe.formats.codec import Codec
-from vecpipe.formats.index_store import IndexBuilder, open_index
+from vecpipe.core.codec import Codec
+from vecpipe.core.index_store import IndexBuilder, open_index
 
 DIM = 32
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vecpipe.formats import merging
+from vecpipe.core import merging
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError
 
@@ -577,7 +577,7 @@ def test_index_merge_refuses_mismatches(cli, tmp_path, two_indexes):
 def test_quantized_indexes_with_different_codecs(cli, tmp_path, two_indexes):
     """i8 indexes fit their own codecs: a rebuild re-encodes the kept full vectors with the
     first codec; linking them needs --force."""
-    from vecpipe.formats.index_store import open_index, to_index_codes
+    from vecpipe.core.index_store import open_index, to_index_codes
 
     for name in ("a", "b"):
         r = cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / f"i8-{name}", "--dtype",

@@ -353,7 +353,7 @@ def test_parquet_output_stats_and_quiet(cli, small, tmp_path):
 
 
 def test_exact_top_k_by_blocks_equals_a_full_sort():
-    from vecpipe.formats.mining import exact_top_k
+    from vecpipe.core.vectors import exact_top_k
 
     rng = np.random.default_rng(0)
     corpus = rng.standard_normal((1000, 8)).astype(np.float32)

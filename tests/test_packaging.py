@@ -34,7 +34,8 @@ def wheel(tmp_path_factory):
 
 def test_wheel_contains_every_module(wheel):
     names = set(wheel.namelist())
-    for folder, package in (("cli", "cli"), ("commands", "commands"), ("formats", "formats")):
+    for folder, package in (("cli", "cli"), ("commands", "commands"), ("core", "core"),
+                            ("formats", "formats")):
         for source in (REPO / folder).glob("*.py"):
             assert f"vecpipe/{package}/{source.name}" in names, source
     assert "vecpipe/__init__.py" not in names

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pytest
 
 from vecpipe.cli.models import load_model
-from vecpipe.formats.codec import Codec
+from vecpipe.core.codec import Codec
 from vecpipe.formats.errors import DataError, UsageError
-from vecpipe.formats.filter_expr import parse
-from vecpipe.formats.index_store import open_index
+from vecpipe.core.filter_expr import parse
+from vecpipe.core.index_store import open_index
 
 REPO = Path(__file__).resolve().parent.parent
 N, DIM, K = 3000, 32, 10

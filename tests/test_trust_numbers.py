@@ -192,7 +192,7 @@ def test_a_query_dimension_mismatch_names_what_the_index_expects(truncated_index
 
 
 def test_codec_identity_drops_what_does_not_change_the_vectors():
-    from vecpipe.formats.codec import Codec
+    from vecpipe.core.codec import Codec
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.schema import check_compatible, merged_meta
 

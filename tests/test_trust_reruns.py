@@ -203,7 +203,7 @@ def vectors(cli, tmp_path, write_jsonl):
 
 
 def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, vectors):
-    from vecpipe.formats.index_store import open_index
+    from vecpipe.core.index_store import open_index
 
     source = vectors(80)
     args = ("index", source, "--shard", "1/2", "-o", tmp_path / "idx")
@@ -222,7 +222,7 @@ def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, v
 
 
 def test_index_part_whose_build_failed_is_not_complete(cli, tmp_path, vectors, monkeypatch):
-    from vecpipe.formats.index_store import IndexBuilder, open_index
+    from vecpipe.core.index_store import IndexBuilder, open_index
 
     source = vectors(80)
     args = ("index", source, "--shard", "0/2", "-o", tmp_path / "idx")

@@ -60,7 +60,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
 TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
@@ -241,7 +241,7 @@ class Codec:
 
     def to_arrow(self, codes: np.ndarray):
         """Codes as the `embedding` column type (fixed_size_list or fixed_size_binary)."""
-        from .schema import numpy_to_packed_bits, numpy_to_vectors
+        from vecpipe.formats.schema import numpy_to_packed_bits, numpy_to_vectors
 
         codes = self._check_codes(codes)
         return numpy_to_packed_bits(codes) if self.is_bits else numpy_to_vectors(codes)

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -196,7 +196,7 @@ def read_pairs(stream) -> PairSet:
 
 def read_beir(folder: str, split: str) -> PairSet:
     """Queries and positives (qrels score > 0) of a BEIR folder's split, in qrels order."""
-    from .readers import RecordStream
+    from vecpipe.formats.readers import RecordStream
 
     qrels = os.path.join(folder, "qrels", f"{split}.tsv")
     queries_path = os.path.join(folder, "queries.jsonl")
@@ -289,46 +289,6 @@ def join_fields(table: "pa.Table", fields: list[str], source: str | None = None)
         bad = int(pc.index(pc.is_null(joined), True).as_py()) + 1
         raise DataError("corpus record has no text", source=source, record=bad)
     return joined
-
-
-# ---- exact search ----------------------------------------------------------------------------
-
-def normalized(vectors: "np.ndarray") -> "np.ndarray":
-    """Rows scaled to unit length (a view when they already are)."""
-    import numpy as np
-
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    if len(vectors) and np.allclose(norms, 1.0, atol=1e-4):
-        return vectors
-    return vectors / np.maximum(norms, 1e-12)
-
-
-def exact_top_k(queries: "np.ndarray", corpus: "np.ndarray", k: int,
-                block_rows: int = 1 << 16) -> tuple["np.ndarray", "np.ndarray"]:
-    """Best `k` rows of `corpus` per query by dot product: (scores, rows), each queries x
-    min(k, len(corpus)), sorted by score descending, ties by row. Memory: queries x block."""
-    import numpy as np
-
-    k = min(k, len(corpus))
-    best_scores = np.empty((len(queries), 0), dtype=np.float32)
-    best_rows = np.empty((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(corpus), block_rows):
-        scores = queries @ corpus[start:start + block_rows].T
-        rows = np.arange(start, start + scores.shape[1], dtype=np.int64)
-        if scores.shape[1] > k:
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            scores, rows = np.take_along_axis(scores, part, 1), rows[part]
-        else:
-            rows = np.broadcast_to(rows, scores.shape)
-        best_scores = np.concatenate([best_scores, scores], axis=1)
-        best_rows = np.concatenate([best_rows, rows], axis=1)
-        if best_scores.shape[1] > k:
-            part = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
-            best_scores = np.take_along_axis(best_scores, part, 1)
-            best_rows = np.take_along_axis(best_rows, part, 1)
-    order = np.lexsort((best_rows, -best_scores), axis=1)
-    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
 
 
 # ---- the mining rules ------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+)

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -199,7 +199,7 @@ def run_to_qrels(run: Run, depth: int) -> Qrels:
 # ---------------------------------------------------------------- reading runs and qrels
 
 def _input_name(path: str) -> str:
-    from .readers import STDIN_NAME
+    from vecpipe.formats.readers import STDIN_NAME
 
     return STDIN_NAME if path == "-" else path
 
@@ -212,7 +212,7 @@ def _is_record_format(head: bytes) -> bool:
 
 def _open(path: str):
     """(stream, head bytes, compressed?, is a record format?) for a path or `-`."""
-    from .readers import open_input
+    from vecpipe.formats.readers import open_input
 
     stream, head, compression = open_input(path)
     return stream, head, compression is not None, _is_record_format(head)
@@ -220,7 +220,7 @@ def _open(path: str):
 
 def _record_batches(stream, head: bytes, path: str, compressed: bool) -> Iterator:
     """(batch, first record number) from an already opened record stream (stdin included)."""
-    from . import readers
+    from vecpipe.formats import readers
 
     name = _input_name(path)
     seekable_path = None if (compressed or path == "-") else path

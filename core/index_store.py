@@ -47,8 +47,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from .errors import DataError, UsageError
-from .writers import write_error
+from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.writers import write_error
+from vecpipe.core.vectors import Hits, distance_to_score, paired_similarity, sorted_hits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -187,7 +188,7 @@ def check_manifest(manifest: dict, path: str) -> None:
 
 
 def _check_linked_manifest(manifest: dict, path: str) -> None:
-    from .linked_index import shard_folder
+    from vecpipe.core.linked_index import shard_folder
 
     _field(manifest, path, "shards", lambda v: isinstance(v, list) and v and all(
         isinstance(entry, dict) for entry in v), "a list of shard objects")
@@ -566,7 +567,7 @@ class IndexBuilder:
         import numpy as np
         import pyarrow as pa
 
-        from .schema import align_batch
+        from vecpipe.formats.schema import align_batch
 
         table = pa.Table.from_batches([stored]) if isinstance(stored, pa.RecordBatch) else stored
         table = table.select(self.fields)
@@ -617,7 +618,7 @@ class IndexBuilder:
     def _manifest(self, files: list[str]) -> dict:
         import datetime
 
-        from vecpipe.cli import __version__
+        from vecpipe.formats import __version__
 
         spec = self.spec
         return {
@@ -774,7 +775,7 @@ def open_index(path: str, verify: bool = False) -> "OpenIndex":
     A linked multi-shard folder (`merge --index --link`) opens as a LinkedIndex."""
     manifest = read_manifest(path)
     if manifest.get("layout") == "linked":
-        from .linked_index import open_linked
+        from vecpipe.core.linked_index import open_linked
 
         return open_linked(path, manifest, verify)
     checked = check_files(path, manifest, verify)
@@ -822,7 +823,7 @@ class OpenIndex:
         self._usearch = self._rows = self._full = self._flat = None
         self.codec = None
         if self.metadata.get("codec"):
-            from .codec import codec_from_meta
+            from vecpipe.core.codec import codec_from_meta
 
             self.codec = codec_from_meta(self.metadata, source=path)
 
@@ -949,7 +950,7 @@ def to_index_codes(codec, codes):
     if codec.to == "uint8":
         return (codes.astype(np.int16) - 128).astype(np.int8)
     if codec.to == "bfloat16":
-        from .codec import bfloat16_bits_to_float32
+        from vecpipe.core.codec import bfloat16_bits_to_float32
 
         return bfloat16_bits_to_float32(codes)
     return codes
@@ -962,7 +963,7 @@ def from_index_codes(codec, stored):
     if codec.to == "uint8":
         return (stored.astype(np.int16) + 128).astype(np.uint8)
     if codec.to == "bfloat16":
-        from .codec import float32_to_bfloat16_bits
+        from vecpipe.core.codec import float32_to_bfloat16_bits
 
         return float32_to_bfloat16_bits(stored)
     return np.ascontiguousarray(stored, dtype=codec.code_dtype)
@@ -978,121 +979,6 @@ def _index_numpy_dtype(dtype: str):
 
     return {"f32": np.float32, "f16": np.float16, "bf16": np.float32, "i8": np.int8,
             "b1": np.uint8}[dtype]
-
-
-# ---- scores -----------------------------------------------------------------------------------
-
-def distance_to_score(metric: str, distances, bits: int | None = None):
-    """usearch distances -> similarities (larger is better). usearch's cos and ip distances are
-    1 - similarity, l2sq is the squared distance, hamming counts differing bits."""
-    if metric in ("cos", "ip"):
-        return 1.0 - distances
-    if metric == "l2sq":
-        return -distances
-    return 1.0 - distances / bits
-
-
-def similarity(metric: str, queries, vectors) -> "np.ndarray":
-    """Scores of every query against every vector (queries x vectors), in the convention of
-    `distance_to_score`; `metric` hamming takes packed-bit (uint8) vectors."""
-    import numpy as np
-
-    if metric == "hamming":
-        from .codec import hamming_distances
-
-        bits = vectors.shape[1] * 8
-        return (1.0 - hamming_distances(queries, vectors) / bits).astype(np.float32)
-    q = np.asarray(queries, dtype=np.float32)
-    x = np.asarray(vectors, dtype=np.float32)
-    if metric == "cos":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        return q @ x.T
-    if metric == "ip":
-        return q @ x.T
-    if metric == "l2sq":
-        return -((q * q).sum(1)[:, None] - 2 * (q @ x.T) + (x * x).sum(1)[None, :])
-    raise UsageError(f"unknown metric {metric!r}")
-
-
-def paired_similarity(metric: str, queries, candidates) -> "np.ndarray":
-    """Scores of query i against its own candidates[i] (queries x candidates x dim)."""
-    import numpy as np
-
-    q = np.asarray(queries, dtype=np.float32)
-    x = np.asarray(candidates, dtype=np.float32)
-    if metric == "cos":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        x = x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-30)
-    if metric in ("cos", "ip"):
-        return np.einsum("qd,qkd->qk", q, x)
-    diff = x - q[:, None, :]
-    return -np.einsum("qkd,qkd->qk", diff, diff)
-
-
-class TopK:
-    """The running best `k` (score, row) per query over blocks of scores (exact stream search)."""
-
-    def __init__(self, queries: int, k: int):
-        import numpy as np
-
-        self.k = k
-        self.scores = np.full((queries, 0), -np.inf, dtype=np.float32)
-        self.rows = np.zeros((queries, 0), dtype=np.int64)
-
-    def update(self, scores, first_row: int, allowed=None) -> None:
-        """`scores`: queries x block; rows are first_row + column; `allowed`: bool per column."""
-        import numpy as np
-
-        scores = np.asarray(scores, dtype=np.float32)
-        columns = np.arange(scores.shape[1], dtype=np.int64)
-        if allowed is not None:
-            scores, columns = scores[:, allowed], columns[allowed]
-        if scores.shape[1] > self.k:
-            part = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
-            scores, rows = np.take_along_axis(scores, part, 1), columns[part] + first_row
-        else:
-            rows = np.broadcast_to(columns + first_row, scores.shape)
-        merged = sorted_hits(np.concatenate([self.rows, rows], axis=1),
-                             np.concatenate([self.scores, scores], axis=1), self.k)
-        self.rows, self.scores = merged.rows, merged.scores
-
-    def hits(self, min_score: float | None = None) -> "Hits":
-        return Hits(self.rows.copy(), self.scores.copy()).thresholded(min_score)
-
-
-@dataclass
-class Hits:
-    """Search results: `rows` (queries x width, -1 = no hit), `scores` (same shape, sorted
-    descending per query, ties by row), `counts` = hits per query."""
-
-    rows: "np.ndarray"
-    scores: "np.ndarray"
-
-    @property
-    def counts(self):
-        return (self.rows >= 0).sum(axis=1)
-
-    def thresholded(self, min_score: float | None) -> "Hits":
-        import numpy as np
-
-        if min_score is None:
-            return self
-        keep = (self.rows >= 0) & (self.scores >= min_score)
-        return Hits(np.where(keep, self.rows, -1), np.where(keep, self.scores, -np.inf))
-
-
-def sorted_hits(rows, scores, width: int) -> Hits:
-    """Order candidates by score, ties by row, and keep `width` per query."""
-    import numpy as np
-
-    scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
-    if rows.shape[1] == 0:
-        return Hits(rows.astype(np.int64), scores)
-    order = np.lexsort((np.where(rows >= 0, rows, np.iinfo(np.int64).max), -scores),
-                       axis=1)[:, :width]
-    rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
-    return Hits(np.where(scores > -np.inf, rows, -1).astype(np.int64), scores)
 
 
 # ---- searching --------------------------------------------------------------------------------
@@ -1304,7 +1190,7 @@ def _padded(hits: Hits, width: int):
 
 def _rescore_source(index: OpenIndex, rescore: int | None) -> str | None:
     """'full' (kept vectors), 'codes' (float query vs decoded codes) or None."""
-    from .codec import SCALAR_TARGETS
+    from vecpipe.core.codec import SCALAR_TARGETS
 
     if rescore is not None and rescore < 1:
         raise UsageError("--rescore must be at least 1")

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 from typing import Mapping, Sequence
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 FILE_NAME = "vectors.sqlite"
 _CHUNK = 500  # keys per SELECT (below SQLite's bound-parameter limit everywhere)

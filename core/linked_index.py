@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Sequence
 
-from .errors import DataError, UsageError
+from vecpipe.formats.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +36,7 @@ def shard_folder(number: int) -> str:
 def open_linked(path: str, manifest: dict, verify: bool = False) -> "LinkedIndex":
     """`manifest` is checked by index_store.check_manifest: shard paths are `shards/NNNNN`,
     hidden rows `shards/NNNNN.hidden.npy`."""
-    from .index_store import check_files, open_index
+    from vecpipe.core.index_store import check_files, open_index
 
     checked = check_files(path, manifest, verify)
     shards = []
@@ -96,8 +96,8 @@ class LinkedIndex:
         """The stored fields of every shard, in row order (a field a shard lacks is null)."""
         import pyarrow as pa
 
-        from .merging import unify_schemas
-        from .schema import align_batch
+        from vecpipe.core.merging import unify_schemas
+        from vecpipe.formats.schema import align_batch
 
         if self._rows is None:
             tables = [shard.rows() for shard in self.shards]
@@ -212,7 +212,7 @@ class LinkedSearcher:
     def search(self, queries, encoded: bool = False):
         import numpy as np
 
-        from .index_store import sorted_hits
+        from vecpipe.core.vectors import sorted_hits
 
         if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
             raise UsageError("the shards use different codecs: query with float vectors")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from . import schema as names
-from .errors import DataError, UsageError
-from .shards import PART_PATTERN, parse_part_name
+from vecpipe.formats import schema as names
+from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.shards import PART_PATTERN, parse_part_name
 
 if TYPE_CHECKING:
     import numpy as np

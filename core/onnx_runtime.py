@@ -27,7 +27,7 @@ import warnings
 
 from vecpipe.formats.errors import DataError, UsageError
 
-from . import console
+from vecpipe.core import notices
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _OPSET = 17
@@ -61,7 +61,7 @@ def ensure_export(model, export_dir: str | None) -> str:
     path = os.path.join(folder, f"vecpipe-{model.sha or 'hub'}-fp32.onnx")
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
-        console.info(f"exporting {model.name} to ONNX (once): {path}")
+        notices.info(f"exporting {model.name} to ONNX (once): {path}")
         with _atomic_path(path) as tmp:
             export_transformer(model.st, tmp)
     return path
@@ -73,10 +73,10 @@ def ensure_fused(plain_path: str, st) -> str:
     path = plain_path.replace("-fp32.onnx", "-fp32-opt.onnx")
     if os.path.isfile(path):
         return path
-    console.info(f"optimizing the ONNX graph (once): {path}")
+    notices.info(f"optimizing the ONNX graph (once): {path}")
     with _atomic_path(path) as tmp:
         if not fuse_transformer(plain_path, tmp, st):
-            console.warn("onnxruntime could not fuse this model's graph; using the plain export")
+            notices.warn("onnxruntime could not fuse this model's graph; using the plain export")
             return plain_path
     return path
 
@@ -85,7 +85,7 @@ def ensure_int8(fp32_path: str) -> str:
     """A dynamically quantized (int8 weights) copy of an exported model, made on first use."""
     path = re.sub(r"-fp32(-opt)?\.onnx$", "-int8.onnx", fp32_path)
     if not os.path.isfile(path):
-        console.info(f"quantizing to int8 (once): {path}")
+        notices.info(f"quantizing to int8 (once): {path}")
         with _atomic_path(path) as tmp:
             quantize_int8(fp32_path, tmp)
     return path
@@ -245,7 +245,7 @@ class OpenVinoRuntime:
             raise UsageError("--backend openvino runs on the CPU here; use --device cpu")
         core = ov.Core()
         if bfloat16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            console.warn("this CPU has no bfloat16 support: --backend openvino runs float32")
+            notices.warn("this CPU has no bfloat16 support: --backend openvino runs float32")
             bfloat16 = False
         self.precision = "bfloat16" if bfloat16 else "float32"
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"}
