@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test,onnx,openvino,ray
 PYTEST_ARGS ?=
 
-.PHONY: install test bench man demo clean
+.PHONY: install test test-fast bench man demo clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Everything but the tests marked slow (real model, ONNX, OpenVINO, Ray, NFCorpus): the edit loop.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python bench/startup.py
 
@@ -32,7 +36,7 @@ demo: install
 	mkdir -p demo
 	$(BIN)/python bench/demo_corpus.py -o demo/stdlib.jsonl
 	$(BIN)/python bench/demo_corpus.py --queries demo/queries.jsonl
-	$(BIN)/vecpipe embed demo/stdlib.jsonl --field text | $(BIN)/vecpipe index -o demo/idx --store title
+	$(BIN)/vecpipe embed demo/stdlib.jsonl --text-field text | $(BIN)/vecpipe index -o demo/idx --fields title
 	$(BIN)/vecpipe search demo/idx demo/queries.jsonl -k 3 --fields title --output-format jsonl \
 		| $(BIN)/python bench/demo_corpus.py --show
 

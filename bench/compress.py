@@ -38,22 +38,22 @@ K = 10
 # (label, compress arguments, scoring)
 CONFIGS = [
     ("float32", None, "float"),
-    ("float16", ["--to", "float16"], "asymmetric"),
-    ("bfloat16", ["--to", "bfloat16"], "asymmetric"),
-    ("int8", ["--to", "int8"], "asymmetric"),
-    ("int8 (symmetric: int8 queries)", ["--to", "int8"], "symmetric"),
-    ("uint8", ["--to", "uint8"], "asymmetric"),
-    ("binary (hamming)", ["--to", "binary"], "symmetric"),
-    ("binary (float queries)", ["--to", "binary"], "asymmetric"),
-    ("binary + rescore x4", ["--to", "binary"], "rescore:4"),
-    ("binary + rescore x10", ["--to", "binary"], "rescore:10"),
+    ("float16", ["--dtype", "float16"], "asymmetric"),
+    ("bfloat16", ["--dtype", "bfloat16"], "asymmetric"),
+    ("int8", ["--dtype", "int8"], "asymmetric"),
+    ("int8 (symmetric: int8 queries)", ["--dtype", "int8"], "symmetric"),
+    ("uint8", ["--dtype", "uint8"], "asymmetric"),
+    ("binary (hamming)", ["--dtype", "binary"], "symmetric"),
+    ("binary (float queries)", ["--dtype", "binary"], "asymmetric"),
+    ("binary + rescore x4", ["--dtype", "binary"], "rescore:4"),
+    ("binary + rescore x10", ["--dtype", "binary"], "rescore:10"),
     ("dim 256", ["--dim", "256"], "asymmetric"),
     ("dim 128", ["--dim", "128"], "asymmetric"),
     ("pca 256", ["--pca", "256"], "asymmetric"),
     ("pca 128", ["--pca", "128"], "asymmetric"),
-    ("int8 + dim 256", ["--dim", "256", "--to", "int8"], "asymmetric"),
-    ("int8 + pca 128", ["--pca", "128", "--to", "int8"], "asymmetric"),
-    ("binary + dim 256 + rescore x10", ["--dim", "256", "--to", "binary"], "rescore:10"),
+    ("int8 + dim 256", ["--dim", "256", "--dtype", "int8"], "asymmetric"),
+    ("int8 + pca 128", ["--pca", "128", "--dtype", "int8"], "asymmetric"),
+    ("binary + dim 256 + rescore x10", ["--dim", "256", "--dtype", "binary"], "rescore:10"),
 ]
 
 
@@ -203,10 +203,10 @@ def throughput(tmp: Path, rows: int) -> list[tuple[str, float]]:
     del vectors
     results = []
     for label, args in [("convert (copy, baseline)", ["convert"]),
-                        ("compress --to float16", ["compress", "--to", "float16"]),
-                        ("compress --to int8", ["compress", "--to", "int8"]),
-                        ("compress --to binary", ["compress", "--to", "binary"]),
-                        ("compress --pca 128 --to int8", ["compress", "--pca", "128", "--to",
+                        ("compress --to float16", ["compress", "--dtype", "float16"]),
+                        ("compress --to int8", ["compress", "--dtype", "int8"]),
+                        ("compress --to binary", ["compress", "--dtype", "binary"]),
+                        ("compress --pca 128 --to int8", ["compress", "--pca", "128", "--dtype",
                                                            "int8"])]:
         times = []
         for _ in range(3):

@@ -97,8 +97,9 @@ def load_st(device: str):
 
 
 def embed_cmd(args, extra=()):
-    return [sys.executable, "-m", "vecpipe.cli", "embed", "--field", "title", "--field", "text",
-            "--batch-size", str(args.batch_size), "--device", args.device, "-q", *extra]
+    return [sys.executable, "-m", "vecpipe.cli", "embed", "--text-field", "title",
+            "--text-field", "text", "--batch-size", str(args.batch_size), "--device", args.device,
+            "-q", *extra]
 
 
 def run_embed(input_path: Path, args, extra=(), output=None):

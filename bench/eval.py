@@ -1,4 +1,4 @@
-"""Benchmark vecpipe's retrieval metrics (formats.metrics.evaluate) against pytrec_eval.
+"""Benchmark vecpipe's retrieval metrics (core.retrieval_metrics.evaluate) against pytrec_eval.
 
 A synthetic run (Q queries x D documents each, random scores, ~10 judged documents per query)
 is scored by both, all of nDCG/MAP/recall/P at 1,3,5,10,100,1000 (+ MRR@k for vecpipe), and
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytrec_eval
 
-from vecpipe.core import metrics as m
+from vecpipe.core import retrieval_metrics as m
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
 

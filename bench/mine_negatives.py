@@ -46,7 +46,7 @@ CONFIGS = [
      ["-n", "5", "--range-max", "50", "--relative-margin", "0.05"]),
     ({"num_negatives": 5, "range_max": 50}, ["-n", "5", "--range-max", "50"]),
 ]
-COMMON = ["--on-short", "keep", "--layout", "triplet", "--with-scores"]
+COMMON = ["--on-short", "keep", "--shape", "triplet", "--with-scores"]
 
 
 def main() -> None:
@@ -272,7 +272,7 @@ def compare_scale(nf: dict, work: Path, size: int, cap_gb: float, exact: bool) -
         arrow = work / f"synthetic-{size}.arrow"
         write_embeddings(arrow, ids, texts, np.load(vectors_path, mmap_mode="r"))
         built = measured([sys.executable, "-m", "vecpipe.cli", "index", str(arrow), "-o",
-                          str(index), "--store", "text", "-q"])
+                          str(index), "--fields", "text", "-q"])
         report(f"vecpipe index ({size:,} x 384 f32, --store text)", [built])
         arrow.unlink()
     cache = work / f"st-cache-{size}"

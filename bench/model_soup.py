@@ -46,7 +46,7 @@ def main() -> None:
     if not triplets.exists():
         timings["mine"] = timed(lambda: vecpipe(
             "mine-negatives", "--beir", args.data, "--split", "train", "-n", "1",
-            "--layout", "triplet", "-o", triplets))
+            "--shape", "triplet", "-o", triplets))
     tuned = work / "tuned"
     if not (tuned / "config.json").exists():
         timings["fine-tune"] = timed(lambda: fine_tune(triplets, tuned, args))
@@ -58,8 +58,8 @@ def main() -> None:
             "--method", args.method, "-o", soup, "-q"))
         started = time.perf_counter()
         report = json.loads(vecpipe("eval", "beir", args.data, "-m", soup, "--split", "test",
-                                    "--metrics", "ndcg,recall", "-k", "10,100", "--json",
-                                    "-q").splitlines()[-1])
+                                    "--metrics", "ndcg,recall", "--cutoffs", "10,100",
+                                    "--output-format", "jsonl", "-q").splitlines()[-1])
         rows.append({"weight": weight, "ndcg@10": report["ndcg_at_10"],
                      "recall@100": report["recall_at_100"], "merge_s": merge_s,
                      "eval_s": time.perf_counter() - started})

@@ -70,8 +70,8 @@ def main() -> None:
 
 
 def vecpipe(*args) -> list[str]:
-    return [sys.executable, "-m", "vecpipe.cli", "embed", "-q", "--field", "title", "--field",
-            "text", "--device", "cpu", *map(str, args)]
+    return [sys.executable, "-m", "vecpipe.cli", "embed", "-q", "--text-field", "title",
+            "--text-field", "text", "--device", "cpu", *map(str, args)]
 
 
 def time_variants(folder: Path, parts: int, rounds: int) -> dict[str, list[tuple]]:

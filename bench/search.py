@@ -32,7 +32,7 @@ expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exa
 an Arrow file. Its peak RSS counts the pages of that memory-mapped file, which the kernel can
 drop at will; piping an Arrow stream into `vecpipe index -` instead measures about the usearch
 index plus 140 MB of interpreter and ~60 MB per 100k rows (the ids, buffers). Searches run
-in-process through `index_store.Searcher` on 1,000 query vectors (embedding time excluded),
+in-process through `index_search.Searcher` on 1,000 query vectors (embedding time excluded),
 median of 3 runs.
 faiss: IndexHNSWFlat(M=16, efConstruction=128, efSearch=64, inner product) on the same vectors.
 Exact: numpy float32 matmul + top-k in blocks. recall@10 is against the exact float top 10.
@@ -221,7 +221,8 @@ def build_vecpipe(arrow, folder, options):
 
 
 def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=()):
-    from vecpipe.core.index_store import FLAT_VECTORS, FULL, VECTORS, open_index
+    from vecpipe.core.index_format import FLAT_VECTORS, FULL, VECTORS
+    from vecpipe.core.index_open import open_index
 
     rows = []
     for name, options, search_options in VARIANTS:

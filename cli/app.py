@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from vecpipe.cli import __version__, console
+from vecpipe.cli import console, options
+from vecpipe.formats import __version__
 from vecpipe.cli.errors import boundary
 
 try:  # typer vendors its own copy of click (0.2x); older ones use click itself
@@ -50,7 +51,7 @@ class _RegistryOrder(typer.core.TyperGroup):
         except click_errors.ClickException as err:
             print(usage_line(err), file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
-        except click_errors.Abort:
+        except typer.Abort:
             code = 130
         if code == 130 and not console.errors_reported():  # typer caught a Ctrl-C itself
             print("vecpipe: interrupted", file=sys.stderr, flush=True)
@@ -96,10 +97,13 @@ def _register() -> None:
         module = importlib.import_module(f"vecpipe.commands.{module_name}")
         summary = (module.__doc__ or "").strip().splitlines()[0]
         if hasattr(module, "app"):  # a command with subcommands (e.g. eval)
+            for sub in module.app.registered_commands:
+                sub.callback = options.with_aliases(sub.callback)
             app.add_typer(module.app, name=name, help=summary, context_settings=CONTEXT)
         else:
+            command = options.with_aliases(boundary(name)(module.run))
             app.command(name, help=module.run.__doc__, short_help=summary,
-                        context_settings=CONTEXT)(boundary(name)(module.run))
+                        context_settings=CONTEXT)(command)
 
 
 _register()

@@ -27,7 +27,3 @@ def error(message: str, hint: str | None = None) -> None:
     print(f"{notices.prefix()}: error: {message}", file=sys.stderr, flush=True)
     if hint:
         print(f"hint: {hint}", file=sys.stderr, flush=True)
-
-
-def stdout_is_terminal() -> bool:
-    return sys.stdout.isatty()

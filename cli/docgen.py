@@ -28,7 +28,8 @@ def _is_group(cmd) -> bool:
 
 
 def _is_option(param) -> bool:
-    return param.param_type_name == "option"
+    """A visible option (deprecated spellings are hidden ones)."""
+    return param.param_type_name == "option" and not param.hidden
 
 
 def command_tree():
@@ -66,6 +67,8 @@ def _split_help(help_text: str) -> tuple[str, list[str]]:
 
 def _option_lines(cmd):
     for param in cmd.params:
+        if getattr(param, "hidden", False):
+            continue
         if _is_option(param):
             names = ", ".join(param.opts + param.secondary_opts)
             value = "" if param.is_flag else f" {param.metavar or param.name.upper()}"
@@ -101,7 +104,9 @@ def man_page(path: list[str], cmd) -> str:
     for code, meaning in EXIT_STATUS:
         lines += [".TP", f".B {code}", _roff(meaning)]
     lines += [".SH ENVIRONMENT", ".TP", ".B VECPIPE_DEBUG",
-              "Set to 1 to print tracebacks with errors.", ".SH SEE ALSO",
+              "Set to 1 to print tracebacks with errors.", ".TP", ".B VECPIPE_OUTPUT_FORMAT",
+              _roff("The format written to stdout when --output-format is auto (jsonl, arrow, "
+                    "arrow-file, parquet; table or json for reports)."), ".SH SEE ALSO",
               "\\fBvecpipe\\fR(1)" if len(path) > 1 else
               ", ".join(f"\\fB{_roff(n)}\\fR(1)" for n in _all_names()[1:])]
     return "\n".join(lines) + "\n"

@@ -15,6 +15,7 @@ import traceback
 
 import typer
 
+from vecpipe.core.space import SpaceMismatch
 from vecpipe.formats.errors import DataError, Terminated, UsageError, VecpipeError
 from vecpipe.formats.writers import STDOUT_NAME, write_error
 
@@ -105,6 +106,13 @@ def _report(err: Exception) -> int:
     return 1
 
 
+def _hint(err: VecpipeError) -> str | None:
+    """The error's hint; for mixed vector spaces, with the flag that overrules the check."""
+    if isinstance(err, SpaceMismatch):
+        return f"{err.hint}; pass --force if you know better"
+    return err.hint
+
+
 def boundary(command: str):
     """Decorate a command function: configure the console and map exceptions to exit codes."""
     def wrap(func):
@@ -121,7 +129,7 @@ def boundary(command: str):
             except VecpipeError as err:
                 if _debug():
                     traceback.print_exc()
-                console.error(str(err), err.hint)
+                console.error(str(err), _hint(err))
                 raise typer.Exit(err.exit_code) from None
             except Terminated:
                 console.error("terminated")

@@ -1,38 +1,313 @@
-"""Options shared by several commands, defined once.
+"""The option vocabulary: every option that two commands share, defined once (one name, one
+meaning, one parser, one help), and the deprecated spellings that stand for them.
 
 Use as parameter annotations: `def run(inputs: options.Inputs = None, output: options.Output =
-None, ...)`. Parameter names matter: the error boundary reads `quiet`.
+None, ...)`. Parameter names matter: the error boundary reads `quiet`. A deprecated spelling is
+a hidden parameter of its own (`options.alias(...)`); `with_aliases` (applied by cli.app to every
+command) warns when one is used and hands its value to the parameter it stands for.
 """
 from __future__ import annotations
 
-from typing import Annotated, List, Optional
+import functools
+import inspect
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Callable, List, Optional
 
 import typer
+
+# (option names, help) of every option declared here; tests/test_vocabulary.py checks against it
+SHARED: set[tuple[tuple[str, ...], str]] = set()
+_DEPRECATED_VALUES = "vecpipe.deprecated"
+
+
+def shared(*names: str, help: str, **settings) -> typer.models.OptionInfo:
+    """A typer.Option that belongs to the vocabulary (registered in SHARED)."""
+    SHARED.add((names, help))
+    return typer.Option(*names, help=help, **settings)
+
+
+@dataclass(frozen=True)
+class Deprecated:
+    """Marks a hidden parameter as the old spelling `old` of `new` (the parameter `target`).
+    `convert` turns the old value into {parameter: value}; None means {target: value}."""
+    old: str
+    new: str
+    target: str | None
+    convert: Callable | None = None
+
+    def values(self, value) -> dict:
+        if self.convert is not None:
+            return self.convert(value)
+        return {} if self.target is None else {self.target: value}
+
+
+def alias(kind, old: str, new: str, target: str | None, convert: Callable | None = None,
+          **settings):
+    """The annotation of a hidden parameter spelled `old`, deprecated for `new`."""
+    return Annotated[kind, typer.Option(old, hidden=True, show_default=False, **settings),
+                     Deprecated(old, new, target, convert)]
+
+
+def deprecation(command: str, old: str, new: str) -> str:
+    return f"{command}: warning: {old} is deprecated; use {new}"
+
+
+def aliases_of(func) -> dict[str, Deprecated]:
+    """The deprecated spellings among `func`'s parameters, by parameter name."""
+    hints = typing.get_type_hints(inspect.unwrap(func), include_extras=True)
+    found = {}
+    for name, hint in hints.items():
+        marks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Deprecated)]
+        if marks:
+            found[name] = marks[0]
+    return found
+
+
+def _is_given(value) -> bool:
+    return value not in (None, False) and value != [] and value != ()
+
+
+def with_aliases(func):
+    """Wrap a command: each deprecated spelling used warns once on stderr (unless -q) and its
+    value goes to the parameter it stands for; giving both spellings is a usage error."""
+    aliases = aliases_of(func)
+    defaults = {name: p.default for name, p in inspect.signature(func).parameters.items()}
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        from typer._click.exceptions import UsageError
+        from typer._click.globals import get_current_context
+
+        ctx = get_current_context(silent=True)
+        command = ctx.command_path if ctx is not None else "vecpipe"
+        notes = list(ctx.meta.get(_DEPRECATED_VALUES, [])) if ctx is not None else []
+        for name, mark in aliases.items():
+            value = kwargs.get(name)
+            if not _is_given(value):
+                continue
+            kwargs[name] = defaults[name]
+            notes.append((mark.old, mark.new))
+            for target, new_value in mark.values(value).items():
+                if kwargs.get(target) != defaults[target]:
+                    raise UsageError(f"give {mark.new} or {mark.old}, not both", ctx)
+                kwargs[target] = new_value
+        if not kwargs.get("quiet"):
+            for old, new in notes:
+                print(deprecation(command, old, new), file=sys.stderr, flush=True)
+        return func(*args, **kwargs)
+
+    return run
+
+
+def _note_deprecated_value(ctx, old: str, new: str) -> None:
+    ctx.meta.setdefault(_DEPRECATED_VALUES, []).append((old, new))
+
+
+def field_list(values):
+    """`A,B` and/or repeated: the field names in order (None when not given)."""
+    if not values:
+        return None
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        raise typer.BadParameter("needs at least one field name")
+    return names
+
+
+def comma_list(value: str | None):
+    return None if value is None else field_list([value])
+
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
+SHORT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
+                "b1": "binary"}
+INDEX_DTYPES = {long: short for short, long in SHORT_DTYPES.items()}
+
+
+def storage_dtype(value: str | None):
+    """One storage vocabulary: float32|float16|bfloat16|int8|uint8|binary|ubinary, with
+    f32/f16/bf16/i8/b1 as aliases; the long name comes back."""
+    if value is None:
+        return None
+    name = SHORT_DTYPES.get(value.lower(), value.lower())
+    if name not in STORAGE_DTYPES:
+        raise typer.BadParameter(f"{value!r}: choose from {', '.join(STORAGE_DTYPES)} (or "
+                                 f"{', '.join(SHORT_DTYPES)})")
+    return name
+
+
+def index_dtype(value: str | None, option: str = "--dtype"):
+    """The index engine's name (f32...b1) for a storage dtype; uint8/ubinary have none."""
+    from vecpipe.formats.errors import UsageError
+
+    if value is None:
+        return None
+    if value not in INDEX_DTYPES:
+        raise UsageError(f"an index stores {'|'.join(INDEX_DTYPES)}, not {value} ({option})")
+    return INDEX_DTYPES[value]
+
+
+ON_DUPLICATE = ("error", "first", "last", "keep")
+_OLD_DUPLICATE_VALUES = {"skip": "first", "replace": "last", "none": "keep"}
+
+
+def on_duplicate(ctx: typer.Context, value: str) -> str:
+    if value in _OLD_DUPLICATE_VALUES:
+        new = _OLD_DUPLICATE_VALUES[value]
+        _note_deprecated_value(ctx, f"--on-duplicate {value}", f"--on-duplicate {new}")
+        return new
+    if value not in ON_DUPLICATE:
+        raise typer.BadParameter(f"{value!r}: choose from {'|'.join(ON_DUPLICATE)}")
+    return value
+
+
+def index_duplicates(value: str) -> str:
+    """The index builder's name (error|skip|replace) for an --on-duplicate value."""
+    from vecpipe.formats.errors import UsageError
+
+    if value == "keep":
+        raise UsageError("an index holds one row per id; --on-duplicate keep applies to record "
+                         "streams (merge)")
+    return {"first": "skip", "last": "replace"}.get(value, value)
+
+
+def old_dedupe(value: str) -> str:
+    """`merge --dedupe none|first|last|error` in the --on-duplicate vocabulary."""
+    if value not in ("none", "first", "last", "error"):
+        raise typer.BadParameter(f"{value!r}: choose from none|first|last|error")
+    return "keep" if value == "none" else value
+
 
 Inputs = Annotated[Optional[List[str]], typer.Argument(
     help="Input files, or - for stdin (the default). Read in order as one stream; format "
          "sniffed from the first bytes (JSONL, Arrow, Parquet; gzip/zstd unwrapped).",
     show_default=False, metavar="INPUT")]
-Output = Annotated[Optional[str], typer.Option(
-    "-o", "--output", help="Write here (atomically) instead of stdout.", metavar="PATH")]
-OutputFormat = Annotated[str, typer.Option(
+OUTPUT_HELP = ("Write here (atomically) instead of stdout; index: the folder to write (through "
+               "a symlink, the link's target is replaced) or to extend with --append.")
+Output = Annotated[Optional[str], shared("-o", "--output", help=OUTPUT_HELP, metavar="PATH")]
+OutputFolder = Annotated[str, shared("-o", "--output", help=OUTPUT_HELP, metavar="DIR")]
+OutputFormat = Annotated[str, shared(
     "--output-format",
-    help="auto|arrow|arrow-file|jsonl|parquet. auto: from -o's extension, else Arrow IPC "
-         "stream on a pipe and JSONL on a terminal.")]
-InputFormat = Annotated[str, typer.Option(
+    help="Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec); reports (eval, "
+         "info): auto|table|jsonl|json. auto: from -o's extension, else "
+         "$VECPIPE_OUTPUT_FORMAT, else on a pipe Arrow IPC for streams that carry vectors and "
+         "JSONL for the rest; a terminal gets JSONL or a table.")]
+InputFormat = Annotated[str, shared(
     "--input-format", help="auto|jsonl|arrow|arrow-file|parquet|csv|tsv|text (text: one "
                            "record per line, field `text`).")]
-Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print nothing on stderr but errors.")]
-Force = Annotated[bool, typer.Option(
+Quiet = Annotated[bool, shared("-q", "--quiet", help="Print nothing on stderr but errors.")]
+Force = Annotated[bool, shared(
     "--force", help="Mix vectors whose model/dim/codec metadata differ.")]
-Model = Annotated[Optional[str], typer.Option(
-    "-m", "--model", help="Model: bundled all-MiniLM-L6-v2 by default; a local directory, a "
-                          "hub name, or fake:DIM (hash vectors for tests).", metavar="MODEL")]
-Device = Annotated[str, typer.Option(
-    "--device", help="auto|cpu|cuda|cuda:N|mps (auto prefers CUDA).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Texts per model call.")]
-Shard = Annotated[Optional[str], typer.Option(
+Model = Annotated[Optional[str], shared(
+    "-m", "--model", help="Model: bundled all-MiniLM-L6-v2 by default (search and index: the "
+                          "one the vectors record); a local directory, a hub name, or fake:DIM "
+                          "(hash vectors for tests).", metavar="MODEL", show_default=False)]
+Device = Annotated[str, shared(
+    "--device", help="auto|cpu|cuda|cuda:N|mps (auto prefers CUDA); embed also takes several, "
+                     "comma-separated (cuda:0,cuda:1): one worker process per device.")]
+BatchSize = Annotated[int, shared("--batch-size", min=1, help="Texts per model call.")]
+Shard = Annotated[Optional[str], shared(
     "--shard", help="Process only shard I of N (I/N, 0-based), or auto from Slurm/torchrun/"
-                    "Kubernetes variables.", metavar="I/N")]
-TrustRemoteCode = Annotated[bool, typer.Option(
+                    "Kubernetes variables; with -o DIR/ the part is DIR/part-0000I-of-0000N.",
+    metavar="I/N")]
+TrustRemoteCode = Annotated[bool, shared(
     "--trust-remote-code", help="Allow a hub model to run its own code (off by default).")]
+Cache = Annotated[Optional[str], shared(
+    "--cache", help="Content-addressed embedding cache folder (shared by embed and eval beir): "
+                    "reruns embed only new or changed texts.", metavar="DIR")]
+
+TopK = Annotated[int, shared("-k", "--top-k", min=1, help="Hits per query.")]
+Cutoffs = Annotated[Optional[str], shared(
+    "--cutoffs", help="Cutoffs k of the metrics, comma-separated (beir keeps the top max(k) "
+                      "hits). [default: 1,3,5,10,100,1000; beir: MTEB's 1,3,5,10,20,100,1000]",
+    metavar="K,K", show_default=False)]
+Metrics = Annotated[Optional[str], shared(
+    "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision. [default: all]",
+    metavar="M,M", show_default=False)]
+PerQuery = Annotated[bool, shared(
+    "--per-query", help="Print one JSON record per run and query instead of the summary.")]
+FailUnder = Annotated[Optional[List[str]], shared(
+    "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
+                         "repeatable. The report is printed first.", metavar="METRIC=VALUE")]
+Seed = Annotated[int, shared("--seed", help="Seed of the command's random sampling or test.")]
+Split = Annotated[str, shared("--split", help="Which BEIR qrels/SPLIT.tsv to use.")]
+
+TextField = Annotated[Optional[List[str]], shared(
+    "--text-field", help="Field holding the text to embed (default: text). Repeat to join "
+                         "several with a space, in order; empty parts are skipped.",
+    metavar="FIELD", show_default=False)]
+VectorField = Annotated[str, shared("--vector-field", help="Field holding the vectors.",
+                                    metavar="FIELD")]
+IdField = Annotated[Optional[str], shared(
+    "--id-field", help="Field holding record ids (default: id, else _id, else the record "
+                       "number).", metavar="FIELD")]
+Fields = Annotated[Optional[List[str]], shared(
+    "--fields", help="Fields to keep or show, in order: A,B or repeated (index: stored for "
+                     "output and --filter; `id` is always kept).", metavar="A,B",
+    callback=field_list, show_default=False)]
+AllFields = Annotated[bool, shared("--all-fields", help="Every field but the vectors.")]
+
+Precision = Annotated[str, shared(
+    "--precision", help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA, "
+                        "float32 elsewhere; openvino takes float32 or bfloat16); output vectors "
+                        "are float32, and a precision other than float32 is recorded in the "
+                        "metadata.")]
+StorageDtype = Annotated[Optional[str], shared(
+    "--dtype", help="Storage type: float32|float16|bfloat16|int8|binary (or f32|f16|bf16|i8|b1); "
+                    "compress also uint8|ubinary. int8/uint8 use per-dimension ranges from "
+                    "calibration rows; binary keeps sign bits packed 8 per byte. index: "
+                    "default follows the input.", metavar="TYPE", callback=storage_dtype,
+    show_default=False)]
+IndexDtype = Annotated[Optional[str], shared(
+    "--index-dtype", help="Search a temporary HNSW index of this storage type instead: "
+                          "float32|float16|bfloat16|int8|binary (or f32|f16|bf16|i8|b1).",
+    metavar="TYPE", callback=storage_dtype, show_default=False)]
+OnDuplicate = Annotated[str, shared(
+    "--on-duplicate", help="error|first|last|keep: an id seen before (indexed, or earlier in "
+                           "the input) fails, keeps the first copy, keeps the last, or keeps "
+                           "every copy (record streams only).", callback=on_duplicate)]
+
+Prompt = Annotated[Optional[str], shared(
+    "--prompt", help="Text put before every input text, e.g. 'query: ' (in metadata).",
+    metavar="TEXT", show_default=False)]
+PromptName = Annotated[Optional[str], shared(
+    "--prompt-name", help="One of the model's own prompts, by name, e.g. query.",
+    metavar="NAME", show_default=False)]
+QueryPrompt = Annotated[Optional[str], shared(
+    "--query-prompt", help="Text put before every query (e.g. 'query: '); index records it "
+                           "for search.", metavar="TEXT", show_default=False)]
+QueryPromptName = Annotated[Optional[str], shared(
+    "--query-prompt-name", help="One of the model's own prompts, by name, for queries.",
+    metavar="NAME", show_default=False)]
+DocPrompt = Annotated[Optional[str], shared(
+    "--doc-prompt", help="Text put before every document (e.g. 'passage: ').", metavar="TEXT",
+    show_default=False)]
+DocPromptName = Annotated[Optional[str], shared(
+    "--doc-prompt-name", help="One of the model's own prompts, by name, for documents.",
+    metavar="NAME", show_default=False)]
+
+Dim = Annotated[Optional[int], shared(
+    "--dim", min=1, metavar="N", help="Keep the first N dimensions and re-normalise (Matryoshka "
+                                      "truncation; costly for models not trained for it).")]
+Metric = Annotated[Optional[str], shared(
+    "--metric", help="cos|ip|l2sq|hamming. Default: cos for float vectors, hamming for packed "
+                     "bits (search: for an embeddings-stream INDEX only).", show_default=False)]
+Exact = Annotated[bool, shared("--exact", help="Brute-force search instead of the HNSW graph.")]
+Ef = Annotated[Optional[int], shared(
+    "--ef", min=1, help="HNSW expansion while searching (default: the index's); deep searches "
+                        "need ef well above the number of hits.", metavar="N",
+    show_default=False)]
+MinScore = Annotated[Optional[float], shared(
+    "--min-score", help="Drop hits (candidates) scoring below S.", metavar="S",
+    show_default=False)]
+Threads = Annotated[int, shared("--threads", min=0, help="usearch threads (0 = all cores).")]
+
+
+def _as_jsonl(value: bool) -> dict:
+    return {"output_format": "jsonl"}
+
+
+JsonFlag = alias(bool, "--json", "--output-format jsonl", None, _as_jsonl)
+FieldForText = alias(Optional[List[str]], "--field", "--text-field", "text_fields")
+CutoffsK = alias(Optional[str], "-k", "--cutoffs", "k")

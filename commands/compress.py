@@ -15,14 +15,10 @@ def run(inputs: options.Inputs = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
-        to: Annotated[Optional[str], typer.Option(
-            "--to", metavar="TYPE",
-            help="float32|float16|bfloat16|int8|uint8|binary|ubinary. int8/uint8 use "
-                 "per-dimension ranges from the calibration rows; binary/ubinary keep sign bits "
-                 "packed 8 per byte (the same bytes; numpy.packbits order).")] = None,
-        dim: Annotated[Optional[int], typer.Option(
-            "--dim", min=1, metavar="N", help="Keep the first N dimensions and re-normalise (Matryoshka "
-                                 "truncation; costly for models not trained for it).")] = None,
+        to: options.StorageDtype = None,
+        old_to: options.alias(Optional[str], "--to", "--dtype", "to",
+                              lambda value: {"to": options.storage_dtype(value)}) = None,
+        dim: options.Dim = None,
         pca: Annotated[Optional[int], typer.Option(
             "--pca", min=1, metavar="N", help="Project on the top N principal components fitted on the "
                                  "calibration rows (after --dim), re-normalise.")] = None,
@@ -50,13 +46,15 @@ def run(inputs: options.Inputs = None,
                  f"measure the report's recall@10 with, as held-out queries (at most "
                  f"{REPORT_HELD_OUT_QUERIES:,}, spread through FILE).")] = None,
         report_json: Annotated[Optional[str], typer.Option(
-            "--report-json", metavar="PATH",
+            "--save-report", metavar="PATH",
             help="Write the report as JSON to PATH (- for stdout when -o takes the records).")]
         = None,
+        old_report_json: options.alias(Optional[str], "--report-json", "--save-report",
+                                       "report_json") = None,
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Compress the `embedding` column of a record stream: Matryoshka truncation (--dim), PCA
-    (--pca) and quantisation (--to: float16/bfloat16 casts, int8/uint8 codes, packed sign
+    (--pca) and quantisation (--dtype: float16/bfloat16 casts, int8/uint8 codes, packed sign
     bits), applied in that order. The codec is fitted on the first --calibration-rows rows (the
     only rows buffered; the rest streams through) and recorded in the output's vecpipe.codec
     metadata, so index and search encode queries the same way. JSONL carries no metadata: keep
@@ -64,14 +62,15 @@ def run(inputs: options.Inputs = None,
 
     \b
     Example:
-      vecpipe compress vectors.arrow --to int8 --save-codec int8.json -o codes.arrow
-      vecpipe compress vectors.arrow --dim 256 --to binary --report -o bits.arrow
+      vecpipe compress vectors.arrow --dtype int8 --save-codec int8.json -o codes.arrow
+      vecpipe compress vectors.arrow --dim 256 --dtype binary --report -o bits.arrow
       vecpipe compress queries.arrow --codec int8.json -o query_codes.arrow
     """
     from itertools import chain
 
     from vecpipe.cli import console
-    from vecpipe.core.codec import Codec
+    from vecpipe.core.codec import Codec, first_vectors
+    from vecpipe.core.space import input_check
     from vecpipe.formats.readers import RecordStream
     from vecpipe.formats.writers import RecordWriter
 
@@ -79,7 +78,7 @@ def run(inputs: options.Inputs = None,
                   report_json, bool(report or report_json))
     check_report_queries(report_queries, bool(report or report_json), inputs)
     codec = Codec.load(codec_file) if codec_file else None
-    stream = RecordStream(inputs, input_format, force=force)
+    stream = RecordStream(inputs, input_format, check=input_check(force))
     if stream.schema is None:
         console.info("no records")
         return
@@ -89,8 +88,8 @@ def run(inputs: options.Inputs = None,
 
     rows = calibration_rows or DEFAULT_CALIBRATION_ROWS
     wants_sample = codec is None or report or report_json
-    buffered, rest = calibrate(stream, rows if wants_sample else 1)
-    sample = float_sample(buffered, rows) if wants_sample else None
+    rest = iter(stream)
+    buffered, sample = first_vectors(rest, rows if wants_sample else 1, float_vectors)
     if buffered and not force:
         refuse_codes(float_vectors(buffered[0]), buffered[0])
     if codec is None:
@@ -127,19 +126,19 @@ def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, out
     from vecpipe.formats.errors import UsageError
 
     if to is not None and to not in TARGETS:
-        raise UsageError(f"unknown --to {to!r}; choose from {', '.join(TARGETS)}")
-    fitting = {"--to": to, "--dim": dim, "--pca": pca, "--clip-quantile": clip_quantile}
+        raise UsageError(f"unknown --dtype {to!r}; choose from {', '.join(TARGETS)}")
+    fitting = {"--dtype": to, "--dim": dim, "--pca": pca, "--clip-quantile": clip_quantile}
     given = [name for name, value in fitting.items() if value is not None]
     if codec_file and given:
         raise UsageError(f"--codec fixes the whole transform; drop {', '.join(given)}")
     if codec_file and calibration_rows is not None and not report:
         raise UsageError("with --codec, --calibration-rows only sizes the --report sample")
     if not codec_file and to is None and dim is None and pca is None:
-        raise UsageError("nothing to do: give --to, --dim, --pca or --codec FILE")
+        raise UsageError("nothing to do: give --dtype, --dim, --pca or --codec FILE")
     if to == "float32" and dim is None and pca is None:
-        raise UsageError("--to float32 without --dim or --pca changes nothing")
+        raise UsageError("--dtype float32 without --dim or --pca changes nothing")
     if report_json == "-" and output in (None, "-"):
-        raise UsageError("--report-json - needs -o for the records (stdout carries data)")
+        raise UsageError("--save-report - needs -o for the records (stdout carries data)")
 
 
 def check_report_queries(path, report: bool, inputs) -> None:
@@ -148,7 +147,7 @@ def check_report_queries(path, report: bool, inputs) -> None:
     if path is None:
         return
     if not report:
-        raise UsageError("--report-queries needs --report or --report-json")
+        raise UsageError("--report-queries needs --report or --save-report")
     if path == "-" and (not inputs or "-" in inputs):
         raise UsageError("the vectors and --report-queries cannot both come from stdin")
 
@@ -160,6 +159,7 @@ def read_report_queries(path: str, meta, force: bool):
 
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
+    from vecpipe.core.space import check_same_space
     from vecpipe.formats.readers import RecordStream
 
     stream = RecordStream([path])
@@ -171,8 +171,7 @@ def read_report_queries(path: str, meta, force: bool):
     if query_meta.get("codec"):
         raise DataError("--report-queries: the vectors are compressed already", source=name,
                         hint="give the float vectors the codec is applied to")
-    names.check_compatible(meta, query_meta, "the input", name, keys=("model", "dim"),
-                           force=force)
+    check_same_space(meta, query_meta, "the input", name, keys=("model", "dim"), force=force)
     vectors = np.concatenate([float_vectors(item) for item in stream])
     if len(vectors) > REPORT_HELD_OUT_QUERIES:
         vectors = vectors[np.linspace(0, len(vectors) - 1, REPORT_HELD_OUT_QUERIES).astype(int)]
@@ -219,50 +218,14 @@ def check_input(schema, meta, codec, codec_file, force) -> None:
 
 
 # ----- streaming -----------------------------------------------------------------------------
-def calibrate(stream, rows: int):
-    """Read batches until `rows` rows are buffered. Returns (buffered batches, the rest of the
-    stream as an unread iterator): memory holds at most `rows` rows plus one batch."""
-    items = iter(stream)
-    buffered, count = [], 0
-    while count < rows:
-        item = next(items, None)
-        if item is None:
-            break
-        buffered.append(item)
-        count += item.batch.num_rows
-    return buffered, items
-
-
-def float_sample(buffered, rows: int):
-    """The first `rows` vectors of the buffered batches, as one float32 matrix."""
-    import numpy as np
-
-    parts, count = [], 0
-    for item in buffered:
-        vectors = float_vectors(item)[:rows - count]
-        parts.append(vectors)
-        count += len(vectors)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-
-
 def float_vectors(item):
     """The batch's embeddings as finite float32 (errors name the file and record)."""
     import numpy as np
 
     from vecpipe.formats import schema as names
-    from vecpipe.formats.errors import DataError
 
-    try:
-        vectors = names.vectors_to_numpy(item.batch.column(names.EMBEDDING))
-    except DataError as err:
-        raise located(err, item, (err.record or 1) - 1)
-    vectors = vectors.astype(np.float32, copy=False)
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
-        row = int(np.argmin(finite))
-        raise DataError("embedding holds NaN or infinity", source=item.source,
-                        record=item.first_record + row)
-    return vectors
+    vectors = names.checked_vectors(item, names.EMBEDDING, "embedding")
+    return vectors.astype(np.float32, copy=False)
 
 
 def refuse_codes(vectors, item) -> None:
@@ -286,13 +249,7 @@ def encode_located(codec, vectors, item):
     try:
         return codec.encode(vectors)
     except DataError as err:
-        raise located(err, item, 0)
-
-
-def located(err, item, row: int):
-    err.source = item.source
-    err.record = item.first_record + row
-    return err
+        raise err.located(item.source, item.first_record)
 
 
 def compressed_schema(schema, codec):
@@ -432,13 +389,14 @@ def overlap_at_k(exact, approx, picks, k: int) -> float:
     that are the queries (in-sample), left out of their own results, or None."""
     import numpy as np
 
+    from vecpipe.core.vectors import top_k
+
     exact, approx = exact.copy(), approx.astype(np.float32, copy=True)
     if picks is not None:
         rows = np.arange(len(picks))
         exact[rows, picks] = -np.inf  # a query finds itself trivially: leave it out
         approx[rows, picks] = -np.inf
-    truth = np.argpartition(-exact, k, axis=1)[:, :k]
-    found = np.argpartition(-approx, k, axis=1)[:, :k]
+    truth, found = top_k(exact, k).rows, top_k(approx, k).rows
     hits = [len(np.intersect1d(t, f)) for t, f in zip(truth, found)]
     return round(float(np.mean(hits)) / k, 4)
 

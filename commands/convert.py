@@ -10,9 +10,9 @@ def run(inputs: options.Inputs = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
-        select: Annotated[Optional[str], typer.Option(
-            "--select", help="Keep only these comma-separated fields, in this order.",
-            metavar="A,B")] = None,
+        fields: options.Fields = None,
+        select: options.alias(Optional[str], "--select", "--fields", "fields",
+                              lambda value: {"fields": options.comma_list(value)}) = None,
         limit: Annotated[Optional[int], typer.Option(
             "--limit", min=0, help="Stop after N records.")] = None,
         force: options.Force = False,
@@ -23,17 +23,19 @@ def run(inputs: options.Inputs = None,
     \b
     Example:
       vecpipe convert corpus.jsonl -o corpus.arrow
-      vecpipe convert docs.parquet --select id,text --limit 100 | vecpipe info
+      vecpipe convert docs.parquet --fields id,text --limit 100 | vecpipe info
     """
     from vecpipe.cli import console
+    from vecpipe.core.space import input_check
     from vecpipe.formats.readers import RecordStream
-    from vecpipe.formats.writers import RecordWriter
+    from vecpipe.formats.writers import RecordWriter, carries_vectors, resolve_output_format
 
-    stream = RecordStream(inputs, input_format, force=force)
-    columns = parse_select(select)
+    stream = RecordStream(inputs, input_format, check=input_check(force))
+    columns = fields
     schema = stream.schema
-    with RecordWriter(output, output_format, widen=True,
-                      schema=None if schema is None else selected_schema(schema, columns)) as out:
+    schema = None if schema is None else selected_schema(schema, columns)
+    output_format = resolve_output_format(output, output_format, vectors=carries_vectors(schema))
+    with RecordWriter(output, output_format, widen=True, schema=schema) as out:
         for item in stream:
             if limit is not None and out.rows >= limit:
                 break
@@ -44,16 +46,6 @@ def run(inputs: options.Inputs = None,
                 batch = batch.slice(0, limit - out.rows)
             out.write(batch, item.source, item.first_record)
     console.info(f"{out.rows} records -> {output or 'stdout'} ({out.format})")
-
-
-def parse_select(select):
-    if select is None:
-        return None
-    columns = [name.strip() for name in select.split(",") if name.strip()]
-    if not columns:
-        from vecpipe.formats.errors import UsageError
-        raise UsageError("--select needs at least one field name")
-    return columns
 
 
 def selected_schema(schema, columns):

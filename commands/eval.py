@@ -11,23 +11,6 @@ from vecpipe.cli.errors import boundary
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
-Ks = Annotated[Optional[str], typer.Option(
-    "-k", "--cutoffs", help="Cutoffs, comma-separated. [default: 1,3,5,10,100,1000]",
-    metavar="K,K", show_default=False)]
-MtebKs = Annotated[Optional[str], typer.Option(
-    "-k", "--cutoffs", help="Cutoffs, comma-separated; the run keeps the top max(k) hits. "
-                      "[default: MTEB's 1,3,5,10,20,100,1000]", metavar="K,K",
-    show_default=False)]
-Metrics = Annotated[Optional[str], typer.Option(
-    "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision. [default: all]",
-    metavar="M,M", show_default=False)]
-PerQuery = Annotated[bool, typer.Option(
-    "--per-query", help="Print one JSON record per run and query instead of the summary.")]
-FailUnder = Annotated[Optional[List[str]], typer.Option(
-    "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
-                         "repeatable. The report is printed first.", metavar="METRIC=VALUE")]
-AsJson = Annotated[bool, typer.Option(
-    "--json", help="One JSON record per line even on a terminal (the default off a terminal).")]
 AllQueries = Annotated[bool, typer.Option(
     "--all-queries", help="Score qrels queries missing from a run as 0 (trec_eval -c) instead "
                           "of leaving them out (pytrec_eval and MTEB).")]
@@ -48,20 +31,22 @@ def retrieval(
             "--qrels", help="Judgments: BEIR qrels TSV, TREC qrels, or a run (e.g. exact "
                             "search) whose top --qrels-depth hits count as relevant.",
             metavar="QRELS")] = ...,
-        k: Ks = None,
-        metrics: Metrics = None,
+        k: options.Cutoffs = None,
+        old_k: options.CutoffsK = None,
+        metrics: options.Metrics = None,
         qrels_depth: Annotated[int, typer.Option(
             "--qrels-depth", min=1, help="When --qrels is a run: how many of its top hits are "
                                          "relevant (recall@N is then ANN recall@N).")] = 10,
         all_queries: AllQueries = False,
-        per_query: PerQuery = False,
-        fail_under: FailUnder = None,
+        per_query: options.PerQuery = False,
+        fail_under: options.FailUnder = None,
         permutations: Annotated[int, typer.Option(
             "--permutations", min=100, help="Sign flips of the paired randomization test.")]
         = 10000,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the randomization test.")]
+        seed: options.Seed
         = 0,
-        as_json: AsJson = False,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
         quiet: options.Quiet = False):
     """Score runs against relevance judgments: nDCG@k, MAP@k, MRR@k, Recall@k and P@k exactly
     as pytrec_eval computes them (ties broken by doc id descending; queries missing from a run
@@ -81,20 +66,20 @@ def retrieval(
       vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
       vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
     """
-    from vecpipe.core import metrics as m
-    from vecpipe.formats.errors import UsageError
+    from vecpipe.core import retrieval_metrics as m
+    from vecpipe.formats.readers import check_one_stdin
+    from vecpipe.formats.trec import read_run
 
     ks, names = m.parse_ks(k), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
     runs = list(runs or ["-"])
-    if runs.count("-") + (qrels == "-") > 1:
-        raise UsageError("stdin (-) can be read only once")
+    check_one_stdin([*runs, qrels])
     judgments = _load_judgments(qrels, qrels_depth)
     qrels_name = "<stdin>" if qrels == "-" else qrels
     results = []
     for path in runs:
         name = "<stdin>" if path == "-" else path
-        run = m.read_run(path)
+        run = read_run(path)
         evaluation = _evaluate_run(run, name, judgments.qrels, ks, names, all_queries)
         _check_judged(run, judgments.qrels, name, qrels_name)
         _warn_shallow(run, judgments.qrels, ks, name)
@@ -105,16 +90,16 @@ def retrieval(
     if per_query:
         _print_json(_per_query_records(results))
     else:
-        _emit(records, as_json, lambda: _retrieval_table(records, ks, names))
+        _emit(records, output_format, lambda: _retrieval_table(records, ks, names))
     _check_fail_under(records, thresholds)
 
 
 def _load_judgments(path: str, depth: int):
     from vecpipe.cli import console
-    from vecpipe.core import metrics as m
     from vecpipe.formats.errors import DataError
+    from vecpipe.formats.trec import read_qrels
 
-    judgments = m.read_qrels(path, depth)
+    judgments = read_qrels(path, depth)
     if not judgments.qrels:
         raise DataError("no judgments", source="<stdin>" if path == "-" else path)
     if judgments.duplicates:
@@ -126,7 +111,7 @@ def _load_judgments(path: str, depth: int):
 
 def _evaluate_run(run, name, qrels, ks, names, all_queries):
     from vecpipe.cli import console
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.errors import DataError
 
     evaluation = m.evaluate(qrels, run, ks, names, all_queries=all_queries)
@@ -153,7 +138,7 @@ def _check_judged(run, qrels, name: str, qrels_name: str) -> None:
     """Fail when no hit of the run is a judged document, warn when few of the top hits are:
     ids that do not match the qrels score 0 and look like a bad model."""
     from vecpipe.cli import console
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.errors import DataError
 
     judged, hits = m.judged_hits(run, qrels)
@@ -171,7 +156,7 @@ def _check_judged(run, qrels, name: str, qrels_name: str) -> None:
 
 def _warn_shallow(run, qrels, ks, name: str) -> None:
     from vecpipe.cli import console
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
 
     depth = m.run_depth(run, qrels)
     deeper = [k for k in ks if k > depth]
@@ -212,7 +197,7 @@ def _on_common_queries(results, judged: int, qrels_name: str, all_queries: bool)
 
 def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]:
     """One summary record per run; runs after the first carry deltas and paired p-values."""
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
 
     base_name, base = results[0]
     records = []
@@ -229,7 +214,7 @@ def _run_records(results, ks, names, permutations: int, seed: int) -> list[dict]
 def _compare(base, other, base_name: str, permutations: int, seed: int) -> dict:
     import numpy as np
 
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
 
     common = sorted(set(base.per_query) & set(other.per_query))  # all: see _on_common_queries
     a = np.array([[base.per_query[q][key] for key in base.keys] for q in common]).reshape(
@@ -255,7 +240,7 @@ def _retrieval_table(records, ks, names):
     from rich.table import Table
     from rich.text import Text
 
-    from vecpipe.core.metrics import metric_key
+    from vecpipe.core.retrieval_metrics import metric_key
 
     if len(records) == 1:
         record = records[0]
@@ -302,7 +287,7 @@ def _p(value: float) -> str:
 def _parse_fail_under(specs, ks=None, names=None) -> list[tuple[str, float]]:
     """METRIC=VALUE pairs; retrieval metrics are normalized (ndcg@10 -> ndcg_at_10) and must be
     among those computed."""
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.errors import UsageError
 
     thresholds = []
@@ -361,12 +346,13 @@ def _print_json(records: list[dict]) -> None:
         print(json.dumps(_json_safe(record), ensure_ascii=False), flush=True)
 
 
-def _emit(records: list[dict], as_json: bool, make_table) -> None:
-    """A rich table on a terminal, JSON lines otherwise (or with --json)."""
-    from vecpipe.cli import console
+def _emit(records: list[dict], output_format: str, make_table) -> None:
+    """--output-format: a rich table (auto on a terminal), JSON lines or one JSON array."""
+    from vecpipe.formats.writers import print_report_records, resolve_report_format
 
-    if as_json or not console.stdout_is_terminal():
-        _print_json(records)
+    report_format = resolve_report_format(output_format)
+    if report_format != "table":
+        print_report_records([_json_safe(record) for record in records], report_format)
     else:
         from rich.console import Console
 
@@ -382,38 +368,28 @@ def beir(
             help="A BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv (gzip ok).",
             metavar="DIR")],
         model: options.Model = None,
-        split: Annotated[str, typer.Option("--split", help="Which qrels/SPLIT.tsv to score.")]
-        = "test",
-        query_prompt: Annotated[Optional[str], typer.Option(
-            "--query-prompt", help="Text put before every query (e.g. 'query: ').",
-            metavar="TEXT")] = None,
-        doc_prompt: Annotated[Optional[str], typer.Option(
-            "--doc-prompt", help="Text put before every document (e.g. 'passage: ').",
-            metavar="TEXT")] = None,
-        k: MtebKs = None,
-        metrics: Metrics = None,
+        split: options.Split = "test",
+        query_prompt: options.QueryPrompt = None,
+        query_prompt_name: options.QueryPromptName = None,
+        doc_prompt: options.DocPrompt = None,
+        doc_prompt_name: options.DocPromptName = None,
+        k: options.Cutoffs = None,
+        old_k: options.CutoffsK = None,
+        metrics: options.Metrics = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
-        exact: Annotated[bool, typer.Option(
-            "--exact", help="Exact cosine search (the default; --index-dtype searches an "
-                            "HNSW index instead).")] = False,
-        index_dtype: Annotated[Optional[str], typer.Option(
-            "--index-dtype", help="Search a temporary HNSW index of this dtype instead: "
-                                  "f32|f16|bf16|i8|b1 (i8/b1 quantized as `vecpipe index` "
-                                  "does; scores show what the index costs in quality).",
-            metavar="DTYPE")] = None,
-        ef: Annotated[Optional[int], typer.Option(
-            "--ef", min=1, help="HNSW expansion_search with --index-dtype.")] = None,
-        cache: Annotated[Optional[str], typer.Option(
-            "--cache", help="Embedding cache folder, shared with `vecpipe embed --cache`: "
-                            "reruns embed only texts not seen with this model and prompt.",
-            metavar="DIR")] = None,
+        exact: options.alias(bool, "--exact", "no flag (exact search is the default)", None)
+        = False,
+        index_dtype: options.IndexDtype = None,
+        ef: options.Ef = None,
+        cache: options.Cache = None,
         save_run: Annotated[Optional[str], typer.Option(
             "--save-run", help="Also write the top-1000 run here as a TREC run file (for "
                                "`eval retrieval` comparisons).", metavar="PATH")] = None,
-        per_query: PerQuery = False,
-        fail_under: FailUnder = None,
-        as_json: AsJson = False,
+        per_query: options.PerQuery = False,
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
         quiet: options.Quiet = False):
     """Embed a BEIR dataset's corpus (title + " " + text, as MTEB) and the split's queries,
@@ -431,19 +407,23 @@ def beir(
     """
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model
-    from vecpipe.core import metrics as m
+    from vecpipe.core import retrieval_metrics as m
+    from vecpipe.formats.beir import beir_qrels
 
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
-    _check_search_options(exact, index_dtype, ef)
+    _check_search_options(index_dtype, ef)
+    index_dtype = options.index_dtype(index_dtype, "--index-dtype")
     files = _beir_files(dataset, split)
-    qrels = _beir_qrels(files["qrels"])
-    queries = _beir_queries(files["queries"], qrels)
+    qrels = beir_qrels(files.qrels)
+    queries = _judged_queries(files.queries, qrels)
     started = time.perf_counter()
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    query_prompt = loaded.prompt_text(query_prompt, query_prompt_name)
+    doc_prompt = loaded.prompt_text(doc_prompt, doc_prompt_name)
     with _Encoder(loaded, batch_size, cache) as encoder:
         query_vectors = encoder(list(queries.values()), query_prompt or "", "queries")
-        top, doc_ids, corpus_seconds = _search_corpus(files["corpus"], encoder, query_vectors,
+        top, doc_ids, corpus_seconds = _search_corpus(files.corpus, encoder, query_vectors,
                                                       max(ks), doc_prompt or "", index_dtype,
                                                       ef, loaded.name)
     run = {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
@@ -467,77 +447,43 @@ def beir(
         _print_json(_per_query_records([(dataset, evaluation)]))
     else:
         label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
-        _emit([record], as_json, lambda: _retrieval_table([record | {"run": label}], ks, names))
+        _emit([record], output_format,
+              lambda: _retrieval_table([record | {"run": label}], ks, names))
     _check_fail_under([record], thresholds)
 
 
-def _check_search_options(exact: bool, index_dtype, ef) -> None:
+def _check_search_options(index_dtype, ef) -> None:
     from vecpipe.formats.errors import UsageError
-    from vecpipe.core.index_store import DTYPES
 
-    if exact and index_dtype:
-        raise UsageError("--exact and --index-dtype exclude each other")
-    if index_dtype and index_dtype not in DTYPES:
-        raise UsageError(f"unknown --index-dtype {index_dtype!r}; use {'|'.join(DTYPES)}")
     if ef is not None and not index_dtype:
         raise UsageError("--ef applies to --index-dtype searches only")
 
 
-def _beir_files(dataset: str, split: str) -> dict:
+def _beir_files(dataset: str, split: str):
+    from vecpipe.formats.beir import beir_files
     from vecpipe.formats.errors import DataError
 
-    if not os.path.isdir(dataset):
-        raise DataError("not a folder; expected a BEIR dataset folder", source=dataset)
-    wanted = {"corpus": "corpus.jsonl", "queries": "queries.jsonl",
-              "qrels": os.path.join("qrels", f"{split}.tsv")}
-    files = {}
-    for role, name in wanted.items():
-        path = next((os.path.join(dataset, name + ext) for ext in ("", ".gz")
-                     if os.path.isfile(os.path.join(dataset, name + ext))), None)
-        if path is None:
-            hint = None
-            if role == "qrels" and os.path.isdir(os.path.join(dataset, "qrels")):
-                splits = sorted(f.split(".")[0] for f in os.listdir(os.path.join(dataset,
-                                                                                 "qrels")))
-                hint = f"splits here: {', '.join(splits)}; choose one with --split"
-            raise DataError(f"missing {name}", source=dataset, hint=hint)
-        files[role] = path
-    return files
+    try:
+        return beir_files(dataset, split)
+    except DataError as err:
+        if err.hint:  # the splits the folder has
+            err.hint += "; choose one with --split"
+        raise
 
 
-def _beir_qrels(path: str) -> dict:
-    from vecpipe.core import metrics as m
-    from vecpipe.formats.errors import DataError
-
-    judgments = m.read_qrels(path)
-    if judgments.from_run or not judgments.qrels:
-        raise DataError("expected BEIR qrels (query-id, corpus-id, score)", source=path)
-    return judgments.qrels
-
-
-def _beir_queries(path: str, qrels: dict) -> dict:
+def _judged_queries(path: str, qrels: dict) -> dict:
     """The texts of the queries the split judges, in qrels order (MTEB drops the others)."""
     from vecpipe.cli import console
-    from vecpipe.formats import schema as names
+    from vecpipe.formats.beir import read_queries
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.readers import RecordStream
 
-    texts = {}
-    for item in RecordStream([path]):
-        batch = item.batch
-        id_column = names.find_id_column(batch.schema)
-        if id_column is None or names.TEXT not in batch.schema.names:
-            raise DataError("queries need fields _id and text", source=path)
-        for qid, text in zip(batch.column(id_column).to_pylist(),
-                             batch.column(names.TEXT).to_pylist()):
-            if str(qid) in qrels:
-                texts[str(qid)] = text or ""
-    missing = [qid for qid in qrels if qid not in texts]
-    if missing:
-        console.warn(f"{len(missing)} judged queries are not in {path}; left out")
-    if not texts:
+    texts = read_queries(path)
+    judged = {qid: texts[qid] for qid in qrels if qid in texts}
+    if len(judged) < len(qrels):
+        console.warn(f"{len(qrels) - len(judged)} judged queries are not in {path}; left out")
+    if not judged:
         raise DataError("no judged query found", source=path)
-    return {qid: texts[qid] for qid in qrels if qid in texts}
+    return judged
 
 
 _CORPUS_BLOCK = 8192   # documents embedded and searched at a time
@@ -557,18 +503,12 @@ class _Encoder:
         self.truncated = {"documents": 0, "queries": 0}
 
     def __call__(self, texts: list, prompt: str, role: str = "documents"):
-        import numpy as np
-
         if self.folder is None:
             return self._encode(texts, prompt, role)
         cache = self._cache(prompt)
-        vectors, hits = cache.lookup(texts)
-        missing = np.flatnonzero(~hits)
-        if len(missing):
-            fresh = self._encode([texts[i] for i in missing], prompt, role)
-            cache.store([texts[i] for i in missing], fresh)
-            vectors[missing] = fresh
-        self.hits += int(hits.sum())
+        before = cache.hits
+        vectors = cache.encode(texts, lambda missed: self._encode(missed, prompt, role))
+        self.hits += cache.hits - before
         return vectors
 
     def _encode(self, texts: list, prompt: str, role: str):
@@ -599,12 +539,16 @@ class _Encoder:
                          "truncated, as MTEB does)")
 
     def _cache(self, prompt: str):
-        from vecpipe.core.cache import EmbeddingCache, cache_space
+        from vecpipe.core.cache import CacheFileError, EmbeddingCache, cache_space
 
         if prompt not in self.caches:
             settings = self.loaded.vector_settings(prompt)
-            self.caches[prompt] = EmbeddingCache(self.folder, cache_space(settings),
-                                                 self.loaded.dim, description=settings)
+            try:
+                self.caches[prompt] = EmbeddingCache(self.folder, cache_space(settings),
+                                                     self.loaded.dim, description=settings)
+            except CacheFileError as err:
+                err.hint = "point --cache at another folder, or delete this file"
+                raise
         return self.caches[prompt]
 
     def __enter__(self):
@@ -626,21 +570,24 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
     import pyarrow as pa
 
     from vecpipe.cli import console
-    from vecpipe.formats.readers import RecordStream
+    from vecpipe.core.vectors import ExactSearch
+    from vecpipe.formats.beir import corpus_batches
 
     id_chunks, offset, embed_seconds = [], 0, 0.0
     with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
         search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp) \
-            if index_dtype else _ExactSearch(query_vectors, depth)
+            if index_dtype else ExactSearch(query_vectors, depth, "ip", _QUERY_BLOCK)
         with console.progress(desc="corpus", unit="doc") as bar:
-            for item in RecordStream([path], batch_rows=_CORPUS_BLOCK):
-                ids, texts = _corpus_texts(item)
+            for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
                 if not texts:
                     continue
                 started = time.perf_counter()
                 doc_vectors = encode(texts, prompt)
                 embed_seconds += time.perf_counter() - started
-                search.add(ids, doc_vectors, offset)
+                if index_dtype:
+                    search.add(doc_vectors, offset, ids)
+                else:
+                    search.add(doc_vectors, offset)
                 id_chunks.append(ids)
                 offset += len(ids)
                 bar.update(len(ids))
@@ -648,59 +595,11 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
             from vecpipe.formats.errors import DataError
 
             raise DataError("the corpus is empty", source=path)
-        rows, scores = search.hits()
-    found = [r >= 0 for r in rows]
-    return ([r[ok] for r, ok in zip(rows, found)], [s[ok] for s, ok in zip(scores, found)]), \
+        hits = search.hits()
+    found = [r >= 0 for r in hits.rows]
+    return ([r[ok] for r, ok in zip(hits.rows, found)],
+            [s[ok] for s, ok in zip(hits.scores, found)]), \
         pa.concat_arrays(id_chunks), embed_seconds
-
-
-def _corpus_texts(item):
-    """(ids as a pyarrow string array, MTEB's document texts) for one corpus batch."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from vecpipe.formats import schema as names
-    from vecpipe.formats.errors import DataError
-
-    batch = item.batch
-    id_column = names.find_id_column(batch.schema)
-    if id_column is None or names.TEXT not in batch.schema.names:
-        raise DataError("corpus records need fields _id and text", source=item.source,
-                        record=item.first_record)
-    ids = batch.column(id_column).cast(pa.string())
-    if ids.null_count:
-        raise DataError("null document id", source=item.source, record=item.first_record +
-                        int(pc.index(ids.is_null(), True).as_py()))
-    texts = batch.column(names.TEXT).to_pylist()
-    if "title" in batch.schema.names:  # MTEB: (title + " " + text).strip()
-        titles = batch.column("title").to_pylist()
-        texts = [((title or "") + " " + (text or "")).strip()
-                 for title, text in zip(titles, texts)]
-    else:
-        texts = [(text or "").strip() for text in texts]
-    return ids, texts
-
-
-class _ExactSearch:
-    """Exact cosine search (vectors are normalized): a running top-k per chunk of queries."""
-
-    def __init__(self, queries, depth: int):
-        from vecpipe.core.vectors import TopK
-
-        self.queries = queries
-        self.tops = [(start, TopK(len(queries[start:start + _QUERY_BLOCK]), depth))
-                     for start in range(0, len(queries), _QUERY_BLOCK)]
-
-    def add(self, ids, vectors, first_row: int) -> None:
-        for start, top in self.tops:
-            top.update(self.queries[start:start + _QUERY_BLOCK] @ vectors.T, first_row)
-
-    def hits(self):
-        """(rows, scores): queries x depth, best first, row -1 where fewer documents exist."""
-        import numpy as np
-
-        return (np.concatenate([top.rows for _, top in self.tops]),
-                np.concatenate([top.scores for _, top in self.tops]))
 
 
 class _IndexSearch:
@@ -714,10 +613,11 @@ class _IndexSearch:
         self.builder = self.codec = None
 
     def _start(self, vectors) -> None:
-        from vecpipe.core.codec import Codec
-        from vecpipe.core.index_store import IndexBuilder, IndexSpec
+        from vecpipe.core.codec import FITTED_INDEX_DTYPES, Codec
+        from vecpipe.core.index_build import IndexBuilder
+        from vecpipe.core.index_spec import IndexSpec
 
-        target = {"i8": "int8", "b1": "binary"}.get(self.dtype)
+        target = FITTED_INDEX_DTYPES.get(self.dtype)
         metadata = {"model": self.model, "normalized": "true"}
         if target:
             self.codec = Codec.fit(vectors, to=target, normalize=True, model=self.model)
@@ -727,10 +627,10 @@ class _IndexSearch:
                          score_metric="cos", metadata=metadata)
         self.builder = IndexBuilder(self.path, spec)
 
-    def add(self, ids, vectors, first_row: int) -> None:
+    def add(self, vectors, first_row: int, ids) -> None:
         import pyarrow as pa
 
-        from vecpipe.core.index_store import to_index_codes
+        from vecpipe.core.index_format import to_index_codes
 
         if self.builder is None:
             self._start(vectors)
@@ -740,15 +640,14 @@ class _IndexSearch:
                          first_record=first_row + 1)
 
     def hits(self):
-        from vecpipe.core.index_store import open_index
+        from vecpipe.core.index_open import open_index
 
         self.builder.commit()
-        found = open_index(self.path).searcher(self.depth, ef=self.ef).search(self.queries)
-        return found.rows, found.scores
+        return open_index(self.path).searcher(self.depth, ef=self.ef).search(self.queries)
 
 
 def _save_run(path: str, queries: dict, doc_ids, top) -> None:
-    from vecpipe.core.metrics import write_trec_run
+    from vecpipe.formats.trec import write_trec_run
     from vecpipe.formats.writers import text_output
 
     with text_output(path) as sink:
@@ -761,23 +660,33 @@ def _save_run(path: str, queries: dict, doc_ids, top) -> None:
 _STS_SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 
 
+def _pair_and_score(value: str) -> dict:
+    """The old `eval sts --fields A,B,SCORE` as --pair A,B --score SCORE."""
+    first, second, score = _sts_fields(value)
+    return {"pair": f"{first},{second}", "score": score}
+
+
 @app.command("sts")
 @boundary("eval sts")
 def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
             help="Pairs with a gold score (any record format; - for stdin, the default).",
             show_default=False, metavar="PAIRS")] = None,
-        fields: Annotated[str, typer.Option(
-            "--fields", help="The two sides and the gold score. Text sides are embedded with "
-                             "-m; vector sides (e.g. embedding1,embedding2,score) are used "
-                             "as they are.", metavar="A,B,SCORE")] = "sentence1,sentence2,score",
+        pair: Annotated[str, typer.Option(
+            "--pair", help="The two sides: text fields are embedded with -m; vector fields "
+                           "(e.g. embedding1,embedding2) are used as they are.",
+            metavar="A,B")] = "sentence1,sentence2",
+        score: Annotated[str, typer.Option(
+            "--score", help="The field holding the gold score.", metavar="FIELD")] = "score",
+        old_fields: options.alias(Optional[str], "--fields", "--pair A,B --score S", None,
+                                  _pair_and_score) = None,
         model: options.Model = None,
-        prompt: Annotated[Optional[str], typer.Option(
-            "--prompt", help="Text put before both sides.", metavar="TEXT")] = None,
+        prompt: options.Prompt = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
-        fail_under: FailUnder = None,
-        as_json: AsJson = False,
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
         quiet: options.Quiet = False):
     """Correlate similarity with gold scores on sentence pairs: Pearson and Spearman for cosine,
@@ -787,19 +696,20 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
     \b
     Example:
       vecpipe eval sts stsb-test.jsonl
-      vecpipe eval sts pairs.parquet --fields embedding_a,embedding_b,label --json
+      vecpipe eval sts pairs.parquet --pair embedding_a,embedding_b --score label
     """
-    from vecpipe.core import metrics as m
+    from vecpipe.core import vector_stats as m
+    from vecpipe.core.space import check_same_space
     from vecpipe.formats.errors import UsageError
     from vecpipe.formats.readers import read_table
 
-    first, second, score_field = _sts_fields(fields)
+    first, second, score_field = _sts_fields(f"{pair},{score}")
     thresholds = _parse_fail_under(fail_under)
     known = {f"{name}_{corr}" for name in _STS_SIMILARITIES for corr in ("pearson", "spearman")}
     unknown = [key for key, _ in thresholds if key not in known | {"main_score"}]
     if unknown:
         raise UsageError(f"--fail-under: no metric {unknown[0]!r}; use e.g. cosine_spearman")
-    table = read_table(inputs, input_format)
+    table = read_table(inputs, input_format, check=check_same_space)
     source = ", ".join(inputs or ["<stdin>"])
     gold, a, b, model_name = _sts_inputs(table, source, (first, second, score_field), model,
                                          prompt or "", batch_size, device, trust_remote_code)
@@ -810,7 +720,7 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
         record[f"{name}_pearson"] = m.pearson(gold, similarity)
         record[f"{name}_spearman"] = m.spearman(gold, similarity)
     record["main_score"] = record["cosine_spearman"]
-    _emit([record], as_json, lambda: _sts_table(record))
+    _emit([record], output_format, lambda: _sts_table(record))
     _check_fail_under([record], thresholds)
 
 
@@ -819,7 +729,7 @@ def _sts_fields(text: str) -> tuple[str, str, str]:
 
     parts = [part.strip() for part in text.split(",")]
     if len(parts) != 3 or not all(parts):
-        raise UsageError(f"bad --fields {text!r}; give three names: A,B,SCORE")
+        raise UsageError(f"bad --pair/--score {text!r}; give --pair A,B and --score S")
     return parts[0], parts[1], parts[2]
 
 
@@ -836,7 +746,7 @@ def _sts_inputs(table, source, fields, model, prompt, batch_size, device, trust_
     missing = [f for f in fields if f not in table.schema.names]
     if missing:
         raise DataError(f"no field {missing[0]!r}; fields are {', '.join(table.schema.names)}",
-                        source=source, hint="name the fields with --fields A,B,SCORE")
+                        source=source, hint="name the fields with --pair A,B --score S")
     gold_column = table.column(fields[2])
     if not (pa.types.is_integer(gold_column.type) or pa.types.is_floating(gold_column.type)):
         raise DataError(f"field {fields[2]!r} holds {gold_column.type}, expected numbers",
@@ -890,7 +800,9 @@ def embeddings(
         inputs: Annotated[Optional[List[str]], typer.Argument(
             help="One vector stream to describe, or two to compare (- for stdin, the default).",
             show_default=False, metavar="INPUT [INPUT2]")] = None,
-        field: Annotated[str, typer.Option("--field", help="The vector field.")] = "embedding",
+        vector_field: options.VectorField = "embedding",
+        old_field: options.alias(Optional[str], "--field", "--vector-field", "vector_field")
+        = None,
         sample: Annotated[int, typer.Option(
             "--sample", min=10, help="Rows sampled (uniformly, seeded) for the pairwise "
                                      "statistics and the comparison.")] = 5000,
@@ -900,9 +812,10 @@ def embeddings(
         alpha: Annotated[float, typer.Option(
             "--alpha", min=0.0, max=1.0, help="Significance level of the comparison (split "
                                               "over its two tests).")] = 0.01,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the row samples.")] = 0,
+        seed: options.Seed = 0,
         input_format: options.InputFormat = "auto",
-        as_json: AsJson = False,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
         quiet: options.Quiet = False):
     """Describe vectors without labels: RankMe effective rank (exp of the entropy of the
     normalized singular values, over all rows), anisotropy (mean cosine of distinct pairs),
@@ -915,23 +828,23 @@ def embeddings(
     \b
     Example:
       vecpipe eval embeddings corpus.arrow
-      vecpipe eval embeddings last_week.arrow today.arrow --json
+      vecpipe eval embeddings last_week.arrow today.arrow --output-format json
     """
     from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.readers import check_one_stdin
 
     paths = list(inputs or ["-"])
     if len(paths) > 2:
         raise UsageError("give one input to describe or two to compare")
-    if paths.count("-") > 1:
-        raise UsageError("stdin (-) can be read only once")
+    check_one_stdin(paths)
     # different seeds: two inputs that overlap get different rows sampled
-    summaries = [_summarize(path, field, sample, seed + i, input_format, duplicate_threshold)
+    summaries = [_summarize(path, vector_field, sample, seed + i, input_format, duplicate_threshold)
                  for i, path in enumerate(paths)]
     records = [{"input": name, **meta_and_report}
                for name, meta_and_report in ((s[0], s[1]) for s in summaries)]
     if len(summaries) == 2:
         records.append(_compare_embeddings(summaries, alpha, seed))
-    _emit(records, as_json, lambda: _embeddings_table(records))
+    _emit(records, output_format, lambda: _embeddings_table(records))
 
 
 def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
@@ -940,26 +853,22 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
 
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
-    from vecpipe.core.metrics import EmbeddingSummary
+    from vecpipe.core.vector_stats import EmbeddingSummary
     from vecpipe.formats.readers import RecordStream
 
-    stream = RecordStream([path], input_format, force=True)
+    stream = RecordStream([path], input_format)
     name = "<stdin>" if path == "-" else path
     # a comparison needs a reference and a held-out sample from the first input: sample 2x
     summary = EmbeddingSummary(sample_size=2 * sample, seed=seed)
     for item in stream:
         if field not in item.batch.schema.names:
             raise DataError(f"no field {field!r}; fields are {', '.join(item.batch.schema.names)}",
-                            source=name, hint="name the vector field with --field")
+                            source=name, hint="name the vector field with --vector-field")
         column = item.batch.column(field)
         if pa.types.is_fixed_size_binary(column.type):
             raise DataError("packed-bit vectors have no cosine geometry to describe",
                             source=name, hint="describe the float vectors before compress")
-        try:
-            vectors = names.vectors_to_numpy(column, field)
-        except DataError as err:
-            raise err.located(name, None if err.record is None else
-                              item.first_record + err.record - 1)
+        vectors = names.checked_vectors(item, field, nonfinite=None)
         if summary.gram is not None and vectors.shape[1] != len(summary.sums):
             raise DataError(f"vectors change dimension ({len(summary.sums)} then "
                             f"{vectors.shape[1]})", source=name, record=item.first_record)
@@ -974,7 +883,7 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
 def _compare_embeddings(summaries, alpha: float, seed: int) -> dict:
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.core.metrics import corpus_shift
+    from vecpipe.core.vector_stats import corpus_shift
 
     (name_a, report_a, first), (name_b, report_b, second) = summaries
     if report_a["dim"] != report_b["dim"]:

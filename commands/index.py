@@ -10,21 +10,9 @@ READ_BATCH_ROWS = 8192  # usearch adds in parallel; bigger batches keep its thre
 
 
 def run(inputs: options.Inputs = None,
-        output: Annotated[str, typer.Option(
-            "-o", "--output", help="The index folder to write (replaced atomically; through a "
-                                   "symlink, the link's target folder is replaced and the "
-                                   "link kept), or to extend with --append.",
-            metavar="DIR")] = ...,
-        metric: Annotated[Optional[str], typer.Option(
-            "--metric", help="cos|ip|l2sq|hamming. Default: cos for float vectors, hamming for "
-                             "packed bits. With --dtype b1, cos/ip/l2sq name the metric of "
-                             "rescoring.", show_default=False)] = None,
-        dtype: Annotated[Optional[str], typer.Option(
-            "--dtype", help="f32|f16|bf16|i8|b1. Default: follows the input (float32 -> f32, "
-                            "float16 -> f16, int8 codes -> i8, packed bits -> b1). i8/b1 on "
-                            "float input quantize here (the compress codec, fitted on the first "
-                            f"{CALIBRATION_ROWS:,} vectors, recorded in the manifest).",
-            show_default=False)] = None,
+        output: options.OutputFolder = ...,
+        metric: options.Metric = None,
+        dtype: options.StorageDtype = None,
         connectivity: Annotated[Optional[int], typer.Option(
             "--connectivity", min=2, help="HNSW edges per node (M); usearch's default 16.",
             metavar="M", show_default=False)] = None,
@@ -40,35 +28,21 @@ def run(inputs: options.Inputs = None,
                            "(usearch's SIMD brute force). With --dtype b1 the smallest index "
                            "(48 B per 384-dim vector; the graph adds ~140 B); pair it with "
                            "--keep-vectors and `search --rescore`.")] = False,
-        store: Annotated[Optional[List[str]], typer.Option(
-            "--store", help="Keep this field for output and --filter (repeat, or a,b). `id` is "
-                            "always kept.", metavar="FIELD", show_default=False)] = None,
-        store_all: Annotated[bool, typer.Option(
-            "--store-all", help="Keep every field but the vectors.")] = False,
+        fields: options.Fields = None,
+        all_fields: options.AllFields = False,
+        old_store: options.alias(Optional[List[str]], "--store", "--fields", "fields",
+                                 lambda value: {"fields": options.field_list(value)}) = None,
+        old_store_all: options.alias(bool, "--store-all", "--all-fields", "all_fields") = False,
         keep_vectors: Annotated[bool, typer.Option(
             "--keep-vectors", help="Also keep the full-precision vectors (full.npy, memory-"
                                    "mapped) for `search --rescore`.")] = False,
         append: Annotated[bool, typer.Option(
             "--append", help="Add to the existing index at -o (same model/dim/codec).")] = False,
-        on_duplicate: Annotated[str, typer.Option(
-            "--on-duplicate", help="error|skip|replace: an id already indexed (or repeated in "
-                                   "the input) fails, keeps the first, or replaces it.")
-        ] = "error",
-        query_prompt: Annotated[Optional[str], typer.Option(
-            "--query-prompt", help="Prompt that `search` puts before query texts (default: "
-                                   "the model's `query` prompt if it has one).",
-            metavar="TEXT", show_default=False)] = None,
-        model: Annotated[Optional[str], typer.Option(
-            "-m", "--model", help="The model that made the vectors, recorded for `search` when "
-                                  "the input carries no metadata (JSONL); checked otherwise.",
-            metavar="MODEL", show_default=False)] = None,
-        threads: Annotated[int, typer.Option(
-            "--threads", min=0, help="usearch threads (0 = all cores).")] = 0,
-        shard: Annotated[Optional[str], typer.Option(
-            "--shard", help="Index only shard I of N (I/N, or auto from Slurm/torchrun/"
-                            "Kubernetes) into DIR/part-0000I-of-0000N.idx; a complete one is "
-                            "skipped. `merge --index --link DIR/part-*` serves them as one.",
-            metavar="I/N")] = None,
+        on_duplicate: options.OnDuplicate = "error",
+        query_prompt: options.QueryPrompt = None,
+        model: options.Model = None,
+        threads: options.Threads = 0,
+        shard: options.Shard = None,
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
@@ -76,23 +50,26 @@ def run(inputs: options.Inputs = None,
     embedding records (`id`, `embedding`, other fields). The folder is written under a
     temporary name beside DIR and renamed into place, so an interrupted build leaves the
     previous index intact. Keys are row numbers; ids and
-    --store'd fields go to rows.parquet, the model/prompt/codec to manifest.json so that
+    --fields go to rows.parquet, the model/prompt/codec to manifest.json so that
     `search` embeds queries the same way.
 
     \b
     Example:
-      vecpipe embed docs.jsonl | vecpipe index -o idx --store title
+      vecpipe embed docs.jsonl | vecpipe index -o idx --fields title
       vecpipe index docs.arrow --dtype b1 --keep-vectors -o idx   # then: search --rescore 10
       vecpipe index docs.arrow --dtype b1 --flat --keep-vectors -o idx   # no graph: 32x < f32
-      vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate replace
+      vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate last
       vecpipe index corpus.arrow --shard 3/8 -o idx/   # idx/part-00003-of-00008.idx
     """
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.core.index_store import IndexBuilder
+    from vecpipe.core.space import input_check
     from vecpipe.formats.readers import RecordStream, shown_name
     from vecpipe.formats.shards import parse_shard
 
+    store, store_all = fields, all_fields
+    dtype = options.index_dtype(dtype)
+    on_duplicate = options.index_duplicates(on_duplicate)
     part = parse_shard(shard)
     if part is not None:
         output = shard_index_path(output, part)
@@ -105,16 +82,14 @@ def run(inputs: options.Inputs = None,
         if complete_index(output, inputs, counted, part, append):
             console.info(f"{output} is already complete: skipped")
             return
-    stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS, force=force)
+    stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS,
+                          check=input_check(force))
     plan = plan_index(stream, output, metric, dtype, connectivity, expansion_add,
                       expansion_search, flat, store, store_all, keep_vectors, append,
                       query_prompt, model, force)
     plan.shard = part
     builder_args = dict(on_duplicate=on_duplicate, threads=threads)
-    if plan.base is not None:
-        builder = IndexBuilder(output, base=plan.base, **builder_args)
-    else:
-        builder = IndexBuilder(output, plan.spec, fields=plan.fields, **builder_args)
+    builder = start_builder(output, plan, **builder_args)
     with builder, console.progress(desc="index", unit="vec") as bar:
         for batch in plan.batches():
             _add(builder, batch)
@@ -132,6 +107,31 @@ def run(inputs: options.Inputs = None,
                  + (f", {builder.replaced:,} replaced" if builder.replaced else "")
                  + f"; {builder.spec.dtype}, {builder.spec.metric}"
                  + (", flat" if builder.spec.flat else "") + ")")
+
+
+OPTION_OF = {"metric": "--metric", "dtype": "--dtype", "keep_vectors": "--keep-vectors",
+             "hnsw": "--connectivity/--expansion-*", "on_duplicate": "--on-duplicate"}
+
+
+def flagged(err):
+    """A core ParameterError worded with the option that set the parameter."""
+    from vecpipe.formats.errors import UsageError
+
+    return UsageError(f"{OPTION_OF[err.parameter]}: {err.message}", source=err.source,
+                      hint=err.hint)
+
+
+def start_builder(output: str, plan: "IndexPlan", **builder_args):
+    """The IndexBuilder of a plan: a new index (`plan.spec`) or a copy of `plan.base`."""
+    from vecpipe.core.index_build import IndexBuilder
+    from vecpipe.formats.errors import ParameterError
+
+    try:
+        if plan.base is not None:
+            return IndexBuilder(output, base=plan.base, **builder_args)
+        return IndexBuilder(output, plan.spec, fields=plan.fields, **builder_args)
+    except ParameterError as err:
+        raise flagged(err) from None
 
 
 class IndexPlan:
@@ -162,20 +162,13 @@ class IndexPlan:
 
     def _calibrated(self, items):
         """Buffer the first CALIBRATION_ROWS vectors, fit the codec on them, then go on."""
-        import numpy as np
+        from vecpipe.core.codec import fit_on_first
 
-        from vecpipe.core.codec import Codec
-
-        buffered, sample, rows = [], [], 0
-        for item in items:
-            buffered.append(item)
-            sample.append(_column_vectors(item, "embedding"))
-            rows += item.batch.num_rows
-            if rows >= CALIBRATION_ROWS:
-                break
+        items = iter(items)
         normalize = self.spec.metadata.get("normalized", "true") != "false"
-        self.encoder = Codec.fit(np.concatenate(sample), to=self.fit_codec, normalize=normalize,
-                                 model=self.spec.metadata.get("model"))
+        self.encoder, buffered = fit_on_first(
+            items, CALIBRATION_ROWS, lambda item: _column_vectors(item, "embedding"),
+            self.fit_codec, normalize=normalize, model=self.spec.metadata.get("model"))
         self.spec.metadata.update(self.encoder.metadata())
         yield from buffered
         yield from items
@@ -184,13 +177,13 @@ class IndexPlan:
         import pyarrow as pa
 
         from vecpipe.formats import schema as names
-        from vecpipe.core.index_store import to_index_codes
+        from vecpipe.core.index_format import to_index_codes
 
         batch = item.batch
-        vectors = _column_vectors(item, names.EMBEDDING)
+        vectors = _column_vectors(item, names.EMBEDDING,
+                                  "vector" if self.kind == "float" else None)
         full = None
         if self.kind == "float":
-            _check_finite(vectors, item)
             full = vectors if self.keep_vectors else None
             if self.encoder is not None:
                 vectors = to_index_codes(self.encoder, self.encoder.encode(vectors))
@@ -205,24 +198,15 @@ class IndexPlan:
                     first_record=item.first_record)
 
     def _ids(self, batch, item) -> list:
-        import pyarrow as pa
-
         from vecpipe.formats import schema as names
-        from vecpipe.formats.errors import DataError
 
         id_column = names.find_id_column(batch.schema)
         if id_column is None:
             first = self.next_record
             self.next_record += batch.num_rows
-            return [str(n) for n in range(first, first + batch.num_rows)]
-        column = batch.column(id_column)
-        if column.null_count:
-            bad = column.is_null().to_numpy(zero_copy_only=False).argmax()
-            raise DataError(f"record has no {id_column}", source=item.source,
-                            record=item.first_record + int(bad))
-        if not pa.types.is_string(column.type):
-            column = column.cast(pa.string())
-        return column.to_pylist()
+            return names.batch_ids(batch, None, first).to_pylist()
+        return names.batch_ids(batch, id_column, item.first_record, source=item.source
+                               ).to_pylist()
 
 
 def shard_index_path(folder: str, shard) -> str:
@@ -240,7 +224,8 @@ def complete_index(path: str, inputs, options: dict, shard, append: bool = False
 
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
-    from vecpipe.core.index_store import MANIFEST, open_index
+    from vecpipe.core.index_format import MANIFEST
+    from vecpipe.core.index_open import open_index
     from vecpipe.formats.parts import Job, folder_part_job, folder_part_status, start_folder_part
 
     if append:  # the part is then what its last job made plus this input
@@ -283,33 +268,19 @@ def _add(builder, batch: dict) -> None:
     except DataError as err:
         if kept is not None and err.record is not None:
             err.record = batch["first_record"] + int(kept[err.record - batch["first_record"]])
+        if err.message.startswith("duplicate id"):
+            err.hint = "--on-duplicate first keeps the first, last the last"
         raise
 
 
-def _column_vectors(item, name):
+def _column_vectors(item, name, nonfinite=None):
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
 
     if name not in item.batch.schema.names:
         raise DataError(f"record has no {name!r} field", source=item.source,
                         record=item.first_record, hint="make vectors with `vecpipe embed` first")
-    try:
-        return names.vectors_to_numpy(item.batch.column(name), name)
-    except DataError as err:
-        if err.record is not None:
-            err.record += item.first_record - 1
-        raise err.located(item.source)
-
-
-def _check_finite(vectors, item) -> None:
-    import numpy as np
-
-    from vecpipe.formats.errors import DataError
-
-    finite = np.isfinite(vectors).all(axis=1)
-    if not finite.all():
-        raise DataError("vector holds NaN or infinity", source=item.source,
-                        record=item.first_record + int(np.argmin(finite)))
+    return names.checked_vectors(item, name, nonfinite)
 
 
 def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expansion_search,
@@ -318,6 +289,8 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     """Validate everything that can be checked before reading vectors; no output yet."""
     from vecpipe.formats import schema as names
     from vecpipe.core.codec import codec_from_meta
+    from vecpipe.core.index_spec import spec_for_input, vector_kind
+    from vecpipe.formats.errors import ParameterError
     from vecpipe.formats.errors import DataError
     from vecpipe.formats.readers import shown_name
 
@@ -332,12 +305,17 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     if model is not None:
         meta.update(_model_meta(model, meta, force))
     codec = codec_from_meta(meta, source=shown_name(stream.inputs[0]))
-    kind = _vector_kind(schema.field(names.EMBEDDING).type, meta, codec)
+    arrow_type = schema.field(names.EMBEDDING).type
+    kind = vector_kind(arrow_type, meta, codec)
     if append:
         return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
                             store_all, keep_vectors, query_prompt, force)
     fields = _stored_fields(schema, store, store_all)
-    spec, fit_codec = _new_spec(kind, codec, meta, metric, dtype, keep_vectors, schema)
+    try:
+        spec, fit_codec = spec_for_input(kind, arrow_type, codec, meta, metric, dtype,
+                                         keep_vectors)
+    except ParameterError as err:
+        raise flagged(err) from None
     spec.connectivity, spec.expansion_add, spec.expansion_search = \
         connectivity, expansion_add, expansion_search
     spec.flat = flat
@@ -349,96 +327,12 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
 def _model_meta(model, meta, force) -> dict:
     """The model keys for -m; refuses a model other than the one the stream records."""
     from vecpipe.cli.models import load_model
-    from vecpipe.formats.schema import check_compatible
+    from vecpipe.core.space import VectorSpace, check_model
 
     loaded = load_model(model)
-    given = {"model": loaded.name}
-    if loaded.sha:
-        given["model_sha"] = loaded.sha
-    check_compatible(meta, given, "the input", f"-m {model}", keys=("model",), force=force)
+    check_model(meta, loaded, "the input", model, keys=("model",), force=force)
+    given = VectorSpace.of_model(loaded).meta()
     return {key: value for key, value in given.items() if key not in meta}
-
-
-def _vector_kind(arrow_type, meta, codec) -> str:
-    import pyarrow as pa
-
-    from vecpipe.formats.errors import DataError
-
-    if pa.types.is_fixed_size_binary(arrow_type):
-        return "bits"
-    value_type = getattr(arrow_type, "value_type", None)
-    if value_type is None:
-        raise DataError(f"'embedding' has type {arrow_type}, expected a list of numbers")
-    if pa.types.is_floating(value_type):
-        return "float"
-    if pa.types.is_int8(value_type):
-        return "int8"
-    if pa.types.is_uint8(value_type):
-        if codec is None or codec.to != "uint8":
-            raise DataError("uint8 vectors without a uint8 codec in the metadata",
-                            hint="index float vectors, or the output of `vecpipe compress`")
-        return "uint8"
-    if pa.types.is_uint16(value_type) and meta.get("dtype") == "bfloat16" and codec is not None:
-        return "bfloat16"
-    raise DataError(f"'embedding' holds {value_type} values; expected float, int8 codes or "
-                    "packed bits")
-
-
-_KIND_DTYPE = {"float": "f32", "int8": "i8", "uint8": "i8", "bfloat16": "bf16", "bits": "b1"}
-
-
-def _new_spec(kind, codec, meta, metric, dtype, keep_vectors, schema):
-    """IndexSpec and the codec target to fit (for i8/b1 on float input, else None)."""
-    import pyarrow as pa
-
-    from vecpipe.formats.errors import UsageError
-    from vecpipe.core.index_store import FLOAT_METRICS, IndexSpec
-
-    value_type = getattr(schema.field("embedding").type, "value_type", None)
-    default = "f16" if kind == "float" and value_type == pa.float16() else _KIND_DTYPE[kind]
-    dtype = dtype or default
-    if kind != "float" and dtype != default:
-        raise UsageError(f"the input holds {kind} codes, which index as --dtype {default} only",
-                         hint="index the float vectors to choose another dtype")
-    if keep_vectors and kind != "float":
-        raise UsageError("--keep-vectors needs float input vectors; this input holds codes",
-                         hint="index the float vectors with --dtype i8|b1 --keep-vectors")
-    reduced = codec is not None and (codec.out_dim != codec.input_dim or
-                                     codec.pca_components is not None)
-    if keep_vectors and reduced:
-        # the stream holds only the reduced vectors, which the index holds anyway: kept, they
-        # would rescore nothing, and rescoring compares them with full-size queries
-        raise UsageError(f"--keep-vectors keeps full vectors for rescoring, but this input "
-                         f"was reduced from {codec.input_dim} to {codec.out_dim} dimensions "
-                         f"({codec.describe()}): the full vectors are not in it",
-                         hint="index the uncompressed vectors with --dtype i8|b1 "
-                              "--keep-vectors, or drop --keep-vectors")
-    if dtype == "b1":
-        score_metric = metric if metric in FLOAT_METRICS else None
-        usearch_metric = "hamming"
-        if metric not in (None, "hamming", *FLOAT_METRICS):
-            raise UsageError(f"unknown metric {metric!r}")
-    else:
-        if metric == "hamming":
-            raise UsageError("--metric hamming needs packed bits (--dtype b1)")
-        score_metric = metric or "cos"
-        # scalar codes are not centred on zero, so a dot product of codes ranks poorly
-        usearch_metric = "cos" if dtype == "i8" and score_metric == "ip" else score_metric
-    fit_codec = {"i8": "int8", "b1": "binary"}.get(dtype) if kind == "float" else None
-    if fit_codec and codec is not None:
-        raise UsageError(f"the input is already compressed ({codec.describe()}); --dtype "
-                         f"{dtype} would compress it twice",
-                         hint="compress the float vectors in one step")
-    arrow_type = schema.field("embedding").type
-    if kind == "bits":  # packed bits: dim counts bits
-        dim = codec.out_dim if codec is not None else arrow_type.byte_width * 8
-    else:               # i8/b1 fitted here keep every dimension (b1: one sign bit each)
-        dim = arrow_type.list_size
-    spec = IndexSpec(dim=dim, metric=usearch_metric, dtype=dtype, score_metric=score_metric,
-                     metadata=meta,
-                     full={"dim": arrow_type.list_size, "dtype": "float16"
-                           if value_type == pa.float16() else "float32"} if keep_vectors else None)
-    return spec, fit_codec
 
 
 def _stored_fields(schema, store, store_all) -> list:
@@ -449,28 +343,33 @@ def _stored_fields(schema, store, store_all) -> list:
     others = [n for n in schema.names if n not in (names.EMBEDDING, id_column)]
     if store_all:
         if store:
-            raise UsageError("give --store or --store-all, not both")
+            raise UsageError("give --fields or --all-fields, not both")
         return [names.ID, *others]
     wanted = [name.strip() for item in store or [] for name in item.split(",") if name.strip()]
     missing = [name for name in wanted if name not in schema.names]
     if missing:
-        raise DataError(f"--store {missing[0]}: no such field (fields: {', '.join(others)})")
+        raise DataError(f"--fields {missing[0]}: no such field (fields: {', '.join(others)})")
     if names.EMBEDDING in wanted:
-        raise UsageError("the vectors are stored anyway; --store names other fields")
+        raise UsageError("the vectors are stored anyway; --fields names other fields")
     return [names.ID, *dict.fromkeys(n for n in wanted if n not in (names.ID, id_column))]
 
 
 def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, store_all,
                  keep_vectors, query_prompt, force) -> IndexPlan:
-    from vecpipe.formats import schema as names
+    from vecpipe.core.space import IDENTITY_KEYS, check_same_space
     from vecpipe.formats.errors import DataError, UsageError
-    from vecpipe.core.index_store import open_index
+    from vecpipe.core.index_open import open_index
+    from vecpipe.core.index_spec import KIND_DTYPE
     from vecpipe.formats.readers import shown_name
 
     base = open_index(output, verify=True)  # its files are copied into the new index
+    if base.layout == "linked":
+        raise UsageError("cannot append to a linked multi-shard index",
+                         hint="index the new records on their own and link them in with "
+                              "`vecpipe merge --index --link`")
     if store or store_all or query_prompt is not None:
         raise UsageError("--append keeps the index's stored fields and query prompt; "
-                         "--store/--store-all/--query-prompt apply to new indexes")
+                         "--fields/--all-fields/--query-prompt apply to new indexes")
     for name, given, kept in (("--metric", metric, (base.metric, base.score_metric)),
                               ("--dtype", dtype, (base.dtype,))):
         if given is not None and given not in kept:
@@ -484,10 +383,10 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
     if keep_vectors and kind != "float":
         raise DataError("the index keeps full vectors, so appended records need float vectors")
     quantize_here = kind == "float" and codec is None and base.codec is not None
-    keys = ("model",) if quantize_here else names.IDENTITY_KEYS
-    names.check_compatible(base.metadata, meta, output, shown_name(stream.inputs[0]), keys=keys,
-                          force=force)
-    if kind != "float" and base.dtype != _KIND_DTYPE[kind]:
+    keys = ("model",) if quantize_here else IDENTITY_KEYS
+    check_same_space(base.metadata, meta, output, shown_name(stream.inputs[0]), keys=keys,
+                     force=force)
+    if kind != "float" and base.dtype != KIND_DTYPE[kind]:
         raise DataError(f"the input holds {kind} codes, the index is {base.dtype}")
     return IndexPlan(stream, None, base.fields, base, kind, codec,
                      encoder=base.codec if quantize_here else None, keep_vectors=keep_vectors)

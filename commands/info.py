@@ -12,8 +12,8 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             help="Record files, index folders, or - for stdin (the default).",
             show_default=False, metavar="INPUT")] = None,
         input_format: options.InputFormat = "auto",
-        as_json: Annotated[bool, typer.Option(
-            "--json", help="One JSON object per input even on a terminal.")] = False,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
         verify: Annotated[bool, typer.Option(
             "--verify", help="Instead: check every file of the INPUT index folders (a linked "
                              "index's shards too) against the manifest's sizes and sha256 "
@@ -22,7 +22,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         quiet: options.Quiet = False):
     """Describe record streams or index folders. Reads each stream to the end to count rows
     (Arrow files and Parquet answer from their footers). Prints a table on a terminal and one
-    JSON object per input otherwise.
+    JSON object per input otherwise (--output-format table|jsonl|json).
 
     \b
     Example:
@@ -31,24 +31,30 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe info idx/
       vecpipe info --verify idx/   # exit 1 if a file does not match its checksum
     """
-    from vecpipe.cli import console
+    from vecpipe.formats.writers import print_report_records, resolve_report_format
 
+    report_format = resolve_report_format(output_format)
     if verify:
         verify_indexes(inputs or [])
         return
+    described = []
     for path in inputs or ["-"]:
         facts = describe_index(path) if os.path.isdir(path) else describe_stream(path,
                                                                                   input_format)
-        if as_json or not console.stdout_is_terminal():
-            print(json.dumps(facts, ensure_ascii=False), flush=True)
-        else:
+        if report_format == "table":
             print_table(facts)
+        elif report_format == "jsonl":
+            print_report_records([facts], "jsonl")
+        else:
+            described.append(facts)
+    if report_format == "json":
+        print_report_records(described, "json")
 
 
 def verify_indexes(paths) -> None:
     from vecpipe.cli import console
     from vecpipe.formats.errors import UsageError
-    from vecpipe.core.index_store import verify_index
+    from vecpipe.core.index_open import verify_index
 
     if not paths:
         raise UsageError("--verify needs the index folders to check")
@@ -60,13 +66,13 @@ def verify_indexes(paths) -> None:
 
 
 def describe_index(path: str) -> dict:
-    from vecpipe.core.index_store import read_manifest
+    from vecpipe.core.index_format import layout_of, read_manifest
 
     manifest = read_manifest(path)
     files = {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
              if os.path.isfile(os.path.join(path, name))}
-    return {"path": path, "format": "vecpipe-index", "bytes": sum(files.values()),
-            "files": files, "manifest": manifest}
+    return {"path": path, "format": "vecpipe-index", "layout": layout_of(manifest),
+            "bytes": sum(files.values()), "files": files, "manifest": manifest}
 
 
 def describe_stream(path: str, input_format: str = "auto") -> dict:

@@ -17,13 +17,9 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
-        dedupe: Annotated[str, typer.Option(
-            "--dedupe", help="none|first|last|error: keep the first or the last record of "
-                             "each id (later inputs win with last), or fail on a repeated id. "
-                             "Holds every id in memory, not the records; last and error read "
-                             "the inputs twice (stdin is spooled to a temporary file). With "
-                             "--index: the first or last index's copy wins.",
-            metavar="MODE")] = "none",
+        on_duplicate: options.OnDuplicate = "keep",
+        dedupe: options.alias(Optional[str], "--dedupe", "--on-duplicate", "on_duplicate",
+                              lambda value: {"on_duplicate": options.old_dedupe(value)}) = None,
         sort_by: Annotated[Optional[str], typer.Option(
             "--sort-by", help="Sort the merged records by this field (e.g. id). Global: holds "
                               "all records in memory.", metavar="FIELD")] = None,
@@ -33,7 +29,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                                     "even without this).", metavar="N")] = None,
         index: Annotated[bool, typer.Option(
             "--index", help="The INPUTs are index folders: rebuild one index from them into "
-                            "-o (ids must be disjoint, or follow --dedupe).")] = False,
+                            "-o (ids must be disjoint, or follow --on-duplicate).")] = False,
         link: Annotated[bool, typer.Option(
             "--link", help="With --index: don't rebuild; write a folder of linked shards "
                            "(files hard-linked) that `search` queries as one index.")] = False,
@@ -46,9 +42,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         method: Annotated[str, typer.Option(
             "--method", help="With --models: linear (any number of models) or slerp "
                              "(two models, per tensor).")] = "linear",
-        force: Annotated[bool, typer.Option(
-            "--force", help="Merge inputs whose model/dim/normalized/codec metadata differ "
-                            "(the output keeps only the metadata they share).")] = False,
+        force: options.Force = False,
         quiet: options.Quiet = False):
     """Concatenate record streams into one, in bounded memory: schemas are unified (a field
     missing from an input becomes null; a field with conflicting types is an error), and inputs
@@ -56,17 +50,22 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     The output carries the metadata all inputs share. Inputs named part-0000I-of-0000N must form
     complete shard sets. With --index, merge index folders (same checks); with --models,
     average the weights of sentence-transformers models (model soups) into a model folder.
+    --on-duplicate holds every id in memory, not the records; last and error read the inputs
+    twice (stdin is spooled to a temporary file); with --index the first or last index's copy
+    wins. --force merges inputs whose model/dim/normalized/codec metadata differ (the output
+    keeps only the metadata they share).
 
     \b
     Example:
       vecpipe merge shards/part-*.arrow --expect-shards 16 --sort-by id -o corpus.arrow
-      vecpipe merge old.parquet new.jsonl --dedupe last -o corpus.parquet
-      vecpipe merge --index idx-a idx-b --dedupe last -o idx
+      vecpipe merge old.parquet new.jsonl --on-duplicate last -o corpus.parquet
+      vecpipe merge --index idx-a idx-b --on-duplicate last -o idx
       vecpipe merge --index --link idx-2024 idx-2025 -o idx-all   # search idx-all ...
       vecpipe merge --models default tuned/ --weights 0.5,0.5 -o soup/
     """
     from vecpipe.formats.errors import UsageError
 
+    dedupe = "none" if on_duplicate == "keep" else on_duplicate
     if index and models:
         raise UsageError("give --index or --models, not both")
     if link and not index:
@@ -79,7 +78,8 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         return
     if models:
         if dedupe != "none" or sort_by or expect_shards is not None:
-            raise UsageError("--dedupe, --sort-by and --expect-shards apply to record streams, "
+            raise UsageError("--on-duplicate, --sort-by and --expect-shards apply to record "
+                             "streams, "
                              "not --models")
         merge_models(inputs or [], output, weights, method)
         return
@@ -108,15 +108,16 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     from vecpipe.core import merging
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
-    from vecpipe.formats.writers import RecordWriter
+    from vecpipe.formats.readers import check_one_stdin
+    from vecpipe.formats.writers import RecordWriter, carries_vectors, resolve_output_format
 
-    if dedupe not in merging.DEDUPE_MODES:
-        raise UsageError(f"unknown --dedupe {dedupe!r}; choose from "
-                         f"{', '.join(merging.DEDUPE_MODES)}")
-    if paths.count("-") > 1:
-        raise UsageError("stdin (-) can be read only once")
+    check_policy(dedupe)
+    if expect_shards is not None and expect_shards < 1:
+        raise UsageError("--expect-shards needs N >= 1")
+    check_one_stdin(paths)
     paths = expand_part_folders(paths)
-    merging.check_shard_set(paths, expect_shards)
+    with flagged_hints():
+        merging.check_shard_set(paths, expect_shards)
     if not force:
         check_one_job(paths)
     with spooled_stdin(paths, needed=dedupe in ("last", "error")) as readable:
@@ -133,8 +134,12 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
         if sort_by and sort_by not in schema.names:
             raise DataError(f"no field {sort_by!r} to sort by; fields are "
                             f"{', '.join(schema.names)}")
-        keeper = prepare_dedupe(dedupe, sources, input_format)
-        with RecordWriter(output, output_format, schema=schema, metadata=common) as out:
+        output_format = resolve_output_format(output, output_format,
+                                              vectors=carries_vectors(schema))
+        with flagged_hints():
+            keeper = prepare_dedupe(dedupe, sources, input_format)
+        with RecordWriter(output, output_format, schema=schema, metadata=common) as out, \
+                flagged_hints():
             batches = kept_batches(sources, input_format, keeper)
             if sort_by:
                 out.write_table(sorted_table(batches, schema, sort_by))
@@ -144,6 +149,37 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     dropped_note = f", {keeper.dropped} duplicates dropped" if keeper else ""
     console.info(f"{len(paths)} input{'s' if len(paths) != 1 else ''} -> {out.rows} records -> {output or 'stdout'} "
                  f"({out.format}){dropped_note}")
+
+
+def check_policy(dedupe: str) -> None:
+    from vecpipe.core.merging import DUPLICATE_POLICIES
+    from vecpipe.formats.errors import UsageError
+
+    if dedupe not in DUPLICATE_POLICIES:
+        raise UsageError(f"unknown --on-duplicate {dedupe!r}; choose from "
+                         f"{', '.join(DUPLICATE_POLICIES)}")
+
+
+ON_DUPLICATE_HINT = "--on-duplicate first keeps the first copy, --on-duplicate last the last"
+
+
+@contextlib.contextmanager
+def flagged_hints():
+    """Core's shard-set and duplicate-id errors, with the options that answer them as hints."""
+    from vecpipe.core.merging import DuplicateId, MissingId, UnnamedShard
+
+    try:
+        yield
+    except DuplicateId as err:
+        err.hint = ON_DUPLICATE_HINT
+        raise
+    except MissingId as err:
+        err.hint = "--on-duplicate first|last|error finds duplicates by id; " \
+                   "--on-duplicate keep merges records without one"
+        raise
+    except UnnamedShard as err:
+        err.hint = "with --expect-shards, name every shard part-0000I-of-0000N or none of them"
+        raise
 
 
 def check_one_job(paths) -> None:
@@ -232,7 +268,7 @@ def all_batches(sources, input_format):
 
 
 def prepare_dedupe(mode: str, sources, input_format):
-    """The keeper for --dedupe (None for none), after the first pass that last/error need."""
+    """The keeper for --on-duplicate (None for keep), after the first pass that last/error need."""
     from vecpipe.core import merging
 
     if mode == "none":
@@ -284,36 +320,50 @@ def sorted_table(batches, schema, field: str):
 
 # ---- models (weight-space merging) ---------------------------------------------------------
 
-PROVENANCE_FILE = "vecpipe-merge.json"
-
-
 def merge_models(specs, output, weights_text, method) -> None:
     """Weighted average (linear) or per-tensor slerp of models with identical architecture; the
     first model's tokenizer, pooling and normalize modules are kept."""
     from vecpipe.cli import console
-    from vecpipe.core import merging
+    from vecpipe.core import model_soup as soup
+    from vecpipe.core.index_format import check_target
     from vecpipe.formats.errors import UsageError
 
     if output in (None, "-"):
         raise UsageError("--models needs -o DIR for the merged model folder")
     if len(specs) < 2:
         raise UsageError("--models needs at least two models")
-    weights = merging.parse_weights(weights_text, len(specs))
+    weights = parse_weights(weights_text, len(specs))
     if method not in ("linear", "slerp"):
         raise UsageError(f"unknown --method {method!r}; choose linear or slerp")
     t = slerp_position(weights) if method == "slerp" else None
-    check_output_folder(output, PROVENANCE_FILE, "a merged model")
+    check_target(output, soup.PROVENANCE_FILE, "a merged model")
     loaded = [load_for_merge(spec) for spec in specs]
-    check_same_modules(loaded)
+    soup.check_same_modules(loaded)
     states = [model.st.state_dict() for model in loaded]
-    merging.compare_state_shapes([(model.name, {k: tuple(v.shape) for k, v in state.items()})
+    soup.compare_state_shapes([(model.name, {k: tuple(v.shape) for k, v in state.items()})
                                   for model, state in zip(loaded, states)])
     if abs(sum(weights) - 1) > 1e-6 and method == "linear":
         console.warn(f"weights sum to {sum(weights):g}, not 1: the merged weights are scaled")
-    merged = merged_state(states, weights, t)
-    save_model(loaded, merged, output, {"method": method, "weights": weights})
+    merged = soup.merged_state(states, weights, t)
+    soup.save_model(loaded, merged, output, {"method": method, "weights": weights})
     console.info(f"merged {len(loaded)} models ({method}, weights "
                  f"{','.join(f'{w:g}' for w in weights)}) -> {output}")
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """`--weights 0.7,0.3` (one per model); equal weights when not given."""
+    from vecpipe.formats.errors import UsageError
+
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"bad --weights {text!r}; use comma-separated numbers, "
+                         f"e.g. 0.5,0.5") from None
+    if len(weights) != count:
+        raise UsageError(f"--weights has {len(weights)} values for {count} models")
+    return weights
 
 
 def slerp_position(weights) -> float:
@@ -336,164 +386,25 @@ def load_for_merge(spec: str):
     return model
 
 
-def check_same_modules(loaded) -> None:
-    """Same module stack, module settings (pooling mode, max length...), transformer config and
-    tokenizer vocabulary as the first model; weights are checked separately."""
-    from vecpipe.formats.errors import DataError
-
-    first = loaded[0]
-    reference = module_description(first.st)
-    for model in loaded[1:]:
-        description = module_description(model.st)
-        for what in reference:
-            if reference[what] != description[what]:
-                raise DataError(f"models differ in {what} "
-                                f"({difference(reference[what], description[what])}): "
-                                f"{first.name} vs {model.name}",
-                                hint="weight merging needs models fine-tuned from one base "
-                                     "model, with the same tokenizer and pooling")
-
-
-def module_description(st) -> dict:
-    ignored = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures"}
-    configs, model_config = [], {}
-    for module in st:
-        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
-        configs.append((type(module).__name__, config))
-        if hasattr(module, "auto_model"):
-            model_config = {k: v for k, v in module.auto_model.config.to_dict().items()
-                            if k not in ignored}
-    return {"module stack": [name for name, _ in configs],
-            "module settings": configs,
-            "transformer config": model_config,
-            "tokenizer vocabulary": st.tokenizer.get_vocab() if st.tokenizer else None}
-
-
-def difference(a, b) -> str:
-    """The first few differing entries of two descriptions, briefly."""
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return next(difference(x, y) for x, y in zip(a, b) if x != y)
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 2 \
-            and a[0] == b[0]:  # (module name, settings)
-        return f"{a[0]}: {difference(a[1], b[1])}"
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
-        if len(a) > 1000:  # a vocabulary
-            return f"{len(keys)} of {len(a)} tokens differ"
-        return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3]) + \
-            (" ..." if len(keys) > 3 else "")
-    text = f"{a!r} vs {b!r}"
-    return text if len(text) <= 200 else text[:200] + "..."
-
-
-def merged_state(states, weights, t) -> dict:
-    """The merged state dict (torch tensors); non-float tensors (ids, counters) come from the
-    first model."""
-    import torch
-
-    from vecpipe.core import merging
-
-    merged = {}
-    for key, first in states[0].items():
-        if not first.is_floating_point():
-            merged[key] = first.clone()
-            continue
-        arrays = [state[key].detach().cpu().numpy() for state in states]
-        if t is None:
-            result = merging.linear_merge(arrays, weights)
-        else:
-            result = merging.slerp_merge(arrays[0], arrays[1], t)
-        merged[key] = torch.from_numpy(result)
-    return merged
-
-
-def check_output_folder(output: str, marker: str, what: str) -> None:
-    """Replace only an empty folder or an earlier output of the same kind (it holds `marker`),
-    never other data."""
-    from vecpipe.formats.errors import UsageError
-
-    if os.path.exists(output):
-        if not os.path.isdir(output):
-            raise UsageError(f"-o {output} exists and is not a folder")
-        if os.listdir(output) and not os.path.isfile(os.path.join(output, marker)):
-            raise UsageError(f"-o {output} is a folder with other files, not {what}; "
-                             f"not replacing it", hint="choose a new or empty folder")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise UsageError(f"output folder does not exist: {parent}")
-
-
-def save_model(loaded, merged, output: str, recipe: dict) -> None:
-    """A copy of the first model with the merged weights, saved to a temporary sibling folder
-    and renamed into place (with a record of how it was made)."""
-    import copy
-    import json
-    import shutil
-    import tempfile
-
-    from vecpipe.formats import __version__
-
-    soup = copy.deepcopy(loaded[0].st)
-    soup.load_state_dict(merged)
-    output = real_output(output)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=os.path.dirname(output))
-    try:
-        soup.save(tmp)
-        provenance = dict(recipe, models=[{"name": m.name, "sha": m.sha} for m in loaded],
-                          vecpipe_version=__version__)
-        with open(os.path.join(tmp, PROVENANCE_FILE), "w", encoding="utf-8") as f:
-            json.dump(provenance, f, indent=2)
-        replace_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def real_output(output: str) -> str:
-    """The folder an output path names: a symlink's target is replaced and the link kept, so
-    the temporary folder is made beside the target (the rename needs one file system)."""
-    return os.path.realpath(os.path.abspath(output))
-
-
-def replace_folder(tmp: str, dest: str) -> None:
-    """Move a finished folder into place; an existing one is swapped out, then removed.
-    `dest` is a real path (`real_output`): renaming a symlink would move the link itself."""
-    import shutil
-
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o755 & ~umask)  # mkdtemp made it private
-    old = None
-    if os.path.exists(dest):
-        old = f"{tmp}.old"
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---- indexes -------------------------------------------------------------------------------
 
 INDEX_BLOCK_ROWS = 8192
-BUILDER_DUPLICATES = {"none": "error", "error": "error", "first": "skip", "last": "replace"}
 
 
 def merge_indexes(paths, output, dedupe, link, force) -> None:
     """One index rebuilt from several (from their stored codes, or their kept full vectors when
     codecs differ), or with `link` a folder of linked shards searched as one."""
     from vecpipe.cli import console
-    from vecpipe.core import merging
     from vecpipe.formats.errors import UsageError
-    from vecpipe.core.index_store import MANIFEST, open_index
+    from vecpipe.core.index_format import check_target
+    from vecpipe.core.index_open import open_index
 
     if output in (None, "-"):
         raise UsageError("--index needs -o DIR for the merged index folder")
     if not paths:
         raise UsageError("--index needs the index folders to merge")
-    if dedupe not in merging.DEDUPE_MODES:
-        raise UsageError(f"unknown --dedupe {dedupe!r}; choose from "
-                         f"{', '.join(merging.DEDUPE_MODES)}")
-    check_output_folder(output, MANIFEST, "a vecpipe index")
+    check_policy(dedupe)
+    check_target(output)
     if not force:
         check_one_job(paths)
     indexes = [open_index(path, verify=True) for path in paths]  # copied or linked: check them
@@ -522,6 +433,7 @@ class IndexMergePlan:
 def plan_index_merge(indexes, force: bool, link: bool) -> IndexMergePlan:
     from vecpipe.cli import console
     from vecpipe.core import merging
+    from vecpipe.core.index_linked import check_linkable
     from vecpipe.formats.errors import DataError
 
     first = indexes[0]
@@ -532,10 +444,8 @@ def plan_index_merge(indexes, force: bool, link: bool) -> IndexMergePlan:
                                 f"{index.path} has {getattr(index, what)!r}",
                                 hint="indexes merge only when their vectors are the same kind; "
                                      "rebuild one from the records")
-    if link and any(index.manifest.get("layout") == "linked" for index in indexes):
-        raise DataError("linking a linked index is not supported",
-                        hint="link its source indexes instead, or merge it into one index "
-                             "first")
+    if link:
+        check_linkable(indexes)
     named = [(index.path, dict(index.metadata)) for index in indexes]
     merging.check_metadata([(name, {k: v for k, v in meta.items() if k != "codec"})
                             for name, meta in named], force)
@@ -588,16 +498,15 @@ def describe_codec(index) -> str:
 
 
 def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
-    from vecpipe.core.index_store import IndexBuilder, IndexSpec, hnsw_options
+    from vecpipe.core.index_build import IndexBuilder
+    from vecpipe.core.index_spec import IndexSpec
     from vecpipe.formats.errors import DataError
 
     first = indexes[0]
-    layout = hnsw_options(getattr(first, "shards", [first])[0].manifest)
     spec = IndexSpec(dim=first.dim, metric=first.metric, dtype=first.dtype,
-                     score_metric=first.score_metric, **layout, metadata=plan.metadata,
-                     query_prompt=plan.query_prompt, full=plan.full)
-    builder = IndexBuilder(output, spec, on_duplicate=BUILDER_DUPLICATES[dedupe],
-                           fields=plan.rows_schema.names)
+                     score_metric=first.score_metric, **first.storage_options(),
+                     metadata=plan.metadata, query_prompt=plan.query_prompt, full=plan.full)
+    builder = IndexBuilder(output, spec, on_duplicate=dedupe, fields=plan.rows_schema.names)
     try:
         with builder:
             for index in indexes:
@@ -605,7 +514,7 @@ def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> st
                     builder.add(**block)
     except DataError as err:
         if err.message.startswith("duplicate id"):
-            err.hint = "--dedupe first keeps the first copy, --dedupe last the last"
+            err.hint = ON_DUPLICATE_HINT
         raise
     notes = [f"{builder.skipped:,} duplicates skipped" if builder.skipped else "",
              f"{builder.replaced:,} replaced" if builder.replaced else "",
@@ -619,10 +528,10 @@ def index_blocks(index, plan: IndexMergePlan):
     import pyarrow as pa
 
     from vecpipe.formats import schema as names
-    from vecpipe.core.index_store import to_index_codes
+    from vecpipe.core.index_format import to_index_codes
 
     rows_table = index.rows()
-    visible = index.visible_mask() if hasattr(index, "visible_mask") else None
+    visible = index.visible_mask()
     for start in range(0, index.count, INDEX_BLOCK_ROWS):
         rows = np.arange(start, min(start + INDEX_BLOCK_ROWS, index.count))
         if visible is not None:
@@ -644,75 +553,17 @@ def index_blocks(index, plan: IndexMergePlan):
 
 
 def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
-    """A folder of hard-linked (else copied) shards, the rows each shard's duplicates hide,
-    and a manifest saying how they form one index."""
-    import datetime
-    import json
-    import shutil
-    import tempfile
-
-    import numpy as np
-
-    from vecpipe.formats import __version__
-    from vecpipe.core import linked_index
+    """A folder of linked shards (core.index_linked), the rows each shard's duplicates hide
+    following `dedupe`."""
     from vecpipe.core import merging
-    from vecpipe.core.index_store import FORMAT, FORMAT_VERSION, MANIFEST, file_facts
+    from vecpipe.core.index_linked import write_linked_index
 
-    hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
-                                   [index.path for index in indexes])
-    output = real_output(output)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", dir=os.path.dirname(output))
-    try:
-        shards, copied = [], 0
-        for number, (index, rows) in enumerate(zip(indexes, hidden)):
-            folder = linked_index.shard_folder(number)
-            copied += link_index_files(index, os.path.join(tmp, folder))
-            entry = {"path": folder, "count": index.count, "hidden": None,
-                     "source": os.path.abspath(index.path)}
-            if len(rows):
-                entry["hidden"] = f"{folder}.hidden.npy"
-                np.save(os.path.join(tmp, entry["hidden"]), np.asarray(rows, dtype=np.int64))
-            shards.append(entry)
-        total = sum(index.count for index in indexes)
-        visible = total - sum(len(rows) for rows in hidden)
-        first = indexes[0]
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "layout": linked_index.LAYOUT,
-            "vecpipe_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-            "count": visible, "rows": total, "dim": first.dim, "metric": first.metric,
-            "dtype": first.dtype, "score_metric": first.score_metric,
-            "metadata": plan.metadata, "query_prompt": plan.query_prompt,
-            "fields": plan.rows_schema.names, "full": plan.full,
-            "shared_codec": plan.shared_codec, "duplicates": dedupe, "shards": shards,
-            "files": file_facts(tmp, [entry["hidden"] for entry in shards if entry["hidden"]])}
-        with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        replace_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with flagged_hints():
+        hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
+                                       [index.path for index in indexes])
+    written = write_linked_index(output, indexes, hidden, plan.metadata, plan.query_prompt,
+                                 plan.rows_schema.names, plan.full, plan.shared_codec, dedupe)
+    total, visible, copied = written["rows"], written["count"], written["copied"]
     how = f"{copied} files copied (other file system)" if copied else "files hard-linked"
-    return f"{len(shards)} shards linked, {visible:,} vectors ({total - visible:,} duplicates " \
+    return f"{len(indexes)} shards linked, {visible:,} vectors ({total - visible:,} duplicates " \
            f"hidden; {how})"
-
-
-def link_index_files(index, target: str) -> int:
-    """Hard-link the files of an opened index into `target`; copy where linking fails. The
-    names come from its checked manifest (plain known names only). Returns the number of
-    files copied."""
-    import shutil
-
-    from vecpipe.core.index_store import MANIFEST
-
-    os.makedirs(target)
-    copied = 0
-    for name in [MANIFEST, *index.manifest["files"]]:
-        try:
-            os.link(os.path.join(index.path, name), os.path.join(target, name))
-        except OSError:
-            shutil.copy2(os.path.join(index.path, name), os.path.join(target, name))
-            copied += 1
-    return copied

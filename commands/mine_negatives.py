@@ -24,7 +24,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         beir: Annotated[Optional[str], typer.Option(
             "--beir", help="Take queries, positives (qrels score > 0) and corpus from this BEIR "
                            "folder.", metavar="DIR")] = None,
-        split: Annotated[str, typer.Option("--split", help="BEIR qrels split.")] = "train",
+        split: options.Split = "train",
         model: options.Model = None,
         num_negatives: Annotated[int, typer.Option(
             "-n", "--num-negatives", help="Negatives per query.")] = 5,
@@ -33,8 +33,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         range_max: Annotated[int, typer.Option(
             "--range-max", help="Consider only this many surviving candidates (searched: "
                                 "range-max + the most pair records of any query).")] = 50,
-        min_score: Annotated[Optional[float], typer.Option(
-            "--min-score", help="Drop candidates scoring below S.", metavar="S")] = None,
+        min_score: options.MinScore = None,
         max_score: Annotated[Optional[float], typer.Option(
             "--max-score", help="Drop candidates scoring above S.", metavar="S")] = None,
         absolute_margin: Annotated[Optional[float], typer.Option(
@@ -47,7 +46,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         sampling: Annotated[str, typer.Option(
             "--sampling", help="top: the best candidates; random: a seeded sample of the "
                                "window.")] = "top",
-        seed: Annotated[int, typer.Option("--seed", help="Seed of --sampling random.")] = 0,
+        seed: options.Seed = 0,
         cross_encoder: Annotated[Optional[str], typer.Option(
             "--cross-encoder", help="Rescore candidates and positives with this "
                                     "cross-encoder before filtering and ranking.",
@@ -56,68 +55,60 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             "--guide", help="GISTEmbed-style: drop a candidate this model scores at least as "
                             "similar to the query as the (weakest) positive.",
             metavar="MODEL")] = None,
-        layout: Annotated[str, typer.Option(
-            "--layout", help="Rows as sentence-transformers trains on them: triplet, n-tuple "
+        shape: Annotated[str, typer.Option(
+            "--shape", help="Rows as sentence-transformers trains on them: triplet, n-tuple "
                              "(negative_1..n), labeled-pair, labeled-list.")] = "triplet",
+        old_shape: options.alias(Optional[str], "--layout", "--shape", "shape") = None,
         with_scores: Annotated[bool, typer.Option(
-            "--with-scores", help="Add the scores (labeled layouts: scores replace "
+            "--with-scores", help="Add the scores (labeled shapes: scores replace "
                                   "labels).")] = False,
         on_short: Annotated[str, typer.Option(
             "--on-short", help="A query with fewer than -n negatives: drop it, or keep it with "
                                "fewer (never padded).")] = "drop",
         stats: Annotated[Optional[str], typer.Option(
-            "--stats", help="Write the counts (candidates seen, removed by each rule, queries "
+            "--save-stats", help="Write the counts (candidates seen, removed by each rule, queries "
                             "short, mean scores) to FILE as JSON.", metavar="FILE")] = None,
-        exact: Annotated[bool, typer.Option(
-            "--exact", help="With an index folder: brute-force search instead of HNSW.")] = False,
-        ef: Annotated[Optional[int], typer.Option(
-            "--ef", min=1, help="With an index folder: HNSW expansion_search (default: the "
-                                "index's); deep windows (large --range-max, many positives) "
-                                "need ef well above the search depth.", metavar="N")] = None,
-        fields: Annotated[Optional[List[str]], typer.Option(
-            "--field", help="Corpus text: these fields joined by a space (repeatable; default "
-                            "text, with --beir title and text).", metavar="FIELD")] = None,
-        query_prompt: Annotated[Optional[str], typer.Option(
-            "--query-prompt", help="Prompt for query texts.", metavar="TEXT")] = None,
-        query_prompt_name: Annotated[Optional[str], typer.Option(
-            "--query-prompt-name", help="A prompt of the model, by name, for queries.",
-            metavar="NAME")] = None,
-        corpus_prompt: Annotated[Optional[str], typer.Option(
-            "--corpus-prompt", help="Prompt for corpus and positive texts.",
-            metavar="TEXT")] = None,
-        corpus_prompt_name: Annotated[Optional[str], typer.Option(
-            "--corpus-prompt-name", help="A prompt of the model, by name, for corpus texts.",
-            metavar="NAME")] = None,
+        old_stats: options.alias(Optional[str], "--stats", "--save-stats", "stats") = None,
+        exact: options.Exact = False,
+        ef: options.Ef = None,
+        fields: options.TextField = None,
+        old_fields: options.alias(Optional[List[str]], "--field", "--text-field", "fields")
+        = None,
+        query_prompt: options.QueryPrompt = None,
+        query_prompt_name: options.QueryPromptName = None,
+        corpus_prompt: options.DocPrompt = None,
+        corpus_prompt_name: options.DocPromptName = None,
+        old_corpus_prompt: options.alias(Optional[str], "--corpus-prompt", "--doc-prompt",
+                                         "corpus_prompt") = None,
+        old_corpus_prompt_name: options.alias(Optional[str], "--corpus-prompt-name",
+                                              "--doc-prompt-name", "corpus_prompt_name") = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
         trust_remote_code: options.TrustRemoteCode = False,
-        shard: Annotated[Optional[str], typer.Option(
-            "--shard", help="Mine only the queries of shard I of N (by query text; I/N, or auto "
-                            "from Slurm/torchrun/Kubernetes). The corpus and search depth stay "
-                            "those of the whole job, so the shards' rows together are the "
-                            "unsharded run's. With -o DIR/: DIR/part-0000I-of-0000N.<ext>, "
-                            "skipped when complete.", metavar="I/N")] = None,
+        shard: options.Shard = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Mine hard negatives for (query, positive) pairs and write training rows in
-    sentence-transformers' layouts. Candidates never include a known positive of the query (by
+    sentence-transformers' shapes. Candidates never include a known positive of the query (by
     id or identical text) nor the query itself; every removal is counted (stderr summary,
-    --stats). Filters follow sentence-transformers' mine_hard_negatives: with an embeddings or
+    --save-stats). Filters follow sentence-transformers' mine_hard_negatives: with an embeddings or
     text corpus, --sampling top and the same model, the rows are the same (ties in score go to
     the earlier corpus record); unlike there, --cross-encoder rescores even when no score rule
     is set. Scores are cosine similarities (cross-encoder scores after --cross-encoder), or the
     index's own scores for an index folder. Pairs and an embeddings or text
     corpus are held in memory (the corpus as one vector matrix); search memory is bounded by
     a query batch x corpus block. For corpora larger than memory, search an index folder.
+    With --shard, only that shard's queries are mined (by query text); the corpus and search
+    depth stay those of the whole job, so the shards' rows together are the unsharded run's.
 
     \b
     Example:
       vecpipe mine-negatives --beir nfcorpus --split train -o triplets.jsonl
       vecpipe mine-negatives pairs.jsonl --corpus idx/ -n 7 --range-min 10 \\
-          --relative-margin 0.05 --layout n-tuple --stats stats.json -o train.parquet
+          --relative-margin 0.05 --shape n-tuple --save-stats stats.json -o train.parquet
       vecpipe mine-negatives --beir nfcorpus --shard auto -o mined/
     """
     given = dict(locals())
@@ -125,15 +116,17 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
 
     from vecpipe.cli import console
     from vecpipe.cli.models import load_cross_encoder
-    from vecpipe.core.mining import LAYOUTS, MiningOptions
+    from vecpipe.core.mining import MiningOptions
     from vecpipe.formats.parts import PartClaim, shard_output
     from vecpipe.formats.shards import parse_shard
     from vecpipe.formats.writers import resolve_output_format
 
+    if output in (None, "-"):  # training rows carry no vectors: JSONL on a pipe
+        output_format = resolve_output_format(output, output_format, vectors=False)
     settings = MiningOptions(num_negatives, range_min, range_max, min_score, max_score,
                              absolute_margin, relative_margin, sampling, seed, on_short)
-    settings.check()
-    _check_layout(layout, on_short, LAYOUTS)
+    _check_settings(settings)
+    _check_shape(shape, on_short)
     part = parse_shard(shard)
     part_file = shard_output(output, part, output_format)
     with contextlib.ExitStack() as hold:
@@ -149,7 +142,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
                 console.info(note)
         resolve_output_format(output, output_format)
         pair_set = _read_pairs(pairs, beir, split, input_format)
-        source = _corpus_source(corpus, beir, fields)
+        source = _corpus_source(corpus, beir, split, fields)
         rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \
             if cross_encoder else None
         vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
@@ -160,16 +153,17 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         job.cross_encoder, job.guide = rescorer, vetoer
         if part is not None:
             _keep_shard(job.pairs, part)
-        _mine(job, layout, with_scores, output, output_format)
+        _mine(job, shape, with_scores, output, output_format)
         if claim is not None:
             claim.finish(job.miner.stats.rows_written)
-    _report(job, stats, layout)
+    _report(job, stats, shape)
 
 
-# Options that do not change the rows: --batch-size, --device, --trust-remote-code, --stats,
+# Options that do not change the rows: --batch-size, --device, --trust-remote-code,
+# --save-stats,
 # -q. The models count by their folder's content when local (see _model_identity).
 _JOB_OPTIONS = ("split", "num_negatives", "range_min", "range_max", "min_score", "max_score",
-                "absolute_margin", "relative_margin", "sampling", "seed", "layout",
+                "absolute_margin", "relative_margin", "sampling", "seed", "shape",
                 "with_scores", "on_short", "exact", "ef", "fields", "query_prompt",
                 "query_prompt_name", "corpus_prompt", "corpus_prompt_name", "input_format",
                 "force")
@@ -212,7 +206,7 @@ def _keep_shard(pair_set, shard) -> None:
 class _Job:
     pairs: object                 # PairSet
     corpus: object                # _ExactCorpus or _IndexCorpus
-    model: object                 # LoadedModel for queries (and texts without a vector)
+    model: object                 # Embedder for queries (and texts without a vector)
     miner: object
     query_prompt: str
     corpus_prompt: str
@@ -224,28 +218,59 @@ class _Job:
     output_format: str = ""
 
 
-def _check_layout(layout: str, on_short: str, layouts) -> None:
+def _check_settings(settings) -> None:
+    """The mining options' values, worded as the flags that set them."""
+    from vecpipe.core.mining import ON_SHORT, SAMPLINGS
     from vecpipe.formats.errors import UsageError
 
-    if layout not in layouts:
-        raise UsageError(f"unknown --layout {layout!r}; use {'|'.join(layouts)}",
+    s = settings
+    if s.num_negatives < 1:
+        raise UsageError(f"-n must be at least 1, got {s.num_negatives}")
+    if s.range_min < 0:
+        raise UsageError(f"--range-min must be >= 0, got {s.range_min}")
+    if s.range_max <= s.range_min:
+        raise UsageError(f"--range-max ({s.range_max}) must be larger than --range-min "
+                         f"({s.range_min})")
+    if s.num_negatives > s.range_max - s.range_min:
+        raise UsageError(f"cannot take {s.num_negatives} negatives from ranks "
+                         f"{s.range_min}..{s.range_max}",
+                         hint="lower -n or --range-min, or raise --range-max")
+    if s.sampling not in SAMPLINGS:
+        raise UsageError(f"unknown --sampling {s.sampling!r}; use {'|'.join(SAMPLINGS)}")
+    if s.on_short not in ON_SHORT:
+        raise UsageError(f"unknown --on-short {s.on_short!r}; use {'|'.join(ON_SHORT)}")
+    for name in ("absolute_margin", "relative_margin"):
+        value = getattr(s, name)
+        if value is not None and value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if s.min_score is not None and s.max_score is not None and s.min_score > s.max_score:
+        raise UsageError(f"--min-score {s.min_score} is above --max-score {s.max_score}")
+
+
+def _check_shape(shape: str, on_short: str) -> None:
+    from vecpipe.core.mining import SHAPES
+    from vecpipe.formats.errors import UsageError
+
+    if shape not in SHAPES:
+        raise UsageError(f"unknown --shape {shape!r}; use {'|'.join(SHAPES)}",
                          hint="the file format is --output-format (jsonl, arrow, parquet)")
-    if layout == "n-tuple" and on_short == "keep":
-        raise UsageError("--layout n-tuple needs exactly -n negatives per row; "
+    if shape == "n-tuple" and on_short == "keep":
+        raise UsageError("--shape n-tuple needs exactly -n negatives per row; "
                          "--on-short keep cannot fill it",
-                         hint="use --on-short drop, or --layout triplet/labeled-list")
+                         hint="use --on-short drop, or --shape triplet/labeled-list")
 
 
 def _read_pairs(inputs, beir, split, input_format):
     from vecpipe.formats.errors import UsageError
-    from vecpipe.core.mining import read_beir, read_pairs
+    from vecpipe.core.mining import beir_pairs, read_pairs
+    from vecpipe.core.space import check_same_space
     from vecpipe.formats.readers import RecordStream
 
     if beir:
         if inputs:
             raise UsageError("give PAIRS or --beir, not both")
-        return read_beir(beir, split)
-    return read_pairs(RecordStream(inputs, input_format))
+        return beir_pairs(_beir_files(beir, split))
+    return read_pairs(RecordStream(inputs, input_format, check=check_same_space))
 
 
 # ---- the corpus ------------------------------------------------------------------------------
@@ -256,12 +281,22 @@ class _Source:
     fields: list
 
 
-def _corpus_source(corpus, beir, fields) -> _Source:
-    from vecpipe.core.mining import beir_corpus
-
+def _corpus_source(corpus, beir, split, fields) -> _Source:
     if corpus is None and beir:
-        return _Source(beir_corpus(beir), fields or ["title", "text"])
+        return _Source(_beir_files(beir, split).corpus, fields or ["title", "text"])
     return _Source(corpus, fields or ["text"])
+
+
+def _beir_files(folder: str, split: str):
+    from vecpipe.formats.beir import beir_files
+    from vecpipe.formats.errors import DataError
+
+    try:
+        return beir_files(folder, split)
+    except DataError as err:
+        if err.hint:  # the splits the folder has
+            err.hint += "; choose one with --split"
+        raise
 
 
 class _ExactCorpus:
@@ -290,8 +325,8 @@ class _ExactCorpus:
     def search(self, queries, k):
         from vecpipe.core.vectors import exact_top_k
 
-        scores, slots = exact_top_k(queries, self.vectors, k)
-        return scores, self.searched[slots]
+        hits = exact_top_k(queries, self.vectors, k)
+        return hits.scores, self.searched[hits.rows]
 
     def row_scores(self, queries, rows):
         """Score of queries[i] against corpus row rows[i], on the search's scale."""
@@ -307,11 +342,12 @@ class _ExactCorpus:
 
 
 class _IndexCorpus:
-    """An index folder (index_store): HNSW search, or brute force with --exact."""
+    """An index folder (core.index_open): HNSW search, or brute force with --exact."""
 
     def __init__(self, path, fields, ann):
         from vecpipe.formats.errors import DataError
-        from vecpipe.core.index_store import FLOAT_DTYPES, open_index
+        from vecpipe.core.index_format import FLOAT_DTYPES
+        from vecpipe.core.index_open import open_index
         from vecpipe.core.mining import join_fields, text_codes
 
         self.index = open_index(path)
@@ -362,8 +398,6 @@ class _IndexCorpus:
 def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_code, force,
                  prompts, batch_size, ann):
     """(corpus, model): the corpus ready to search and the model that embeds queries."""
-    import pyarrow as pa
-
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError
     from vecpipe.core.mining import join_fields
@@ -382,8 +416,7 @@ def _load_corpus(source: _Source, pair_set, model_spec, device, trust_remote_cod
     if table is None or table.num_rows == 0:
         raise DataError("the corpus is empty", source=source.path)
     id_name = names.find_id_column(table.schema)
-    ids = table.column(id_name).cast(pa.string()).combine_chunks() if id_name else \
-        pa.array([str(i) for i in range(1, table.num_rows + 1)])
+    ids = names.batch_ids(table, id_name, on_null="keep")
     texts = join_fields(table, source.fields, source.path)
     if names.EMBEDDING in table.schema.names:
         metadata = names.read_meta(table.schema)
@@ -432,20 +465,18 @@ def _embedded_corpus(name, texts, ids, model, prompts, batch_size):
 
 
 def _corpus_prompt(model, prompts) -> str:
-    """--corpus-prompt(-name), else the model's document/passage/corpus prompt (as
-    sentence-transformers' encode_document)."""
-    if prompts[2] is not None or prompts[3] is not None:
-        return model.prompt_text(prompts[2], prompts[3])
-    return next((model.prompts[name] for name in ("document", "passage", "corpus")
-                 if name in model.prompts), "")
+    """--doc-prompt(-name), else the model's document prompt."""
+    from vecpipe.core.space import role_prompt
+
+    return role_prompt(model, "doc", prompts[2], prompts[3])
 
 
 def _query_prompt(model, corpus, prompts) -> str:
     """--query-prompt(-name), else the index's query prompt, else the model's `query` prompt."""
-    if prompts[0] is not None or prompts[1] is not None:
-        return model.prompt_text(prompts[0], prompts[1])
+    from vecpipe.core.space import role_prompt
+
     recorded = getattr(getattr(corpus, "index", None), "query_prompt", None)
-    return recorded if recorded is not None else model.prompts.get("query", "")
+    return role_prompt(model, "query", prompts[0], prompts[1], recorded)
 
 
 def _load_model(spec, device, trust_remote_code):
@@ -457,7 +488,7 @@ def _load_model(spec, device, trust_remote_code):
 def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force, dim):
     """The model that made the corpus vectors: -m, checked against the metadata, or the
     metadata's model."""
-    from vecpipe.formats import schema as names
+    from vecpipe.core.space import check_model
     from vecpipe.formats.errors import DataError
 
     recorded = metadata.get("model")
@@ -465,12 +496,7 @@ def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force,
         raise DataError("the corpus vectors name no model (JSONL carries no metadata)",
                         source=source, hint="pass -m MODEL, the model that embedded them")
     model = _load_model(spec or recorded, device, trust_remote_code)
-    given = {"model": model.name, **({"model_sha": model.sha} if model.sha else {})}
-    names.check_compatible(metadata, given, source, f"-m {spec or recorded}",
-                           keys=("model", "model_sha"), force=force)
-    if model.dim != dim:
-        raise DataError(f"corpus vectors have {dim} dimensions, model {model.name} makes "
-                        f"{model.dim}", source=source)
+    check_model(metadata, model, source, spec or recorded, dim=dim, force=force)
     return model
 
 
@@ -520,20 +546,20 @@ def _resolve(pair_set, corpus) -> None:
 
 # ---- mining ----------------------------------------------------------------------------------
 
-def _mine(job: _Job, layout, with_scores, output, output_format) -> None:
+def _mine(job: _Job, shape, with_scores, output, output_format) -> None:
     from vecpipe.cli import console
-    from vecpipe.core.mining import layout_batch, layout_schema
+    from vecpipe.core.mining import shape_batch, shape_schema
     from vecpipe.formats.writers import RecordWriter
 
     settings = job.miner.options
-    schema = layout_schema(layout, job.pairs.anchor_field, settings.num_negatives, with_scores)
+    schema = shape_schema(shape, job.pairs.anchor_field, settings.num_negatives, with_scores)
     queries = job.pairs.queries
     with RecordWriter(output, output_format, schema=schema) as writer, \
             console.progress(total=len(queries), desc="mining", unit="query") as bar:
         for start in range(0, len(queries), QUERY_BATCH):
             batch = queries[start:start + QUERY_BATCH]
             mined = _mine_batch(job, batch)
-            writer.write(layout_batch(layout, schema, mined, with_scores))
+            writer.write(shape_batch(shape, schema, mined, with_scores))
             bar.update(len(batch))
     job.miner.stats.rows_written = writer.rows
     job.output_name = output or "stdout"
@@ -649,7 +675,7 @@ class _Guide:
 
 # ---- the report ------------------------------------------------------------------------------
 
-def _report(job: _Job, stats_path, layout) -> None:
+def _report(job: _Job, stats_path, shape) -> None:
     import json
 
     from vecpipe.cli import console
@@ -658,7 +684,7 @@ def _report(job: _Job, stats_path, layout) -> None:
     facts = {"corpus_records": len(job.corpus.texts),
              "corpus_repeated_texts": job.corpus.duplicates, **job.miner.stats.as_dict()}
     if stats_path:
-        document = {"options": {**job.miner.options.__dict__, "layout": layout,
+        document = {"options": {**job.miner.options.__dict__, "shape": shape,
                                 "depth": job.depth}, **facts}
         with text_output(stats_path) as out:
             out.write(json.dumps(document, indent=2) + "\n")

@@ -5,7 +5,6 @@ import typer
 
 from vecpipe.cli import options
 
-TREC_RUN_NAME = "vecpipe"
 STREAM_BLOCK_ROWS = 8192
 
 
@@ -13,60 +12,40 @@ def run(index: Annotated[str, typer.Argument(
             help="An index folder (from `vecpipe index`), or an embeddings file/stream to "
                  "search exactly without an index.", metavar="INDEX", show_default=False)],
         queries: Annotated[Optional[List[str]], typer.Argument(
-            help="Query records: text (`text`, or --field) embedded with the index's model and "
-                 "query prompt, or vectors (`embedding`). Files or - for stdin (the default).",
+            help="Query records: text (`text`, or --text-field) embedded with the index's model "
+                 "and query prompt, or vectors (`embedding`). Files or - for stdin (the "
+                 "default).",
             metavar="[QUERIES]...", show_default=False)] = None,
-        k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Hits per query.")] = 10,
-        exact: Annotated[bool, typer.Option(
-            "--exact", help="Brute force instead of the HNSW graph.")] = False,
-        ef: Annotated[Optional[int], typer.Option(
-            "--ef", min=1, help="HNSW expansion while searching (default: the index's).",
-            metavar="N", show_default=False)] = None,
+        k: options.TopK = 10,
+        exact: options.Exact = False,
+        ef: options.Ef = None,
         rescore: Annotated[Optional[int], typer.Option(
             "--rescore", min=1, help="Fetch k*MULT candidates from a compressed index and "
                                      "rescore them with the kept full vectors (or the float "
                                      "query against the codes; i8 indexes do that on k*4 by "
                                      "default).", metavar="MULT",
             show_default=False)] = None,
-        min_score: Annotated[Optional[float], typer.Option(
-            "--min-score", help="Drop hits scoring below S (fewer than k hits allowed).",
-            metavar="S", show_default=False)] = None,
+        min_score: options.MinScore = None,
         filter_text: Annotated[Optional[str], typer.Option(
             "--filter", help="Keep hits whose stored fields match, e.g. 'lang == \"en\" and "
                              "year >= 2020' (==, !=, <, <=, >, >=, in [...], not in, is [not] "
                              "null, and, or, not, parentheses).", metavar="EXPR",
             show_default=False)] = None,
-        fields: Annotated[Optional[str], typer.Option(
-            "--fields", help="Stored fields to add to each hit.", metavar="A,B",
-            show_default=False)] = None,
-        all_fields: Annotated[bool, typer.Option(
-            "--all-fields", help="Add every stored field to each hit.")] = False,
-        model: Annotated[Optional[str], typer.Option(
-            "-m", "--model", help="Model for text queries (default: the one the index records; "
-                                  "another one is refused without --force).", metavar="MODEL",
-            show_default=False)] = None,
-        prompt: Annotated[Optional[str], typer.Option(
-            "--prompt", help="Prompt before each query text (default: the index's query "
-                             "prompt, else the model's `query` prompt).", metavar="TEXT",
-            show_default=False)] = None,
-        prompt_name: Annotated[Optional[str], typer.Option(
-            "--prompt-name", help="Use the model's prompt of this name.", metavar="NAME",
-            show_default=False)] = None,
-        field: Annotated[str, typer.Option(
-            "--field", help="The query text field.")] = "text",
-        metric: Annotated[Optional[str], typer.Option(
-            "--metric", help="cos|ip|l2sq|hamming, for an embeddings-stream INDEX only "
-                             "(default cos; hamming for packed bits).", show_default=False)
-        ] = None,
+        fields: options.Fields = None,
+        all_fields: options.AllFields = False,
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        prompt_name: options.PromptName = None,
+        text_fields: options.TextField = None,
+        old_field: options.FieldForText = None,
+        metric: options.Metric = None,
         output: options.Output = None,
-        output_format: Annotated[str, typer.Option(
-            "--output-format", help="auto|arrow|arrow-file|jsonl|parquet|trec (a TREC run: "
-                                    "qid Q0 docid rank score run).")] = "auto",
+        output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
-        batch_size: Annotated[int, typer.Option(
-            "--batch-size", min=1, help="Queries per search batch.")] = 1024,
-        threads: Annotated[int, typer.Option(
-            "--threads", min=0, help="usearch threads (0 = all cores).")] = 0,
+        batch_size: options.BatchSize = 32,
+        query_batch: Annotated[int, typer.Option(
+            "--query-batch", min=1, help="Queries read and searched together.")] = 1024,
+        threads: options.Threads = 0,
         device: options.Device = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
@@ -87,13 +66,16 @@ def run(index: Annotated[str, typer.Argument(
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.writers import resolve_output_format
 
+    fields = ",".join(fields) if fields else None
     if index != "-" and not os.path.exists(index):  # before the options that depend on its kind
         raise DataError("no such index folder or embeddings file", source=index)
     if fields and all_fields:
         raise UsageError("give --fields or --all-fields, not both")
-    fmt = resolve_output_format(output, output_format, extra=("trec",))
-    query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name, field=field,
-                         device=device, force=force, input_format=input_format)
+    fmt = resolve_output_format(output, output_format, extra=("trec",), vectors=False)
+    query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name,
+                         text_fields=text_fields or ["text"],
+                         device=device, force=force, input_format=input_format,
+                         model_batch_size=batch_size)
     if os.path.isdir(index):
         if metric is not None:
             raise UsageError("--metric applies to an embeddings-stream INDEX; an index folder "
@@ -105,7 +87,7 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
-    reader = QueryReader(queries, searcher, batch_size=batch_size, **query_options)
+    reader = QueryReader(queries, searcher, batch_size=query_batch, **query_options)
     write_hits(searcher.results(reader), searcher.schema, output, fmt)
 
 
@@ -115,16 +97,20 @@ class QueryReader:
     """Batches of (query ids, vectors, encoded) from text records (embedded here) or vector
     records: float vectors of the query dimension, or codes when the stream carries a codec."""
 
-    def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, field, device,
-                 force, input_format):
+    def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
+                 device, force, input_format, model_batch_size=32):
+        from vecpipe.core.space import check_same_space
         from vecpipe.formats.errors import UsageError
         from vecpipe.formats.readers import RecordStream
 
         if target.source == "-" and (not inputs or "-" in inputs):
             raise UsageError("the searched stream and the queries cannot both come from stdin",
                              hint="name the queries' file")
-        self.stream = RecordStream(inputs, input_format, batch_rows=batch_size)
-        self.target, self.field, self.force, self.device = target, field, force, device
+        self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
+                                   check=check_same_space)
+        self.target, self.text_fields, self.force = target, text_fields, force
+        self.device = device
+        self.model_batch_size = model_batch_size
         self.model_spec, self.prompt, self.prompt_name = model, prompt, prompt_name
         self.model = None
         self.codes = False
@@ -135,6 +121,7 @@ class QueryReader:
         self._check_schema()
 
     def _check_schema(self) -> None:
+        from vecpipe.core.space import check_same_space
         from vecpipe.formats import schema as names
         from vecpipe.formats.errors import DataError
 
@@ -145,23 +132,24 @@ class QueryReader:
         if names.EMBEDDING in schema.names:
             meta = self.stream.metadata
             keys = ("model", "codec") if meta.get("codec") else ("model",)
-            names.check_compatible(self.target.metadata, meta, self.target.source, source,
-                                   keys=keys, force=self.force)
+            check_same_space(self.target.metadata, meta, self.target.source, source, keys=keys,
+                             force=self.force)
             self.codes = bool(meta.get("codec"))
             if self.model_spec:
                 self._load_model()  # -m with vector queries: still checked against the index
-        elif self.field in schema.names:
+        elif all(name in schema.names for name in self.text_fields):
             self._load_model()
         else:
-            raise DataError(f"queries have neither {self.field!r} nor 'embedding' (fields: "
+            missing = next(name for name in self.text_fields if name not in schema.names)
+            raise DataError(f"queries have neither {missing!r} nor 'embedding' (fields: "
                             f"{', '.join(schema.names)})", source=source,
-                            hint="name the text field with --field")
+                            hint="name the text field with --text-field")
 
     def _load_model(self) -> None:
         """The query model: -m or the one the index records; a different one is refused."""
         from vecpipe.cli.models import load_model
+        from vecpipe.core.space import check_model
         from vecpipe.formats.errors import DataError
-        from vecpipe.formats.schema import check_compatible
 
         spec = self.model_spec or self.target.metadata.get("model")
         if spec is None:
@@ -169,23 +157,15 @@ class QueryReader:
                             source=self.target.source,
                             hint="pass -m MODEL (the model that made the vectors)")
         self.model = load_model(spec, device=self.device)
-        given = {"model": self.model.name}
-        if self.model.sha:
-            given["model_sha"] = self.model.sha
-        check_compatible(self.target.metadata, given, self.target.source, f"-m {spec}",
-                         keys=("model", "model_sha"), force=self.force)
-        if self.model.dim != self.target.query_dim:
-            raise DataError(f"model {self.model.name} makes {self.model.dim}-dimensional "
-                            f"vectors, the searched vectors have {self.target.query_dim}",
-                            source=self.target.source)
+        check_model(self.target.metadata, self.model, self.target.source, spec,
+                    dim=self.target.query_dim, force=self.force)
         self.prompt_text = self._prompt()
 
     def _prompt(self) -> str:
-        if self.prompt is not None or self.prompt_name is not None:
-            return self.model.prompt_text(self.prompt, self.prompt_name)
-        if self.target.query_prompt is not None:
-            return self.target.query_prompt
-        return self.model.prompts.get("query", "")
+        from vecpipe.core.space import role_prompt
+
+        return role_prompt(self.model, "query", self.prompt, self.prompt_name,
+                           self.target.query_prompt)
 
     def __iter__(self):
         for item in self.stream:
@@ -193,19 +173,13 @@ class QueryReader:
                 yield (self._ids(item.batch), *self._vectors(item))
 
     def _ids(self, batch) -> list:
-        import pyarrow as pa
-
         from vecpipe.formats import schema as names
 
         column = names.find_id_column(batch.schema) or (
             names.QUERY_ID if names.QUERY_ID in batch.schema.names else None)
         first = self.next_record
         self.next_record += batch.num_rows
-        if column is None:
-            return [str(n) for n in range(first, first + batch.num_rows)]
-        values = batch.column(column)
-        values = values if pa.types.is_string(values.type) else values.cast(pa.string())
-        return [str(first + i) if v is None else v for i, v in enumerate(values.to_pylist())]
+        return names.batch_ids(batch, column, first, on_null="record").to_pylist()
 
     def _vectors(self, item):
         import numpy as np
@@ -215,29 +189,29 @@ class QueryReader:
 
         batch = item.batch
         if names.EMBEDDING not in batch.schema.names:
-            texts = batch.column(self.field).to_pylist()
-            bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t), None)
-            if bad is not None:
-                raise DataError(f"query {self.field!r} is empty or not text",
-                                source=item.source, record=item.first_record + bad)
-            return self.model.encode(texts, prompt=self.prompt_text), False
-        try:
-            vectors = names.vectors_to_numpy(batch.column(names.EMBEDDING))
-        except DataError as err:
-            if err.record is not None:
-                err.record += item.first_record - 1
-            raise err.located(item.source)
+            return self.model.encode(self._texts(item), batch_size=self.model_batch_size,
+                                     prompt=self.prompt_text), False
+        vectors = names.checked_vectors(item, names.EMBEDDING,
+                                        None if self.codes else "query vector")
         if self.codes:
             return self.target.query_codes(vectors, item), True
         if vectors.shape[1] not in self.query_dims:
             raise DataError(f"query vectors have {vectors.shape[1]} dimensions, "
                             f"{self.target.source} expects {self.expected_dims}",
                             source=item.source, record=item.first_record)
-        finite = np.isfinite(vectors).all(axis=1)
-        if not finite.all():
-            raise DataError("query vector holds NaN or infinity", source=item.source,
-                            record=item.first_record + int(np.argmin(finite)))
         return vectors.astype(np.float32), False
+
+    def _texts(self, item) -> list:
+        """The query texts: the --text-field values joined by a space, as embed joins them."""
+        from vecpipe.core.embedding import batch_texts
+        from vecpipe.formats.errors import DataError
+
+        texts, problems = batch_texts(item.batch, self.text_fields)
+        bad = next((row for row, problem in enumerate(problems) if problem), None)
+        if bad is not None:
+            raise DataError(f"query has {problems[bad]}", source=item.source,
+                            record=item.first_record + bad)
+        return texts
 
 
 def _output_schema(fields_schema):
@@ -258,18 +232,32 @@ def _requested_fields(fields, all_fields, available) -> list:
     missing = [name for name in wanted if name not in available]
     if missing:
         raise DataError(f"--fields {missing[0]}: not stored (stored: {', '.join(available)})",
-                        hint="index with --store FIELD or --store-all")
+                        hint="index with --fields FIELD or --all-fields")
     return ["id", *dict.fromkeys(name for name in wanted if name != "id")]
 
 
 # ---- searching an index folder ----------------------------------------------------------------
+
+OPTION_OF = {"k": "-k", "ef": "--ef", "rescore": "--rescore"}
+
+
+def flagged(err):
+    """A core ParameterError worded with the search option that set the parameter."""
+    from vecpipe.core.index_search import KEEP_FULL_VECTORS
+    from vecpipe.formats.errors import UsageError
+
+    hint = "rebuild the index with --keep-vectors" if err.hint == KEEP_FULL_VECTORS else err.hint
+    return UsageError(f"{OPTION_OF[err.parameter]}: {err.message}", source=err.source,
+                      hint=hint)
+
 
 class IndexSearch:
     """Batches of queries against an index folder (memory-mapped), filter evaluated once."""
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
                  threads):
-        from vecpipe.core.index_store import open_index
+        from vecpipe.core.index_open import open_index
+        from vecpipe.formats.errors import ParameterError
 
         self.index = open_index(path)
         self.source = path
@@ -285,20 +273,29 @@ class IndexSearch:
             expression = parse(filter_text)
             expression.check_fields(self.index.fields, "the index")
             mask = expression.mask(self.index.rows(expression.fields))
-        self.searcher = self.index.searcher(k, exact=exact, ef=ef, rescore=rescore,
-                                            min_score=min_score, mask=mask, threads=threads)
+        try:
+            self.searcher = self.index.searcher(k, exact=exact, ef=ef, rescore=rescore,
+                                                min_score=min_score, mask=mask, threads=threads)
+        except ParameterError as err:
+            raise flagged(err) from None
 
     def query_codes(self, vectors, item):
         """Query codes made by the index's codec (e.g. `compress --codec`) -> index space."""
-        from vecpipe.core.index_store import to_index_codes
+        from vecpipe.core.index_format import to_index_codes
 
         codec = self.index.codec
         return to_index_codes(codec, codec.codes_from_matrix(vectors, source=item.source))
 
     def results(self, reader):
         """(query ids, Hits, table whose row i is index row i) per batch of queries."""
+        from vecpipe.formats.errors import ParameterError
+
         for ids, vectors, encoded in reader:
-            yield ids, self.searcher.search(vectors, encoded=encoded), self.rows
+            try:
+                hits = self.searcher.search(vectors, encoded=encoded)
+            except ParameterError as err:
+                raise flagged(err) from None
+            yield ids, hits, self.rows
 
 
 # ---- exact search over an embeddings stream ---------------------------------------------------
@@ -376,13 +373,9 @@ class StreamSearch:
 
     def _scan(self, queries):
         """One pass over the stream: (Hits over stream row numbers, their stored fields)."""
-        import numpy as np
+        from vecpipe.core.vectors import ExactSearch
 
-        from vecpipe.core.vectors import Hits, TopK
-
-        chunks = [queries[start:start + self.QUERY_CHUNK]
-                  for start in range(0, len(queries), self.QUERY_CHUNK)]
-        tops = [TopK(len(chunk), self.k) for chunk in chunks]
+        search = ExactSearch(queries, self.k, self.metric, self.QUERY_CHUNK)
         kept = KeptRows(self.fields_schema, self.fields, self.id_column)
         first_row = 0
         for item in self.stream:
@@ -391,34 +384,19 @@ class StreamSearch:
                 continue
             vectors = self._stream_vectors(item)
             allowed = self.filter.mask(batch) if self.filter is not None else None
-            for chunk, top in zip(chunks, tops):
-                top.update(self._scores(chunk, vectors), first_row, allowed)
-            kept.update(batch, first_row, item.first_record,
-                        np.concatenate([top.rows for top in tops]))
+            search.add(vectors, first_row, allowed)
+            kept.update(batch, first_row, item.first_record, search.hits().rows)
             first_row += batch.num_rows
-        hits = Hits(np.concatenate([top.rows for top in tops]),
-                    np.concatenate([top.scores for top in tops])).thresholded(self.min_score)
-        return hits, kept.lookup()
+        return search.hits().thresholded(self.min_score), kept.lookup()
 
     def _stream_vectors(self, item):
-        import numpy as np
-
         from vecpipe.formats import schema as names
         from vecpipe.formats.errors import DataError
 
-        try:
-            vectors = names.vectors_to_numpy(item.batch.column(names.EMBEDDING))
-        except DataError as err:
-            if err.record is not None:
-                err.record += item.first_record - 1
-            raise err.located(item.source)
-        if self.codec is not None and not self.bits:
+        decoded = self.codec is not None and not self.bits
+        vectors = names.checked_vectors(item, names.EMBEDDING, None if decoded else "vector")
+        if decoded:
             return self.codec.decode(self.codec.codes_from_matrix(vectors, item.source))
-        if vectors.dtype.kind == "f":
-            finite = np.isfinite(vectors).all(axis=1)
-            if not finite.all():
-                raise DataError("vector holds NaN or infinity", source=item.source,
-                                record=item.first_record + int(np.argmin(finite)))
         if vectors.shape[1] != self.queries_width():
             raise DataError(f"vectors change dimension to {vectors.shape[1]}",
                             source=item.source, record=item.first_record)
@@ -427,11 +405,6 @@ class StreamSearch:
     def queries_width(self) -> int:
         return self.codec.code_width if self.codec is not None and self.bits else (
             self.codec.out_dim if self.codec is not None else self.query_dim)
-
-    def _scores(self, queries, vectors):
-        from vecpipe.core.vectors import similarity
-
-        return similarity(self.metric, queries, vectors)
 
 
 class KeptRows:
@@ -461,12 +434,9 @@ class KeptRows:
                                                             schema=self.fields_schema)))
 
     def _ids(self, batch, first_record):
-        import pyarrow as pa
+        from vecpipe.formats import schema as names
 
-        if self.id_column is None:
-            return pa.array([str(n) for n in range(first_record, first_record + batch.num_rows)])
-        column = batch.column(self.id_column)
-        return column if pa.types.is_string(column.type) else column.cast(pa.string())
+        return names.batch_ids(batch, self.id_column, first_record, on_null="keep")
 
     def lookup(self) -> "RowLookup":
         import numpy as np
@@ -496,7 +466,7 @@ class RowLookup:
 
 def _stream_metric(metric, bits) -> str:
     from vecpipe.formats.errors import UsageError
-    from vecpipe.core.index_store import METRICS
+    from vecpipe.core.index_format import METRICS
 
     if metric is None:
         return "hamming" if bits else "cos"
@@ -527,13 +497,15 @@ def hit_tables(results, schema):
 
 def write_hits(results, schema, output, fmt) -> None:
     from vecpipe.cli import console
+    from vecpipe.formats.trec import trec_lines
     from vecpipe.formats.writers import RecordWriter, text_output
 
     queries = hits = 0
     if fmt == "trec":
         with text_output(output) as out:
             for table, count in hit_tables(results, schema):
-                out.write(trec_lines(table))
+                out.write(trec_lines(zip(*(table.column(name).to_pylist()
+                                           for name in ("query_id", "id", "rank", "score")))))
                 hits, queries = hits + table.num_rows, queries + count
     else:
         with RecordWriter(output, fmt, schema=schema) as out:
@@ -541,10 +513,3 @@ def write_hits(results, schema, output, fmt) -> None:
                 out.write_table(table)
                 hits, queries = hits + table.num_rows, queries + count
     console.info(f"{hits:,} hits for {queries:,} queries")
-
-
-def trec_lines(table) -> str:
-    """TREC run lines: `qid Q0 docid rank score run`. Scores keep 9 significant digits (float32
-    round-trips): rounding would create ties that trec_eval breaks by doc id."""
-    columns = [table.column(name).to_pylist() for name in ("query_id", "id", "rank", "score")]
-    return "".join(f"{q} Q0 {d} {r} {s:.9g} {TREC_RUN_NAME}\n" for q, d, r, s in zip(*columns))

@@ -6,19 +6,19 @@ _vecpipe() {
     done
     case "$path" in
         "") words="embed index search compress eval mine-negatives merge info convert --help --version" ;;
-        "embed") words="-o --output --output-format --input-format -m --model --field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --dtype --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force -q --quiet --help" ;;
-        "index") words="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --store --store-all --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force -q --quiet --help" ;;
-        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --field --metric -o --output --output-format --input-format --batch-size --threads --device --force -q --quiet --help" ;;
-        "compress") words="-o --output --output-format --input-format --to --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --report-json --force -q --quiet --help" ;;
+        "embed") words="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force -q --quiet --help" ;;
+        "index") words="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force -q --quiet --help" ;;
+        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --text-field --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help" ;;
+        "compress") words="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help" ;;
         "eval") words="retrieval beir sts embeddings --help" ;;
-        "eval retrieval") words="--qrels -k --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --json -q --quiet --help" ;;
-        "eval beir") words="-m --model --split --query-prompt --doc-prompt -k --cutoffs --metrics --batch-size --device --exact --index-dtype --ef --cache --save-run --per-query --fail-under --json --trust-remote-code -q --quiet --help" ;;
-        "eval sts") words="--fields -m --model --prompt --batch-size --device --input-format --fail-under --json --trust-remote-code -q --quiet --help" ;;
-        "eval embeddings") words="--field --sample --duplicate-threshold --alpha --seed --input-format --json -q --quiet --help" ;;
-        "mine-negatives") words="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --layout --with-scores --on-short --stats --exact --ef --field --query-prompt --query-prompt-name --corpus-prompt --corpus-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force -q --quiet --help" ;;
-        "merge") words="-o --output --output-format --input-format --dedupe --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help" ;;
-        "info") words="--input-format --json --verify -q --quiet --help" ;;
-        "convert") words="-o --output --output-format --input-format --select --limit --force -q --quiet --help" ;;
+        "eval retrieval") words="--qrels --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --output-format -q --quiet --help" ;;
+        "eval beir") words="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --per-query --fail-under --output-format --trust-remote-code -q --quiet --help" ;;
+        "eval sts") words="--pair --score -m --model --prompt --batch-size --device --input-format --fail-under --output-format --trust-remote-code -q --quiet --help" ;;
+        "eval embeddings") words="--vector-field --sample --duplicate-threshold --alpha --seed --input-format --output-format -q --quiet --help" ;;
+        "mine-negatives") words="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --with-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force -q --quiet --help" ;;
+        "merge") words="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help" ;;
+        "info") words="--input-format --output-format --verify -q --quiet --help" ;;
+        "convert") words="-o --output --output-format --input-format --fields --limit --force -q --quiet --help" ;;
         *) words="" ;;
     esac
     if [[ -z "$path" || "$cur" == -* ]] || [[ -n "$words" && "$cur" != */* ]]; then

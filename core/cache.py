@@ -9,6 +9,7 @@ processes at once, e.g. shards of one job sharing a cache.
     with EmbeddingCache(folder, space, dim) as cache:
         vectors, hits = cache.lookup(texts)      # float32 (n x dim); hits: bool mask
         cache.store(new_texts, new_vectors)
+        vectors = cache.encode(texts, embed)     # look up, embed(misses), store: in one call
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from vecpipe.formats.errors import DataError, UsageError
 
 FILE_NAME = "vectors.sqlite"
 _CHUNK = 500  # keys per SELECT (below SQLite's bound-parameter limit everywhere)
+
+
+class CacheFileError(DataError):
+    """The cache's SQLite file cannot be used (the caller may say how to point elsewhere)."""
 
 
 def cache_space(settings: Mapping[str, object]) -> str:
@@ -63,8 +68,8 @@ class EmbeddingCache:
                                  (space, json.dumps(dict(description), sort_keys=True,
                                                     default=str)))
         except sqlite3.DatabaseError as err:
-            raise DataError(f"cannot use the embedding cache: {err}", source=self.path,
-                            hint="point --cache at another folder, or delete this file") from None
+            raise CacheFileError(f"cannot use the embedding cache: {err}",
+                                 source=self.path) from None
 
     def lookup(self, texts: Sequence[str]):
         """(vectors, hits): float32 rows for every text (zeros where missed) and the hit mask."""
@@ -91,6 +96,22 @@ class EmbeddingCache:
                 hits[rows] = True
         self.hits += int(hits.sum())
         return vectors, hits
+
+    def misses(self, texts: Sequence[str]):
+        """(vectors, missing): the hits filled in (zeros elsewhere) and the rows to embed."""
+        import numpy as np
+
+        vectors, hits = self.lookup(texts)
+        return vectors, np.flatnonzero(~hits)
+
+    def encode(self, texts: Sequence[str], embed):
+        """Vectors for `texts`: the cached ones, `embed(missed texts)` for the rest (stored)."""
+        vectors, missing = self.misses(texts)
+        if len(missing):
+            fresh = embed([texts[i] for i in missing])
+            self.store([texts[i] for i in missing], fresh)
+            vectors[missing] = fresh
+        return vectors
 
     def store(self, texts: Sequence[str], vectors) -> None:
         """Remember `vectors[i]` for `texts[i]` (float32 rows of this cache's dim)."""

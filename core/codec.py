@@ -56,7 +56,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -66,6 +66,8 @@ FORMAT_VERSION = 1
 TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
 BIT_TARGETS = ("binary", "ubinary")
 SCALAR_TARGETS = ("int8", "uint8")
+# The index storage types (index --dtype) whose codes come from a codec fitted on the vectors.
+FITTED_INDEX_DTYPES = {"i8": "int8", "b1": "binary"}
 _CODE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
                 "int8": np.int8, "uint8": np.uint8, "binary": np.uint8, "ubinary": np.uint8}
 _CODE_OFFSET = {"int8": 128.0, "uint8": 0.0}  # code k of a scalar target is level k + offset
@@ -422,6 +424,30 @@ class Codec:
             raise ValueError(f"{self.to} codec needs low/high levels of {self.out_dim} values")
 
 
+def first_vectors(items: Iterator, rows: int, vectors_of: Callable) -> tuple[list, np.ndarray]:
+    """(the batches read, the first `rows` vectors of them as one float32 matrix): reads
+    `items` until `rows` vectors are in hand, through `vectors_of(item)`. Memory holds at
+    most `rows` rows plus one batch; the caller goes on with the batches read, then `items`."""
+    buffered, parts, count = [], [], 0
+    while count < rows:
+        item = next(items, None)
+        if item is None:
+            break
+        buffered.append(item)
+        vectors = vectors_of(item)[:rows - count]
+        parts.append(vectors)
+        count += len(vectors)
+    return buffered, np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def fit_on_first(items: Iterator, rows: int, vectors_of: Callable, to: str,
+                 **options) -> tuple[Codec, list]:
+    """A `to` codec (`options` as `Codec.fit`'s) fitted on the first `rows` vectors of `items`
+    (see `first_vectors`), and the batches read to fit it."""
+    buffered, sample = first_vectors(items, rows, vectors_of)
+    return Codec.fit(sample, to=to, **options), buffered
+
+
 def codec_from_meta(meta: Mapping[str, str], source: str | None = None) -> Codec | None:
     """The codec recorded in a stream's `vecpipe.*` metadata (`codec` key), or None."""
     text = meta.get("codec")
@@ -486,19 +512,19 @@ def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
     if rows == 0:
         raise DataError("no vectors to calibrate the codec on")
     if dim is not None and not 0 < dim <= input_dim:
-        raise UsageError(f"--dim {dim} must be between 1 and the input's {input_dim} dimensions")
+        raise UsageError(f"dim {dim} must be between 1 and the input's {input_dim} dimensions")
     reduced_dim = dim or input_dim
     if pca is not None:
         if not 0 < pca <= reduced_dim:
-            raise UsageError(f"--pca {pca} must be between 1 and {reduced_dim} dimensions")
+            raise UsageError(f"pca {pca} must be between 1 and {reduced_dim} dimensions")
         if rows < pca:
             raise DataError(f"PCA with {pca} components needs at least {pca} calibration rows, "
-                            f"got {rows}", hint="raise --calibration-rows or lower --pca")
+                            f"got {rows}", hint="calibrate on more rows or keep fewer PCA components")
     if clip_quantile is not None:
         if to not in SCALAR_TARGETS:
-            raise UsageError("--clip-quantile applies to int8/uint8 only")
+            raise UsageError("a clip quantile applies to int8/uint8 only")
         if not 0 <= clip_quantile < 0.5:
-            raise UsageError("--clip-quantile must be in [0, 0.5), e.g. 0.001")
+            raise UsageError("the clip quantile must be in [0, 0.5), e.g. 0.001")
 
 
 def _fit_pca(vectors: np.ndarray, components: int):

@@ -83,8 +83,8 @@ def _unescape(body: str) -> str:
 
 
 def _syntax(text: str, pos: int, what: str) -> UsageError:
-    return UsageError(f"--filter: {what} at position {pos + 1}: {text!r}",
-                      hint='e.g. --filter \'lang == "en" and year >= 2020\'')
+    return UsageError(f"filter: {what} at position {pos + 1}: {text!r}",
+                      hint="e.g. lang == \"en\" and year >= 2020")
 
 
 # ---- the tree ---------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def _boolean(value, node):
     import pyarrow as pa
 
     if not pa.types.is_boolean(value.type) and not pa.types.is_null(value.type):
-        raise DataError(f"--filter: {node} is {value.type}, not true/false",
+        raise DataError(f"filter: {node} is {value.type}, not true/false",
                         hint="compare it, e.g. `field == \"x\"`")
     return value.cast(pa.bool_()) if pa.types.is_null(value.type) else value
 
@@ -234,12 +234,12 @@ def _value_set(items: list, value_type, node):
     try:
         array = pa.array(items)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise DataError(f"--filter: the list in `{node}` mixes types") from None
+        raise DataError(f"filter: the list in `{node}` mixes types") from None
     if array.type != value_type and not pa.types.is_null(value_type):
         try:
             array = array.cast(value_type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            raise DataError(f"--filter: cannot compare {value_type} with the {array.type} "
+            raise DataError(f"filter: cannot compare {value_type} with the {array.type} "
                             f"values in `{node}`") from None
     return array
 
@@ -251,7 +251,7 @@ def _call(compute, node, left, right):
         return compute()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
         types = " and ".join(str(side.type) for side in (left, right) if side is not None)
-        raise DataError(f"--filter: cannot evaluate `{node}` ({types})") from None
+        raise DataError(f"filter: cannot evaluate `{node}` ({types})") from None
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class _Parser:
     def nested(self):
         self.depth += 1
         if self.depth > MAX_NESTING:
-            raise UsageError(f"--filter: nested deeper than {MAX_NESTING} levels at position "
+            raise UsageError(f"filter: nested deeper than {MAX_NESTING} levels at position "
                              f"{self.peek().pos}; flatten it (and/or chains need no brackets)")
         yield
         self.depth -= 1
@@ -393,7 +393,7 @@ class Filter:
     def check_fields(self, available, where: str = "the input") -> None:
         missing = [name for name in self.fields if name not in available]
         if missing:
-            raise DataError(f"--filter uses field {missing[0]!r}, which {where} does not have "
+            raise DataError(f"the filter uses field {missing[0]!r}, which {where} does not have "
                             f"(it has: {', '.join(available) or 'none'})")
 
     def mask(self, data) -> "Any":

@@ -1,22 +1,35 @@
-"""What `vecpipe merge` checks and combines: schemas, vecpipe metadata, shard sets, duplicate
-ids, and model weights (numpy only; the torch glue lives in the command)."""
+"""What `vecpipe merge` checks and combines: schemas, vecpipe metadata, shard sets and duplicate
+ids (model weights: core.model_soup)."""
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from vecpipe.core.space import check_same_space, merged_meta
 from vecpipe.formats import schema as names
-from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.errors import DataError
 from vecpipe.formats.shards import PART_PATTERN, parse_part_name
 
 if TYPE_CHECKING:
-    import numpy as np
     import pyarrow as pa
 
 # Metadata keys whose difference makes merged vectors meaningless (normalization too: cosine and
 # dot scores of mixed normalized/unnormalized vectors are not comparable).
 MERGE_IDENTITY_KEYS = ("model", "dim", "normalized", "codec")
-DEDUPE_MODES = ("none", "first", "last", "error")
+# What to do with an id seen before: keep every copy (none), the first, the last, or fail.
+DUPLICATE_POLICIES = ("none", "first", "last", "error")
+
+
+class DuplicateId(DataError):
+    """An id held twice where each id must be unique."""
+
+
+class MissingId(DataError):
+    """A record without the id that finding duplicates needs."""
+
+
+class UnnamedShard(DataError):
+    """An input of a counted shard set that is not named part-I-of-N."""
 
 
 # ---- schemas -------------------------------------------------------------------------------
@@ -103,14 +116,14 @@ def check_metadata(named: Sequence[tuple[str, dict]], force: bool = False,
         if reference is None:
             continue
         for source, meta in named:
-            names.check_compatible(reference[1], meta, reference[0], source, keys=(key,))
+            check_same_space(reference[1], meta, reference[0], source, keys=(key,))
 
 
 def common_metadata(named: Sequence[tuple[str, dict]]) -> tuple[dict, list[str]]:
     """The metadata all inputs agree on, and the keys some input had that were dropped
     (`version` aside: it differs harmlessly between releases)."""
     metas = [meta for _, meta in named]
-    common = names.merged_meta(metas)
+    common = merged_meta(metas)
     dropped = sorted({key for meta in metas for key in meta} - set(common) - {"version"})
     return common, dropped
 
@@ -152,14 +165,11 @@ def _group_key(path: str, count: int) -> tuple:
 
 
 def _check_expected(paths, files, groups, expected: int) -> None:
-    if expected < 1:
-        raise UsageError("--expect-shards needs N >= 1")
     if groups:
         unnamed = [p for p in paths if p == "-" or parse_part_name(p) is None]
         if unnamed:
-            raise DataError(f"{unnamed[0]} is not named part-I-of-N",
-                            hint="with --expect-shards, name every shard part-0000I-of-0000N "
-                                 "or none of them")
+            raise UnnamedShard(f"{unnamed[0]} is not named part-I-of-N",
+                               hint="name every shard part-0000I-of-0000N or none of them")
         wrong = next((key for key in groups if key[3] != expected), None)
         if wrong is not None:
             raise DataError(f"expected {expected} shards but the files say {wrong[3]} "
@@ -177,23 +187,20 @@ def _check_expected(paths, files, groups, expected: int) -> None:
 # ---- duplicate ids -------------------------------------------------------------------------
 
 def batch_ids(batch: "pa.RecordBatch", source: str, first_record: int) -> list[str]:
-    """The `id` column of a (renamed) batch as strings; a missing or null id is a DataError."""
-    import pyarrow as pa
-
+    """The `id` column of a (renamed) batch as strings; a missing or null id is a MissingId."""
     if names.ID not in batch.schema.names:
-        raise DataError("records have no id field; --dedupe needs one", source=source)
-    column = batch.column(names.ID)
-    if column.null_count:
-        row = column.is_null().to_numpy(zero_copy_only=False).argmax()
-        raise DataError("record has no id; --dedupe needs one", source=source,
-                        record=first_record + int(row))
-    if not pa.types.is_string(column.type):
-        column = column.cast(pa.string())
-    return column.to_pylist()
+        raise MissingId("records have no id field to find duplicates by", source=source)
+    try:
+        return names.batch_ids(batch, names.ID, first_record, source=source,
+                               null_message="record has no id to find duplicates by"
+                               ).to_pylist()
+    except DataError as err:
+        raise MissingId(err.message, source=err.source, record=err.record) from None
 
 
 class FirstSeen:
-    """--dedupe first: keep a record unless its id was seen before (one pass)."""
+    """Keep the first copy of each id: a record is kept unless its id was seen before (one
+    pass)."""
 
     def __init__(self):
         self.seen: set[str] = set()
@@ -210,8 +217,8 @@ class FirstSeen:
 
 
 class LastSeen:
-    """--dedupe last: a first pass records each id's last position (record ordinal over all
-    inputs); the second pass keeps the record at that position."""
+    """Keep the last copy of each id: a first pass records each id's last position (record
+    ordinal over all inputs); the second pass keeps the record at that position."""
 
     def __init__(self):
         self.last: dict[str, int] = {}
@@ -230,7 +237,7 @@ class LastSeen:
 
 
 class NoDuplicates:
-    """--dedupe error: a first pass fails on the first repeated id, naming both places."""
+    """Refuse repeated ids: a first pass fails on the first repeated id, naming both places."""
 
     def __init__(self):
         self.first_place: dict[str, tuple[int, int]] = {}
@@ -245,89 +252,9 @@ class NoDuplicates:
             place = places.get(key)
             if place is not None:
                 first = f"{self.sources[place[0]]}:{place[1]}"
-                raise DataError(f"duplicate id {key!r}, first seen at {first}", source=source,
-                                record=first_record + offset,
-                                hint="choose --dedupe first or --dedupe last to keep one")
+                raise DuplicateId(f"duplicate id {key!r}, first seen at {first}",
+                                  source=source, record=first_record + offset)
             places[key] = (source_index, first_record + offset)
-
-
-# ---- model weights -------------------------------------------------------------------------
-
-def linear_merge(tensors: Sequence["np.ndarray"], weights: Sequence[float]) -> "np.ndarray":
-    """sum(w_i * t_i), computed in float64 and returned in the first tensor's dtype."""
-    import numpy as np
-
-    total = np.zeros(tensors[0].shape, dtype=np.float64)
-    for tensor, weight in zip(tensors, weights):
-        if weight:
-            total += weight * tensors_as_float64(tensor)
-    return total.astype(tensors[0].dtype)
-
-
-def slerp_merge(a: "np.ndarray", b: "np.ndarray", t: float,
-                parallel_threshold: float = 0.9995) -> "np.ndarray":
-    """Spherical interpolation from `a` (t=0) to `b` (t=1) along the arc between the two
-    tensors seen as flat vectors; linear when they are (anti)parallel or one is zero, where the
-    arc is undefined or numerically unstable."""
-    import numpy as np
-
-    if t == 0:
-        return a.copy()
-    if t == 1:
-        return b.astype(a.dtype, copy=True)
-    va, vb = tensors_as_float64(a).ravel(), tensors_as_float64(b).ravel()
-    norm_a, norm_b = np.linalg.norm(va), np.linalg.norm(vb)
-    if norm_a == 0 or norm_b == 0:
-        return linear_merge([a, b], [1 - t, t])
-    cos = float(np.clip(va @ vb / (norm_a * norm_b), -1.0, 1.0))
-    if abs(cos) > parallel_threshold:
-        return linear_merge([a, b], [1 - t, t])
-    omega = np.arccos(cos)
-    sin_omega = np.sin(omega)
-    mixed = (np.sin((1 - t) * omega) / sin_omega) * va + (np.sin(t * omega) / sin_omega) * vb
-    return mixed.reshape(a.shape).astype(a.dtype)
-
-
-def tensors_as_float64(tensor: "np.ndarray") -> "np.ndarray":
-    import numpy as np
-
-    return np.asarray(tensor, dtype=np.float64)
-
-
-def parse_weights(text: str | None, count: int) -> list[float]:
-    """`--weights 0.7,0.3` (one per model); equal weights when not given."""
-    if text is None:
-        return [1.0 / count] * count
-    try:
-        weights = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise UsageError(f"bad --weights {text!r}; use comma-separated numbers, "
-                         f"e.g. 0.5,0.5") from None
-    if len(weights) != count:
-        raise UsageError(f"--weights has {len(weights)} values for {count} models")
-    return weights
-
-
-def compare_state_shapes(named: Sequence[tuple[str, dict]]) -> None:
-    """Refuse models whose state dicts differ in keys or tensor shapes (given as
-    (name, {key: shape})), naming the first difference."""
-    first_name, first = named[0]
-    for name, shapes in named[1:]:
-        only_first = sorted(set(first) - set(shapes))
-        only_other = sorted(set(shapes) - set(first))
-        if only_first or only_other:
-            key, owner = (only_first[0], first_name) if only_first else (only_other[0], name)
-            count = len(only_first) + len(only_other)
-            raise DataError(f"models have different architectures: {count} weight(s) differ, "
-                            f"e.g. {key!r} only in {owner} ({first_name} vs {name})",
-                            hint="weight merging needs models fine-tuned from one base model")
-        for key in first:
-            if tuple(first[key]) != tuple(shapes[key]):
-                raise DataError(f"models have different architectures: {key!r} is "
-                                f"{tuple(first[key])} in {first_name} but {tuple(shapes[key])} "
-                                f"in {name}",
-                                hint="weight merging needs models fine-tuned from one base "
-                                     "model")
 
 
 # ---- linked index shards -------------------------------------------------------------------
@@ -346,9 +273,7 @@ def shadowed_rows(id_lists: Sequence[list[str]], mode: str,
             if owner == shard:
                 continue
             if mode in ("none", "error"):
-                raise DataError(f"duplicate id {key!r}: in {sources[min(owner, shard)]} and "
-                                f"{sources[max(owner, shard)]}",
-                                hint="--dedupe first keeps the first copy, --dedupe last the "
-                                     "last")
+                raise DuplicateId(f"duplicate id {key!r}: in {sources[min(owner, shard)]} and "
+                                  f"{sources[max(owner, shard)]}")
             hidden[shard].append(row)
     return hidden

@@ -20,23 +20,24 @@ model, exact search and `sampling="top"` the output is the same:
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
+    from vecpipe.formats.beir import BeirFiles
+
 ANCHOR_FIELDS = ("query", "anchor")
 POSITIVE = "positive"
 POSITIVE_ID = "positive_id"
 QUERY_ID = "query_id"
-LAYOUTS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
+SHAPES = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 SAMPLINGS = ("top", "random")
 ON_SHORT = ("drop", "keep")
 # Removal reasons in the order the rules apply; each candidate is counted once, by the first.
@@ -58,34 +59,6 @@ class MiningOptions:
     sampling: str = "top"
     seed: int = 0
     on_short: str = "drop"
-
-    def check(self) -> None:
-        if self.num_negatives < 1:
-            raise UsageError(f"-n must be at least 1, got {self.num_negatives}")
-        if self.range_min < 0:
-            raise UsageError(f"--range-min must be >= 0, got {self.range_min}")
-        if self.range_max <= self.range_min:
-            raise UsageError(f"--range-max ({self.range_max}) must be larger than --range-min "
-                             f"({self.range_min})")
-        if self.num_negatives > self.range_max - self.range_min:
-            raise UsageError(f"cannot take {self.num_negatives} negatives from ranks "
-                             f"{self.range_min}..{self.range_max}",
-                             hint="lower -n or --range-min, or raise --range-max")
-        if self.sampling not in SAMPLINGS:
-            raise UsageError(f"unknown --sampling {self.sampling!r}; use top|random")
-        if self.on_short not in ON_SHORT:
-            raise UsageError(f"unknown --on-short {self.on_short!r}; use drop|keep")
-        for name in ("absolute_margin", "relative_margin"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.min_score is not None and self.max_score is not None \
-                and self.min_score > self.max_score:
-            raise UsageError(f"--min-score {self.min_score} is above --max-score {self.max_score}")
-
-    @property
-    def uses_scores(self) -> bool:
-        return any(getattr(self, name) is not None for name in SCORE_RULES)
 
 
 # ---- pairs ----------------------------------------------------------------------------------
@@ -194,46 +167,22 @@ def read_pairs(stream) -> PairSet:
     return grouper.result(anchor)
 
 
-def read_beir(folder: str, split: str) -> PairSet:
-    """Queries and positives (qrels score > 0) of a BEIR folder's split, in qrels order."""
-    from vecpipe.formats.readers import RecordStream
+def beir_pairs(files: "BeirFiles") -> PairSet:
+    """Queries and positives (judgment > 0) of a BEIR split, in qrels order."""
+    from vecpipe.formats.beir import read_queries
+    from vecpipe.formats.trec import judgment_rows
 
-    qrels = os.path.join(folder, "qrels", f"{split}.tsv")
-    queries_path = os.path.join(folder, "queries.jsonl")
-    for path in (qrels, queries_path, beir_corpus(folder)):
-        if not os.path.isfile(path):
-            raise DataError("no such file (not a BEIR folder, or no such split?)", source=path)
-    texts = {}
-    for item in RecordStream([queries_path]):
-        id_name = "_id" if "_id" in item.batch.schema.names else "id"
-        texts.update(zip(map(str, item.batch.column(id_name).to_pylist()),
-                         item.batch.column("text").to_pylist()))
+    texts = read_queries(files.queries)
     grouper = _Grouper()
-    for record, (query_id, doc_id, score) in _qrels_rows(qrels):
+    for record, query_id, doc_id, judgment in judgment_rows(files.qrels):
         if query_id not in texts:
-            raise DataError(f"query {query_id!r} is not in queries.jsonl", source=qrels,
-                            record=record)
-        if score > 0:
-            grouper.add(texts[query_id], query_id, None, doc_id, qrels, record)
+            raise DataError(f"query {query_id!r} is not in {os.path.basename(files.queries)}",
+                            source=files.qrels, record=record)
+        if judgment > 0:
+            grouper.add(texts[query_id], query_id, None, doc_id, files.qrels, record)
     if not grouper.rows:
-        raise DataError("no positive judgements in this split", source=qrels)
+        raise DataError("no positive judgements in this split", source=files.qrels)
     return grouper.result("query")
-
-
-def beir_corpus(folder: str) -> str:
-    return os.path.join(folder, "corpus.jsonl")
-
-
-def _qrels_rows(path: str) -> Iterator[tuple[int, tuple[str, str, float]]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        for record, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            if not row or (record == 1 and row[0] == "query-id"):
-                continue
-            try:
-                yield record, (row[0], row[1], float(row[2]))
-            except (IndexError, ValueError):
-                raise DataError("expected query-id, corpus-id, score", source=path,
-                                record=record) from None
 
 
 # ---- corpus texts ----------------------------------------------------------------------------
@@ -451,7 +400,7 @@ def query_rng(seed: int, text: str):
     return np.random.default_rng([seed, text_key(text)])
 
 
-# ---- output layouts --------------------------------------------------------------------------
+# ---- output row shapes -----------------------------------------------------------------------
 
 @dataclass
 class Mined:
@@ -464,37 +413,37 @@ class Mined:
     negative_scores: list
 
 
-def layout_schema(layout: str, anchor: str, num_negatives: int, with_scores: bool) -> "pa.Schema":
+def shape_schema(shape: str, anchor: str, num_negatives: int, with_scores: bool) -> "pa.Schema":
     """Columns as sentence-transformers' mine_hard_negatives names them."""
     import pyarrow as pa
 
     text, scores = pa.string(), pa.list_(pa.float64())
-    if layout == "triplet":
+    if shape == "triplet":
         fields = [(anchor, text), (POSITIVE, text), ("negative", text)]
         fields += [("scores", scores)] if with_scores else []
-    elif layout == "n-tuple":
+    elif shape == "n-tuple":
         fields = [(anchor, text), (POSITIVE, text)]
         fields += [(f"negative_{i}", text) for i in range(1, num_negatives + 1)]
         fields += [("scores", scores)] if with_scores else []
-    elif layout == "labeled-pair":
+    elif shape == "labeled-pair":
         fields = [(anchor, text), (POSITIVE, text)]
         fields += [("score", pa.float64())] if with_scores else [("label", pa.int64())]
-    elif layout == "labeled-list":
+    elif shape == "labeled-list":
         fields = [(anchor, text), (POSITIVE, pa.list_(text))]
         fields += [("scores", scores)] if with_scores else [("labels", pa.list_(pa.int64()))]
     else:
-        raise UsageError(f"unknown layout {layout!r}; use {'|'.join(LAYOUTS)}")
+        raise ValueError(f"unknown row shape {shape!r}; use {'|'.join(SHAPES)}")
     return pa.schema(fields)
 
 
-def layout_batch(layout: str, schema: "pa.Schema", mined: list, with_scores: bool):
-    """The rows of `mined` queries in `layout` as a RecordBatch of `schema`."""
+def shape_batch(shape: str, schema: "pa.Schema", mined: list, with_scores: bool):
+    """The rows of `mined` queries in `shape` as a RecordBatch of `schema`."""
     import pyarrow as pa
 
     columns = {name: [] for name in schema.names}
     anchor = schema.names[0]
     for item in mined:
-        for rows in _LAYOUT_ROWS[layout](item, with_scores):
+        for rows in _SHAPE_ROWS[shape](item, with_scores):
             row = dict(zip(schema.names, rows))
             row[anchor] = item.query
             for name in schema.names:
@@ -533,5 +482,5 @@ def _list_rows(item: Mined, with_scores: bool):
         yield [None, [positive, *item.negatives], labels]
 
 
-_LAYOUT_ROWS = {"triplet": _triplet_rows, "n-tuple": _tuple_rows, "labeled-pair": _pair_rows,
+_SHAPE_ROWS = {"triplet": _triplet_rows, "n-tuple": _tuple_rows, "labeled-pair": _pair_rows,
                 "labeled-list": _list_rows}

@@ -1,9 +1,9 @@
-"""Exported backends for cli/models.py: the model's transformer as ONNX, run by onnxruntime
+"""Exported backends for core.embedder: the model's transformer as ONNX, run by onnxruntime
 (float32 or dynamically quantized int8) or compiled by OpenVINO.
 
 sentence-transformers' own ONNX path needs optimum, which does not install next to transformers 5,
 so the export is done here with torch.onnx: the transformer alone (input ids and masks in, token
-embeddings out). Pooling and normalization stay sentence-transformers' modules (cli/models.py).
+embeddings out). Pooling and normalization stay sentence-transformers' modules (core.embedder).
 
 Files, each made once and atomically, beside the weights (`<model>/onnx/`) or, when that folder is
 not writable, in the export folder given (else ~/.cache/vecpipe/onnx/):
@@ -112,7 +112,7 @@ def _transformer_module(st):
             or config.get("method_output_name") not in ("last_hidden_state",
                                                         ["last_hidden_state"])):
         raise UsageError("this model cannot run on an exported backend (its first module is not "
-                         "a plain text transformer)", hint="use --backend torch")
+                         "a plain text transformer)")
     return first
 
 
@@ -150,8 +150,7 @@ def export_transformer(st, path: str) -> None:
                               input_names=names, output_names=["last_hidden_state"],
                               dynamic_axes=axes, opset_version=_OPSET, dynamo=False)
         except Exception as err:  # noqa: BLE001 - many exporter failures, one message
-            raise DataError(f"ONNX export failed: {type(err).__name__}: {err}",
-                            hint="use --backend torch") from None
+            raise DataError(f"ONNX export failed: {type(err).__name__}: {err}") from None
         finally:
             if attention and hasattr(inner, "set_attn_implementation"):
                 inner.set_attn_implementation(attention)
@@ -242,10 +241,10 @@ class OpenVinoRuntime:
         import openvino as ov
 
         if device != "cpu":
-            raise UsageError("--backend openvino runs on the CPU here; use --device cpu")
+            raise UsageError(f"OpenVINO runs on the CPU here, not on {device}")
         core = ov.Core()
+        # Without bfloat16 support it runs float32: `precision` says which, the caller tells.
         if bfloat16 and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            notices.warn("this CPU has no bfloat16 support: --backend openvino runs float32")
             bfloat16 = False
         self.precision = "bfloat16" if bfloat16 else "float32"
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"}

@@ -1,12 +1,12 @@
 """Vectors and scores: normalisation, similarity in every metric, and exact top-k.
 
-Every exact search (search over a stream, eval beir, mine-negatives, compress --report) ranks
-through `TopK` or `exact_top_k`, so ties and scores agree across commands.
+Every exact search (search over a stream, eval beir, mine-negatives, the compress report)
+ranks through `ExactSearch` and its running `TopK`, so ties and scores agree across commands.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from vecpipe.formats.errors import UsageError
 
@@ -25,31 +25,12 @@ def normalized(vectors: "np.ndarray") -> "np.ndarray":
     return vectors / np.maximum(norms, 1e-12)
 
 
-def exact_top_k(queries: "np.ndarray", corpus: "np.ndarray", k: int,
-                block_rows: int = 1 << 16) -> tuple["np.ndarray", "np.ndarray"]:
-    """Best `k` rows of `corpus` per query by dot product: (scores, rows), each queries x
-    min(k, len(corpus)), sorted by score descending, ties by row. Memory: queries x block."""
+def _unit(vectors: "np.ndarray") -> "np.ndarray":
+    """Vectors (along the last axis) scaled to unit length, always divided: scores stay those
+    of the float math, not of a shortcut."""
     import numpy as np
 
-    k = min(k, len(corpus))
-    best_scores = np.empty((len(queries), 0), dtype=np.float32)
-    best_rows = np.empty((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(corpus), block_rows):
-        scores = queries @ corpus[start:start + block_rows].T
-        rows = np.arange(start, start + scores.shape[1], dtype=np.int64)
-        if scores.shape[1] > k:
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            scores, rows = np.take_along_axis(scores, part, 1), rows[part]
-        else:
-            rows = np.broadcast_to(rows, scores.shape)
-        best_scores = np.concatenate([best_scores, scores], axis=1)
-        best_rows = np.concatenate([best_rows, rows], axis=1)
-        if best_scores.shape[1] > k:
-            part = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
-            best_scores = np.take_along_axis(best_scores, part, 1)
-            best_rows = np.take_along_axis(best_rows, part, 1)
-    order = np.lexsort((best_rows, -best_scores), axis=1)
-    return np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-30)
 
 
 def distance_to_score(metric: str, distances, bits: int | None = None):
@@ -75,9 +56,7 @@ def similarity(metric: str, queries, vectors) -> "np.ndarray":
     q = np.asarray(queries, dtype=np.float32)
     x = np.asarray(vectors, dtype=np.float32)
     if metric == "cos":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-        return q @ x.T
+        return _unit(q) @ _unit(x).T
     if metric == "ip":
         return q @ x.T
     if metric == "l2sq":
@@ -92,8 +71,7 @@ def paired_similarity(metric: str, queries, candidates) -> "np.ndarray":
     q = np.asarray(queries, dtype=np.float32)
     x = np.asarray(candidates, dtype=np.float32)
     if metric == "cos":
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-        x = x / np.maximum(np.linalg.norm(x, axis=2, keepdims=True), 1e-30)
+        q, x = _unit(q), _unit(x)
     if metric in ("cos", "ip"):
         return np.einsum("qd,qkd->qk", q, x)
     diff = x - q[:, None, :]
@@ -160,3 +138,51 @@ def sorted_hits(rows, scores, width: int) -> Hits:
                        axis=1)[:, :width]
     rows, scores = np.take_along_axis(rows, order, 1), np.take_along_axis(scores, order, 1)
     return Hits(np.where(scores > -np.inf, rows, -1).astype(np.int64), scores)
+
+
+class ExactSearch:
+    """Exact top-k of `queries` over vectors given block by block (a stream, or an array cut
+    into blocks). Each block is scored against `query_block` queries at a time (all at once
+    with None) by `score` (default: `similarity` in `metric`) and merged into a running best k
+    per query; ties go to the lower row. Memory: query_block x block scores."""
+
+    def __init__(self, queries, k: int, metric: str = "ip", query_block: int | None = None,
+                 score: Callable | None = None):
+        self.queries = queries
+        self.score = score or (lambda chunk, vectors: similarity(metric, chunk, vectors))
+        self.step = query_block or max(len(queries), 1)
+        self.tops = [(start, TopK(len(queries[start:start + self.step]), k))
+                     for start in range(0, len(queries), self.step)]
+
+    def add(self, vectors, first_row: int, allowed=None) -> None:
+        """Score the vectors whose rows are first_row + i; `allowed`: bool per vector."""
+        for start, top in self.tops:
+            top.update(self.score(self.queries[start:start + self.step], vectors), first_row,
+                       allowed)
+
+    def hits(self) -> Hits:
+        """The best k so far: queries x min(k, vectors allowed), best first."""
+        import numpy as np
+
+        if not self.tops:
+            return Hits(np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0), dtype=np.float32))
+        return Hits(np.concatenate([top.rows for _, top in self.tops]),
+                    np.concatenate([top.scores for _, top in self.tops]))
+
+
+def exact_top_k(queries, corpus, k: int, metric: str = "ip", block_rows: int = 1 << 16,
+                allowed=None) -> Hits:
+    """Best `k` rows of an in-memory `corpus` per query (an ExactSearch over blocks of
+    `block_rows` rows); `allowed`: bool per corpus row."""
+    search = ExactSearch(queries, k, metric)
+    for start in range(0, len(corpus), block_rows):
+        search.add(corpus[start:start + block_rows], start,
+                   None if allowed is None else allowed[start:start + block_rows])
+    return search.hits()
+
+
+def top_k(scores, k: int) -> Hits:
+    """Best `k` columns per row of a score matrix already computed, best first."""
+    top = TopK(len(scores), k)
+    top.update(scores, 0)
+    return Hits(top.rows, top.scores)

@@ -46,3 +46,12 @@ class UsageError(VecpipeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that every cleanup path (temporary
     files and folders, unterminated streams) runs for it too; exit status 143 (128 + 15)."""
+
+
+class ParameterError(UsageError):
+    """A parameter value that cannot work; `parameter` names it, so that a command can say
+    which of its options that is."""
+
+    def __init__(self, message: str, parameter: str, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.parameter = parameter

@@ -9,6 +9,11 @@ import orjson
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError
 
+# A failed producer ends a JSONL stream on a pipe with this line: lines carry no end marker, and
+# any JSON reader downstream (vecpipe, jq) fails on it instead of taking the records as complete.
+ABORTED_LINE = b"vecpipe: the producer failed; this stream is incomplete\n"
+STREAM_CUT_SHORT = "stream cut short: the producer failed"
+
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -49,6 +54,8 @@ class JsonlBatcher:
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError as err:
+                if line.startswith(ABORTED_LINE.rstrip()):
+                    raise DataError(STREAM_CUT_SHORT, source=self.name, record=lineno) from None
                 raise DataError(f"invalid JSON: {err.msg}", source=self.name,
                                 record=lineno) from None
             if not isinstance(record, dict):
@@ -179,10 +186,9 @@ def _vector_columns_to_float32(batch, name: str, lines: list[int]):
     if pa.types.is_null(column.type):
         return batch
     try:
-        vectors = names.vectors_to_numpy(column)
+        vectors = names.checked_vectors(batch, names.EMBEDDING, nonfinite=None, lines=lines)
     except DataError as err:
-        err.source, err.record = name, lines[(err.record or 1) - 1]  # row -> line
-        raise
+        raise err.located(name, lines[0])
     vectors = names.numpy_to_vectors(vectors.astype("float32", copy=False))
     return batch.set_column(index, pa.field(names.EMBEDDING, vectors.type), vectors)
 

@@ -58,12 +58,10 @@ def _sidecar(path: str) -> str:
     return _hidden(path, "done.json")
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes, hex."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # -- what a part is made from -----------------------------------------------------------------
@@ -84,7 +82,7 @@ def content_facts(path: str, skip: tuple = ()) -> dict:
                stat.st_ino)
         if key not in _facts_cache:
             _facts_cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                 "sha256": _digest(path)}
+                                 "sha256": file_sha256(path)}
         return dict(_facts_cache[key])
     h, size, mtime = hashlib.sha256(), 0, 0
     for root, folders, files in os.walk(path):
@@ -158,6 +156,11 @@ def _difference(old: dict, new: dict) -> str | None:
             if was["sha256"] != now["sha256"]:
                 return f"input {now['name']} changed (same size, other content)"
     before, after = old["options"], new["options"]
+    was, now = sorted(set(before) - set(after) - {"--append"}), \
+        sorted(set(after) - set(before) - {"--append"})
+    if was or now:  # a command's counted options are fixed: another version renamed some
+        return (f"it was made by another vecpipe version, which records other options "
+                f"({', '.join(was) or 'none'} -> {', '.join(now) or 'none'})")
     changed = [flag for flag in sorted(set(before) | set(after))
                if before.get(flag) != after.get(flag)]
     return "; ".join(f"{flag} changed ({_shown(before.get(flag))} -> {_shown(after.get(flag))})"
@@ -182,14 +185,14 @@ def _read_marker(path: str) -> dict | None:
 
 def _intact(path: str, facts: dict) -> bool:
     try:
-        return os.path.getsize(path) == facts["bytes"] and _digest(path) == facts["sha256"]
+        return os.path.getsize(path) == facts["bytes"] and file_sha256(path) == facts["sha256"]
     except (OSError, KeyError, TypeError):
         return False
 
 
 def mark_complete(path: str, rows: int, job: Job | None = None) -> None:
     """Record that `path` is a finished part (call after the part file is in place)."""
-    facts = {"rows": rows, "bytes": os.path.getsize(path), "sha256": _digest(path)}
+    facts = {"rows": rows, "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
     if job is not None:
         facts["job"] = job.record()
     _write_marker(path, facts)
@@ -348,11 +351,12 @@ def folder_part_status(path: str, job: Job, manifest: str, intact: bool) -> tupl
         return False, "it changed since it was built" if facts and os.path.isdir(path) else None
     if facts is None or "job" not in facts:
         return False, UNRECORDED
-    current = _digest(manifest)
+    current = file_sha256(manifest)
     if "building_over" in facts:
         if current == facts["building_over"]:
             return False, "its last build did not finish"
-        facts = {"job": facts["job"], "manifest_sha256": current}
+        facts = {"job": facts["job"], "manifest": os.path.basename(manifest),
+                 "manifest_sha256": current}
         _write_marker(path, facts)
     elif current != facts.get("manifest_sha256"):
         return False, "it changed since it was built"
@@ -361,9 +365,11 @@ def folder_part_status(path: str, job: Job, manifest: str, intact: bool) -> tupl
 
 
 def start_folder_part(path: str, job: Job, manifest: str) -> None:
-    """Record, before building the folder part `path`, the job and the manifest it replaces."""
-    before = _digest(manifest) if os.path.isfile(manifest) else None
-    _write_marker(path, {"job": job.record(), "building_over": before})
+    """Record, before building the folder part `path`, the job, the name of the folder's
+    manifest file (`manifest` is its path) and the manifest it replaces."""
+    before = file_sha256(manifest) if os.path.isfile(manifest) else None
+    _write_marker(path, {"job": job.record(), "manifest": os.path.basename(manifest),
+                         "building_over": before})
 
 
 def folder_part_job(path: str) -> str | None:
@@ -379,10 +385,11 @@ def _made_by(path: str) -> dict | None:
         return None
     if not os.path.isdir(path):
         return facts["job"] if _intact(path, facts) else None
-    from vecpipe.core.index_store import MANIFEST
-
+    name = facts.get("manifest")
+    if not isinstance(name, str) or name in ("", ".", "..") or name != os.path.basename(name):
+        return None  # an older vecpipe's sidecar, or one naming no file of the folder
     try:
-        current = _digest(os.path.join(path, MANIFEST))
+        current = file_sha256(os.path.join(path, name))
     except OSError:
         return None
     if "building_over" in facts:

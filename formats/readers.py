@@ -12,7 +12,7 @@ import stat
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError, UsageError
@@ -165,27 +165,34 @@ def sniff(head: bytes, name: str | None = None) -> str | None:
                     hint="name the format with --input-format jsonl|arrow|parquet|csv|tsv|text")
 
 
+def check_one_stdin(paths) -> None:
+    """Refuse `-` named more than once: stdin can be read only once."""
+    if list(paths).count("-") > 1:
+        raise UsageError("stdin (-) can be read only once")
+
+
 class RecordStream:
     """Several inputs read in order as one stream of SourceBatches of at most `batch_rows` rows.
 
-    `schema` and `metadata` open the first non-empty input on demand. Inputs whose
-    `vecpipe.*` model/dim/codec differ are refused unless `force`. JSONL batches carry the
+    `schema` and `metadata` open the first non-empty input on demand. `check(first_meta, meta,
+    first_name, name)` runs on the `vecpipe.*` metadata of each later input (commands pass
+    core.space's vector-space check; None compares nothing). JSONL batches carry the
     schema widened so far (a field null at first or first seen later), so a batch's schema can
     be wider than `schema`. `text_fields`: in JSONL, a value there that is not a string becomes
     null, for a command that skips records without text (embed --skip-invalid).
     """
 
     def __init__(self, inputs: list[str] | None, input_format: str | None = None,
-                 batch_rows: int = DEFAULT_BATCH_ROWS, force: bool = False,
+                 batch_rows: int = DEFAULT_BATCH_ROWS,
+                 check: Callable[[dict, dict, str, str], None] | None = None,
                  text_fields: tuple[str, ...] = ()):
         self.inputs = list(inputs) if inputs else ["-"]
-        if self.inputs.count("-") > 1:
-            raise UsageError("stdin (-) can be read only once")
+        check_one_stdin(self.inputs)
         if input_format not in (None, *INPUT_FORMATS):
             raise UsageError(f"unknown input format {input_format!r}")
         self.input_format = None if input_format == "auto" else input_format
         self.batch_rows = batch_rows
-        self.force = force
+        self.check = check
         self.text_fields = tuple(text_fields)
         self._iter = self._batches()
         self._pending: list[SourceBatch] = []
@@ -224,8 +231,8 @@ class RecordStream:
                 if first_name is None:
                     first_meta, first_name = meta, name
                     self._schema = batch_schema
-                else:
-                    names.check_compatible(first_meta, meta, first_name, name, force=self.force)
+                elif self.check is not None:
+                    self.check(first_meta, meta, first_name, name)
                 record = 1
                 for batch in batches:
                     for start in range(0, max(batch.num_rows, 1), self.batch_rows):
@@ -477,12 +484,13 @@ def fit_batch(item: SourceBatch, schema):
             from None
 
 
-def read_table(inputs: list[str] | None, input_format: str | None = None, force: bool = False):
+def read_table(inputs: list[str] | None, input_format: str | None = None,
+               check: Callable[[dict, dict, str, str], None] | None = None):
     """Everything as one pyarrow Table (for commands that are inherently global), under the
-    schema widened by every batch."""
+    schema widened by every batch; `check` as RecordStream's."""
     import pyarrow as pa
 
-    stream = RecordStream(inputs, input_format, force=force)
+    stream = RecordStream(inputs, input_format, check=check)
     batches = [item.batch for item in stream]
     if stream.schema is None:
         return None

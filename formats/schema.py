@@ -1,7 +1,7 @@
 """Column names, `vecpipe.*` schema metadata, and vector column <-> numpy conversions."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from vecpipe.formats.errors import DataError
 
@@ -24,8 +24,6 @@ CHAR_END = "char_end"
 META_PREFIX = "vecpipe."
 META_KEYS = ("model", "model_sha", "dim", "normalized", "prompt", "dtype", "codec", "version",
              "backend", "precision")
-# Keys whose difference makes two vector sets incomparable.
-IDENTITY_KEYS = ("model", "dim", "codec")
 
 
 def read_meta(schema: "pa.Schema | None") -> dict[str, str]:
@@ -52,48 +50,6 @@ def with_meta(schema: "pa.Schema", updates: Mapping[str, object | None]) -> "pa.
     return schema.with_metadata(current)
 
 
-def check_compatible(meta_a: Mapping[str, str], meta_b: Mapping[str, str], name_a: str,
-                     name_b: str, keys: Iterable[str] = IDENTITY_KEYS, force: bool = False) -> None:
-    """Refuse to mix vectors whose model/dim/codec differ (keys missing on one side pass)."""
-    if force:
-        return
-    for key in keys:
-        a, b = meta_a.get(key), meta_b.get(key)
-        if a is None or b is None or a == b:
-            continue
-        shown = (repr(a), repr(b)) if key != "codec" else _codec_difference(a, b)
-        if shown is not None:
-            raise DataError(
-                f"{key} differs: {name_a} has {shown[0]}, {name_b} has {shown[1]}",
-                hint="vectors from different models or codecs are not comparable; "
-                     "pass --force if you know better")
-
-
-def _codec_difference(a: str, b: str):
-    from vecpipe.core.codec import codec_difference  # numpy: only when two codecs are compared
-
-    return codec_difference(a, b)
-
-
-def _same(key: str, a: str | None, b: str | None) -> bool:
-    """Equal values, codecs compared by what they do to the vectors (`Codec.identity`)."""
-    if a == b:
-        return True
-    return key == "codec" and a is not None and b is not None and \
-        _codec_difference(a, b) is None
-
-
-def merged_meta(metas: Iterable[Mapping[str, str]]) -> dict[str, str]:
-    """The keys on which all inputs agree (for outputs that combine several inputs)."""
-    metas = list(metas)
-    if not metas:
-        return {}
-    common = dict(metas[0])
-    for meta in metas[1:]:
-        common = {k: v for k, v in common.items() if _same(k, meta.get(k), v)}
-    return common
-
-
 def find_id_column(schema: "pa.Schema", preferred: str | None = None) -> str | None:
     """`preferred` if given (must exist), else `id`, else `_id`, else None."""
     if preferred:
@@ -101,6 +57,65 @@ def find_id_column(schema: "pa.Schema", preferred: str | None = None) -> str | N
             raise DataError(f"no field {preferred!r}; fields are {', '.join(schema.names)}")
         return preferred
     return next((name for name in ID_ALIASES if name in schema.names), None)
+
+
+def batch_ids(batch, column: str | None, first_record: int = 1, on_null: str = "error",
+              source: str | None = None, null_message: str | None = None) -> "pa.Array":
+    """A batch's (or table's) ids as a string array: `column` cast to strings, or the record
+    numbers from `first_record` when `column` is None. A null id is, by `on_null`: "error" (a
+    DataError at its record, `null_message` or "record has no COLUMN"), "record" (its record
+    number) or "keep" (null)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if column is None:
+        return _record_numbers(first_record, batch.num_rows)
+    values = batch.column(column)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    if not values.null_count or on_null == "keep":
+        return values
+    if on_null == "error":
+        row = int(values.is_null().to_numpy(zero_copy_only=False).argmax())
+        raise DataError(null_message or f"record has no {column}", source=source,
+                        record=first_record + row)
+    return pc.if_else(values.is_null(), _record_numbers(first_record, len(values)), values)
+
+
+def _record_numbers(first: int, count: int) -> "pa.Array":
+    import pyarrow as pa
+
+    return pa.array([str(n) for n in range(first, first + count)], pa.string())
+
+
+def checked_vectors(item, field: str = EMBEDDING, nonfinite: str | None = "vector",
+                    lines: "list[int] | None" = None) -> "np.ndarray":
+    """`field` of a SourceBatch as numpy (`vectors_to_numpy`), errors located at its source and
+    record. Float rows holding NaN or infinity are refused as "<nonfinite> holds NaN or
+    infinity" (None: not checked). `lines`: the record number of each row (JSONL lines), for
+    a plain RecordBatch whose source the caller names."""
+    import numpy as np
+
+    batch = getattr(item, "batch", item)
+    source = getattr(item, "source", None)
+
+    def record(row: int) -> int:
+        return lines[row] if lines is not None else item.first_record + row
+
+    try:
+        vectors = vectors_to_numpy(batch.column(field), field)
+    except DataError as err:
+        if err.record is not None:
+            err.record = record(err.record - 1)
+        raise err.located(source)
+    if nonfinite is not None and vectors.dtype.kind == "f":
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            raise DataError(f"{nonfinite} holds NaN or infinity", source=source,
+                            record=record(int(np.argmin(finite))))
+    return vectors
 
 
 def vectors_to_numpy(column: "pa.Array | pa.ChunkedArray", name: str = EMBEDDING) -> "np.ndarray":

@@ -10,10 +10,13 @@ import tempfile
 
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError, UsageError
-from vecpipe.formats.jsonl import batch_to_lines, widened_schema
+from vecpipe.formats.jsonl import ABORTED_LINE, batch_to_lines, widened_schema
 
 OUTPUT_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet")
 BINARY_FORMATS = ("arrow", "arrow-file", "parquet")
+REPORT_FORMATS = ("auto", "table", "jsonl", "json")
+KNOWN_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet", "trec", "table", "json")
+ENV_OUTPUT_FORMAT = "VECPIPE_OUTPUT_FORMAT"
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
     ".arrow": "arrow-file", ".feather": "arrow-file", ".ipc": "arrow-file",
@@ -44,8 +47,10 @@ def write_error(err: OSError, target: str | None) -> Exception:
 
 
 def resolve_output_format(output: str | None, output_format: str = "auto",
-                          stdout_isatty: bool | None = None, extra: tuple[str, ...] = ()) -> str:
-    """`auto`: from -o's extension; else Arrow IPC stream on a pipe, JSONL on a terminal.
+                          stdout_isatty: bool | None = None, extra: tuple[str, ...] = (),
+                          vectors: bool = True) -> str:
+    """`auto`: from -o's extension; else VECPIPE_OUTPUT_FORMAT, else JSONL on a terminal and, on
+    a pipe, Arrow IPC for a stream that carries vectors (`vectors`) and JSONL for one without.
 
     `extra` names command-specific text formats (e.g. `trec`) that are allowed too.
     """
@@ -63,11 +68,74 @@ def resolve_output_format(output: str | None, output_format: str = "auto",
                                  hint="use a .jsonl/.arrow/.arrows/.parquet name or "
                                       "--output-format")
             return _EXTENSIONS[ext]
-        return "jsonl" if stdout_isatty else "arrow"
+        chosen = environment_format(OUTPUT_FORMATS + extra)
+        if chosen is None:
+            return "jsonl" if stdout_isatty or not vectors else "arrow"
+        output_format = chosen
     if to_stdout and stdout_isatty and output_format in BINARY_FORMATS:
         raise UsageError(f"refusing to write binary {output_format} to a terminal",
                          hint="redirect stdout, use -o FILE, or --output-format jsonl")
     return output_format
+
+
+def carries_vectors(schema) -> bool:
+    """Whether records of `schema` (None: no records) hold vectors, which decides Arrow or
+    JSONL on a pipe: a fixed-size list of numbers, packed bits (fixed-size binary), or an
+    `embedding` list of numbers. (A variable list elsewhere, such as mined `scores`, is not.)"""
+    import pyarrow as pa
+
+    def numbers(dtype) -> bool:
+        return pa.types.is_floating(dtype) or pa.types.is_integer(dtype)
+
+    for field in schema or ():
+        t = field.type
+        if pa.types.is_fixed_size_binary(t) \
+                or (pa.types.is_fixed_size_list(t) and numbers(t.value_type)) \
+                or (field.name == names.EMBEDDING and pa.types.is_list(t)
+                    and numbers(t.value_type)):
+            return True
+    return False
+
+
+def resolve_report_format(output_format: str = "auto",
+                          stdout_isatty: bool | None = None) -> str:
+    """A report's format: `table`, `jsonl` or `json`; `auto`: VECPIPE_OUTPUT_FORMAT, else a
+    table on a terminal and JSON lines otherwise."""
+    if output_format not in REPORT_FORMATS:
+        raise UsageError(f"unknown output format {output_format!r}; choose from "
+                         f"{', '.join(REPORT_FORMATS)}")
+    if output_format != "auto":
+        return output_format
+    chosen = environment_format(REPORT_FORMATS)
+    if chosen is not None:
+        return chosen
+    if stdout_isatty is None:
+        stdout_isatty = sys.stdout is not None and sys.stdout.isatty()
+    return "table" if stdout_isatty else "jsonl"
+
+
+def environment_format(accepted: tuple[str, ...]) -> str | None:
+    """VECPIPE_OUTPUT_FORMAT where this command can write it (None: unset, `auto`, or a format
+    only other commands write); a name no command knows is a usage error."""
+    value = os.environ.get(ENV_OUTPUT_FORMAT, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in KNOWN_FORMATS:
+        raise UsageError(f"unknown {ENV_OUTPUT_FORMAT} {value!r}; choose from "
+                         f"{', '.join(KNOWN_FORMATS)}")
+    return value if value in accepted else None
+
+
+def print_report_records(records: list[dict], report_format: str) -> None:
+    """Report records on stdout: one JSON object per line (`jsonl`) or one JSON array
+    (`json`)."""
+    import json
+
+    if report_format == "json":
+        print(json.dumps(records, ensure_ascii=False), flush=True)
+        return
+    for record in records:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
 
 
 def stdout_binary():
@@ -274,7 +342,8 @@ class RecordWriter:
 
     def abort(self) -> None:
         """Drop a file output; on stdout, stop without writing an end-of-stream marker (or a
-        file footer), so a reader downstream sees the stream as cut short.
+        file footer), so a reader downstream sees the stream as cut short; JSONL, which has no
+        marker, ends with ABORTED_LINE instead (not on a terminal).
 
         The writer is dropped, never closed: closing would write the marker. pyarrow's IPC
         writers write nothing when dropped; a ParquetWriter would close itself in __del__.
@@ -283,6 +352,8 @@ class RecordWriter:
             self._atomic.abort()
         elif self._sink is not None:
             try:  # what was produced goes out, so a reader sees a stream without its end
+                if self.format == "jsonl" and not _is_terminal(self._sink):
+                    self._sink.write(ABORTED_LINE)
                 self._sink.flush()
             except (OSError, ValueError):
                 pass
@@ -302,6 +373,13 @@ class RecordWriter:
         except BaseException:
             self.abort()
             raise
+
+
+def _is_terminal(sink) -> bool:
+    try:
+        return os.isatty(sink.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
 
 def _written_batches(path: str, fmt: str):

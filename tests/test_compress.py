@@ -8,7 +8,7 @@ import pytest
 
 from vecpipe.commands import compress as compress_cmd
 from vecpipe.formats import schema as names
-from vecpipe.core.codec import Codec, codec_from_meta, hamming_distances
+from vecpipe.core.codec import Codec, codec_from_meta, first_vectors, hamming_distances
 from vecpipe.formats.errors import DataError, UsageError
 
 TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
@@ -81,6 +81,7 @@ def test_bfloat16_bits_match_torch():
     assert np.array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_int8_and_uint8_agree_with_sentence_transformers_within_one_level():
     quantize = pytest.importorskip("sentence_transformers.util.quantization").quantize_embeddings
     x = unit_vectors(500, 32)
@@ -94,6 +95,7 @@ def test_int8_and_uint8_agree_with_sentence_transformers_within_one_level():
         assert diff.min() >= 0 and diff.max() <= 1
 
 
+@pytest.mark.slow
 def test_binary_packing_matches_numpy_and_sentence_transformers():
     quantize = pytest.importorskip("sentence_transformers.util.quantization").quantize_embeddings
     x = unit_vectors(300, 36)  # not a multiple of 8: the last byte is padded with zeros
@@ -202,7 +204,7 @@ def test_compress_int8_records_codec_and_codes(cli, tmp_path):
     x = unit_vectors(300, 32)
     src = write_arrow(tmp_path / "v.arrow", x)
     out = tmp_path / "c.arrow"
-    r = cli("compress", src, "--to", "int8", "-o", out)
+    r = cli("compress", src, "--dtype", "int8", "-o", out)
     assert r.exit_code == 0, r
     assert r.stdout == "" and "300 vectors" in r.stderr
     table, meta = read_arrow(out)
@@ -217,13 +219,13 @@ def test_compress_int8_records_codec_and_codes(cli, tmp_path):
 def test_binary_output_types_arrow_and_jsonl(cli, tmp_path):
     x = unit_vectors(20, 32)
     src = write_arrow(tmp_path / "v.arrow", x)
-    r = cli("compress", src, "--to", "binary", "--output-format", "arrow")
+    r = cli("compress", src, "--dtype", "binary", "--output-format", "arrow")
     assert r.exit_code == 0, r
     table = pa.ipc.open_stream(r.stdout_bytes).read_all()
     assert table.schema.field("embedding").type == pa.binary(4)
     assert np.array_equal(names.vectors_to_numpy(table.column("embedding")),
                           np.packbits(x > 0, axis=1))
-    r = cli("compress", src, "--to", "binary", "--output-format", "jsonl")
+    r = cli("compress", src, "--dtype", "binary", "--output-format", "jsonl")
     rows = r.records()
     assert rows[0]["embedding"] == np.packbits(x[0] > 0).tolist()
     assert all(0 <= v <= 255 for row in rows for v in row["embedding"])
@@ -234,7 +236,7 @@ def test_codec_applied_to_queries_equals_the_corpus_transform(cli, tmp_path, wri
     src = write_arrow(tmp_path / "v.arrow", x)
     saved = tmp_path / "codec.json"
     corpus = tmp_path / "c.arrow"
-    r = cli("compress", src, "--dim", "24", "--pca", "16", "--to", "int8", "--save-codec", saved,
+    r = cli("compress", src, "--dim", "24", "--pca", "16", "--dtype", "int8", "--save-codec", saved,
             "-o", corpus)
     assert r.exit_code == 0, r
     table, meta = read_arrow(corpus)
@@ -255,7 +257,7 @@ def test_stream_larger_than_calibration_buffer(cli, tmp_path):
     x = unit_vectors(3000, 32)
     src = write_arrow(tmp_path / "v.arrow", x)
     out = tmp_path / "c.arrow"
-    r = cli("compress", src, "--to", "uint8", "--calibration-rows", "500", "-o", out)
+    r = cli("compress", src, "--dtype", "uint8", "--calibration-rows", "500", "-o", out)
     assert r.exit_code == 0, r
     table, meta = read_arrow(out)
     codec = codec_from_meta(meta)
@@ -282,8 +284,10 @@ def test_calibration_reads_only_what_it_buffers():
             consumed.append(1)
             yield _Item(64)
 
-    buffered, rest = compress_cmd.calibrate(endless(), 200)
+    rest = endless()
+    buffered, sample = first_vectors(rest, 200, lambda item: np.zeros((item.batch.num_rows, 4)))
     assert len(buffered) == 4 and len(consumed) == 4  # 4 x 64 >= 200: nothing read ahead
+    assert sample.shape == (200, 4)
     next(rest)
     assert len(consumed) == 5
 
@@ -293,9 +297,9 @@ def test_mismatched_codecs_and_models_refused(cli, tmp_path):
     src = write_arrow(tmp_path / "v.arrow", x)
     saved = tmp_path / "codec.json"
     compressed = tmp_path / "c.arrow"
-    assert cli("compress", src, "--to", "int8", "--save-codec", saved,
+    assert cli("compress", src, "--dtype", "int8", "--save-codec", saved,
                "-o", compressed).exit_code == 0
-    r = cli("compress", compressed, "--to", "binary")
+    r = cli("compress", compressed, "--dtype", "binary")
     assert r.exit_code == 1 and r.stdout == "" and "already compressed" in r.stderr
     other = write_arrow(tmp_path / "other.arrow", x, meta={"model": "fake:other"})
     out = tmp_path / "o.arrow"
@@ -309,11 +313,11 @@ def test_mismatched_codecs_and_models_refused(cli, tmp_path):
     # int8 codes written as JSONL lose the codec: they are refused, not compressed again
     as_jsonl = cli("compress", src, "--codec", saved, "--output-format", "jsonl").stdout
     (tmp_path / "codes.jsonl").write_text(as_jsonl)
-    r = cli("compress", tmp_path / "codes.jsonl", "--to", "binary")
+    r = cli("compress", tmp_path / "codes.jsonl", "--dtype", "binary")
     assert r.exit_code == 1 and "whole numbers" in r.stderr and "--codec FILE" in r.stderr
     # two compressed inputs with different codecs do not mix in one stream
     second = tmp_path / "c2.arrow"
-    assert cli("compress", src, "--to", "uint8", "-o", second).exit_code == 0
+    assert cli("compress", src, "--dtype", "uint8", "-o", second).exit_code == 0
     r = cli("convert", compressed, second, "--output-format", "jsonl")
     assert r.exit_code == 1 and "codec differs" in r.stderr
 
@@ -322,9 +326,9 @@ def test_usage_errors_exit_2(cli, tmp_path):
     src = write_arrow(tmp_path / "v.arrow", unit_vectors(10, 32))
     saved = tmp_path / "codec.json"
     saved.write_text(Codec.fit(unit_vectors(10, 32), "int8").to_json())
-    for args in (["--to", "int4"], [], ["--codec", saved, "--to", "int8"],
-                 ["--to", "float32"], ["--to", "binary", "--clip-quantile", "0.01"],
-                 ["--to", "int8", "--dim", "64"]):
+    for args in (["--dtype", "int4"], [], ["--codec", saved, "--dtype", "int8"],
+                 ["--dtype", "float32"], ["--dtype", "binary", "--clip-quantile", "0.01"],
+                 ["--dtype", "int8", "--dim", "64"]):
         r = cli("compress", src, *args, "--output-format", "jsonl")
         assert r.exit_code == 2 and r.stdout == "", (args, r)
 
@@ -334,11 +338,11 @@ def test_bad_vectors_are_located_and_leave_no_file(cli, tmp_path, write_jsonl):
     x[3, 1] = np.nan
     src = write_arrow(tmp_path / "v.arrow", x)
     out = tmp_path / "c.arrow"
-    r = cli("compress", src, "--to", "int8", "-o", out)
+    r = cli("compress", src, "--dtype", "int8", "-o", out)
     assert r.exit_code == 1 and not out.exists()
     assert f"({src}:4)" in r.stderr and "NaN" in r.stderr
     r = cli("compress", write_jsonl(tmp_path / "t.jsonl", [{"id": "1", "text": "x"}]),
-            "--to", "int8")
+            "--dtype", "int8")
     assert r.exit_code == 1 and "no field 'embedding'" in r.stderr
 
 
@@ -346,7 +350,7 @@ def test_report_text_and_json(cli, tmp_path):
     x = unit_vectors(1500, 32)
     src = write_arrow(tmp_path / "v.arrow", x)
     out = tmp_path / "c.arrow"
-    r = cli("compress", src, "--to", "int8", "--report", "--report-json", "-", "-o", out)
+    r = cli("compress", src, "--dtype", "int8", "--report", "--save-report", "-", "-o", out)
     assert r.exit_code == 0, r
     facts = json.loads(r.stdout)
     assert facts["bytes_per_vector"] == {"before": 128, "after": 32, "ratio": 4.0}
@@ -355,7 +359,7 @@ def test_report_text_and_json(cli, tmp_path):
     assert facts["retrieval"]["recall"] > 0.9
     assert facts["retrieval"]["recall"] >= facts["retrieval"]["recall_symmetric"]
     assert "recall@10" in r.stderr and "bytes/vector   128 -> 32" in r.stderr
-    r = cli("compress", src, "--dim", "16", "--report-json", "-", "-o", out)
+    r = cli("compress", src, "--dim", "16", "--save-report", "-", "-o", out)
     facts = json.loads(r.stdout)
     energy = ((x[:, :16] ** 2).sum(axis=1)).mean()
     assert facts["kept_energy"] == pytest.approx(energy, abs=1e-4)
@@ -366,7 +370,7 @@ def test_compressed_stream_indexes_and_searches_like_brute_force_over_the_codes(
     x, queries = unit_vectors(400, 32), unit_vectors(5, 32, seed=9)
     src = write_arrow(tmp_path / "v.arrow", x)
     codes_path, idx = tmp_path / "c.arrow", tmp_path / "idx"
-    assert cli("compress", src, "--to", "int8", "-o", codes_path).exit_code == 0
+    assert cli("compress", src, "--dtype", "int8", "-o", codes_path).exit_code == 0
     r = cli("index", codes_path, "-o", idx)
     assert r.exit_code == 0, r
     qfile = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "embedding": q.tolist()}
@@ -384,6 +388,7 @@ def test_compressed_stream_indexes_and_searches_like_brute_force_over_the_codes(
     assert [got[f"q{i}"] for i in range(5)] == expected.tolist()
 
 
+@pytest.mark.slow
 def test_real_minilm_vectors_match_sentence_transformers_precision(cli, tmp_path, nfcorpus):
     """The bundled model's own `encode(precision=...)` is the reference for bits and int8."""
     from vecpipe.cli.models import load_model
@@ -394,12 +399,14 @@ def test_real_minilm_vectors_match_sentence_transformers_precision(cli, tmp_path
     vectors = model.encode(titles, batch_size=64)
     src = write_arrow(tmp_path / "v.arrow", vectors, meta={"model": model.name, "dim": "384"})
     out = tmp_path / "bits.arrow"
-    assert cli("compress", src, "--to", "ubinary", "-o", out).exit_code == 0
+    assert cli("compress", src, "--dtype", "ubinary", "-o", out).exit_code == 0
     bits = names.vectors_to_numpy(read_arrow(out)[0].column("embedding"))
     reference = model.st.encode(titles, batch_size=64, precision="ubinary",
                                 normalize_embeddings=True)
-    assert np.array_equal(bits, reference)
-    r = cli("compress", src, "--to", "int8", "--report-json", "-", "-o", out)
+    # two encode paths agree to float rounding: a sign bit may differ only next to zero
+    differs = np.unpackbits(bits, axis=1) != np.unpackbits(reference, axis=1)
+    assert (np.abs(vectors[differs]) < 1e-5).all()
+    r = cli("compress", src, "--dtype", "int8", "--save-report", "-", "-o", out)
     facts = json.loads(r.stdout)
     assert facts["retrieval"]["recall"] >= 0.95 > facts["retrieval"]["recall_symmetric"]
     codes = names.vectors_to_numpy(read_arrow(out)[0].column("embedding")).astype(int)

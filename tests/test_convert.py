@@ -2,6 +2,7 @@
 import json
 
 import pyarrow as pa
+import pytest
 
 from vecpipe.formats import schema as names
 
@@ -11,7 +12,7 @@ FORMATS = {"jsonl": "jsonl", "arrow": "arrows", "arrow-file": "arrow", "parquet"
 def test_convert_select_and_limit(cli, tmp_path, write_jsonl):
     src = write_jsonl(tmp_path / "a.jsonl", [{"id": str(i), "text": f"t{i}", "x": i}
                                              for i in range(10)])
-    r = cli("convert", src, "--select", "text,id", "--limit", "3", "--output-format", "jsonl")
+    r = cli("convert", src, "--fields", "text,id", "--limit", "3", "--output-format", "jsonl")
     assert r.exit_code == 0, r
     assert r.records() == [{"text": "t0", "id": "0"}, {"text": "t1", "id": "1"},
                            {"text": "t2", "id": "2"}]
@@ -21,7 +22,7 @@ def test_convert_select_and_limit(cli, tmp_path, write_jsonl):
 def test_convert_unknown_field_fails_before_output(cli, tmp_path, write_jsonl):
     src = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
     out = tmp_path / "out.parquet"
-    r = cli("convert", src, "--select", "nope", "-o", out)
+    r = cli("convert", src, "--fields", "nope", "-o", out)
     assert r.exit_code == 1 and r.stdout == ""
     assert "no field 'nope'" in r.stderr and not out.exists()
 
@@ -71,6 +72,7 @@ def test_info_on_stream_and_index_folder(cli, tmp_path, write_jsonl):
     assert r.exit_code == 1 and "not a vecpipe index" in r.stderr
 
 
+@pytest.mark.slow
 def test_nfcorpus_every_format_and_back(cli, tmp_path, nfcorpus, parse_records):
     """The issue's acceptance: 3,633 records through every output format and back, identical."""
     import orjson
@@ -87,3 +89,32 @@ def test_nfcorpus_every_format_and_back(cli, tmp_path, nfcorpus, parse_records):
         back = cli("convert", there, "--output-format", "jsonl")
         assert back.exit_code == 0
         assert back.records() == original, fmt
+
+
+ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
+
+
+@pytest.mark.parametrize("fields,arrow", [(None, True), ("id,text", False)])
+def test_convert_on_a_pipe_is_arrow_only_with_vectors(run_vecpipe, tmp_path, write_jsonl,
+                                                       fields, arrow):
+    src = write_jsonl(tmp_path / "v.jsonl", [{"id": str(i), "text": f"t{i}",
+                                              "embedding": [0.5, float(i)]} for i in range(3)])
+    args = ["--fields", fields] if fields else []
+    out = run_vecpipe("convert", src, *args, env={"VECPIPE_OUTPUT_FORMAT": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(ARROW_STREAM_MAGIC) == arrow
+    if arrow:
+        assert pa.ipc.open_stream(out.stdout).read_all().num_rows == 3
+    else:
+        assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == ["0", "1", "2"]
+
+
+def test_packed_bits_and_scores_decide_the_pipe_format():
+    from vecpipe.formats.writers import carries_vectors
+
+    assert carries_vectors(pa.schema([("id", pa.string()), ("embedding", pa.binary(4))]))
+    assert carries_vectors(pa.schema([("v", pa.list_(pa.float32(), 8))]))
+    assert carries_vectors(pa.schema([("embedding", pa.list_(pa.float32()))]))
+    assert not carries_vectors(pa.schema([("query", pa.string()),
+                                          ("scores", pa.list_(pa.float64()))]))
+    assert not carries_vectors(None)

@@ -13,7 +13,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from vecpipe.cli.models import bundled_model_path, fake_vectors
+from vecpipe.core.embedder import fake_vectors
 from vecpipe.formats import schema as names
 
 WORDS = ("protein diet cancer risk study vitamin heart patients trial effect cholesterol fiber "
@@ -41,21 +41,15 @@ def read_arrow(path):
         return pa.ipc.open_file(source).read_all()
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """sentence-transformers itself, loaded independently of vecpipe's loader."""
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(bundled_model_path(), device="cpu")
-
-
 # -- real model: equality with SentenceTransformer.encode -------------------------------------
 
+@pytest.mark.slow
 def test_vectors_equal_sentence_transformers_with_and_without_windowing(cli, tmp_path,
-                                                                        write_jsonl, reference):
+                                                                        write_jsonl,
+                                                                        bundled_model):
     texts = synthetic_texts(24, longest=330)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
-    expected = reference.encode(texts, batch_size=32, normalize_embeddings=True)
+    expected = bundled_model.encode(texts, batch_size=32, normalize_embeddings=True)
     for extra in ([], ["--window", "7", "--batch-size", "3"]):
         out = tmp_path / "out.arrow"
         r = cli("embed", src, "-o", out, "--device", "cpu", *extra)
@@ -67,20 +61,21 @@ def test_vectors_equal_sentence_transformers_with_and_without_windowing(cli, tmp
     meta = names.read_meta(table.schema)
     assert meta["model"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert meta["dim"] == "384" and meta["normalized"] == "true" and len(meta["model_sha"]) == 16
-    tokens = reference.tokenizer(texts, truncation=False)["input_ids"]
+    tokens = bundled_model.tokenizer(texts, truncation=False)["input_ids"]
     too_long = sum(len(ids) > 256 for ids in tokens)
     assert too_long > 0
     assert f"{too_long} of 24 embedded texts were longer than the model's 256-token" in r.stderr
 
 
+@pytest.mark.slow
 def test_prompt_and_matryoshka_dim_match_sentence_transformers(cli, tmp_path, write_jsonl,
-                                                               reference):
+                                                               bundled_model):
     texts = synthetic_texts(12, seed=1, longest=60)
     src = write_jsonl(tmp_path / "q.jsonl", records_of(texts))
     r = cli("embed", src, "--prompt", "query: ", "--dim", "64", "--device", "cpu",
             "--output-format", "arrow", "--window", "5")
     assert r.exit_code == 0, r
-    expected = reference.encode(texts, prompt="query: ", truncate_dim=64,
+    expected = bundled_model.encode(texts, prompt="query: ", truncate_dim=64,
                                 normalize_embeddings=True)
     got = vectors(r.records())
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -93,16 +88,17 @@ def test_prompt_and_matryoshka_dim_match_sentence_transformers(cli, tmp_path, wr
             tmp_path / "raw.arrow")
     table = read_arrow(tmp_path / "raw.arrow")
     raw = names.vectors_to_numpy(table.column("embedding"))
-    np.testing.assert_allclose(raw, reference.encode(texts, truncate_dim=64,
+    np.testing.assert_allclose(raw, bundled_model.encode(texts, truncate_dim=64,
                                                      normalize_embeddings=False), atol=1e-5)
     assert names.read_meta(table.schema)["normalized"] == "false"
 
 
-def test_onnx_backends_match_torch(cli, tmp_path, write_jsonl, reference):
+@pytest.mark.slow
+def test_onnx_backends_match_torch(cli, tmp_path, write_jsonl, bundled_model):
     pytest.importorskip("onnxruntime")
     texts = synthetic_texts(16, seed=2, longest=300)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
-    expected = reference.encode(texts, normalize_embeddings=True)
+    expected = bundled_model.encode(texts, normalize_embeddings=True)
     r = cli("embed", src, "--backend", "onnx", "--output-format", "jsonl")
     assert r.exit_code == 0, r
     np.testing.assert_allclose(vectors(r.records()), expected, atol=1e-5)
@@ -129,25 +125,29 @@ def openvino_hints(monkeypatch):
     return given
 
 
-def test_openvino_backend_matches_torch(cli, tmp_path, write_jsonl, reference, openvino_hints):
+@pytest.mark.slow
+def test_openvino_backend_matches_torch(cli, tmp_path, write_jsonl, bundled_model,
+                                        openvino_hints):
     texts = synthetic_texts(6, seed=4, longest=80)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
     r = cli("embed", src, "--backend", "openvino", "--device", "cpu", "-o", tmp_path / "v.arrow")
     assert r.exit_code == 0, r
     table = pa.ipc.open_file(str(tmp_path / "v.arrow")).read_all()
-    np.testing.assert_allclose(vectors(table.to_pylist()), reference.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(vectors(table.to_pylist()), bundled_model.encode(texts),
+                               atol=1e-5)
     # OpenVINO's CPU default is bfloat16 on AMX/AVX512-BF16 CPUs: the hint must be explicit
     assert openvino_hints and all(c.get("INFERENCE_PRECISION_HINT") == "f32"
                                   for c in openvino_hints)
     assert "precision" not in names.read_meta(table.schema)
 
 
+@pytest.mark.slow
 def test_openvino_bfloat16_only_when_asked_and_recorded(cli, tmp_path, write_jsonl,
                                                         openvino_hints):
     import openvino as ov
 
     src = write_jsonl(tmp_path / "in.jsonl", records_of(["bone density", "vitamin d"]))
-    r = cli("embed", src, "--backend", "openvino", "--dtype", "bfloat16", "--device", "cpu",
+    r = cli("embed", src, "--backend", "openvino", "--precision", "bfloat16", "--device", "cpu",
             "-o", tmp_path / "v.arrow")
     assert r.exit_code == 0, r
     meta = names.read_meta(pa.ipc.open_file(str(tmp_path / "v.arrow")).schema)
@@ -160,7 +160,8 @@ def test_openvino_bfloat16_only_when_asked_and_recorded(cli, tmp_path, write_jso
         assert "precision" not in meta
 
 
-def test_missing_backend_package_is_a_clear_error(cli, tmp_path, write_jsonl, monkeypatch):
+def test_missing_backend_package_is_a_clear_error(cli, tmp_path, write_jsonl, monkeypatch,
+                                                  bundled_model_path):
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
@@ -168,13 +169,14 @@ def test_missing_backend_package_is_a_clear_error(cli, tmp_path, write_jsonl, mo
                         lambda name, *a: None if name == "onnxruntime" else
                         real_find_spec(name, *a))
     src = write_jsonl(tmp_path / "in.jsonl", records_of(["x"]))
-    r = cli("embed", src, "--backend", "onnx-int8", "-m", bundled_model_path())
+    r = cli("embed", src, "--backend", "onnx-int8", "-m", bundled_model_path)
     assert r.exit_code == 1 and r.stdout == ""
     assert "--backend onnx-int8 needs the onnxruntime package" in r.stderr
     assert "hint: pip install onnxruntime" in r.stderr
 
 
-def test_chunks_recover_text_with_model_tokenizer(cli, tmp_path, write_jsonl, reference):
+@pytest.mark.slow
+def test_chunks_recover_text_with_model_tokenizer(cli, tmp_path, write_jsonl, bundled_model):
     texts = ["Short one.", "Vitamin D, (25-OH) and café-au-lait spots! " * 40]
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
     r = cli("embed", src, "--chunk-tokens", "50", "--chunk-overlap", "10",
@@ -188,24 +190,38 @@ def test_chunks_recover_text_with_model_tokenizer(cli, tmp_path, write_jsonl, re
         parent = texts[int(row["parent_id"][1:])]
         assert parent[row["char_start"]:row["char_end"]] == row["text"]
         assert row["id"] == f"{row['parent_id']}#{row['chunk']}"
-        assert len(reference.tokenizer(row["text"], add_special_tokens=False)["input_ids"]) <= 52
+        tokens = bundled_model.tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        assert len(tokens) <= 52
     assert long_rows[0]["char_start"] == 0
     assert long_rows[-1]["char_end"] == len(texts[1].rstrip())
     # consecutive chunks overlap (10 shared tokens) and cover the text
     for before, after in zip(long_rows, long_rows[1:]):
         assert after["char_start"] < before["char_end"]
-    np.testing.assert_allclose(vectors(rows), reference.encode([row["text"] for row in rows]),
+    np.testing.assert_allclose(vectors(rows), bundled_model.encode([row["text"] for row in rows]),
                                atol=1e-5)
     r = cli("embed", src, "--chunk-tokens", "300")
     assert r.exit_code == 2 and "does not fit" in r.stderr
 
 
-def test_several_cpu_devices_use_a_worker_pool(cli, tmp_path, write_jsonl, reference):
+@pytest.mark.slow
+def test_several_cpu_devices_use_a_worker_pool(cli, tmp_path, write_jsonl, bundled_model,
+                                               monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    started = []
+    start = SentenceTransformer.start_multi_process_pool
+
+    def start_and_look(self, *args, **kwargs):
+        pool = start(self, *args, **kwargs)
+        started.append([process.is_alive() for process in pool["processes"]])
+        return pool
+    monkeypatch.setattr(SentenceTransformer, "start_multi_process_pool", start_and_look)
     texts = synthetic_texts(10, seed=3, longest=30)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
     r = cli("embed", src, "--device", "cpu,cpu", "--output-format", "jsonl")
     assert r.exit_code == 0, r
-    np.testing.assert_allclose(vectors(r.records()), reference.encode(texts), atol=1e-5)
+    np.testing.assert_allclose(vectors(r.records()), bundled_model.encode(texts), atol=1e-5)
+    assert started == [[True, True]]  # one pool: a running worker process per device
 
 
 # -- fast: fake model ------------------------------------------------------------------------
@@ -215,7 +231,7 @@ def test_fields_join_ids_and_passthrough(cli, tmp_path, write_jsonl):
         {"_id": "x1", "title": "Title", "text": "body one", "n": 1},
         {"_id": "x2", "title": "", "text": "body two", "n": 2},
         {"_id": "x3", "title": None, "text": "body three", "n": 3}])
-    r = cli("embed", src, "-m", "fake:8", "--field", "title", "--field", "text",
+    r = cli("embed", src, "-m", "fake:8", "--text-field", "title", "--text-field", "text",
             "--output-format", "jsonl")
     assert r.exit_code == 0, r
     rows = r.records()

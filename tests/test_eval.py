@@ -15,7 +15,9 @@ import pytest
 import pytrec_eval
 import scipy.stats
 
-from vecpipe.core import metrics as m
+from vecpipe.core import retrieval_metrics as m
+from vecpipe.core import vector_stats as stats
+from vecpipe.formats.errors import UsageError
 
 DATA = Path(__file__).resolve().parent / "data" / "eval"
 TINY = DATA / "tinybeir"
@@ -130,7 +132,7 @@ def test_metric_names_and_cutoffs():
     assert m.parse_ks("100,10,10") == (10, 100)
     assert m.parse_metrics("p,RR") == ("precision", "mrr")
     for bad in ("ndcg", "foo@10", "ndcg@0"):
-        with pytest.raises(m.UsageError):
+        with pytest.raises(UsageError):
             m.parse_metric_key(bad)
 
 
@@ -154,10 +156,10 @@ def test_rank_statistics_match_scipy():
     rng = np.random.default_rng(5)
     x = rng.integers(0, 6, 300).astype(float)  # many ties
     y = x + rng.normal(0, 2, 300)
-    assert np.array_equal(m.rankdata(x), scipy.stats.rankdata(x))
-    assert m.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
-    assert m.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y).statistic, abs=1e-12)
-    u, p = m.mann_whitney(x[:120], y[120:])
+    assert np.array_equal(stats.rankdata(x), scipy.stats.rankdata(x))
+    assert stats.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert stats.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y).statistic, abs=1e-12)
+    u, p = stats.mann_whitney(x[:120], y[120:])
     ref = scipy.stats.mannwhitneyu(x[:120], y[120:], method="asymptotic")
     assert u == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue, rel=1e-9)
 
@@ -168,21 +170,21 @@ def test_rankme_on_matrices_of_known_rank():
     q_right, _ = np.linalg.qr(rng.normal(size=(64, 12)))
     for rank in (1, 5, 12):
         equal = q_left[:, :rank] @ q_right[:, :rank].T * 3.0  # rank r, equal singular values
-        summary = m.EmbeddingSummary()
+        summary = stats.EmbeddingSummary()
         summary.add(equal[:70])
         summary.add(equal[70:])
         # the paper's epsilon (1e-7) goes to all 64 values: exactly r only without it
         p = np.r_[np.full(rank, 1 / rank), np.zeros(64 - rank)] + 1e-7
         expected = math.exp(-(p * np.log(p)).sum())
         assert expected == pytest.approx(rank, rel=1e-3)
-        assert m.rankme(summary.singular_values()) == pytest.approx(expected, rel=1e-5)
-        assert m.rankme(np.linalg.svd(equal, compute_uv=False)) == pytest.approx(expected,
+        assert stats.rankme(summary.singular_values()) == pytest.approx(expected, rel=1e-5)
+        assert stats.rankme(np.linalg.svd(equal, compute_uv=False)) == pytest.approx(expected,
                                                                                  rel=1e-6)
     skewed = q_left[:, :3] @ np.diag([10.0, 1.0, 0.1]) @ q_right[:, :3].T
     p = np.r_[np.array([10.0, 1.0, 0.1]) / 11.1, np.zeros(61)] + 1e-7
-    assert m.rankme(np.linalg.svd(skewed, compute_uv=False)) == pytest.approx(
+    assert stats.rankme(np.linalg.svd(skewed, compute_uv=False)) == pytest.approx(
         math.exp(-(p * np.log(p)).sum()), rel=1e-6)
-    assert 1.0 < m.rankme(np.linalg.svd(skewed, compute_uv=False)) < 3.0
+    assert 1.0 < stats.rankme(np.linalg.svd(skewed, compute_uv=False)) < 3.0
 
 
 # ---------------------------------------------------------------- eval retrieval (CLI)
@@ -200,7 +202,7 @@ def test_retrieval_trec_run_with_beir_qrels_equals_pytrec(cli):
 
 
 def test_retrieval_records_from_stdin_with_trec_qrels(cli):
-    r = cli("eval", "retrieval", "--qrels", DATA / "qrels.txt", "-k", "1,10",
+    r = cli("eval", "retrieval", "--qrels", DATA / "qrels.txt", "--cutoffs", "1,10",
             "--metrics", "ndcg,mrr", input=(DATA / "dense.jsonl").read_bytes())
     assert r.exit_code == 0, r
     [record] = r.records()
@@ -221,7 +223,7 @@ def test_retrieval_reads_arrow_runs_ranked_by_rank_alone(cli, tmp_path):
     path = tmp_path / "run.arrow"
     with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
-    r = cli("eval", "retrieval", path, "--qrels", DATA / "qrels.tsv", "-k", "1")
+    r = cli("eval", "retrieval", path, "--qrels", DATA / "qrels.tsv", "--cutoffs", "1")
     assert r.exit_code == 0, r
     assert r.records()[0]["mrr_at_1"] == pytest.approx(0.5)  # rank 1 is best: q1 misses at 1
 
@@ -242,7 +244,7 @@ def test_retrieval_reads_an_arrow_stream_on_stdin(cli):
 
 def test_several_runs_compared_with_paired_tests(cli):
     r = cli("eval", "retrieval", DATA / "bm25.trec", DATA / "dense.jsonl", "--qrels",
-            DATA / "qrels.tsv", "-k", "10", "--metrics", "ndcg,recall")
+            DATA / "qrels.tsv", "--cutoffs", "10", "--metrics", "ndcg,recall")
     assert r.exit_code == 0, r
     base, other = r.records()
     assert other["baseline"] == str(DATA / "bm25.trec") and "delta" not in base
@@ -251,7 +253,7 @@ def test_several_runs_compared_with_paired_tests(cli):
     assert other["paired_queries"] == 3  # bm25 has no q4
     per_query = {(rec["run"], rec["query_id"]): rec["ndcg_at_10"] for rec in cli(
         "eval", "retrieval", DATA / "bm25.trec", DATA / "dense.jsonl", "--qrels",
-        DATA / "qrels.tsv", "-k", "10", "--per-query").records()}
+        DATA / "qrels.tsv", "--cutoffs", "10", "--per-query").records()}
     a = [per_query[(str(DATA / "bm25.trec"), q)] for q in ("q1", "q2", "q3")]
     b = [per_query[(str(DATA / "dense.jsonl"), q)] for q in ("q1", "q2", "q3")]
     assert other["p_ttest"]["ndcg_at_10"] == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
@@ -280,7 +282,7 @@ def test_qrels_can_be_a_reference_run_for_ann_recall(cli, tmp_path, write_jsonl)
         [("a", 0.9), ("b", 0.8), ("c", 0.7), ("d", 0.6)]])
     ann = write_jsonl(tmp_path / "ann.jsonl", [
         {"query_id": "q", "id": d, "score": s} for d, s in [("a", 0.9), ("c", 0.7), ("e", 0.5)]])
-    r = cli("eval", "retrieval", ann, "--qrels", exact, "--qrels-depth", "2", "-k", "2",
+    r = cli("eval", "retrieval", ann, "--qrels", exact, "--qrels-depth", "2", "--cutoffs", "2",
             "--metrics", "recall")
     assert r.exit_code == 0, r
     assert r.records()[0]["recall_at_2"] == pytest.approx(0.5)  # {a, c} vs exact top-2 {a, b}
@@ -382,7 +384,7 @@ def test_beir_equals_brute_force_search_and_pytrec(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(ev, "_CORPUS_BLOCK", 3)  # several corpus blocks and query chunks
     monkeypatch.setattr(ev, "_QUERY_BLOCK", 2)
     saved = tmp_path / "run.trec"
-    r = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5", "--save-run", saved)
+    r = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1,3,5", "--save-run", saved)
     assert r.exit_code == 0, r
     [record] = r.records()
     qrels, run = brute_force_run("fake:16")
@@ -391,17 +393,17 @@ def test_beir_equals_brute_force_search_and_pytrec(cli, monkeypatch, tmp_path):
         assert record[key] == pytest.approx(value, abs=1e-6), key
     assert record["corpus"] == 11 and record["queries"] == 5 and record["split"] == "test"
     # q1, q2, q3, q5 equal their relevant document's MTEB text (title + " " + text, stripped)
-    per_query = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1", "--per-query").records()
+    per_query = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1", "--per-query").records()
     assert {row["query_id"] for row in per_query if row["mrr_at_1"] == 1.0} >= {"q1", "q2",
                                                                                 "q3", "q5"}
-    again = cli("eval", "retrieval", saved, "--qrels", TINY / "qrels" / "test.tsv", "-k",
+    again = cli("eval", "retrieval", saved, "--qrels", TINY / "qrels" / "test.tsv", "--cutoffs",
                 "1,3,5").records()[0]
     assert again["ndcg_at_5"] == pytest.approx(record["ndcg_at_5"], abs=1e-6)
     assert len(saved.read_text().splitlines()) == 5 * 5
 
 
 def test_beir_prompts_reach_the_model(cli):
-    r = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1", "--query-prompt", "q: ",
+    r = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1", "--query-prompt", "q: ",
             "--per-query")
     assert r.exit_code == 0, r
     qrels, run = brute_force_run("fake:16", query_prompt="q: ")
@@ -411,20 +413,24 @@ def test_beir_prompts_reach_the_model(cli):
 
 
 def test_beir_through_a_temporary_index(cli):
-    exact = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5").records()[0]
-    f32 = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5", "--index-dtype", "f32")
+    exact = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1,3,5").records()[0]
+    f32 = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1,3,5", "--index-dtype", "f32")
     assert f32.exit_code == 0, f32
     f32 = f32.records()[0]
     assert f32["search"] == "hnsw-f32" and exact["search"] == "exact"
     for key in ("ndcg_at_5", "mrr_at_5", "recall_at_5"):  # 11 documents: HNSW finds them all
         assert f32[key] == pytest.approx(exact[key], abs=1e-6)
     for dtype in ("i8", "b1"):
-        r = cli("eval", "beir", TINY, "-m", "fake:16", "-k", "1,3,5", "--index-dtype", dtype)
+        r = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1,3,5", "--index-dtype", dtype)
         assert r.exit_code == 0, r
         assert 0.0 <= r.records()[0]["ndcg_at_5"] <= 1.0
-    for bad in (["--exact", "--index-dtype", "f16"], ["--index-dtype", "f64"], ["--ef", "10"]):
+    for bad in (["--index-dtype", "f64"], ["--ef", "10"], ["--index-dtype", "uint8"]):
         r = cli("eval", "beir", TINY, "-m", "fake:16", *bad)
         assert r.exit_code == 2 and r.stdout == "", r
+    r = cli("eval", "beir", TINY, "-m", "fake:16", "--cutoffs", "1", "--exact")  # a no-op now
+    assert r.exit_code == 0 and r.records()[0]["search"] == "exact"
+    assert r.stderr.splitlines()[0] == ("vecpipe eval beir: warning: --exact is deprecated; use "
+                                        "no flag (exact search is the default)")
 
 
 def test_beir_cache_is_shared_with_embed(cli, tmp_path, write_jsonl):
@@ -457,6 +463,7 @@ def test_beir_errors(cli, tmp_path):
 
 @pytest.mark.skipif(os.environ.get("VECPIPE_SLOW", "") in ("", "0"),
                     reason="minutes of CPU: set VECPIPE_SLOW=1")
+@pytest.mark.slow
 def test_beir_nfcorpus_reproduces_mteb(cli, nfcorpus):
     started = time.perf_counter()
     r = cli("eval", "beir", nfcorpus)
@@ -482,7 +489,7 @@ def test_sts_on_vector_columns_equals_scipy(cli, tmp_path):
     path = tmp_path / "pairs.arrow"
     with pa.ipc.new_file(str(path), table.schema) as writer:
         writer.write_table(table)
-    r = cli("eval", "sts", path, "--fields", "ea,eb,label")
+    r = cli("eval", "sts", path, "--pair", "ea,eb", "--score", "label")
     assert r.exit_code == 0, r
     record = r.records()[0]
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
@@ -498,6 +505,7 @@ def test_sts_on_vector_columns_equals_scipy(cli, tmp_path):
     assert record["main_score"] == record["cosine_spearman"] and record["pairs"] == 40
 
 
+@pytest.mark.slow
 def test_sts_embeds_text_with_the_bundled_model(cli, tmp_path, write_jsonl):
     from vecpipe.cli.models import load_model
 
@@ -530,7 +538,7 @@ def test_sts_errors(cli, tmp_path, write_jsonl):
                                                              "sentence2": None, "score": 2}])
     r = cli("eval", "sts", path, "-m", "fake:8")
     assert r.exit_code == 1 and "'sentence2' is null" in r.stderr and ":2)" in r.stderr
-    r = cli("eval", "sts", path, "--fields", "s1,s2,score", "-m", "fake:8")
+    r = cli("eval", "sts", path, "--pair", "s1,s2", "--score", "score", "-m", "fake:8")
     assert r.exit_code == 1 and "no field 's1'" in r.stderr
 
 
@@ -563,7 +571,7 @@ def test_embeddings_statistics_equal_numpy(cli, tmp_path):
     assert record["near_duplicate_rate"] == pytest.approx(
         ((cos >= 0.95) & off_diagonal).any(axis=1).mean())
     assert record["near_duplicate_rate"] >= 2 / 300
-    assert record["rankme"] == pytest.approx(m.rankme(np.linalg.svd(x32, compute_uv=False)),
+    assert record["rankme"] == pytest.approx(stats.rankme(np.linalg.svd(x32, compute_uv=False)),
                                              rel=1e-6)
     norms = np.linalg.norm(x32, axis=1)
     assert record["norm"]["mean"] == pytest.approx(norms.mean())
@@ -599,7 +607,7 @@ def test_embeddings_errors(cli, tmp_path, write_jsonl):
     r = cli("eval", "embeddings", path)
     assert r.exit_code == 1 and r.stdout == "" and "v.jsonl:2)" in r.stderr
     path = write_jsonl(tmp_path / "ok.jsonl", [{"id": "1", "embedding": [1.0, 2.0]}])
-    r = cli("eval", "embeddings", path, "--field", "vec")
+    r = cli("eval", "embeddings", path, "--vector-field", "vec")
     assert r.exit_code == 1 and "no field 'vec'" in r.stderr
     r = cli("eval", "embeddings", path, path, path)
     assert r.exit_code == 2
@@ -608,10 +616,10 @@ def test_embeddings_errors(cli, tmp_path, write_jsonl):
 def test_sts_fail_under(cli, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "p.jsonl", [
         {"a": [1.0, 0.0], "b": [1.0, 0.1 * i], "gold": 5 - i} for i in range(5)])
-    r = cli("eval", "sts", path, "--fields", "a,b,gold", "--fail-under", "cosine_spearman=0.9")
+    r = cli("eval", "sts", path, "--pair", "a,b", "--score", "gold", "--fail-under", "cosine_spearman=0.9")
     assert r.exit_code == 0, r
     assert r.records()[0]["cosine_spearman"] == pytest.approx(1.0)
-    r = cli("eval", "sts", path, "--fields", "a,b,gold", "--fail-under", "cosine=0.9")
+    r = cli("eval", "sts", path, "--pair", "a,b", "--score", "gold", "--fail-under", "cosine=0.9")
     assert r.exit_code == 2 and r.stdout == ""
 
 
@@ -621,7 +629,7 @@ def test_pipeline_and_no_torch_for_eval_retrieval(run_vecpipe):
     import subprocess
     import sys
 
-    out = run_vecpipe("eval", "retrieval", "--qrels", DATA / "qrels.tsv", "-k", "10",
+    out = run_vecpipe("eval", "retrieval", "--qrels", DATA / "qrels.tsv", "--cutoffs", "10",
                       input=(DATA / "dense.jsonl").read_bytes())
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["ndcg_at_10"] > 0

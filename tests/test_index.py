@@ -13,7 +13,8 @@ import pytest
 
 from vecpipe.cli.models import load_model
 from vecpipe.core.codec import Codec
-from vecpipe.core.index_store import IndexBuilder, open_index
+from vecpipe.core.index_build import IndexBuilder
+from vecpipe.core.index_open import open_index
 
 DIM = 32
 
@@ -55,7 +56,7 @@ def docs():
 
 def test_builds_the_documented_folder(cli, tmp_path, docs):
     src = write_vectors(tmp_path / "docs.arrow", docs)
-    r = cli("index", src, "-o", tmp_path / "idx", "--store", "text", "--store", "group")
+    r = cli("index", src, "-o", tmp_path / "idx", "--fields", "text", "--fields", "group")
     assert r.exit_code == 0, r
     assert r.stdout == "" and "300 vectors" in r.stderr
     idx = tmp_path / "idx"
@@ -160,13 +161,13 @@ def test_duplicates_error_skip_replace(cli, tmp_path, write_jsonl):
     assert r.exit_code == 1 and "duplicate id 'a'" in r.stderr and "dup.jsonl:3" in r.stderr
     assert not (tmp_path / "e").exists()
 
-    assert cli("index", src, "-o", tmp_path / "s", "--on-duplicate", "skip", "--store", "v",
+    assert cli("index", src, "-o", tmp_path / "s", "--on-duplicate", "first", "--fields", "v",
                "--keep-vectors").exit_code == 0
     skip = open_index(str(tmp_path / "s"))
     assert skip.ids().to_pylist() == ["a", "b"] and skip.rows(["v"])["v"].to_pylist() == [1, 2]
     np.testing.assert_array_equal(skip.full_vectors()[0], [1, 0, 0, 0])
 
-    assert cli("index", src, "-o", tmp_path / "r", "--on-duplicate", "replace", "--store", "v",
+    assert cli("index", src, "-o", tmp_path / "r", "--on-duplicate", "last", "--fields", "v",
                "--keep-vectors").exit_code == 0
     rep = open_index(str(tmp_path / "r"))
     assert rep.ids().to_pylist() == ["a", "b"] and rep.rows(["v"])["v"].to_pylist() == [3, 2]
@@ -179,12 +180,12 @@ def test_append_adds_checks_and_handles_duplicates(cli, tmp_path):
     a = write_vectors(tmp_path / "a.arrow", first)
     b = write_vectors(tmp_path / "b.arrow", second)
     idx = tmp_path / "idx"
-    assert cli("index", a, "-o", idx, "--store", "group", "--keep-vectors").exit_code == 0
+    assert cli("index", a, "-o", idx, "--fields", "group", "--keep-vectors").exit_code == 0
     r = cli("index", b, "-o", idx, "--append")
     assert r.exit_code == 1 and "duplicate id 'd150'" in r.stderr
     assert manifest(idx)["count"] == 200  # the failed append changed nothing
 
-    assert cli("index", b, "-o", idx, "--append", "--on-duplicate", "replace").exit_code == 0
+    assert cli("index", b, "-o", idx, "--append", "--on-duplicate", "last").exit_code == 0
     opened = open_index(str(idx), verify=True)
     assert opened.count == 250 and opened.ids().to_pylist() == [f"d{i}" for i in range(250)]
     assert opened.fields == ["id", "group"]
@@ -237,9 +238,9 @@ def test_ids_fall_back_to_record_numbers_and_integers_become_strings(cli, tmp_pa
 
 def test_store_options(cli, tmp_path, docs):
     src = write_vectors(tmp_path / "docs.arrow", docs)
-    assert cli("index", src, "-o", tmp_path / "all", "--store-all").exit_code == 0
+    assert cli("index", src, "-o", tmp_path / "all", "--all-fields").exit_code == 0
     assert manifest(tmp_path / "all")["fields"] == ["id", "text", "group"]
-    r = cli("index", src, "-o", tmp_path / "x", "--store", "nope")
+    r = cli("index", src, "-o", tmp_path / "x", "--fields", "nope")
     assert r.exit_code == 1 and "nope" in r.stderr and not (tmp_path / "x").exists()
 
 

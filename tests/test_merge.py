@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vecpipe.core import merging
+from vecpipe.core import model_soup
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError
 
@@ -139,13 +139,13 @@ def overlapping(tmp_path, write_jsonl):
     ("last", ["a1-again", "b3", "b2"]),
 ])
 def test_dedupe_modes(cli, overlapping, mode, expected):
-    r = cli("merge", *overlapping, "--dedupe", mode, "--output-format", "jsonl")
+    r = cli("merge", *overlapping, "--on-duplicate", mode, "--output-format", "jsonl")
     assert [rec["v"] for rec in records_of(r)] == expected
 
 
 def test_dedupe_last_reads_stdin_once_through_a_spool(cli, overlapping):
     a, b = overlapping
-    r = cli("merge", a, "-", "--dedupe", "last", "--output-format", "jsonl",
+    r = cli("merge", a, "-", "--on-duplicate", "last", "--output-format", "jsonl",
             input=b.read_bytes())
     assert [rec["v"] for rec in records_of(r)] == ["a1-again", "b3", "b2"]
 
@@ -153,30 +153,31 @@ def test_dedupe_last_reads_stdin_once_through_a_spool(cli, overlapping):
 def test_dedupe_error_fails_before_writing(cli, overlapping, tmp_path):
     out = tmp_path / "out.jsonl"
     a, b = overlapping
-    r = cli("merge", *overlapping, "--dedupe", "error", "-o", out)
+    r = cli("merge", *overlapping, "--on-duplicate", "error", "-o", out)
     assert r.exit_code == 1 and not out.exists()
     assert f"duplicate id '1', first seen at {a}:1 ({a}:3)" in r.stderr
-    r = cli("merge", b, "-", "--dedupe", "error", "--output-format", "jsonl",
+    r = cli("merge", b, "-", "--on-duplicate", "error", "--output-format", "jsonl",
             input=b'{"id": "9"}\n{"id": "3"}\n')
     assert r.exit_code == 1 and r.stdout == ""
     assert f"duplicate id '3', first seen at {b}:1 (<stdin>:2)" in r.stderr
-    r = cli("merge", b, "--dedupe", "error", "--output-format", "jsonl")
+    r = cli("merge", b, "--on-duplicate", "error", "--output-format", "jsonl")
     assert len(records_of(r)) == 2
 
 
 def test_dedupe_needs_ids(cli, tmp_path, write_jsonl):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}, {"id": None}])
-    r = cli("merge", a, "--dedupe", "first", "--output-format", "jsonl")
-    assert r.exit_code == 1 and f"record has no id; --dedupe needs one ({a}:2)" in r.stderr
+    r = cli("merge", a, "--on-duplicate", "first", "--output-format", "jsonl")
+    assert r.exit_code == 1 and f"record has no id to find duplicates by ({a}:2)" in r.stderr
+    assert "--on-duplicate keep" in r.stderr and "--dedupe" not in r.stderr
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])
-    r = cli("merge", b, "--dedupe", "last", "--output-format", "jsonl")
+    r = cli("merge", b, "--on-duplicate", "last", "--output-format", "jsonl")
     assert r.exit_code == 1 and "no id field" in r.stderr
 
 
 def test_sort_by_is_global(cli, tmp_path, write_jsonl):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "c"}, {"id": "a"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": "b"}, {"id": "a", "x": 1}])
-    r = cli("merge", a, b, "--sort-by", "id", "--dedupe", "last", "--output-format", "jsonl")
+    r = cli("merge", a, b, "--sort-by", "id", "--on-duplicate", "last", "--output-format", "jsonl")
     assert records_of(r) == [{"id": "a", "x": 1}, {"id": "b", "x": None},
                              {"id": "c", "x": None}]
     r = cli("merge", a, "--sort-by", "nope")
@@ -233,7 +234,7 @@ def test_two_fanouts_checked_separately(cli, tmp_path, write_jsonl):
 
 def test_stdin_pipeline_subprocess(run_vecpipe, overlapping):
     a, b = overlapping
-    out = run_vecpipe("merge", a, "-", "--dedupe", "first", "--output-format", "jsonl",
+    out = run_vecpipe("merge", a, "-", "--on-duplicate", "first", "--output-format", "jsonl",
                       input=b.read_bytes())
     assert out.returncode == 0, out.stderr
     assert [json.loads(line)["v"] for line in out.stdout.splitlines()] == ["a1", "a2", "b3"]
@@ -241,7 +242,7 @@ def test_stdin_pipeline_subprocess(run_vecpipe, overlapping):
 
 def test_usage_errors(cli, tmp_path, write_jsonl):
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
-    assert cli("merge", a, "--dedupe", "maybe").exit_code == 2
+    assert cli("merge", a, "--on-duplicate", "maybe").exit_code == 2
     assert cli("merge", a, "--weights", "1").exit_code == 2
     assert cli("merge", "-", "-").exit_code == 2
     assert cli("merge", "--models", "default", "--sort-by", "id", "-o", tmp_path).exit_code == 2
@@ -302,20 +303,13 @@ def test_part_folder_of_embed_shards(cli, tmp_path, write_jsonl):
 # ---- model soups -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bundled():
-    from vecpipe.cli.models import load_model
-
-    return load_model(None, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def perturbed(tmp_path_factory, bundled):
+def perturbed(tmp_path_factory, bundled_model):
     """A copy of the bundled model with every float weight nudged: a stand-in fine-tune."""
     import copy
 
     import torch
 
-    st = copy.deepcopy(bundled.st)
+    st = copy.deepcopy(bundled_model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for tensor in st.state_dict().values():
@@ -336,19 +330,21 @@ def load(path):
 
 
 @pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_soup_with_weights_one_zero_reproduces_model_a(cli, tmp_path, bundled, perturbed,
+@pytest.mark.slow
+def test_soup_with_weights_one_zero_reproduces_model_a(cli, tmp_path, bundled_model, perturbed,
                                                        method):
     out = tmp_path / "soup"
     r = cli("merge", "--models", "default", perturbed, "--weights", "1,0", "--method", method,
             "-o", out)
     assert r.exit_code == 0, r
     soup = load(out)
-    assert np.array_equal(soup.encode(SENTENCES), bundled.encode(SENTENCES))
-    for key, value in bundled.st.state_dict().items():
+    # like with like: both through sentence-transformers' own encode
+    assert np.array_equal(soup.st.encode(SENTENCES), bundled_model.encode(SENTENCES))
+    for key, value in bundled_model.state_dict().items():
         assert soup.st.state_dict()[key].equal(value), key
     recipe = json.loads((out / "vecpipe-merge.json").read_text())
     assert recipe["method"] == method and recipe["weights"] == [1.0, 0.0]
-    assert [type(m).__name__ for m in soup.st] == [type(m).__name__ for m in bundled.st]
+    assert [type(m).__name__ for m in soup.st] == [type(m).__name__ for m in bundled_model]
     r = cli("merge", "--models", "default", perturbed, "--weights", "0,1", "-o", out)
     assert r.exit_code == 0, r  # an earlier merge result is replaced
     from sentence_transformers import SentenceTransformer  # load_model would use its cache
@@ -360,11 +356,12 @@ def test_soup_with_weights_one_zero_reproduces_model_a(cli, tmp_path, bundled, p
     assert np.array_equal(replaced.encode(SENTENCES), original.encode(SENTENCES))
 
 
-def test_linear_soup_is_the_weighted_average(cli, tmp_path, bundled, perturbed):
+@pytest.mark.slow
+def test_linear_soup_is_the_weighted_average(cli, tmp_path, bundled_model, perturbed):
     out = tmp_path / "soup"
     r = cli("merge", "--models", "default", perturbed, "--weights", "0.25,0.75", "-o", out)
     assert r.exit_code == 0, r
-    a, b, soup = (bundled.st.state_dict(), load(perturbed).st.state_dict(),
+    a, b, soup = (bundled_model.state_dict(), load(perturbed).st.state_dict(),
                   load(out).st.state_dict())
     for key in a:
         if a[key].is_floating_point():
@@ -379,17 +376,18 @@ def test_slerp_follows_the_arc():
     a, b = 3 * q[:, 0].reshape(8, 8), 3 * q[:, 1].reshape(8, 8)
     for t in (0.0, 0.3, 0.5, 1.0):
         expected = np.cos(t * np.pi / 2) * a + np.sin(t * np.pi / 2) * b
-        assert np.allclose(merging.slerp_merge(a, b, t), expected, atol=1e-12)
+        assert np.allclose(model_soup.slerp_merge(a, b, t), expected, atol=1e-12)
     near = a + 1e-6 * b  # near-parallel: the linear fallback
-    assert np.allclose(merging.slerp_merge(a, near, 0.5), 0.5 * a + 0.5 * near)
+    assert np.allclose(model_soup.slerp_merge(a, near, 0.5), 0.5 * a + 0.5 * near)
     zero = np.zeros_like(a)
-    assert np.allclose(merging.slerp_merge(a, zero, 0.25), 0.75 * a)
+    assert np.allclose(model_soup.slerp_merge(a, zero, 0.25), 0.75 * a)
 
 
-def test_incompatible_models_refused(cli, tmp_path, bundled):
+@pytest.mark.slow
+def test_incompatible_models_refused(cli, tmp_path, bundled_model):
     import copy
 
-    st = copy.deepcopy(bundled.st)
+    st = copy.deepcopy(bundled_model)
     st[0].auto_model.encoder.layer = st[0].auto_model.encoder.layer[:5]
     st[0].auto_model.config.num_hidden_layers = 5
     shallow = tmp_path / "shallow"
@@ -399,7 +397,7 @@ def test_incompatible_models_refused(cli, tmp_path, bundled):
     assert r.exit_code == 1 and not out.exists()
     assert "differ in transformer config" in r.stderr and "num_hidden_layers" in r.stderr
 
-    st = copy.deepcopy(bundled.st)
+    st = copy.deepcopy(bundled_model)
     st[1].pooling_mode = "cls"
     cls = tmp_path / "cls"
     st.save(str(cls))
@@ -408,11 +406,12 @@ def test_incompatible_models_refused(cli, tmp_path, bundled):
 
     shapes = [("a", {"w": (2, 2), "b": (2,)}), ("b", {"w": (2, 3), "b": (2,)})]
     with pytest.raises(DataError, match=r"'w' is \(2, 2\) in a but \(2, 3\) in b"):
-        merging.compare_state_shapes(shapes)
+        model_soup.compare_state_shapes(shapes)
     with pytest.raises(DataError, match="'b' only in a"):
-        merging.compare_state_shapes([shapes[0], ("b", {"w": (2, 2)})])
+        model_soup.compare_state_shapes([shapes[0], ("b", {"w": (2, 2)})])
 
 
+@pytest.mark.slow
 def test_model_usage_errors(cli, tmp_path, perturbed):
     out = tmp_path / "soup"
     assert cli("merge", "--models", "default", perturbed).exit_code == 2  # no -o
@@ -458,7 +457,7 @@ def two_indexes(cli, tmp_path):
     write_vectors(tmp_path / "b.arrow", ids_b, vb, src=["b"] * 202, year=list(range(202)))
     for name in ("a", "b"):
         r = cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / f"idx-{name}",
-                "--store-all", "--keep-vectors")
+                "--all-fields", "--keep-vectors")
         assert r.exit_code == 0, r
     queries = rng.standard_normal((20, 16))
     write_vectors(tmp_path / "q.arrow", [f"q{i}" for i in range(20)], queries)
@@ -502,7 +501,7 @@ def test_merged_index_search_equals_brute_force(cli, tmp_path, two_indexes, link
     args = ["--index", *(["--link"] if link else []), two_indexes["a"][0], two_indexes["b"][0]]
     r = cli("merge", *args, "-o", out)
     assert r.exit_code == 1 and "duplicate id 'a1'" in r.stderr and not out.exists()
-    r = cli("merge", *args, "--dedupe", dedupe, "-o", out)
+    r = cli("merge", *args, "--on-duplicate", dedupe, "-o", out)
     assert r.exit_code == 0, r
     ids, vectors, source_of = union(two_indexes, dedupe)
     assert len(ids) == 500
@@ -529,7 +528,7 @@ def test_merged_index_search_equals_brute_force(cli, tmp_path, two_indexes, link
 def test_linked_index_is_a_snapshot_of_hard_linked_shards(cli, tmp_path, two_indexes):
     out = tmp_path / "linked"
     r = cli("merge", "--index", "--link", two_indexes["a"][0], two_indexes["b"][0],
-            "--dedupe", "last", "-o", out)
+            "--on-duplicate", "last", "-o", out)
     assert r.exit_code == 0, r
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layout"] == "linked" and manifest["count"] == 500
@@ -538,12 +537,12 @@ def test_linked_index_is_a_snapshot_of_hard_linked_shards(cli, tmp_path, two_ind
     assert (shard / "vectors.usearch").stat().st_ino == \
         (two_indexes["a"][0] / "vectors.usearch").stat().st_ino
     assert sorted(np.load(out / manifest["shards"][0]["hidden"]).tolist()) == [1, 2]
-    r = cli("index", tmp_path / "a.arrow", "-o", out, "--append", "--on-duplicate", "skip")
+    r = cli("index", tmp_path / "a.arrow", "-o", out, "--append", "--on-duplicate", "first")
     assert r.exit_code == 2 and "cannot append to a linked" in r.stderr
     r = cli("merge", "--index", out, "-o", tmp_path / "flat")  # a linked index rebuilds
     assert r.exit_code == 0, r
     flat = json.loads((tmp_path / "flat" / "manifest.json").read_text())
-    assert flat["count"] == 500 and "layout" not in flat
+    assert flat["count"] == 500 and flat["layout"] == "hnsw"
     r = cli("merge", "--index", "--link", out, two_indexes["a"][0], "-o", tmp_path / "x")
     assert r.exit_code == 1 and "linking a linked index" in r.stderr
 
@@ -577,16 +576,17 @@ def test_index_merge_refuses_mismatches(cli, tmp_path, two_indexes):
 def test_quantized_indexes_with_different_codecs(cli, tmp_path, two_indexes):
     """i8 indexes fit their own codecs: a rebuild re-encodes the kept full vectors with the
     first codec; linking them needs --force."""
-    from vecpipe.core.index_store import open_index, to_index_codes
+    from vecpipe.core.index_format import to_index_codes
+    from vecpipe.core.index_open import open_index
 
     for name in ("a", "b"):
         r = cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / f"i8-{name}", "--dtype",
-                "i8", "--keep-vectors", "--store-all")
+                "i8", "--keep-vectors", "--all-fields")
         assert r.exit_code == 0, r
     inputs = [tmp_path / "i8-a", tmp_path / "i8-b"]
-    r = cli("merge", "--index", "--link", *inputs, "--dedupe", "first", "-o", tmp_path / "l")
+    r = cli("merge", "--index", "--link", *inputs, "--on-duplicate", "first", "-o", tmp_path / "l")
     assert r.exit_code == 1 and "codec differs" in r.stderr
-    r = cli("merge", "--index", *inputs, "--dedupe", "first", "-o", tmp_path / "m")
+    r = cli("merge", "--index", *inputs, "--on-duplicate", "first", "-o", tmp_path / "m")
     assert r.exit_code == 0 and "re-encoded" in r.stderr, r
     merged, first = open_index(str(tmp_path / "m")), open_index(str(inputs[0]))
     assert merged.codec == first.codec and merged.count == 500
@@ -597,3 +597,17 @@ def test_quantized_indexes_with_different_codecs(cli, tmp_path, two_indexes):
     ids, vectors, _ = union(two_indexes, "first")
     assert np.array_equal(full, vectors.astype(np.float32))
     assert merged.ids().to_pylist() == ids
+
+
+@pytest.mark.parametrize("with_vectors", [True, False])
+def test_merge_on_a_pipe_is_arrow_only_with_vectors(run_vecpipe, tmp_path, write_jsonl,
+                                                     with_vectors):
+    extra = (lambda i: {"embedding": [1.0, float(i)]}) if with_vectors else (lambda i: {})
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": "1", **extra(1)}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": "2", **extra(2)}])
+    out = run_vecpipe("merge", a, b, env={"VECPIPE_OUTPUT_FORMAT": ""})
+    assert out.returncode == 0, out.stderr
+    if with_vectors:
+        assert pa.ipc.open_stream(out.stdout).read_all().column("id").to_pylist() == ["1", "2"]
+    else:
+        assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == ["1", "2"]

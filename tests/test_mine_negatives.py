@@ -1,6 +1,7 @@
 """vecpipe mine-negatives: rules checked against a plain-loop reference (fake models), outputs
 checked against sentence-transformers' mine_hard_negatives (bundled MiniLM), errors and stats."""
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vecpipe.cli.models import fake_vectors, load_model
+from vecpipe.cli.models import load_model
+from vecpipe.core.embedder import fake_vectors
 from vecpipe.formats import schema as names
 
 DATA = Path(__file__).resolve().parent / "data" / "mine"
@@ -142,7 +144,7 @@ def test_positives_by_id_and_text_and_the_query_itself_are_never_negatives(cli, 
     r = cli("mine-negatives", write_jsonl(tmp_path / "p.jsonl", pairs), "--corpus",
             write_jsonl(tmp_path / "c.jsonl", corpus), "-m", FAKE, "-n", "30", "--range-max",
             "40", "--on-short", "keep", "--output-format", "jsonl",
-            "--stats", tmp_path / "stats.json")
+            "--save-stats", tmp_path / "stats.json")
     assert r.exit_code == 0, r
     negatives = {row["negative"] for row in r.records()}
     banned = {corpus[1]["text"], corpus[2]["text"], "question zero", "something else entirely"}
@@ -162,13 +164,13 @@ def test_duplicate_texts_give_one_negative(cli, tmp_path, write_jsonl):
                                                 "positive_id": "d5"}])
     index = tmp_path / "idx"
     assert cli("index", embeddings_file(tmp_path / "e.arrow", corpus), "-o", index,
-               "--store", "text", "-q").exit_code == 0
+               "--fields", "text", "-q").exit_code == 0
     args = ["-n", "21", "--on-short", "keep", "--output-format", "jsonl"]
     searched_once = cli("mine-negatives", pairs, "--corpus",
                         write_jsonl(tmp_path / "c.jsonl", corpus), "-m", FAKE, *args,
-                        "--stats", tmp_path / "exact.json")
+                        "--save-stats", tmp_path / "exact.json")
     all_searched = cli("mine-negatives", pairs, "--corpus", index, "--exact", *args,
-                       "--stats", tmp_path / "index.json")
+                       "--save-stats", tmp_path / "index.json")
     for result in (searched_once, all_searched):
         negatives = [row["negative"] for row in result.records()]
         assert len(negatives) == len(set(negatives)) == 23 - 1 - 2
@@ -199,7 +201,7 @@ def test_on_short_drop_keep_and_counts(cli, small, tmp_path):
     expected, groups = reference(pairs, corpus, n=4, max_score=0.4, range_max=6)
     short = {q for q, negs in expected.items() if len(negs) < 4}
     assert short and len(short) < len(expected)  # the case is meaningful
-    dropped = cli(*args, "--stats", tmp_path / "d.json")
+    dropped = cli(*args, "--save-stats", tmp_path / "d.json")
     kept = cli(*args, "--on-short", "keep")
     assert set(negatives_by_query(dropped.records())) == set(expected) - short
     assert negatives_by_query(kept.records()) == {q: n for q, n in expected.items() if n}
@@ -213,7 +215,7 @@ def test_layouts_and_scores(cli, small):
     base = ["mine-negatives", pairs_path, "--corpus", corpus_path, "-m", FAKE, "-n", "2",
             "--output-format", "jsonl"]
     expected, groups = reference(pairs, corpus, n=2)
-    tuples = cli(*base, "--layout", "n-tuple", "--with-scores").records()
+    tuples = cli(*base, "--shape", "n-tuple", "--with-scores").records()
     assert list(tuples[0]) == ["query", "positive", "negative_1", "negative_2", "scores"]
     assert len(tuples) == sum(len(g) for g in groups.values())
     row = tuples[0]
@@ -222,10 +224,10 @@ def test_layouts_and_scores(cli, small):
     direct = [float(fake_vectors([t], DIM)[0] @ q) for t in
               (row["positive"], row["negative_1"], row["negative_2"])]
     assert row["scores"] == pytest.approx(direct, abs=1e-5)
-    pairs_out = cli(*base, "--layout", "labeled-pair").records()
+    pairs_out = cli(*base, "--shape", "labeled-pair").records()
     first_query = [r for r in pairs_out if r["query"] == row["query"]]
     assert [r["label"] for r in first_query] == [1] * len(groups[row["query"]]) + [0, 0]
-    lists = cli(*base, "--layout", "labeled-list").records()
+    lists = cli(*base, "--shape", "labeled-list").records()
     assert lists[0]["positive"][1:] == expected[lists[0]["query"]]
     assert lists[0]["labels"] == [1, 0, 0]
 
@@ -233,7 +235,7 @@ def test_layouts_and_scores(cli, small):
 def test_embeddings_stream_and_index_folder_give_the_same_rows(cli, small, tmp_path):
     pairs_path, corpus_path, pairs, corpus = small
     stream = embeddings_file(tmp_path / "emb.arrow", corpus)
-    assert cli("index", stream, "-o", tmp_path / "idx", "--store", "text", "-q").exit_code == 0
+    assert cli("index", stream, "-o", tmp_path / "idx", "--fields", "text", "-q").exit_code == 0
     args = ["-n", "3", "--relative-margin", "0.05", "--output-format", "jsonl"]
     from_text = cli("mine-negatives", pairs_path, "--corpus", corpus_path, "-m", FAKE, *args)
     from_stream = cli("mine-negatives", pairs_path, "--corpus", stream, *args)
@@ -249,7 +251,7 @@ def test_binary_index_scores_with_its_full_vectors(cli, small, tmp_path):
     pairs_path, corpus_path, pairs, corpus = small
     stream = embeddings_file(tmp_path / "emb.arrow", corpus, dim=64)
     for name, extra in (("bits", []), ("bits-full", ["--keep-vectors"])):
-        r = cli("index", stream, "-o", tmp_path / name, "--store", "text", "--dtype", "b1",
+        r = cli("index", stream, "-o", tmp_path / name, "--fields", "text", "--dtype", "b1",
                 "-q", *extra)
         assert r.exit_code == 0, r
     args = ["-n", "3", "--with-scores", "--output-format", "jsonl"]
@@ -281,6 +283,13 @@ def test_beir_folder_and_positives_as_corpus(cli, tmp_path, write_jsonl):
     pairs = [{"query": f"question {i}", "positive_id": f"d{i}"} for i in range(6)]
     expected, _ = reference(pairs, corpus, n=2)
     assert negatives_by_query(r.records()) == expected  # score-0 judgements are no positives
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv"):  # gzipped, as eval beir
+        path = folder / name
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    gzipped = cli("mine-negatives", "--beir", folder, "-m", FAKE, "-n", "2", "--output-format",
+                  "jsonl")
+    assert negatives_by_query(gzipped.records()) == expected
     # without --corpus, the positives' texts are the corpus (sentence-transformers' default)
     text_pairs = [{"query": f"question {i}", "positive": corpus[i]["text"]} for i in range(6)]
     alone = cli("mine-negatives", write_jsonl(tmp_path / "p.jsonl", text_pairs), "-m", FAKE,
@@ -289,6 +298,7 @@ def test_beir_folder_and_positives_as_corpus(cli, tmp_path, write_jsonl):
     assert negatives_by_query(alone.records()) == expected
 
 
+@pytest.mark.slow
 def test_guide_model_vetoes_candidates_it_finds_as_close_as_the_positive(cli, tmp_path,
                                                                         write_jsonl):
     corpus = [json.loads(line) for line in (DATA / "corpus.jsonl").read_text().splitlines()]
@@ -301,7 +311,7 @@ def test_guide_model_vetoes_candidates_it_finds_as_close_as_the_positive(cli, tm
 
     r = cli("mine-negatives", DATA / "pairs.jsonl", "--corpus", DATA / "corpus.jsonl", "-m",
             FAKE, "--guide", "default", "-n", "25", "--range-max", "30", "--on-short", "keep",
-            "--output-format", "jsonl", "--stats", tmp_path / "s.json")
+            "--output-format", "jsonl", "--save-stats", tmp_path / "s.json")
     assert r.exit_code == 0, r
     expected, _ = reference(pairs, corpus, n=25, range_max=30, guide=guide_score)
     plain, _ = reference(pairs, corpus, n=25, range_max=30)
@@ -327,8 +337,8 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(cli, small, tmp_path, 
 
 @pytest.mark.parametrize("args,message", [
     (["-n", "10", "--range-max", "5"], "cannot take 10 negatives"),
-    (["--layout", "jsonl"], "unknown --layout"),
-    (["--layout", "n-tuple", "--on-short", "keep"], "exactly -n negatives"),
+    (["--shape", "jsonl"], "unknown --shape"),
+    (["--shape", "n-tuple", "--on-short", "keep"], "exactly -n negatives"),
     (["--sampling", "best"], "unknown --sampling"),
 ])
 def test_impossible_options_are_usage_errors(cli, small, args, message):
@@ -343,13 +353,14 @@ def test_parquet_output_stats_and_quiet(cli, small, tmp_path):
     pairs_path, corpus_path, pairs, corpus = small
     out = tmp_path / "train.parquet"
     r = cli("mine-negatives", pairs_path, "--corpus", corpus_path, "-m", FAKE, "-o", out,
-            "--stats", tmp_path / "s.json", "--layout", "n-tuple", "-n", "2", "-q")
+            "--save-stats", tmp_path / "s.json", "--shape", "n-tuple", "-n", "2", "-q")
     assert r.exit_code == 0 and r.stderr == "" and r.stdout == ""
     table = pq.read_table(out)
     stats = json.loads((tmp_path / "s.json").read_text())
     assert table.num_rows == stats["rows_written"] > 0
     assert stats["queries"] == 12 and stats["negatives"] == 24
     assert stats["options"]["range_max"] == 50 and -1 <= stats["mean_negative_score"] <= 1
+    assert stats["options"]["shape"] == "n-tuple" and "layout" not in stats["options"]
 
 
 def test_exact_top_k_by_blocks_equals_a_full_sort():
@@ -358,11 +369,11 @@ def test_exact_top_k_by_blocks_equals_a_full_sort():
     rng = np.random.default_rng(0)
     corpus = rng.standard_normal((1000, 8)).astype(np.float32)
     queries = rng.standard_normal((7, 8)).astype(np.float32)
-    scores, rows = exact_top_k(queries, corpus, 25, block_rows=64)
+    hits = exact_top_k(queries, corpus, 25, block_rows=64)
     full = queries @ corpus.T
     expected = np.argsort(-full, axis=1, kind="stable")[:, :25]
-    assert (rows == expected).all()
-    assert np.allclose(scores, np.take_along_axis(full, expected, 1))
+    assert (hits.rows == expected).all()
+    assert np.allclose(hits.scores, np.take_along_axis(full, expected, 1))
 
 
 # ---- sentence-transformers' mine_hard_negatives (bundled MiniLM) ----------------------------
@@ -400,13 +411,13 @@ ST_CASES = [
     ({"num_negatives": 4, "range_max": 20, "absolute_margin": 0.1, "max_score": 0.5,
       "output_format": "n-tuple", "output_scores": True},
      ["-n", "4", "--range-max", "20", "--absolute-margin", "0.1", "--max-score", "0.5",
-      "--layout", "n-tuple", "--with-scores"]),
+      "--shape", "n-tuple", "--with-scores"]),
     ({"num_negatives": 2, "range_max": 8, "min_score": 0.1, "output_format": "labeled-pair"},
-     ["-n", "2", "--range-max", "8", "--min-score", "0.1", "--layout", "labeled-pair",
+     ["-n", "2", "--range-max", "8", "--min-score", "0.1", "--shape", "labeled-pair",
       "--on-short", "keep"]),
     ({"num_negatives": 3, "range_max": 8, "relative_margin": 0.1, "output_format":
       "labeled-list", "output_scores": True},
-     ["-n", "3", "--range-max", "8", "--relative-margin", "0.1", "--layout", "labeled-list",
+     ["-n", "3", "--range-max", "8", "--relative-margin", "0.1", "--shape", "labeled-list",
       "--with-scores", "--on-short", "keep"]),
 ]
 
@@ -417,6 +428,7 @@ def st_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("theirs,ours", ST_CASES, ids=lambda c: str(c)[:40])
+@pytest.mark.slow
 def test_equals_sentence_transformers_on_the_committed_set(cli, st_cache, theirs, ours):
     pairs = [json.loads(line) for line in (DATA / "pairs.jsonl").read_text().splitlines()]
     corpus = [json.loads(line)["text"] for line in (DATA / "corpus.jsonl").read_text()
@@ -428,6 +440,7 @@ def test_equals_sentence_transformers_on_the_committed_set(cli, st_cache, theirs
     assert_same_rows(r.records(), expected)
 
 
+@pytest.mark.slow
 def test_equals_sentence_transformers_on_nfcorpus_train(cli, nfcorpus, tmp_path, write_jsonl):
     """NFCorpus train pairs of 25 queries against 300 documents (titles, to keep the test
     fast); sentence-transformers embeds the corpus once and we mine from those vectors."""
@@ -467,19 +480,19 @@ def test_equals_sentence_transformers_on_nfcorpus_train(cli, nfcorpus, tmp_path,
     assert_same_rows(r.records(), expected)
 
 
-def test_cross_encoder_rescoring_equals_sentence_transformers(cli, tmp_path, st_cache):
+@pytest.mark.slow
+def test_cross_encoder_rescoring_equals_sentence_transformers(cli, tmp_path, st_cache,
+                                                              bundled_model_path):
     """A randomly initialised one-layer cross-encoder built from the bundled model's config
     (no cross-encoder is available offline): the plumbing, not the quality, is under test."""
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from vecpipe.cli.models import bundled_model_path
-
-    config = AutoConfig.from_pretrained(bundled_model_path(), num_labels=1,
+    config = AutoConfig.from_pretrained(bundled_model_path, num_labels=1,
                                         num_hidden_layers=1)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "ce")
-    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(tmp_path / "ce")
+    AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(tmp_path / "ce")
     from sentence_transformers import CrossEncoder
 
     pairs = [json.loads(line) for line in (DATA / "pairs.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from vecpipe.cli.models import load_model
 from vecpipe.core.codec import Codec
 from vecpipe.formats.errors import DataError, UsageError
 from vecpipe.core.filter_expr import parse
-from vecpipe.core.index_store import open_index
+from vecpipe.core.index_open import open_index
 
 REPO = Path(__file__).resolve().parent.parent
 N, DIM, K = 3000, 32, 10
@@ -75,7 +75,7 @@ def corpus(tmp_path_factory):
     from typer.testing import CliRunner
 
     from vecpipe.cli.app import app
-    result = CliRunner().invoke(app, ["index", str(src), "-o", str(folder / "idx"), "--store-all",
+    result = CliRunner().invoke(app, ["index", str(src), "-o", str(folder / "idx"), "--all-fields",
                                       "--keep-vectors"])
     assert result.exit_code == 0, result.output
     return {"folder": folder, "src": src, "idx": folder / "idx", "vectors": vectors,
@@ -119,6 +119,7 @@ def real(tmp_path_factory, nfcorpus_path):
     return {"folder": folder, "src": src, "docs": docs, "queries": queries, "qfile": qfile}
 
 
+@pytest.mark.slow
 def test_real_embeddings_ann_recall_and_exact_equal_brute_force(cli, real):
     idx = real["folder"] / "idx"
     # one build thread: usearch's parallel insertion order varies the graph from run to run
@@ -353,7 +354,7 @@ def test_flat_index_answers_like_exact_search_on_the_graph_index(cli, corpus, tm
     flat, graph = tmp_path / "flat", tmp_path / "graph"
     for folder, extra in ((flat, ["--flat"]), (graph, [])):
         assert cli("index", corpus["src"], "-o", folder, "--dtype", dtype, "--keep-vectors",
-                   "--store", "group", *extra).exit_code == 0
+                   "--fields", "group", *extra).exit_code == 0
     assert not (flat / "vectors.usearch").exists()
     width, itemsize = (DIM // 8, 1) if dtype == "b1" else (DIM, {"f32": 4, "f16": 2}.get(dtype, 1))
     assert (flat / "vectors.npy").stat().st_size == 128 + N * width * itemsize
@@ -381,7 +382,7 @@ def test_flat_index_appends_replaces_and_merges(cli, corpus, tmp_path):
     second = write_arrow(tmp_path / "b.arrow", {"id": ids[half - 10:]}, changed, meta)
     grown = tmp_path / "grown"
     assert cli("index", first, "-o", grown, "--flat").exit_code == 0
-    r = cli("index", second, "-o", grown, "--append", "--on-duplicate", "replace")
+    r = cli("index", second, "-o", grown, "--append", "--on-duplicate", "last")
     assert r.exit_code == 0 and "flat" in r.stderr
     final = vectors.copy()
     final[half - 10:half] = changed[:10]
@@ -395,7 +396,7 @@ def test_flat_index_appends_replaces_and_merges(cli, corpus, tmp_path):
             if not (tmp_path / name).exists():
                 assert cli("index", src, "-o", tmp_path / name, "--flat").exit_code == 0
             parts.append(tmp_path / name)
-        assert cli("merge", "--index", *how, *parts, "-o", merged, "--dedupe", "last"
+        assert cli("merge", "--index", *how, *parts, "-o", merged, "--on-duplicate", "last"
                    ).exit_code == 0, how
         if not how:
             assert orjson.loads((merged / "manifest.json").read_bytes())["flat"] is True
@@ -459,6 +460,29 @@ def test_text_queries_use_the_manifest_model_and_refuse_another(cli, corpus, tmp
     assert cli("search", corpus["idx"], foreign, "--force").exit_code == 0
 
 
+def test_several_text_fields_are_joined_by_a_space_as_embed_joins_them(cli, corpus, tmp_path,
+                                                                        write_jsonl):
+    queries = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "q0", "title": "query", "body": "about 1"},
+        {"id": "q1", "title": None, "body": "about 2"},
+        {"id": "q2", "title": "about 3", "body": ""}])
+    r = cli("search", corpus["idx"], queries, "--exact", "-k", 3, "--text-field", "title",
+            "--text-field", "body", "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    truth, _ = brute_force(load_model("fake:32").encode(["query about 1", "about 2",
+                                                         "about 3"]), corpus["vectors"], k=3)
+    got = hits_by_query(r.records(), 3)
+    assert [[h[0] for h in got[i]] for i in range(3)] == [list(t) for t in truth]
+
+    empty = write_jsonl(tmp_path / "e.jsonl", [{"id": "a", "title": "x", "body": "y"},
+                                               {"id": "b", "title": None, "body": None}])
+    r = cli("search", corpus["idx"], empty, "--text-field", "title", "--text-field", "body")
+    assert r.exit_code == 1 and "{" not in r.stdout  # no hit; at most the abort line
+    assert "query has no text in field 'title' + 'body'" in r.stderr and f"{empty}:2" in r.stderr
+    r = cli("search", corpus["idx"], empty, "--text-field", "title", "--text-field", "nope")
+    assert r.exit_code == 1 and "neither 'nope' nor 'embedding'" in r.stderr
+
+
 def test_plain_text_lines_as_queries_against_a_stream(cli, corpus, tmp_path):
     """--input-format names the queries' format; the searched stream is still sniffed."""
     qfile = tmp_path / "questions.txt"
@@ -491,7 +515,7 @@ def test_pipeline_index_from_a_pipe_and_search_into_head(tmp_path, write_jsonl):
     body = b"".join(orjson.dumps(d) + b"\n" for d in docs)
     run = [sys.executable, "-m", "vecpipe.cli"]
     built = subprocess.run(run + ["index", "-o", str(tmp_path / "idx"), "-m", "fake:8",
-                                  "--store", "text"], input=body, capture_output=True)
+                                  "--fields", "text"], input=body, capture_output=True)
     assert built.returncode == 0, built.stderr
     queries = b"".join(orjson.dumps({"id": f"q{i}", "text": f"doc {i}"}) + b"\n"
                        for i in range(2000))

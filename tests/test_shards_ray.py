@@ -184,6 +184,7 @@ def test_ray_engine_usage_errors(cli, tmp_path, write_jsonl):
         assert result.exit_code == 2 and words in result.stderr, (args, result.stderr)
 
 
+@pytest.mark.slow
 def test_ray_engine_fails_fast_on_an_address_nobody_answers(cli, tmp_path, write_jsonl):
     pytest.importorskip("ray")
     (tmp_path / "in").mkdir()
@@ -221,6 +222,7 @@ def input_folder(tmp_path, write_jsonl):
     return folder, [folder / "a.jsonl", folder / "b.jsonl"]
 
 
+@pytest.mark.slow
 def test_ray_file_output_equals_the_plain_run(cli, ray_cluster, tmp_path, write_jsonl):
     folder, files = input_folder(tmp_path, write_jsonl)
     common = ("-m", "fake:16", "--skip-invalid")
@@ -234,6 +236,7 @@ def test_ray_file_output_equals_the_plain_run(cli, ray_cluster, tmp_path, write_
     assert sorted(os.listdir(tmp_path)) == ["in", "plain.arrow", "ray.arrow"]  # parts removed
 
 
+@pytest.mark.slow
 def test_ray_parts_equal_plain_shards_and_resume(cli, ray_cluster, tmp_path, write_jsonl):
     folder, files = input_folder(tmp_path, write_jsonl)
     common = ("-m", "fake:16", "--skip-invalid", "--output-format", "parquet")
@@ -256,6 +259,7 @@ def test_ray_parts_equal_plain_shards_and_resume(cli, ray_cluster, tmp_path, wri
     assert done.exit_code == 0 and "complete: nothing to embed" in done.stderr
 
 
+@pytest.mark.slow
 def test_ray_chunked_output_equals_the_plain_run(cli, ray_cluster, tmp_path, write_jsonl):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -272,6 +276,7 @@ def test_ray_chunked_output_equals_the_plain_run(cli, ray_cluster, tmp_path, wri
     assert_same_table(read_arrow(tmp_path / "ray.arrow"), read_arrow(tmp_path / "plain.arrow"))
 
 
+@pytest.mark.slow
 def test_ray_attaches_to_a_running_cluster_from_another_process(ray_cluster, tmp_path,
                                                                  write_jsonl, run_vecpipe):
     folder, files = input_folder(tmp_path, write_jsonl)
@@ -288,6 +293,7 @@ def test_ray_attaches_to_a_running_cluster_from_another_process(ray_cluster, tmp
     assert (tmp_path / "ray.jsonl").read_bytes() == (tmp_path / "plain.jsonl").read_bytes()
 
 
+@pytest.mark.slow
 def test_ray_reports_a_worker_error_with_its_location(cli, ray_cluster, tmp_path, write_jsonl):
     folder, _ = input_folder(tmp_path, write_jsonl)
     result = cli("embed", "--engine", "ray", "--parts", "2", folder, "-m", "fake:8",

@@ -13,7 +13,6 @@ import pytest
 import typer
 
 from vecpipe.cli.errors import boundary
-from vecpipe.cli.models import bundled_model_path
 
 
 def _run_bounded(capsys, exc):
@@ -74,7 +73,7 @@ def test_a_filter_nested_3000_deep_is_a_usage_error(cli, tmp_path, write_jsonl):
                                              for i in range(20)])
     vectors = cli("embed", src, "-m", "fake:8", "-o", tmp_path / "v.arrow")
     assert vectors.exit_code == 0, vectors
-    r = cli("index", tmp_path / "v.arrow", "-o", tmp_path / "idx", "--store", "n")
+    r = cli("index", tmp_path / "v.arrow", "-o", tmp_path / "idx", "--fields", "n")
     assert r.exit_code == 0, r
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": "t 3"}])
     deep = "(" * 3000 + "n > 1" + ")" * 3000
@@ -86,12 +85,12 @@ def test_a_filter_nested_3000_deep_is_a_usage_error(cli, tmp_path, write_jsonl):
 
 
 @pytest.fixture(scope="module")
-def custom_code_model(tmp_path_factory):
+def custom_code_model(tmp_path_factory, bundled_model_path):
     """The bundled model's folder, with a config that names its own Python classes."""
     import json
 
     folder = tmp_path_factory.mktemp("models") / "custom"
-    shutil.copytree(bundled_model_path(), folder, ignore=shutil.ignore_patterns("onnx"))
+    shutil.copytree(bundled_model_path, folder, ignore=shutil.ignore_patterns("onnx"))
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="x-custom", auto_map={"AutoConfig": "configuration_x.XConfig",
                                                    "AutoModel": "modeling_x.XModel"})
@@ -103,6 +102,7 @@ def custom_code_model(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_model_with_custom_code_points_at_trust_remote_code(cli, tmp_path, write_jsonl,
                                                             custom_code_model):
     src = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x"}])
@@ -114,6 +114,7 @@ def test_model_with_custom_code_points_at_trust_remote_code(cli, tmp_path, write
         "hint: read that code, then pass --trust-remote-code"]
 
 
+@pytest.mark.slow
 def test_custom_code_hint_names_no_option_the_command_lacks(cli, tmp_path, write_jsonl,
                                                             custom_code_model):
     src = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x"}])
@@ -140,7 +141,7 @@ def test_ctrl_c_while_the_app_starts_is_quiet_and_130(delay):
     assert b"Traceback" not in stderr and stderr.strip().endswith(b"interrupted"), stderr
 
 
-@pytest.mark.parametrize("command", [["info"], ["eval", "embeddings"], ["info", "--json"]])
+@pytest.mark.parametrize("command", [["info"], ["eval", "embeddings"], ["info", "--output-format", "jsonl"]])
 def test_reports_to_a_closed_stdout_are_one_line(tmp_path, command):
     records = tmp_path / "v.jsonl"
     records.write_text("".join(f'{{"id": "{i}", "embedding": [{i}.0, 1.0]}}\n' for i in range(5)))

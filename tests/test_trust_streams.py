@@ -106,15 +106,22 @@ def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl, signum):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
-def test_failing_convert_in_a_pipe_keeps_no_partial_output(tmp_path, write_jsonl):
+@pytest.mark.parametrize("piped, cut_short", [
+    ("arrow", f"{UNTERMINATED} (<stdin>:1025)"),
+    ("jsonl", "stream cut short: the producer failed (<stdin>:1025)")])
+def test_failing_convert_in_a_pipe_keeps_no_partial_output(tmp_path, write_jsonl, piped,
+                                                           cut_short):
+    """JSONL has no end-of-stream marker: a failed producer ends it with a line no JSON reader
+    accepts, so the consumer (or jq) fails too."""
     path = write_jsonl(tmp_path / "in.jsonl", records(1500))
     with open(path, "ab") as f:
         f.write(b"not json\n")
     (tmp_path / "out.jsonl").write_bytes(b'{"id":"old"}\n')
-    result = shell("$VP convert in.jsonl | $VP convert -o out.jsonl", tmp_path)
+    result = shell(f"$VP convert in.jsonl --output-format {piped} | $VP convert -o out.jsonl",
+                   tmp_path)
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
-    assert f"vecpipe convert: error: {UNTERMINATED} (<stdin>:1025)" in stderr
+    assert f"vecpipe convert: error: {cut_short}" in stderr
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":"old"}\n'
 
 
@@ -254,7 +261,8 @@ def test_widening_on_an_arrow_stdout_fails_at_the_record(tmp_path, write_jsonl):
     """convert/embed to an Arrow pipe cannot change the schema they began with: one line at the
     exact record, and the reader downstream fails too (no marker)."""
     late_fields(tmp_path / "late.jsonl", write_jsonl)
-    result = shell("$VP convert late.jsonl | $VP convert -o out.jsonl", tmp_path)
+    result = shell("$VP convert late.jsonl --output-format arrow | $VP convert -o out.jsonl",
+                   tmp_path)
     stderr = result.stderr.decode()
     assert result.returncode == 1 and "vecpipe convert: error: field 'title' first holds " \
         "string here" in stderr and "(late.jsonl:1101)" in stderr

@@ -1,69 +1,92 @@
-"""The Ray engine of `vecpipe embed --engine ray`: Ray actors run embed's own shard code on parts.
+"""The Ray engine of the embed pipeline: Ray actors embed whole parts of the input files.
 
-Not a command: only commands/embed.py imports it, and ray is imported inside functions (it is the
-optional extra `vecpipe[ray]`). One stateful actor per GPU (or per group of CPUs) loads the model
-once and embeds whole parts with `embed --shard I/N -o DIR/`, so its part files are the ones a
-Slurm array or `make -j` would write: atomic, checksummed, skipped when a rerun finds them
-complete, and interchangeable between engines. The driver only schedules parts; for `-o FILE` it
-then restores the input order (see `gather`), so the file equals the unsharded run's.
+ray is imported inside functions (it is the optional extra `vecpipe[ray]`). One stateful actor per
+GPU (or per group of CPUs) runs core.embedding.embed_part for each part it gets (the code of
+one sharded part, `embed --shard I/N -o DIR/`; the task's loader keeps the model per process),
+so its part files are the ones a Slurm array or `make -j` would write: atomic, checksummed, skipped when a rerun finds them
+complete, and interchangeable between engines. The driver only schedules parts; for a single
+output file it then restores the input order (see `gather`), so the file equals the unsharded
+run's.
 
 Plain actors, not Ray Data: parts keep the resume contract and the schema metadata, vectors never
 pass through Ray's tensor type, and no CPU has to stay free for Ray Data's read tasks (an actor
 pool that takes every CPU waits forever for them on a small machine).
 """
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
+
+from vecpipe.core import notices
+from vecpipe.core.embedding import Stats, Task
+from vecpipe.formats.errors import DataError, UsageError, VecpipeError
+from vecpipe.formats.shards import Shard
 
 RAY_HINT = "pip install 'vecpipe[ray]'"
 MAX_CPUS_PER_WORKER = 8  # torch's CPU throughput stops growing past ~8 threads; use more actors
 
 
-def embed_on_ray(options: dict, engine: str = "ray", address: str | None = None,
-                 parts: int | None = None):
-    """Run `embed` with the given options (as embed.run received them) on a Ray cluster.
+class RayMissing(DataError):
+    """Ray is not installed."""
 
-    -o DIR (or DIR/, or a name without extension): part files in DIR, merged later by `merge`.
-    -o FILE: parts in the hidden folder `.FILE.parts/` beside it (kept for a resuming rerun),
-    then FILE in input order, then the parts removed.
+
+class NoFreeGpu(UsageError):
+    """A GPU device was asked for and the cluster has none free."""
+
+
+class ClusterUnreachable(DataError):
+    """Nobody answers at the cluster address."""
+
+
+class PartCountMismatch(UsageError):
+    """The part folder holds parts of another count than asked for."""
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """One job for the cluster: `task` (pickled to the workers, its inputs `files`) embedded
+    into part files of `part_format` in `folder`, then gathered into `final` when there is one.
+    `job_options` are the options a part's job counts (formats.parts.Job: the caller's names),
+    to tell which parts are done.
     """
-    from vecpipe.cli import console
-    from vecpipe.commands.embed import Stats, report
 
-    check_options(options, engine)
-    files = input_files(options["inputs"])
-    folder, final = part_folder(options["output"], options["output_format"])
-    part_format = "arrow-file" if final else options["output_format"]
-    count = known_part_count(folder, parts)
-    todo = unfinished_parts(folder, count, part_format, options, files) if count else None
+    files: list
+    folder: str
+    final: str | None
+    part_format: str
+    output_format: str
+    parts: int | None
+    address: str | None
+    device: str
+    task: Task
+    job_options: dict
+
+
+def embed_on_ray(run: RayRun) -> Stats | None:
+    """Make the parts not yet complete, then (for `final`) the file in input order. Returns the
+    totals of the parts embedded now (None when every part was complete)."""
+    count = known_part_count(run.folder, run.parts)
+    todo = unfinished_parts(run, count) if count else None
     totals = Stats()
     if todo != []:
         ray = import_ray()
-        with connected(ray, address) as where:
-            shape = worker_shape(ray, options["device"], where)
+        with connected(ray, run.address) as where:
+            shape = worker_shape(ray, run.device, where)
             count = count or shape.count
-            todo = unfinished_parts(folder, count, part_format, options, files, tell=True)
-            console.info(f"ray: {shape.describe()} on {where}; {len(todo)} of {count} parts "
-                         f"to embed into {folder}")
-            job = dict(options, inputs=files, output_format=part_format, engine="local",
-                       address=None, parts=None, quiet=True, **absolute_paths(options))
-            run_parts(ray, shape, job, folder, count, todo, totals)
+            todo = unfinished_parts(run, count, tell=True)
+            notices.info(f"ray: {shape.describe()} on {where}; {len(todo)} of {count} parts "
+                         f"to embed into {run.folder}")
+            run_parts(ray, shape, run, count, todo, totals)
     else:
-        console.info(f"all {count} parts in {folder} are complete: nothing to embed")
-    if final:
-        gather(files, options, folder, count, final, options["output_format"])
-        remove_parts(folder)
-    if todo:
-        report(totals, final or folder, None)
+        notices.info(f"all {count} parts in {run.folder} are complete: nothing to embed")
+    if run.final:
+        gather(run, count)
+        remove_parts(run.folder)
+    return totals if todo else None
 
-
-# -- inputs and outputs -----------------------------------------------------------------------
 
 def input_files(inputs) -> list:
     """Absolute paths of the input files; a folder stands for its files (sorted, not hidden)."""
-    from vecpipe.formats.errors import DataError, UsageError
-
-    if not inputs or "-" in inputs:
-        raise UsageError("--engine ray reads files or folders, not stdin",
-                         hint="name the input files or their folder")
     files = []
     for path in inputs:
         if os.path.isdir(path):
@@ -79,14 +102,13 @@ def input_files(inputs) -> list:
     return [os.path.abspath(path) for path in files]
 
 
-def part_folder(output, output_format):
-    """(folder of part files, final file or None) for `-o`."""
-    from vecpipe.formats.errors import UsageError
+def part_folder(output: str, output_format: str):
+    """(folder of part files, final file or None) for the output: a folder (or a name without
+    extension) gets the parts; a file gets them in the hidden folder `.FILE.parts/` beside it
+    (kept for a resuming rerun), then itself in input order."""
     from vecpipe.formats.parts import wants_part_folder
     from vecpipe.formats.writers import resolve_output_format
 
-    if output in (None, "-"):
-        raise UsageError("--engine ray writes files: give -o FILE or -o DIR/")
     if wants_part_folder(output) or not os.path.splitext(output)[1]:
         return os.path.abspath(output), None
     resolve_output_format(output, output_format)  # a bad name or format fails before any work
@@ -95,63 +117,40 @@ def part_folder(output, output_format):
     return os.path.join(folder, f".{name}.parts"), final
 
 
-def absolute_paths(options: dict) -> dict:
-    """A model folder and the cache as absolute paths: workers do not share our directory."""
-    found = {}
-    if options["model"] and os.path.isdir(options["model"]):
-        found["model"] = os.path.abspath(options["model"])
-    if options["cache"]:
-        found["cache"] = os.path.abspath(options["cache"])
-    return found
-
-
-def check_options(options: dict, engine: str) -> None:
-    from vecpipe.formats.errors import UsageError
-
-    if engine not in ("local", "ray"):
-        raise UsageError(f"unknown --engine {engine!r}; use local or ray")
-    if engine == "local":
-        raise UsageError("--address and --parts need --engine ray")
-    if options["shard"] is not None:
-        raise UsageError("--engine ray makes its own parts: leave out --shard",
-                         hint="--parts N sets how many")
-    if "," in options["device"]:
-        raise UsageError("--engine ray gives each worker one device; use --device auto|cpu|cuda")
-
-
 def known_part_count(folder: str, parts: int | None) -> int | None:
-    """--parts, else the count of the parts already in the folder (so a rerun on another
+    """`parts`, else the count of the parts already in the folder (so a rerun on another
     cluster resumes), else None (one part per worker)."""
-    from vecpipe.formats.errors import UsageError
     from vecpipe.formats.parts import list_parts
 
     counts = {shard.count for shard, _ in list_parts(folder)} if os.path.isdir(folder) else set()
     if len(counts) > 1 or (parts and counts and counts != {parts}):
         found = ", ".join(str(n) for n in sorted(counts))
-        raise UsageError(f"{folder} holds parts of {found} shards"
-                         + (f", not {parts}" if parts else ""),
-                         hint="use a new output folder, or the same --parts as before")
+        raise PartCountMismatch(f"{folder} holds parts of {found} shards"
+                                + (f", not {parts}" if parts else ""))
     return parts or next(iter(counts), None)
 
 
-def unfinished_parts(folder: str, count: int, part_format: str, options: dict,
-                     files: list, tell: bool = False) -> list:
-    """The parts not complete for this job (inputs and options as `embed --shard` counts
-    them); with `tell`, say why each one that exists is made again."""
-    from vecpipe.cli import console
-    from vecpipe.commands.embed import shard_job
+def part_job(run: RayRun, shard: Shard):
+    """The formats.parts.Job a part is made by."""
+    from vecpipe.formats.parts import Job
+
+    return Job(run.files, run.job_options, shard)
+
+
+def unfinished_parts(run: RayRun, count: int, tell: bool = False) -> list:
+    """The parts not complete for their job; with `tell`, say why each one that exists is made
+    again."""
     from vecpipe.formats.parts import part_path, part_status
-    from vecpipe.formats.shards import Shard
 
     todo = []
     for index in range(count):
         shard = Shard(index, count)
-        path, fmt = part_path(folder, shard, part_format)
-        rows, why = part_status(path, shard_job(dict(options, inputs=files), fmt, shard))
+        path, _ = part_path(run.folder, shard, run.part_format)
+        rows, why = part_status(path, part_job(run, shard))
         if rows is None:
             todo.append(index)
             if why and tell:
-                console.info(f"{os.path.basename(path)}: {why}: making it again")
+                notices.info(f"{os.path.basename(path)}: {why}: making it again")
     return todo
 
 
@@ -161,22 +160,18 @@ def remove_parts(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-# -- the cluster ------------------------------------------------------------------------------
-
 def import_ray():
-    from vecpipe.formats.errors import DataError
-
     try:
         import ray
     except ImportError:
-        raise DataError("--engine ray needs Ray, which is not installed",
-                        hint=RAY_HINT) from None
+        raise RayMissing("the Ray engine needs Ray, which is not installed",
+                         hint=RAY_HINT) from None
     return ray
 
 
 class connected:
-    """Attach to a running Ray (this process's, --address, RAY_ADDRESS or `ray start` on this
-    machine), else start a local cluster; leave it as found."""
+    """Attach to a running Ray (this process's, the address given, RAY_ADDRESS or `ray start`
+    on this machine), else start a local cluster; leave it as found."""
 
     def __init__(self, ray, address):
         self.ray = ray
@@ -205,8 +200,6 @@ def check_reachable(address: str | None, seconds: float = 10.0) -> None:
     ignores SIGTERM meanwhile)."""
     import socket
 
-    from vecpipe.formats.errors import DataError
-
     if not address or address in ("auto", "local"):
         return
     host, _, port = address.split("://")[-1].rpartition(":")
@@ -215,9 +208,8 @@ def check_reachable(address: str | None, seconds: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=seconds).close()
     except OSError as err:
-        raise DataError(f"no Ray cluster answers at {address} ({err.strerror or err})",
-                        hint="check --address/RAY_ADDRESS (the head's host:port, default port "
-                             "6379), or leave both unset for a local cluster") from None
+        raise ClusterUnreachable(f"no Ray cluster answers at {address} "
+                                 f"({err.strerror or err})") from None
 
 
 class Shape:
@@ -234,17 +226,15 @@ class Shape:
 
 
 def worker_shape(ray, device: str, where: str) -> Shape:
-    """One worker per free GPU (unless --device cpu), else per group of at most 8 free CPUs.
+    """One worker per free GPU (unless `device` is cpu), else per group of at most 8 free CPUs.
 
     Counted from what is free now, so a busy cluster gets fewer workers instead of actors that
     wait forever for resources.
     """
-    from vecpipe.formats.errors import DataError, UsageError
-
     free = ray.available_resources()
     cpus, gpus = int(free.get("CPU", 0)), int(free.get("GPU", 0))
     if device.startswith("cuda") and not gpus:
-        raise UsageError(f"--device {device}: {where} has no free GPU")
+        raise NoFreeGpu(f"{where} has no free GPU")
     if device in ("auto", "cuda") and gpus:
         return Shape(gpus, max(1, min(MAX_CPUS_PER_WORKER, cpus // gpus)), 1)
     if cpus < 1:
@@ -253,31 +243,31 @@ def worker_shape(ray, device: str, where: str) -> Shape:
     return Shape(cpus // per_worker, per_worker, 0)
 
 
-# -- the work ---------------------------------------------------------------------------------
-
 class PartWorker:
-    """A Ray actor: embeds whole parts with embed's own `--shard I/N -o DIR/` code, loading the
-    model once (the first part loads it; embed's loader caches it per process)."""
+    """A Ray actor: embeds whole parts of the run; the model is loaded once (the first part
+    loads it; the task's loader keeps it per process). Quiet: the driver tells the progress."""
 
-    def __init__(self, options: dict, device: str, cpus: int):
+    def __init__(self, run: RayRun, device: str, cpus: int):
         os.environ["OMP_NUM_THREADS"] = str(cpus)  # before torch loads
-        self.options = dict(options, device=device)
+        notices.configure(notices.prefix(), quiet=True)
+        self.run = run
+        self.device = device
         self.cpus = cpus
 
-    def embed_part(self, index: int, count: int, folder: str):
-        """(index, stats as a dict) or (index, error fields) when the part failed."""
-        from vecpipe.cli import console
-        from vecpipe.commands import embed
-        from vecpipe.formats.errors import VecpipeError
+    def embed_part(self, index: int, count: int):
+        """(index, stats as a dict) or (index, {"error": (class, fields)}) when the part
+        failed."""
+        from vecpipe.core.embedding import embed_part
+        from vecpipe.formats.parts import part_path
 
-        console.configure("vecpipe embed", quiet=True)
         self._limit_threads()
+        shard = Shard(index, count)
+        path, fmt = part_path(self.run.folder, shard, self.run.part_format)
         try:
-            stats = embed.run(**dict(self.options, shard=f"{index}/{count}",
-                                     output=folder + os.sep, engine="local"))
+            stats = embed_part(self.run.task, path, fmt, part_job(self.run, shard),
+                               devices=(self.device,))
         except VecpipeError as err:  # Ray would pickle it without its location and hint
-            return index, {"error": [type(err).__name__, err.message, err.source, err.record,
-                                     err.hint]}
+            return index, {"error": (type(err), vars(err))}
         return index, vars(stats) if stats is not None else {}
 
     def _limit_threads(self) -> None:
@@ -287,29 +277,26 @@ class PartWorker:
             sys.modules["torch"].set_num_threads(self.cpus)
 
 
-def run_parts(ray, shape: Shape, job: dict, folder: str, count: int, todo: list,
-              totals) -> None:
+def run_parts(ray, shape: Shape, run: RayRun, count: int, todo: list, totals: Stats) -> None:
     """Embed the parts `todo` on `shape.count` actors; the next free actor takes the next part.
     Adds each part's stats into `totals`; raises the first part's error."""
     from ray.util import ActorPool
 
-    from vecpipe.cli import console
     from vecpipe.formats.parts import part_path
-    from vecpipe.formats.shards import Shard
 
     worker = ray.remote(num_cpus=shape.cpus, num_gpus=shape.gpus)(PartWorker)
     free_before = ray.available_resources().get("CPU", 0)
-    actors = [worker.remote(job, shape.device, shape.cpus)
+    actors = [worker.remote(run, shape.device, shape.cpus)
               for _ in range(min(shape.count, len(todo)))]
     try:
         pool = ActorPool(actors)
         for index, stats in worker_results(ray, pool.map_unordered(
-                lambda actor, index: actor.embed_part.remote(index, count, folder), todo)):
+                lambda actor, index: actor.embed_part.remote(index, count), todo)):
             if "error" in stats:
                 raise rebuilt_error(*stats["error"])
-            add_stats(totals, stats)
-            path = part_path(folder, Shard(index, count), job["output_format"])[0]
-            console.info(f"{os.path.basename(path)}: {stats.get('rows', 0)} vectors")
+            totals.add(stats)
+            path = part_path(run.folder, Shard(index, count), run.part_format)[0]
+            notices.info(f"{os.path.basename(path)}: {stats.get('rows', 0)} vectors")
     finally:
         for actor in actors:  # free the cluster's resources now, not when this driver exits
             ray.kill(actor)
@@ -329,8 +316,6 @@ def wait_for_cpus(ray, cpus: float, patience: float = 10.0) -> None:
 def worker_results(ray, results):
     """The pool's results; a worker that crashed (not a vecpipe error: out of memory, a
     missing package on a node...) becomes one line instead of Ray's remote traceback."""
-    from vecpipe.formats.errors import DataError
-
     try:
         yield from results
     except ray.exceptions.RayError as err:
@@ -341,51 +326,46 @@ def worker_results(ray, results):
                              "must be installed on every node") from None
 
 
-def rebuilt_error(kind: str, message: str, source, record, hint):
-    from vecpipe.formats.errors import DataError, UsageError
-
-    cls = UsageError if kind == "UsageError" else DataError
-    return cls(message, source=source, record=record, hint=hint)
-
-
-def add_stats(totals, stats: dict) -> None:
-    for name, value in stats.items():
-        if isinstance(value, int):
-            setattr(totals, name, getattr(totals, name, 0) + value)
-        elif value and not getattr(totals, name, None):
-            setattr(totals, name, value)
+def rebuilt_error(cls: type, fields: dict) -> VecpipeError:
+    """A worker's error as it was raised there: its class and every attribute."""
+    error = cls.__new__(cls)
+    Exception.__init__(error, fields["message"])
+    vars(error).update(fields)
+    return error
 
 
-# -- the parts -> one file in input order ----------------------------------------------------
-
-def gather(files, options, folder: str, count: int, output: str, output_format: str) -> None:
-    """Write the parts to `output` in input order, as the unsharded run would have.
+def gather(run: RayRun, count: int) -> None:
+    """Write the parts to `run.final` in input order, as the unsharded run would have.
 
     Order is carried by ids: a part holds its shard's records in input order, so reading the
-    inputs' ids again (embed's own id and validity rules) says for every record which part
-    holds its next row(s): `shard_of(id)`. A streaming interleave over memory-mapped parts, no
-    sort; the ids of the rows taken are checked against the input's.
+    inputs' ids again (the pipeline's own id and validity rules) says for every record which
+    part holds its next row(s): `shard_of(id)`. A streaming interleave over memory-mapped parts,
+    no sort; the ids of the rows taken are checked against the input's.
     """
-    from vecpipe.commands import embed
+    from dataclasses import replace
+
+    from vecpipe.core.embedding import find_id, selected_parts
+    from vecpipe.core.space import input_check
     from vecpipe.formats.parts import part_path
     from vecpipe.formats.readers import RecordStream
-    from vecpipe.formats.shards import Shard, shard_of
+    from vecpipe.formats.shards import shard_of
     from vecpipe.formats.writers import RecordWriter
 
-    cursors = [PartCursor(part_path(folder, Shard(i, count), "arrow-file")[0])
+    cursors = [PartCursor(part_path(run.folder, Shard(i, count), "arrow-file")[0])
                for i in range(count)]
-    plan = embed.Plan(fields=list(options["fields"] or ["text"]), id_field=options["id_field"],
-                      skip_invalid=options["skip_invalid"])
-    stream = RecordStream(files, options["input_format"], force=options["force"])
-    plan.id_column = embed.find_id(stream.schema, plan.id_field)
-    chunked = options["chunk_tokens"] is not None
-    with RecordWriter(output, output_format, schema=cursors[0].table.schema) as writer:
-        for part in embed.selected_parts(stream, stream.schema, None, plan, embed.Stats()):
+    task = run.task
+    stream = RecordStream(run.files, task.input_format, check=input_check(task.force))
+    # the records as read (not chunked): which part holds each one's rows
+    plan = replace(task.plan, chunk_tokens=None, chunk_overlap=0,
+                   id_column=find_id(stream.schema, task.plan.id_field))
+    with RecordWriter(run.final, run.output_format, schema=cursors[0].table.schema) as writer:
+        for part in selected_parts(stream, stream.schema, None, plan, Stats()):
             firsts = [cursor.row for cursor in cursors]
             taken = []  # (shard, row in that part) of each output row, in input order
             for record_id in part.ids:
                 shard = shard_of(record_id, count)
-                taken += [(shard, row) for row in cursors[shard].take(record_id, chunked)]
+                taken += [(shard, row) for row in cursors[shard].take(record_id,
+                                                                        task.plan.chunked)]
             writer.write_table(interleaved(cursors, firsts, taken))
     for cursor in cursors:
         cursor.check_all_taken()
@@ -452,8 +432,6 @@ class PartCursor:
             self._mismatch("holds rows that no input record has")
 
     def _mismatch(self, what: str) -> None:
-        from vecpipe.formats.errors import DataError
-
         raise DataError(f"{what}: the parts do not match the inputs", source=self.path,
                         hint="the inputs changed since the parts were written: delete the "
                              "parts folder and rerun")

@@ -1,61 +1,43 @@
-"""A linked index: several index folders searched as one (`vecpipe merge --index --link`).
+"""A linked index: several index folders searched as one (layout `linked`).
 
     idx/manifest.json        "layout": "linked", the shards, their row offsets, what they share
     idx/shards/00000/        a complete index folder (its files hard-linked from the source
                              index where the file system allows, else copied)
     idx/shards/00000.hidden.npy   optional: sorted row numbers of this shard that another
-                             shard's copy of the same id shadows (--dedupe first|last)
+                             shard's copy of the same id shadows
 
 The row space is the concatenation of the shards (global row = shard offset + shard row), so a
-linked index offers what `OpenIndex` offers (rows, ids, searcher...) to `search` and
-`mine-negatives`. Each query searches every shard with the shard's own Searcher (filters,
-rescoring, exact fallbacks) and the per-shard top k are merged by score: shards hold disjoint
-ids (hidden rows are masked), so the merged top k equals a search over one index holding them
-all. usearch's own multi-index search (`Indexes`) is not used: every shard keys its rows from
-0, and it returns those keys without saying which shard they came from.
+linked index is an `IndexReader` like `OpenIndex` (rows, ids, searcher...). Each query searches
+every shard with the shard's own Searcher (filters, rescoring, exact fallbacks) and the
+per-shard top k are merged by score: shards hold disjoint ids (hidden rows are masked), so the
+merged top k equals a search over one index holding them all. usearch's own multi-index search
+(`Indexes`) is not used: every shard keys its rows from 0, and it returns those keys without
+saying which shard they came from.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import TYPE_CHECKING, Sequence
 
-from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.core.index_format import (
+    ID, MANIFEST, file_facts, new_manifest, real_folder, shard_folder, swap_into_place,
+    temporary_sibling, write_manifest)
+from vecpipe.core.index_search import LinkedSearcher
+from vecpipe.formats.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-LAYOUT = "linked"
-SHARDS = "shards"
-
-
-def shard_folder(number: int) -> str:
-    return os.path.join(SHARDS, f"{number:05d}")
-
-
-def open_linked(path: str, manifest: dict, verify: bool = False) -> "LinkedIndex":
-    """`manifest` is checked by index_store.check_manifest: shard paths are `shards/NNNNN`,
-    hidden rows `shards/NNNNN.hidden.npy`."""
-    from vecpipe.core.index_store import check_files, open_index
-
-    checked = check_files(path, manifest, verify)
-    shards = []
-    for entry in manifest["shards"]:
-        shard = open_index(os.path.join(path, entry["path"]), verify=verify)
-        if shard.count != entry["count"]:
-            raise DataError(f"shard {entry['path']} holds {shard.count} vectors, the manifest "
-                            f"says {entry['count']}: the index is damaged", source=path)
-        shards.append(shard)
-        checked += shard.files_checked
-    index = LinkedIndex(path, manifest, shards)
-    index.files_checked = checked
-    return index
+    from vecpipe.core.index_format import IndexReader
 
 
 class LinkedIndex:
-    """Shards read as one index; the same reading interface as index_store.OpenIndex."""
+    """Shards (opened index folders) read as one index."""
 
-    files_checked = 0  # set by open_linked
+    files_checked = 0  # set by index_open
+    layout = "linked"
 
     def __init__(self, path: str, manifest: dict, shards: Sequence):
         import numpy as np
@@ -115,7 +97,11 @@ class LinkedIndex:
         return self._rows.select(list(columns))
 
     def ids(self) -> "pa.ChunkedArray":
-        return self.rows().column("id")
+        return self.rows().column(ID)
+
+    def storage_options(self) -> dict:
+        """How the shards store their vectors: as the first one does."""
+        return self.shards[0].storage_options()
 
     def visible_mask(self):
         """bool per row: False for rows shadowed by another shard's copy of their id."""
@@ -159,7 +145,7 @@ class LinkedIndex:
                             "queries", source=self.path)
         return self.shards[0].encode(queries)
 
-    def searcher(self, k: int, **options) -> "LinkedSearcher":
+    def searcher(self, k: int, **options) -> LinkedSearcher:
         return LinkedSearcher(self, k, **options)
 
 
@@ -192,34 +178,62 @@ class _ConcatenatedRows:
         return out
 
 
-class LinkedSearcher:
-    """One Searcher per shard; results merged into the top k by score (ties by row)."""
+def check_linkable(indexes: Sequence["IndexReader"]) -> None:
+    """Shards are plain index folders: a linked index is not linked again."""
+    if any(index.layout == "linked" for index in indexes):
+        raise DataError("linking a linked index is not supported",
+                        hint="link its source indexes instead, or merge it into one index "
+                             "first")
 
-    def __init__(self, index: LinkedIndex, k: int, mask=None, **options):
-        import numpy as np
 
-        self.index, self.k = index, k
-        allowed = index.visible_mask()
-        if mask is not None:
-            allowed &= np.asarray(mask, dtype=bool)
-        self.searchers = []
-        for number, shard in enumerate(index.shards):
-            start, stop = index.offsets[number], index.offsets[number + 1]
-            shard_mask = allowed[start:stop]
-            self.searchers.append(shard.searcher(
-                k, mask=None if shard_mask.all() else shard_mask, **options))
+def write_linked_index(output: str, indexes: Sequence["IndexReader"], hidden: Sequence,
+                       metadata: dict, query_prompt: str | None, fields: list,
+                       full: dict | None, shared_codec: bool, duplicates: str) -> dict:
+    """A folder of hard-linked (else copied) shards, the rows of each that another shard's copy
+    of their id hides (`hidden`, per index), and a manifest saying how they form one index;
+    written beside `output` and swapped into place. Returns the manifest, with the number of
+    files that had to be copied as "copied"."""
+    import numpy as np
 
-    def search(self, queries, encoded: bool = False):
-        import numpy as np
+    check_linkable(indexes)
+    output = real_folder(output)
+    tmp = temporary_sibling(output, "building")
+    try:
+        shards, copied = [], 0
+        for number, (index, rows) in enumerate(zip(indexes, hidden)):
+            folder = shard_folder(number)
+            copied += _link_files(index, os.path.join(tmp, folder))
+            entry = {"path": folder, "count": index.count, "hidden": None,
+                     "source": os.path.abspath(index.path)}
+            if len(rows):
+                entry["hidden"] = f"{folder}.hidden.npy"
+                np.save(os.path.join(tmp, entry["hidden"]), np.asarray(rows, dtype=np.int64))
+            shards.append(entry)
+        total = sum(index.count for index in indexes)
+        first = indexes[0]
+        manifest = new_manifest(
+            "linked", total - sum(len(rows) for rows in hidden), first.dim, first.metric,
+            first.dtype, first.score_metric, metadata, query_prompt, fields, full, rows=total,
+            shared_codec=shared_codec, duplicates=duplicates, shards=shards,
+            files=file_facts(tmp, [entry["hidden"] for entry in shards if entry["hidden"]]))
+        write_manifest(tmp, manifest)
+        swap_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dict(manifest, copied=copied)
 
-        from vecpipe.core.vectors import sorted_hits
 
-        if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
-            raise UsageError("the shards use different codecs: query with float vectors")
-        rows, scores = [], []
-        for offset, searcher in zip(self.index.offsets, self.searchers):
-            hits = searcher.search(queries, encoded=encoded)
-            rows.append(np.where(hits.rows >= 0, hits.rows + offset, -1))
-            scores.append(hits.scores)
-        return sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
-                           self.k)
+def _link_files(index: "IndexReader", target: str) -> int:
+    """Hard-link the files of an opened index into `target`; copy where linking fails. The
+    names come from its checked manifest (plain known names only). Returns the number of
+    files copied."""
+    os.makedirs(target)
+    copied = 0
+    for name in [MANIFEST, *index.manifest["files"]]:
+        try:
+            os.link(os.path.join(index.path, name), os.path.join(target, name))
+        except OSError:
+            shutil.copy2(os.path.join(index.path, name), os.path.join(target, name))
+            copied += 1
+    return copied

@@ -1,0 +1,230 @@
+"""The embedding runtime: a loaded sentence-transformers model (or a `fake:DIM` one) that turns
+texts into float32 vectors, in one call (`encode`) or as a stream (`tokenize()`, from another
+thread if you like, then `embed_features()`), or on a pool of devices.
+
+Loading (model names, the bundled default, the per-process cache) is the CLI's; exported
+backends (ONNX, OpenVINO) are core.onnx_runtime's `runtime`, features -> token embeddings, with
+pooling left to sentence-transformers' modules.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+from vecpipe.formats.errors import UsageError
+
+_FAKE_TOKEN = re.compile(r"\S+")
+
+
+@dataclass
+class Embedder:
+    """A model ready to encode, plus what goes into the stream metadata."""
+
+    name: str                 # recorded as vecpipe.model
+    sha: str | None           # recorded as vecpipe.model_sha (hash of the weights, when local)
+    dim: int
+    max_length: int | None    # the model's token window (None for fake models)
+    device: str
+    st: object = None         # the SentenceTransformer (None for fake models)
+    prompts: dict = field(default_factory=dict)
+    backend: str = "torch"
+    runtime: object = None    # exported backends: features -> token embeddings (torch tensor)
+    path: str | None = None   # local folder of the weights, when there is one
+    precision: str = "float32"  # what the model computes in (the vectors stay float32)
+
+    @property
+    def is_fake(self) -> bool:
+        return self.st is None
+
+    @property
+    def tokenizer(self):
+        return None if self.st is None else self.st.tokenizer
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the model's own last module L2-normalizes (MiniLM's does)."""
+        if self.st is None:
+            return False
+        modules = list(self.st.children())
+        return bool(modules) and type(modules[-1]).__name__ == "Normalize"
+
+    def prompt_text(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
+        """The literal prompt: `prompt` itself, or the model's prompt named `prompt_name` ('' for
+        none)."""
+        if prompt is not None and prompt_name is not None:
+            raise UsageError("give a prompt or a prompt name, not both")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                known = ", ".join(sorted(self.prompts)) or "none"
+                raise UsageError(f"model {self.name} has no prompt named {prompt_name!r} "
+                                 f"(it has: {known})")
+            return self.prompts[prompt_name]
+        return prompt or ""
+
+    def encode(self, texts: list[str], batch_size: int = 32, prompt: str = "",
+               normalize: bool = True, dim: int | None = None):
+        """float32 vectors (len(texts) x (dim or self.dim)), in input order."""
+        import numpy as np
+
+        texts = list(texts)
+        if self.st is not None and self.backend == "torch":
+            vectors = self.st.encode(texts, batch_size=batch_size, prompt=prompt or None,
+                                     normalize_embeddings=normalize, convert_to_numpy=True,
+                                     show_progress_bar=False, truncate_dim=dim)
+            return np.asarray(vectors, dtype=np.float32).reshape(len(texts), dim or self.dim)
+        out = np.empty((len(texts), dim or self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            features = self.tokenize([texts[i] for i in rows], prompt)
+            out[rows] = self.embed_features(features, normalize, dim)
+        return out
+
+    def tokenize(self, texts: list[str], prompt: str = ""):
+        """Model inputs for one batch (padded to its longest text, truncated to the window).
+
+        Exactly what sentence-transformers' encode feeds the model, so results match it.
+        """
+        if self.st is None:
+            return [prompt + text for text in texts]
+        return self.st.preprocess(list(texts), prompt=prompt or None)
+
+    def embed_features(self, features, normalize: bool = True, dim: int | None = None):
+        """float32 vectors for one tokenized batch: truncated to `dim`, then normalized."""
+        if self.st is None:
+            vectors = fake_vectors(features, self.dim, "", normalize and dim is None)
+            return _finish_numpy(vectors, normalize, dim)
+        import torch
+
+        with torch.inference_mode():
+            if self.runtime is None:
+                from sentence_transformers.util import batch_to_device
+
+                embedded = self.st(batch_to_device(features, self.st.device))
+            else:
+                embedded = self._pool(features, self.runtime(features))
+            vectors = embedded["sentence_embedding"]
+            if dim is not None:
+                vectors = vectors[:, :dim]
+            vectors = vectors.float()
+            if normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            return vectors.cpu().numpy()
+
+    def _pool(self, features, token_embeddings):
+        """Run sentence-transformers' modules after the transformer (pooling, dense, normalize)."""
+        features = dict(features, token_embeddings=token_embeddings)
+        for module in list(self.st.children())[1:]:
+            features = module(features)
+        return features
+
+    def count_truncated(self, texts: list[str], features, prompt: str = "") -> int:
+        """How many texts of a tokenized batch did not fit the model's window."""
+        if self.st is None or not self.max_length:
+            return 0
+        lengths = features["attention_mask"].sum(dim=1).tolist()
+        at_cap = [prompt + text for text, n in zip(texts, lengths) if n >= self.max_length]
+        if not at_cap:
+            return 0
+        full = self.tokenizer(at_cap, add_special_tokens=True, truncation=False,
+                              return_attention_mask=False)["input_ids"]
+        return sum(len(ids) > self.max_length for ids in full)
+
+    def token_spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
+        """Character (start, end) of every token of each text, special tokens left out."""
+        if self.st is None:
+            return [[m.span() for m in _FAKE_TOKEN.finditer(text)] for text in texts]
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, truncation=False,
+                                 return_offsets_mapping=True, return_attention_mask=False)
+        return [[tuple(span) for span in spans] for spans in encoded["offset_mapping"]]
+
+    def special_tokens(self) -> int:
+        """Tokens the tokenizer adds around one text ([CLS] and [SEP] for BERT)."""
+        if self.st is None:
+            return 0
+        return self.tokenizer.num_special_tokens_to_add(pair=False)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        if self.st is None or not prompt:
+            return 0
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def start_pool(self, devices: list[str]):
+        """sentence-transformers' multi-process pool, one worker per device."""
+        if self.st is None or self.backend != "torch":
+            raise UsageError("a pool of devices needs the torch backend and a real model")
+        cpu_workers = sum(d == "cpu" for d in devices)
+        saved = os.environ.get("OMP_NUM_THREADS")
+        if cpu_workers:  # the children read it at start-up: share the cores, no oversubscription
+            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_workers))
+        try:
+            return self.st.start_multi_process_pool(target_devices=devices)
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
+
+    def encode_pool(self, pool, texts: list[str], batch_size: int = 32, prompt: str = "",
+                    normalize: bool = True, dim: int | None = None):
+        import numpy as np
+
+        vectors = self.st.encode(list(texts), pool=pool, batch_size=batch_size,
+                                 prompt=prompt or None, normalize_embeddings=normalize,
+                                 truncate_dim=dim, convert_to_numpy=True,
+                                 show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), dim or self.dim)
+
+    def stop_pool(self, pool) -> None:
+        self.st.stop_multi_process_pool(pool)
+
+    def vector_settings(self, prompt: str = "", dim: int | None = None,
+                        normalize: bool = True) -> dict:
+        """Everything besides the text that decides a vector: the key space of
+        vecpipe.core.cache (embed and eval share cached vectors through it)."""
+        return {"model": self.name, "model_sha": self.sha, "prompt": prompt,
+                "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
+                "max_length": self.max_length, "dtype": self.precision}
+
+    def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
+        """The `vecpipe.*` keys describing vectors this model produced."""
+        from vecpipe.formats import __version__
+
+        meta = {"model": self.name, "dim": str(dim or self.dim),
+                "normalized": "true" if normalized else "false", "dtype": "float32",
+                "version": __version__}
+        if self.sha:
+            meta["model_sha"] = self.sha
+        if prompt:
+            meta["prompt"] = prompt
+        if self.backend != "torch":
+            meta["backend"] = self.backend
+        if self.precision != "float32":
+            meta["precision"] = self.precision
+        return meta
+
+
+def _finish_numpy(vectors, normalize: bool, dim: int | None):
+    import numpy as np
+
+    if dim is not None:
+        vectors = np.ascontiguousarray(vectors[:, :dim])
+    if normalize and dim is not None and len(vectors):
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors
+
+
+def fake_vectors(texts, dim: int, prompt: str = "", normalize: bool = True):
+    """Deterministic hash-seeded Gaussian vectors: same text, same vector, on any machine."""
+    import numpy as np
+
+    out = np.empty((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        seed = int.from_bytes(hashlib.blake2b((prompt + text).encode(), digest_size=8).digest(),
+                              "little")
+        out[row] = np.random.default_rng(seed).standard_normal(dim)
+    if normalize and len(texts):
+        out /= np.linalg.norm(out, axis=1, keepdims=True)
+    return out

@@ -1,0 +1,617 @@
+"""The embed pipeline: records -> texts (validated, sharded, chunked) -> vectors (cached,
+length-sorted batches, reading overlapped with encoding) -> output batches in input order.
+
+`embed_task(task, output)` is one whole run (read, load the model, embed, write) and
+`embed_part(task, path, format, job)` one part of a sharded job (claimed, resumable); the CLI's
+`embed` and the Ray engine's workers both come here. numpy and pyarrow are imported inside
+functions.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from vecpipe.formats.errors import DataError
+from vecpipe.formats.shards import Shard
+
+DEFAULT_WINDOW = 4096
+INTERRUPTED: list = []  # the exceptions Ctrl-C/SIGTERM raised while embedding
+
+
+class InvalidRecord(DataError):
+    """A record without usable text or id (the caller may say how to skip such records)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to embed and how, with what was learned from the input (its id column) and the
+    model (the literal prompt). Built once, then only read."""
+
+    fields: tuple = ("text",)
+    id_field: str | None = None
+    id_column: str | None = None
+    normalize: bool = True
+    dim: int | None = None
+    batch_size: int = 32
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+    drop_text: bool = False
+    skip_invalid: bool = False
+    shard: Shard | None = None
+    window: int = DEFAULT_WINDOW
+    prompt: str = ""
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_tokens is not None
+
+    def out_dim(self, model) -> int:
+        return self.dim or model.dim
+
+    def normalized(self, model) -> bool:
+        """Whether output vectors are unit length (metadata `normalized`)."""
+        return self.normalize or (model.normalizes and self.dim is None)
+
+    def cache_settings(self, model) -> dict:
+        return model.vector_settings(self.prompt, self.dim, self.normalize)
+
+    def chunk_room(self, model) -> int | None:
+        """Tokens a chunk may hold in the model's window (None: no window)."""
+        if not model.max_length:
+            return None
+        return model.max_length - model.special_tokens() - model.prompt_tokens(self.prompt)
+
+
+@dataclass
+class Stats:
+    records: int = 0        # records of this shard that were read
+    rows: int = 0           # output rows (chunks when chunking)
+    invalid: int = 0
+    first_invalid: str | None = None
+    embedded: int = 0
+    from_cache: int = 0
+    duplicates: int = 0     # repeated texts in a window, embedded once
+    truncated: int = 0
+    max_length: int | None = None  # the model's token window (what `truncated` counts against)
+
+    def add(self, other: dict) -> None:
+        """Add another part's stats (as `vars(stats)`): counts sum, the rest keeps the first."""
+        for name, value in other.items():
+            if name in ("first_invalid", "max_length"):
+                setattr(self, name, getattr(self, name) or value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def summary(self, output) -> str:
+        parts = [f"{self.records} records -> {output or 'stdout'}: {self.rows} vectors",
+                 f"{self.embedded} embedded", f"{self.from_cache} from cache"]
+        if self.duplicates:
+            parts.append(f"{self.duplicates} repeated texts reused")
+        if self.invalid:
+            parts.append(f"{self.invalid} invalid records skipped (first: {self.first_invalid})")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One embed run before it starts: the records (files, `-` for stdin), the plan (its id
+    column and prompt are learned in the run), and `load(device) -> Embedder`, a picklable
+    callable (naming models is the caller's business: a Ray worker loads its own)."""
+
+    inputs: tuple
+    input_format: str
+    plan: Plan
+    load: Callable
+    prompt: str | None = None
+    prompt_name: str | None = None
+    cache_dir: str | None = None
+    force: bool = False  # read inputs of different vector spaces together
+
+
+def embed_task(task: Task, output=None, output_format="auto", devices=("auto",)) -> Stats:
+    """Read the task's records, load the model (on the one device, or on the CPU for a pool of
+    several), embed into `output`. Ctrl-C and SIGTERM unwind it (see interrupts_as_exceptions)."""
+    import signal
+
+    from vecpipe.core.space import input_check
+    from vecpipe.formats.readers import RecordStream
+
+    plan = task.plan
+    stream = RecordStream(list(task.inputs), task.input_format,
+                          batch_rows=min(1024, plan.window), check=input_check(task.force),
+                          text_fields=plan.fields if plan.skip_invalid else ())
+    id_column = find_id(stream.schema, plan.id_field)
+    many = len(devices) > 1
+    model = task.load("cpu" if many else devices[0])
+    plan = replace(plan, id_column=id_column,
+                   prompt=model.prompt_text(task.prompt, task.prompt_name))
+    check_fits(plan, model)
+    previous = interrupts_as_exceptions(signal)
+    try:
+        stats = embed_stream(stream, stream.schema, model, plan, output, output_format,
+                             cache_dir=task.cache_dir, devices=list(devices) if many else None)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    stats.max_length = model.max_length
+    return stats
+
+
+def embed_part(task: Task, path: str, output_format: str, job, devices=("auto",)) -> Stats | None:
+    """Make the part file `path` of `job.shard` (a formats.parts.Job), resumably: None when it
+    is already complete for this job; else embed the shard's records into it, mark it complete
+    and return the stats."""
+    from vecpipe.core import notices
+    from vecpipe.formats.parts import PartClaim
+
+    with PartClaim(path, job) as claim:
+        if claim.rows is not None:
+            notices.info(f"{path} is already complete: skipped")
+            return None
+        for note in claim.notes():
+            notices.info(note)
+        stats = embed_task(replace(task, plan=replace(task.plan, shard=job.shard)), path,
+                           output_format, devices)
+        claim.finish(stats.rows)
+    return stats
+
+
+def check_fits(plan: Plan, model) -> None:
+    """Refuse a plan that asks more of the model than it has. A ParameterError's message
+    starts with its parameter's name, for a command to put its option's name there."""
+    from vecpipe.formats.errors import ParameterError
+
+    if plan.dim is not None and plan.dim > model.dim:
+        raise ParameterError(f"dim {plan.dim} exceeds the model's {model.dim} dimensions", "dim")
+    room = plan.chunk_room(model) if plan.chunked else None
+    if room is not None and plan.chunk_tokens > room:
+        raise ParameterError(f"chunk_tokens {plan.chunk_tokens} does not fit the model's "
+                             f"{model.max_length}-token window (room for {room} after special "
+                             "and prompt tokens)", "chunk_tokens")
+
+
+def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_format="auto",
+                 cache_dir=None, devices=None) -> Stats:
+    """Read `stream`, embed, write to `output` (`devices`: a worker pool, one per device)."""
+    import contextlib
+
+    from vecpipe.core import notices
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.writers import RecordWriter
+
+    stats = Stats()
+    out_schema = output_schema(input_schema, plan, plan.out_dim(model))
+    meta = {key: None for key in names.META_KEYS}
+    meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
+    with contextlib.ExitStack() as stack:
+        cache = None
+        if cache_dir:
+            from vecpipe.core.cache import EmbeddingCache, cache_space
+
+            settings = plan.cache_settings(model)
+            cache = stack.enter_context(EmbeddingCache(cache_dir, cache_space(settings),
+                                                       plan.out_dim(model), settings))
+        pool = None
+        if devices:
+            pool = model.start_pool(devices)
+            stack.callback(model.stop_pool, pool)
+        sink = stack.enter_context(LazyWriter(lambda: RecordWriter(
+            output, output_format, schema=out_schema, metadata=meta)))
+        bar = stack.enter_context(notices.progress(desc="embed", unit="rec"))
+        encoder = Encoder(model, plan, stats, cache, pool)
+        parts = selected_parts(stream, input_schema, model, plan, stats)
+        windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
+        for window, vectors in windows:
+            for part, part_vectors in window.split(vectors):
+                sink.write(output_batch(part, part_vectors, out_schema, plan))
+                stats.rows += len(part.texts)
+            bar.update(window.records)
+        sink.ensure_started()
+    return stats
+
+
+class LazyWriter:
+    """A RecordWriter made at the first write, so an error in the first window leaves stdout
+    untouched; made empty at the end when nothing was written."""
+
+    def __init__(self, make):
+        self.make = make
+        self.writer = None
+
+    def ensure_started(self):
+        if self.writer is None:
+            self.writer = self.make()
+        return self.writer
+
+    def write(self, batch) -> None:
+        self.ensure_started().write(batch)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writer is not None:
+            self.writer.__exit__(exc_type, exc, tb)
+
+
+class Part:
+    """Kept input rows of one source batch and what to embed for each output row."""
+
+    def __init__(self, batch, ids, texts, chunks=None, records=None):
+        self.records = len(texts) if records is None else records  # input records it holds
+        self.batch = batch      # input rows, one per output row (repeated when chunking)
+        self.ids = ids          # output ids
+        self.texts = texts      # text embedded for each output row
+        self.chunks = chunks    # (parent_ids, numbers, char_starts, char_ends) when chunking
+
+
+def selected_parts(stream, input_schema, model, plan, stats):
+    """Parts from the stream: this shard's valid records (chunked when asked)."""
+    from vecpipe.formats.readers import fit_batch
+
+    next_record = 1  # across all inputs: record-number ids stay unique
+    for item in stream:
+        batch = fit_batch(item, input_schema)
+        part = select_records(batch, item.source, item.first_record, next_record, plan, stats)
+        next_record += batch.num_rows
+        if part is None:
+            continue
+        if plan.chunked:
+            part = chunk_part(part, model, plan)
+        yield part
+
+
+def select_records(batch, source, first_record, next_record, plan, stats):
+    """The Part of `batch` this run embeds, or None: shard filter, then validation."""
+    import numpy as np
+
+    from vecpipe.formats.shards import shard_mask
+
+    texts, text_problems = batch_texts(batch, plan.fields)
+    ids, id_problems = batch_ids(batch, plan.id_column, next_record)
+    keep = np.ones(batch.num_rows, dtype=bool) if plan.shard is None else \
+        shard_mask(ids, plan.shard)
+    for row in np.flatnonzero(keep):
+        problem = text_problems[row] or id_problems[row]
+        if problem is None:
+            continue
+        where = f"{source}:{first_record + row}"
+        if not plan.skip_invalid:
+            raise InvalidRecord(problem, source=source, record=int(first_record + row))
+        stats.invalid += 1
+        stats.first_invalid = stats.first_invalid or f"{where}: {problem}"
+        keep[row] = False
+    stats.records += int(keep.sum())
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return None
+    kept = batch if len(rows) == batch.num_rows else batch.take(rows)
+    return Part(kept, [ids[r] for r in rows], [texts[r] for r in rows])
+
+
+def batch_texts(batch, fields):
+    """(texts, problems): the joined text of every row, or None and why it is invalid."""
+    import pyarrow as pa
+
+    columns = []
+    for name in fields:
+        index = batch.schema.get_field_index(name)
+        if index < 0:
+            return [None] * batch.num_rows, [f"missing field {name!r}"] * batch.num_rows
+        column = batch.column(index)
+        kind = column.type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or pa.types.is_null(kind) or str(kind) == "string_view"):
+            return [None] * batch.num_rows, [f"field {name!r} holds {kind}, not text"] * \
+                batch.num_rows
+        columns.append(column.to_pylist())
+    label = " + ".join(repr(f) for f in fields)
+    texts, problems = [], []
+    for values in zip(*columns):
+        present = [v for v in values if v]
+        if all(v is None for v in values):
+            texts.append(None)
+            problems.append(f"no text in field {label} (missing, null or not a string)")
+            continue
+        text = " ".join(present)
+        if not text.strip():
+            texts.append(None)
+            problems.append(f"empty text in field {label}")
+            continue
+        texts.append(text)
+        problems.append(None)
+    return texts, problems
+
+
+def batch_ids(batch, id_column, next_record):
+    """(ids, problems): string ids (record numbers when there is no id field or a null id)."""
+    from vecpipe.formats import schema as names
+
+    ids = names.batch_ids(batch, id_column, next_record, on_null="record").to_pylist()
+    if id_column is None:
+        return ids, [None] * batch.num_rows
+    nulls = batch.column(id_column).is_null().to_pylist()
+    return ids, [f"null id in field {id_column!r}" if null else None for null in nulls]
+
+
+def chunk_windows(spans, text_length: int, size: int, overlap: int):
+    """Character (start, end) of each window of `size` tokens, `overlap` tokens shared.
+
+    `spans` holds each token's character (start, end); a text without tokens is one chunk.
+    """
+    if not spans:
+        return [(0, text_length)]
+    windows, start = [], 0
+    while True:
+        end = min(start + size, len(spans))
+        windows.append((spans[start][0], spans[end - 1][1]))
+        if end == len(spans):
+            return windows
+        start += size - overlap
+
+
+def chunk_part(part, model, plan) -> Part:
+    """One row per chunk: the chunk's text, its parent id, number and character offsets."""
+    rows, ids, texts, parents, numbers, starts, ends = [], [], [], [], [], [], []
+    for row, (text, spans) in enumerate(zip(part.texts, model.token_spans(part.texts))):
+        for number, (start, end) in enumerate(
+                chunk_windows(spans, len(text), plan.chunk_tokens, plan.chunk_overlap)):
+            rows.append(row)
+            ids.append(f"{part.ids[row]}#{number}")
+            texts.append(text[start:end])
+            parents.append(part.ids[row])
+            numbers.append(number)
+            starts.append(start)
+            ends.append(end)
+    return Part(part.batch.take(rows), ids, texts, (parents, numbers, starts, ends),
+                records=part.records)
+
+
+class Window:
+    """Consecutive parts encoded together: unique texts, sorted by length, in batches."""
+
+    def __init__(self, parts):
+        import numpy as np
+
+        self.parts = parts
+        self.records = sum(p.records for p in parts)
+        slot_of_text: dict[str, int] = {}
+        self.slots = np.fromiter((slot_of_text.setdefault(t, len(slot_of_text))
+                                  for p in parts for t in p.texts), dtype=np.int64)
+        self.unique = list(slot_of_text)
+        self.todo = np.arange(len(self.unique))  # slots still to embed (cache misses)
+
+    def split(self, vectors):
+        """(part, its rows' vectors) in input order; `vectors` is per unique text."""
+        start = 0
+        for part in self.parts:
+            stop = start + len(part.texts)
+            yield part, vectors[self.slots[start:stop]]
+            start = stop
+
+
+class Encoder:
+    """Windows of parts -> vectors. A thread reads, validates, looks up the cache and tokenizes
+    ahead (length-sorted batches); the calling thread runs the model."""
+
+    def __init__(self, model, plan, stats, cache=None, pool=None):
+        self.model = model
+        self.plan = plan
+        self.stats = stats
+        self.cache = cache
+        self.pool = pool
+        self.dim = plan.out_dim(model)
+
+    def run(self, parts):
+        """Yield (window, vectors per unique text) in input order."""
+        items = background(self._prepared(parts), depth=8)
+        try:
+            yield from self._vectors(items)
+        finally:
+            items.close()  # the reader thread stops before an interrupt ends the process
+
+    def _vectors(self, items):
+        import numpy as np
+
+        vectors = None
+        for kind, window, payload in items:
+            if INTERRUPTED:  # a signal whose exception Python dropped
+                raise INTERRUPTED[0]()
+            if kind == "start":
+                vectors = payload if payload is not None else \
+                    np.empty((len(window.unique), self.dim), dtype=np.float32)
+                if self.pool is not None and len(window.todo):
+                    vectors[window.todo] = self._encode_pool(window)
+            elif kind == "batch":
+                if self.pool is None:
+                    rows, features = payload
+                    vectors[rows] = self.model.embed_features(features, self.plan.normalize,
+                                                              self.plan.dim)
+            else:
+                if self.cache is not None and len(window.todo):
+                    self.cache.store([window.unique[i] for i in window.todo],
+                                     vectors[window.todo])
+                yield window, vectors
+
+    def _encode_pool(self, window):
+        texts = [window.unique[i] for i in window.todo]
+        return self.model.encode_pool(self.pool, texts, self.plan.batch_size, self.plan.prompt,
+                                      self.plan.normalize, self.plan.dim)
+
+    def _prepared(self, parts):
+        """Runs in the reading thread: ("start", window, cache hits), then ("batch",
+        window, (slots, features)) for each length-sorted batch, then ("end", window, None)."""
+        for window in self._windows(parts):
+            yield "start", window, self._look_up(window)
+            order = sorted(window.todo.tolist(), key=lambda s: -len(window.unique[s]))
+            for start in range(0, len(order), self.plan.batch_size):
+                slots = order[start:start + self.plan.batch_size]
+                texts = [window.unique[s] for s in slots]
+                features = self.model.tokenize(texts, self.plan.prompt)
+                self.stats.truncated += self.model.count_truncated(texts, features,
+                                                                   self.plan.prompt)
+                yield "batch", window, (slots, None if self.pool is not None else features)
+            yield "end", window, None
+
+    def _windows(self, parts):
+        pending, size = [], 0
+        for part in parts:
+            pending.append(part)
+            size += len(part.texts)
+            if size >= self.plan.window:
+                yield Window(pending)
+                pending, size = [], 0
+        if pending:
+            yield Window(pending)
+
+    def _look_up(self, window):
+        """Leave the cache misses in window.todo; return the window's vectors with the hits
+        filled in (None without a cache)."""
+        self.stats.duplicates += len(window.slots) - len(window.unique)
+        if self.cache is None:
+            self.stats.embedded += len(window.unique)
+            return None
+        vectors, window.todo = self.cache.misses(window.unique)
+        self.stats.from_cache += len(window.unique) - len(window.todo)
+        self.stats.embedded += len(window.todo)
+        return vectors
+
+
+READER_JOIN_SECONDS = 5.0
+
+
+def background(iterable, depth: int = 8):
+    """Iterate `iterable` in a daemon thread, at most `depth` items ahead; its exceptions are
+    raised here. Leaving the loop early (close(), an exception) stops the thread at its next
+    item and waits for it: a thread still inside torch or the tokenizer when the interpreter
+    exits aborts the process ("terminate called without an active exception", exit 134 on
+    Ctrl-C). A thread blocked reading a stalled stdin is waited for only a few seconds."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterable:
+                if not put((True, item)):
+                    return
+            put((True, done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+            put((False, err))
+
+    thread = threading.Thread(target=produce, name="vecpipe-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                ok, item = items.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=READER_JOIN_SECONDS)
+
+
+CHUNK_FIELDS = ("parent_id", "chunk", "char_start", "char_end")
+
+
+def output_schema(input_schema, plan, dim: int):
+    """Input fields (text dropped or replaced by the chunk text), `id`, chunk fields,
+    `embedding`."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+
+    input_fields = list(input_schema) if input_schema is not None else []
+    fields = []
+    for field in input_fields:
+        if field.name == names.EMBEDDING or (plan.chunked and field.name in CHUNK_FIELDS):
+            continue
+        if field.name == names.TEXT and plan.drop_text:
+            continue
+        if field.name == names.TEXT and plan.chunked:
+            field = pa.field(names.TEXT, pa.string())
+        if field.name == names.ID:
+            field = pa.field(names.ID, pa.string())
+        fields.append(field)
+    if names.ID not in [f.name for f in fields]:
+        fields.insert(0, pa.field(names.ID, pa.string()))
+    if plan.chunked:
+        fields += [pa.field(names.PARENT_ID, pa.string()), pa.field(names.CHUNK, pa.int32()),
+                   pa.field(names.CHAR_START, pa.int64()), pa.field(names.CHAR_END, pa.int64())]
+        if not plan.drop_text and names.TEXT not in [f.name for f in fields]:
+            fields.append(pa.field(names.TEXT, pa.string()))
+    fields.append(pa.field(names.EMBEDDING, pa.list_(pa.float32(), dim)))
+    metadata = input_schema.metadata if input_schema is not None else None
+    return pa.schema(fields, metadata=metadata)
+
+
+def output_batch(part, vectors, schema, plan):
+    """The output RecordBatch of one part."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+
+    made = {names.ID: lambda: pa.array(part.ids, pa.string()),
+            names.EMBEDDING: lambda: names.numpy_to_vectors(vectors)}
+    if plan.chunked:
+        parents, numbers, starts, ends = part.chunks
+        made.update({names.PARENT_ID: lambda: pa.array(parents, pa.string()),
+                     names.CHUNK: lambda: pa.array(numbers, pa.int32()),
+                     names.CHAR_START: lambda: pa.array(starts, pa.int64()),
+                     names.CHAR_END: lambda: pa.array(ends, pa.int64()),
+                     names.TEXT: lambda: pa.array(part.texts, pa.string())})
+    columns = [made[field.name]() if field.name in made else part.batch.column(field.name)
+               for field in schema]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def find_id(schema, id_field):
+    from vecpipe.formats import schema as names
+
+    if schema is None:
+        if id_field:
+            raise DataError(f"no field {id_field!r} (the input is empty)")
+        return None
+    return names.find_id_column(schema, id_field)
+
+
+def interrupts_as_exceptions(signal) -> dict:
+    """Ctrl-C and SIGTERM (a killed job) raise KeyboardInterrupt and Terminated, so the run
+    unwinds and no partial -o file is left behind. Each is also remembered in INTERRUPTED:
+    Python drops an exception raised inside a finalizer ("Exception ignored in ..."), and the
+    run would go on, so the encoding loop checks it at every batch. Returns the handlers to
+    put back."""
+    from vecpipe.formats.errors import Terminated
+
+    INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(raised):
+        def interrupt(signum, frame):
+            INTERRUPTED.append(raised)
+            raise raised()
+        return interrupt
+
+    return {number: signal.signal(number, handler(raised))
+            for number, raised in ((signal.SIGINT, KeyboardInterrupt),
+                                   (signal.SIGTERM, Terminated))}

@@ -1,0 +1,407 @@
+"""Building an index folder (the `IndexSpec` of `index_spec`), or a copy of an existing one
+with more rows, atomically.
+
+`IndexBuilder(path, spec | base=open_index(...), on_duplicate=..., threads=...)` is a context
+manager; `.add(ids, vectors, stored, full=None, source=, first_record=)` then the block's end
+commits: everything is written to a temporary sibling folder, then renamed into place, so an
+interrupted build leaves the old index intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import threading
+from typing import TYPE_CHECKING, Sequence
+
+from vecpipe.core.index_format import (
+    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_target,
+    clean_leftovers, file_facts, full_numpy_dtype, hnsw_options, index_numpy_dtype,
+    index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, write_manifest)
+from vecpipe.core.index_spec import IndexSpec
+from vecpipe.formats.errors import ParameterError
+from vecpipe.formats.errors import DataError, UsageError
+from vecpipe.formats.writers import write_error
+
+if TYPE_CHECKING:
+    from vecpipe.core.index_format import IndexReader
+
+DUPLICATE_POLICIES = ("error", "first", "last")
+_OLD_DUPLICATE_NAMES = {"skip": "first", "replace": "last", "none": "error"}
+_NPY_HEADER = 128          # full.npy gets a fixed-size header, rewritten when the count is known
+
+
+def duplicate_policy(name: str) -> str:
+    """error | first | last for an id already in the index: first keeps the row there, last
+    replaces it. The builder's older names (skip, replace) and merge's `none` (nothing is
+    deduplicated, so a repeated id fails) are accepted; `keep` is refused, since an index
+    holds one row per id."""
+    name = _OLD_DUPLICATE_NAMES.get(name, name)
+    if name == "keep":
+        raise ParameterError("an index holds one row per id, so it cannot keep both copies of "
+                             "a duplicate id", "on_duplicate",
+                             hint="keep the first or the last copy, or fail")
+    if name not in DUPLICATE_POLICIES:
+        raise ParameterError(f"unknown duplicate-id policy {name!r}; use "
+                             f"{'|'.join(DUPLICATE_POLICIES)}", "on_duplicate")
+    return name
+
+
+class _NpyWriter:
+    """A 2-D .npy file appended row-block by row-block; rows can be overwritten in place."""
+
+    def __init__(self, path: str, dim: int, dtype):
+        import numpy as np
+
+        self.path, self.dim, self.dtype = path, dim, np.dtype(dtype)
+        self.rows = 0
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, b"\0" * _NPY_HEADER, 0)
+
+    def _offset(self, row: int) -> int:
+        return _NPY_HEADER + row * self.dim * self.dtype.itemsize
+
+    def append(self, matrix) -> None:
+        import numpy as np
+
+        data = np.ascontiguousarray(matrix, dtype=self.dtype)
+        os.pwrite(self.fd, data.tobytes(), self._offset(self.rows))
+        self.rows += len(data)
+
+    def overwrite(self, row: int, vector) -> None:
+        import numpy as np
+
+        os.pwrite(self.fd, np.ascontiguousarray(vector, dtype=self.dtype).tobytes(),
+                  self._offset(row))
+
+    def close(self) -> None:
+        import numpy as np
+
+        header = "{'descr': %r, 'fortran_order': False, 'shape': (%d, %d), }" % (
+            np.lib.format.dtype_to_descr(self.dtype), self.rows, self.dim)
+        body_len = _NPY_HEADER - 10  # magic (6) + version (2) + header length (2)
+        header = header.ljust(body_len - 1) + "\n"
+        os.pwrite(self.fd, b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") +
+                  header.encode("latin1"), 0)
+        os.close(self.fd)
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class IndexBuilder:
+    """Build a new index (`spec`) or a copy of `base` with more rows, atomically.
+
+    `add()` takes string ids, index-space vectors (float32/float16 for float dtypes, int8 codes
+    for i8, packed uint8 bits for b1), the stored fields (a pyarrow Table/RecordBatch with `id`
+    and the stored fields, one row per vector) and, when the spec keeps them, full vectors.
+    Duplicate ids (against the base and within the stream) follow `on_duplicate`
+    (`duplicate_policy`): error, first (keep the row there), last (the row keeps its number,
+    its vector and fields are replaced).
+    """
+
+    def __init__(self, path: str, spec: IndexSpec | None = None, base: "IndexReader | None" = None,
+                 on_duplicate: str = "error", threads: int = 0, fields: Sequence[str] = ()):
+        import numpy as np
+
+        # a symlink to an index: its target folder is replaced and the link kept (renaming
+        # the link itself would leave the target and the swapped-out link behind)
+        self.path = real_folder(path)
+        if base is not None and base.layout == "linked":
+            raise UsageError("cannot append to a linked multi-shard index",
+                             hint="index the new records on their own and link them in as "
+                                  "another shard")
+        self.spec = spec or _spec_of(base)
+        self.spec.check()
+        self.fields = list(base.fields) if base else [ID, *[f for f in fields if f != ID]]
+        self.on_duplicate = duplicate_policy(on_duplicate)
+        self.threads = threads
+        self.skipped = self.replaced = 0
+        if base is None:
+            check_target(self.path)
+        clean_leftovers(self.path)
+        self.tmp = temporary_sibling(self.path, "building")
+        try:
+            self._vectors = self._start_flat(base) if self.spec.flat else \
+                self._start_usearch(base)
+            self._full = self._start_full(base)
+        except BaseException:
+            self.abort()
+            raise
+        self._row_of: dict[str, int] = {}
+        self._tables: list = []          # stored-field tables in arrival order
+        self._arrived = 0                # rows in self._tables
+        self._position = np.zeros(0, dtype=np.int64)  # row -> position in the arrivals
+        self.count = 0
+        if base is not None:
+            self._take_base(base)
+
+    def _start_usearch(self, base):
+        from usearch.index import Index
+
+        if base is not None:
+            index = Index.restore(os.path.join(base.path, VECTORS), view=False)
+        else:
+            spec = self.spec
+            index = Index(ndim=spec.dim, metric=spec.metric, dtype=spec.dtype,
+                          connectivity=spec.connectivity, expansion_add=spec.expansion_add,
+                          expansion_search=spec.expansion_search)
+        self.spec.connectivity = index.connectivity
+        if self.spec.expansion_add:
+            index.expansion_add = self.spec.expansion_add
+        if self.spec.expansion_search:
+            index.expansion_search = self.spec.expansion_search
+        self.spec.expansion_add = index.expansion_add
+        self.spec.expansion_search = index.expansion_search
+        return index
+
+    def _start_flat(self, base):
+        writer = _NpyWriter(os.path.join(self.tmp, FLAT_VECTORS),
+                            index_width(self.spec.dim, self.spec.dtype),
+                            index_numpy_dtype(self.spec.dtype))
+        if base is not None:
+            _copy_rows(base.flat_vectors(), writer)
+        return writer
+
+    def _start_full(self, base):
+        if not self.spec.full:
+            return None
+        writer = _NpyWriter(os.path.join(self.tmp, FULL), self.spec.full["dim"],
+                            full_numpy_dtype(self.spec.full["dtype"]))
+        if base is not None:
+            _copy_rows(base.full_vectors(), writer)
+        return writer
+
+    def _take_base(self, base: "IndexReader") -> None:
+        import numpy as np
+
+        table = base.rows()
+        self._tables.append(table)
+        self._arrived = self.count = table.num_rows
+        self._position = np.arange(table.num_rows, dtype=np.int64)
+        self._row_of = {key: row for row, key in enumerate(table.column(ID).to_pylist())}
+
+    def add(self, ids: Sequence[str], vectors, stored, full=None, source: str | None = None,
+            first_record: int = 1) -> None:
+        """Add one batch; `first_record` (1-based) locates errors in `source`."""
+
+        vectors = self._checked_vectors(vectors, source, first_record)
+        if (full is None) != (self._full is None):
+            raise ValueError("full vectors must be given exactly when the spec keeps them")
+        if full is not None and (full.ndim != 2 or full.shape[1] != self.spec.full["dim"]):
+            raise DataError(f"full vectors have dimension {full.shape[-1]}, the index keeps "
+                            f"{self.spec.full['dim']}", source=source, record=first_record)
+        new_rows, new_pos, replace_rows, replace_pos = self._assign_rows(ids, source, first_record)
+        if self.spec.flat:  # new rows are numbered in arrival order, so they append
+            self._vectors.append(vectors[new_pos])
+            for row, pos in zip(replace_rows, replace_pos):
+                self._vectors.overwrite(row, vectors[pos])
+        else:
+            with interruptible():
+                self._add_to_graph(new_rows, new_pos, replace_rows, replace_pos, vectors)
+        if self._full is not None:
+            self._full.append(full[new_pos])
+            for row, pos in zip(replace_rows, replace_pos):
+                self._full.overwrite(row, full[pos])
+        self._add_stored(stored, new_rows + replace_rows, new_pos + replace_pos)
+
+    def _add_to_graph(self, new_rows, new_pos, replace_rows, replace_pos, vectors) -> None:
+        import numpy as np
+
+        keys = np.asarray(new_rows, dtype=np.uint64)
+        if len(keys):
+            self._vectors.add(keys, vectors[new_pos], threads=self.threads)
+        for row, pos in zip(replace_rows, replace_pos):
+            self._vectors.remove(row)
+            self._vectors.add(row, vectors[pos])
+
+    def _checked_vectors(self, vectors, source, first_record):
+        import numpy as np
+
+        width = index_width(self.spec.dim, self.spec.dtype)
+        if vectors.ndim != 2 or vectors.shape[1] != width:
+            raise DataError(f"vectors have dimension {vectors.shape[-1]}, the index has "
+                            f"{width}", source=source, record=first_record)
+        if vectors.dtype.kind == "f":
+            finite = np.isfinite(vectors).all(axis=1)
+            if not finite.all():
+                raise DataError("vector holds NaN or infinity", source=source,
+                                record=first_record + int(np.argmin(finite)))
+        return vectors
+
+    def _assign_rows(self, ids, source, first_record):
+        """Row numbers for a batch: (new rows, their batch positions, replaced rows, positions).
+        A later duplicate within the batch under `last` updates the earlier assignment."""
+        new_rows, new_pos, replace_at = [], [], {}
+        pending = {}  # row -> index into new_rows, for rows first seen in this batch
+        for pos, key in enumerate(ids):
+            row = self._row_of.get(key)
+            if row is None:
+                row = self._row_of[key] = self.count + len(new_rows)
+                pending[row] = len(new_rows)
+                new_rows.append(row)
+                new_pos.append(pos)
+            elif self.on_duplicate == "error":
+                raise DataError(f"duplicate id {key!r}", source=source, record=first_record + pos,
+                                hint="keep the first copy or the last instead of failing")
+            elif self.on_duplicate == "first":
+                self.skipped += 1
+            else:
+                self.replaced += 1
+                if row in pending:
+                    new_pos[pending[row]] = pos
+                else:
+                    replace_at[row] = pos
+        self.count += len(new_rows)
+        return new_rows, new_pos, list(replace_at), list(replace_at.values())
+
+    def _add_stored(self, stored, rows, positions) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        from vecpipe.formats.schema import align_batch
+
+        table = pa.Table.from_batches([stored]) if isinstance(stored, pa.RecordBatch) else stored
+        table = table.select(self.fields)
+        if self._tables:
+            first = self._tables[0].schema
+            table = pa.Table.from_batches([align_batch(b, first) for b in table.to_batches()],
+                                          first)
+        self._tables.append(table)
+        if len(self._position) < self.count:
+            grown = np.zeros(max(self.count, 2 * len(self._position)), dtype=np.int64)
+            grown[:len(self._position)] = self._position
+            self._position = grown
+        self._position[np.asarray(rows, dtype=np.int64)] = \
+            self._arrived + np.asarray(positions, dtype=np.int64)
+        self._arrived += table.num_rows
+
+    def commit(self) -> dict:
+        """Write everything into the temporary folder, then swap it into place."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.count == 0:
+            raise DataError("no records to index")
+        try:
+            if self.spec.flat:
+                self._vectors.close()
+            else:
+                self._vectors.save(os.path.join(self.tmp, VECTORS))
+            rows = pa.concat_tables(self._tables).take(pa.array(self._position[:self.count]))
+            pq.write_table(rows, os.path.join(self.tmp, ROWS), compression="zstd")
+        except OSError as err:
+            raise write_error(err, self.path) from None
+        except RuntimeError as err:  # usearch says only "Failed to serialize into stream"
+            raise _save_error(err, self.tmp, self.path) from None
+        files = [FLAT_VECTORS if self.spec.flat else VECTORS, ROWS]
+        if self._full is not None:
+            self._full.close()
+            files.append(FULL)
+        manifest = new_manifest(
+            self.spec.layout, self.count, self.spec.dim, self.spec.metric, self.spec.dtype,
+            self.spec.score_metric, self.spec.metadata, self.spec.query_prompt, self.fields,
+            self.spec.full, **self._layout_keys(), files=file_facts(self.tmp, files))
+        write_manifest(self.tmp, manifest)
+        swap_into_place(self.tmp, self.path)
+        return manifest
+
+    def _layout_keys(self) -> dict:
+        spec = self.spec
+        return {"flat": spec.flat, "hnsw": None if spec.flat else {
+            "connectivity": spec.connectivity, "expansion_add": spec.expansion_add,
+            "expansion_search": spec.expansion_search}}
+
+    def abort(self) -> None:
+        for writer in (getattr(self, "_full", None), getattr(self, "_vectors", None)):
+            if isinstance(writer, _NpyWriter):
+                writer.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "IndexBuilder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
+def _save_error(err: RuntimeError, folder: str, path: str) -> DataError:
+    """usearch's failed save as a DataError: disk full when the folder's filesystem is."""
+    try:
+        usage = os.statvfs(folder)
+        full = usage.f_bavail * usage.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    if full:
+        return write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    return DataError(f"could not write the index: {err}", source=path)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Around usearch's add and search, which run Python's signal handlers themselves and,
+    when one raises (Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated), stop with an exception
+    of their own that loses the handler's (RuntimeError from add, MemoryError from an exact
+    search): the handler's exception is raised instead."""
+    with _SignalWatch() as watch:
+        try:
+            yield
+        except (RuntimeError, MemoryError):
+            if watch.raised is not None:
+                raise watch.raised from None
+            raise
+
+
+class _SignalWatch:
+    """Keeps the exception that a SIGINT or SIGTERM handler raised while it was entered."""
+
+    def __init__(self):
+        self.raised: BaseException | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_SignalWatch":
+        if threading.current_thread() is threading.main_thread():  # handlers live there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self._previous[signum] = handler
+                    signal.signal(signum, self._watched(handler))
+        return self
+
+    def _watched(self, handler):
+        def run(signum, frame):
+            try:
+                handler(signum, frame)
+            except BaseException as err:
+                self.raised = err
+                raise
+        return run
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _spec_of(base: "IndexReader") -> IndexSpec:
+    m = base.manifest
+    return IndexSpec(dim=m["dim"], metric=m["metric"], dtype=m["dtype"],
+                     score_metric=m.get("score_metric"), **hnsw_options(m),
+                     metadata=dict(m["metadata"]), query_prompt=m.get("query_prompt"),
+                     full=m.get("full"))
+
+
+def _copy_rows(matrix, writer: _NpyWriter, block: int = 65536) -> None:
+    for start in range(0, len(matrix), block):
+        writer.append(matrix[start:start + block])

@@ -1,0 +1,201 @@
+"""Opening an index folder: `open_index(path)` checks its manifest and file sizes (checksums
+too with `verify`) and returns an `OpenIndex` (one folder, memory-mapped) or, for a linked
+folder, a `LinkedIndex` over its opened shards. Both are `IndexReader`s.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Sequence
+
+from vecpipe.core.index_format import (
+    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_arrays, check_files, hnsw_options,
+    index_numpy_dtype, index_width, layout_of, read_manifest, to_index_codes)
+from vecpipe.core.index_linked import LinkedIndex
+from vecpipe.core.index_search import Searcher
+from vecpipe.formats.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.core.index_format import IndexReader
+
+
+def open_index(path: str, verify: bool = False) -> "IndexReader":
+    """Open an index folder: manifest and file sizes checked (checksums too with `verify`)."""
+    manifest = read_manifest(path)
+    if layout_of(manifest) == "linked":
+        return _open_linked(path, manifest, verify)
+    checked = check_files(path, manifest, verify)
+    check_arrays(path, manifest)
+    index = OpenIndex(path, manifest)
+    index.files_checked = checked
+    return index
+
+
+def verify_index(path: str) -> int:
+    """Check every file of an index (a linked one's shards too) against the manifest's sizes
+    and checksums; returns the number of files checked."""
+    return open_index(path, verify=True).files_checked
+
+
+def _open_linked(path: str, manifest: dict, verify: bool) -> LinkedIndex:
+    """`manifest` is checked by check_manifest: shard paths are `shards/NNNNN`, hidden rows
+    `shards/NNNNN.hidden.npy`."""
+    checked = check_files(path, manifest, verify)
+    shards = []
+    for entry in manifest["shards"]:
+        shard = open_index(os.path.join(path, entry["path"]), verify=verify)
+        if shard.count != entry["count"]:
+            raise DataError(f"shard {entry['path']} holds {shard.count} vectors, the manifest "
+                            f"says {entry['count']}: the index is damaged", source=path)
+        shards.append(shard)
+        checked += shard.files_checked
+    index = LinkedIndex(path, manifest, shards)
+    index.files_checked = checked
+    return index
+
+
+class OpenIndex:
+    """An index folder opened for reading; the usearch index is memory-mapped on first use."""
+
+    def __init__(self, path: str, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.count: int = manifest["count"]
+        self.dim: int = manifest["dim"]
+        self.metric: str = manifest["metric"]
+        self.dtype: str = manifest["dtype"]
+        self.score_metric: str = manifest.get("score_metric") or (
+            "cos" if self.metric == "hamming" else self.metric)
+        self.metadata: dict = manifest.get("metadata") or {}
+        self.fields: list[str] = manifest["fields"]
+        self.full_spec: dict | None = manifest.get("full")
+        self.query_prompt: str | None = manifest.get("query_prompt")
+        self.layout: str = layout_of(manifest)
+        self.flat: bool = self.layout == "flat"
+        self._usearch = self._rows = self._full = self._flat = None
+        self.codec = None
+        if self.metadata.get("codec"):
+            from vecpipe.core.codec import codec_from_meta
+
+            self.codec = codec_from_meta(self.metadata, source=path)
+
+    @property
+    def usearch(self):
+        if self.flat:
+            raise UsageError("a flat index has no HNSW graph; it is searched exactly")
+        if self._usearch is None:
+            from usearch.index import Index
+
+            index = Index.restore(os.path.join(self.path, VECTORS), view=True)
+            if index is None or index.size != self.count:
+                raise DataError("vectors.usearch does not hold the manifest's "
+                                f"{self.count} vectors", source=self.path)
+            index.expansion_search = self.manifest["hnsw"]["expansion_search"]
+            self._usearch = index
+        return self._usearch
+
+    def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
+        """The stored fields (all, or `columns`), row i = key i, memory-mapped."""
+
+        if self._rows is None:
+            self._rows = _read_rows(self.path, self.count, self.fields)
+        if columns is None:
+            return self._rows
+        missing = [c for c in columns if c not in self.fields]
+        if missing:
+            raise DataError(f"the index does not store field {missing[0]!r} (it stores: "
+                            f"{', '.join(self.fields)})", source=self.path,
+                            hint="rebuild the index storing that field")
+        return self._rows.select(list(columns))
+
+    def ids(self) -> "pa.ChunkedArray":
+        return self.rows().column(ID)
+
+    def visible_mask(self) -> None:
+        """Every row of one folder is visible (its ids are unique)."""
+        return None
+
+    def storage_options(self) -> dict:
+        return hnsw_options(self.manifest)
+
+    files_checked = 0  # set by open_index
+
+    def flat_vectors(self):
+        """A flat index's vectors (memory-mapped numpy array, index space)."""
+        if self._flat is None:
+            import numpy as np
+
+            self._flat = np.load(os.path.join(self.path, FLAT_VECTORS), mmap_mode="r",
+                                 allow_pickle=False)
+        return self._flat
+
+    def full_vectors(self):
+        """The kept full-precision vectors (memory-mapped numpy array), or None."""
+        if self.full_spec is None:
+            return None
+        if self._full is None:
+            import numpy as np
+
+            self._full = np.load(os.path.join(self.path, FULL), mmap_mode="r",
+                                 allow_pickle=False)
+        return self._full
+
+    @property
+    def query_dim(self) -> int:
+        """The dimension of float query vectors (before the codec, if any)."""
+        return self.codec.input_dim if self.codec is not None else self.dim
+
+    def stored_vectors(self, rows) -> "np.ndarray":
+        """Index-space vectors of `rows` as usearch holds them (codes for i8/b1)."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.uint64)
+        width = index_width(self.dim, self.dtype)
+        if len(rows) == 0:
+            return np.zeros((0, width), dtype=index_numpy_dtype(self.dtype))
+        if self.flat:
+            return np.asarray(self.flat_vectors()[rows.astype(np.int64)])
+        return np.vstack(self.usearch.get(rows)).reshape(len(rows), width)
+
+    def encode(self, queries) -> "np.ndarray":
+        """Float queries -> the index space (the codec applied, if any)."""
+        import numpy as np
+
+        queries = np.asarray(queries, dtype=np.float32)
+        codec = self.codec
+        if queries.ndim != 2 or queries.shape[1] not in (codec.query_dims if codec else
+                                                         (self.query_dim,)):
+            raise DataError(f"query vectors have {queries.shape[-1]} dimensions, the index "
+                            f"expects {codec.expected_dims() if codec else self.query_dim}",
+                            source=self.path)
+        if self.codec is not None:
+            if self.score_metric == "cos":  # scale-free: unit queries stay inside the ranges
+                queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
+                                               1e-30)
+            return to_index_codes(self.codec, self.codec.encode(queries))
+        if self.dtype in ("i8", "b1"):
+            raise DataError(f"the index holds {self.dtype} codes but records no codec, so float "
+                            "queries cannot be encoded", source=self.path,
+                            hint="query with vectors encoded the same way")
+        return queries
+
+    def searcher(self, k: int, **options) -> "Searcher":
+        return Searcher(self, k, **options)
+
+
+def _read_rows(path: str, count: int, fields: list) -> "pa.Table":
+    """rows.parquet, memory-mapped, checked against the manifest's count and fields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(os.path.join(path, ROWS), memory_map=True)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
+    if table.num_rows != count or table.column_names != fields:
+        raise DataError(f"{ROWS} holds {table.num_rows} rows of "
+                        f"{', '.join(table.column_names)}; the manifest says {count} of "
+                        f"{', '.join(fields)}: the index is damaged", source=path)
+    return table

@@ -1,0 +1,286 @@
+"""Searching an opened index: `Searcher` plans each batch (ANN, exact, filtered, rescored) for
+one folder; `LinkedSearcher` runs one per shard of a linked index and merges their top k.
+
+Scores are similarities, larger is better, whatever the metric: cos -> cosine, ip -> dot
+product, l2sq -> minus the squared distance, hamming -> the fraction of equal bits
+(`distance_to_score` converts usearch distances). i8 scores are always the float query against
+the decoded codes (asymmetric); b1 scores are hamming-based unless rescored.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from vecpipe.core.index_build import interruptible
+from vecpipe.formats.errors import ParameterError
+from vecpipe.core.index_format import FULL, from_index_codes
+from vecpipe.core.vectors import Hits, distance_to_score, paired_similarity, sorted_hits
+from vecpipe.formats.errors import DataError, UsageError
+
+if TYPE_CHECKING:
+    from vecpipe.core.index_format import IndexReader
+
+_OVERSAMPLE = 2.0          # filtered ANN fetches this many times the expected need
+_HNSW_COST = 32            # ~distance computations per HNSW result, vs 1 per row for exact
+# i8 codes carry per-dimension scales, so the graph's code-space neighbours are not quite the
+# float ones: fetching 4x candidates and rescoring them against the float query took recall@10
+# on real MiniLM vectors from 0.86 to 0.97 (bench/search.py).
+_SCALAR_CODES_RESCORE = 4
+KEEP_FULL_VECTORS = "rebuild the index keeping the full vectors"
+
+
+class Searcher:
+    """Search one index folder (an OpenIndex) with fixed options, for one batch of queries after another.
+
+    - `k` hits per query (fewer only when fewer rows exist, pass the filter, or reach
+      `min_score`).
+    - `exact`: brute force in the index space instead of HNSW. `ef`: HNSW expansion_search.
+    - `rescore=MULT`: fetch k*MULT candidates, rescore them with the kept full vectors (or, with
+      no full vectors, the float query against the decoded codes), keep k. i8 indexes always
+      score the float query against the decoded codes, by default on k*4 candidates.
+    - `mask`: bool per row (True = allowed). Few allowed rows: exact search over them; many:
+      oversampled ANN, post-filtered, and any query left short is redone exactly, so a filter
+      that matches >= k rows always returns k hits.
+    """
+
+    def __init__(self, index: "IndexReader", k: int, exact: bool = False, ef: int | None = None,
+                 rescore: int | None = None, min_score: float | None = None, mask=None,
+                 threads: int = 0):
+        import numpy as np
+
+        if k < 1:
+            raise ParameterError("k (hits per query) must be at least 1", "k")
+        self.index, self.k, self.exact, self.min_score, self.threads = \
+            index, k, exact, min_score, threads
+        self.rescore_source = _rescore_source(index, rescore)
+        self.rescore_requested = rescore is not None
+        self.want = k * (rescore or (_SCALAR_CODES_RESCORE if self.rescore_source == "codes"
+                                     else 1))
+        if ef is not None:
+            if index.flat:
+                raise ParameterError("the search expansion (ef) tunes HNSW search; this index "
+                                     "is flat (always exact)", "ef")
+            index.usearch.expansion_search = ef
+        self.allowed = None if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
+        if self.allowed is not None and len(self.allowed) == index.count:
+            self.allowed = None  # the filter keeps everything
+        self._allowed_vectors = None
+        self.plan = self._plan()
+
+    def _plan(self) -> str:
+        """none | exact | ann | exact-subset | ann-filtered (see the class docstring)."""
+        n = self.index.count
+        exact = self.exact or self.index.flat
+        if self.allowed is None:
+            return "exact" if exact or self.want >= n else "ann"
+        m = len(self.allowed)
+        if m == 0:
+            return "none"
+        if exact or m <= self._fetch() * _HNSW_COST or self._fetch() >= n // 2:
+            return "exact-subset"
+        return "ann-filtered"
+
+    def _fetch(self) -> int:
+        """ANN results to fetch so that ~`want` of them pass the filter."""
+        n, m = self.index.count, len(self.allowed)
+        return min(n, int(math.ceil(self.want * n / m * _OVERSAMPLE)) + self.want)
+
+    def search(self, queries, encoded: bool = False) -> Hits:
+        """`queries`: float32 (queries x query_dim), or index-space codes with `encoded`."""
+        import numpy as np
+
+        queries = np.asarray(queries)
+        coded = queries if encoded else self.index.encode(queries)
+        if encoded and self.rescore_requested:
+            raise ParameterError("rescoring needs float query vectors, not codes", "rescore")
+        candidates = self._candidates(coded)
+        if self.rescore_source is not None and not encoded:
+            candidates = self._rescored(queries, candidates.rows)
+        return sorted_hits(candidates.rows, candidates.scores, self.k) \
+            .thresholded(self.min_score)
+
+    def _candidates(self, coded) -> Hits:
+        import numpy as np
+
+        n = self.index.count
+        if self.plan == "none" or len(coded) == 0:
+            return Hits(np.full((len(coded), 0), -1, np.int64),
+                        np.zeros((len(coded), 0), np.float32))
+        if self.plan == "exact":
+            return self._usearch(coded, min(self.want, n), exact=True)
+        if self.plan == "exact-subset":
+            return self._exact_subset(coded)
+        if self.plan == "ann":
+            return self._complete(coded, self._usearch(coded, self.want, exact=False), n,
+                                  lambda q: self._usearch(q, self.want, exact=True))
+        return self._complete(coded, self._ann_filtered(coded), len(self.allowed),
+                              self._exact_subset)
+
+    def _complete(self, coded, hits: Hits, available: int, exact) -> Hits:
+        """Redo exactly the queries that came back with fewer candidates than exist."""
+        import numpy as np
+
+        short = np.flatnonzero(hits.counts < min(self.want, available))
+        if len(short) == 0:
+            return hits
+        redo = exact(coded[short])
+        width = max(hits.rows.shape[1], redo.rows.shape[1])
+        rows, scores = _padded(hits, width)
+        rows[short], scores[short] = _padded(redo, width)
+        return Hits(rows, scores)
+
+    def _usearch(self, coded, count: int, exact: bool) -> Hits:
+        if self.index.flat:
+            found = self._scan(self.index.flat_vectors(), coded, count)
+        else:
+            with interruptible():
+                found = self.index.usearch.search(coded, count, exact=exact,
+                                                  threads=self.threads)
+        return self._to_hits(found, count)
+
+    def _to_hits(self, found, count: int, row_of_key=None) -> Hits:
+        import numpy as np
+
+        keys, distances, counts = _match_arrays(found, count)
+        valid = np.arange(count)[None, :] < counts[:, None]
+        keys = np.where(valid, keys, 0)
+        rows = np.where(valid, keys if row_of_key is None else row_of_key[keys], -1)
+        scores = distance_to_score(self.index.metric, distances, self.index.dim)
+        return Hits(rows, np.where(valid, scores, -np.inf).astype(np.float32))
+
+    def _exact_subset(self, coded) -> Hits:
+        if self._allowed_vectors is None:
+            self._allowed_vectors = self.index.stored_vectors(self.allowed)
+        count = min(self.want, len(self.allowed))
+        found = self._scan(self._allowed_vectors, coded, count)
+        return self._to_hits(found, count, row_of_key=self.allowed)
+
+    def _scan(self, vectors, coded, count: int):
+        """usearch's exact brute force over index-space vectors (keys = their positions)."""
+        from usearch.index import search
+
+        with interruptible():
+            return search(vectors, coded, count, self.index.metric, exact=True,
+                          threads=self.threads)
+
+    def _ann_filtered(self, coded) -> Hits:
+        import numpy as np
+
+        hits = self._usearch(coded, self._fetch(), exact=False)
+        allowed = np.zeros(self.index.count + 1, dtype=bool)
+        allowed[self.allowed] = True
+        ok = allowed[hits.rows]  # row -1 reads the sentinel False at the end
+        order = np.argsort(~ok, axis=1, kind="stable")[:, :self.want]
+        rows = np.where(np.take_along_axis(ok, order, 1), np.take_along_axis(hits.rows, order, 1),
+                        -1)
+        return Hits(rows, np.take_along_axis(hits.scores, order, 1))
+
+    def _rescored(self, queries, rows) -> Hits:
+        import numpy as np
+
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        if self.rescore_source == "full" and queries.shape[1] != self.index.full_spec["dim"]:
+            raise DataError(f"rescoring with {FULL} needs {self.index.full_spec['dim']}-"
+                            f"dimensional queries, not {queries.shape[1]} (already truncated)",
+                            source=self.index.path, hint="give the untruncated query vectors")
+        if self.rescore_source == "codes":
+            queries = self.index.codec.project(queries)
+        for start in range(0, len(rows), 256):
+            block = rows[start:start + 256]
+            vectors = self._rescore_vectors(np.where(block >= 0, block, 0))
+            scores[start:start + 256] = paired_similarity(
+                self.index.score_metric, queries[start:start + 256], vectors)
+        return Hits(rows, np.where(rows >= 0, scores, -np.inf))
+
+    def _rescore_vectors(self, rows):
+        """Float vectors to rescore with, for a (queries x candidates) block of rows."""
+        import numpy as np
+
+        unique, inverse = np.unique(rows.reshape(-1), return_inverse=True)
+        if self.rescore_source == "full":
+            vectors = np.asarray(self.index.full_vectors()[unique], dtype=np.float32)
+        else:
+            codec = self.index.codec
+            vectors = codec.decode(from_index_codes(codec, self.index.stored_vectors(unique)))
+        return vectors[inverse].reshape(*rows.shape, -1)
+
+
+def _match_arrays(found, count: int):
+    """usearch results as (keys, distances) of queries x count and found counts; usearch answers
+    a single query with a trimmed `Matches` instead of `BatchMatches`."""
+    import numpy as np
+
+    if hasattr(found, "counts"):
+        return (np.asarray(found.keys).reshape(-1, count).astype(np.int64),
+                np.asarray(found.distances, dtype=np.float32).reshape(-1, count),
+                np.asarray(found.counts).reshape(-1))
+    n = len(found.keys)
+    keys = np.zeros((1, count), dtype=np.int64)
+    distances = np.zeros((1, count), dtype=np.float32)
+    keys[0, :n], distances[0, :n] = found.keys, found.distances
+    return keys, distances, np.array([n])
+
+
+def _padded(hits: Hits, width: int):
+    import numpy as np
+
+    rows = np.full((len(hits.rows), width), -1, dtype=np.int64)
+    scores = np.full((len(hits.rows), width), -np.inf, dtype=np.float32)
+    rows[:, :hits.rows.shape[1]] = hits.rows
+    scores[:, :hits.rows.shape[1]] = hits.scores
+    return rows, scores
+
+
+def _rescore_source(index: "IndexReader", rescore: int | None) -> str | None:
+    """'full' (kept vectors), 'codes' (float query vs decoded codes) or None."""
+    from vecpipe.core.codec import SCALAR_TARGETS
+
+    if rescore is not None and rescore < 1:
+        raise ParameterError("the rescore multiple must be at least 1", "rescore")
+    scalar_codes = index.codec is not None and index.codec.to in SCALAR_TARGETS
+    if rescore is None:
+        return "codes" if scalar_codes else None
+    if index.full_spec is not None:
+        if index.full_spec["dim"] != index.query_dim:  # `index` refuses to build these now
+            raise DataError(f"{FULL} holds {index.full_spec['dim']}-dimensional vectors, the "
+                            f"queries have {index.query_dim}: it kept the reduced vectors of a "
+                            "compressed stream, which cannot rescore", source=index.path,
+                            hint="search without rescoring, or rebuild the index from the "
+                                 "uncompressed vectors")
+        return "full"
+    if index.codec is not None:
+        return "codes"
+    raise ParameterError("the index stores no full-precision vectors to rescore with, and no "
+                         "quantized (i8/b1) codes to decode", "rescore",
+                         hint=KEEP_FULL_VECTORS)
+
+
+class LinkedSearcher:
+    """One Searcher per shard; results merged into the top k by score (ties by row)."""
+
+    def __init__(self, index: "IndexReader", k: int, mask=None, **options):
+        import numpy as np
+
+        self.index, self.k = index, k
+        allowed = index.visible_mask()
+        if mask is not None:
+            allowed &= np.asarray(mask, dtype=bool)
+        self.searchers = []
+        for number, shard in enumerate(index.shards):
+            start, stop = index.offsets[number], index.offsets[number + 1]
+            shard_mask = allowed[start:stop]
+            self.searchers.append(shard.searcher(
+                k, mask=None if shard_mask.all() else shard_mask, **options))
+
+    def search(self, queries, encoded: bool = False):
+        import numpy as np
+
+        if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
+            raise UsageError("the shards use different codecs: query with float vectors")
+        rows, scores = [], []
+        for offset, searcher in zip(self.index.offsets, self.searchers):
+            hits = searcher.search(queries, encoded=encoded)
+            rows.append(np.where(hits.rows >= 0, hits.rows + offset, -1))
+            scores.append(hits.scores)
+        return sorted_hits(np.concatenate(rows, axis=1), np.concatenate(scores, axis=1),
+                           self.k)
