@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Everything but the tests marked slow (real model, ONNX, OpenVINO, Ray, NFCorpus): the edit loop.
+# Everything but the tests marked slow (real model, ONNX, OpenVINO, Ray, NFCorpus, long subprocess
+# pipelines and signals): the edit loop, under a minute.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 

@@ -203,10 +203,10 @@ def throughput(tmp: Path, rows: int) -> list[tuple[str, float]]:
     del vectors
     results = []
     for label, args in [("convert (copy, baseline)", ["convert"]),
-                        ("compress --to float16", ["compress", "--dtype", "float16"]),
-                        ("compress --to int8", ["compress", "--dtype", "int8"]),
-                        ("compress --to binary", ["compress", "--dtype", "binary"]),
-                        ("compress --pca 128 --to int8", ["compress", "--pca", "128", "--dtype",
+                        ("compress --dtype float16", ["compress", "--dtype", "float16"]),
+                        ("compress --dtype int8", ["compress", "--dtype", "int8"]),
+                        ("compress --dtype binary", ["compress", "--dtype", "binary"]),
+                        ("compress --pca 128 --dtype int8", ["compress", "--pca", "128", "--dtype",
                                                            "int8"])]:
         times = []
         for _ in range(3):

@@ -1,6 +1,6 @@
 """Benchmark `vecpipe embed` against plain sentence-transformers on BEIR NFCorpus (title + text).
 
-1. Throughput, torch backend: `vecpipe embed --field title --field text` reading the corpus JSONL
+1. Throughput, torch backend: `vecpipe embed --text-field title --text-field text` reading the corpus JSONL
    on stdin and writing Arrow to /dev/null (a subprocess, as a user runs it) vs.
    `SentenceTransformer.encode` of the same texts in one in-memory call in this process; same
    model, batch size and device. Runs alternate (ST, vecpipe, ST, vecpipe...) so machine load hits

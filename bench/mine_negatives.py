@@ -10,7 +10,7 @@
    and peak RSS (wait4). The rows are compared (texts equal, scores to 1e-5).
 2. `--scale N` (default 1,000,000): a synthetic N-passage corpus (the NFCorpus documents plus
    perturbed copies of their vectors, renormalised, with synthetic texts) indexed with
-   `vecpipe index --store text` and mined through the index (HNSW). The peer gets the same
+   `vecpipe index --fields text` and mined through the index (HNSW). The peer gets the same
    vectors through its cache: its default exact path (a queries x corpus score matrix) runs
    under an address-space cap (--peer-memory-gb), its faiss path (exact IndexFlatIP) without.
 
@@ -273,7 +273,7 @@ def compare_scale(nf: dict, work: Path, size: int, cap_gb: float, exact: bool) -
         write_embeddings(arrow, ids, texts, np.load(vectors_path, mmap_mode="r"))
         built = measured([sys.executable, "-m", "vecpipe.cli", "index", str(arrow), "-o",
                           str(index), "--fields", "text", "-q"])
-        report(f"vecpipe index ({size:,} x 384 f32, --store text)", [built])
+        report(f"vecpipe index ({size:,} x 384 f32, --fields text)", [built])
         arrow.unlink()
     cache = work / f"st-cache-{size}"
     cache.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@
 Each variant is a subprocess timed by wall clock, as a user runs it; the variants alternate in
 rounds so machine load hits them alike; medians are reported with ratios to `plain`.
 
-  plain    vecpipe embed corpus.jsonl --field title --field text -o plain.arrow
+  plain    vecpipe embed corpus.jsonl --text-field title --text-field text -o plain.arrow
   shards   the same with --shard i/P -o parts/, i = 0..P-1 one after another (a Slurm array
            on one node, or make -j1)
   ray      vecpipe embed --engine ray --parts P corpus/ -o ray.arrow: starts a local Ray

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from vecpipe.formats.errors import DataError, UsageError
 from vecpipe.formats.parts import file_sha256
+from vecpipe.formats.writers import current_umask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -427,7 +428,7 @@ def _pid_alive(pid: int) -> bool:
 def swap_into_place(tmp: str, path: str) -> None:
     """Move the finished folder `tmp` to `path` (a real path: renaming a symlink would move
     the link itself); an existing folder is swapped out, then removed."""
-    os.chmod(tmp, 0o755 & ~_umask())  # mkdtemp made it private
+    os.chmod(tmp, 0o755 & ~current_umask())  # mkdtemp made it private
     if not os.path.exists(path):
         os.rename(tmp, path)
         return
@@ -437,8 +438,3 @@ def swap_into_place(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

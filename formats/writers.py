@@ -184,7 +184,7 @@ class AtomicFile:
         try:
             self.file.close()
             if not self.direct:
-                os.chmod(self.tmp, 0o644 & ~_umask())
+                os.chmod(self.tmp, 0o644 & ~current_umask())
                 os.replace(self.tmp, self.target)
         except BaseException as err:
             self.abort()
@@ -217,7 +217,8 @@ def _write_target(path: str) -> tuple[str, bool]:
     return os.path.abspath(path), True
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

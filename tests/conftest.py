@@ -1,6 +1,7 @@
 """Shared fixtures: an in-process CLI runner with split stdout/stderr, record helpers, the bundled
 model (loaded once per session), and the NFCorpus path (tests that use it skip when it is absent,
-as in a user's clone). Tests of the real model, ONNX, OpenVINO, Ray or NFCorpus are marked
+as in a user's clone). Tests of the real model, ONNX, OpenVINO, Ray or NFCorpus, and those that
+spend a second or more on subprocess pipelines and signals, are marked
 `slow`: `make test-fast` leaves them out, `make test` (CI) runs them."""
 import io
 import os

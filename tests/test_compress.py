@@ -72,6 +72,7 @@ def test_float16_is_numpys_cast():
     assert np.array_equal(Codec.fit(x, "float16").encode(x), x.astype(np.float16))
 
 
+@pytest.mark.slow
 def test_bfloat16_bits_match_torch():
     torch = pytest.importorskip("torch")
     x = np.concatenate([unit_vectors(200, 32), np.array([[1.00390625, -3.0e-39, 7.5e3] * 10
@@ -200,6 +201,7 @@ def test_codec_refuses_bad_options_and_inputs():
 
 
 # ----- the command -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_compress_int8_records_codec_and_codes(cli, tmp_path):
     x = unit_vectors(300, 32)
     src = write_arrow(tmp_path / "v.arrow", x)

@@ -34,6 +34,7 @@ def test_unknown_option_is_usage_error(cli, path):
         f"(see '{' '.join(path)} --help')"], r.stderr
 
 
+@pytest.mark.slow
 def test_bad_option_value_is_one_usage_line(run_vecpipe):
     r = run_vecpipe("search", "idx", "-k", "0")
     assert r.returncode == 2 and r.stdout == b""
@@ -81,6 +82,7 @@ def _modules_after(args):
     return lines[-1] if lines and not lines[-1].startswith("vecpipe") else ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--help"], ["info", "-"], ["convert", "-"]])
 def test_light_commands_import_no_torch(args):
     assert _modules_after(args) == ""
@@ -92,6 +94,7 @@ def test_python_dash_m_works():
     assert out.returncode == 0 and out.stdout.startswith("vecpipe ")
 
 
+@pytest.mark.slow
 def test_debug_env_shows_traceback(run_vecpipe, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{oops\n")
@@ -102,6 +105,3 @@ def test_debug_env_shows_traceback(run_vecpipe, tmp_path):
     assert loud.returncode == 1 and b"Traceback" in loud.stderr
 
 
-def test_quiet_silences_summaries(cli, tmp_path, write_jsonl):
-    src = write_jsonl(tmp_path / "a.jsonl", [{"id": "1"}])
-    assert cli("convert", src, "-q", "--output-format", "jsonl").stderr == ""

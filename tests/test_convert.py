@@ -94,6 +94,7 @@ def test_nfcorpus_every_format_and_back(cli, tmp_path, nfcorpus, parse_records):
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fields,arrow", [(None, True), ("id,text", False)])
 def test_convert_on_a_pipe_is_arrow_only_with_vectors(run_vecpipe, tmp_path, write_jsonl,
                                                        fields, arrow):

@@ -388,6 +388,7 @@ def _peak_rss_kib(count, tmp_path):
     return int(done.stdout.strip())
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_as_input_grows(tmp_path):
     small = _peak_rss_kib(2_000, tmp_path)
     large = _peak_rss_kib(20_000, tmp_path)   # 40 windows
@@ -395,6 +396,7 @@ def test_memory_stays_bounded_as_input_grows(tmp_path):
     assert large < small + 12 * 1024, (small, large)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_killed_run_leaves_no_partial_output(tmp_path, sig):
     out = tmp_path / "out.arrow"

@@ -84,6 +84,7 @@ def load_trec_run(path):
 
 # ---------------------------------------------------------------- metrics vs pytrec_eval
 
+@pytest.mark.slow
 def test_metrics_equal_pytrec_eval_on_random_runs():
     rng = random.Random(7)
     for _ in range(150):
@@ -625,6 +626,7 @@ def test_sts_fail_under(cli, tmp_path, write_jsonl):
 
 # ---------------------------------------------------------------- as a process
 
+@pytest.mark.slow
 def test_pipeline_and_no_torch_for_eval_retrieval(run_vecpipe):
     import subprocess
     import sys

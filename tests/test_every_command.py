@@ -146,6 +146,7 @@ def error_lines(stderr: str, path: str) -> list[str]:
     return [line for line in lines if not line.startswith("hint: ")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=ids)
 def test_quiet_silences_the_summary(cli, inputs, tmp_path, command):
     loud = cli(*argv(command, inputs, tmp_path / "loud"))
@@ -177,6 +178,7 @@ def test_failed_run_leaves_the_output_as_it_was(cli, inputs, tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", STDOUT, ids=ids)
 def test_output_format_jsonl_is_json_lines(cli, inputs, command):
     choice = (["--output-format", "jsonl"] if "--output-format" in options_of(command.path)
@@ -213,6 +215,7 @@ def test_bad_input_line_is_located(cli, inputs, tmp_path, command):
     assert line.endswith(f"({where}:2)"), line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", STDOUT, ids=ids)
 def test_head_closing_the_pipe_is_a_clean_exit(inputs, command):
     vecpipe = shlex.join([sys.executable, "-m", "vecpipe.cli", *argv(command, inputs), "-q"])

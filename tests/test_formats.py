@@ -258,6 +258,7 @@ def test_packed_bits_and_int_codes(tmp_path):
     assert codes.type == pa.list_(pa.int8(), 2)
 
 
+@pytest.mark.slow
 def test_sniffing_through_a_real_pipe(tmp_path):
     """Arrow stream and Parquet through an OS pipe: no seeking, short reads are fine."""
     for fmt, ext in (("arrow", ".arrows"), ("parquet", ".parquet"), ("arrow-file", ".arrow")):

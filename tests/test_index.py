@@ -280,6 +280,7 @@ def test_rebuild_replaces_an_index_and_interruption_keeps_the_old_one(cli, tmp_p
     assert open_index(str(idx), verify=True).count == 300 and leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_killed_build_leaves_the_old_index(tmp_path, write_jsonl):
     """SIGKILL while the build waits for more input: the old index stays; the next build
     removes the dead build's temporary folder."""

@@ -2,6 +2,7 @@
 core -> formats; formats -> nothing of vecpipe; no circles. Lazy imports inside functions count:
 they are arrows too, only later."""
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ ALLOWED = {  # package -> the vecpipe packages its modules may import
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     return {f"vecpipe.{package}.{path.stem}": path
             for package in PACKAGES for path in sorted((REPO / package).glob("*.py"))}
@@ -45,6 +47,7 @@ def imported(module: str, path: Path) -> set[str]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     return {module: imported(module, path) for module, path in modules().items()}
 

@@ -232,6 +232,7 @@ def test_two_fanouts_checked_separately(cli, tmp_path, write_jsonl):
     assert r.exit_code == 1 and str(part(tmp_path / "y", 1, 2)) in r.stderr
 
 
+@pytest.mark.slow
 def test_stdin_pipeline_subprocess(run_vecpipe, overlapping):
     a, b = overlapping
     out = run_vecpipe("merge", a, "-", "--on-duplicate", "first", "--output-format", "jsonl",
@@ -254,6 +255,7 @@ def embed_registered():
     return any(name == "embed" for name, _ in COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not embed_registered(), reason="vecpipe embed is not registered yet")
 @pytest.mark.parametrize("fmt", ["arrow", "jsonl"])
 def test_merged_embed_shards_equal_unsharded(cli, tmp_path, write_jsonl, fmt):
@@ -494,6 +496,7 @@ def union(two, dedupe):
     return ids, vectors, dict(zip(ids, sources))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("link", [False, True], ids=["rebuild", "link"])
 @pytest.mark.parametrize("dedupe", ["first", "last"])
 def test_merged_index_search_equals_brute_force(cli, tmp_path, two_indexes, link, dedupe):
@@ -599,6 +602,7 @@ def test_quantized_indexes_with_different_codecs(cli, tmp_path, two_indexes):
     assert merged.ids().to_pylist() == ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_vectors", [True, False])
 def test_merge_on_a_pipe_is_arrow_only_with_vectors(run_vecpipe, tmp_path, write_jsonl,
                                                      with_vectors):

@@ -510,6 +510,7 @@ def test_cross_encoder_rescoring_equals_sentence_transformers(cli, tmp_path, st_
     assert_same_rows(r.records(), expected)
 
 
+@pytest.mark.slow
 def test_pipeline_from_an_arrow_pipe_into_head(tmp_path, small, write_jsonl):
     """A shell user: pairs through `convert` (Arrow on the pipe), output cut short by head."""
     import subprocess

@@ -32,6 +32,7 @@ def wheel(tmp_path_factory):
     return zipfile.ZipFile(next(out.glob("vecpipe-*.whl")))
 
 
+@pytest.mark.slow
 def test_wheel_contains_every_module(wheel):
     names = set(wheel.namelist())
     for folder, package in (("cli", "cli"), ("commands", "commands"), ("core", "core"),

@@ -3,12 +3,14 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 
 def vecpipe_cmd(*args):
     return [sys.executable, "-m", "vecpipe.cli", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_convert_into_head_exits_zero_silently(tmp_path):
     big = tmp_path / "big.jsonl"
     big.write_bytes(b"".join(orjson.dumps({"id": str(i), "text": "w " * 50}) + b"\n"
@@ -23,6 +25,7 @@ def test_convert_into_head_exits_zero_silently(tmp_path):
     assert orjson.loads(head.stdout)["id"] == "0"
 
 
+@pytest.mark.slow
 def test_convert_chain_through_arrow_pipe(tmp_path):
     src = tmp_path / "a.jsonl"
     src.write_bytes(b"".join(orjson.dumps({"id": str(i)}) + b"\n" for i in range(5000)))
@@ -34,6 +37,7 @@ def test_convert_chain_through_arrow_pipe(tmp_path):
     assert len(second.stdout.splitlines()) == 5000
 
 
+@pytest.mark.slow
 def test_interrupt_exits_130_without_traceback(tmp_path):
     import signal
     import time

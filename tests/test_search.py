@@ -204,6 +204,7 @@ FILTERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("expression", FILTERS)
 def test_filters_equal_brute_force_filtering(cli, corpus, expression):
     columns = corpus["columns"]
@@ -252,6 +253,7 @@ def test_filter_errors(cli, corpus):
 
 # ---- compressed indexes, rescoring ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_binary_index_exact_equals_hamming_brute_force_and_rescore_uses_full_vectors(
         cli, corpus, tmp_path):
     idx = tmp_path / "b1"
@@ -284,6 +286,7 @@ def test_binary_index_exact_equals_hamming_brute_force_and_rescore_uses_full_vec
         np.testing.assert_allclose([h[1] for h in everything[i]], truth_scores[i], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_index_scores_the_float_query_against_the_codes(cli, corpus, tmp_path):
     idx = tmp_path / "i8"
     assert cli("index", corpus["src"], "-o", idx, "--dtype", "i8").exit_code == 0
@@ -349,6 +352,7 @@ def assert_same_hits(result, expected, n=40):
             [h[0] for h, u in zip(want[q], untied) if u], q
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["f32", "f16", "i8", "b1"])
 def test_flat_index_answers_like_exact_search_on_the_graph_index(cli, corpus, tmp_path, dtype):
     flat, graph = tmp_path / "flat", tmp_path / "graph"
@@ -508,6 +512,7 @@ def test_trec_output(cli, corpus, tmp_path):
     assert float(lines[0][4]) >= float(lines[1][4]) >= float(lines[2][4])
 
 
+@pytest.mark.slow
 def test_pipeline_index_from_a_pipe_and_search_into_head(tmp_path, write_jsonl):
     docs = [{"id": f"d{i}", "text": f"doc {i}",
              "embedding": load_model("fake:8").encode([f"doc {i}"])[0].tolist()}

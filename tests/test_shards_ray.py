@@ -105,6 +105,7 @@ def test_rerun_skips_a_complete_part_and_redoes_an_altered_one(cli, tmp_path, wr
     assert part.read_bytes() == original
 
 
+@pytest.mark.slow
 def test_a_part_killed_halfway_leaves_no_part_and_a_rerun_completes_it(tmp_path, write_jsonl):
     source = write_jsonl(tmp_path / "in.jsonl", long_corpus())
     out = tmp_path / "out"
@@ -126,6 +127,7 @@ def test_a_part_killed_halfway_leaves_no_part_and_a_rerun_completes_it(tmp_path,
     assert completed_rows(str(part)) == len(ids)
 
 
+@pytest.mark.slow
 def test_sigterm_halfway_removes_the_temporary_too(tmp_path, write_jsonl):
     source = write_jsonl(tmp_path / "in.jsonl", long_corpus())
     out = tmp_path / "out"

@@ -49,6 +49,7 @@ def test_disk_full_hints_what_to_do(capsys):
     assert lines[1].startswith("hint: free some space")
 
 
+@pytest.mark.slow
 def test_sigterm_cleans_up_like_ctrl_c_and_exits_143(tmp_path):
     """A producer that never ends: SIGTERM must leave neither the output nor its temporary."""
     out = tmp_path / "out.jsonl"
@@ -127,6 +128,7 @@ def test_custom_code_hint_names_no_option_the_command_lacks(cli, tmp_path, write
     assert "hint: this command cannot run such a model" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.15, 0.4, 0.8])
 def test_ctrl_c_while_the_app_starts_is_quiet_and_130(delay):
     """Before the app can catch anything it imports every command (about a second)."""
@@ -141,6 +143,7 @@ def test_ctrl_c_while_the_app_starts_is_quiet_and_130(delay):
     assert b"Traceback" not in stderr and stderr.strip().endswith(b"interrupted"), stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["info"], ["eval", "embeddings"], ["info", "--output-format", "jsonl"]])
 def test_reports_to_a_closed_stdout_are_one_line(tmp_path, command):
     records = tmp_path / "v.jsonl"

@@ -134,6 +134,7 @@ def test_linked_manifest_shard_paths_must_be_shard_folders(cli, tmp_path, built)
 
 # ---- manifest fields and .npy files -----------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value", [("count", "60"), ("format_version", "one"),
                                         ("dim", None), ("fields", "id"), ("files", []),
                                         ("metric", 3), ("count", True), ("count", -1)])
@@ -335,6 +336,7 @@ def slow_build(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
                                                    (signal.SIGTERM, 143, "terminated")])
 def test_a_signal_during_the_hnsw_build_cleans_up_with_the_conventional_status(
@@ -348,6 +350,7 @@ def test_a_signal_during_the_hnsw_build_cleans_up_with_the_conventional_status(
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_an_exact_search_exits_130(tmp_path):
     """usearch answers a signal inside its exact search with std::bad_alloc (MemoryError):
     it must read as the interruption it is, not as 'out of memory'."""

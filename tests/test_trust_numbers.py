@@ -147,6 +147,7 @@ def truncated_index(tmp_path, run_vecpipe):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_truncated_queries_equal_however_they_were_made(truncated_index, run_vecpipe):
     """Queries truncated by `embed --dim 128` or by `compress --dim 128` (fitted on 25 rows,
     the index's codec on 300) search an index of `compress --dim 128` vectors alike, and find
@@ -178,6 +179,7 @@ def test_truncated_queries_equal_however_they_were_made(truncated_index, run_vec
             assert exact[q, d] >= fifth[q] - 2 * tolerance, (index, made_by, hit)
 
 
+@pytest.mark.slow
 def test_a_query_dimension_mismatch_names_what_the_index_expects(truncated_index, run_vecpipe,
                                                                 tmp_path):
     queries = _texts(tmp_path / "q.jsonl", "query", 5)

@@ -47,6 +47,7 @@ def embed_parts(cli, source, folder, count, *extra, shards=None):
 
 # -- embed --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_embed_parts_are_made_again_when_the_input_grows(cli, tmp_path, write_jsonl):
     source = write_jsonl(tmp_path / "in.jsonl", docs(500))
     parts = tmp_path / "parts"
@@ -60,6 +61,7 @@ def test_embed_parts_are_made_again_when_the_input_grows(cli, tmp_path, write_js
     assert sorted(r["id"] for r in merged) == sorted(d["id"] for d in docs(520))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [("--dim", "4"), ("--prompt", "query: "),
                                     ("--text-field", "title"), ("--id-field", "other"),
                                     ("--precision", "float32"),
@@ -243,6 +245,7 @@ def vectors(cli, tmp_path, write_jsonl):
     return make
 
 
+@pytest.mark.slow
 def test_index_part_is_rebuilt_when_its_input_or_options_change(cli, tmp_path, vectors):
     from vecpipe.core.index_open import open_index
 

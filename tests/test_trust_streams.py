@@ -53,6 +53,7 @@ def good_index(tmp_path, write_jsonl, run_vecpipe):
 
 # -- 1. an Arrow IPC stream must end with its end-of-stream marker ---------------------------
 
+@pytest.mark.slow
 def test_failing_embed_in_a_pipe_leaves_the_index_byte_identical(tmp_path, write_jsonl,
                                                                  good_index):
     idx, before = good_index
@@ -68,6 +69,7 @@ def test_failing_embed_in_a_pipe_leaves_the_index_byte_identical(tmp_path, write
     assert snapshot(idx) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl, signum):
     """convert | convert -o out.jsonl, the producer killed mid-stream: the old out.jsonl stays
@@ -106,6 +108,7 @@ def test_killed_producer_is_not_a_complete_input(tmp_path, write_jsonl, signum):
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("piped, cut_short", [
     ("arrow", f"{UNTERMINATED} (<stdin>:1025)"),
     ("jsonl", "stream cut short: the producer failed (<stdin>:1025)")])
@@ -125,6 +128,7 @@ def test_failing_convert_in_a_pipe_keeps_no_partial_output(tmp_path, write_jsonl
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":"old"}\n'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("consumer", ["convert -o out.jsonl", "compress --dim 4 -o out.jsonl",
                                       "merge -o out.jsonl", "index -o out.jsonl"])
 def test_a_producer_that_fails_before_its_first_byte_loses_nothing(tmp_path, consumer):
@@ -139,6 +143,7 @@ def test_a_producer_that_fails_before_its_first_byte_loses_nothing(tmp_path, con
     assert (tmp_path / "out.jsonl").read_bytes() == b'{"id":"old"}\n'
 
 
+@pytest.mark.slow
 def test_an_empty_file_is_still_an_empty_input(tmp_path):
     (tmp_path / "empty.jsonl").write_bytes(b"")
     for command in ("$VP convert empty.jsonl", "$VP convert < empty.jsonl",
@@ -257,6 +262,7 @@ def test_convert_to_a_file_widens_what_it_already_wrote(cli, tmp_path, write_jso
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["late.jsonl", out.name])
 
 
+@pytest.mark.slow
 def test_widening_on_an_arrow_stdout_fails_at_the_record(tmp_path, write_jsonl):
     """convert/embed to an Arrow pipe cannot change the schema they began with: one line at the
     exact record, and the reader downstream fails too (no marker)."""
@@ -341,6 +347,7 @@ def test_text_outputs_fail_cleanly_too(tmp_path, monkeypatch):
     assert err.value.source == str(target) and os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_disk_full_on_stdout_is_one_line(tmp_path, write_jsonl):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
@@ -352,6 +359,7 @@ def test_disk_full_on_stdout_is_one_line(tmp_path, write_jsonl):
         "hint: free some space, or write elsewhere with -o"]
 
 
+@pytest.mark.slow
 def test_closed_stdout_is_one_line(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "in.jsonl", records(3))
     result = shell("$VP convert in.jsonl >&-", tmp_path)
@@ -478,6 +486,7 @@ def test_output_to_a_device_never_replaces_it(cli, tmp_path, write_jsonl):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "null"]
 
 
+@pytest.mark.slow
 def test_index_names_stdin_as_such_in_its_errors(run_vecpipe, tmp_path):
     r = run_vecpipe("index", "-o", tmp_path / "idx", input=b"")
     assert r.returncode == 1
