@@ -189,16 +189,15 @@ class Embedder:
                 "max_length": self.max_length, "dtype": self.precision}
 
     def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
-        """The `vecpipe.*` keys describing vectors this model produced."""
+        """The `vecpipe.*` keys describing vectors this model produced: their VectorSpace,
+        then how they were made."""
+        from vecpipe.core.space import VectorSpace
         from vecpipe.formats import __version__
 
-        meta = {"model": self.name, "dim": str(dim or self.dim),
-                "normalized": "true" if normalized else "false", "dtype": "float32",
-                "version": __version__}
-        if self.sha:
-            meta["model_sha"] = self.sha
-        if prompt:
-            meta["prompt"] = prompt
+        space = VectorSpace(model=self.name, model_sha=self.sha or None, prompt=prompt or None,
+                            dim=str(dim or self.dim),
+                            normalized="true" if normalized else "false")
+        meta = {**space.meta(), "dtype": "float32", "version": __version__}
         if self.backend != "torch":
             meta["backend"] = self.backend
         if self.precision != "float32":
