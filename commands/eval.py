@@ -408,13 +408,13 @@ def beir(
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model
     from vecpipe.core import retrieval_metrics as m
-    from vecpipe.formats.beir import beir_qrels
+    from vecpipe.formats.beir import beir_files, beir_qrels
 
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
     _check_search_options(index_dtype, ef)
     index_dtype = options.index_dtype(index_dtype, "--index-dtype")
-    files = _beir_files(dataset, split)
+    files = beir_files(dataset, split)
     qrels = beir_qrels(files.qrels)
     queries = _judged_queries(files.queries, qrels)
     started = time.perf_counter()
@@ -457,18 +457,6 @@ def _check_search_options(index_dtype, ef) -> None:
 
     if ef is not None and not index_dtype:
         raise UsageError("--ef applies to --index-dtype searches only")
-
-
-def _beir_files(dataset: str, split: str):
-    from vecpipe.formats.beir import beir_files
-    from vecpipe.formats.errors import DataError
-
-    try:
-        return beir_files(dataset, split)
-    except DataError as err:
-        if err.hint:  # the splits the folder has
-            err.hint += "; choose one with --split"
-        raise
 
 
 def _judged_queries(path: str, qrels: dict) -> dict:

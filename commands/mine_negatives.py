@@ -264,12 +264,13 @@ def _read_pairs(inputs, beir, split, input_format):
     from vecpipe.formats.errors import UsageError
     from vecpipe.core.mining import beir_pairs, read_pairs
     from vecpipe.core.space import check_same_space
+    from vecpipe.formats.beir import beir_files
     from vecpipe.formats.readers import RecordStream
 
     if beir:
         if inputs:
             raise UsageError("give PAIRS or --beir, not both")
-        return beir_pairs(_beir_files(beir, split))
+        return beir_pairs(beir_files(beir, split))
     return read_pairs(RecordStream(inputs, input_format, check=check_same_space))
 
 
@@ -282,21 +283,11 @@ class _Source:
 
 
 def _corpus_source(corpus, beir, split, fields) -> _Source:
-    if corpus is None and beir:
-        return _Source(_beir_files(beir, split).corpus, fields or ["title", "text"])
-    return _Source(corpus, fields or ["text"])
-
-
-def _beir_files(folder: str, split: str):
     from vecpipe.formats.beir import beir_files
-    from vecpipe.formats.errors import DataError
 
-    try:
-        return beir_files(folder, split)
-    except DataError as err:
-        if err.hint:  # the splits the folder has
-            err.hint += "; choose one with --split"
-        raise
+    if corpus is None and beir:
+        return _Source(beir_files(beir, split).corpus, fields or ["title", "text"])
+    return _Source(corpus, fields or ["text"])
 
 
 class _ExactCorpus:

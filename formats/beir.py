@@ -34,7 +34,8 @@ def beir_files(folder: str, split: str) -> BeirFiles:
                      if os.path.isfile(os.path.join(folder, name + ext))), None)
         if path is None:
             known = splits(folder)
-            hint = f"splits here: {', '.join(known)}" if role == "qrels" and known else None
+            hint = f"splits here: {', '.join(known)}; choose one with --split" \
+                if role == "qrels" and known else None
             raise DataError(f"missing {name}", source=folder, hint=hint)
         found[role] = path
     return BeirFiles(**found)
