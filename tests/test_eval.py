@@ -454,7 +454,9 @@ def test_beir_cache_is_shared_with_embed(cli, tmp_path, write_jsonl):
 def test_beir_errors(cli, tmp_path):
     r = cli("eval", "beir", TINY, "-m", "fake:8", "--split", "train")
     assert r.exit_code == 1 and "missing qrels/train.tsv" in r.stderr
-    assert "splits here: dev, test" in r.stderr
+    assert "splits here: dev, test; choose one with --split" in r.stderr
+    mined = cli("mine-negatives", "--beir", TINY, "-m", "fake:8", "--split", "train")
+    assert mined.exit_code == 1 and mined.stderr.splitlines()[-1] == r.stderr.splitlines()[-1]
     r = cli("eval", "beir", tmp_path / "nope", "-m", "fake:8")
     assert r.exit_code == 1 and "not a folder" in r.stderr
     r = cli("eval", "beir", TINY, "-m", "fake:8", "--fail-under", "recall@1000=1.01")
