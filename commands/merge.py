@@ -18,7 +18,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
         on_duplicate: options.OnDuplicate = "keep",
-        dedupe: options.alias(Optional[str], "--dedupe", "--on-duplicate", "on_duplicate",
+        old_dedupe: options.alias(Optional[str], "--dedupe", "--on-duplicate", "on_duplicate",
                               lambda value: {"on_duplicate": options.old_dedupe(value)}) = None,
         sort_by: Annotated[Optional[str], typer.Option(
             "--sort-by", help="Sort the merged records by this field (e.g. id). Global: holds "
@@ -65,7 +65,6 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     """
     from vecpipe.formats.errors import UsageError
 
-    dedupe = "none" if on_duplicate == "keep" else on_duplicate
     if index and models:
         raise UsageError("give --index or --models, not both")
     if link and not index:
@@ -74,10 +73,10 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         if sort_by or expect_shards is not None or weights is not None or method != "linear":
             raise UsageError("--sort-by, --expect-shards, --weights and --method do not apply "
                              "to --index")
-        merge_indexes(inputs or [], output, dedupe, link, force)
+        merge_indexes(inputs or [], output, on_duplicate, link, force)
         return
     if models:
-        if dedupe != "none" or sort_by or expect_shards is not None:
+        if on_duplicate != "keep" or sort_by or expect_shards is not None:
             raise UsageError("--on-duplicate, --sort-by and --expect-shards apply to record "
                              "streams, "
                              "not --models")
@@ -85,7 +84,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         return
     if weights is not None or method != "linear":
         raise UsageError("--weights and --method apply only with --models")
-    merge_streams(inputs or ["-"], output, output_format, input_format, dedupe, sort_by,
+    merge_streams(inputs or ["-"], output, output_format, input_format, on_duplicate, sort_by,
                   expect_shards, force)
 
 
@@ -102,8 +101,8 @@ class Source:
     kept: object = None
 
 
-def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, expect_shards,
-                  force) -> None:
+def merge_streams(paths, output, output_format, input_format, on_duplicate, sort_by,
+                  expect_shards, force) -> None:
     from vecpipe.cli import console
     from vecpipe.core import merging
     from vecpipe.formats import schema as names
@@ -111,7 +110,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
     from vecpipe.formats.readers import check_one_stdin
     from vecpipe.formats.writers import RecordWriter, carries_vectors, resolve_output_format
 
-    check_policy(dedupe)
+    check_policy(on_duplicate)
     if expect_shards is not None and expect_shards < 1:
         raise UsageError("--expect-shards needs N >= 1")
     check_one_stdin(paths)
@@ -120,7 +119,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
         merging.check_shard_set(paths, expect_shards)
     if not force:
         check_one_job(paths)
-    with spooled_stdin(paths, needed=dedupe in ("last", "error")) as readable:
+    with spooled_stdin(paths, needed=on_duplicate in ("last", "error")) as readable:
         sources = [open_source(path, shown, input_format) for path, shown in readable]
         present = [s for s in sources if s.schema is not None]
         metas = [(s.name, names.read_meta(s.schema)) for s in present]
@@ -137,7 +136,7 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
         output_format = resolve_output_format(output, output_format,
                                               vectors=carries_vectors(schema))
         with flagged_hints():
-            keeper = prepare_dedupe(dedupe, sources, input_format)
+            keeper = prepare_dedupe(on_duplicate, sources, input_format)
         with RecordWriter(output, output_format, schema=schema, metadata=common) as out, \
                 flagged_hints():
             batches = kept_batches(sources, input_format, keeper)
@@ -151,12 +150,12 @@ def merge_streams(paths, output, output_format, input_format, dedupe, sort_by, e
                  f"({out.format}){dropped_note}")
 
 
-def check_policy(dedupe: str) -> None:
+def check_policy(on_duplicate: str) -> None:
     from vecpipe.core.merging import DUPLICATE_POLICIES
     from vecpipe.formats.errors import UsageError
 
-    if dedupe not in DUPLICATE_POLICIES:
-        raise UsageError(f"unknown --on-duplicate {dedupe!r}; choose from "
+    if on_duplicate not in DUPLICATE_POLICIES:
+        raise UsageError(f"unknown --on-duplicate {on_duplicate!r}; choose from "
                          f"{', '.join(DUPLICATE_POLICIES)}")
 
 
@@ -271,7 +270,7 @@ def prepare_dedupe(mode: str, sources, input_format):
     """The keeper for --on-duplicate (None for keep), after the first pass that last/error need."""
     from vecpipe.core import merging
 
-    if mode == "none":
+    if mode == "keep":
         return None
     if mode == "first":
         return merging.FirstSeen()
@@ -289,7 +288,7 @@ def prepare_dedupe(mode: str, sources, input_format):
 
 
 def kept_batches(sources, input_format, keeper):
-    """Every batch in input order, filtered by the dedupe keeper."""
+    """Every batch in input order, filtered by the duplicate-id keeper."""
     import pyarrow as pa
 
     from vecpipe.core import merging
@@ -391,7 +390,7 @@ def load_for_merge(spec: str):
 INDEX_BLOCK_ROWS = 8192
 
 
-def merge_indexes(paths, output, dedupe, link, force) -> None:
+def merge_indexes(paths, output, on_duplicate, link, force) -> None:
     """One index rebuilt from several (from their stored codes, or their kept full vectors when
     codecs differ), or with `link` a folder of linked shards searched as one."""
     from vecpipe.cli import console
@@ -403,16 +402,18 @@ def merge_indexes(paths, output, dedupe, link, force) -> None:
         raise UsageError("--index needs -o DIR for the merged index folder")
     if not paths:
         raise UsageError("--index needs the index folders to merge")
-    check_policy(dedupe)
+    check_policy(on_duplicate)
+    if on_duplicate == "keep":  # the default: an index holds one row per id, so a repeat fails
+        on_duplicate = "error"
     check_target(output)
     if not force:
         check_one_job(paths)
     indexes = [open_index(path, verify=True) for path in paths]  # copied or linked: check them
     plan = plan_index_merge(indexes, force, link)
     if link:
-        summary = link_indexes(indexes, plan, output, dedupe)
+        summary = link_indexes(indexes, plan, output, on_duplicate)
     else:
-        summary = rebuild_index(indexes, plan, output, dedupe)
+        summary = rebuild_index(indexes, plan, output, on_duplicate)
     console.info(f"{len(indexes)} indexes -> {output}: {summary}")
 
 
@@ -497,7 +498,7 @@ def describe_codec(index) -> str:
     return "no codec" if index.codec is None else index.codec.describe()
 
 
-def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
+def rebuild_index(indexes, plan: IndexMergePlan, output: str, on_duplicate: str) -> str:
     from vecpipe.core.index_build import IndexBuilder
     from vecpipe.core.index_spec import IndexSpec
     from vecpipe.formats.errors import DataError
@@ -506,7 +507,8 @@ def rebuild_index(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> st
     spec = IndexSpec(dim=first.dim, metric=first.metric, dtype=first.dtype,
                      score_metric=first.score_metric, **first.storage_options(),
                      metadata=plan.metadata, query_prompt=plan.query_prompt, full=plan.full)
-    builder = IndexBuilder(output, spec, on_duplicate=dedupe, fields=plan.rows_schema.names)
+    builder = IndexBuilder(output, spec, on_duplicate=on_duplicate,
+                           fields=plan.rows_schema.names)
     try:
         with builder:
             for index in indexes:
@@ -552,17 +554,18 @@ def index_blocks(index, plan: IndexMergePlan):
                    first_record=start + 1)
 
 
-def link_indexes(indexes, plan: IndexMergePlan, output: str, dedupe: str) -> str:
+def link_indexes(indexes, plan: IndexMergePlan, output: str, on_duplicate: str) -> str:
     """A folder of linked shards (core.index_linked), the rows each shard's duplicates hide
-    following `dedupe`."""
+    following `on_duplicate`."""
     from vecpipe.core import merging
     from vecpipe.core.index_linked import write_linked_index
 
     with flagged_hints():
-        hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes], dedupe,
+        hidden = merging.shadowed_rows([index.ids().to_pylist() for index in indexes],
+                                       on_duplicate,
                                        [index.path for index in indexes])
     written = write_linked_index(output, indexes, hidden, plan.metadata, plan.query_prompt,
-                                 plan.rows_schema.names, plan.full, plan.shared_codec, dedupe)
+                                 plan.rows_schema.names, plan.full, plan.shared_codec, on_duplicate)
     total, visible, copied = written["rows"], written["count"], written["copied"]
     how = f"{copied} files copied (other file system)" if copied else "files hard-linked"
     return f"{len(indexes)} shards linked, {visible:,} vectors ({total - visible:,} duplicates " \

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 # Metadata keys whose difference makes merged vectors meaningless (normalization too: cosine and
 # dot scores of mixed normalized/unnormalized vectors are not comparable).
 MERGE_IDENTITY_KEYS = ("model", "dim", "normalized", "codec")
-# What to do with an id seen before: keep every copy (none), the first, the last, or fail.
-DUPLICATE_POLICIES = ("none", "first", "last", "error")
+# What to do with an id seen before: keep every copy, the first, the last, or fail.
+DUPLICATE_POLICIES = ("keep", "first", "last", "error")
 
 
 class DuplicateId(DataError):
@@ -272,7 +272,7 @@ def shadowed_rows(id_lists: Sequence[list[str]], mode: str,
             owner = owner_of.setdefault(key, shard)
             if owner == shard:
                 continue
-            if mode in ("none", "error"):
+            if mode in ("keep", "error"):
                 raise DuplicateId(f"duplicate id {key!r}: in {sources[min(owner, shard)]} and "
                                   f"{sources[max(owner, shard)]}")
             hidden[shard].append(row)
