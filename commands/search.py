@@ -99,7 +99,7 @@ class QueryReader:
 
     def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
                  device, force, input_format, model_batch_size=32):
-        from vecpipe.core.space import check_same_space
+        from vecpipe.core.space import input_check
         from vecpipe.formats.errors import UsageError
         from vecpipe.formats.readers import RecordStream
 
@@ -107,7 +107,7 @@ class QueryReader:
             raise UsageError("the searched stream and the queries cannot both come from stdin",
                              hint="name the queries' file")
         self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
-                                   check=check_same_space)
+                                   check=input_check(force))
         self.target, self.text_fields, self.force = target, text_fields, force
         self.device = device
         self.model_batch_size = model_batch_size
