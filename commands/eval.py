@@ -801,6 +801,9 @@ def embeddings(
             "--alpha", min=0.0, max=1.0, help="Significance level of the comparison (split "
                                               "over its two tests).")] = 0.01,
         seed: options.Seed = 0,
+        fail_on_drift: Annotated[bool, typer.Option(
+            "--fail-on-drift", help="With two inputs: exit 1 when they differ (the report is "
+                                    "printed first), for cron and make.")] = False,
         input_format: options.InputFormat = "auto",
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
@@ -817,13 +820,16 @@ def embeddings(
     Example:
       vecpipe eval embeddings corpus.arrow
       vecpipe eval embeddings last_week.arrow today.arrow --output-format json
+      vecpipe eval embeddings last_week.arrow today.arrow --fail-on-drift -q || alert
     """
-    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.formats.readers import check_one_stdin
 
     paths = list(inputs or ["-"])
     if len(paths) > 2:
         raise UsageError("give one input to describe or two to compare")
+    if fail_on_drift and len(paths) != 2:
+        raise UsageError("--fail-on-drift compares two inputs")
     check_one_stdin(paths)
     # different seeds: two inputs that overlap get different rows sampled
     summaries = [_summarize(path, vector_field, sample, seed + i, input_format, duplicate_threshold)
@@ -833,6 +839,8 @@ def embeddings(
     if len(summaries) == 2:
         records.append(_compare_embeddings(summaries, alpha, seed))
     _emit(records, output_format, lambda: _embeddings_table(records))
+    if fail_on_drift and records[-1]["differ"]:
+        raise DataError(f"{paths[0]} and {paths[1]} differ (--fail-on-drift, alpha {alpha:g})")
 
 
 def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,

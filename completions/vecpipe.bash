@@ -14,7 +14,7 @@ _vecpipe() {
         "eval retrieval") words="--qrels --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --output-format -q --quiet --help" ;;
         "eval beir") words="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --per-query --fail-under --output-format --trust-remote-code -q --quiet --help" ;;
         "eval sts") words="--pair --score -m --model --prompt --batch-size --device --input-format --fail-under --output-format --trust-remote-code -q --quiet --help" ;;
-        "eval embeddings") words="--vector-field --sample --duplicate-threshold --alpha --seed --input-format --output-format -q --quiet --help" ;;
+        "eval embeddings") words="--vector-field --sample --duplicate-threshold --alpha --seed --fail-on-drift --input-format --output-format -q --quiet --help" ;;
         "mine-negatives") words="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --with-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force -q --quiet --help" ;;
         "merge") words="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help" ;;
         "info") words="--input-format --output-format --verify -q --quiet --help" ;;

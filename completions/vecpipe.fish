@@ -142,6 +142,7 @@ complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l duplicate-threshold -r -d 'Cosine at or above which two rows are near duplicates.'
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l alpha -r -d 'Significance level of the comparison (split over its two tests).'
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l seed -r -d 'Seed of the command\'s random sampling or test.'
+complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l fail-on-drift -d 'With two inputs: exit 1 when they differ (the report is printed first), for cron and make.'
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l input-format -r -d 'auto|jsonl|arrow|arrow-file|parquet|csv|tsv|text (text: one record per line, field `text`).'
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -l output-format -r -d 'Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec); reports (eval, info): auto|table|jsonl|json'
 complete -c vecpipe -n '__fish_seen_subcommand_from eval; __fish_seen_subcommand_from embeddings' -s q -l quiet -d 'Print nothing on stderr but errors.'

@@ -602,6 +602,12 @@ def test_embeddings_comparison_detects_a_shift(cli, tmp_path):
     comparison = r.records()[-1]
     assert comparison["differ"] is True
     assert comparison["mean_shift"]["p_value"] < 1e-6
+    drift = cli("eval", "embeddings", first, shifted, "--sample", "400", "--fail-on-drift")
+    assert drift.exit_code == 1 and drift.records()[-1]["differ"] is True  # report, then fail
+    assert f"error: {first} and {shifted} differ (--fail-on-drift" in drift.stderr
+    steady = cli("eval", "embeddings", first, same, "--sample", "400", "--fail-on-drift")
+    assert steady.exit_code == 0, steady
+    assert cli("eval", "embeddings", first, "--fail-on-drift").exit_code == 2
 
 
 def test_embeddings_errors(cli, tmp_path, write_jsonl):
