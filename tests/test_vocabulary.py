@@ -24,7 +24,7 @@ COMMAND_SPECIFIC = {
     "eval retrieval": {"--qrels", "--qrels-depth", "--all-queries", "--permutations"},
     "eval beir": {"--save-run"},
     "eval sts": {"--pair", "--score"},
-    "eval embeddings": {"--sample", "--duplicate-threshold", "--alpha"},
+    "eval embeddings": {"--sample", "--duplicate-threshold", "--alpha", "--fail-on-drift"},
     "mine-negatives": {"--corpus", "--beir", "--num-negatives", "--range-min", "--range-max",
                        "--max-score", "--absolute-margin", "--relative-margin", "--sampling",
                        "--cross-encoder", "--guide", "--shape", "--with-scores", "--on-short",
