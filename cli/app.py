@@ -49,6 +49,8 @@ class _RegistryOrder(typer.core.TyperGroup):
             err.show()
             sys.exit(err.exit_code)
         except click_errors.ClickException as err:
+            if isinstance(err, click_errors.NoSuchOption):
+                _offer_visible_only(err)
             print(usage_line(err), file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
         except typer.Abort:
@@ -56,6 +58,17 @@ class _RegistryOrder(typer.core.TyperGroup):
         if code == 130 and not console.errors_reported():  # typer caught a Ctrl-C itself
             print("vecpipe: interrupted", file=sys.stderr, flush=True)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _offer_visible_only(err) -> None:
+    """Suggest for a mistyped option only names the help shows, not the deprecated hidden
+    spellings."""
+    ctx = getattr(err, "ctx", None)
+    if ctx is None or not err.possibilities:
+        return
+    hidden = {name for param in ctx.command.params if getattr(param, "hidden", False)
+              for name in getattr(param, "opts", ())}
+    err.possibilities = [name for name in err.possibilities if name not in hidden]
 
 
 def usage_line(err) -> str:

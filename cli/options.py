@@ -80,6 +80,8 @@ def with_aliases(func):
         from typer._click.exceptions import UsageError
         from typer._click.globals import get_current_context
 
+        from vecpipe.formats.errors import VecpipeError
+
         ctx = get_current_context(silent=True)
         command = ctx.command_path if ctx is not None else "vecpipe"
         notes = list(ctx.meta.get(_DEPRECATED_VALUES, [])) if ctx is not None else []
@@ -89,7 +91,11 @@ def with_aliases(func):
                 continue
             kwargs[name] = defaults[name]
             notes.append((mark.old, mark.new))
-            for target, new_value in mark.values(value).items():
+            try:
+                converted = mark.values(value)
+            except VecpipeError as err:  # outside the boundary: a usage error, one line
+                raise UsageError(str(err), ctx) from None
+            for target, new_value in converted.items():
                 if kwargs.get(target) != defaults[target]:
                     raise UsageError(f"give {mark.new} or {mark.old}, not both", ctx)
                 kwargs[target] = new_value
@@ -152,7 +158,9 @@ ON_DUPLICATE = ("error", "first", "last", "keep")
 _OLD_DUPLICATE_VALUES = {"skip": "first", "replace": "last", "none": "keep"}
 
 
-def on_duplicate(ctx: typer.Context, value: str) -> str:
+def on_duplicate(ctx: typer.Context, value: str | None) -> str | None:
+    if value is None:
+        return None
     if value in _OLD_DUPLICATE_VALUES:
         new = _OLD_DUPLICATE_VALUES[value]
         _note_deprecated_value(ctx, f"--on-duplicate {value}", f"--on-duplicate {new}")
@@ -248,8 +256,17 @@ Fields = Annotated[Optional[List[str]], shared(
     callback=field_list, show_default=False)]
 AllFields = Annotated[bool, shared("--all-fields", help="Every field but the vectors.")]
 
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def precision(value: str | None):
+    if value is not None and value not in PRECISIONS:
+        raise typer.BadParameter(f"{value!r}: choose from {'|'.join(PRECISIONS)}")
+    return value
+
+
 Precision = Annotated[str, shared(
-    "--precision", help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA, "
+    "--precision", callback=precision, help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA, "
                         "float32 elsewhere; openvino takes float32 or bfloat16); output vectors "
                         "are float32, and a precision other than float32 is recorded in the "
                         "metadata.")]

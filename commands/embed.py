@@ -30,7 +30,8 @@ def run(inputs: options.Inputs = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
         precision: options.Precision = "auto",
-        old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision") = None,
+        old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision",
+                                 lambda value: {"precision": options.precision(value)}) = None,
         backend: Annotated[str, typer.Option(
             "--backend", help="torch|onnx|onnx-int8|openvino. ONNX exports are made once and "
                               "kept beside the weights.")] = "torch",

@@ -62,7 +62,7 @@ def retrieval(
     \b
     Example:
       vecpipe search idx queries.jsonl | vecpipe eval retrieval --qrels qrels/test.tsv
-      vecpipe eval retrieval bm25.trec dense.trec --qrels qrels.txt -k 10,100
+      vecpipe eval retrieval bm25.trec dense.trec --qrels qrels.txt --cutoffs 10,100
       vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
       vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
     """

@@ -75,7 +75,7 @@ def run(inputs: options.Inputs = None,
         output = shard_index_path(output, part)
         counted = {"--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
                    "--expansion-add": expansion_add, "--expansion-search": expansion_search,
-                   "--flat": flat, "--store": store, "--store-all": store_all,
+                   "--flat": flat, "--fields": store, "--all-fields": store_all,
                    "--keep-vectors": keep_vectors, "--on-duplicate": on_duplicate,
                    "--query-prompt": query_prompt, "--model": model,
                    "--input-format": input_format, "--force": force}  # not --threads, -q

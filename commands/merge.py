@@ -17,7 +17,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
-        on_duplicate: options.OnDuplicate = "keep",
+        on_duplicate: options.OnDuplicate = None,
         old_dedupe: options.alias(Optional[str], "--dedupe", "--on-duplicate", "on_duplicate",
                               lambda value: {"on_duplicate": options.old_dedupe(value)}) = None,
         sort_by: Annotated[Optional[str], typer.Option(
@@ -50,9 +50,9 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     The output carries the metadata all inputs share. Inputs named part-0000I-of-0000N must form
     complete shard sets. With --index, merge index folders (same checks); with --models,
     average the weights of sentence-transformers models (model soups) into a model folder.
-    --on-duplicate holds every id in memory, not the records; last and error read the inputs
-    twice (stdin is spooled to a temporary file); with --index the first or last index's copy
-    wins. --force merges inputs whose model/dim/normalized/codec metadata differ (the output
+    --on-duplicate (default: keep every record; with --index, error, as an index holds one row
+    per id) holds every id in memory, not the records; last and error read the inputs twice
+    (stdin is spooled to a temporary file); with --index the first or last index's copy wins. --force merges inputs whose model/dim/normalized/codec metadata differ (the output
     keeps only the metadata they share).
 
     \b
@@ -76,16 +76,15 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         merge_indexes(inputs or [], output, on_duplicate, link, force)
         return
     if models:
-        if on_duplicate != "keep" or sort_by or expect_shards is not None:
+        if on_duplicate is not None or sort_by or expect_shards is not None:
             raise UsageError("--on-duplicate, --sort-by and --expect-shards apply to record "
-                             "streams, "
-                             "not --models")
+                             "streams, not --models")
         merge_models(inputs or [], output, weights, method)
         return
     if weights is not None or method != "linear":
         raise UsageError("--weights and --method apply only with --models")
-    merge_streams(inputs or ["-"], output, output_format, input_format, on_duplicate, sort_by,
-                  expect_shards, force)
+    merge_streams(inputs or ["-"], output, output_format, input_format, on_duplicate or "keep",
+                  sort_by, expect_shards, force)
 
 
 # ---- record streams ------------------------------------------------------------------------
@@ -402,9 +401,8 @@ def merge_indexes(paths, output, on_duplicate, link, force) -> None:
         raise UsageError("--index needs -o DIR for the merged index folder")
     if not paths:
         raise UsageError("--index needs the index folders to merge")
-    check_policy(on_duplicate)
-    if on_duplicate == "keep":  # the default: an index holds one row per id, so a repeat fails
-        on_duplicate = "error"
+    on_duplicate = on_duplicate or "error"  # an index holds one row per id
+    options.index_duplicates(on_duplicate)  # refuses keep, as `index` does
     check_target(output)
     if not force:
         check_one_job(paths)

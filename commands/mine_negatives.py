@@ -76,12 +76,12 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         = None,
         query_prompt: options.QueryPrompt = None,
         query_prompt_name: options.QueryPromptName = None,
-        corpus_prompt: options.DocPrompt = None,
-        corpus_prompt_name: options.DocPromptName = None,
+        doc_prompt: options.DocPrompt = None,
+        doc_prompt_name: options.DocPromptName = None,
         old_corpus_prompt: options.alias(Optional[str], "--corpus-prompt", "--doc-prompt",
-                                         "corpus_prompt") = None,
+                                         "doc_prompt") = None,
         old_corpus_prompt_name: options.alias(Optional[str], "--corpus-prompt-name",
-                                              "--doc-prompt-name", "corpus_prompt_name") = None,
+                                              "--doc-prompt-name", "doc_prompt_name") = None,
         batch_size: options.BatchSize = 32,
         device: options.Device = "auto",
         trust_remote_code: options.TrustRemoteCode = False,
@@ -147,8 +147,8 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             if cross_encoder else None
         vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
         job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
-                       prompts=(query_prompt, query_prompt_name, corpus_prompt,
-                                corpus_prompt_name),
+                       prompts=(query_prompt, query_prompt_name, doc_prompt,
+                                doc_prompt_name),
                        batch_size=batch_size, ann={"exact": exact, "ef": ef})
         job.cross_encoder, job.guide = rescorer, vetoer
         if part is not None:
@@ -165,7 +165,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
 _JOB_OPTIONS = ("split", "num_negatives", "range_min", "range_max", "min_score", "max_score",
                 "absolute_margin", "relative_margin", "sampling", "seed", "shape",
                 "with_scores", "on_short", "exact", "ef", "fields", "query_prompt",
-                "query_prompt_name", "corpus_prompt", "corpus_prompt_name", "input_format",
+                "query_prompt_name", "doc_prompt", "doc_prompt_name", "input_format",
                 "force")
 
 
@@ -209,7 +209,7 @@ class _Job:
     model: object                 # Embedder for queries (and texts without a vector)
     miner: object
     query_prompt: str
-    corpus_prompt: str
+    doc_prompt: str
     batch_size: int
     depth: int
     cross_encoder: object = None
@@ -599,7 +599,7 @@ def _positive_scores(job: _Job, batch, query_vectors) -> list:
         scores[inside] = job.corpus.row_scores(query_vectors[owner[inside]], rows)
     if not inside.all():
         texts = [p.text for p in positives if p.row is None]
-        vectors = job.model.encode(texts, job.batch_size, job.corpus_prompt)
+        vectors = job.model.encode(texts, job.batch_size, job.doc_prompt)
         scores[~inside] = job.corpus.vector_scores(query_vectors[owner[~inside]], vectors)
     return np.split(scores, np.cumsum([len(q.positives) for q in batch])[:-1])
 

@@ -338,3 +338,40 @@ def test_the_default_format_on_stdout(monkeypatch):
     monkeypatch.setenv("VECPIPE_OUTPUT_FORMAT", "table")
     assert resolve_report_format(stdout_isatty=False) == "table"
     assert resolve_output_format(None, stdout_isatty=False) == "arrow"
+
+
+def test_a_bad_old_value_is_one_usage_line(run_vecpipe, tmp_path, write_jsonl):
+    """An alias's value is converted before the command's boundary: still one line, exit 2."""
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"a": [1.0, 0.0], "b": [0.0, 1.0], "s": 1}])
+    for args in (["eval", "sts", pairs, "--fields", "a,b"],
+                 ["embed", pairs, "-m", "fake:4", "--dtype", "bogus"],
+                 ["embed", pairs, "-m", "fake:4", "--precision", "bogus"]):
+        r = run_vecpipe(*args)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert b"Traceback" not in r.stderr
+
+
+def test_mistyped_options_are_not_offered_the_deprecated_spellings(run_vecpipe):
+    r = run_vecpipe("index", "--stor", "x")
+    assert r.returncode == 2 and b"--store" not in r.stderr and b"No such option" in r.stderr
+
+
+def test_keep_means_the_same_for_every_index(cli, tmp_path, vectors):
+    """An index holds one row per id: keep is refused by index and merge --index alike, and
+    merge --index's default fails on a repeated id."""
+    cli("index", vectors, "-o", tmp_path / "a")
+    cli("index", vectors, "-o", tmp_path / "b")
+    kept = cli("merge", "--index", tmp_path / "a", tmp_path / "b", "--on-duplicate", "keep",
+               "-o", tmp_path / "m")
+    appended = cli("index", vectors, "-o", tmp_path / "a", "--append", "--on-duplicate", "keep")
+    assert kept.exit_code == appended.exit_code == 2
+    assert all("an index holds one row per id" in r.stderr for r in (kept, appended))
+    default = cli("merge", "--index", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "m")
+    assert default.exit_code == 1 and "duplicate id" in default.stderr
+
+
+def test_resume_notes_name_the_new_options(cli, tmp_path, vectors):
+    first = cli("index", vectors, "--shard", "0/2", "-o", f"{tmp_path}/parts/", "--fields", "text")
+    again = cli("index", vectors, "--shard", "0/2", "-o", f"{tmp_path}/parts/", "--fields", "lang")
+    assert first.exit_code == again.exit_code == 0, again.stderr
+    assert "--fields changed" in again.stderr and "--store" not in again.stderr
