@@ -118,7 +118,7 @@ def print_table(facts: dict) -> None:
         if key == "path":
             continue
         if isinstance(value, dict):
-            text = "\n".join(f"{k}: {v if not isinstance(v, dict) else json.dumps(v)}"
+            text = "\n".join(f"{k}: {v if isinstance(v, str) else json.dumps(v)}"
                              for k, v in value.items()) or "-"
         else:
             text = "-" if value is None else f"{value:,}" if isinstance(value, int) else str(value)

@@ -66,6 +66,9 @@ def test_info_on_stream_and_index_folder(cli, tmp_path, write_jsonl):
     assert cli("index", vectors, "-o", folder, "--flat").exit_code == 0
     facts = json.loads(cli("info", folder).stdout)
     assert facts["manifest"]["count"] == 5 and facts["format"] == "vecpipe-index"
+    table = cli("info", folder, "--output-format", "table").stdout
+    assert "flat: true" in table and "hnsw: null" in table  # JSON values, not Python's reprs
+    assert "True" not in table and "None" not in table
     empty = tmp_path / "empty"
     empty.mkdir()
     r = cli("info", empty)
