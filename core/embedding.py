@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from vecpipe.core import notices
 from vecpipe.formats.errors import DataError
 from vecpipe.formats.shards import Shard
 
@@ -122,6 +123,8 @@ def embed_task(task: Task, output=None, output_format="auto", devices=("auto",))
                           batch_rows=min(1024, plan.window), check=input_check(task.force),
                           text_fields=plan.fields if plan.skip_invalid else ())
     id_column = find_id(stream.schema, plan.id_field)
+    if id_column is None and stream.schema is not None:
+        notices.info("no id field (id or _id): the ids are the record numbers")
     many = len(devices) > 1
     model = task.load("cpu" if many else devices[0])
     plan = replace(plan, id_column=id_column,
@@ -544,6 +547,8 @@ def output_schema(input_schema, plan, dim: int):
     fields = []
     for field in input_fields:
         if field.name == names.EMBEDDING or (plan.chunked and field.name in CHUNK_FIELDS):
+            continue
+        if field.name == "_id" and plan.id_column == "_id":  # it becomes `id`, not a second one
             continue
         if field.name == names.TEXT and plan.drop_text:
             continue

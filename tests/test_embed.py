@@ -226,6 +226,13 @@ def test_several_cpu_devices_use_a_worker_pool(cli, tmp_path, write_jsonl, bundl
 
 # -- fast: fake model ------------------------------------------------------------------------
 
+def test_record_numbers_as_ids_are_said_once(cli, tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "n.jsonl", [{"text": f"t{i}"} for i in range(3000)])
+    r = cli("embed", src, "-m", "fake:8", "--output-format", "jsonl", "--window", "256")
+    assert [row["id"] for row in r.records()][:3] == ["1", "2", "3"]
+    assert r.stderr.count("the ids are the record numbers") == 1
+
+
 def test_fields_join_ids_and_passthrough(cli, tmp_path, write_jsonl):
     src = write_jsonl(tmp_path / "c.jsonl", [
         {"_id": "x1", "title": "Title", "text": "body one", "n": 1},
@@ -236,7 +243,7 @@ def test_fields_join_ids_and_passthrough(cli, tmp_path, write_jsonl):
     assert r.exit_code == 0, r
     rows = r.records()
     assert [row["id"] for row in rows] == ["x1", "x2", "x3"]
-    assert [row["n"] for row in rows] == [1, 2, 3] and rows[0]["_id"] == "x1"
+    assert [row["n"] for row in rows] == [1, 2, 3] and "_id" not in rows[0]  # one id column
     expected = fake_vectors(["Title body one", "body two", "body three"], 8)
     np.testing.assert_allclose(vectors(rows), expected, atol=1e-6)
     r = cli("embed", src, "-m", "fake:8", "--drop-text", "--id-field", "n",
