@@ -38,6 +38,9 @@ def run(index: Annotated[str, typer.Argument(
         prompt_name: options.PromptName = None,
         text_fields: options.TextField = None,
         old_field: options.FieldForText = None,
+        query: Annotated[Optional[List[str]], typer.Option(
+            "--query", help="A query text given here instead of QUERIES (repeatable; ids q1, "
+                            "q2, ...).", metavar="TEXT", show_default=False)] = None,
         metric: options.Metric = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
@@ -56,6 +59,7 @@ def run(index: Annotated[str, typer.Argument(
 
     \b
     Example:
+      vecpipe search idx --query "how do I parse JSON?" --fields text
       echo "how do I parse JSON?" | vecpipe search idx --input-format text --fields text
       vecpipe search idx queries.jsonl -k 100 --output-format trec -o run.trec
       vecpipe search idx queries.jsonl --filter 'lang == "en" and year >= 2020' --rescore 4
@@ -71,6 +75,8 @@ def run(index: Annotated[str, typer.Argument(
         raise DataError("no such index folder or embeddings file", source=index)
     if fields and all_fields:
         raise UsageError("give --fields or --all-fields, not both")
+    if query and queries:
+        raise UsageError("give QUERIES or --query, not both")
     fmt = resolve_output_format(output, output_format, extra=("trec",), vectors=False)
     query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name,
                          text_fields=text_fields or ["text"],
@@ -87,27 +93,50 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
-    reader = QueryReader(queries, searcher, batch_size=query_batch, **query_options)
+    if query:
+        query_options["text_fields"] = ["text"]
+    reader = QueryReader(queries, searcher, batch_size=query_batch, given=query,
+                         **query_options)
     write_hits(searcher.results(reader), searcher.schema, output, fmt)
 
 
 # ---- queries ----------------------------------------------------------------------------------
+
+class GivenQueries:
+    """`--query TEXT` values as a record stream of one batch: ids q1, q2, ... and `text`."""
+
+    def __init__(self, texts):
+        import pyarrow as pa
+
+        from vecpipe.formats.readers import SourceBatch
+
+        batch = pa.record_batch({"id": [f"q{n}" for n in range(1, len(texts) + 1)],
+                                 "text": list(texts)})
+        self.schema, self.metadata, self.inputs = batch.schema, {}, ["--query"]
+        self._items = [SourceBatch(batch, "--query", 1)]
+
+    def __iter__(self):
+        return iter(self._items)
+
 
 class QueryReader:
     """Batches of (query ids, vectors, encoded) from text records (embedded here) or vector
     records: float vectors of the query dimension, or codes when the stream carries a codec."""
 
     def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
-                 device, force, input_format, model_batch_size=32):
+                 device, force, input_format, model_batch_size=32, given=None):
         from vecpipe.core.space import input_check
         from vecpipe.formats.errors import UsageError
         from vecpipe.formats.readers import RecordStream
 
-        if target.source == "-" and (not inputs or "-" in inputs):
+        if given:
+            self.stream = GivenQueries(given)
+        elif target.source == "-" and (not inputs or "-" in inputs):
             raise UsageError("the searched stream and the queries cannot both come from stdin",
-                             hint="name the queries' file")
-        self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
-                                   check=input_check(force))
+                             hint="name the queries' file, or give --query TEXT")
+        else:
+            self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
+                                       check=input_check(force))
         self.target, self.text_fields, self.force = target, text_fields, force
         self.device = device
         self.model_batch_size = model_batch_size

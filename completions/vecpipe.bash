@@ -8,7 +8,7 @@ _vecpipe() {
         "") words="embed index search compress eval mine-negatives merge info convert --help --version" ;;
         "embed") words="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force -q --quiet --help" ;;
         "index") words="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force -q --quiet --help" ;;
-        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --text-field --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help" ;;
+        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --text-field --query --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help" ;;
         "compress") words="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help" ;;
         "eval") words="retrieval beir sts embeddings --help" ;;
         "eval retrieval") words="--qrels --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --output-format -q --quiet --help" ;;

@@ -67,6 +67,7 @@ complete -c vecpipe -n '__fish_seen_subcommand_from search' -s m -l model -r -d 
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -l prompt -r -d 'Text put before every input text, e.g'
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -l prompt-name -r -d 'One of the model\'s own prompts, by name, e.g'
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -l text-field -r -d 'Field holding the text to embed (default: text)'
+complete -c vecpipe -n '__fish_seen_subcommand_from search' -l query -r -d 'A query text given here instead of QUERIES (repeatable; ids q1, q2, ...).'
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -l metric -r -d 'cos|ip|l2sq|hamming'
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -s o -l output -r -d 'Write here (atomically) instead of stdout; index: the folder to write (through a symlink, the link\'s target is replaced) or to extend with --append.'
 complete -c vecpipe -n '__fish_seen_subcommand_from search' -l output-format -r -d 'Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec); reports (eval, info): auto|table|jsonl|json'

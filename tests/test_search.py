@@ -487,6 +487,18 @@ def test_several_text_fields_are_joined_by_a_space_as_embed_joins_them(cli, corp
     assert r.exit_code == 1 and "neither 'nope' nor 'embedding'" in r.stderr
 
 
+def test_queries_on_the_command_line(cli, corpus, tmp_path):
+    r = cli("search", corpus["idx"], "--query", "first question", "--query", "second question",
+            "--exact", "-k", 3, "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    truth, _ = brute_force(load_model("fake:32").encode(["first question", "second question"]),
+                           corpus["vectors"], k=3)
+    got = [(h["query_id"], h["id"]) for h in r.records()]
+    assert got == [(f"q{q + 1}", f"d{row}") for q in range(2) for row in truth[q]]
+    both = cli("search", corpus["idx"], corpus["qfile"], "--query", "x")
+    assert both.exit_code == 2 and "give QUERIES or --query, not both" in both.stderr
+
+
 def test_plain_text_lines_as_queries_against_a_stream(cli, corpus, tmp_path):
     """--input-format names the queries' format; the searched stream is still sniffed."""
     qfile = tmp_path / "questions.txt"
