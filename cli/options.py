@@ -319,6 +319,11 @@ MinScore = Annotated[Optional[float], shared(
     "--min-score", help="Drop hits (candidates) scoring below S.", metavar="S",
     show_default=False)]
 Threads = Annotated[int, shared("--threads", min=0, help="usearch threads (0 = all cores).")]
+FilterExpr = Annotated[Optional[str], shared(
+    "--filter", "--where", help="Keep records (search: hits) whose fields match, e.g. "
+                                "'lang == \"en\" and year >= 2020' (==, !=, <, <=, >, >=, "
+                                "in [...], not in, is [not] null, and, or, not, parentheses).",
+    metavar="EXPR", show_default=False)]
 
 
 def _as_jsonl(value: bool) -> dict:

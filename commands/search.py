@@ -26,11 +26,7 @@ def run(index: Annotated[str, typer.Argument(
                                      "default).", metavar="MULT",
             show_default=False)] = None,
         min_score: options.MinScore = None,
-        filter_text: Annotated[Optional[str], typer.Option(
-            "--filter", help="Keep hits whose stored fields match, e.g. 'lang == \"en\" and "
-                             "year >= 2020' (==, !=, <, <=, >, >=, in [...], not in, is [not] "
-                             "null, and, or, not, parentheses).", metavar="EXPR",
-            show_default=False)] = None,
+        filter_text: options.FilterExpr = None,
         fields: options.Fields = None,
         all_fields: options.AllFields = False,
         model: options.Model = None,

@@ -8,7 +8,7 @@ _vecpipe() {
         "") words="embed index search compress eval mine-negatives merge info convert --help --version" ;;
         "embed") words="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force -q --quiet --help" ;;
         "index") words="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force -q --quiet --help" ;;
-        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --fields --all-fields -m --model --prompt --prompt-name --text-field --query --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help" ;;
+        "search") words="-k --top-k --exact --ef --rescore --min-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help" ;;
         "compress") words="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help" ;;
         "eval") words="retrieval beir sts embeddings --help" ;;
         "eval retrieval") words="--qrels --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --output-format -q --quiet --help" ;;
@@ -18,7 +18,7 @@ _vecpipe() {
         "mine-negatives") words="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --with-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force -q --quiet --help" ;;
         "merge") words="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help" ;;
         "info") words="--input-format --output-format --verify -q --quiet --help" ;;
-        "convert") words="-o --output --output-format --input-format --fields --limit --force -q --quiet --help" ;;
+        "convert") words="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --force -q --quiet --help" ;;
         *) words="" ;;
     esac
     if [[ -z "$path" || "$cur" == -* ]] || [[ -n "$words" && "$cur" != */* ]]; then

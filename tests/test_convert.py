@@ -122,3 +122,22 @@ def test_packed_bits_and_scores_decide_the_pipe_format():
     assert not carries_vectors(pa.schema([("query", pa.string()),
                                           ("scores", pa.list_(pa.float64()))]))
     assert not carries_vectors(None)
+
+
+def test_filter_rename_and_head_are_the_everyday_verbs(cli, tmp_path, write_jsonl):
+    src = write_jsonl(tmp_path / "a.jsonl", [{"_id": str(i), "year": 2015 + i, "t": f"x{i}"}
+                                             for i in range(10)])
+    r = cli("convert", src, "--filter", "year >= 2020 and year != 2022", "--rename", "_id=id",
+            "--fields", "id,t", "--head", "3", "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    assert r.records() == [{"id": "5", "t": "x5"}, {"id": "6", "t": "x6"}, {"id": "8", "t": "x8"}]
+    same = cli("convert", src, "--where", "year >= 2020 and year != 2022", "--rename", "_id=id",
+               "--fields", "id,t", "--limit", "3", "--output-format", "jsonl")
+    assert same.stdout == r.stdout
+    r = cli("convert", src, "--filter", "lang == 'en'")
+    assert r.exit_code == 1 and "the filter uses field 'lang'" in r.stderr and str(src) in r.stderr
+    r = cli("convert", src, "--rename", "nope=x")
+    assert r.exit_code == 1 and "--rename: no field 'nope'" in r.stderr
+    r = cli("convert", src, "--rename", "_id=t")
+    assert r.exit_code == 1 and "two fields one name" in r.stderr
+    assert cli("convert", src, "--rename", "_id").exit_code == 2

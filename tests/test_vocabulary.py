@@ -18,7 +18,7 @@ COMMAND_SPECIFIC = {
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
               "--keep-vectors", "--append"},
-    "search": {"--rescore", "--filter", "--query-batch", "--query"},
+    "search": {"--rescore", "--query-batch", "--query"},
     "compress": {"--pca", "--calibration-rows", "--clip-quantile", "--codec", "--save-codec",
                  "--report", "--report-queries", "--save-report"},
     "eval retrieval": {"--qrels", "--qrels-depth", "--all-queries", "--permutations"},
@@ -32,7 +32,7 @@ COMMAND_SPECIFIC = {
     "merge": {"--sort-by", "--expect-shards", "--index", "--link", "--models", "--weights",
               "--method"},
     "info": {"--verify"},
-    "convert": {"--limit"},
+    "convert": {"--limit", "--rename"},
 }
 
 
