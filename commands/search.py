@@ -56,7 +56,7 @@ def run(index: Annotated[str, typer.Argument(
     \b
     Example:
       vecpipe search idx --query "how do I parse JSON?" --fields text
-      echo "how do I parse JSON?" | vecpipe search idx --input-format text --fields text
+      echo "how do I parse JSON?" | vecpipe search idx --fields text   # a line per query
       vecpipe search idx queries.jsonl -k 100 --output-format trec -o run.trec
       vecpipe search idx queries.jsonl --filter 'lang == "en" and year >= 2020' --rescore 4
       vecpipe search docs.arrow queries.jsonl   # no index: exact search over the stream
@@ -132,7 +132,7 @@ class QueryReader:
                              hint="name the queries' file, or give --query TEXT")
         else:
             self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
-                                       check=input_check(force))
+                                       check=input_check(force), unsniffed="text")
         self.target, self.text_fields, self.force = target, text_fields, force
         self.device = device
         self.model_batch_size = model_batch_size

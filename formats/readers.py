@@ -179,13 +179,15 @@ class RecordStream:
     core.space's vector-space check; None compares nothing). JSONL batches carry the
     schema widened so far (a field null at first or first seen later), so a batch's schema can
     be wider than `schema`. `text_fields`: in JSONL, a value there that is not a string becomes
-    null, for a command that skips records without text (embed --skip-invalid).
+    null, for a command that skips records without text (embed --skip-invalid). `unsniffed`:
+    the format of an input that looks like none of the sniffed ones (search reads such queries
+    as `text` lines) instead of an error.
     """
 
     def __init__(self, inputs: list[str] | None, input_format: str | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS,
                  check: Callable[[dict, dict, str, str], None] | None = None,
-                 text_fields: tuple[str, ...] = ()):
+                 text_fields: tuple[str, ...] = (), unsniffed: str | None = None):
         self.inputs = list(inputs) if inputs else ["-"]
         check_one_stdin(self.inputs)
         if input_format not in (None, *INPUT_FORMATS):
@@ -194,6 +196,7 @@ class RecordStream:
         self.batch_rows = batch_rows
         self.check = check
         self.text_fields = tuple(text_fields)
+        self.unsniffed = unsniffed
         self._iter = self._batches()
         self._pending: list[SourceBatch] = []
         self._schema = None
@@ -257,8 +260,10 @@ class RecordStream:
         try:
             fmt = self.input_format or sniff(head, name)
         except DataError:
-            stream.close()
-            raise
+            if self.unsniffed is None:
+                stream.close()
+                raise
+            fmt = self.unsniffed
         if fmt is None:
             stream.close()
             return

@@ -499,6 +499,19 @@ def test_queries_on_the_command_line(cli, corpus, tmp_path):
     assert both.exit_code == 2 and "give QUERIES or --query, not both" in both.stderr
 
 
+def test_plain_text_queries_need_no_input_format(cli, corpus, tmp_path):
+    """Queries that are none of the record formats are text lines, one query each."""
+    qfile = tmp_path / "questions.txt"
+    qfile.write_text("first question\nsecond question\n")
+    named = cli("search", corpus["idx"], qfile, "--input-format", "text", "-k", 3, "--exact")
+    sniffed = cli("search", corpus["idx"], qfile, "-k", 3, "--exact")
+    assert sniffed.exit_code == 0, sniffed
+    assert sniffed.stdout == named.stdout and len(sniffed.records()) == 6
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("garbage\n")
+    assert cli("convert", bad).exit_code == 1  # elsewhere an unknown format is still an error
+
+
 def test_plain_text_lines_as_queries_against_a_stream(cli, corpus, tmp_path):
     """--input-format names the queries' format; the searched stream is still sniffed."""
     qfile = tmp_path / "questions.txt"
