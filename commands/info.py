@@ -1,4 +1,4 @@
-"""Show what a stream or index holds: format, rows, columns, vecpipe metadata, size."""
+"""Show what a stream, index or TREC file holds: kind, format, rows, columns, metadata, size."""
 import json
 import os
 from typing import Annotated, List, Optional
@@ -9,8 +9,8 @@ from vecpipe.cli import options
 
 
 def run(inputs: Annotated[Optional[List[str]], typer.Argument(
-            help="Record files, index folders, or - for stdin (the default).",
-            show_default=False, metavar="INPUT")] = None,
+            help="Record files, index folders, TREC runs or qrels files, or - for stdin (the "
+                 "default).", show_default=False, metavar="INPUT")] = None,
         input_format: options.InputFormat = "auto",
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
@@ -19,36 +19,65 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                              "index's shards too) against the manifest's sizes and sha256 "
                              "checksums; exit 1 naming the first damaged file, else one OK "
                              "line per index on stderr.")] = False,
+        field_names: Annotated[bool, typer.Option(
+            "--field-names", help="Instead: print only the field names, one per line (as "
+                                  "`xsv headers`): a stream's columns, an index's stored "
+                                  "fields, a TREC file's columns.")] = False,
         quiet: options.Quiet = False):
-    """Describe record streams or index folders. Reads each stream to the end to count rows
-    (Arrow files and Parquet answer from their footers). Prints a table on a terminal and one
-    JSON object per input otherwise (--output-format table|jsonl|json).
+    """Describe record streams, index folders, TREC runs and qrels files. Every kind reports
+    path, kind (records|index|trec-run|qrels), format, rows, bytes, columns and metadata; an
+    index adds its layout, files and manifest, a TREC run its queries, hits per query and
+    depth, a qrels file its queries, judgments, relevant documents per query and grades.
+    Reads each input to the end to count rows (an index answers from its manifest). A named
+    file that is not JSONL/Arrow/Parquet is read as a TREC run (`qid Q0 docid rank score
+    tag`) or qrels (`qid 0 docid rel`, or BEIR's TSV); stdin is read as records. Prints a
+    table on a terminal and one JSON object per input otherwise (--output-format
+    table|jsonl|json).
 
     \b
     Example:
       vecpipe info corpus.jsonl
       vecpipe embed docs.jsonl | vecpipe info
       vecpipe info idx/
+      vecpipe info run.trec qrels/test.tsv
+      vecpipe info --field-names corpus.parquet
       vecpipe info --verify idx/   # exit 1 if a file does not match its checksum
     """
+    from vecpipe.formats.errors import UsageError
     from vecpipe.formats.writers import print_report_records, resolve_report_format
 
     report_format = resolve_report_format(output_format)
+    if verify and field_names:
+        raise UsageError("--verify and --field-names do not combine: choose one")
     if verify:
         verify_indexes(inputs or [])
         return
     described = []
     for path in inputs or ["-"]:
-        facts = describe_index(path) if os.path.isdir(path) else describe_stream(path,
-                                                                                  input_format)
-        if report_format == "table":
+        facts = describe(path, input_format)
+        if field_names:
+            for name in facts["columns"]:
+                print(name, flush=True)
+        elif report_format == "table":
             print_table(facts)
         elif report_format == "jsonl":
             print_report_records([facts], "jsonl")
         else:
             described.append(facts)
-    if report_format == "json":
+    if report_format == "json" and not field_names:
         print_report_records(described, "json")
+
+
+def describe(path: str, input_format: str = "auto") -> dict:
+    """The facts of one input, whatever its kind."""
+    if os.path.isdir(path):
+        return describe_index(path)
+    kind, fmt = trec_kind(path) if input_format == "auto" and path != "-" else (None, None)
+    if kind == "trec-run":
+        return describe_run(path, fmt)
+    if kind == "qrels":
+        return describe_qrels(path, fmt)
+    return describe_stream(path, input_format)
 
 
 def verify_indexes(paths) -> None:
@@ -66,13 +95,39 @@ def verify_indexes(paths) -> None:
 
 
 def describe_index(path: str) -> dict:
-    from vecpipe.core.index_format import layout_of, read_manifest
+    from vecpipe.core.index_format import ROWS, layout_of, read_manifest
 
     manifest = read_manifest(path)
-    files = {name: os.path.getsize(os.path.join(path, name)) for name in sorted(os.listdir(path))
-             if os.path.isfile(os.path.join(path, name))}
-    return {"path": path, "format": "vecpipe-index", "layout": layout_of(manifest),
-            "bytes": sum(files.values()), "files": files, "manifest": manifest}
+    files = {}
+    for folder, subfolders, names in os.walk(path):
+        subfolders.sort()
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    metadata = dict(manifest.get("metadata") or {})
+    if "codec" in metadata:
+        metadata["codec"] = codec_summary(metadata["codec"])
+    rows_file = os.path.join(path, ROWS)
+    if layout_of(manifest) == "linked" and manifest.get("shards"):
+        rows_file = os.path.join(path, manifest["shards"][0]["path"], ROWS)
+    types = _parquet_types(rows_file)
+    summary = {key: value for key, value in manifest.items() if key not in ("metadata", "files")}
+    return {"path": path, "kind": "index", "format": "vecpipe-index",
+            "rows": manifest["count"], "bytes": sum(files.values()),
+            "columns": {name: types.get(name) for name in manifest["fields"]},
+            "metadata": metadata, "layout": layout_of(manifest), "files": files,
+            "manifest": summary}
+
+
+def _parquet_types(path: str) -> dict:
+    """{field: type} from a Parquet footer; {} when the file is absent or unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return {f.name: str(f.type) for f in pq.read_schema(path)}
+    except (OSError, pa.ArrowException):
+        return {}
 
 
 def describe_stream(path: str, input_format: str = "auto") -> dict:
@@ -83,12 +138,107 @@ def describe_stream(path: str, input_format: str = "auto") -> dict:
     rows = sum(item.batch.num_rows for item in stream)
     schema = stream.widest_schema or stream.schema  # a JSONL field typed late counts
     name = STDIN_NAME if path == "-" else path
-    facts = {"path": name, "format": stream.formats.get(name, "empty"), "rows": rows,
-             "bytes": os.path.getsize(path) if path != "-" else None,
+    facts = {"path": name, "kind": "records", "format": stream.formats.get(name, "empty"),
+             "rows": rows, "bytes": os.path.getsize(path) if path != "-" else None,
              "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
              "metadata": names.read_meta(schema)}
     if "codec" in facts["metadata"]:
         facts["metadata"]["codec"] = codec_summary(facts["metadata"]["codec"])
+    return facts
+
+
+# trec_eval's names for the columns of a run and of qrels; BEIR's for its qrels TSV
+RUN_COLUMNS = {"query_id": "string", "iter": "string", "docno": "string", "rank": "int64",
+               "sim": "double", "run_id": "string"}
+QRELS_COLUMNS = {"query_id": "string", "iter": "string", "docno": "string", "rel": "int64"}
+BEIR_QRELS_COLUMNS = {"query-id": "string", "corpus-id": "string", "score": "int64"}
+
+
+def trec_kind(path: str) -> tuple:
+    """(kind, format) of a file that is no record format (as eval tells them apart: the first
+    bytes), by the shape of its first line: ("trec-run", "trec"), ("qrels", "trec") or
+    ("qrels", "beir-tsv"), "+gzip"/"+zstd" when compressed; (None, None) otherwise (read it
+    as records)."""
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import open_input, sniff
+
+    stream, head, compression = open_input(path)
+    suffix = f"+{compression}" if compression else ""
+    try:
+        try:
+            if sniff(head) is not None or not head.strip():
+                return None, None
+        except DataError:
+            pass  # not a record format
+        first = _first_line(stream)
+    finally:
+        stream.close()
+    if first is None:
+        return None, None
+    tsv = [field.strip() for field in first.split("\t")]
+    if len(tsv) == 3 and (tsv[2].lstrip("-").isdigit() or
+                          [f.lower() for f in tsv] == list(BEIR_QRELS_COLUMNS)):
+        return "qrels", "beir-tsv" + suffix  # read_qrels' rule: tab-separated triples
+    if len(first.split()) == 6:
+        return "trec-run", "trec" + suffix
+    if len(first.split()) == 4:
+        return "qrels", "trec" + suffix
+    return None, None
+
+
+def _first_line(stream) -> Optional[str]:
+    for raw in stream:
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None
+        if line:
+            return line
+    return None
+
+
+def _spread(counts: list) -> dict:
+    import statistics
+
+    if not counts:
+        return {"min": 0, "median": 0, "max": 0}
+    median = statistics.median(counts)
+    return {"min": min(counts), "median": int(median) if median == int(median) else median,
+            "max": max(counts)}
+
+
+def _text_file_facts(path: str, kind: str, fmt: str, columns: dict, rows: int) -> dict:
+    return {"path": path, "kind": kind, "format": fmt, "rows": rows,
+            "bytes": os.path.getsize(path), "columns": columns, "metadata": {}}
+
+
+def describe_run(path: str, fmt: str = "trec") -> dict:
+    from vecpipe.formats.trec import read_run
+
+    run = read_run(path)
+    hits = [len(docs) for docs in run.values()]
+    facts = _text_file_facts(path, "trec-run", fmt, dict(RUN_COLUMNS), sum(hits))
+    facts.update(queries=len(run), hits=sum(hits), hits_per_query=_spread(hits),
+                 depth=max(hits, default=0))
+    return facts
+
+
+def describe_qrels(path: str, fmt: str = "trec") -> dict:
+    from vecpipe.formats.trec import read_qrels
+
+    judged = read_qrels(path)
+    qrels = judged.qrels
+    judgments = sum(len(docs) for docs in qrels.values())
+    grades: dict = {}
+    for docs in qrels.values():
+        for rel in docs.values():
+            grades[rel] = grades.get(rel, 0) + 1
+    columns = BEIR_QRELS_COLUMNS if fmt.startswith("beir-tsv") else QRELS_COLUMNS
+    facts = _text_file_facts(path, "qrels", fmt, dict(columns), judgments + judged.duplicates)
+    facts.update(queries=len(qrels), judgments=judgments, duplicates=judged.duplicates,
+                 relevant_per_query=_spread([sum(rel > 0 for rel in docs.values())
+                                             for docs in qrels.values()]),
+                 grades={str(grade): grades[grade] for grade in sorted(grades)})
     return facts
 
 
