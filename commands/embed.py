@@ -68,6 +68,7 @@ def run(inputs: options.Inputs = None,
                                     "(memory stays bounded by it).", metavar="N")] = DEFAULT_WINDOW,
         trust_remote_code: options.TrustRemoteCode = False,
         force: options.Force = False,
+        progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Embed the text of every record. Output keeps every input field (text unless
     --drop-text) and adds `id` and `embedding` (float32), with the model, prompt, dim and
@@ -93,6 +94,7 @@ def run(inputs: options.Inputs = None,
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
                       trust_remote_code=trust_remote_code, force=force)
     check_options(request)
+    options.show_progress(progress)
     if engine != "local" or address or parts:
         return embed_on_ray(request, engine, address, parts)
     return embed_local(request)

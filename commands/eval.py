@@ -391,6 +391,7 @@ def beir(
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
+        progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Embed a BEIR dataset's corpus (title + " " + text, as MTEB) and the split's queries,
     search exactly by cosine (numpy, corpus in blocks with a running top-k per query: memory
@@ -410,6 +411,7 @@ def beir(
     from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.beir import beir_files, beir_qrels
 
+    options.show_progress(progress)
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
     _check_search_options(index_dtype, ef)
@@ -558,6 +560,7 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
     import pyarrow as pa
 
     from vecpipe.cli import console
+    from vecpipe.core import notices
     from vecpipe.core.vectors import ExactSearch
     from vecpipe.formats.beir import corpus_batches
 
@@ -565,7 +568,8 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
     with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
         search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp) \
             if index_dtype else ExactSearch(query_vectors, depth, "ip", _QUERY_BLOCK)
-        with console.progress(desc="corpus", unit="doc") as bar:
+        with console.progress(desc="corpus", unit="doc",
+                              count=notices.input_records([path])) as bar:
             for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
                 if not texts:
                     continue

@@ -45,6 +45,7 @@ def run(inputs: options.Inputs = None,
         shard: options.Shard = None,
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
+        progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Build a usearch HNSW index folder (or, with --flat, an exactly searched one) from
     embedding records (`id`, `embedding`, other fields). The folder is written under a
@@ -63,10 +64,12 @@ def run(inputs: options.Inputs = None,
     """
     from vecpipe.cli import console
     from vecpipe.formats.errors import DataError
+    from vecpipe.core import notices
     from vecpipe.core.space import input_check
     from vecpipe.formats.readers import RecordStream, shown_name
     from vecpipe.formats.shards import parse_shard
 
+    options.show_progress(progress)
     store, store_all = fields, all_fields
     dtype = options.index_dtype(dtype)
     on_duplicate = options.index_duplicates(on_duplicate)
@@ -90,7 +93,8 @@ def run(inputs: options.Inputs = None,
     plan.shard = part
     builder_args = dict(on_duplicate=on_duplicate, threads=threads)
     builder = start_builder(output, plan, **builder_args)
-    with builder, console.progress(desc="index", unit="vec") as bar:
+    count = notices.input_records(stream.inputs, input_format) if part is None else None
+    with builder, console.progress(desc="index", unit="vec", count=count) as bar:
         for batch in plan.batches():
             _add(builder, batch)
             bar.update(len(batch["ids"]))

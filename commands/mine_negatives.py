@@ -90,6 +90,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         output_format: options.OutputFormat = "auto",
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
+        progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Mine hard negatives for (query, positive) pairs and write training rows in
     sentence-transformers' shapes. Candidates never include a known positive of the query (by
@@ -113,6 +114,8 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     """
     given = dict(locals())
     import contextlib
+
+    options.show_progress(progress)
 
     from vecpipe.cli import console
     from vecpipe.cli.models import load_cross_encoder

@@ -133,7 +133,8 @@ def embed_task(task: Task, output=None, output_format="auto", devices=("auto",))
     previous = interrupts_as_exceptions(signal)
     try:
         stats = embed_stream(stream, stream.schema, model, plan, output, output_format,
-                             cache_dir=task.cache_dir, devices=list(devices) if many else None)
+                             cache_dir=task.cache_dir, devices=list(devices) if many else None,
+                             count=notices.input_records(task.inputs, task.input_format))
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -175,8 +176,9 @@ def check_fits(plan: Plan, model) -> None:
 
 
 def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_format="auto",
-                 cache_dir=None, devices=None) -> Stats:
-    """Read `stream`, embed, write to `output` (`devices`: a worker pool, one per device)."""
+                 cache_dir=None, devices=None, count=None) -> Stats:
+    """Read `stream`, embed, write to `output` (`devices`: a worker pool, one per device).
+    `count`: a function finding how many records the stream holds, for the bar's total."""
     import contextlib
 
     from vecpipe.core import notices
@@ -201,15 +203,17 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
             stack.callback(model.stop_pool, pool)
         sink = stack.enter_context(LazyWriter(lambda: RecordWriter(
             output, output_format, schema=out_schema, metadata=meta)))
-        bar = stack.enter_context(notices.progress(desc="embed", unit="rec"))
-        encoder = Encoder(model, plan, stats, cache, pool)
+        bar = stack.enter_context(notices.progress(
+            desc="embed", unit="rec", count=count if plan.shard is None else None))
+        feed = RecordProgress(bar)
+        encoder = Encoder(model, plan, stats, cache, pool, progress=feed.embedded)
         parts = selected_parts(stream, input_schema, model, plan, stats)
         windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
         for window, vectors in windows:
             for part, part_vectors in window.split(vectors):
                 sink.write(output_batch(part, part_vectors, out_schema, plan))
                 stats.rows += len(part.texts)
-            bar.update(window.records)
+            feed.finished(window)
         sink.ensure_started()
     return stats
 
@@ -394,17 +398,43 @@ class Window:
             start = stop
 
 
+class RecordProgress:
+    """Moves a bar of records as the model runs: within a window, its records in proportion
+    to its texts embedded so far (they are done in batches of similar length, not in order);
+    all of them once the window is written."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.done = 0       # records of the windows written
+        self.texts = {}     # id(window) -> its texts embedded so far
+
+    def embedded(self, window, texts: int) -> None:
+        done = self.texts[id(window)] = self.texts.get(id(window), 0) + texts
+        share = window.records * min(done, len(window.todo)) // max(len(window.todo), 1)
+        self._move(self.done + share)
+
+    def finished(self, window) -> None:
+        self.texts.pop(id(window), None)
+        self.done += window.records
+        self._move(self.done)
+
+    def _move(self, count: int) -> None:
+        if count > self.bar.n:
+            self.bar.update(count - self.bar.n)
+
+
 class Encoder:
     """Windows of parts -> vectors. A thread reads, validates, looks up the cache and tokenizes
     ahead (length-sorted batches); the calling thread runs the model."""
 
-    def __init__(self, model, plan, stats, cache=None, pool=None):
+    def __init__(self, model, plan, stats, cache=None, pool=None, progress=None):
         self.model = model
         self.plan = plan
         self.stats = stats
         self.cache = cache
         self.pool = pool
         self.dim = plan.out_dim(model)
+        self.progress = progress  # progress(window, texts): after each batch the model ran
 
     def run(self, parts):
         """Yield (window, vectors per unique text) in input order."""
@@ -426,11 +456,15 @@ class Encoder:
                     np.empty((len(window.unique), self.dim), dtype=np.float32)
                 if self.pool is not None and len(window.todo):
                     vectors[window.todo] = self._encode_pool(window)
+                    if self.progress is not None:
+                        self.progress(window, len(window.todo))
             elif kind == "batch":
                 if self.pool is None:
                     rows, features = payload
                     vectors[rows] = self.model.embed_features(features, self.plan.normalize,
                                                               self.plan.dim)
+                    if self.progress is not None:
+                        self.progress(window, len(rows))
             else:
                 if self.cache is not None and len(window.todo):
                     self.cache.store([window.unique[i] for i in window.todo],
