@@ -51,7 +51,9 @@ def run(index: Annotated[str, typer.Argument(
     """Find the k nearest records for each query. One output row per hit: query_id, rank
     (1-based), id, score (a similarity: larger is better whatever the metric) and the requested
     stored fields; or a TREC run file. Scores: cos -> cosine, ip -> dot product, l2sq -> minus
-    the squared distance, hamming -> fraction of equal bits.
+    the squared distance, hamming -> fraction of equal bits. On a terminal (no -o or
+    --output-format): a table per query instead, cut to its width (`--output-format table`
+    asks for it on a pipe); text lines on stdin are answered one at a time, as they arrive.
 
     \b
     Example:
@@ -64,7 +66,6 @@ def run(index: Annotated[str, typer.Argument(
     import os
 
     from vecpipe.formats.errors import DataError, UsageError
-    from vecpipe.formats.writers import resolve_output_format
 
     fields = ",".join(fields) if fields else None
     if index != "-" and not os.path.exists(index):  # before the options that depend on its kind
@@ -73,7 +74,7 @@ def run(index: Annotated[str, typer.Argument(
         raise UsageError("give --fields or --all-fields, not both")
     if query and queries:
         raise UsageError("give QUERIES or --query, not both")
-    fmt = resolve_output_format(output, output_format, extra=("trec",), vectors=False)
+    fmt = _output_format(output, output_format)
     query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name,
                          text_fields=text_fields or ["text"],
                          device=device, force=force, input_format=input_format,
@@ -92,8 +93,28 @@ def run(index: Annotated[str, typer.Argument(
     if query:
         query_options["text_fields"] = ["text"]
     reader = QueryReader(queries, searcher, batch_size=query_batch, given=query,
-                         **query_options)
-    write_hits(searcher.results(reader), searcher.schema, output, fmt)
+                         keep_texts=fmt == "table", prompt_line=not quiet, **query_options)
+    if fmt == "table":
+        write_hit_tables(searcher.results(reader), output, reader.texts)
+    else:
+        write_hits(searcher.results(reader), searcher.schema, output, fmt)
+
+
+def _output_format(output, output_format) -> str:
+    """As every command's, plus `trec` and `table`; a terminal given no -o, --output-format or
+    $VECPIPE_OUTPUT_FORMAT gets the table."""
+    import sys
+
+    from vecpipe.formats.writers import (OUTPUT_FORMATS, environment_format,
+                                         resolve_output_format)
+
+    extra = ("trec", "table")
+    fmt = resolve_output_format(output, output_format, extra=extra, vectors=False)
+    to_terminal = output in (None, "-") and sys.stdout is not None and sys.stdout.isatty()
+    if output_format == "auto" and to_terminal \
+            and environment_format(OUTPUT_FORMATS + extra) is None:
+        return "table"
+    return fmt
 
 
 # ---- queries ----------------------------------------------------------------------------------
@@ -115,12 +136,109 @@ class GivenQueries:
         return iter(self._items)
 
 
+class TextLines:
+    """Text queries read from stdin a line at a time (a terminal, or a pipe of plain text):
+    one batch per line, so each is answered before the next is read. `first`: lines already
+    read (to tell text from records). On a terminal blank lines are skipped and, with
+    `prompt`, a prompt goes to stderr before each line."""
+
+    PROMPT = "query> "
+
+    def __init__(self, stream, first=(), terminal=False, prompt=False):
+        import pyarrow as pa
+
+        self.schema = pa.schema([pa.field("text", pa.string())])
+        self.metadata, self.inputs = {}, ["-"]
+        self.stream, self.first = stream, list(first)
+        self.terminal = terminal
+        self.prompt = prompt and terminal and _isatty(sys_stderr())
+
+    def _lines(self):
+        yield from self.first
+        while True:
+            if self.prompt:
+                err = sys_stderr()
+                err.write(self.PROMPT)
+                err.flush()
+            line = self.stream.readline()
+            if not line:
+                if self.prompt:
+                    sys_stderr().write("\n")
+                return
+            yield line
+
+    def __iter__(self):
+        import pyarrow as pa
+
+        from vecpipe.formats.errors import DataError
+        from vecpipe.formats.readers import STDIN_NAME, SourceBatch
+
+        for number, raw in enumerate(self._lines(), start=1):
+            try:
+                text = raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as err:
+                raise DataError(f"invalid UTF-8 ({err.reason})", source=STDIN_NAME,
+                                record=number) from None
+            if self.terminal and not text.strip():
+                continue
+            yield SourceBatch(pa.record_batch([pa.array([text], pa.string())],
+                                              schema=self.schema), STDIN_NAME, number)
+
+
+def sys_stderr():
+    import sys
+
+    return sys.stderr
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def stdin_queries(inputs, input_format, prompt, **stream_options):
+    """The queries on stdin, when they are all the queries: text lines as TextLines (a terminal
+    is read as text; a pipe whose first line is none of the record formats too), records as a
+    RecordStream; None when the queries come from files."""
+    from vecpipe.formats import readers
+    from vecpipe.formats.errors import DataError
+
+    if (inputs and list(inputs) != ["-"]) or input_format not in ("auto", "text"):
+        return None
+    raw = readers.stdin_binary()
+    terminal = _isatty(raw)
+    if input_format == "text" or terminal:
+        return TextLines(raw, terminal=terminal, prompt=prompt)
+    head = b""
+    while len(head) < readers.SNIFF_BYTES and not head.strip():
+        line = raw.readline(readers.SNIFF_BYTES)
+        if not line:
+            break
+        head += line
+    if not head:
+        return None  # nothing read: the records reader reports the empty input itself
+    try:
+        fmt = readers.sniff(head)
+    except DataError:
+        fmt = "text"
+    if head.startswith((b"\x1f\x8b", b"\x28\xb5\x2f\xfd")):
+        fmt = "compressed"
+    if fmt == "text":
+        return TextLines(raw, head.splitlines(keepends=True))
+    return readers.RecordStream(["-"], input_format, stdin=readers.prepended(head, raw),
+                                **stream_options)
+
+
 class QueryReader:
     """Batches of (query ids, vectors, encoded) from text records (embedded here) or vector
-    records: float vectors of the query dimension, or codes when the stream carries a codec."""
+    records: float vectors of the query dimension, or codes when the stream carries a codec.
+    `keep_texts`: keep every query's text in `texts` (None for a vector query), in order."""
 
     def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
-                 device, force, input_format, model_batch_size=32, given=None):
+                 device, force, input_format, model_batch_size=32, given=None,
+                 keep_texts=False, prompt_line=None):
         from vecpipe.core.space import input_check
         from vecpipe.formats.errors import UsageError
         from vecpipe.formats.readers import RecordStream
@@ -131,8 +249,10 @@ class QueryReader:
             raise UsageError("the searched stream and the queries cannot both come from stdin",
                              hint="name the queries' file, or give --query TEXT")
         else:
-            self.stream = RecordStream(inputs, input_format, batch_rows=batch_size,
-                                       check=input_check(force), unsniffed="text")
+            options = dict(batch_rows=batch_size, check=input_check(force), unsniffed="text")
+            self.stream = stdin_queries(inputs, input_format, prompt_line, **options) \
+                or RecordStream(inputs, input_format, **options)
+        self.texts = [] if keep_texts else None
         self.target, self.text_fields, self.force = target, text_fields, force
         self.device = device
         self.model_batch_size = model_batch_size
@@ -214,8 +334,13 @@ class QueryReader:
 
         batch = item.batch
         if names.EMBEDDING not in batch.schema.names:
-            return self.model.encode(self._texts(item), batch_size=self.model_batch_size,
+            texts = self._texts(item)
+            if self.texts is not None:
+                self.texts.extend(texts)
+            return self.model.encode(texts, batch_size=self.model_batch_size,
                                      prompt=self.prompt_text), False
+        if self.texts is not None:
+            self.texts.extend([None] * batch.num_rows)
         vectors = names.checked_vectors(item, names.EMBEDDING,
                                         None if self.codes else "query vector")
         if self.codes:
@@ -526,15 +651,93 @@ def write_hits(results, schema, output, fmt) -> None:
     from vecpipe.formats.writers import RecordWriter, text_output
 
     queries = hits = 0
+    to_stdout = output in (None, "-")
     if fmt == "trec":
         with text_output(output) as out:
             for table, count in hit_tables(results, schema):
                 out.write(trec_lines(zip(*(table.column(name).to_pylist()
                                            for name in ("query_id", "id", "rank", "score")))))
                 hits, queries = hits + table.num_rows, queries + count
+                if to_stdout:
+                    out.flush()
     else:
         with RecordWriter(output, fmt, schema=schema) as out:
             for table, count in hit_tables(results, schema):
                 out.write_table(table)
                 hits, queries = hits + table.num_rows, queries + count
+                if to_stdout:  # each batch answered at once (one query a line from stdin)
+                    out.flush()
     console.info(f"{hits:,} hits for {queries:,} queries")
+
+
+def write_hit_tables(results, output, texts) -> None:
+    """A table per query for people: the query text (its id for a vector query) as a heading,
+    then rank, score (3 decimals), id and the stored fields, one line a hit, long values cut
+    to the terminal's width (else $COLUMNS or 80). Written (and flushed) query by query."""
+    import io
+    import shutil
+    import sys
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from vecpipe.cli import console
+    from vecpipe.formats.writers import text_output
+
+    to_stdout = output in (None, "-")
+    terminal = to_stdout and _isatty(sys.stdout)
+    width = shutil.get_terminal_size().columns
+    buffer = io.StringIO()
+    screen = Console(file=buffer, width=width, force_terminal=terminal, no_color=not terminal,
+                     highlight=False, emoji=False, markup=False, soft_wrap=False)
+    queries = hits = 0
+    with text_output(output) as out:
+        for query_ids, found, rows in results:
+            for row, query_id in enumerate(query_ids):
+                text = texts[queries] if texts and queries < len(texts) else None
+                queries += 1
+                keep = found.rows[row] >= 0
+                stored = rows.take(found.rows[row][keep])
+                scores = found.scores[row][keep]
+                hits += len(scores)
+                heading = Text(" ".join((text or str(query_id)).split()), style="bold",
+                               no_wrap=True, overflow="ellipsis")
+                screen.print(heading)
+                columns = [name for name in stored.column_names if name != "id"]
+                values = [stored.column(name).to_pylist() for name in ["id", *columns]]
+                shown = [f"{score:.3f}" for score in scores]
+                table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                              expand=bool(columns))
+                table.add_column("rank", justify="right", no_wrap=True,
+                                 min_width=max(4, len(str(len(scores)))))
+                table.add_column("score", justify="right", no_wrap=True,
+                                 min_width=max([5, *map(len, shown)]))
+                ids = [str(value) for value in values[0]]
+                table.add_column("id", no_wrap=True, overflow="ellipsis",
+                                 min_width=min(max([2, *map(len, ids)]), width // 3))
+                for name in columns:  # the stored fields share what is left, cut with "…"
+                    table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1)
+                for rank, score in enumerate(shown):
+                    cells = [_cell(column[rank]) for column in values]
+                    table.add_row(str(rank + 1), score, *cells)
+                if len(scores):
+                    screen.print(table)
+                else:
+                    screen.print("  no hits")
+                screen.print()
+                out.write(buffer.getvalue())
+                buffer.seek(0)
+                buffer.truncate()
+                if to_stdout:
+                    out.flush()
+    console.info(f"{hits:,} hits for {queries:,} queries")
+
+
+def _cell(value):
+    """A stored value on one line of a table cell."""
+    from rich.text import Text
+
+    text = "" if value is None else str(value)
+    return Text(" ".join(text.split()), no_wrap=True, overflow="ellipsis")

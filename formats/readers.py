@@ -26,7 +26,7 @@ def shown_name(path: str) -> str:
     """How messages name an input: `<stdin>` for `-`."""
     return STDIN_NAME if path == "-" else path
 _PIPE_BUFFER = 1 << 20
-_SNIFF_BYTES = 512
+SNIFF_BYTES = 512
 
 
 @dataclass
@@ -67,7 +67,7 @@ class _Prefixed(io.RawIOBase):
         super().close()
 
 
-def _peek(stream, size: int = _SNIFF_BYTES):
+def _peek(stream, size: int = SNIFF_BYTES):
     """Read enough of the start to sniff (what the producer has sent, up to `size` bytes, and at
     least 8 bytes past leading whitespace unless the input ends); return those bytes and an
     equivalent unread stream."""
@@ -90,13 +90,20 @@ def stdin_binary():
         return sys.stdin.buffer
 
 
-def open_input(path: str):
-    """A buffered binary stream for a path or `-`, gzip/zstd unwrapped, plus its head bytes.
+def prepended(head: bytes, stream):
+    """`stream` with `head`, bytes already read from it, put back in front (a caller that had
+    to look at stdin first hands this to RecordStream as its `stdin`)."""
+    return io.BufferedReader(_Prefixed(head, stream), _PIPE_BUFFER)
+
+
+def open_input(path: str, stdin=None):
+    """A buffered binary stream for a path or `-` (`stdin`, else the process's), gzip/zstd
+    unwrapped, plus its head bytes.
 
     Returns (stream, head, compression) where compression is None, "gzip" or "zstd".
     """
     if path == "-":
-        raw = stdin_binary()
+        raw = stdin if stdin is not None else stdin_binary()
     else:
         try:
             raw = open(path, "rb", buffering=_PIPE_BUFFER)
@@ -158,7 +165,7 @@ def sniff(head: bytes, name: str | None = None) -> str | None:
         return "parquet"
     text = head.lstrip(b"\xef\xbb\xbf").lstrip()
     if not text:
-        return None if len(head) < _SNIFF_BYTES else "jsonl"
+        return None if len(head) < SNIFF_BYTES else "jsonl"
     if text.startswith(b"{"):
         return "jsonl"
     raise DataError(f"unrecognized input format (starts with {head[:16]!r})", source=name,
@@ -181,13 +188,15 @@ class RecordStream:
     be wider than `schema`. `text_fields`: in JSONL, a value there that is not a string becomes
     null, for a command that skips records without text (embed --skip-invalid). `unsniffed`:
     the format of an input that looks like none of the sniffed ones (search reads such queries
-    as `text` lines) instead of an error.
+    as `text` lines) instead of an error. `stdin`: a binary stream read for `-` instead of the
+    process's stdin.
     """
 
     def __init__(self, inputs: list[str] | None, input_format: str | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS,
                  check: Callable[[dict, dict, str, str], None] | None = None,
-                 text_fields: tuple[str, ...] = (), unsniffed: str | None = None):
+                 text_fields: tuple[str, ...] = (), unsniffed: str | None = None,
+                 stdin=None):
         self.inputs = list(inputs) if inputs else ["-"]
         check_one_stdin(self.inputs)
         if input_format not in (None, *INPUT_FORMATS):
@@ -197,6 +206,7 @@ class RecordStream:
         self.check = check
         self.text_fields = tuple(text_fields)
         self.unsniffed = unsniffed
+        self.stdin = stdin
         self._iter = self._batches()
         self._pending: list[SourceBatch] = []
         self._schema = None
@@ -256,7 +266,7 @@ class RecordStream:
 
     def _read_one(self, path: str, name: str):
         """Yield (schema, batch iterator) for one input; nothing for an empty input."""
-        stream, head, compression = open_input(path)
+        stream, head, compression = open_input(path, self.stdin)
         try:
             fmt = self.input_format or sniff(head, name)
         except DataError:

@@ -331,6 +331,13 @@ class RecordWriter:
         if table.num_rows == 0 and self.schema is None:
             self._start(table.schema)
 
+    def flush(self) -> None:
+        """Send what was written so far on (a reader downstream sees each answer at once)."""
+        try:
+            self._sink.flush()
+        except OSError as err:
+            raise write_error(err, self.output) from None
+
     def close(self) -> None:
         try:
             if self._writer is not None:
@@ -414,6 +421,12 @@ class _TextOutput:
     def write(self, text: str) -> None:
         try:
             self._sink.write(text.encode())
+        except OSError as err:
+            raise write_error(err, self.output) from None
+
+    def flush(self) -> None:
+        try:
+            self._sink.flush()
         except OSError as err:
             raise write_error(err, self.output) from None
 
