@@ -6,9 +6,21 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test,onnx,openvino,ray
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench man demo clean
+.PHONY: install install-shell test test-fast bench man demo clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed install-shell
+
+# Completions and man pages where the shells and man look inside the venv (an editable install
+# places no data-files): man finds $(VENV)/share/man from PATH once the venv is active.
+SHARE := $(VENV)/share
+install-shell: $(VENV)/.installed
+	mkdir -p $(SHARE)/man/man1 $(SHARE)/bash-completion/completions \
+		$(SHARE)/zsh/site-functions $(SHARE)/fish/vendor_completions.d
+	rm -f $(SHARE)/man/man1/vecpipe*.1
+	cp man/vecpipe*.1 $(SHARE)/man/man1/
+	cp completions/vecpipe.bash $(SHARE)/bash-completion/completions/vecpipe
+	cp completions/_vecpipe $(SHARE)/zsh/site-functions/_vecpipe
+	cp completions/vecpipe.fish $(SHARE)/fish/vendor_completions.d/vecpipe.fish
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -27,6 +27,9 @@ COMMANDS: list[tuple[str, str]] = [
     ("merge", "merge"),
     ("info", "info"),
     ("convert", "convert"),
+    ("models", "models"),
+    ("completion", "completion"),
+    ("man", "man"),
 ]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

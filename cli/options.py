@@ -197,8 +197,8 @@ Output = Annotated[Optional[str], shared("-o", "--output", help=OUTPUT_HELP, met
 OutputFolder = Annotated[str, shared("-o", "--output", help=OUTPUT_HELP, metavar="DIR")]
 OutputFormat = Annotated[str, shared(
     "--output-format",
-    help="Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec); reports (eval, "
-         "info): auto|table|jsonl|json. auto: from -o's extension, else "
+    help="Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec and table); reports "
+         "(eval, info, models): auto|table|jsonl|json. auto: from -o's extension, else "
          "$VECPIPE_OUTPUT_FORMAT, else on a pipe Arrow IPC for streams that carry vectors and "
          "JSONL for the rest; a terminal gets JSONL or a table.")]
 InputFormat = Annotated[str, shared(
@@ -333,3 +333,13 @@ def _as_jsonl(value: bool) -> dict:
 JsonFlag = alias(bool, "--json", "--output-format jsonl", None, _as_jsonl)
 FieldForText = alias(Optional[List[str]], "--field", "--text-field", "text_fields")
 CutoffsK = alias(Optional[str], "-k", "--cutoffs", "k")
+Progress = Annotated[bool, shared(
+    "--progress", help="Show progress bars on stderr even when it is not a terminal (-q "
+                       "still silences them).")]
+
+
+def show_progress(progress: bool) -> None:
+    """--progress: bars on stderr even when it is not a terminal (-q still wins)."""
+    from vecpipe.core import notices
+
+    notices.force_progress(progress)

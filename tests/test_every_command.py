@@ -49,6 +49,13 @@ COMMANDS = [
     Command("convert", ("{docs}",), "docs", None, ("--limit", "-1"), "file"),
 ]
 BY_PATH = {command.path: command for command in COMMANDS}
+# Commands that read no records (shell integration): no input to empty or break, so only the
+# usage error and `| head -1` apply to them.
+NO_RECORDS = [
+    Command("models", ("--output-format", "jsonl"), "", None, ("--output-format", "xml")),
+    Command("completion", ("bash",), "", None, ("tcsh",)),
+    Command("man", ("embed",), "", None, ("nosuch",)),
+]
 STDOUT = [c for c in COMMANDS if c.path != "index"]  # index writes only its folder
 WITH_O = [c for c in COMMANDS if c.output]
 
@@ -66,7 +73,7 @@ def options_of(path: str) -> frozenset[str]:
 
 def test_the_table_covers_every_leaf_command():
     leaves = [" ".join(p[1:]) for p, cmd in command_tree() if not hasattr(cmd, "list_commands")]
-    assert sorted(leaves) == sorted(BY_PATH)
+    assert sorted(leaves) == sorted([*BY_PATH, *(c.path for c in NO_RECORDS)])
 
 
 def _jsonl(path, records):
@@ -216,7 +223,7 @@ def test_bad_input_line_is_located(cli, inputs, tmp_path, command):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", STDOUT, ids=ids)
+@pytest.mark.parametrize("command", STDOUT + NO_RECORDS, ids=ids)
 def test_head_closing_the_pipe_is_a_clean_exit(inputs, command):
     vecpipe = shlex.join([sys.executable, "-m", "vecpipe.cli", *argv(command, inputs), "-q"])
     # -q: anything left on stderr is the closed pipe's noise. No pipefail: the shell reports
@@ -226,7 +233,7 @@ def test_head_closing_the_pipe_is_a_clean_exit(inputs, command):
     assert shell.stdout.split() == [b"0"] and shell.stderr == b"", shell
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=ids)
+@pytest.mark.parametrize("command", COMMANDS + NO_RECORDS, ids=ids)
 def test_usage_error_is_one_line_exit_2(cli, inputs, command):
     r = cli(*argv(command, inputs, "unused"), *command.usage)
     assert r.exit_code == 2 and r.stdout == "", r

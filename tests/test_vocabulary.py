@@ -31,8 +31,9 @@ COMMAND_SPECIFIC = {
                        "--save-stats"},
     "merge": {"--sort-by", "--expect-shards", "--index", "--link", "--models", "--weights",
               "--method"},
-    "info": {"--verify"},
+    "info": {"--verify", "--field-names"},
     "convert": {"--limit", "--rename"},
+    "models": set(), "completion": set(), "man": set(),
 }
 
 
