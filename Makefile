@@ -13,7 +13,7 @@ install: $(VENV)/.installed install-shell
 # Completions and man pages where the shells and man look inside the venv (an editable install
 # places no data-files): man finds $(VENV)/share/man from PATH once the venv is active.
 SHARE := $(VENV)/share
-install-shell: $(VENV)/.installed
+install-shell:
 	mkdir -p $(SHARE)/man/man1 $(SHARE)/bash-completion/completions \
 		$(SHARE)/zsh/site-functions $(SHARE)/fish/vendor_completions.d
 	rm -f $(SHARE)/man/man1/vecpipe*.1

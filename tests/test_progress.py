@@ -4,6 +4,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, shells and ptys: seconds each
+
 N = 300
 
 

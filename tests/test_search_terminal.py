@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, shells and ptys: seconds each
+
 VECPIPE = str(Path(sys.executable).with_name("vecpipe"))
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 LONG = "long words " * 40
@@ -88,6 +90,7 @@ def read_all(master, proc, timeout=60):
     return ANSI.sub("", out.decode("utf-8", "replace")).replace("\r", "")
 
 
+@pytest.mark.slow
 def test_a_terminal_gets_a_table_cut_to_its_width(idx):
     proc, master = spawn_on_pty(["search", idx, "-k", "3", "--fields", "title",
                                  "--query", "vitamin D and bone loss"], columns=60)
@@ -102,6 +105,7 @@ def test_a_terminal_gets_a_table_cut_to_its_width(idx):
     assert "query_id" not in shown and "{" not in shown  # not JSONL
 
 
+@pytest.mark.slow
 def test_a_terminal_is_a_repl_answering_each_line(idx):
     proc, master = spawn_on_pty(["search", idx, "-k", "2", "--fields", "title"], columns=80,
                                 stdin_pty=True)
@@ -119,6 +123,7 @@ def test_a_terminal_is_a_repl_answering_each_line(idx):
     assert "4 hits for 2 queries" in rest
 
 
+@pytest.mark.slow
 def test_a_slow_pipe_gets_each_answer_before_the_next_query(idx):
     proc = subprocess.Popen([VECPIPE, "search", str(idx), "-k", "2", "--output-format", "jsonl"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -151,6 +156,7 @@ def run(args, stdin=None):
                           shell=isinstance(args, str))
 
 
+@pytest.mark.slow
 def test_a_pipe_gets_records_and_table_only_when_asked(idx):
     piped = run(["search", idx, "-k", "2", "--query", "vitamin d"])
     assert piped.returncode == 0
@@ -165,6 +171,7 @@ def test_a_pipe_gets_records_and_table_only_when_asked(idx):
     assert trec.returncode == 0 and len(trec.stdout.splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_records_on_stdin_are_still_read_as_records(idx, tmp_path):
     queries = tmp_path / "q.jsonl"
     queries.write_text(json.dumps({"id": "a", "text": "vitamin d"}) + "\n"

@@ -13,6 +13,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses, shells and ptys: seconds each
+
 from vecpipe.cli import docgen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +122,7 @@ print -r -- "$out"
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stdout)  # without the terminal's colours
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_completes_choices_and_options(tmp_path):
     shutil.copy(REPO / "completions" / "_vecpipe", tmp_path / "_vecpipe")
@@ -197,6 +200,7 @@ def test_man_on_a_terminal_shows_the_formatted_page(tmp_path):
     assert ".TH" not in text and ".SH" not in text  # rendered by man, not the roff source
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_install_shell_puts_pages_and_completions_in_the_venv(tmp_path):
     venv = tmp_path / "venv"

@@ -341,6 +341,7 @@ def test_the_default_format_on_stdout(monkeypatch):
     assert resolve_output_format(None, stdout_isatty=False) == "arrow"
 
 
+@pytest.mark.slow
 def test_a_bad_old_value_is_one_usage_line(run_vecpipe, tmp_path, write_jsonl):
     """An alias's value is converted before the command's boundary: still one line, exit 2."""
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"a": [1.0, 0.0], "b": [0.0, 1.0], "s": 1}])
