@@ -194,11 +194,23 @@ Inputs = Annotated[Optional[List[str]], typer.Argument(
 OUTPUT_HELP = ("Write here (atomically) instead of stdout; index: the folder to write (through "
                "a symlink, the link's target is replaced) or to extend with --append.")
 Output = Annotated[Optional[str], shared("-o", "--output", help=OUTPUT_HELP, metavar="PATH")]
-OutputFolder = Annotated[str, shared("-o", "--output", help=OUTPUT_HELP, metavar="DIR")]
+
+
+def folder_output(value: str | None):
+    """-o of a command that writes a folder: `-` (stdout) cannot be one."""
+    if value == "-":
+        raise typer.BadParameter("writes a folder, which stdout (-) cannot hold; name a folder")
+    return value
+
+
+OutputFolder = Annotated[str, shared("-o", "--output", help=OUTPUT_HELP, metavar="DIR",
+                                     callback=folder_output)]
 OutputFormat = Annotated[str, shared(
     "--output-format",
-    help="Records: auto|arrow|arrow-file|jsonl|parquet (search: also trec and table); reports "
-         "(eval, info, models): auto|table|jsonl|json. auto: from -o's extension, else "
+    help="Records: auto|arrow|arrow-file|jsonl|parquet|csv|tsv (csv/tsv: streams without "
+         "vectors; search: also trec and table); reports (eval, info, models): "
+         "auto|table|jsonl|json|csv|tsv. auto: from -o's name (.jsonl .csv .tsv .arrow "
+         ".arrows .parquet, search .trec; text formats also .gz), else "
          "$VECPIPE_OUTPUT_FORMAT, else on a pipe Arrow IPC for streams that carry vectors and "
          "JSONL for the rest; a terminal gets JSONL or a table.")]
 InputFormat = Annotated[str, shared(
@@ -239,6 +251,16 @@ FailUnder = Annotated[Optional[List[str]], shared(
     "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
                          "repeatable. The report is printed first.", metavar="METRIC=VALUE")]
 Seed = Annotated[int, shared("--seed", help="Seed of the command's random sampling or test.")]
+SAMPLE_HELP = ("A uniform random sample of N records, seeded by --seed (convert: in one pass, "
+               "in input order; eval embeddings: the rows of the pairwise statistics and the "
+               "comparison).")
+
+
+def sample_option(**settings) -> typer.models.OptionInfo:
+    """--sample N with a command's own bounds (one help for every command)."""
+    return shared("--sample", help=SAMPLE_HELP, metavar="N", **settings)
+
+
 Split = Annotated[str, shared("--split", help="Which BEIR qrels/SPLIT.tsv to use.")]
 
 TextField = Annotated[Optional[List[str]], shared(
@@ -250,11 +272,17 @@ VectorField = Annotated[str, shared("--vector-field", help="Field holding the ve
 IdField = Annotated[Optional[str], shared(
     "--id-field", help="Field holding record ids (default: id, else _id, else the record "
                        "number).", metavar="FIELD")]
+FIELDS_HELP = ("Fields to keep or show, in order: A,B or repeated (index: stored for output "
+               "and --filter; `id` is always kept; info takes no list: it lists the fields).")
 Fields = Annotated[Optional[List[str]], shared(
-    "--fields", help="Fields to keep or show, in order: A,B or repeated (index: stored for "
-                     "output and --filter; `id` is always kept).", metavar="A,B",
-    callback=field_list, show_default=False)]
+    "--fields", help=FIELDS_HELP, metavar="A,B", callback=field_list, show_default=False)]
+# info --fields: the same concept (the fields shown) with nothing to choose: a flag
+FieldsFlag = Annotated[bool, shared("--fields", help=FIELDS_HELP)]
 AllFields = Annotated[bool, shared("--all-fields", help="Every field but the vectors.")]
+DryRun = Annotated[bool, shared(
+    "--dry-run", help="Check the inputs' first records, the fields, the model (not loaded) and "
+                      "the output, print the plan (a table on a terminal, JSON otherwise) and "
+                      "write nothing; exit 1 when the run would fail.")]
 
 PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 

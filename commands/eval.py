@@ -478,6 +478,7 @@ def _judged_queries(path: str, qrels: dict) -> dict:
 
 _CORPUS_BLOCK = 8192   # documents embedded and searched at a time
 _QUERY_BLOCK = 2048    # queries scored at a time: at most 2048 x 8192 float32 scores (64 MiB)
+_BAR_BATCHES = 4       # model batches per move of the corpus bar (seconds on a CPU)
 
 
 class _Encoder:
@@ -492,19 +493,39 @@ class _Encoder:
         self.embedded = {"documents": 0, "queries": 0}
         self.truncated = {"documents": 0, "queries": 0}
 
-    def __call__(self, texts: list, prompt: str, role: str = "documents"):
+    def __call__(self, texts: list, prompt: str, role: str = "documents", progress=None):
+        """`progress(n)`: called as each n more texts are embedded (cache hits are not)."""
         if self.folder is None:
-            return self._encode(texts, prompt, role)
+            return self._encode(texts, prompt, role, progress)
         cache = self._cache(prompt)
         before = cache.hits
-        vectors = cache.encode(texts, lambda missed: self._encode(missed, prompt, role))
+        vectors = cache.encode(texts, lambda missed: self._encode(missed, prompt, role,
+                                                                  progress))
         self.hits += cache.hits - before
         return vectors
 
-    def _encode(self, texts: list, prompt: str, role: str):
+    def _encode(self, texts: list, prompt: str, role: str, progress=None):
         self.embedded[role] += len(texts)
         self.truncated[role] += self._count_truncated(texts, prompt)
-        return self.loaded.encode(texts, self.batch_size, prompt)
+        if progress is None:
+            return self.loaded.encode(texts, self.batch_size, prompt)
+        return self._encode_in_pieces(texts, prompt, progress)
+
+    def _encode_in_pieces(self, texts: list, prompt: str, progress):
+        """The vectors of one encode call, made a few model batches at a time to report
+        progress: texts sorted by length first, as encode sorts them, so the batches (and
+        their padding) are the ones a single call makes."""
+        import numpy as np
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        piece = self.batch_size * _BAR_BATCHES
+        vectors = np.empty((len(texts), self.loaded.dim), dtype=np.float32)
+        for start in range(0, len(order), piece):
+            rows = order[start:start + piece]
+            vectors[rows] = self.loaded.encode([texts[i] for i in rows], self.batch_size,
+                                               prompt)
+            progress(len(rows))
+        return vectors
 
     def _count_truncated(self, texts: list, prompt: str) -> int:
         """What `embed` counts, with the model's own count_truncated (a second tokenization:
@@ -574,7 +595,7 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
                 if not texts:
                     continue
                 started = time.perf_counter()
-                doc_vectors = encode(texts, prompt)
+                doc_vectors = encode(texts, prompt, progress=bar.update)
                 embed_seconds += time.perf_counter() - started
                 if index_dtype:
                     search.add(doc_vectors, offset, ids)
@@ -582,7 +603,8 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
                     search.add(doc_vectors, offset)
                 id_chunks.append(ids)
                 offset += len(ids)
-                bar.update(len(ids))
+                if offset > bar.n:  # the block's cache hits
+                    bar.update(offset - bar.n)
         if not id_chunks:
             from vecpipe.formats.errors import DataError
 
@@ -795,9 +817,7 @@ def embeddings(
         vector_field: options.VectorField = "embedding",
         old_field: options.alias(Optional[str], "--field", "--vector-field", "vector_field")
         = None,
-        sample: Annotated[int, typer.Option(
-            "--sample", min=10, help="Rows sampled (uniformly, seeded) for the pairwise "
-                                     "statistics and the comparison.")] = 5000,
+        sample: Annotated[int, options.sample_option(min=10)] = 5000,
         duplicate_threshold: Annotated[float, typer.Option(
             "--duplicate-threshold", help="Cosine at or above which two rows are near "
                                           "duplicates.")] = 0.95,

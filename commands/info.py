@@ -19,10 +19,8 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                              "index's shards too) against the manifest's sizes and sha256 "
                              "checksums; exit 1 naming the first damaged file, else one OK "
                              "line per index on stderr.")] = False,
-        field_names: Annotated[bool, typer.Option(
-            "--field-names", help="Instead: print only the field names, one per line (as "
-                                  "`xsv headers`): a stream's columns, an index's stored "
-                                  "fields, a TREC file's columns.")] = False,
+        fields: options.FieldsFlag = False,
+        field_names: options.alias(bool, "--field-names", "--fields", "fields") = False,
         quiet: options.Quiet = False):
     """Describe record streams, index folders, TREC runs and qrels files. Every kind reports
     path, kind (records|index|trec-run|qrels), format, rows, bytes, columns and metadata; an
@@ -30,9 +28,13 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     depth, a qrels file its queries, judgments, relevant documents per query and grades.
     Reads each input to the end to count rows (an index answers from its manifest). A named
     file that is not JSONL/Arrow/Parquet is read as a TREC run (`qid Q0 docid rank score
-    tag`) or qrels (`qid 0 docid rel`, or BEIR's TSV); stdin is read as records. Prints a
-    table on a terminal and one JSON object per input otherwise (--output-format
-    table|jsonl|json).
+    tag`) or qrels (`qid 0 docid rel`, or BEIR's TSV); a .csv/.tsv name is read as CSV/TSV
+    records (a .tsv of BEIR qrels as qrels); stdin is read as records. Prints a table on a
+    terminal and one JSON object per input otherwise (--output-format
+    table|jsonl|json|csv|tsv: csv/tsv a header and a line per input, nested values as JSON).
+    --fields instead lists the field names (as `xsv headers`): a stream's columns, an index's
+    stored fields, a TREC file's columns; one per line, or with their types in a table on a
+    terminal (and with --output-format table).
 
     \b
     Example:
@@ -40,22 +42,24 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe embed docs.jsonl | vecpipe info
       vecpipe info idx/
       vecpipe info run.trec qrels/test.tsv
-      vecpipe info --field-names corpus.parquet
+      vecpipe info --fields corpus.parquet
       vecpipe info --verify idx/   # exit 1 if a file does not match its checksum
     """
     from vecpipe.formats.errors import UsageError
     from vecpipe.formats.writers import print_report_records, resolve_report_format
 
     report_format = resolve_report_format(output_format)
-    if verify and field_names:
-        raise UsageError("--verify and --field-names do not combine: choose one")
+    if verify and fields:
+        raise UsageError("--verify and --fields do not combine: choose one")
     if verify:
         verify_indexes(inputs or [])
         return
     described = []
     for path in inputs or ["-"]:
         facts = describe(path, input_format)
-        if field_names:
+        if fields and report_format == "table":
+            print_fields_table(facts)
+        elif fields:
             for name in facts["columns"]:
                 print(name, flush=True)
         elif report_format == "table":
@@ -64,15 +68,20 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             print_report_records([facts], "jsonl")
         else:
             described.append(facts)
-    if report_format == "json" and not field_names:
-        print_report_records(described, "json")
+    if described:  # json, csv, tsv: every input in one report
+        print_report_records(described, report_format)
 
 
 def describe(path: str, input_format: str = "auto") -> dict:
     """The facts of one input, whatever its kind."""
+    from vecpipe.formats.readers import named_format
+
     if os.path.isdir(path):
         return describe_index(path)
     kind, fmt = trec_kind(path) if input_format == "auto" and path != "-" else (None, None)
+    named = named_format(path) if path != "-" else None
+    if named == "csv" or (named == "tsv" and not (fmt or "").startswith("beir-tsv")):
+        kind = None  # records named so; a .tsv of qrels is BEIR's format
     if kind == "trec-run":
         return describe_run(path, fmt)
     if kind == "qrels":
@@ -104,9 +113,7 @@ def describe_index(path: str) -> dict:
         for name in sorted(names):
             full = os.path.join(folder, name)
             files[os.path.relpath(full, path)] = os.path.getsize(full)
-    metadata = dict(manifest.get("metadata") or {})
-    if "codec" in metadata:
-        metadata["codec"] = codec_summary(metadata["codec"])
+    metadata = readable_meta(dict(manifest.get("metadata") or {}))
     rows_file = os.path.join(path, ROWS)
     if layout_of(manifest) == "linked" and manifest.get("shards"):
         rows_file = os.path.join(path, manifest["shards"][0]["path"], ROWS)
@@ -141,9 +148,7 @@ def describe_stream(path: str, input_format: str = "auto") -> dict:
     facts = {"path": name, "kind": "records", "format": stream.formats.get(name, "empty"),
              "rows": rows, "bytes": os.path.getsize(path) if path != "-" else None,
              "columns": {f.name: str(f.type) for f in schema} if schema is not None else {},
-             "metadata": names.read_meta(schema)}
-    if "codec" in facts["metadata"]:
-        facts["metadata"]["codec"] = codec_summary(facts["metadata"]["codec"])
+             "metadata": readable_meta(names.read_meta(schema))}
     return facts
 
 
@@ -242,6 +247,18 @@ def describe_qrels(path: str, fmt: str = "trec") -> dict:
     return facts
 
 
+def readable_meta(meta: dict) -> dict:
+    """`meta` with its JSON values shown as objects: the codec summed up, the text embedded
+    (fields, separator, chunking) as it is recorded."""
+    from vecpipe.core.space import TEXT_KEY, parse_embedded_text
+
+    if "codec" in meta:
+        meta["codec"] = codec_summary(meta["codec"])
+    if meta.get(TEXT_KEY) and parse_embedded_text(meta[TEXT_KEY]) is not None:
+        meta[TEXT_KEY] = parse_embedded_text(meta[TEXT_KEY])
+    return meta
+
+
 def codec_summary(codec_json: str) -> dict:
     """The codec in a few words: a PCA codec carries hundreds of KB of projection."""
     import hashlib
@@ -255,6 +272,19 @@ def codec_summary(codec_json: str) -> dict:
     if pca:
         summary["pca_sha256"] = pca.get("sha256")
     return summary
+
+
+def print_fields_table(facts: dict) -> None:
+    """The fields of one input and their types, for people."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=facts["path"], title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("type")
+    for name, kind in facts["columns"].items():
+        table.add_row(name, "-" if kind is None else str(kind))
+    Console().print(table)
 
 
 def print_table(facts: dict) -> None:

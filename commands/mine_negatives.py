@@ -143,7 +143,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
                 return
             for note in claim.notes():
                 console.info(note)
-        resolve_output_format(output, output_format)
+        resolve_output_format(output, output_format, vectors=False)
         pair_set = _read_pairs(pairs, beir, split, input_format)
         source = _corpus_source(corpus, beir, split, fields)
         rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \

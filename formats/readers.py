@@ -1,7 +1,8 @@
 """Readers: several inputs (paths or `-`) read in order as one stream of bounded RecordBatches.
 
-The format is sniffed from the first bytes (gzip/zstd unwrapped first), never from the name, and
-sniffing reads ahead instead of seeking, so pipes work.
+The format is sniffed from the first bytes (gzip/zstd unwrapped first), and sniffing reads
+ahead instead of seeking, so pipes work. Only CSV and TSV, which no first bytes tell, are
+known by their names (`.csv`, `.tsv`, also `.gz`/`.zst`), unless the bytes say Arrow or Parquet.
 """
 from __future__ import annotations
 
@@ -172,6 +173,31 @@ def sniff(head: bytes, name: str | None = None) -> str | None:
                     hint="name the format with --input-format jsonl|arrow|parquet|csv|tsv|text")
 
 
+_DELIMITED_NAMES = {".csv": "csv", ".tsv": "tsv"}
+_COMPRESSED_NAMES = (".gz", ".zst", ".zstd")
+
+
+def named_format(path: str) -> str | None:
+    """"csv" or "tsv" for a path named so (a compression suffix stripped first), else None."""
+    name = path.lower()
+    for suffix in _COMPRESSED_NAMES:
+        name = name.removesuffix(suffix)
+    return _DELIMITED_NAMES.get(os.path.splitext(name)[1])
+
+
+def input_format_of(head: bytes, path: str, name: str | None = None) -> str | None:
+    """The format of an input: Arrow or Parquet by their first bytes, else CSV/TSV by the
+    name, else sniffed (see `sniff`)."""
+    named = named_format(path) if path != "-" else None
+    try:
+        sniffed = sniff(head, name)
+    except DataError:
+        if named is None:
+            raise
+        return named
+    return named if named is not None and sniffed == "jsonl" else sniffed
+
+
 def check_one_stdin(paths) -> None:
     """Refuse `-` named more than once: stdin can be read only once."""
     if list(paths).count("-") > 1:
@@ -230,6 +256,12 @@ class RecordStream:
     def metadata(self) -> dict[str, str]:
         return names.read_meta(self.schema)
 
+    def peek(self) -> SourceBatch | None:
+        """The first batch, left to be read (None when every input is empty)."""
+        if self.schema is None:
+            return None
+        return self._pending[0] if self._pending else None
+
     def __iter__(self) -> Iterator[SourceBatch]:
         while self._pending:
             yield self._pending.pop(0)
@@ -238,7 +270,7 @@ class RecordStream:
     def _batches(self) -> Iterator[SourceBatch]:
         first_meta, first_name = None, None
         for path in self.inputs:
-            name = STDIN_NAME if path == "-" else path
+            name = STDIN_NAME if path == "-" else str(path)
             for batch_schema, batches in self._read_one(path, name):
                 meta = names.read_meta(batch_schema)
                 if first_name is None:
@@ -266,9 +298,13 @@ class RecordStream:
 
     def _read_one(self, path: str, name: str):
         """Yield (schema, batch iterator) for one input; nothing for an empty input."""
+        if not isinstance(path, str):  # a formats.files.FileTree: one record per file
+            self.formats[name] = "files"
+            yield from path.read(self.batch_rows)
+            return
         stream, head, compression = open_input(path, self.stdin)
         try:
-            fmt = self.input_format or sniff(head, name)
+            fmt = self.input_format or input_format_of(head, path, name)
         except DataError:
             if self.unsniffed is None:
                 stream.close()
@@ -419,21 +455,42 @@ def _read_delimited(delimiter: str):
         import pyarrow as pa
         import pyarrow.csv as pcsv
 
+        from vecpipe.formats.delimited import read_convert_options
+
         try:
-            reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=1 << 20),
-                                   parse_options=pcsv.ParseOptions(delimiter=delimiter))
+            # one thread: a streaming reader's readahead thread, still running when the
+            # process exits, aborts it ("terminate called without an active exception")
+            reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=1 << 20,
+                                                                         use_threads=False),
+                                   parse_options=pcsv.ParseOptions(delimiter=delimiter,
+                                                                   newlines_in_values=True),
+                                   convert_options=read_convert_options())
         except pa.ArrowInvalid as err:
-            raise DataError(f"invalid {'TSV' if delimiter == chr(9) else 'CSV'}: {err}",
-                            source=name) from None
+            raise _delimited_error(err, name, delimiter) from None
 
         def batches():
             try:
                 yield from reader
             except pa.ArrowInvalid as err:
-                raise DataError(f"invalid delimited text: {err}", source=name) from None
+                raise _delimited_error(err, name, delimiter) from None
 
         yield reader.schema, batches()
     return read
+
+
+def _delimited_error(err: Exception, name: str, delimiter: str) -> DataError:
+    """pyarrow's CSV error as a DataError; a failed producer's last line (ABORTED_LINE) is
+    the stream cut short, at its record (pyarrow counts the header as row 1)."""
+    import re
+
+    from vecpipe.formats.jsonl import ABORTED_LINE, STREAM_CUT_SHORT
+
+    row = re.search(r"Row #(\d+)", str(err))
+    record = int(row.group(1)) - 1 if row else None
+    if ABORTED_LINE.strip().decode() in str(err):
+        return DataError(STREAM_CUT_SHORT, source=name, record=record)
+    return DataError(f"invalid {'TSV' if delimiter == chr(9) else 'CSV'}: {err}", source=name,
+                     record=record)
 
 
 def _read_text(stream, name, _path, rows):

@@ -23,7 +23,7 @@ CHAR_END = "char_end"
 
 META_PREFIX = "vecpipe."
 META_KEYS = ("model", "model_sha", "dim", "normalized", "prompt", "dtype", "codec", "version",
-             "backend", "precision")
+             "backend", "precision", "embedded_text")
 
 
 def read_meta(schema: "pa.Schema | None") -> dict[str, str]:

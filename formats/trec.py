@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from vecpipe.formats.errors import DataError
-from vecpipe.formats.readers import open_input, read_opened, shown_name, sniff
+from vecpipe.formats.readers import (
+    input_format_of,
+    named_format,
+    open_input,
+    read_opened,
+    shown_name,
+)
 
 Qrels = dict  # query id -> {doc id: int judgment}
 Run = dict    # query id -> {doc id: float score}
@@ -47,24 +53,31 @@ def write_trec_run(run_top: Iterable[tuple[str, Sequence[str], Sequence[float]]]
                                in enumerate(zip(docs, scores), 1)), tag))
 
 
-def _is_record_format(head: bytes) -> bool:
+def _record_format(head: bytes, path: str, qrels: bool) -> str | None:
+    """The record format of a run or qrels input, None for a text file (TREC run or qrels).
+    A `.csv`/`.tsv` name means records (search -o hits.csv), except a `.tsv` of qrels whose
+    header has no `query_id`: BEIR's qrels TSV, read as text."""
     try:
-        return sniff(head) is not None
-    except DataError:  # not a record format: a text file (TREC run or qrels)
-        return False
+        fmt = input_format_of(head, path)
+    except DataError:  # not a record format
+        return None
+    if qrels and fmt == "tsv" and named_format(path) == "tsv":
+        first = head.split(b"\n", 1)[0].decode("utf-8", "replace")
+        return fmt if "query_id" in [f.strip() for f in first.split("\t")] else None
+    return fmt
 
 
-def _open(path: str):
-    """(stream, head bytes, compressed?, is a record format?) for a path or `-`."""
+def _open(path: str, qrels: bool = False):
+    """(stream, head bytes, compressed?, record format or None) for a path or `-`."""
     stream, head, compression = open_input(path)
-    return stream, head, compression is not None, _is_record_format(head)
+    return stream, head, compression is not None, _record_format(head, path, qrels)
 
 
-def _record_batches(stream, head: bytes, path: str, compressed: bool) -> Iterator:
+def _record_batches(stream, fmt: str, path: str, compressed: bool) -> Iterator:
     """(batch, first record number) from an already opened record stream (stdin included)."""
     name = shown_name(path)
     seekable_path = None if (compressed or path == "-") else path
-    for _schema, batches in read_opened(stream, sniff(head), name, seekable_path, _READ_ROWS):
+    for _schema, batches in read_opened(stream, fmt, name, seekable_path, _READ_ROWS):
         record = 1
         for batch in batches:
             yield batch, record
@@ -113,13 +126,14 @@ def _add_hit(run: Run, qid: str, doc: str, score: float, name: str, lineno: int)
 
 
 def read_run(path: str) -> Run:
-    """A run from `search` output (any record format: query_id, id, score and/or rank) or a
-    TREC run file (`qid Q0 docid rank score tag`), sniffed from the first bytes."""
-    stream, head, compressed, records = _open(path)
+    """A run from `search` output (any record format, CSV/TSV by name: query_id, id, score
+    and/or rank) or a TREC run file (`qid Q0 docid rank score tag`), sniffed from the first
+    bytes."""
+    stream, _head, compressed, records = _open(path)
     name = shown_name(path)
     try:
         if records:
-            return _run_from_records(_record_batches(stream, head, path, compressed), name)
+            return _run_from_records(_record_batches(stream, records, path, compressed), name)
         return _run_from_trec(_text_lines(stream, name), name)
     finally:
         stream.close()
@@ -176,11 +190,11 @@ def read_qrels(path: str, depth: int = 10) -> Judgments:
     """BEIR qrels TSV (header `query-id corpus-id score`), TREC qrels (`qid iter docid rel`),
     qrels records (query_id, id, relevance) — or a run, whose top `depth` become relevant.
     A repeated judgment replaces the earlier one (BEIR and pytrec_eval)."""
-    stream, head, compressed, records = _open(path)
+    stream, _head, compressed, records = _open(path, qrels=True)
     name = shown_name(path)
     try:
         if records:
-            batches = _record_batches(stream, head, path, compressed)
+            batches = _record_batches(stream, records, path, compressed)
             first = next(batches, None)
             if first is None:
                 return Judgments({})
@@ -203,11 +217,11 @@ def read_qrels(path: str, depth: int = 10) -> Judgments:
 def judgment_rows(path: str) -> Iterator[tuple[int, str, str, int]]:
     """(record number, query id, doc id, judgment) of a qrels file in file order, repeats
     included: BEIR qrels TSV, TREC qrels or qrels records, plain or compressed."""
-    stream, head, compressed, records = _open(path)
+    stream, _head, compressed, records = _open(path, qrels=True)
     name = shown_name(path)
     try:
         if records:
-            yield from _record_judgments(_record_batches(stream, head, path, compressed), name)
+            yield from _record_judgments(_record_batches(stream, records, path, compressed), name)
         else:
             yield from _text_judgments(_text_lines(stream, name), name)
     finally:

@@ -12,17 +12,23 @@ from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError, UsageError
 from vecpipe.formats.jsonl import ABORTED_LINE, batch_to_lines, widened_schema
 
-OUTPUT_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet")
+OUTPUT_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet", "csv", "tsv")
 BINARY_FORMATS = ("arrow", "arrow-file", "parquet")
-REPORT_FORMATS = ("auto", "table", "jsonl", "json")
-KNOWN_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet", "trec", "table", "json")
+DELIMITED_FORMATS = ("csv", "tsv")  # one value per cell: no vectors
+GZIP_FORMATS = ("jsonl", "csv", "tsv", "trec")  # text formats a `.gz` name compresses
+REPORT_FORMATS = ("auto", "table", "jsonl", "json", "csv", "tsv")
+KNOWN_FORMATS = ("auto", "arrow", "arrow-file", "jsonl", "parquet", "csv", "tsv", "trec",
+                 "table", "json")
 ENV_OUTPUT_FORMAT = "VECPIPE_OUTPUT_FORMAT"
 _EXTENSIONS = {
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
     ".arrow": "arrow-file", ".feather": "arrow-file", ".ipc": "arrow-file",
     ".arrows": "arrow",
     ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv", ".tsv": "tsv",
+    ".trec": "trec",  # for commands that write TREC runs (search)
 }
+GZIP_SUFFIX = ".gz"
 _PIPE_BUFFER = 1 << 20
 STDOUT_NAME = "<stdout>"
 _CAUSES = {
@@ -48,34 +54,87 @@ def write_error(err: OSError, target: str | None) -> Exception:
 
 def resolve_output_format(output: str | None, output_format: str = "auto",
                           stdout_isatty: bool | None = None, extra: tuple[str, ...] = (),
-                          vectors: bool = True) -> str:
-    """`auto`: from -o's extension; else VECPIPE_OUTPUT_FORMAT, else JSONL on a terminal and, on
-    a pipe, Arrow IPC for a stream that carries vectors (`vectors`) and JSONL for one without.
+                          vectors: bool | None = True) -> str:
+    """`auto`: from -o's name (`out.jsonl.gz` is gzipped JSONL); a name without one that is
+    no plain file (`-o /dev/null`, a FIFO) is treated as a pipe; else VECPIPE_OUTPUT_FORMAT,
+    else JSONL on a terminal and, on a pipe, Arrow IPC for a stream that carries vectors and
+    JSONL for one without.
 
+    `vectors`: whether the stream carries vectors, which CSV/TSV cannot hold (a usage error);
+    None: not known yet (Arrow on a pipe; RecordWriter checks CSV against its schema).
     `extra` names command-specific text formats (e.g. `trec`) that are allowed too.
     """
     to_stdout = output in (None, "-")
     if stdout_isatty is None:  # sys.stdout is None when started with stdout closed (>&-)
         stdout_isatty = to_stdout and sys.stdout is not None and sys.stdout.isatty()
-    if output_format not in OUTPUT_FORMATS and output_format not in extra:
+    accepted = OUTPUT_FORMATS + extra
+    if output_format not in accepted:
         raise UsageError(f"unknown output format {output_format!r}; choose from "
-                         f"{', '.join(OUTPUT_FORMATS + extra)}")
+                         f"{', '.join(accepted)}")
     if output_format == "auto":
-        if not to_stdout:
-            ext = os.path.splitext(output)[1].lower()
-            if ext not in _EXTENSIONS:
-                raise UsageError(f"cannot tell the output format from {output!r}",
-                                 hint="use a .jsonl/.arrow/.arrows/.parquet name or "
-                                      "--output-format")
-            return _EXTENSIONS[ext]
-        chosen = environment_format(OUTPUT_FORMATS + extra)
-        if chosen is None:
-            return "jsonl" if stdout_isatty or not vectors else "arrow"
-        output_format = chosen
+        named = None if to_stdout else _named_format(output, accepted)
+        if named is not None:
+            output_format = named
+        else:
+            text_ok = vectors is False
+            chosen = environment_format(accepted if text_ok else
+                                        tuple(f for f in accepted if f not in DELIMITED_FORMATS))
+            if chosen is None:
+                return "jsonl" if stdout_isatty or vectors is False else "arrow"
+            output_format = chosen
+    if vectors and output_format in DELIMITED_FORMATS:
+        raise vectors_in_text_error(output_format)
+    if output_compression(output) and output_format not in GZIP_FORMATS:
+        raise UsageError(f"a {GZIP_SUFFIX} name compresses text formats "
+                         f"({', '.join(GZIP_FORMATS)}), not {output_format}",
+                         hint="drop the .gz (Parquet compresses itself; Arrow takes "
+                              "vecpipe compress for smaller vectors)")
     if to_stdout and stdout_isatty and output_format in BINARY_FORMATS:
         raise UsageError(f"refusing to write binary {output_format} to a terminal",
                          hint="redirect stdout, use -o FILE, or --output-format jsonl")
     return output_format
+
+
+def vectors_in_text_error(fmt: str) -> UsageError:
+    return UsageError(f"{fmt.upper()} holds one value per cell, not vectors: this stream "
+                      "carries vectors",
+                      hint="write .arrow or .parquet (or .jsonl), or drop the vectors first: "
+                           "vecpipe convert IN --fields id,text -o OUT." + fmt)
+
+
+def output_compression(output: str | None) -> str | None:
+    """"gzip" for an -o name ending in .gz, else None."""
+    if output in (None, "-") or not output.lower().endswith(GZIP_SUFFIX):
+        return None
+    return "gzip"
+
+
+def _named_format(output: str, accepted: tuple[str, ...]) -> str | None:
+    """The format -o's name says (`.gz` stripped first); None for a name without one that is
+    a device or FIFO (written as a pipe); an unknown or unfit name is a usage error."""
+    name = output[:-len(GZIP_SUFFIX)] if output_compression(output) else output
+    ext = os.path.splitext(name)[1].lower()
+    known = [e for e, f in _EXTENSIONS.items() if f in accepted]
+    if ext not in _EXTENSIONS:
+        if not ext and _is_special_file(output):
+            return None
+        raise UsageError(f"cannot tell the output format from {output!r}",
+                         hint=f"use a name ending in {', '.join(known)} (text formats also "
+                              f"+{GZIP_SUFFIX}) or --output-format")
+    fmt = _EXTENSIONS[ext]
+    if fmt not in accepted:
+        raise UsageError(f"this command does not write {fmt} ({output!r})",
+                         hint=f"use a name ending in {', '.join(known)} or --output-format")
+    return fmt
+
+
+def _is_special_file(path: str) -> bool:
+    """A device, FIFO or socket (`/dev/null`, a named pipe): written in place, as a pipe."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def carries_vectors(schema) -> bool:
@@ -99,8 +158,9 @@ def carries_vectors(schema) -> bool:
 
 def resolve_report_format(output_format: str = "auto",
                           stdout_isatty: bool | None = None) -> str:
-    """A report's format: `table`, `jsonl` or `json`; `auto`: VECPIPE_OUTPUT_FORMAT, else a
-    table on a terminal and JSON lines otherwise."""
+    """A report's format: `table`, `jsonl`, `json`, `csv` or `tsv` (a header and a line per
+    record); `auto`: VECPIPE_OUTPUT_FORMAT, else a table on a terminal and JSON lines
+    otherwise."""
     if output_format not in REPORT_FORMATS:
         raise UsageError(f"unknown output format {output_format!r}; choose from "
                          f"{', '.join(REPORT_FORMATS)}")
@@ -127,10 +187,16 @@ def environment_format(accepted: tuple[str, ...]) -> str | None:
 
 
 def print_report_records(records: list[dict], report_format: str) -> None:
-    """Report records on stdout: one JSON object per line (`jsonl`) or one JSON array
-    (`json`)."""
+    """Report records on stdout: one JSON object per line (`jsonl`), one JSON array (`json`),
+    or a header and a line per record (`csv`, `tsv`; nested values as JSON text)."""
     import json
 
+    if report_format in DELIMITED_FORMATS:
+        from vecpipe.formats.delimited import records_as_delimited
+
+        sys.stdout.write(records_as_delimited(records, report_format).decode())
+        sys.stdout.flush()
+        return
     if report_format == "json":
         print(json.dumps(records, ensure_ascii=False), flush=True)
         return
@@ -230,7 +296,8 @@ class RecordWriter:
     The schema is fixed by `schema=` or the first batch; later batches are aligned to it.
     `widen`: a batch with a field that is new, or null in the schema so far, widens the schema
     instead (as a JSONL stream's does): free for JSONL, a rewrite of what a binary file output
-    holds so far, and a DataError on a binary stdout (its schema is already out).
+    holds so far, and a DataError on a binary stdout (its schema is already out); CSV/TSV
+    gain the new columns (a file output is rewritten with them empty before).
     `metadata` (vecpipe keys without prefix) is added to the schema. Use as a context manager:
     the file appears only when the block ends without an exception. Write failures (disk
     full...) are DataErrors naming the output.
@@ -239,7 +306,7 @@ class RecordWriter:
     def __init__(self, output: str | None, output_format: str = "auto", schema=None,
                  metadata: dict | None = None, widen: bool = False):
         self.output = None if output in (None, "-") else output
-        self.format = resolve_output_format(output, output_format)
+        self.format = resolve_output_format(output, output_format, vectors=None)
         self.metadata = metadata or {}
         self.widen = widen
         self.schema = None
@@ -247,7 +314,8 @@ class RecordWriter:
         self._atomic = AtomicFile(self.output) if self.output else None
         self._sink = self._writer = None
         try:
-            self._sink = self._atomic.file if self._atomic else stdout_binary()
+            self._sink = _file_sink(self._atomic, self.output) if self._atomic \
+                else stdout_binary()
             if schema is not None:
                 self._start(schema)
         except BaseException:  # e.g. Ctrl-C/SIGTERM while pyarrow.parquet imports
@@ -259,8 +327,14 @@ class RecordWriter:
         import pyarrow.parquet as pq
 
         self.schema = names.with_meta(schema, self.metadata) if self.metadata else schema
+        if self.format in DELIMITED_FORMATS and carries_vectors(schema):
+            raise vectors_in_text_error(self.format)
         try:
-            if self.format == "arrow":
+            if self.format in DELIMITED_FORMATS:
+                from vecpipe.formats.delimited import header
+
+                self._sink.write(header(self.schema.names, self.format))
+            elif self.format == "arrow":
                 self._writer = pa.ipc.new_stream(self._sink, self.schema)
             elif self.format == "arrow-file":
                 self._writer = pa.ipc.new_file(self._sink, self.schema)
@@ -282,6 +356,10 @@ class RecordWriter:
         try:
             if self.format == "jsonl":
                 self._sink.write(batch_to_lines(batch))
+            elif self.format in DELIMITED_FORMATS:
+                from vecpipe.formats.delimited import batch_to_delimited
+
+                self._sink.write(batch_to_delimited(batch, self.format))
             elif batch.num_rows or self.format != "parquet":
                 self._writer.write_batch(batch)
         except OSError as err:
@@ -289,11 +367,15 @@ class RecordWriter:
         self.rows += batch.num_rows
 
     def _widen_to(self, schema, batch, source, first_record) -> None:
-        if self.format == "jsonl":  # lines carry no schema: nothing written changes
-            self.schema = schema
+        if self.format == "jsonl" or (self.format in DELIMITED_FORMATS
+                                      and schema.names == self.schema.names):
+            self.schema = schema  # nothing written changes (lines carry no types)
             return
         if self._atomic is not None and not self._atomic.direct:
-            self._rewrite(schema)
+            if self.format in DELIMITED_FORMATS:
+                self._rewrite_delimited(schema)
+            else:
+                self._rewrite(schema)
             return
         changed = next(f for f in schema if f.name not in self.schema.names
                        or not f.type.equals(self.schema.field(f.name).type))
@@ -325,6 +407,27 @@ class RecordWriter:
         finally:
             old_atomic.abort()
 
+    def _rewrite_delimited(self, schema) -> None:
+        """Write the CSV/TSV so far again with the new columns of `schema` (at the end) empty."""
+        from vecpipe.formats.delimited import added_columns, header
+
+        old_atomic = self._atomic
+        added = len(schema.names) - len(self.schema.names)
+        try:
+            _finish(self._sink, old_atomic)  # a gzip stream's trailer; else a flush
+            old_atomic.file.flush()
+            self._atomic = AtomicFile(self.output)
+            self._sink = _file_sink(self._atomic, self.output)
+            with _open_written(old_atomic.tmp, output_compression(self.output)) as lines:
+                for line in added_columns(lines, added, header(schema.names, self.format),
+                                          self.format):
+                    self._sink.write(line)
+        except OSError as err:
+            raise write_error(err, self.output) from None
+        finally:
+            old_atomic.abort()
+        self.schema = schema
+
     def write_table(self, table) -> None:
         for batch in table.to_batches():
             self.write(batch)
@@ -342,7 +445,7 @@ class RecordWriter:
         try:
             if self._writer is not None:
                 self._writer.close()
-            self._sink.flush()
+            _finish(self._sink, self._atomic)
         except OSError as err:
             raise write_error(err, self.output) from None
         if self._atomic:
@@ -350,17 +453,18 @@ class RecordWriter:
 
     def abort(self) -> None:
         """Drop a file output; on stdout, stop without writing an end-of-stream marker (or a
-        file footer), so a reader downstream sees the stream as cut short; JSONL, which has no
-        marker, ends with ABORTED_LINE instead (not on a terminal).
+        file footer), so a reader downstream sees the stream as cut short; JSONL and CSV/TSV,
+        which have no marker, end with ABORTED_LINE instead (not on a terminal).
 
         The writer is dropped, never closed: closing would write the marker. pyarrow's IPC
         writers write nothing when dropped; a ParquetWriter would close itself in __del__.
         """
         if self._atomic:
-            self._atomic.abort()
+            _drop(self._sink, self._atomic)
         elif self._sink is not None:
             try:  # what was produced goes out, so a reader sees a stream without its end
-                if self.format == "jsonl" and not _is_terminal(self._sink):
+                if self.format in ("jsonl", *DELIMITED_FORMATS) \
+                        and not _is_terminal(self._sink):
                     self._sink.write(ABORTED_LINE)
                 self._sink.flush()
             except (OSError, ValueError):
@@ -381,6 +485,46 @@ class RecordWriter:
         except BaseException:
             self.abort()
             raise
+
+
+def _file_sink(atomic: AtomicFile, output: str):
+    """What a file output writes to: the file, or a gzip stream into it for a `.gz` name
+    (no name or time in the header: the same records give the same bytes)."""
+    if output_compression(output) is None:
+        return atomic.file
+    import gzip
+
+    return gzip.GzipFile(filename="", mode="wb", compresslevel=6, fileobj=atomic.file,
+                         mtime=0)
+
+
+def _finish(sink, atomic: AtomicFile | None) -> None:
+    """Flush what `sink` holds; a gzip stream into a file is closed (its trailer written), the
+    file left to the AtomicFile's commit."""
+    if atomic is not None and sink is not atomic.file:
+        sink.close()
+    else:
+        sink.flush()
+
+
+def _drop(sink, atomic: AtomicFile) -> None:
+    """Abort a file output; a gzip stream over it is closed first (else it would try to write
+    its trailer to the closed file when collected)."""
+    if sink is not None and sink is not atomic.file:
+        try:
+            sink.close()
+        except (OSError, ValueError):
+            pass
+    atomic.abort()
+
+
+def _open_written(path: str, compression: str | None):
+    """A file this module wrote, for reading back (binary lines)."""
+    if compression == "gzip":
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _is_terminal(sink) -> bool:
@@ -416,7 +560,7 @@ class _TextOutput:
     def __init__(self, output: str | None):
         self.output = output
         self._atomic = AtomicFile(output) if output else None
-        self._sink = self._atomic.file if self._atomic else stdout_binary()
+        self._sink = _file_sink(self._atomic, output) if self._atomic else stdout_binary()
 
     def write(self, text: str) -> None:
         try:
@@ -436,7 +580,7 @@ class _TextOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             try:
-                self._sink.flush()
+                _finish(self._sink, self._atomic)
             except OSError as err:
                 if self._atomic:
                     self._atomic.abort()
@@ -444,4 +588,4 @@ class _TextOutput:
             if self._atomic:
                 self._atomic.commit()
         elif self._atomic:
-            self._atomic.abort()
+            _drop(self._sink, self._atomic)

@@ -141,3 +141,107 @@ def test_filter_rename_and_head_are_the_everyday_verbs(cli, tmp_path, write_json
     r = cli("convert", src, "--rename", "_id=t")
     assert r.exit_code == 1 and "two fields one name" in r.stderr
     assert cli("convert", src, "--rename", "_id").exit_code == 2
+
+
+# ---- --sample: reservoir sampling ---------------------------------------------------------
+
+def _reference_sample(count: int, size: int, seed: int) -> list:
+    """Algorithm R written out record by record, from the same stream of doubles."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    slots = []
+    for record in range(count):
+        slot = int(rng.random() * (record + 1))
+        if record < size:
+            slots.append(record)
+        elif slot < size:
+            slots[slot] = record
+    return sorted(slots)
+
+
+def _sampled(count: int, size: int, seed: int, batch_rows: int) -> list:
+    from vecpipe.commands.convert import Reservoir
+
+    reservoir = Reservoir(size, seed)
+    ids = pa.array(range(count), pa.int64())
+    for start in range(0, count, batch_rows):
+        reservoir.offer(pa.record_batch([ids.slice(start, batch_rows)], names=["n"]))
+        assert reservoir.held_rows <= 2 * size + batch_rows  # memory: the sample, not the input
+    return [n for batch in reservoir.batches() for n in batch.column(0).to_pylist()]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 64, 1000])
+def test_sample_is_algorithm_r_whatever_the_batches(batch_rows):
+    for seed in (0, 1, 12345):
+        for count, size in ((500, 10), (30, 30), (5, 10), (400, 0), (1000, 250)):
+            if batch_rows == 1 and count > 500:
+                continue  # one row a batch: slow, and the small cases cover it
+            assert _sampled(count, size, seed, batch_rows) == \
+                _reference_sample(count, size, seed), (seed, count, size)
+
+
+def _chi_square(counts, expected) -> float:
+    return sum((c - expected) ** 2 / expected for c in counts)
+
+
+@pytest.mark.slow  # 2000 samples: seconds
+def test_sample_is_uniform_over_positions():
+    """Over 2000 fixed seeds each of 60 records must be sampled about 2000 * 6 / 60 = 200
+    times. Chi-square, 59 degrees of freedom (mean 59, sd 11): the bound 59 + 6 sd is loose
+    (fixed seeds: the test cannot flake) yet far below what a bias to the start or end gives."""
+    import numpy as np
+
+    count, size, seeds = 60, 6, 2000
+    hits = np.zeros(count)
+    for seed in range(seeds):
+        hits[_sampled(count, size, seed, 7)] += 1
+    expected = seeds * size / count
+    bound = 59 + 6 * (2 * 59) ** 0.5
+    assert _chi_square(hits, expected) < bound
+    halves = hits[:30].sum(), hits[30:].sum()
+    assert abs(halves[0] - halves[1]) < 0.05 * seeds * size  # no drift to either end
+    # the bound does catch biased samplers: the first records only, or late ones favoured
+    head_only = np.zeros(count)
+    head_only[:size] = seeds
+    assert _chi_square(head_only, expected) > 10 * bound
+    late = np.zeros(count)
+    rng = np.random.default_rng(0)
+    for _ in range(seeds):
+        slots = list(range(size))
+        for record in range(size, count):
+            slot = int(rng.random() * (record + 1) / 2)  # enters twice as often as it should
+            if slot < size:
+                slots[slot] = record
+        late[slots] += 1
+    assert _chi_square(late, expected) > bound
+
+
+def test_convert_sample_cli(cli, tmp_path, write_jsonl):
+    records = [{"id": str(i), "year": 2000 + i % 30} for i in range(300)]
+    src = write_jsonl(tmp_path / "a.jsonl", records)
+    arrow = tmp_path / "a.arrow"
+    with pa.ipc.new_file(arrow, pa.schema([("id", pa.string()), ("year", pa.int64())])) as f:
+        for start in range(0, 300, 37):  # other batches than JSONL's
+            f.write_batch(pa.RecordBatch.from_pylist(records[start:start + 37]))
+    r = cli("convert", src, "--sample", "12", "--seed", "5", "--output-format", "jsonl")
+    assert r.exit_code == 0, r
+    assert [int(rec["id"]) for rec in r.records()] == _reference_sample(300, 12, 5)
+    assert "12 records (sampled from 300)" in r.stderr
+    same = cli("convert", arrow, "--sample", "12", "--seed", "5", "--output-format", "jsonl")
+    assert same.stdout == r.stdout  # a seed gives one sample, whatever the input format
+    default = cli("convert", src, "--sample", "12", "--output-format", "jsonl")
+    assert [int(rec["id"]) for rec in default.records()] == _reference_sample(300, 12, 0)
+    assert default.stdout != r.stdout
+    # --where, then --head, then --sample, then --fields
+    r = cli("convert", src, "--where", "year >= 2020", "--head", "50", "--sample", "5",
+            "--seed", "3", "--fields", "id", "--output-format", "jsonl")
+    population = [rec["id"] for rec in records if rec["year"] >= 2020][:50]
+    assert [rec["id"] for rec in r.records()] == [population[i]
+                                                  for i in _reference_sample(50, 5, 3)]
+    assert list(r.records()[0]) == ["id"]
+    everything = cli("convert", src, "--sample", "1000", "--output-format", "jsonl")
+    assert everything.records() == records  # fewer records than asked: all, in order
+    assert cli("convert", src, "--sample", "0", "--output-format", "jsonl").stdout == ""
+    assert cli("convert", src, "--sample", "-1").exit_code == 2
+    assert "default 0" in " ".join(cli("convert", "--help").stdout.split())
