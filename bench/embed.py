@@ -14,10 +14,18 @@
    (read back for the quality numbers) instead of /dev/null.
 3. Peak RSS of the torch run (os.wait4's ru_maxrss) for the first 1/10 of the corpus vs. the
    whole corpus (10x the input).
+4. `--first-output N` (instead of 1-3): time to the first output record and to the end of a
+   `vecpipe embed FILE --output-format jsonl | reader` run over N records (NFCorpus, then its
+   documents again with the title moved after the text, new ids: distinct texts, similar
+   lengths), growing windows (today's) vs one fixed window of --window records from the start
+   (the old pipeline: the same command with core.embedding.FIRST_WINDOW set to the window),
+   run alternately; medians. Also the padded tokens each schedule's length-sorted batches
+   feed the model (tokenizer only), the cost that larger windows cut.
 
     .venv/bin/python bench/embed.py [--data ../shared/data/nfcorpus] [--repeats 3]
         [--backends onnx,onnx-int8,openvino] [--backend-repeats 1] [--batch-size 32]
         [--device cpu] [--limit N]
+    .venv/bin/python bench/embed.py --first-output 5000 [--repeats 3] [--window 4096]
 """
 from __future__ import annotations
 
@@ -53,8 +61,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--limit", type=int, default=None, help="first N documents only")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--first-output", type=int, default=None, metavar="N",
+                        help="time the first output of growing vs fixed windows on N records")
+    parser.add_argument("--window", type=int, default=4096, help="the largest window")
     args = parser.parse_args()
     print(machine_line(), flush=True)
+    if args.first_output:
+        with tempfile.TemporaryDirectory(prefix="vecpipe-bench-first-") as tmp:
+            first_output(Path(args.data), args, Path(tmp))
+        return
 
     data = Path(args.data)
     with tempfile.TemporaryDirectory(prefix="vecpipe-bench-embed-") as tmp:
@@ -216,6 +231,101 @@ def ndcg_at_10(doc_vectors, query_vectors, doc_ids, query_ids, qrels) -> float:
                                                {"ndcg_cut_10"})
     per_query = evaluator.evaluate(run)
     return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
+
+
+def long_corpus(data: Path, count: int, out: Path) -> list[str]:
+    """`count` records: the corpus, then its documents again (title after the text, ids with a
+    suffix) as often as needed; returns the texts embed joins (title + text)."""
+    docs = read_jsonl(data / "corpus.jsonl")
+    records, copy = [], 0
+    while len(records) < count:
+        for doc in docs[:count - len(records)]:
+            if copy:
+                doc = {"_id": f"{doc['_id']}-{copy}", "title": doc.get("text"),
+                       "text": doc.get("title")}
+            records.append(doc)
+        copy += 1
+    out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    return [" ".join(p for p in (r.get("title"), r.get("text")) if p) for r in records]
+
+
+def timed_first_output(corpus: Path, args, first_window: int) -> tuple[float, float, int]:
+    """(seconds to the first output line, seconds to the end, lines) of one embed run whose
+    first window is `first_window` records (core.embedding.FIRST_WINDOW)."""
+    code = ("import sys\nimport vecpipe.core.embedding as e\ne.FIRST_WINDOW = int(sys.argv[1])\n"
+            "sys.argv = ['vecpipe', *sys.argv[2:]]\nfrom vecpipe.cli import main\nmain()\n")
+    command = [sys.executable, "-c", code, str(first_window),
+               *embed_cmd(args, [str(corpus), "--window", str(args.window),
+                                 "--output-format", "jsonl"])[3:]]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    first = proc.stdout.readline()
+    first_s = time.perf_counter() - start
+    lines = 1 if first else 0
+    for block in iter(lambda: proc.stdout.read(1 << 20), b""):
+        lines += block.count(b"\n")
+    total_s = time.perf_counter() - start
+    if proc.wait() != 0:
+        raise SystemExit(f"vecpipe embed failed with exit {proc.returncode}")
+    return first_s, total_s, lines
+
+
+def padded_tokens(texts: list[str], sizes, batch_size: int) -> tuple[int, int]:
+    """(tokens the model is fed, tokens of the texts themselves) when windows of `sizes` are
+    each sorted by length and cut into batches padded to their longest text."""
+    from vecpipe.cli.models import load_model
+
+    model = load_model(None, device="cpu")
+    lengths = [len(ids) for ids in model.st.tokenizer(
+        texts, truncation=True, max_length=model.max_length)["input_ids"]]
+    fed, start = 0, 0
+    while start < len(lengths):
+        size = next(sizes)
+        window = sorted(lengths[start:start + size], reverse=True)
+        fed += sum(window[i] * len(window[i:i + batch_size])
+                   for i in range(0, len(window), batch_size))
+        start += size
+    return fed, sum(lengths)
+
+
+def first_output(data: Path, args, tmp: Path) -> None:
+    from vecpipe.core import embedding
+
+    corpus = tmp / "long.jsonl"
+    texts = long_corpus(data, args.first_output, corpus)
+    print(f"corpus: {len(texts)} records (NFCorpus title + text, then its documents again "
+          f"with the title last), batch {args.batch_size}, device {args.device}, largest "
+          f"window {args.window}\n", flush=True)
+    arms = {"fixed": args.window, "growing": embedding.FIRST_WINDOW}
+    times: dict[str, list] = {arm: [] for arm in arms}
+    for run in range(args.repeats):
+        for arm, first_window in arms.items():
+            first_s, total_s, lines = timed_first_output(corpus, args, first_window)
+            if lines != len(texts):
+                raise SystemExit(f"{arm}: {lines} output lines for {len(texts)} records")
+            times[arm].append((first_s, total_s))
+            print(f"  run {run + 1} {arm}: first record {first_s:.1f} s, all {total_s:.1f} s "
+                  f"({len(texts) / total_s:.1f} rec/s)", flush=True)
+    print("\n| windows | first record, s (median) | all records, s (median) | rec/s | "
+          "vs fixed | padded tokens fed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    fixed_total = statistics.median(t for _, t in times["fixed"]) if args.repeats else None
+    for arm, first_window in arms.items():
+        sizes = embedding.window_sizes(args.window, args.batch_size) if arm == "growing" \
+            else iter(lambda: args.window, None)
+        fed, real = padded_tokens(texts, sizes, args.batch_size)
+        label = f"fixed {args.window}" if arm == "fixed" else \
+            f"growing {first_window} x{embedding.WINDOW_GROWTH} to {args.window}"
+        padding = f"{fed} ({fed / real:.3f}x the {real} text tokens)"
+        if not args.repeats:  # --repeats 0: the padding only
+            print(f"| {label} | | | | | {padding} |")
+            continue
+        first_s = statistics.median(f for f, _ in times[arm])
+        total_s = statistics.median(t for _, t in times[arm])
+        print(f"| {label} | {first_s:.1f} ({', '.join(f'{f:.1f}' for f, _ in times[arm])}) | "
+              f"{total_s:.1f} ({', '.join(f'{t:.1f}' for _, t in times[arm])}) | "
+              f"{len(texts) / total_s:.1f} | {fixed_total / total_s:.3f}x | {padding} |")
+    print()
 
 
 def report_rss(corpus_path: Path, count: int, args, tmp: str) -> None:

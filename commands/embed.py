@@ -3,7 +3,7 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass, replace
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -64,10 +64,19 @@ def run(inputs: options.Inputs = None,
         drop_text: Annotated[bool, typer.Option(
             "--drop-text", help="Leave the text field out of the output.")] = False,
         window: Annotated[int, typer.Option(
-            "--window", min=1, help="Records buffered and encoded length-sorted at a time "
-                                    "(memory stays bounded by it).", metavar="N")] = DEFAULT_WINDOW,
+            "--window", min=1, help="The most records buffered and encoded length-sorted "
+                                    "at a time (memory stays bounded by it); windows start at "
+                                    "64 and grow 4x to it, so the first output leaves soon.",
+            metavar="N")] = DEFAULT_WINDOW,
+        globs: Annotated[Optional[List[str]], typer.Option(
+            "--glob", help="Embed the files under each INPUT folder that match PATTERN (e.g. "
+                           "'**/*.md'; repeatable): one record per file, id = its path in the "
+                           "folder, text = its contents, plus path, bytes and mtime. Files "
+                           "that are not UTF-8 text are skipped and counted.",
+            metavar="PATTERN", show_default=False)] = None,
         trust_remote_code: options.TrustRemoteCode = False,
         force: options.Force = False,
+        dry_run: options.DryRun = False,
         progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Embed the text of every record. Output keeps every input field (text unless
@@ -83,6 +92,8 @@ def run(inputs: options.Inputs = None,
       vecpipe embed docs.parquet --chunk-tokens 200 --chunk-overlap 50 --shard 0/4 -o p0.arrow
       vecpipe embed corpus.jsonl --shard auto -o parts/      # parts/part-0000I-of-0000N.arrow
       vecpipe embed --engine ray corpus/ -o corpus.arrow
+      vecpipe embed notes/ --glob '**/*.md' --chunk-tokens 200 -o notes.arrow
+      vecpipe embed corpus.jsonl --text-field title --dry-run   # check, print the plan
     """
     request = Request(inputs=inputs, output=output, output_format=output_format,
                       input_format=input_format, model=model, text_fields=text_fields,
@@ -92,10 +103,14 @@ def run(inputs: options.Inputs = None,
                       max_length=max_length, chunk_tokens=chunk_tokens,
                       chunk_overlap=chunk_overlap, cache=cache, shard=parse_shard(shard),
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
-                      trust_remote_code=trust_remote_code, force=force)
-    check_options(request)
+                      trust_remote_code=trust_remote_code, force=force,
+                      globs=tuple(globs or ()))
+    on_ray = bool(engine != "local" or address or parts)
+    check_options(request, on_ray)
+    if dry_run:
+        return print_plan(dry_run_plan(request, on_ray))
     options.show_progress(progress)
-    if engine != "local" or address or parts:
+    if on_ray:
         return embed_on_ray(request, engine, address, parts)
     return embed_local(request)
 
@@ -129,6 +144,7 @@ class Request:
     window: int
     trust_remote_code: bool
     force: bool
+    globs: tuple = ()  # --glob: the inputs are folders, each matching file one record
 
     @property
     def joined_fields(self) -> tuple:
@@ -136,7 +152,7 @@ class Request:
         return tuple(self.text_fields or ["text"])
 
 
-def check_options(request: Request) -> None:
+def check_options(request: Request, on_ray: bool = False) -> None:
     chunked = request.chunk_tokens is not None
     if any(not f for f in request.joined_fields):
         raise UsageError("--text-field needs a field name")
@@ -147,6 +163,29 @@ def check_options(request: Request) -> None:
                          f"--chunk-tokens {request.chunk_tokens}")
     if request.prompt is not None and request.prompt_name is not None:
         raise UsageError("give --prompt or --prompt-name, not both")
+    check_folder_inputs(request, on_ray)
+
+
+def check_folder_inputs(request: Request, on_ray: bool) -> None:
+    """--glob takes folders (and fits no --input-format); without it a folder is read only by
+    the Ray engine (a folder of record files)."""
+    from vecpipe.formats.files import check_pattern
+
+    for pattern in request.globs:
+        check_pattern(pattern)
+    inputs = request.inputs or ["-"]
+    if request.globs:
+        if "-" in inputs:
+            raise UsageError("--glob walks folders: name them instead of stdin")
+        if request.input_format != "auto":
+            raise UsageError("--glob reads each file as one text record: leave out "
+                             "--input-format")
+        return
+    folder = next((path for path in inputs if path != "-" and os.path.isdir(path)), None)
+    if folder is not None and not on_ray:
+        raise UsageError(f"{folder} is a folder, and embed reads record files",
+                         hint=f"--glob '**/*.md' embeds each matching file in it as one "
+                              "record (or --engine ray reads a folder of record files)")
 
 
 def embed_local(request: Request):
@@ -171,6 +210,7 @@ def embed_local(request: Request):
                                shard_job(request, request.shard, output_format), devices)
     if stats is not None:
         report(stats, output, stats.max_length)
+        report_skipped_files(task.inputs)
     return stats
 
 
@@ -200,9 +240,18 @@ def embed_task_of(request: Request, precision: str):
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
                 chunk_overlap=request.chunk_overlap, drop_text=request.drop_text,
                 skip_invalid=request.skip_invalid, shard=request.shard, window=request.window)
-    return Task(inputs=tuple(request.inputs or ["-"]), input_format=request.input_format,
+    return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
                 cache_dir=request.cache, force=request.force)
+
+
+def task_inputs(request: Request) -> tuple:
+    """The paths (or `-`), or with --glob each folder's matching files (formats.files)."""
+    from vecpipe.formats.files import FileTree
+
+    if request.globs:
+        return tuple(FileTree(folder, request.globs) for folder in request.inputs)
+    return tuple(request.inputs or ["-"])
 
 
 def pool_dtype(dtype: str, devices: list[str]) -> str:
@@ -230,6 +279,8 @@ def job_options(request: Request, part_format: str) -> dict:
     from vecpipe.cli.models import model_identity
 
     counted = {flag: getattr(request, name) for flag, name in JOB_OPTIONS.items()}
+    if request.globs:  # counted only when given: parts made before --glob existed stay valid
+        counted["--glob"] = list(request.globs)
     counted.update({"--model": model_identity(request.model), "--output-format": part_format})
     return counted
 
@@ -249,6 +300,9 @@ def embed_on_ray(request: Request, engine: str, address: str | None, parts: int 
     from vecpipe.core import ray_engine
 
     check_ray_options(request, engine)
+    if request.globs:
+        raise UsageError("--engine ray reads record files: leave out --glob",
+                         hint="embed the folder locally, with --shard I/N for parts")
     if not request.inputs or "-" in request.inputs:
         raise UsageError("--engine ray reads files or folders, not stdin",
                          hint="name the input files or their folder")
@@ -297,7 +351,7 @@ def flag_hints(device: str):
     """The pipeline's and the Ray engine's errors, told in this command's options."""
     from vecpipe.core import ray_engine
     from vecpipe.core.cache import CacheFileError
-    from vecpipe.core.embedding import InvalidRecord
+    from vecpipe.core.embedding import InvalidRecord, MissingTextField
     from vecpipe.formats.errors import ParameterError
 
     try:
@@ -305,6 +359,9 @@ def flag_hints(device: str):
     except ParameterError as err:  # its message starts with the parameter's name
         option = "--" + err.parameter.replace("_", "-")
         raise UsageError(option + err.message.removeprefix(err.parameter)) from None
+    except MissingTextField as err:
+        err.hint = "--text-field NAME names the field to embed (repeat it to join several)"
+        raise
     except InvalidRecord as err:
         err.hint = "--skip-invalid skips such records and counts them"
         raise
@@ -334,3 +391,139 @@ def report(stats, output, max_length) -> None:
         console.warn(f"{stats.truncated} of {stats.embedded} embedded texts were longer than "
                      f"the model's {window} window and were truncated "
                      "(split them with --chunk-tokens)")
+
+
+def report_skipped_files(inputs) -> None:
+    """With --glob: the files of each folder that were not records, counted by reason."""
+    from vecpipe.cli import console
+
+    for tree in inputs:
+        skipped = getattr(tree, "skipped", None)
+        if skipped is not None and skipped.total:
+            console.info(f"{tree}: {skipped.total} files skipped: {skipped.summary()}")
+
+
+# -- --dry-run ---------------------------------------------------------------------------------
+
+def dry_run_plan(request: Request, on_ray: bool) -> dict:
+    """What a run would do, after the checks it makes before its slow part: every input opened,
+    the first records checked for the text and id fields, the model found (not loaded) and
+    checked against --dim, --max-length, --chunk-tokens and --prompt-name, the output's format
+    and folder. Reads only the first records; writes nothing."""
+    from vecpipe.cli.model_files import offline_model
+    from vecpipe.core.embedding import check_first_records, find_id
+    from vecpipe.core.space import input_check
+    from vecpipe.formats.readers import RecordStream
+
+    if on_ray:
+        raise UsageError("--dry-run plans runs on this machine: leave out --engine ray")
+    output, output_format = planned_output(request)
+    task, devices = local_task(request)
+    inputs = [described_input(path, request.input_format) for path in task.inputs]
+    plan = task.plan
+    stream = RecordStream(list(task.inputs), request.input_format,
+                          batch_rows=min(1024, plan.window), check=input_check(request.force),
+                          text_fields=plan.fields if plan.skip_invalid else ())
+    with flag_hints(request.device):
+        plan = replace(plan, id_column=find_id(stream.schema, request.id_field))
+        check_first_records(stream, plan)
+        model = offline_model(request.model)
+        prompt = check_model_plan(request, model, plan)
+    if request.cache and os.path.exists(request.cache) and not os.path.isdir(request.cache):
+        raise DataError("not a folder, expected the embedding cache's", source=request.cache)
+    counts = [item["records"] for item in inputs]
+    return {
+        "inputs": inputs,
+        "records": None if None in counts else sum(counts),
+        "text_fields": list(plan.fields),
+        "id_field": plan.id_column or "(record numbers)",
+        "model": model["name"], "model_source": model["source"],
+        "dim": plan.dim or model["dim"], "max_length": request.max_length or model["max_length"],
+        "prompt": prompt, "normalize": not request.no_normalize,
+        "chunk_tokens": plan.chunk_tokens, "chunk_overlap": plan.chunk_overlap,
+        "output": output or "stdout", "output_format": output_format,
+        "shard": str(request.shard) if request.shard else None, "cache": request.cache,
+        "window": plan.window, "batch_size": plan.batch_size, "device": ",".join(devices),
+        "backend": request.backend, "precision": request.precision,
+    }
+
+
+def planned_output(request: Request) -> tuple[str | None, str]:
+    """(output path or None for stdout, its format), checked as a run checks them, and the
+    folder it goes to checked for writing (nothing is created)."""
+    from vecpipe.formats.parts import shard_output
+    from vecpipe.formats.writers import resolve_output_format
+
+    part = shard_output(request.output, request.shard, request.output_format,
+                        hint="or --engine ray, which makes the parts itself")
+    if part is not None:
+        output, output_format = part
+    else:
+        output = None if request.output in (None, "-") else request.output
+        output_format = resolve_output_format(output, request.output_format)
+    if output is not None:
+        if os.path.isdir(output):
+            raise DataError("is a folder, expected a file name", source=output)
+        folder = os.path.dirname(os.path.abspath(output))
+        if part is None and not os.path.isdir(folder):
+            raise DataError("no such folder for the output", source=folder)
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            raise DataError("folder not writable for the output", source=folder)
+    return output, output_format
+
+
+def described_input(path, input_format: str) -> dict:
+    """One input opened as a run opens it: its format and, where cheap (a Parquet or Arrow
+    file's footer, a folder's file list), its record count."""
+    from vecpipe.core.notices import input_records
+    from vecpipe.formats.readers import open_input, shown_name, sniff
+
+    if not isinstance(path, str):  # --glob: the files found (some may be skipped when read)
+        return {"input": str(path), "format": "files", "records": None,
+                "files": len(path.files())}
+    if path == "-":
+        return {"input": shown_name(path), "format": input_format, "records": None}
+    stream, head, compression = open_input(path)
+    try:
+        found = input_format if input_format != "auto" else sniff(head, path)
+    finally:
+        stream.close()
+    cheap = found in ("parquet", "arrow-file") and not compression
+    return {"input": path, "format": (found or "empty") + (f"+{compression}" if compression
+                                                            else ""),
+            "records": input_records([path], found)() if cheap else (0 if found is None
+                                                                     else None)}
+
+
+def check_model_plan(request: Request, model: dict, plan) -> str:
+    """The literal prompt, after the checks the loaded model would make of --dim,
+    --max-length, --chunk-tokens and --prompt-name (from its config files)."""
+    from vecpipe.core.embedder import Embedder
+    from vecpipe.core.embedding import check_fits
+
+    window = model["max_length"]
+    if request.max_length is not None and window is not None and request.max_length > window:
+        raise UsageError(f"--max-length {request.max_length} exceeds the model's window of "
+                         f"{window} tokens")
+    described = Embedder(name=model["name"], sha=None, dim=model["dim"] or 0,
+                         max_length=request.max_length or window, device="cpu",
+                         prompts=model["prompts"] or {})
+    prompt = described.prompt_text(request.prompt, request.prompt_name)
+    if model["dim"]:  # the room left by special and prompt tokens is known once loaded
+        check_fits(replace(plan, prompt=prompt), described)
+    return prompt
+
+
+def print_plan(plan: dict) -> None:
+    from vecpipe.cli import console
+
+    if console.plan_is_table():
+        plan = dict(plan, inputs=[shown_input(item) for item in plan["inputs"]])
+    console.print_plan("embed --dry-run: the checks passed; this run would", plan)
+
+
+def shown_input(item: dict) -> str:
+    records = "" if item["records"] is None else f", {item['records']:,} records"
+    if "files" in item:
+        records = f", {item['files']:,} matching files"
+    return f"{item['input']} ({item['format']}{records})"

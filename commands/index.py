@@ -37,7 +37,8 @@ def run(inputs: options.Inputs = None,
             "--keep-vectors", help="Also keep the full-precision vectors (full.npy, memory-"
                                    "mapped) for `search --rescore`.")] = False,
         append: Annotated[bool, typer.Option(
-            "--append", help="Add to the existing index at -o (same model/dim/codec).")] = False,
+            "--append", help="Add to the existing index at -o (same model/dim/codec and text "
+                             "fields embedded).")] = False,
         on_duplicate: options.OnDuplicate = "error",
         query_prompt: options.QueryPrompt = None,
         model: options.Model = None,
@@ -45,6 +46,7 @@ def run(inputs: options.Inputs = None,
         shard: options.Shard = None,
         input_format: options.InputFormat = "auto",
         force: options.Force = False,
+        dry_run: options.DryRun = False,
         progress: options.Progress = False,
         quiet: options.Quiet = False):
     """Build a usearch HNSW index folder (or, with --flat, an exactly searched one) from
@@ -75,22 +77,24 @@ def run(inputs: options.Inputs = None,
     on_duplicate = options.index_duplicates(on_duplicate)
     part = parse_shard(shard)
     if part is not None:
-        output = shard_index_path(output, part)
+        output = shard_index_path(output, part, create=not dry_run)
         counted = {"--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
                    "--expansion-add": expansion_add, "--expansion-search": expansion_search,
                    "--flat": flat, "--fields": store, "--all-fields": store_all,
                    "--keep-vectors": keep_vectors, "--on-duplicate": on_duplicate,
                    "--query-prompt": query_prompt, "--model": model,
                    "--input-format": input_format, "--force": force}  # not --threads, -q
-        if complete_index(output, inputs, counted, part, append):
+        if not dry_run and complete_index(output, inputs, counted, part, append):
             console.info(f"{output} is already complete: skipped")
             return
     stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS,
-                          check=input_check(force))
+                          check=input_check(force, documents=True))
     plan = plan_index(stream, output, metric, dtype, connectivity, expansion_add,
                       expansion_search, flat, store, store_all, keep_vectors, append,
                       query_prompt, model, force)
     plan.shard = part
+    if dry_run:
+        return print_plan(plan, stream, output)
     builder_args = dict(on_duplicate=on_duplicate, threads=threads)
     builder = start_builder(output, plan, **builder_args)
     count = notices.input_records(stream.inputs, input_format) if part is None else None
@@ -213,11 +217,39 @@ class IndexPlan:
                                ).to_pylist()
 
 
-def shard_index_path(folder: str, shard) -> str:
+def print_plan(plan: IndexPlan, stream, output: str) -> None:
+    """--dry-run: the build's checks passed (the first batch's vectors and ids too); say what
+    it would make, writing nothing."""
+    import os
+
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import shown_name
+
+    first = stream.peek()
+    if first is not None and first.batch.num_rows:
+        plan._convert(first)  # vectors finite and of one dim, ids present
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent) and plan.shard is None:
+        raise DataError("no such folder for the index", source=parent)
+    shape = plan.base if plan.base is not None else plan.spec  # both have dim, metric...
+    console.print_plan("index --dry-run: the checks passed; this build would", {
+        "inputs": [shown_name(path) for path in stream.inputs], "output": output,
+        "action": "append" if plan.base is not None else
+        "replace" if os.path.exists(output) else "create",
+        "rows_now": None if plan.base is None else plan.base.count,
+        "stored_fields": plan.fields, "vectors": plan.kind, "dim": shape.dim,
+        "metric": shape.metric, "dtype": shape.dtype, "layout": shape.layout,
+        "keep_vectors": plan.keep_vectors, "model": shape.metadata.get("model"),
+        "shard": None if plan.shard is None else f"{plan.shard.index}/{plan.shard.count}"})
+
+
+def shard_index_path(folder: str, shard, create: bool = True) -> str:
     """DIR/part-0000I-of-0000N.idx: one index folder per shard."""
     import os
 
-    os.makedirs(folder, exist_ok=True)
+    if create:
+        os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, shard.part_name("idx"))
 
 
@@ -314,7 +346,7 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     if append:
         return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
                             store_all, keep_vectors, query_prompt, force)
-    fields = _stored_fields(schema, store, store_all)
+    fields = _stored_fields(schema, store, store_all, shown_name(stream.inputs[0]))
     try:
         spec, fit_codec = spec_for_input(kind, arrow_type, codec, meta, metric, dtype,
                                          keep_vectors)
@@ -339,7 +371,9 @@ def _model_meta(model, meta, force) -> dict:
     return {key: value for key, value in given.items() if key not in meta}
 
 
-def _stored_fields(schema, store, store_all) -> list:
+def _stored_fields(schema, store, store_all, source: str) -> list:
+    """The stored fields, checked against the first batch's schema (so that a typo stops a
+    pipe from a slow embed at its first batch, not at its end)."""
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
 
@@ -352,7 +386,8 @@ def _stored_fields(schema, store, store_all) -> list:
     wanted = [name.strip() for item in store or [] for name in item.split(",") if name.strip()]
     missing = [name for name in wanted if name not in schema.names]
     if missing:
-        raise DataError(f"--fields {missing[0]}: no such field (fields: {', '.join(others)})")
+        raise DataError(f"--fields {missing[0]}: no such field (fields: {', '.join(others)})",
+                        source=source, record=1)
     if names.EMBEDDING in wanted:
         raise UsageError("the vectors are stored anyway; --fields names other fields")
     return [names.ID, *dict.fromkeys(n for n in wanted if n not in (names.ID, id_column))]
@@ -360,7 +395,7 @@ def _stored_fields(schema, store, store_all) -> list:
 
 def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, store_all,
                  keep_vectors, query_prompt, force) -> IndexPlan:
-    from vecpipe.core.space import IDENTITY_KEYS, check_same_space
+    from vecpipe.core.space import DOCUMENT_KEYS, TEXT_KEY, check_same_documents
     from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.core.index_open import open_index
     from vecpipe.core.index_spec import KIND_DTYPE
@@ -387,9 +422,9 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
     if keep_vectors and kind != "float":
         raise DataError("the index keeps full vectors, so appended records need float vectors")
     quantize_here = kind == "float" and codec is None and base.codec is not None
-    keys = ("model",) if quantize_here else IDENTITY_KEYS
-    check_same_space(base.metadata, meta, output, shown_name(stream.inputs[0]), keys=keys,
-                     force=force)
+    keys = ("model", TEXT_KEY) if quantize_here else DOCUMENT_KEYS
+    check_same_documents(base.metadata, meta, output, shown_name(stream.inputs[0]), keys=keys,
+                         force=force)
     if kind != "float" and base.dtype != KIND_DTYPE[kind]:
         raise DataError(f"the input holds {kind} codes, the index is {base.dtype}")
     return IndexPlan(stream, None, base.fields, base, kind, codec,

@@ -8,6 +8,7 @@ functions.
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -16,7 +17,9 @@ from vecpipe.core import notices
 from vecpipe.formats.errors import DataError
 from vecpipe.formats.shards import Shard
 
-DEFAULT_WINDOW = 4096
+DEFAULT_WINDOW = 4096  # the largest window: the memory bound, and the best length sorting
+FIRST_WINDOW = 64      # the first window (at least one model batch): the first output is soon
+WINDOW_GROWTH = 4      # each window this many times the last, up to the largest
 INTERRUPTED: list = []  # the exceptions Ctrl-C/SIGTERM raised while embedding
 
 
@@ -40,7 +43,7 @@ class Plan:
     drop_text: bool = False
     skip_invalid: bool = False
     shard: Shard | None = None
-    window: int = DEFAULT_WINDOW
+    window: int = DEFAULT_WINDOW  # the largest window (records, or chunks when chunking)
     prompt: str = ""
 
     @property
@@ -125,10 +128,11 @@ def embed_task(task: Task, output=None, output_format="auto", devices=("auto",))
     id_column = find_id(stream.schema, plan.id_field)
     if id_column is None and stream.schema is not None:
         notices.info("no id field (id or _id): the ids are the record numbers")
+    plan = replace(plan, id_column=id_column)
+    check_first_records(stream, plan)  # before the model loads: a bad field fails in a second
     many = len(devices) > 1
     model = task.load("cpu" if many else devices[0])
-    plan = replace(plan, id_column=id_column,
-                   prompt=model.prompt_text(task.prompt, task.prompt_name))
+    plan = replace(plan, prompt=model.prompt_text(task.prompt, task.prompt_name))
     check_fits(plan, model)
     previous = interrupts_as_exceptions(signal)
     try:
@@ -161,6 +165,29 @@ def embed_part(task: Task, path: str, output_format: str, job, devices=("auto",)
     return stats
 
 
+class MissingTextField(DataError):
+    """A text field that the first records do not have (the caller may say how to name it)."""
+
+
+def check_first_records(stream, plan: Plan) -> None:
+    """Check the first batch of `stream` (peeked, not consumed) as the run will, so that a
+    text field no record of it has, or its first invalid record, fails before the model loads.
+    A field missing from the first batch fails even when invalid records are skipped: it would
+    skip them all."""
+    from vecpipe.formats.readers import fit_batch
+
+    item = stream.peek()
+    if item is None:
+        return
+    batch = fit_batch(item, stream.schema)
+    for name in plan.fields:
+        if name not in batch.schema.names:
+            raise MissingTextField(f"no field {name!r} to embed in the first records; fields "
+                                   f"are {', '.join(batch.schema.names) or 'none'}",
+                                   source=item.source, record=item.first_record)
+    select_records(batch, item.source, item.first_record, item.first_record, plan, Stats())
+
+
 def check_fits(plan: Plan, model) -> None:
     """Refuse a plan that asks more of the model than it has. A ParameterError's message
     starts with its parameter's name, for a command to put its option's name there."""
@@ -181,7 +208,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
     `count`: a function finding how many records the stream holds, for the bar's total."""
     import contextlib
 
-    from vecpipe.core import notices
+    from vecpipe.core import notices, space
     from vecpipe.formats import schema as names
     from vecpipe.formats.writers import RecordWriter
 
@@ -189,6 +216,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
     out_schema = output_schema(input_schema, plan, plan.out_dim(model))
     meta = {key: None for key in names.META_KEYS}
     meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
+    meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunk_tokens, plan.chunk_overlap)
     with contextlib.ExitStack() as stack:
         cache = None
         if cache_dir:
@@ -206,16 +234,55 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
         bar = stack.enter_context(notices.progress(
             desc="embed", unit="rec", count=count if plan.shard is None else None))
         feed = RecordProgress(bar)
-        encoder = Encoder(model, plan, stats, cache, pool, progress=feed.embedded)
+        watch = ReaderWatch() if output in (None, "-") else None
+        encoder = Encoder(model, plan, stats, cache, pool,
+                          progress=feed.embedded if watch is None else watch.wrap(feed.embedded))
         parts = selected_parts(stream, input_schema, model, plan, stats)
         windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
         for window, vectors in windows:
             for part, part_vectors in window.split(vectors):
                 sink.write(output_batch(part, part_vectors, out_schema, plan))
                 stats.rows += len(part.texts)
+            if watch is not None:  # a reader downstream (`| head -1`) sees each window at once
+                sink.writer.flush()
             feed.finished(window)
         sink.ensure_started()
     return stats
+
+
+class ReaderWatch:
+    """Notices that the reader of a piped stdout went away (`| head -1` has its line), so the
+    run stops at the next model batch with the BrokenPipeError a write would raise (a quiet
+    exit 0), instead of embedding the rest of the input first: the next write may be a whole
+    window away. Linux flags a pipe's writing end POLLERR once no reader holds it."""
+
+    def __init__(self):
+        import select
+        import stat
+        import sys
+
+        self.poll = None
+        try:
+            fd = sys.stdout.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                self.poll = select.poll()
+                self.poll.register(fd, select.POLLOUT)
+        except (AttributeError, OSError, ValueError):  # no real stdout (a test runner's)
+            self.poll = None
+
+    def check(self) -> None:
+        import errno
+        import select
+
+        if self.poll is not None and any(events & select.POLLERR
+                                         for _, events in self.poll.poll(0)):
+            raise BrokenPipeError(errno.EPIPE, "the reader of stdout went away")
+
+    def wrap(self, progress):
+        def checked(window, texts):
+            progress(window, texts)
+            self.check()
+        return checked
 
 
 class LazyWriter:
@@ -251,6 +318,21 @@ class Part:
         self.ids = ids          # output ids
         self.texts = texts      # text embedded for each output row
         self.chunks = chunks    # (parent_ids, numbers, char_starts, char_ends) when chunking
+
+    def split(self, rows: int) -> tuple["Part", "Part"]:
+        """The first `rows` output rows and the rest. A chunked record counts in the part
+        holding its first chunk."""
+        chunks = head_chunks = None
+        head_records = rows
+        if self.chunks is not None:
+            head_chunks = tuple(column[:rows] for column in self.chunks)
+            chunks = tuple(column[rows:] for column in self.chunks)
+            head_records = sum(1 for number in head_chunks[1] if number == 0)
+        head = Part(self.batch.slice(0, rows), self.ids[:rows], self.texts[:rows], head_chunks,
+                    records=head_records)
+        rest = Part(self.batch.slice(rows), self.ids[rows:], self.texts[rows:], chunks,
+                    records=self.records - head_records)
+        return head, rest
 
 
 def selected_parts(stream, input_schema, model, plan, stats):
@@ -492,13 +574,18 @@ class Encoder:
             yield "end", window, None
 
     def _windows(self, parts):
-        pending, size = [], 0
+        """Windows of exactly the sizes window_sizes gives (parts split at their edges); the
+        last holds what is left."""
+        sizes = window_sizes(self.plan.window, self.plan.batch_size)
+        pending, room = [], next(sizes)
         for part in parts:
-            pending.append(part)
-            size += len(part.texts)
-            if size >= self.plan.window:
-                yield Window(pending)
-                pending, size = [], 0
+            while len(part.texts) >= room:
+                head, part = part.split(room)
+                yield Window([*pending, head])
+                pending, room = [], next(sizes)
+            if part.texts:
+                pending.append(part)
+                room -= len(part.texts)
         if pending:
             yield Window(pending)
 
@@ -513,6 +600,17 @@ class Encoder:
         self.stats.from_cache += len(window.unique) - len(window.todo)
         self.stats.embedded += len(window.todo)
         return vectors
+
+
+def window_sizes(largest: int, batch_size: int):
+    """The sizes of consecutive windows: FIRST_WINDOW (at least one model batch), then
+    WINDOW_GROWTH times the last, up to `largest`. The first output leaves after one small
+    window (seconds, not the minutes a 4,096-record window takes on a CPU); the windows reach
+    the largest size soon, since length sorting in a large window pads batches least."""
+    size = min(largest, max(FIRST_WINDOW, batch_size))
+    while True:
+        yield size
+        size = min(largest, size * WINDOW_GROWTH)
 
 
 READER_JOIN_SECONDS = 5.0

@@ -83,7 +83,7 @@ def input_records(paths, input_format: str | None = "auto"):
 
         total = 0
         for path in paths or ["-"]:
-            if path == "-":
+            if not isinstance(path, str) or path == "-":  # stdin, or a folder's files
                 return None
             stream, head, compression = open_input(path)
             try:
