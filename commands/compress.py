@@ -78,7 +78,7 @@ def run(inputs: options.Inputs = None,
                   report_json, bool(report or report_json))
     check_report_queries(report_queries, bool(report or report_json), inputs)
     codec = Codec.load(codec_file) if codec_file else None
-    stream = RecordStream(inputs, input_format, check=input_check(force))
+    stream = RecordStream(inputs, input_format, check=input_check(force, documents=True))
     if stream.schema is None:
         console.info("no records")
         return

@@ -46,14 +46,16 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         quiet: options.Quiet = False):
     """Concatenate record streams into one, in bounded memory: schemas are unified (a field
     missing from an input becomes null; a field with conflicting types is an error), and inputs
-    whose vecpipe metadata (model, dim, normalized, codec) differ are refused unless --force.
-    The output carries the metadata all inputs share. Inputs named part-0000I-of-0000N must form
-    complete shard sets. With --index, merge index folders (same checks); with --models,
-    average the weights of sentence-transformers models (model soups) into a model folder.
+    whose vecpipe metadata (model, dim, normalized, codec, the text fields embedded) differ
+    are refused unless --force. The output carries the metadata all inputs share. Inputs named
+    part-0000I-of-0000N must form complete shard sets. With --index, merge index folders (same
+    checks); with --models, average the weights of sentence-transformers models (model soups)
+    into a model folder.
     --on-duplicate (default: keep every record; with --index, error, as an index holds one row
     per id) holds every id in memory, not the records; last and error read the inputs twice
-    (stdin is spooled to a temporary file); with --index the first or last index's copy wins. --force merges inputs whose model/dim/normalized/codec metadata differ (the output
-    keeps only the metadata they share).
+    (stdin is spooled to a temporary file); with --index the first or last index's copy wins.
+    --force merges inputs whose model/dim/normalized/codec/embedded-text metadata differ (the
+    output keeps only the metadata they share).
 
     \b
     Example:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-from vecpipe.core.space import check_same_space, merged_meta
+from vecpipe.core.space import TEXT_KEY, check_same_space, merged_meta, note_unknown_text
 from vecpipe.formats import schema as names
 from vecpipe.formats.errors import DataError
 from vecpipe.formats.shards import PART_PATTERN, parse_part_name
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 # Metadata keys whose difference makes merged vectors meaningless (normalization too: cosine and
-# dot scores of mixed normalized/unnormalized vectors are not comparable).
-MERGE_IDENTITY_KEYS = ("model", "dim", "normalized", "codec")
+# dot scores of mixed normalized/unnormalized vectors are not comparable; the text embedded:
+# one set's title+text vectors do not rank alike with another's text alone).
+MERGE_IDENTITY_KEYS = ("model", "dim", "normalized", "codec", TEXT_KEY)
 # What to do with an id seen before: keep every copy, the first, the last, or fail.
 DUPLICATE_POLICIES = ("keep", "first", "last", "error")
 
@@ -103,8 +104,9 @@ def renamed_batch(batch: "pa.RecordBatch") -> "pa.RecordBatch":
 
 def check_metadata(named: Sequence[tuple[str, dict]], force: bool = False,
                    keys: Iterable[str] = MERGE_IDENTITY_KEYS) -> None:
-    """Refuse inputs whose model/dim/normalized/codec differ; each key is compared with the
-    first input that has it (inputs without the key, e.g. JSONL, pass)."""
+    """Refuse inputs whose model/dim/normalized/codec/embedded text differ; each key is
+    compared with the first input that has it (inputs without the key, e.g. JSONL, pass; for
+    the text embedded with a note)."""
     if force:
         return
     # Written by vecpipe (some metadata) but no codec: raw vectors, which must not be mixed
@@ -117,6 +119,8 @@ def check_metadata(named: Sequence[tuple[str, dict]], force: bool = False,
             continue
         for source, meta in named:
             check_same_space(reference[1], meta, reference[0], source, keys=(key,))
+    if TEXT_KEY in keys:
+        note_unknown_text(named)
 
 
 def common_metadata(named: Sequence[tuple[str, dict]]) -> tuple[dict, list[str]]:

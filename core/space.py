@@ -7,14 +7,21 @@ equal however it was produced.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from vecpipe.formats.errors import DataError
 
 # Keys whose difference makes two vector sets incomparable.
 IDENTITY_KEYS = ("model", "dim", "codec")
 MODEL_KEYS = ("model", "model_sha")
+# What text was embedded: the fields, how they were joined, the chunking (JSON).
+TEXT_KEY = "embedded_text"
+TEXT_SEPARATOR = " "
+# Documents that go into one index or one merged set must also agree on the text embedded;
+# queries may come from another field than their documents, so query checks leave it out.
+DOCUMENT_KEYS = IDENTITY_KEYS + (TEXT_KEY,)
 
 
 class SpaceMismatch(DataError):
@@ -31,6 +38,7 @@ class VectorSpace:
     dim: str | None = None
     normalized: str | None = None
     codec: str | None = None
+    embedded_text: str | None = None
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> "VectorSpace":
@@ -50,10 +58,15 @@ class VectorSpace:
                    keys: Iterable[str] = IDENTITY_KEYS) -> str | None:
         """None when the two agree on `keys` (a key missing on one side agrees), else the
         first difference, e.g. `dim differs: a has '384', b has '128'`."""
+        found = self.first_difference(other, keys)
+        return None if found is None else _worded(found, name, other_name)
+
+    def first_difference(self, other: "VectorSpace", keys: Iterable[str]):
+        """(key, (how self shows it, how other shows it)) of the first key they differ on."""
         for key in keys:
             shown = _shown_difference(key, getattr(self, key), getattr(other, key))
             if shown is not None:
-                return f"{key} differs: {name} has {shown[0]}, {other_name} has {shown[1]}"
+                return key, shown
         return None
 
 
@@ -63,16 +76,84 @@ def check_same_space(meta_a: Mapping[str, str], meta_b: Mapping[str, str], name_
     """Refuse to mix vectors whose spaces differ on `keys` (unless `force`)."""
     if force:
         return
-    difference = VectorSpace.from_meta(meta_a).difference(VectorSpace.from_meta(meta_b),
-                                                          name_a, name_b, keys)
-    if difference is not None:
-        raise SpaceMismatch(difference, hint="vectors from different models or codecs are "
-                                             "not comparable")
+    found = VectorSpace.from_meta(meta_a).first_difference(VectorSpace.from_meta(meta_b), keys)
+    if found is None:
+        return
+    hint = ("documents embedded from other text do not rank alike; embed the same fields "
+            "(and chunking) as the rest" if found[0] == TEXT_KEY
+            else "vectors from different models or codecs are not comparable")
+    raise SpaceMismatch(_worded(found, name_a, name_b), hint=hint)
 
 
-def input_check(force: bool):
-    """The `check` a RecordStream runs between its inputs: none when `force`."""
-    return None if force else check_same_space
+def _worded(found, name: str, other_name: str) -> str:
+    key, (shown, other_shown) = found
+    return f"{key} differs: {name} has {shown}, {other_name} has {other_shown}"
+
+
+def check_same_documents(meta_a: Mapping[str, str], meta_b: Mapping[str, str], name_a: str,
+                         name_b: str, keys: Iterable[str] = DOCUMENT_KEYS,
+                         force: bool = False) -> None:
+    """check_same_space for document sets joined into one (an index, an appended or merged
+    set): also the text embedded, which an older file may not record (then a note)."""
+    check_same_space(meta_a, meta_b, name_a, name_b, keys=keys, force=force)
+    if not force and TEXT_KEY in keys:
+        note_unknown_text([(name_a, meta_a), (name_b, meta_b)])
+
+
+def note_unknown_text(named: Sequence[tuple[str, Mapping[str, str]]]) -> None:
+    """A note for each input that does not record the text embedded when another does: the
+    texts are then not compared (files from before the key, or vectors from elsewhere)."""
+    known = next(((name, meta[TEXT_KEY]) for name, meta in named if TEXT_KEY in meta), None)
+    if known is None:
+        return
+    from vecpipe.core import notices
+
+    for name, meta in named:
+        if TEXT_KEY not in meta:
+            notices.info(f"{name} does not record which text fields were embedded (unknown "
+                         f"fields): not compared with {known[0]}'s {text_summary(known[1])}")
+
+
+def input_check(force: bool, documents: bool = False):
+    """The `check` a RecordStream runs between its inputs: none when `force`; `documents`:
+    inputs read as one document set (also the text embedded)."""
+    if force:
+        return None
+    return check_same_documents if documents else check_same_space
+
+
+def embedded_text(fields: Sequence[str], chunk_tokens: int | None = None,
+                  chunk_overlap: int = 0, separator: str = TEXT_SEPARATOR) -> str:
+    """The `embedded_text` value: the text fields embedded, how they were joined, and the
+    chunking (none, or chunks of `chunk_tokens` tokens overlapping by `chunk_overlap`)."""
+    value = {"fields": list(fields), "separator": separator,
+             "chunking": None if chunk_tokens is None else
+             {"tokens": chunk_tokens, "overlap": chunk_overlap}}
+    return json.dumps(value)
+
+
+def parse_embedded_text(value: str) -> dict | None:
+    """The `embedded_text` value as a dict; None when it is not one (written by hand?)."""
+    try:
+        parsed = json.loads(value)
+    except (TypeError, ValueError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def text_summary(value: str) -> str:
+    """`'title' + 'text' joined by ' '`, `'text' in chunks of 256 tokens overlapping 32`."""
+    parsed = parse_embedded_text(value)
+    if parsed is None or not isinstance(parsed.get("fields"), list):
+        return repr(value)
+    shown = " + ".join(repr(str(name)) for name in parsed["fields"])
+    if len(parsed["fields"]) > 1:
+        shown += f" joined by {parsed.get('separator')!r}"
+    chunking = parsed.get("chunking")
+    if isinstance(chunking, dict):
+        shown += (f" in chunks of {chunking.get('tokens')} tokens overlapping "
+                  f"{chunking.get('overlap')}")
+    return shown
 
 
 def check_model(meta: Mapping[str, str], model, source: str, spec: str | None,
@@ -105,6 +186,10 @@ def _shown_difference(key: str, a: str | None, b: str | None, missing_agrees: bo
         return None
     if a is None or b is None:
         return None if missing_agrees else (repr(a), repr(b))
+    if key == TEXT_KEY:
+        parsed = parse_embedded_text(a)
+        same = parsed is not None and parsed == parse_embedded_text(b)
+        return None if same else (text_summary(a), text_summary(b))
     if key != "codec":
         return repr(a), repr(b)
     from vecpipe.core.codec import codec_difference  # numpy: only when two codecs are compared
