@@ -37,6 +37,15 @@ def run(index: Annotated[str, typer.Argument(
         query: Annotated[Optional[List[str]], typer.Option(
             "--query", help="A query text given here instead of QUERIES (repeatable; ids q1, "
                             "q2, ...).", metavar="TEXT", show_default=False)] = None,
+        like: Annotated[Optional[List[str]], typer.Option(
+            "--like", help="More like this: search with the index's stored vector of the "
+                           "record ID instead of queries, no model loaded (repeatable: their "
+                           "mean). The records named are left out of the k hits.",
+            metavar="ID", show_default=False)] = None,
+        unlike: Annotated[Optional[List[str]], typer.Option(
+            "--unlike", help="With --like: and less like this record (repeatable); the query "
+                             "is 2*mean(like) - mean(unlike), unit length for cos and ip.",
+            metavar="ID", show_default=False)] = None,
         metric: options.Metric = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
@@ -54,6 +63,8 @@ def run(index: Annotated[str, typer.Argument(
     the squared distance, hamming -> fraction of equal bits. On a terminal (no -o or
     --output-format): a table per query instead, cut to its width (`--output-format table`
     asks for it on a pipe); text lines on stdin are answered one at a time, as they arrive.
+    More like this: --like ID (and --unlike ID) makes the query of stored records instead,
+    2*mean(like) - mean(unlike), without loading a model; those records are not hits.
 
     \b
     Example:
@@ -62,6 +73,7 @@ def run(index: Annotated[str, typer.Argument(
       vecpipe search idx queries.jsonl -k 100 --output-format trec -o run.trec
       vecpipe search idx queries.jsonl --filter 'lang == "en" and year >= 2020' --rescore 4
       vecpipe search docs.arrow queries.jsonl   # no index: exact search over the stream
+      vecpipe search idx --like doc42 --unlike doc7 --fields title   # more like doc42
     """
     import os
 
@@ -74,6 +86,8 @@ def run(index: Annotated[str, typer.Argument(
         raise UsageError("give --fields or --all-fields, not both")
     if query and queries:
         raise UsageError("give QUERIES or --query, not both")
+    _check_like_options(like, unlike, queries, query, model=model, prompt=prompt,
+                        prompt_name=prompt_name, text_fields=text_fields or old_field)
     fmt = _output_format(output, output_format)
     query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name,
                          text_fields=text_fields or ["text"],
@@ -84,12 +98,22 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--metric applies to an embeddings-stream INDEX; an index folder "
                              "has its own")
         searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text, fields,
-                               all_fields, threads)
+                               all_fields, threads, like=like, unlike=unlike)
+    elif like:
+        raise UsageError("--like needs an index folder (it searches with the stored vectors); "
+                         "INDEX is an embeddings stream", hint="index it first")
     else:
         if ef is not None or rescore is not None:
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
+    if like:
+        results = searcher.like_results()
+        if fmt == "table":
+            write_hit_tables(results, output, [like_heading(like, unlike)])
+        else:
+            write_hits(results, searcher.schema, output, fmt)
+        return
     if query:
         query_options["text_fields"] = ["text"]
     reader = QueryReader(queries, searcher, batch_size=query_batch, given=query,
@@ -98,6 +122,39 @@ def run(index: Annotated[str, typer.Argument(
         write_hit_tables(searcher.results(reader), output, reader.texts)
     else:
         write_hits(searcher.results(reader), searcher.schema, output, fmt)
+
+
+def _check_like_options(like, unlike, queries, query, **text_query_options) -> None:
+    """--like/--unlike replace the queries: QUERIES, --query and the options that embed text
+    queries are refused with them rather than ignored."""
+    from vecpipe.formats.errors import UsageError
+
+    if unlike and not like:
+        raise UsageError("--unlike needs --like: it moves a query made of liked records")
+    if not like:
+        return
+    if queries or query:
+        raise UsageError("give --like or queries (QUERIES, --query), not both")
+    names = {"model": "-m/--model", "prompt": "--prompt", "prompt_name": "--prompt-name",
+             "text_fields": "--text-field"}
+    given = [names[key] for key, value in text_query_options.items() if value]
+    if given:
+        raise UsageError(f"{given[0]} applies to text queries; --like searches with the "
+                         "index's stored vectors")
+    both = sorted(set(like) & set(unlike or ()))
+    if both:
+        raise UsageError(f"{both[0]!r} is given to both --like and --unlike")
+
+
+def like_query_id(like, unlike) -> str:
+    """The query_id of a --like search's hits: `like:a,b`, `;unlike:c` after it."""
+    query_id = "like:" + ",".join(dict.fromkeys(like))
+    return query_id + (";unlike:" + ",".join(dict.fromkeys(unlike)) if unlike else "")
+
+
+def like_heading(like, unlike) -> str:
+    heading = "like: " + ", ".join(dict.fromkeys(like))
+    return heading + ("; unlike: " + ", ".join(dict.fromkeys(unlike)) if unlike else "")
 
 
 def _output_format(output, output_format) -> str:
@@ -405,7 +462,7 @@ class IndexSearch:
     """Batches of queries against an index folder (memory-mapped), filter evaluated once."""
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
-                 threads):
+                 threads, like=None, unlike=None):
         from vecpipe.core.index_open import open_index
         from vecpipe.formats.errors import ParameterError
 
@@ -423,6 +480,13 @@ class IndexSearch:
             expression = parse(filter_text)
             expression.check_fields(self.index.fields, "the index")
             mask = expression.mask(self.index.rows(expression.fields))
+        self.k, self.like, self.like_id = k, None, None
+        if like:
+            from vecpipe.core.index_search import LikeQuery
+
+            self.like = LikeQuery(self.index, like, unlike or ())
+            self.like_id = like_query_id(like, unlike)
+            k = self.like.searched_k(k)
         try:
             self.searcher = self.index.searcher(k, exact=exact, ef=ef, rescore=rescore,
                                                 min_score=min_score, mask=mask, threads=threads)
@@ -446,6 +510,16 @@ class IndexSearch:
             except ParameterError as err:
                 raise flagged(err) from None
             yield ids, hits, self.rows
+
+    def like_results(self):
+        """The one result batch of a --like search."""
+        from vecpipe.formats.errors import ParameterError
+
+        try:
+            hits = self.like.hits(self.searcher, self.k)
+        except ParameterError as err:
+            raise flagged(err) from None
+        yield [self.like_id], hits, self.rows
 
 
 # ---- exact search over an embeddings stream ---------------------------------------------------

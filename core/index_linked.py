@@ -134,6 +134,20 @@ class LinkedIndex:
                 out[here] = shard.stored_vectors(local[here])
         return out
 
+    def query_vectors(self, rows) -> "np.ndarray":
+        """Float vectors of `rows` in the query space, each shard's own (see
+        `OpenIndex.query_vectors`): shards quantized with different codecs decode their own."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        shard_of, local = self._locate(rows)
+        out = np.empty((len(rows), self.query_dim), dtype=np.float32)
+        for number, shard in enumerate(self.shards):
+            here = shard_of == number
+            if here.any():
+                out[here] = shard.query_vectors(local[here])
+        return out
+
     def full_vectors(self):
         if self.full_spec is None:
             return None

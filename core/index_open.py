@@ -8,8 +8,8 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_arrays, check_files, hnsw_options,
-    index_numpy_dtype, index_width, layout_of, read_manifest, to_index_codes)
+    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_arrays, check_files, from_index_codes,
+    hnsw_options, index_numpy_dtype, index_width, layout_of, read_manifest, to_index_codes)
 from vecpipe.core.index_linked import LinkedIndex
 from vecpipe.core.index_search import Searcher
 from vecpipe.formats.errors import DataError, UsageError
@@ -159,6 +159,25 @@ class OpenIndex:
             return np.asarray(self.flat_vectors()[rows.astype(np.int64)])
         return np.vstack(self.usearch.get(rows)).reshape(len(rows), width)
 
+    def query_vectors(self, rows) -> "np.ndarray":
+        """Float vectors of `rows` in the query space (query_dim columns, float32), as close to
+        what was indexed as the folder allows: the kept full vectors; else the stored ones;
+        codes decoded, and lifted back through the codec's truncation/PCA, so that encoding
+        them as a query gives the decoded vector again (`lifted`)."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        full = self.full_vectors()
+        if full is not None and self.full_spec["dim"] == self.query_dim:
+            return np.asarray(full[rows], dtype=np.float32)
+        stored = self.stored_vectors(rows)
+        if self.codec is not None:
+            return lifted(self.codec, self.codec.decode(from_index_codes(self.codec, stored)))
+        if self.dtype in ("i8", "b1"):
+            raise DataError(f"the index holds {self.dtype} codes but records no codec, so "
+                            "its vectors cannot be decoded", source=self.path)
+        return stored.astype(np.float32)
+
     def encode(self, queries) -> "np.ndarray":
         """Float queries -> the index space (the codec applied, if any)."""
         import numpy as np
@@ -185,13 +204,27 @@ class OpenIndex:
         return Searcher(self, k, **options)
 
 
+def lifted(codec, reduced) -> "np.ndarray":
+    """Vectors of a codec's reduced space (`project`'s output) -> its input space, such that
+    `codec.project(lifted(codec, r))` is `r` (renormalised when the codec normalises): PCA
+    undone with its orthonormal directions, truncated dimensions filled with zeros."""
+    import numpy as np
+
+    vectors = np.asarray(reduced, dtype=np.float32)
+    if codec.pca_components is not None:
+        vectors = vectors @ codec.pca_components.T
+    if vectors.shape[1] < codec.input_dim:
+        vectors = np.pad(vectors, ((0, 0), (0, codec.input_dim - vectors.shape[1])))
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
 def _read_rows(path: str, count: int, fields: list) -> "pa.Table":
     """rows.parquet, memory-mapped, checked against the manifest's count and fields."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(os.path.join(path, ROWS), memory_map=True)
+    try:  # ParquetFile, not read_table: that goes through pyarrow.dataset, which imports pandas
+        table = pq.ParquetFile(os.path.join(path, ROWS), memory_map=True).read()
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
     if table.num_rows != count or table.column_names != fields:

@@ -18,6 +18,8 @@ from vecpipe.core.vectors import Hits, distance_to_score, paired_similarity, sor
 from vecpipe.formats.errors import DataError, UsageError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vecpipe.core.index_format import IndexReader
 
 _OVERSAMPLE = 2.0          # filtered ANN fetches this many times the expected need
@@ -253,6 +255,100 @@ def _rescore_source(index: "IndexReader", rescore: int | None) -> str | None:
     raise ParameterError("the index stores no full-precision vectors to rescore with, and no "
                          "quantized (i8/b1) codes to decode", "rescore",
                          hint=KEEP_FULL_VECTORS)
+
+
+# "More like these" (Rocchio with no query text; Qdrant's average_vector strategy): the query is
+# the liked records' centroid, and with unliked ones that centroid moved away from theirs by the
+# difference, 2 * mean(like) - mean(unlike). The plain difference mean(like) - mean(unlike) loses
+# where the liked records are: for near-duplicate like and unlike it is mostly noise, and under
+# l2sq a difference is not a point among the vectors at all.
+LIKE_WEIGHT, UNLIKE_WEIGHT = 2.0, 1.0
+
+
+class LikeQuery:
+    """A query made of stored records: `like` ids (at least one) and optional `unlike` ids,
+    looked up among the visible rows (an unknown id is a DataError naming it). `vector`
+    (1 x query_dim float32) is searched as a float query, so filters, rescoring and exact
+    search apply as to any query; the records themselves are left out of the hits.
+
+    Each record's vector is `query_vectors` (the kept full vectors, else the stored ones
+    decoded); under cos they are scaled to unit length first, so each record weighs the same;
+    the query is then `LIKE_WEIGHT * mean(like) - UNLIKE_WEIGHT * mean(unlike)` (with no unlike
+    ids: mean(like)), scaled to unit length for cos and ip (for ip that changes the scores, not
+    the order) and left as it is for l2sq, where it is a point among the vectors.
+    """
+
+    def __init__(self, index: "IndexReader", like, unlike=()):
+        import numpy as np
+
+        self.index = index
+        self.like_rows = rows_of_ids(index, like)
+        self.unlike_rows = rows_of_ids(index, unlike)
+        if len(self.like_rows) == 0:
+            raise UsageError("a query made of stored records needs at least one liked id")
+        self.excluded = np.union1d(self.like_rows, self.unlike_rows)
+        self.vector = self._vector()
+
+    def _vector(self):
+        import numpy as np
+
+        metric = self.index.score_metric
+        vectors = self.index.query_vectors(np.concatenate([self.like_rows, self.unlike_rows]))
+        vectors = vectors.astype(np.float64)
+        if metric == "cos":
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-30)
+        liked, unliked = vectors[:len(self.like_rows)], vectors[len(self.like_rows):]
+        query = liked.mean(axis=0)
+        if len(unliked):
+            query = LIKE_WEIGHT * query - UNLIKE_WEIGHT * unliked.mean(axis=0)
+        if metric in ("cos", "ip"):
+            norm = np.linalg.norm(query)
+            if not norm > 1e-6 * max(1.0, np.abs(vectors).max()):
+                raise DataError("the records' vectors cancel out: no direction to search in",
+                                source=self.index.path)
+            query = query / norm
+        return query[None, :].astype(np.float32)
+
+    def searched_k(self, k: int) -> int:
+        """Hits to ask a Searcher for, so that k remain once the records are left out."""
+        return k + len(self.excluded)
+
+    def hits(self, searcher, k: int) -> Hits:
+        """The top k from `searcher` (built for `searched_k(k)`), the records left out."""
+        return without_rows(searcher.search(self.vector), self.excluded, k)
+
+
+def rows_of_ids(index: "IndexReader", ids) -> "np.ndarray":
+    """Row numbers of `ids` (duplicates dropped, order kept) among the visible rows (a linked
+    index's shadowed copies are not); an unknown id is a DataError naming it."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    column = index.ids()
+    found = pc.is_in(column, value_set=pa.array(ids, column.type))
+    found = np.asarray(found.to_numpy(zero_copy_only=False), dtype=bool)
+    visible = index.visible_mask()
+    if visible is not None:
+        found &= visible
+    rows = np.flatnonzero(found)
+    row_of = dict(zip(column.take(pa.array(rows)).to_pylist(), rows.tolist()))
+    missing = [value for value in ids if value not in row_of]
+    if missing:
+        more = f" (and {len(missing) - 1} more unknown)" if len(missing) > 1 else ""
+        raise DataError(f"no record has id {missing[0]!r}{more}", source=index.path)
+    return np.array([row_of[value] for value in ids], dtype=np.int64)
+
+
+def without_rows(hits: Hits, rows, k: int) -> Hits:
+    """`hits` with `rows` left out, the best k kept per query."""
+    import numpy as np
+
+    dropped = np.isin(hits.rows, rows)
+    return sorted_hits(np.where(dropped, -1, hits.rows), hits.scores, k)
 
 
 class LinkedSearcher:
