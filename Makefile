@@ -44,14 +44,27 @@ man: install
 	$(BIN)/python -m vecpipe.cli.docgen .
 
 # The main job end to end on the bundled model: a corpus every machine has (the docstrings of
-# Python's standard library), embedded, indexed, and searched with a few questions.
+# Python's standard library, title and text embedded together), indexed, searched by text and by
+# example ("more like this": stored vectors, no model call), then as a 32x smaller binary index
+# searched exactly and rescored with the kept floats. The cache makes a second run quick.
+DEMO_QUERIES := --query "parse command-line arguments" \
+	--query "run a shell command and capture its output" \
+	--query "make a temporary directory that is deleted afterwards"
 demo: install
 	mkdir -p demo
 	$(BIN)/python bench/demo_corpus.py -o demo/stdlib.jsonl
-	$(BIN)/python bench/demo_corpus.py --queries demo/queries.jsonl
-	$(BIN)/vecpipe embed demo/stdlib.jsonl --text-field text | $(BIN)/vecpipe index -o demo/idx --fields title
-	$(BIN)/vecpipe search demo/idx demo/queries.jsonl -k 3 --fields title --output-format jsonl \
-		| $(BIN)/python bench/demo_corpus.py --show
+	$(BIN)/vecpipe embed demo/stdlib.jsonl --text-field title --text-field text \
+		--cache demo/cache -o demo/stdlib.arrow
+	$(BIN)/vecpipe index demo/stdlib.arrow -o demo/idx --fields text
+	@echo "== search by text: the queries embedded with the model the index records"
+	$(BIN)/vecpipe search demo/idx $(DEMO_QUERIES) -k 3 --fields text --output-format table
+	@echo "== more like json.loads: its stored vector is the query, no model call"
+	$(BIN)/vecpipe search demo/idx --like json.loads -k 3 --fields text --output-format table
+	@echo "== 1 bit a dimension (32x smaller), searched exactly, the top 30 rescored in float"
+	$(BIN)/vecpipe index demo/stdlib.arrow --dtype b1 --flat --keep-vectors -o demo/idx-b1 \
+		--fields text
+	$(BIN)/vecpipe search demo/idx-b1 $(DEMO_QUERIES) -k 3 --rescore 10 --fields text \
+		--output-format table
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

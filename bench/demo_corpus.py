@@ -3,13 +3,11 @@
 One record per public module, class and function (and, with `--methods`, method) defined in a
 stdlib module:
 `{"id": "json.dumps", "title": "json.dumps", "kind": "function", "module": "json",
-"text": "json.dumps: Serialize obj to a JSON formatted str. ..."}`. The text starts with the
-qualified name so that a query like "parse a csv file" can match on names as well as prose.
+"text": "Serialize obj to a JSON formatted str. ..."}`. Embed title and text together
+(`--text-field title --text-field text`) so that a query like "parse a csv file" can match on
+names as well as prose; `make demo` does.
 
     python bench/demo_corpus.py -o demo/stdlib.jsonl [--max-chars 1000] [--limit N] [--methods]
-    python bench/demo_corpus.py --queries demo/queries.jsonl   # a few questions, id = the text
-    vecpipe search demo/idx demo/queries.jsonl --output-format jsonl | \
-        python bench/demo_corpus.py --show                     # hits, readably
 
 Records are sorted by id, so the output is the same on every run of the same Python version.
 Modules with import side effects (opening a browser, printing, GUI toolkits) are skipped.
@@ -27,16 +25,6 @@ import sys
 import warnings
 
 # Modules never imported: side effects on import, GUI toolkits, test suites, tooling.
-DEMO_QUERIES = [
-    "parse a JSON string into Python objects",
-    "read rows from a CSV file",
-    "run a shell command and capture its output",
-    "compute the SHA-256 hash of some bytes",
-    "find files matching a wildcard pattern",
-    "make a temporary directory that is deleted afterwards",
-    "send an HTTP request and read the response",
-    "measure how long a small piece of code takes",
-]
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "ensurepip",
         "venv", "lib2to3", "pydoc_data", "__main__", "__phello__", "_pydev_bundle", "xxlimited",
         "xxlimited_35", "xxsubtype", "msvcrt", "winreg", "winsound", "_winapi", "nt"}
@@ -113,45 +101,19 @@ def _record(qualified, kind, module_name, obj, max_chars, seen):
     text = " ".join(inspect.cleandoc(doc).split())
     if len(text.split()) < 5:  # "NotEq", "Delete(expr* targets)": names, not descriptions
         return
-    text = f"{qualified}: {text}"
     if len(text) > max_chars:
         text = text[:max_chars].rsplit(" ", 1)[0] + " ..."
     yield {"id": qualified, "title": qualified, "kind": kind, "module": module_name.split(".")[0],
            "text": text}
 
 
-def show(lines, width: int = 100) -> None:
-    """Print search hits (JSONL with query_id, rank, id, score and maybe text) per query."""
-    query = None
-    for line in lines:
-        hit = json.loads(line)
-        if hit["query_id"] != query:
-            query = hit["query_id"]
-            print(f"\n{query}")
-        text = hit.get("text") or ""
-        summary = text.split(": ", 1)[-1]
-        line = f"  {hit['rank']:>2}. {hit['score']:.3f}  {hit['id']}"
-        if summary:
-            line += f"  - {summary}"
-        print(line if len(line) <= width else line[:width - 3] + "...")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", help="JSONL file to write (default: stdout)")
-    parser.add_argument("--queries", metavar="PATH", help="write the demo questions here instead")
-    parser.add_argument("--show", action="store_true", help="print search hits read from stdin")
     parser.add_argument("--max-chars", type=int, default=1000, help="cut texts at this length")
     parser.add_argument("--limit", type=int, help="keep only the first N records (by id)")
     parser.add_argument("--methods", action="store_true", help="also methods of classes")
     args = parser.parse_args(argv)
-    if args.show:
-        show(sys.stdin)
-        return
-    if args.queries:
-        with open(args.queries, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"id": q, "text": q}) + "\n" for q in DEMO_QUERIES)
-        return
     corpus = sorted(records(args.max_chars, args.methods), key=lambda r: r["id"])[:args.limit]
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corpus)
     if args.output:

@@ -741,7 +741,12 @@ def write_hits(results, schema, output, fmt) -> None:
                 hits, queries = hits + table.num_rows, queries + count
                 if to_stdout:  # each batch answered at once (one query a line from stdin)
                     out.flush()
-    console.info(f"{hits:,} hits for {queries:,} queries")
+    console.info(hits_summary(hits, queries))
+
+
+def hits_summary(hits: int, queries: int) -> str:
+    return (f"{hits:,} hit{'' if hits == 1 else 's'} for {queries:,} "
+            f"quer{'y' if queries == 1 else 'ies'}")
 
 
 def write_hit_tables(results, output, texts) -> None:
@@ -806,7 +811,7 @@ def write_hit_tables(results, output, texts) -> None:
                 buffer.truncate()
                 if to_stdout:
                     out.flush()
-    console.info(f"{hits:,} hits for {queries:,} queries")
+    console.info(hits_summary(hits, queries))
 
 
 def _cell(value):

@@ -88,12 +88,13 @@ class Stats:
                 setattr(self, name, getattr(self, name) + value)
 
     def summary(self, output) -> str:
-        parts = [f"{self.records} records -> {output or 'stdout'}: {self.rows} vectors",
-                 f"{self.embedded} embedded", f"{self.from_cache} from cache"]
+        parts = [f"{self.records:,} records -> {output or 'stdout'}: {self.rows:,} vectors",
+                 f"{self.embedded:,} embedded", f"{self.from_cache:,} from cache"]
         if self.duplicates:
-            parts.append(f"{self.duplicates} repeated texts reused")
+            parts.append(f"{self.duplicates:,} repeated texts reused")
         if self.invalid:
-            parts.append(f"{self.invalid} invalid records skipped (first: {self.first_invalid})")
+            parts.append(f"{self.invalid:,} invalid records skipped (first: "
+                         f"{self.first_invalid})")
         return ", ".join(parts)
 
 
