@@ -144,7 +144,7 @@ def _declared_choices() -> dict[str, tuple[str, ...]]:
             "--dtype": options.STORAGE_DTYPES + tuple(options.SHORT_DTYPES),
             "--index-dtype": options.STORAGE_DTYPES[:5] + tuple(options.SHORT_DTYPES),
             "--precision": options.PRECISIONS, "--on-duplicate": options.ON_DUPLICATE,
-            "--backend": models.BACKENDS, "--shape": SHAPES,
+            "--backend": ("auto",) + models.BACKENDS, "--shape": SHAPES,
             "--sampling": tuple(SAMPLINGS),
             "--on-short": tuple(ON_SHORT), "--method": ("linear", "slerp")}
 

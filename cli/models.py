@@ -8,6 +8,9 @@ Backends: `torch` (sentence-transformers as it is), `onnx` / `onnx-int8` (the tr
 once with torch.onnx and run by onnxruntime), `openvino` (the same ONNX file compiled by OpenVINO).
 Only the transformer runs elsewhere: tokenization, pooling and the modules after it stay
 sentence-transformers' own, so every backend sees the same inputs and pools the same way.
+`numpy` is core.numpy_encoder's runtime for plain BERT-family folders (no torch imported: quick to
+start, so search's default); `auto` = numpy where that runtime can run the model exactly, else
+torch (the reason shown under VECPIPE_DEBUG=1).
 
 The runtime itself (encode, tokenize, pools, fake vectors) is core.embedder's.
 """
@@ -22,7 +25,8 @@ from vecpipe.formats.errors import DataError, UsageError, VecpipeError
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_ALIASES = (BUNDLED_NAME, "all-MiniLM-L6-v2", "default")
 DEVICES_HELP = "auto|cpu|cuda|cuda:N|mps"
-BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
+BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "numpy")
+QUERY_BACKENDS = ("auto", "torch", "numpy")  # search's: numpy when eligible, else torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _cache: dict[tuple, Embedder] = {}
@@ -114,7 +118,7 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     `export_dir` is where ONNX exports go when the model's folder is not writable.
     `trust_remote_code` None: the command has no --trust-remote-code (such models are refused).
     """
-    if backend not in BACKENDS:
+    if backend not in BACKENDS and backend != "auto":
         raise UsageError(f"unknown backend {backend!r}; use {'|'.join(BACKENDS)}")
     key = (spec, device, dtype, trust_remote_code, backend, max_length)
     if key not in _cache:
@@ -127,15 +131,14 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
     if spec and spec.startswith("fake:"):
         return Embedder(name=spec, sha=None, dim=parse_fake(spec), max_length=None,
                            device="cpu", backend="torch")
-    if spec is None or spec in BUNDLED_ALIASES:
-        path, name = bundled_model_path(), BUNDLED_NAME
-    elif os.path.isdir(spec):
-        path = name = os.path.abspath(spec)
-    elif os.path.exists(spec):
-        raise UsageError(f"model path {spec!r} is not a folder")
-    else:
-        path = name = spec
+    path, name = _model_path(spec)
     local = os.path.isdir(path)
+    if backend in ("numpy", "auto"):
+        model = _numpy_model(spec, path, name, device, dtype, max_length,
+                             required=backend == "numpy")
+        if model is not None:
+            return model
+        backend = "torch"
     _quiet_libraries(offline=local)
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use {'|'.join(DTYPES)}")
@@ -173,6 +176,52 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
         model.runtime = _exported_runtime(model, backend, resolved, export_dir, dtype)
         model.precision = getattr(model.runtime, "precision", "float32")
     return model
+
+
+def _model_path(spec: str | None) -> tuple[str, str]:
+    """(where the weights are: a folder or a hub name, the name recorded with the vectors)."""
+    if spec is None or spec in BUNDLED_ALIASES:
+        return bundled_model_path(), BUNDLED_NAME
+    if os.path.isdir(spec):
+        path = os.path.abspath(spec)
+        return path, path
+    if os.path.exists(spec):
+        raise UsageError(f"model path {spec!r} is not a folder")
+    return spec, spec
+
+
+def _numpy_model(spec, path, name, device, dtype, max_length, required: bool):
+    """core.numpy_encoder's model for `path`; when it cannot run it: an error if `required`
+    (--backend numpy), else None (auto: the caller loads torch) with the reason under
+    VECPIPE_DEBUG=1."""
+    from vecpipe.core import numpy_encoder
+
+    reason = None
+    if not os.path.isdir(path):
+        reason = "not a local folder (a hub name)"
+    elif device not in ("auto", "cpu"):
+        reason = f"the numpy runtime runs on the CPU, not {device}"
+    elif dtype not in ("auto", "float32"):
+        reason = f"the numpy runtime computes float32, not {dtype}"
+    if reason is None:
+        try:
+            model = numpy_encoder.load(path, name, weights_sha(path))
+        except numpy_encoder.NotEligible as err:
+            reason = str(err)
+        else:
+            if max_length is not None:
+                _check_max_length(max_length, model.max_length)
+                model.limit_window(max_length)
+            return model
+    if required:
+        raise DataError(f"--backend numpy cannot run model {spec or name!r}: {reason}",
+                        hint="use --backend torch")
+    if os.environ.get("VECPIPE_DEBUG", "") not in ("", "0"):
+        from vecpipe.core import notices
+
+        notices.info(f"model {spec or name}: the torch backend, as the numpy runtime cannot "
+                     f"run it: {reason}")
+    return None
 
 
 def _exported_runtime(model: Embedder, backend: str, device: str, export_dir, dtype: str):
@@ -223,13 +272,16 @@ def _embedding_dim(st) -> int:
 
 
 def _set_max_length(st, max_length: int) -> None:
-    limit = st.max_seq_length
+    _check_max_length(max_length, st.max_seq_length)
+    st.max_seq_length = max_length
+
+
+def _check_max_length(max_length: int, limit: int | None) -> None:
     if max_length < 1:
         raise UsageError("--max-length must be at least 1")
     if limit is not None and max_length > limit:
         raise UsageError(f"--max-length {max_length} exceeds the model's window of {limit} "
                          "tokens")
-    st.max_seq_length = max_length
 
 
 def _check_backend_installed(backend: str) -> None:

@@ -226,6 +226,11 @@ Model = Annotated[Optional[str], shared(
 Device = Annotated[str, shared(
     "--device", help="auto|cpu|cuda|cuda:N|mps (auto prefers CUDA); embed also takes several, "
                      "comma-separated (cuda:0,cuda:1): one worker process per device.")]
+Backend = Annotated[str, shared(
+    "--backend", help="Model runtime: torch, numpy (plain BERT-family folders, no torch: quick "
+                      "to start) or auto (numpy when it runs the model exactly, else torch); "
+                      "embed also onnx|onnx-int8|openvino (exported once, kept beside the "
+                      "weights). Defaults: embed torch, search auto.", show_default=False)]
 BatchSize = Annotated[int, shared("--batch-size", min=1, help="Texts per model call.")]
 Shard = Annotated[Optional[str], shared(
     "--shard", help="Process only shard I of N (I/N, 0-based), or auto from Slurm/torchrun/"

@@ -32,9 +32,7 @@ def run(inputs: options.Inputs = None,
         precision: options.Precision = "auto",
         old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision",
                                  lambda value: {"precision": options.precision(value)}) = None,
-        backend: Annotated[str, typer.Option(
-            "--backend", help="torch|onnx|onnx-int8|openvino. ONNX exports are made once and "
-                              "kept beside the weights.")] = "torch",
+        backend: options.Backend = "torch",
         max_length: Annotated[Optional[int], typer.Option(
             "--max-length", min=1, help="Token window, at most the model's (longer inputs "
                                         "are truncated and counted).", metavar="N")] = None,

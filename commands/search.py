@@ -55,6 +55,7 @@ def run(index: Annotated[str, typer.Argument(
             "--query-batch", min=1, help="Queries read and searched together.")] = 1024,
         threads: options.Threads = 0,
         device: options.Device = "auto",
+        backend: options.Backend = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Find the k nearest records for each query. One output row per hit: query_id, rank
@@ -86,13 +87,14 @@ def run(index: Annotated[str, typer.Argument(
         raise UsageError("give --fields or --all-fields, not both")
     if query and queries:
         raise UsageError("give QUERIES or --query, not both")
+    _check_backend(backend)
     _check_like_options(like, unlike, queries, query, model=model, prompt=prompt,
                         prompt_name=prompt_name, text_fields=text_fields or old_field)
     fmt = _output_format(output, output_format)
     query_options = dict(model=model, prompt=prompt, prompt_name=prompt_name,
                          text_fields=text_fields or ["text"],
                          device=device, force=force, input_format=input_format,
-                         model_batch_size=batch_size)
+                         model_batch_size=batch_size, backend=backend)
     if os.path.isdir(index):
         if metric is not None:
             raise UsageError("--metric applies to an embeddings-stream INDEX; an index folder "
@@ -144,6 +146,15 @@ def _check_like_options(like, unlike, queries, query, **text_query_options) -> N
     both = sorted(set(like) & set(unlike or ()))
     if both:
         raise UsageError(f"{both[0]!r} is given to both --like and --unlike")
+
+
+def _check_backend(backend: str) -> None:
+    from vecpipe.cli.models import QUERY_BACKENDS
+    from vecpipe.formats.errors import UsageError
+
+    if backend not in QUERY_BACKENDS:
+        raise UsageError(f"--backend {backend}: search embeds queries with "
+                         f"{'|'.join(QUERY_BACKENDS)}")
 
 
 def like_query_id(like, unlike) -> str:
@@ -295,7 +306,7 @@ class QueryReader:
 
     def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
                  device, force, input_format, model_batch_size=32, given=None,
-                 keep_texts=False, prompt_line=None):
+                 keep_texts=False, prompt_line=None, backend="auto"):
         from vecpipe.core.space import input_check
         from vecpipe.formats.errors import UsageError
         from vecpipe.formats.readers import RecordStream
@@ -311,7 +322,7 @@ class QueryReader:
                 or RecordStream(inputs, input_format, **options)
         self.texts = [] if keep_texts else None
         self.target, self.text_fields, self.force = target, text_fields, force
-        self.device = device
+        self.device, self.backend = device, backend
         self.model_batch_size = model_batch_size
         self.model_spec, self.prompt, self.prompt_name = model, prompt, prompt_name
         self.model = None
@@ -358,7 +369,7 @@ class QueryReader:
             raise DataError("records no model, so text queries cannot be embedded",
                             source=self.target.source,
                             hint="pass -m MODEL (the model that made the vectors)")
-        self.model = load_model(spec, device=self.device)
+        self.model = load_model(spec, device=self.device, backend=self.backend)
         check_model(self.target.metadata, self.model, self.target.source, spec,
                     dim=self.target.query_dim, force=self.force)
         self.prompt_text = self._prompt()

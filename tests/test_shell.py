@@ -48,7 +48,7 @@ def folder(tmp_path):
 @pytest.mark.parametrize("words, expected", [
     (["vecpipe", "embed", "x.jsonl", "--back"], ["--backend"]),  # after a positional
     (["vecpipe", "embed", "--batch-size", "8", "x.jsonl", "--dev"], ["--device"]),  # after a value
-    (["vecpipe", "embed", "--backend", ""], ["torch", "onnx", "onnx-int8", "openvino"]),
+    (["vecpipe", "embed", "--backend", ""], ["auto", "torch", "onnx", "onnx-int8", "openvino", "numpy"]),
     (["vecpipe", "embed", "--backend", "=", "on"], ["onnx", "onnx-int8"]),  # --backend=on
     (["vecpipe", "embed", "x.jsonl", "--precision", ""],
      ["auto", "float32", "float16", "bfloat16"]),
@@ -148,7 +148,7 @@ def _fish(line: str, cwd) -> list[str]:
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_choices_options_and_folders(folder):
     assert sorted(_fish("vecpipe embed --backend ", folder)) == [
-        "onnx", "onnx-int8", "openvino", "torch"]
+        "auto", "numpy", "onnx", "onnx-int8", "openvino", "torch"]
     assert "--backend" in _fish("vecpipe embed x.jsonl --back", folder)
     assert sorted(_fish("vecpipe eval ", folder)) == ["beir", "embeddings", "retrieval", "sts"]
     assert sorted(_fish("vecpipe search ", folder)) == ["idx/", "idx2/"]

@@ -14,7 +14,7 @@ LEAVES = {" ".join(path[1:]): cmd for path, cmd in command_tree()
 
 # Options that belong to one command alone (the concept exists nowhere else).
 COMMAND_SPECIFIC = {
-    "embed": {"--no-normalize", "--backend", "--max-length", "--chunk-tokens", "--chunk-overlap",
+    "embed": {"--no-normalize", "--max-length", "--chunk-tokens", "--chunk-overlap",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
               "--glob"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
