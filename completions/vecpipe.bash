@@ -4,9 +4,9 @@
 _vecpipe_spec() {
     case "$1" in
         "") subs="embed index search compress eval mine-negatives merge info convert models completion man"; opts="--version --help"; takes="" ;;
-        "embed") subs=""; opts="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --trust-remote-code --force --progress -q --quiet --help"; takes="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --window" ;;
-        "index") subs=""; opts="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force --progress -q --quiet --help"; takes="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --fields --on-duplicate --query-prompt -m --model --threads --shard --input-format" ;;
-        "search") subs=""; opts="-k --top-k --exact --ef --rescore --min-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --force -q --quiet --help"; takes="-k --top-k --ef --rescore --min-score --filter --where --fields -m --model --prompt --prompt-name --text-field --query --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device" ;;
+        "embed") subs=""; opts="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --glob --trust-remote-code --force --dry-run --progress -q --quiet --help"; takes="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --window --glob" ;;
+        "index") subs=""; opts="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --query-prompt -m --model --threads --shard --input-format --force --dry-run --progress -q --quiet --help"; takes="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --fields --on-duplicate --query-prompt -m --model --threads --shard --input-format" ;;
+        "search") subs=""; opts="-k --top-k --exact --ef --rescore --min-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --like --unlike --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend --force -q --quiet --help"; takes="-k --top-k --ef --rescore --min-score --filter --where --fields -m --model --prompt --prompt-name --text-field --query --like --unlike --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend" ;;
         "compress") subs=""; opts="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help"; takes="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report-queries --save-report" ;;
         "eval") subs="retrieval beir sts embeddings"; opts="--help"; takes="" ;;
         "eval retrieval") subs=""; opts="--qrels --cutoffs --metrics --qrels-depth --all-queries --per-query --fail-under --permutations --seed --output-format -q --quiet --help"; takes="--qrels --cutoffs --metrics --qrels-depth --fail-under --permutations --seed --output-format" ;;
@@ -15,8 +15,8 @@ _vecpipe_spec() {
         "eval embeddings") subs=""; opts="--vector-field --sample --duplicate-threshold --alpha --seed --fail-on-drift --input-format --output-format -q --quiet --help"; takes="--vector-field --sample --duplicate-threshold --alpha --seed --input-format --output-format" ;;
         "mine-negatives") subs=""; opts="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --with-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force --progress -q --quiet --help"; takes="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --on-short --save-stats --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --shard -o --output --output-format --input-format" ;;
         "merge") subs=""; opts="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --index --link --models --weights --method --force -q --quiet --help"; takes="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --weights --method" ;;
-        "info") subs=""; opts="--input-format --output-format --verify --field-names -q --quiet --help"; takes="--input-format --output-format" ;;
-        "convert") subs=""; opts="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --force -q --quiet --help"; takes="-o --output --output-format --input-format --fields --filter --where --rename --limit --head" ;;
+        "info") subs=""; opts="--input-format --output-format --verify --fields -q --quiet --help"; takes="--input-format --output-format" ;;
+        "convert") subs=""; opts="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed --force -q --quiet --help"; takes="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed" ;;
         "models") subs=""; opts="--output-format -q --quiet --help"; takes="--output-format" ;;
         "completion") subs=""; opts="-q --quiet --help"; takes="" ;;
         "man") subs=""; opts="-q --quiet --help"; takes="" ;;
@@ -26,12 +26,12 @@ _vecpipe_spec() {
 _vecpipe_value() {
     case "$1 $2" in
         "embed -o"|"embed --output") echo "@file" ;;
-        "embed --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "embed --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "embed --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "embed -m"|"embed --model") echo "@dir" ;;
         "embed --device") echo "auto cpu cuda mps" ;;
         "embed --precision") echo "auto float32 float16 bfloat16" ;;
-        "embed --backend") echo "torch onnx onnx-int8 openvino" ;;
+        "embed --backend") echo "auto torch onnx onnx-int8 openvino numpy" ;;
         "embed --cache") echo "@dir" ;;
         "embed --engine") echo "local ray" ;;
         "index -o"|"index --output") echo "@dir" ;;
@@ -43,11 +43,12 @@ _vecpipe_value() {
         "search -m"|"search --model") echo "@dir" ;;
         "search --metric") echo "cos ip l2sq hamming" ;;
         "search -o"|"search --output") echo "@file" ;;
-        "search --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "search --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "search --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "search --device") echo "auto cpu cuda mps" ;;
+        "search --backend") echo "auto torch onnx onnx-int8 openvino numpy" ;;
         "compress -o"|"compress --output") echo "@file" ;;
-        "compress --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "compress --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "compress --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "compress --dtype") echo "float32 float16 bfloat16 int8 uint8 binary ubinary f32 f16 bf16 i8 b1" ;;
         "compress --codec") echo "@file" ;;
@@ -55,19 +56,19 @@ _vecpipe_value() {
         "compress --report-queries") echo "@file" ;;
         "compress --save-report") echo "@file" ;;
         "eval retrieval --qrels") echo "@file" ;;
-        "eval retrieval --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "eval retrieval --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "eval beir -m"|"eval beir --model") echo "@dir" ;;
         "eval beir --device") echo "auto cpu cuda mps" ;;
         "eval beir --index-dtype") echo "float32 float16 bfloat16 int8 uint8 f32 f16 bf16 i8 b1" ;;
         "eval beir --cache") echo "@dir" ;;
         "eval beir --save-run") echo "@file" ;;
-        "eval beir --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "eval beir --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "eval sts -m"|"eval sts --model") echo "@dir" ;;
         "eval sts --device") echo "auto cpu cuda mps" ;;
         "eval sts --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
-        "eval sts --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "eval sts --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "eval embeddings --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
-        "eval embeddings --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "eval embeddings --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "mine-negatives --corpus") echo "@file" ;;
         "mine-negatives --beir") echo "@dir" ;;
         "mine-negatives -m"|"mine-negatives --model") echo "@dir" ;;
@@ -79,19 +80,19 @@ _vecpipe_value() {
         "mine-negatives --save-stats") echo "@file" ;;
         "mine-negatives --device") echo "auto cpu cuda mps" ;;
         "mine-negatives -o"|"mine-negatives --output") echo "@file" ;;
-        "mine-negatives --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "mine-negatives --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "mine-negatives --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "merge -o"|"merge --output") echo "@file" ;;
-        "merge --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "merge --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "merge --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "merge --on-duplicate") echo "error first last keep" ;;
         "merge --method") echo "linear slerp" ;;
         "info --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
-        "info --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "info --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "convert -o"|"convert --output") echo "@file" ;;
-        "convert --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "convert --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "convert --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
-        "models --output-format") echo "auto arrow arrow-file jsonl parquet trec table json" ;;
+        "models --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         *) echo "@none" ;;
     esac
 }
