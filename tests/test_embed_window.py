@@ -99,7 +99,7 @@ def test_output_equals_one_big_window(cli, tmp_path, write_jsonl, monkeypatch, e
     assert one.exit_code == 0, one
     grown_table, one_table = _table(grown.stdout_bytes), _table(one.stdout_bytes)
     assert grown_table.equals(one_table, check_metadata=True)  # batch edges differ, not rows
-    assert "3000 records" in grown.stderr and "3000 records" in one.stderr
+    assert "3,000 records" in grown.stderr and "3,000 records" in one.stderr
     rows = grown.records()
     assert [r["n"] for r in rows if r.get("chunk", 0) == 0] == list(range(3000))
 
@@ -112,9 +112,9 @@ def test_cache_sees_the_same_texts_in_grown_windows(cli, tmp_path, write_jsonl):
     assert first.exit_code == again.exit_code == 0, (first, again)
     assert first.stdout == again.stdout
     # windows of 64, 256, 1024 and 656 records hold 64 + 256 + 500 + 500 distinct texts
-    assert "0 embedded, 1320 from cache, 680 repeated texts reused" in again.stderr
-    embedded, cached = map(int, re.search(r"(\d+) embedded, (\d+) from cache",
-                                          first.stderr).groups())
+    assert "0 embedded, 1,320 from cache, 680 repeated texts reused" in again.stderr
+    embedded, cached = (int(n.replace(",", "")) for n in re.search(
+        r"([\d,]+) embedded, ([\d,]+) from cache", first.stderr).groups())
     # a window's look-up may run before the last window's vectors are stored
     assert embedded + cached == 1320 and embedded >= 500, first.stderr
     assert [r["id"] for r in first.records()] == [f"d{i}" for i in range(2000)]
