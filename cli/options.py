@@ -251,7 +251,8 @@ Metrics = Annotated[Optional[str], shared(
     "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision. [default: all]",
     metavar="M,M", show_default=False)]
 PerQuery = Annotated[bool, shared(
-    "--per-query", help="Print one JSON record per run and query instead of the summary.")]
+    "--per-query", help="One record per run and query instead of the summary: JSON lines, or "
+                        "json, csv or tsv as --output-format says.")]
 FailUnder = Annotated[Optional[List[str]], shared(
     "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
                          "repeatable. The report is printed first.", metavar="METRIC=VALUE")]

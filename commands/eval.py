@@ -88,7 +88,7 @@ def retrieval(
         results = _on_common_queries(results, len(judgments.qrels), qrels_name, all_queries)
     records = _run_records(results, ks, names, permutations, seed)
     if per_query:
-        _print_json(_per_query_records(results))
+        _emit_per_query(_per_query_records(results), output_format)
     else:
         _emit(records, output_format, lambda: _retrieval_table(records, ks, names))
     _check_fail_under(records, thresholds)
@@ -339,11 +339,14 @@ def _json_safe(value):
     return value
 
 
-def _print_json(records: list[dict]) -> None:
-    import json
+def _emit_per_query(records: list[dict], output_format: str) -> None:
+    """--per-query rows in the report format asked for; JSON lines where a table would be
+    chosen (a row per query and run, a column per metric, is too wide for a terminal)."""
+    from vecpipe.formats.writers import print_report_records, resolve_report_format
 
-    for record in records:
-        print(json.dumps(_json_safe(record), ensure_ascii=False), flush=True)
+    report_format = resolve_report_format(output_format)
+    print_report_records([_json_safe(record) for record in records],
+                         "jsonl" if report_format == "table" else report_format)
 
 
 def _emit(records: list[dict], output_format: str, make_table) -> None:
@@ -446,7 +449,7 @@ def beir(
         record["main_score"] = evaluation.means[m.MAIN_METRIC]
     record["seconds"] = round(seconds, 3)
     if per_query:
-        _print_json(_per_query_records([(dataset, evaluation)]))
+        _emit_per_query(_per_query_records([(dataset, evaluation)]), output_format)
     else:
         label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
         _emit([record], output_format,

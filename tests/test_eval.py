@@ -1,6 +1,8 @@
 """eval: retrieval metrics equal pytrec_eval, beir equals brute-force search + pytrec_eval (and
 MTEB's published NFCorpus scores with VECPIPE_SLOW=1), sts equals scipy, embeddings statistics
 equal numpy/scipy on constructed data."""
+import csv
+import io
 import itertools
 import json
 import math
@@ -275,6 +277,13 @@ def test_per_query_rows_equal_pytrec(cli):
     assert [row["query_id"] for row in rows] == ["q1", "q2", "q3"]
     for row in rows:
         assert row["ndcg_at_3"] == pytest.approx(ref[row["query_id"]]["ndcg_cut_3"])
+    as_csv = cli("eval", "retrieval", DATA / "bm25.trec", "--qrels", DATA / "qrels.tsv",
+                 "--per-query", "--output-format", "csv")
+    assert as_csv.exit_code == 0, as_csv
+    table = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [row["query_id"] for row in table] == ["q1", "q2", "q3"]
+    for row in table:
+        assert float(row["ndcg_at_3"]) == pytest.approx(ref[row["query_id"]]["ndcg_cut_3"])
 
 
 def test_qrels_can_be_a_reference_run_for_ann_recall(cli, tmp_path, write_jsonl):
