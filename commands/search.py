@@ -1,9 +1,15 @@
 """Search an index (or an embeddings stream, exactly) with text or vector queries."""
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, NamedTuple, Optional
 
 import typer
 
 from vecpipe.cli import options
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.core.vectors import Hits
 
 STREAM_BLOCK_ROWS = 8192
 
@@ -109,21 +115,21 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
+    pipeline = Pipeline(searcher, k)
+    searcher.depth = pipeline.depth()
     if like:
-        results = searcher.like_results()
-        if fmt == "table":
-            write_hit_tables(results, output, [like_heading(like, unlike)])
-        else:
-            write_hits(results, searcher.schema, output, fmt)
-        return
-    if query:
-        query_options["text_fields"] = ["text"]
-    reader = QueryReader(queries, searcher, batch_size=query_batch, given=query,
-                         keep_texts=fmt == "table", prompt_line=not quiet, **query_options)
-    if fmt == "table":
-        write_hit_tables(searcher.results(reader), output, reader.texts)
+        results, headings = searcher.like_results(), [like_heading(like, unlike)]
     else:
-        write_hits(searcher.results(reader), searcher.schema, output, fmt)
+        if query:
+            query_options["text_fields"] = ["text"]
+        reader = QueryReader(queries, searcher, batch_size=query_batch, given=query,
+                             keep_texts=fmt == "table", prompt_line=not quiet, **query_options)
+        results, headings = searcher.results(reader), reader.texts
+    results = pipeline.run(results)
+    if fmt == "table":
+        write_hit_tables(results, output, headings)
+    else:
+        write_hits(results, pipeline.schema(), output, fmt, pipeline.metadata)
 
 
 def _check_like_options(like, unlike, queries, query, **text_query_options) -> None:
@@ -166,6 +172,66 @@ def like_query_id(like, unlike) -> str:
 def like_heading(like, unlike) -> str:
     heading = "like: " + ", ".join(dict.fromkeys(like))
     return heading + ("; unlike: " + ", ".join(dict.fromkeys(unlike)) if unlike else "")
+
+
+class QueryBatch(NamedTuple):
+    """One batch of queries as QueryReader yields it."""
+
+    ids: list
+    vectors: "np.ndarray | None"  # float queries, or codes when `encoded`; None: texts only
+    encoded: bool
+    texts: "list | None"          # each query's text (None for a vector query); None: vectors
+
+
+class ResultBatch(NamedTuple):
+    """What a searcher's results() and every pipeline stage yield, one per query batch."""
+
+    query: QueryBatch
+    hits: "Hits"        # rows (queries x width, -1 = none) index `rows`; scores alike
+    rows: "pa.Table"    # id and the requested fields
+    extra: "dict | None" = None  # column name -> (queries x width) values beside each hit
+
+
+class Pipeline:
+    """The stages after the first search, in order (each takes and yields ResultBatch), and
+    what they add to the output: columns after `score` and schema metadata. `depth()` is how
+    many hits the first stage fetches per query for them; the last stage keeps k."""
+
+    def __init__(self, searcher, k: int | None):
+        self.searcher, self.k = searcher, k
+        self.stages = []          # functions: iterator of ResultBatch -> iterator
+        self.depths = []          # first-stage depths the stages need
+        self.extra_fields = []    # pyarrow fields the stages add after `score`
+        self.metadata = {}        # vecpipe.* metadata of the output (keys without prefix)
+
+    def depth(self) -> int:
+        return max([self.k or 0, *self.depths]) or 1
+
+    def run(self, results):
+        for stage in self.stages:
+            results = stage(results)
+        return kept_hits(results, self.k) if self.k is not None else results
+
+    def schema(self):
+        import pyarrow as pa
+
+        schema = self.searcher.schema
+        at = schema.get_field_index("score") + 1
+        fields = list(schema)
+        return pa.schema(fields[:at] + self.extra_fields + fields[at:])
+
+
+def kept_hits(results, k: int):
+    """The best k hits of each query (hits are sorted by score, best first)."""
+    for batch in results:
+        hits = batch.hits
+        if hits.rows.shape[1] > k:
+            from vecpipe.core.vectors import Hits
+
+            extra = {name: values[:, :k] for name, values in (batch.extra or {}).items()}
+            batch = batch._replace(hits=Hits(hits.rows[:, :k], hits.scores[:, :k]),
+                                   extra=extra or batch.extra)
+        yield batch
 
 
 def _output_format(output, output_format) -> str:
@@ -300,9 +366,10 @@ def stdin_queries(inputs, input_format, prompt, **stream_options):
 
 
 class QueryReader:
-    """Batches of (query ids, vectors, encoded) from text records (embedded here) or vector
-    records: float vectors of the query dimension, or codes when the stream carries a codec.
-    `keep_texts`: keep every query's text in `texts` (None for a vector query), in order."""
+    """QueryBatches from text records (embedded here, unless the target searches text alone:
+    `target.needs_vectors` False) or vector records: float vectors of the query dimension, or
+    codes when the stream carries a codec. `keep_texts`: keep every query's text in `texts`
+    (None for a vector query), in order."""
 
     def __init__(self, inputs, target, batch_size, model, prompt, prompt_name, text_fields,
                  device, force, input_format, model_batch_size=32, given=None,
@@ -343,6 +410,9 @@ class QueryReader:
             return
         source = self.stream.inputs[0]
         if names.EMBEDDING in schema.names:
+            if not self.target.needs_vectors:
+                raise DataError(f"{self.target.source} is searched with text; these queries "
+                                "hold vectors", source=source, hint="give text queries")
             meta = self.stream.metadata
             keys = ("model", "codec") if meta.get("codec") else ("model",)
             check_same_space(self.target.metadata, meta, self.target.source, source, keys=keys,
@@ -351,7 +421,8 @@ class QueryReader:
             if self.model_spec:
                 self._load_model()  # -m with vector queries: still checked against the index
         elif all(name in schema.names for name in self.text_fields):
-            self._load_model()
+            if self.target.needs_vectors:
+                self._load_model()
         else:
             missing = next(name for name in self.text_fields if name not in schema.names)
             raise DataError(f"queries have neither {missing!r} nor 'embedding' (fields: "
@@ -383,7 +454,7 @@ class QueryReader:
     def __iter__(self):
         for item in self.stream:
             if item.batch.num_rows:
-                yield (self._ids(item.batch), *self._vectors(item))
+                yield QueryBatch(self._ids(item.batch), *self._vectors(item))
 
     def _ids(self, batch) -> list:
         from vecpipe.formats import schema as names
@@ -405,19 +476,21 @@ class QueryReader:
             texts = self._texts(item)
             if self.texts is not None:
                 self.texts.extend(texts)
+            if self.model is None:
+                return None, False, texts
             return self.model.encode(texts, batch_size=self.model_batch_size,
-                                     prompt=self.prompt_text), False
+                                     prompt=self.prompt_text), False, texts
         if self.texts is not None:
             self.texts.extend([None] * batch.num_rows)
         vectors = names.checked_vectors(item, names.EMBEDDING,
                                         None if self.codes else "query vector")
         if self.codes:
-            return self.target.query_codes(vectors, item), True
+            return self.target.query_codes(vectors, item), True, None
         if vectors.shape[1] not in self.query_dims:
             raise DataError(f"query vectors have {vectors.shape[1]} dimensions, "
                             f"{self.target.source} expects {self.expected_dims}",
                             source=item.source, record=item.first_record)
-        return vectors.astype(np.float32), False
+        return vectors.astype(np.float32), False, None
 
     def _texts(self, item) -> list:
         """The query texts: the --text-field values joined by a space, as embed joins them."""
@@ -470,7 +543,10 @@ def flagged(err):
 
 
 class IndexSearch:
-    """Batches of queries against an index folder (memory-mapped), filter evaluated once."""
+    """Batches of queries against an index folder (memory-mapped), filter evaluated once; one
+    core Searcher per depth asked for."""
+
+    needs_vectors = True
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
                  threads, like=None, unlike=None):
@@ -491,18 +567,28 @@ class IndexSearch:
             expression = parse(filter_text)
             expression.check_fields(self.index.fields, "the index")
             mask = expression.mask(self.index.rows(expression.fields))
-        self.k, self.like, self.like_id = k, None, None
+        self.k = self.depth = k
+        self.like, self.like_id = None, None
         if like:
             from vecpipe.core.index_search import LikeQuery
 
             self.like = LikeQuery(self.index, like, unlike or ())
             self.like_id = like_query_id(like, unlike)
-            k = self.like.searched_k(k)
-        try:
-            self.searcher = self.index.searcher(k, exact=exact, ef=ef, rescore=rescore,
-                                                min_score=min_score, mask=mask, threads=threads)
-        except ParameterError as err:
-            raise flagged(err) from None
+        self.options = dict(exact=exact, ef=ef, rescore=rescore, min_score=min_score, mask=mask,
+                            threads=threads)
+        self._searchers = {}
+        self.searcher(k)  # the options checked now, before any query is read
+
+    def searcher(self, k: int):
+        """The core Searcher for k hits per query."""
+        from vecpipe.formats.errors import ParameterError
+
+        if k not in self._searchers:
+            try:
+                self._searchers[k] = self.index.searcher(k, **self.options)
+            except ParameterError as err:
+                raise flagged(err) from None
+        return self._searchers[k]
 
     def query_codes(self, vectors, item):
         """Query codes made by the index's codec (e.g. `compress --codec`) -> index space."""
@@ -511,26 +597,25 @@ class IndexSearch:
         codec = self.index.codec
         return to_index_codes(codec, codec.codes_from_matrix(vectors, source=item.source))
 
-    def results(self, reader):
-        """(query ids, Hits, table whose row i is index row i) per batch of queries."""
-        from vecpipe.formats.errors import ParameterError
-
-        for ids, vectors, encoded in reader:
-            try:
-                hits = self.searcher.search(vectors, encoded=encoded)
-            except ParameterError as err:
-                raise flagged(err) from None
-            yield ids, hits, self.rows
-
-    def like_results(self):
-        """The one result batch of a --like search."""
+    def hits_for(self, query: QueryBatch, k: int) -> "Hits":
         from vecpipe.formats.errors import ParameterError
 
         try:
-            hits = self.like.hits(self.searcher, self.k)
+            if self.like is not None:
+                return self.like.hits(self.searcher(self.like.searched_k(k)), k)
+            return self.searcher(k).search(query.vectors, encoded=query.encoded)
         except ParameterError as err:
             raise flagged(err) from None
-        yield [self.like_id], hits, self.rows
+
+    def results(self, reader):
+        """A ResultBatch (rows: the table whose row i is index row i) per batch of queries."""
+        for query in reader:
+            yield ResultBatch(query, self.hits_for(query, self.depth), self.rows)
+
+    def like_results(self):
+        """The one result batch of a --like search."""
+        query = QueryBatch([self.like_id], None, False, None)
+        yield ResultBatch(query, self.hits_for(query, self.depth), self.rows)
 
 
 # ---- exact search over an embeddings stream ---------------------------------------------------
@@ -540,6 +625,7 @@ class StreamSearch:
     stream is scanned once, keeping the best k per query (memory: queries x k records)."""
 
     QUERY_CHUNK = 1024
+    needs_vectors = True
 
     def __init__(self, path, k, min_score, filter_text, fields, all_fields, metric):
         import pyarrow as pa
@@ -563,7 +649,8 @@ class StreamSearch:
         vector_type = schema.field(names.EMBEDDING).type
         self.bits = pa.types.is_fixed_size_binary(vector_type)
         self.metric = _stream_metric(metric, self.bits)
-        self.k, self.min_score = k, min_score
+        self.k = self.depth = k
+        self.min_score = min_score
         self.id_column = names.find_id_column(schema)
         available = [names.ID, *[n for n in schema.names
                                  if n not in (names.EMBEDDING, self.id_column)]]
@@ -590,15 +677,24 @@ class StreamSearch:
         raise DataError("query codes are not supported against a stream; give float vectors "
                         "or text", source=item.source, record=item.first_record)
 
+    def hits_for(self, query: QueryBatch, k: int):
+        from vecpipe.formats.errors import UsageError
+
+        raise UsageError("an embeddings stream is read once, so it cannot be searched again "
+                         "deeper", source=self.source, hint="index it first")
+
     def results(self, reader):
+        """All the queries, then one pass over the stream: one ResultBatch."""
         import numpy as np
 
         batches = list(reader)
         if not batches:
             return
-        ids = [query_id for batch_ids, _, _ in batches for query_id in batch_ids]
-        queries = self._query_space(np.concatenate([vectors for _, vectors, _ in batches]))
-        yield (ids, *self._scan(queries))
+        ids = [query_id for batch in batches for query_id in batch.ids]
+        texts = [text for batch in batches for text in (batch.texts or [None] * len(batch.ids))]
+        vectors = np.concatenate([batch.vectors for batch in batches])
+        query = QueryBatch(ids, vectors, False, texts if any(texts) else None)
+        yield ResultBatch(query, *self._scan(self._query_space(vectors)))
 
     def _query_space(self, queries):
         """Float queries in the space of the stream's vectors (its codec applied)."""
@@ -610,7 +706,7 @@ class StreamSearch:
         """One pass over the stream: (Hits over stream row numbers, their stored fields)."""
         from vecpipe.core.vectors import ExactSearch
 
-        search = ExactSearch(queries, self.k, self.metric, self.QUERY_CHUNK)
+        search = ExactSearch(queries, self.depth, self.metric, self.QUERY_CHUNK)
         kept = KeptRows(self.fields_schema, self.fields, self.id_column)
         first_row = 0
         for item in self.stream:
@@ -715,22 +811,26 @@ def _stream_metric(metric, bits) -> str:
 # ---- output -----------------------------------------------------------------------------------
 
 def hit_tables(results, schema):
-    """(table, queries) per result batch: one row per hit, columns as `schema`."""
+    """(table, queries) per result batch: one row per hit, columns as `schema` (the stages'
+    extra columns after `score`)."""
     import numpy as np
     import pyarrow as pa
 
-    for query_ids, hits, rows in results:
+    for batch in results:
+        hits, query_ids = batch.hits, batch.query.ids
         found = hits.rows >= 0
         query_index, rank_index = np.nonzero(found)
-        stored = rows.take(pa.array(hits.rows[found]))
+        stored = batch.rows.take(pa.array(hits.rows[found]))
         columns = [pa.array(np.asarray(query_ids, dtype=object)[query_index], pa.string()),
                    pa.array(rank_index + 1, pa.int32()), stored.column("id"),
                    pa.array(hits.scores[found].astype(np.float32), pa.float32())]
+        columns += [pa.array(np.asarray(values)[found], schema.field(name).type)
+                    for name, values in (batch.extra or {}).items()]
         columns += [stored.column(name) for name in stored.column_names if name != "id"]
         yield pa.Table.from_arrays(columns, schema=schema), len(query_ids)
 
 
-def write_hits(results, schema, output, fmt) -> None:
+def write_hits(results, schema, output, fmt, metadata=None) -> None:
     from vecpipe.cli import console
     from vecpipe.formats.trec import trec_lines
     from vecpipe.formats.writers import RecordWriter, text_output
@@ -746,7 +846,7 @@ def write_hits(results, schema, output, fmt) -> None:
                 if to_stdout:
                     out.flush()
     else:
-        with RecordWriter(output, fmt, schema=schema) as out:
+        with RecordWriter(output, fmt, schema=schema, metadata=metadata or None) as out:
             for table, count in hit_tables(results, schema):
                 out.write_table(table)
                 hits, queries = hits + table.num_rows, queries + count
@@ -784,13 +884,16 @@ def write_hit_tables(results, output, texts) -> None:
                      highlight=False, emoji=False, markup=False, soft_wrap=False)
     queries = hits = 0
     with text_output(output) as out:
-        for query_ids, found, rows in results:
-            for row, query_id in enumerate(query_ids):
+        for batch in results:
+            found = batch.hits
+            for row, query_id in enumerate(batch.query.ids):
                 text = texts[queries] if texts and queries < len(texts) else None
                 queries += 1
                 keep = found.rows[row] >= 0
-                stored = rows.take(found.rows[row][keep])
+                stored = batch.rows.take(found.rows[row][keep])
                 scores = found.scores[row][keep]
+                extra = {name: _shown(values[row][keep])
+                         for name, values in (batch.extra or {}).items()}
                 hits += len(scores)
                 heading = Text(" ".join((text or str(query_id)).split()), style="bold",
                                no_wrap=True, overflow="ellipsis")
@@ -804,6 +907,8 @@ def write_hit_tables(results, output, texts) -> None:
                                  min_width=max(4, len(str(len(scores)))))
                 table.add_column("score", justify="right", no_wrap=True,
                                  min_width=max([5, *map(len, shown)]))
+                for name, cells in extra.items():
+                    table.add_column(name, justify="right", no_wrap=True)
                 ids = [str(value) for value in values[0]]
                 table.add_column("id", no_wrap=True, overflow="ellipsis",
                                  min_width=min(max([2, *map(len, ids)]), width // 3))
@@ -811,7 +916,8 @@ def write_hit_tables(results, output, texts) -> None:
                     table.add_column(name, no_wrap=True, overflow="ellipsis", ratio=1)
                 for rank, score in enumerate(shown):
                     cells = [_cell(column[rank]) for column in values]
-                    table.add_row(str(rank + 1), score, *cells)
+                    table.add_row(str(rank + 1), score,
+                                  *(column[rank] for column in extra.values()), *cells)
                 if len(scores):
                     screen.print(table)
                 else:
@@ -823,6 +929,16 @@ def write_hit_tables(results, output, texts) -> None:
                 if to_stdout:
                     out.flush()
     console.info(hits_summary(hits, queries))
+
+
+def _shown(values) -> list:
+    """An extra column's cells: numbers with 3 decimals, the rest as text."""
+    import numpy as np
+
+    values = np.asarray(values)
+    if values.dtype.kind == "f":
+        return [f"{value:.3f}" for value in values]
+    return ["" if value is None else str(value) for value in values.tolist()]
 
 
 def _cell(value):
