@@ -12,6 +12,8 @@ checksums, code conversion for usearch, and the atomic replacement of a folder.
     idx/shards/00000/    layout linked: complete index folders searched as one, with optional
     idx/shards/00000.hidden.npy   sorted rows that another shard's copy of their id shadows
 
+Layout lexical (BM25, no vectors) has its own files, listed in core/lexical.py.
+
 Quantized indexes: i8 holds the compress codec's int8 codes (uint8 codes shifted by -128), b1
 its packed sign bits; the codec travels in `metadata["codec"]`. `to_index_codes` /
 `from_index_codes` convert between codec codes and what usearch stores.
@@ -40,7 +42,13 @@ FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
 FLAT_VECTORS = "vectors.npy"
 SHARDS = "shards"
-LAYOUTS = ("hnsw", "flat", "linked")
+LAYOUTS = ("hnsw", "flat", "linked", "lexical")
+# layout lexical (core/lexical.py): bm25s's score matrix, vocabulary and parameters, the kept
+# tokens, the rows; BM25L/BM25+ add the tf-0 scores
+LEXICAL_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.index.npy",
+                 "vocab.index.json", "params.index.json", "tokens.npy", "token_offsets.npy",
+                 ROWS)
+LEXICAL_NONOCCURRENCE = "nonoccurrence_array.index.npy"
 METRICS = ("cos", "ip", "l2sq", "hamming")
 FLOAT_METRICS = ("cos", "ip", "l2sq")
 DTYPES = ("f32", "f16", "bf16", "i8", "b1")
@@ -90,7 +98,8 @@ def shard_folder(number: int) -> str:
 
 
 def layout_of(manifest: dict) -> str:
-    """hnsw | flat | linked; manifests written before the `layout` key said `flat: true`."""
+    """hnsw | flat | linked | lexical; manifests written before the `layout` key said `flat:
+    true`."""
     return manifest.get("layout") or ("flat" if manifest.get("flat") else "hnsw")
 
 
@@ -156,6 +165,9 @@ def check_manifest(manifest: dict, path: str) -> None:
     followed outside the folder, and the error says nothing about the file it names. A
     manifest is input, and may have been crafted."""
     _field(manifest, path, "count", _is_count, "a non-negative integer")
+    if manifest.get("layout") == "lexical":
+        _check_lexical_manifest(manifest, path)
+        return
     _field(manifest, path, "dim", lambda v: _is_int(v) and v >= 1, "a positive integer")
     _field(manifest, path, "metric", lambda v: v in METRICS, "|".join(METRICS))
     _field(manifest, path, "dtype", lambda v: v in DTYPES, "|".join(DTYPES))
@@ -189,6 +201,21 @@ def check_manifest(manifest: dict, path: str) -> None:
     expected = {FLAT_VECTORS if layout == "flat" else VECTORS, ROWS}
     if manifest.get("full"):
         expected.add(FULL)
+    _check_file_names(manifest, path, lambda name: name in expected)
+    for name in sorted(expected - set(manifest["files"])):
+        raise DataError(f"manifest.json lists no {name}: the index is damaged", source=path)
+
+
+def _check_lexical_manifest(manifest: dict, path: str) -> None:
+    """A lexical index has no vectors (no dim, metric or dtype); its settings are checked
+    when core.lexical opens it."""
+    _field(manifest, path, "fields", lambda v: isinstance(v, list) and ID in v and
+           all(isinstance(name, str) for name in v), "a list of field names with 'id'")
+    _field(manifest, path, "lexical", lambda v: isinstance(v, dict) and
+           isinstance(v.get("method"), str), "an object of BM25 settings")
+    expected = set(LEXICAL_FILES)
+    if manifest["lexical"]["method"] in ("bm25l", "bm25+"):
+        expected.add(LEXICAL_NONOCCURRENCE)
     _check_file_names(manifest, path, lambda name: name in expected)
     for name in sorted(expected - set(manifest["files"])):
         raise DataError(f"manifest.json lists no {name}: the index is damaged", source=path)

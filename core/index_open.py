@@ -1,6 +1,7 @@
 """Opening an index folder: `open_index(path)` checks its manifest and file sizes (checksums
-too with `verify`) and returns an `OpenIndex` (one folder, memory-mapped) or, for a linked
-folder, a `LinkedIndex` over its opened shards. Both are `IndexReader`s.
+too with `verify`) and returns an `OpenIndex` (one folder, memory-mapped), for a linked
+folder a `LinkedIndex` over its opened shards, for a lexical one a `core.lexical.LexicalIndex`.
+All are `IndexReader`s.
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ def open_index(path: str, verify: bool = False) -> "IndexReader":
     manifest = read_manifest(path)
     if layout_of(manifest) == "linked":
         return _open_linked(path, manifest, verify)
+    if layout_of(manifest) == "lexical":
+        from vecpipe.core.lexical import open_lexical
+
+        return open_lexical(path, manifest, verify)
     checked = check_files(path, manifest, verify)
     check_arrays(path, manifest)
     index = OpenIndex(path, manifest)
