@@ -1,5 +1,5 @@
 """Building an index folder (the `IndexSpec` of `index_spec`), or a copy of an existing one
-with more rows, atomically.
+with rows added, replaced or deleted, atomically.
 
 `IndexBuilder(path, spec | base=open_index(...), on_duplicate=..., threads=...)` is a context
 manager; `.add(ids, vectors, stored, full=None, source=, first_record=)` then the block's end
@@ -20,6 +20,7 @@ from vecpipe.core.index_format import (
     FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_target,
     clean_leftovers, file_facts, full_numpy_dtype, hnsw_options, index_numpy_dtype,
     index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, write_manifest)
+from vecpipe.core.index_delete import compact_graph, kept_rows
 from vecpipe.core.index_spec import IndexSpec
 from vecpipe.formats.errors import ParameterError
 from vecpipe.formats.errors import DataError, UsageError
@@ -102,11 +103,14 @@ class IndexBuilder:
     and the stored fields, one row per vector) and, when the spec keeps them, full vectors.
     Duplicate ids (against the base and within the stream) follow `on_duplicate`
     (`duplicate_policy`): error, first (keep the row there), last (the row keeps its number,
-    its vector and fields are replaced).
+    its vector and fields are replaced). `delete`: ids whose rows of `base` are left out of
+    the copy before anything is added (the rest keep their order, numbered again; see
+    index_delete); `deleted` and `not_found` count them.
     """
 
     def __init__(self, path: str, spec: IndexSpec | None = None, base: "IndexReader | None" = None,
-                 on_duplicate: str = "error", threads: int = 0, fields: Sequence[str] = ()):
+                 on_duplicate: str = "error", threads: int = 0, fields: Sequence[str] = (),
+                 delete: Sequence[str] | None = None):
         import numpy as np
 
         # a symlink to an index: its target folder is replaced and the link kept (renaming
@@ -122,6 +126,12 @@ class IndexBuilder:
         self.on_duplicate = duplicate_policy(on_duplicate)
         self.threads = threads
         self.skipped = self.replaced = 0
+        self.deleted = self.not_found = 0  # rows of `base` deleted; ids of `delete` it lacks
+        self._keep = None                  # the rows of `base` that stay (None: all)
+        if delete is not None:
+            if base is None:
+                raise ValueError("rows can be deleted only from a base index")
+            self._keep, self.deleted, self.not_found = kept_rows(base.ids(), delete)
         if base is None:
             check_target(self.path)
         clean_leftovers(self.path)
@@ -146,6 +156,8 @@ class IndexBuilder:
 
         if base is not None:
             index = Index.restore(os.path.join(base.path, VECTORS), view=False)
+            if self._keep is not None:
+                compact_graph(index, base.count, self._keep)
         else:
             spec = self.spec
             index = Index(ndim=spec.dim, metric=spec.metric, dtype=spec.dtype,
@@ -165,7 +177,7 @@ class IndexBuilder:
                             index_width(self.spec.dim, self.spec.dtype),
                             index_numpy_dtype(self.spec.dtype))
         if base is not None:
-            _copy_rows(base.flat_vectors(), writer)
+            _copy_rows(base.flat_vectors(), writer, self._keep)
         return writer
 
     def _start_full(self, base):
@@ -174,13 +186,15 @@ class IndexBuilder:
         writer = _NpyWriter(os.path.join(self.tmp, FULL), self.spec.full["dim"],
                             full_numpy_dtype(self.spec.full["dtype"]))
         if base is not None:
-            _copy_rows(base.full_vectors(), writer)
+            _copy_rows(base.full_vectors(), writer, self._keep)
         return writer
 
     def _take_base(self, base: "IndexReader") -> None:
         import numpy as np
 
         table = base.rows()
+        if self._keep is not None:
+            table = table.take(self._keep)
         self._tables.append(table)
         self._arrived = self.count = table.num_rows
         self._position = np.arange(table.num_rows, dtype=np.int64)
@@ -402,6 +416,10 @@ def _spec_of(base: "IndexReader") -> IndexSpec:
                      full=m.get("full"))
 
 
-def _copy_rows(matrix, writer: _NpyWriter, block: int = 65536) -> None:
-    for start in range(0, len(matrix), block):
-        writer.append(matrix[start:start + block])
+def _copy_rows(matrix, writer: _NpyWriter, rows=None, block: int = 65536) -> None:
+    """Copy `matrix` (or its `rows`, sorted) block by block: a memory map is never read
+    whole."""
+    total = len(matrix) if rows is None else len(rows)
+    for start in range(0, total, block):
+        writer.append(matrix[start:start + block] if rows is None
+                      else matrix[rows[start:start + block]])
