@@ -3,13 +3,15 @@
     lang == "en" and year >= 2020
     not (source in ["blog", "forum"]) or score > 0.5
     title is not null and `odd name` != 'x'
+    tags contains "news" and tags all in ["news", "sport", null]
 
 Grammar (keywords are case-insensitive; `=` is accepted for `==`):
 
     expr       := and_expr ("or" and_expr)*
     and_expr   := not_expr ("and" not_expr)*
     not_expr   := "not" not_expr | primary
-    primary    := "(" expr ")" | value [CMP value | ["not"] "in" list | "is" ["not"] "null"]
+    primary    := "(" expr ")" | value [CMP value | ["not"] "in" list | "is" ["not"] "null"
+                                        | "contains" literal | ("any" | "all") "in" list]
     value      := FIELD | literal            FIELD: name or `back-quoted name`
     list       := "[" [literal ("," literal)*] "]"
     literal    := 'string' | "string" | number | true | false | null
@@ -18,6 +20,15 @@ Grammar (keywords are case-insensitive; `=` is accepted for `==`):
 The text is tokenized and parsed by recursive descent into a tree of small node classes; nothing
 is ever passed to eval. A record whose field is null matches no comparison (SQL semantics): use
 `is null` to select those. A bare field must be boolean.
+
+On a list field (any Arrow list type): `tags contains x` keeps lists holding x; `tags any in
+[..]` lists with at least one element in [..], `tags all in [..]` lists whose every element is
+in [..] (so an empty list passes: `tags all in []` is the emptiness test; "holds both a and b"
+is `tags contains "a" and tags contains "b"`). Inside a list null is an element like any other:
+`tags contains null`, or a null among the [..] items, matches null elements (a scalar
+`x in [null]` matches nothing). A null list matches none of these, nor their `not`: `tags is
+null` selects it. `contains`, `any` and `all` are keywords only in that place, so fields may
+still be named so.
 
 API: `parse(text) -> Filter`; `Filter.fields` (names it reads); `Filter.mask(table_or_batch)`
 -> numpy bool array (True = keep). Syntax errors raise UsageError, type errors DataError.
@@ -174,6 +185,81 @@ class InList(Node):
 
 
 @dataclass
+class ListTest(Node):
+    """`value contains x` (quantifier any, items [x]), `value any in [..]`, `value all in [..]`
+    over the elements of a list field (see the module docstring)."""
+    value: Node
+    quantifier: str  # "any" / "all"
+    items: list
+    spelling: str    # as written, for messages
+
+    def fields(self):
+        return self.value.fields()
+
+    def evaluate(self, data):
+        import pyarrow as pa
+
+        value = self.value.evaluate(data)
+        if isinstance(value, pa.ChunkedArray):
+            return pa.chunked_array([self._rows(chunk) for chunk in value.chunks], pa.bool_())
+        if isinstance(value, pa.Scalar):
+            raise DataError(f"filter: `{self}` needs a list field on the left")
+        return self._rows(value)
+
+    def _rows(self, lists):
+        """One boolean per list (null for a null list)."""
+        import numpy as np
+        import pyarrow as pa
+
+        if pa.types.is_null(lists.type):
+            return pa.nulls(len(lists), pa.bool_())
+        if not _is_list(lists.type):
+            raise DataError(f"filter: `{self}` needs a list field; {self.value} is "
+                            f"{lists.type}", hint="compare it, or use `in [..]`")
+        if not pa.types.is_large_list(lists.type):
+            lists = lists.cast(pa.large_list(lists.type.value_type))
+        offsets = np.asarray(lists.offsets, dtype=np.int64)
+        elements = lists.values.slice(offsets[0], offsets[-1] - offsets[0])
+        lengths = np.diff(offsets)
+        owners = np.repeat(np.arange(len(lists)), lengths)
+        matched = np.bincount(owners[self._members(elements)], minlength=len(lists))
+        truth = matched > 0 if self.quantifier == "any" else matched == lengths
+        valid = np.asarray(lists.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        return pa.array(truth, pa.bool_(), mask=~valid)
+
+    def _members(self, elements):
+        """Per element: is it one of the items (a null item matches null elements)?"""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        members = np.zeros(len(elements), dtype=bool)
+        items = [item for item in self.items if item is not None]
+        if items and not pa.types.is_null(elements.type):
+            value_set = _value_set(items, elements.type, self)
+            found = _call(lambda: pc.is_in(elements, value_set=value_set, skip_nulls=True),
+                          self, elements, None)
+            members |= found.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        if None in self.items:
+            members |= elements.is_null().to_numpy(zero_copy_only=False).astype(bool)
+        return members
+
+    def __str__(self):
+        items = repr(self.items[0]) if self.spelling == "contains" else repr(self.items)
+        return f"{self.value} {self.spelling} {items}"
+
+
+_LIST_HINT = "on a list field use contains x, any in [..] or all in [..]"
+
+
+def _is_list(value_type) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_list(value_type) or pa.types.is_large_list(value_type) or \
+        pa.types.is_fixed_size_list(value_type)
+
+
+@dataclass
 class IsNull(Node):
     value: Node
     negated: bool
@@ -240,7 +326,8 @@ def _value_set(items: list, value_type, node):
             array = array.cast(value_type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise DataError(f"filter: cannot compare {value_type} with the {array.type} "
-                            f"values in `{node}`") from None
+                            f"values in `{node}`", hint=_LIST_HINT
+                            if _is_list(value_type) else None) from None
     return array
 
 
@@ -250,8 +337,11 @@ def _call(compute, node, left, right):
     try:
         return compute()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
-        types = " and ".join(str(side.type) for side in (left, right) if side is not None)
-        raise DataError(f"filter: cannot evaluate `{node}` ({types})") from None
+        sides = [side for side in (left, right) if side is not None]
+        types = " and ".join(str(side.type) for side in sides)
+        lists = any(_is_list(side.type) for side in sides)
+        raise DataError(f"filter: cannot evaluate `{node}` ({types})",
+                        hint=_LIST_HINT if lists else None) from None
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -353,7 +443,19 @@ class _Parser:
             negated = self.accept("keyword", "not")
             self.expect("keyword", "null")
             return IsNull(value, negated)
-        return value
+        return self.list_test(value) or value
+
+    def list_test(self, value: Node) -> "ListTest | None":
+        """`contains x`, `any in [..]`, `all in [..]`: words that are keywords only here."""
+        word = self.peek().value.lower() if self.peek().kind == "field" else None
+        if word == "contains":
+            self.take()
+            return ListTest(value, "any", [self.literal()], "contains")
+        if word in ("any", "all"):
+            self.take()
+            self.expect("keyword", "in")
+            return ListTest(value, word, self.list(), f"{word} in")
+        return None
 
     def value(self) -> Node:
         token = self.peek()

@@ -207,6 +207,39 @@ class Searcher:
         return vectors[inverse].reshape(*rows.shape, -1)
 
 
+RANGE_FIRST_DEPTH = 64  # range search's first depth when asked for fewer: rounds cost a search
+
+
+def range_hits(search, queries: int, min_score: float, max_hits: int, depth: int = 0) -> Hits:
+    """Every hit scoring >= `min_score`, at most `max_hits` per query (faiss `range_search`,
+    capped): `search(which, k)` -> Hits of the queries numbered `which` for k hits, best first.
+    The depth starts at max(depth, RANGE_FIRST_DEPTH) and doubles for the queries whose last hit
+    still scores >= min_score, until it comes back short (no more rows, or none passing a
+    filter) or max_hits are found. Exact when `search` is; over HNSW each round is as
+    approximate as a top-k search that deep."""
+    import numpy as np
+
+    if max_hits < 1:
+        raise ParameterError("the most hits per query must be at least 1", "max_hits")
+    k = min(max(depth, RANGE_FIRST_DEPTH), max_hits)
+    which = np.arange(queries)
+    rows = np.full((queries, 0), -1, dtype=np.int64)
+    scores = np.zeros((queries, 0), dtype=np.float32)
+    while len(which):
+        hits = search(which, k)
+        if hits.rows.shape[1] > rows.shape[1]:
+            rows, scores = _padded(Hits(rows, scores), hits.rows.shape[1])
+        rows[which], scores[which] = _padded(hits, rows.shape[1])
+        last = hits.scores[:, -1] if hits.rows.shape[1] else np.full(len(which), -np.inf)
+        deeper = (hits.counts >= k) & (last >= min_score)
+        if k >= max_hits:
+            break
+        which, k = which[deeper], min(2 * k, max_hits)
+    hits = sorted_hits(rows, scores, max_hits).thresholded(min_score)
+    width = int(hits.counts.max()) if queries else 0
+    return Hits(hits.rows[:, :width], hits.scores[:, :width])
+
+
 def _match_arrays(found, count: int):
     """usearch results as (keys, distances) of queries x count and found counts; usearch answers
     a single query with a trimmed `Matches` instead of `BatchMatches`."""
