@@ -20,7 +20,7 @@ import os
 import re
 
 from vecpipe.core.embedder import Embedder
-from vecpipe.formats.errors import DataError, UsageError, VecpipeError
+from vecpipe.formats.errors import DataError, ParameterError, UsageError, VecpipeError
 
 BUNDLED_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 BUNDLED_ALIASES = (BUNDLED_NAME, "all-MiniLM-L6-v2", "default")
@@ -240,21 +240,63 @@ def _exported_runtime(model: Embedder, backend: str, device: str, export_dir, dt
     return runtime
 
 
-def load_cross_encoder(spec: str, device: str = "auto", trust_remote_code: bool = False):
-    """A sentence-transformers CrossEncoder (a hub name or a local folder) for rescoring pairs."""
-    _quiet_libraries(offline=os.path.isdir(spec))
+def load_cross_encoder(spec: str, device: str = "auto", trust_remote_code: bool | None = False,
+                       max_length: int | None = None):
+    """A sentence-transformers CrossEncoder (a hub name or a local folder) for rescoring pairs,
+    loaded once per process; `max_length` lowers its token window. `trust_remote_code` None:
+    the command has no --trust-remote-code. A bare encoder (an embedding model: no scoring
+    head) is refused, as CrossEncoder would score with a randomly initialised head."""
+    key = (spec, device, trust_remote_code, max_length)
+    if key not in _cross_encoders:
+        _cross_encoders[key] = _load_cross_encoder(spec, device, trust_remote_code, max_length)
+    return _cross_encoders[key]
+
+
+_cross_encoders: dict[tuple, object] = {}
+
+
+def cross_encoder_identity(spec: str) -> tuple[str, str | None]:
+    """(the name a cross-encoder is recorded by, its weights' sha when local), as load_model
+    records embedding models: a folder by its absolute path."""
+    path, name = _model_path(spec)
+    return name, weights_sha(path) if os.path.isdir(path) else None
+
+
+def _load_cross_encoder(spec, device, trust_remote_code, max_length):
+    path, _ = _model_path(spec)
+    _quiet_libraries(offline=os.path.isdir(path))
     from sentence_transformers import CrossEncoder
+    from transformers.utils import logging as transformers_logging
+
+    # the environment is read when transformers is first imported, which may be earlier
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
     try:
-        return CrossEncoder(spec, device=resolve_device(device),
-                            trust_remote_code=trust_remote_code)
+        model = CrossEncoder(path, device=resolve_device(device),
+                             trust_remote_code=bool(trust_remote_code))
     except OSError as err:
-        raise DataError(f"cannot load cross-encoder {spec!r}: {err}",
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot load cross-encoder {spec!r}: {reason}",
                         hint="offline? use a local folder") from None
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
+        if trust_remote_code is None:
+            raise DataError(f"cross-encoder {spec!r} comes with its own Python code, which "
+                            "this command does not run") from None
         raise remote_code_error(spec) from None
+    architectures = list(getattr(model.config, "architectures", None) or ())
+    if architectures and not any("For" in name for name in architectures):
+        raise DataError(f"{spec!r} is an encoder without a scoring head ({architectures[0]}): "
+                        "an embedding model, not a cross-encoder",
+                        hint="name a cross-encoder, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2")
+    if max_length is not None:
+        if max_length < 1 or (model.max_seq_length and max_length > model.max_seq_length):
+            raise ParameterError(f"{max_length} tokens: the cross-encoder's window is 1 to "
+                                 f"{model.max_seq_length}", "max_length")
+        model.max_seq_length = max_length
+    return model
 
 
 def remote_code_error(spec: str, can_trust: bool = True) -> DataError:
