@@ -356,7 +356,8 @@ Threads = Annotated[int, shared("--threads", min=0, help="usearch threads (0 = a
 FilterExpr = Annotated[Optional[str], shared(
     "--filter", "--where", help="Keep records (search: hits) whose fields match, e.g. "
                                 "'lang == \"en\" and year >= 2020' (==, !=, <, <=, >, >=, "
-                                "in [...], not in, is [not] null, and, or, not, parentheses).",
+                                "in [...], not in, is [not] null, and, or, not, parentheses; "
+                                "on list fields: contains X, any in [...], all in [...]).",
     metavar="EXPR", show_default=False)]
 
 

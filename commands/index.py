@@ -40,6 +40,36 @@ def run(inputs: options.Inputs = None,
             "--append", help="Add to the existing index at -o (same model/dim/codec and text "
                              "fields embedded).")] = False,
         on_duplicate: options.OnDuplicate = "error",
+        lexical: Annotated[bool, typer.Option(
+            "--lexical", help="A BM25 index of the records' text (bm25s) instead of vectors: "
+                              "no `embedding` needed; `search` takes text queries. Defaults "
+                              "as BEIR's BM25 in bm25s: lowercase, English stopwords and "
+                              "Snowball stemmer, lucene, k1 1.5, b 0.75.")] = False,
+        text_fields: options.TextField = None,
+        stemmer: Annotated[Optional[str], typer.Option(
+            "--stemmer", metavar="LANG", show_default=False,
+            help="--lexical: the Snowball stemmer (PyStemmer) of a language (english, "
+                 "german..., or en, de...), or none. [default: english]")] = None,
+        stopwords: Annotated[Optional[str], typer.Option(
+            "--stopwords", metavar="LANG", show_default=False,
+            help="--lexical: bm25s's stopword list (en, en_plus, de, fr, es, it, pt, nl, "
+                 "ru, sv, no, da, tr, zh, ko), or none. [default: en]")] = None,
+        k1: Annotated[Optional[float], typer.Option(
+            "--k1", min=0, show_default=False,
+            help="--lexical: BM25 term-frequency saturation. [default: 1.5]")] = None,
+        b: Annotated[Optional[float], typer.Option(
+            "--b", min=0, max=1, show_default=False,
+            help="--lexical: BM25 length normalisation, 0 (none) to 1. [default: 0.75]")] = None,
+        bm25_method: Annotated[Optional[str], typer.Option(
+            "--bm25-method", metavar="METHOD", show_default=False,
+            help="--lexical: lucene|robertson|atire|bm25l|bm25+ (bm25s's variants). "
+                 "[default: lucene]")] = None,
+        delete: Annotated[Optional[str], typer.Option(
+            "--delete", metavar="IDS", show_default=False,
+            help="Delete these ids from the index at -o: a file (- for stdin) of ids, one a "
+                 "line, or records with an `id` field (JSONL, Arrow, Parquet, CSV). Alone it "
+                 "reads no records; with --append the rows go first, then the input is added, "
+                 "in one atomic swap. Ids the index lacks are counted, not an error.")] = None,
         query_prompt: options.QueryPrompt = None,
         model: options.Model = None,
         threads: options.Threads = 0,
@@ -62,10 +92,13 @@ def run(inputs: options.Inputs = None,
       vecpipe index docs.arrow --dtype b1 --keep-vectors -o idx   # then: search --rescore 10
       vecpipe index docs.arrow --dtype b1 --flat --keep-vectors -o idx   # no graph: 32x < f32
       vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate last
+      vecpipe index --delete gone.txt -o idx   # gone.txt: one id a line
+      vecpipe index changed.arrow --append --on-duplicate last --delete gone.txt -o idx
       vecpipe index corpus.arrow --shard 3/8 -o idx/   # idx/part-00003-of-00008.idx
+      vecpipe index corpus.jsonl --lexical --text-field title --text-field text -o idx-bm25
     """
     from vecpipe.cli import console
-    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.errors import DataError, UsageError
     from vecpipe.core import notices
     from vecpipe.core.space import input_check
     from vecpipe.formats.readers import RecordStream, shown_name
@@ -76,6 +109,27 @@ def run(inputs: options.Inputs = None,
     dtype = options.index_dtype(dtype)
     on_duplicate = options.index_duplicates(on_duplicate)
     part = parse_shard(shard)
+    ids = _delete_ids(delete, inputs, append, part)
+    lexical_options = {"--text-field": text_fields, "--stemmer": stemmer,
+                       "--stopwords": stopwords, "--k1": k1, "--b": b, "--bm25-method": bm25_method}
+    if lexical or (append and lexical_index(output)):
+        return index_lexical(inputs, output, append, ids, on_duplicate, store, store_all,
+                             lexical_options, {
+                                 "--metric": metric, "--dtype": dtype, "--flat": flat,
+                                 "--keep-vectors": keep_vectors, "--connectivity": connectivity,
+                                 "--expansion-add": expansion_add,
+                                 "--expansion-search": expansion_search,
+                                 "--query-prompt": query_prompt, "-m/--model": model,
+                                 "--shard": shard}, input_format, dry_run)
+    given = [name for name, value in lexical_options.items() if value is not None]
+    if given:
+        raise UsageError(f"{given[0]} applies to a lexical index (--lexical)")
+    if ids is not None and not append:
+        return _delete_only(output, ids, threads, dry_run, {
+            "--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
+            "--expansion-add": expansion_add, "--expansion-search": expansion_search,
+            "--flat": flat, "--fields": store, "--all-fields": store_all,
+            "--keep-vectors": keep_vectors, "--query-prompt": query_prompt, "--model": model})
     if part is not None:
         output = shard_index_path(output, part, create=not dry_run)
         counted = {"--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
@@ -95,7 +149,7 @@ def run(inputs: options.Inputs = None,
     plan.shard = part
     if dry_run:
         return print_plan(plan, stream, output)
-    builder_args = dict(on_duplicate=on_duplicate, threads=threads)
+    builder_args = dict(on_duplicate=on_duplicate, threads=threads, delete=ids)
     builder = start_builder(output, plan, **builder_args)
     count = notices.input_records(stream.inputs, input_format) if part is None else None
     with builder, console.progress(desc="index", unit="vec", count=count) as bar:
@@ -109,8 +163,10 @@ def run(inputs: options.Inputs = None,
             raise DataError(f"shard {part.index}/{part.count} holds none of the input's "
                             f"{plan.rows_read:,} records, and an index needs one",
                             hint="use fewer shards")
-    added = builder.count - (plan.base.count if plan.base else 0)
+    added = builder.count - (plan.base.count - builder.deleted if plan.base else 0)
     console.info(f"{builder.count:,} vectors in {output} ({added:,} added"
+                 + (_deleted_counts(builder.deleted, builder.not_found) if ids is not None
+                    else "")
                  + (f", {builder.skipped:,} duplicates skipped" if builder.skipped else "")
                  + (f", {builder.replaced:,} replaced" if builder.replaced else "")
                  + f"; {builder.spec.dtype}, {builder.spec.metric}"
@@ -140,6 +196,76 @@ def start_builder(output: str, plan: "IndexPlan", **builder_args):
         return IndexBuilder(output, plan.spec, fields=plan.fields, **builder_args)
     except ParameterError as err:
         raise flagged(err) from None
+
+
+def _delete_ids(delete, inputs, append, part) -> list | None:
+    """The ids of --delete (None without it), read whole before anything is built: a bad
+    file leaves the index as it was."""
+    from vecpipe.core.index_delete import read_ids
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.readers import check_one_stdin
+
+    if delete is None:
+        return None
+    if part is not None:
+        raise UsageError("--delete applies to one index folder, not to --shard parts",
+                         hint="merge the parts into one index (vecpipe merge --index) and "
+                              "delete from it")
+    if inputs and not append:
+        raise UsageError("--delete with input records needs --append (without it the index "
+                         "would be built anew from the input)")
+    if append:
+        check_one_stdin([*(inputs or ["-"]), delete])
+    return read_ids(delete)
+
+
+def _delete_only(output: str, ids: list, threads: int, dry_run: bool,
+                 new_index_options: dict) -> None:
+    """`index --delete IDS -o DIR` alone: the index loses those rows, reading no records. No
+    row to delete: the folder is left untouched (a rerun changes nothing)."""
+    from vecpipe.cli import console
+    from vecpipe.core.index_build import IndexBuilder
+    from vecpipe.core.index_delete import kept_rows
+    from vecpipe.core.index_open import open_index
+    from vecpipe.formats.errors import DataError, UsageError
+
+    given = [name for name, value in new_index_options.items() if value not in (None, False)]
+    if given:
+        raise UsageError(f"{given[0]} applies to indexing records; --delete alone keeps the "
+                         "rest of the index as it is")
+    base = open_index(output, verify=True)
+    if base.layout == "linked":
+        raise UsageError("cannot delete from a linked multi-shard index",
+                         hint="delete from the indexes it links and link them again, or "
+                              "merge them into one (vecpipe merge --index) and delete there")
+    _, deleted, missing = kept_rows(base.ids(), ids)
+    if deleted == base.count:
+        raise DataError(f"deleting all {base.count:,} rows would leave an empty index, and an "
+                        "index needs one", source=output,
+                        hint="remove the folder instead, or add records in the same run "
+                             "with --append")
+    if dry_run:
+        return console.print_plan("index --dry-run: the checks passed; this run would", {
+            "output": output, "action": "delete" if deleted else "nothing",
+            "rows_now": base.count, "deleted": deleted, "ids_not_in_index": missing,
+            "rows_after": base.count - deleted, "layout": base.layout})
+    if deleted and base.layout == "lexical":  # re-scored without the deleted rows
+        from vecpipe.core.lexical import LexicalBuilder
+
+        with LexicalBuilder(output, base=base, delete=ids):
+            pass
+    elif deleted:
+        with IndexBuilder(output, base=base, delete=ids, threads=threads):
+            pass
+    console.info(f"{base.count - deleted:,} vectors in {output} ("
+                 + _deleted_counts(deleted, missing)[2:] + ("" if deleted else "; unchanged")
+                 + ")")
+
+
+def _deleted_counts(deleted: int, missing: int) -> str:
+    """', N deleted, M ids not in the index' (a note: the ids may be gone already)."""
+    return f", {deleted:,} deleted" + (
+        f", {missing:,} id{'' if missing == 1 else 's'} not in the index" if missing else "")
 
 
 class IndexPlan:
@@ -429,3 +555,132 @@ def _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store, 
         raise DataError(f"the input holds {kind} codes, the index is {base.dtype}")
     return IndexPlan(stream, None, base.fields, base, kind, codec,
                      encoder=base.codec if quantize_here else None, keep_vectors=keep_vectors)
+
+
+# ---- --lexical: a BM25 index of the records' text (core/lexical.py) ---------------------------
+
+LEXICAL_OPTION_OF = {"method": "--bm25-method", "k1": "--k1", "b": "--b",
+                     "stopwords": "--stopwords", "stemmer": "--stemmer",
+                     "on_duplicate": "--on-duplicate"}
+
+
+def lexical_index(path: str) -> bool:
+    """Whether `path` is an index folder of layout lexical (its manifest read, nothing else)."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            return json.load(f).get("layout") == "lexical"
+    except (OSError, ValueError, AttributeError):
+        return False  # no index, or not readable: the dense path says why
+
+
+def index_lexical(inputs, output, append, ids, on_duplicate, store, store_all,
+                  lexical_options, dense_options, input_format, dry_run) -> None:
+    """`index --lexical`: records -> LexicalBuilder (new, or a re-scored copy of the index at
+    -o with --append and --delete)."""
+    from vecpipe.cli import console
+    from vecpipe.core import notices
+    from vecpipe.core.lexical import LexicalBuilder, MissingTextField, record_batches
+    from vecpipe.formats.errors import DataError, ParameterError, UsageError
+    from vecpipe.formats.readers import RecordStream, shown_name
+
+    given = [name for name, value in dense_options.items() if value not in (None, False)]
+    if given:
+        raise UsageError(f"{given[0]} applies to vector indexes, not to a lexical one")
+    if ids is not None and not append:
+        return _delete_only(output, ids, 0, dry_run, {})
+    stream = RecordStream(inputs, input_format, batch_rows=READ_BATCH_ROWS)
+    try:
+        base, settings, fields = _lexical_plan(stream, output, append, store, store_all,
+                                               lexical_options)
+        if dry_run:
+            return _print_lexical_plan(stream, output, base, settings, fields)
+        builder = LexicalBuilder(output, settings, base=base, on_duplicate=on_duplicate,
+                                 fields=fields, delete=ids)
+    except ParameterError as err:
+        raise UsageError(f"{LEXICAL_OPTION_OF[err.parameter]}: {err.message}",
+                         hint=err.hint) from None
+    read = 0
+    count = notices.input_records(stream.inputs, input_format)
+    with builder, console.progress(desc="index", unit="rec", count=count) as bar:
+        try:
+            for batch in record_batches(stream, settings.text_fields, fields):
+                builder.add(**batch)
+                read += len(batch["ids"])
+                bar.update(len(batch["ids"]))
+        except MissingTextField as err:
+            err.hint = "--text-field NAME names the field to index (repeat it to join several)"
+            raise
+        except DataError as err:
+            if err.message.startswith("duplicate id"):
+                err.hint = "--on-duplicate first keeps the first, last the last"
+            raise
+        if read == 0 and base is None:
+            raise DataError("empty input: no records to index",
+                            source=shown_name(stream.inputs[0]))
+    added = builder.count - (base.count - builder.deleted if base else 0)
+    console.info(f"{builder.count:,} records in {output} ({added:,} added"
+                 + (_deleted_counts(builder.deleted, builder.not_found) if ids is not None
+                    else "")
+                 + (f", {builder.skipped:,} duplicates skipped" if builder.skipped else "")
+                 + (f", {builder.replaced:,} replaced" if builder.replaced else "")
+                 + f"; lexical, BM25 {settings.method} k1={settings.k1:g} b={settings.b:g})")
+
+
+def _lexical_plan(stream, output, append, store, store_all, lexical_options):
+    """(base index or None, LexicalSettings, stored fields), checked before any record is
+    indexed: --append keeps the index's settings and fields."""
+    from vecpipe.core.index_open import open_index
+    from vecpipe.core.lexical import LexicalSettings
+    from vecpipe.formats.errors import DataError, UsageError
+    from vecpipe.formats.readers import shown_name
+
+    text_fields = lexical_options.pop("--text-field")
+    if not append:
+        schema = stream.schema
+        if schema is None:
+            raise DataError("empty input: no records to index",
+                            source=shown_name(stream.inputs[0]))
+        chosen = {"stopwords": "--stopwords", "stemmer": "--stemmer", "k1": "--k1", "b": "--b",
+                  "method": "--bm25-method"}
+        settings = LexicalSettings.chosen(
+            text_fields, **{key: lexical_options[name] for key, name in chosen.items()
+                            if lexical_options[name] is not None})
+        return None, settings, _stored_fields(schema, store, store_all,
+                                              shown_name(stream.inputs[0]))
+    base = open_index(output, verify=True)  # its tokens are re-scored into the new index
+    if base.layout != "lexical":
+        raise UsageError(f"the index at {output} holds vectors (layout {base.layout}); "
+                         "--lexical appends to a lexical index")
+    given = [name for name, value in lexical_options.items() if value is not None]
+    if given or store or store_all:
+        raise UsageError(f"--append keeps the index's BM25 settings and stored fields; "
+                         f"{given[0] if given else '--fields/--all-fields'} applies to new "
+                         "indexes")
+    if text_fields and list(text_fields) != base.settings.text_fields:
+        raise UsageError(f"--text-field {' '.join(text_fields)} differs from the index's "
+                         f"{' '.join(base.settings.text_fields)}")
+    return base, base.settings, base.fields
+
+
+def _print_lexical_plan(stream, output, base, settings, fields) -> None:
+    """--dry-run: the first records checked (text, ids); the plan printed, nothing written."""
+    import os
+
+    from vecpipe.cli import console
+    from vecpipe.core.lexical import record_batches
+    from vecpipe.formats.readers import shown_name
+
+    first = stream.peek()
+    if first is not None:
+        next(record_batches([first], settings.text_fields, fields), None)
+    console.print_plan("index --dry-run: the checks passed; this build would", {
+        "inputs": [shown_name(path) for path in stream.inputs], "output": output,
+        "action": "append" if base is not None else
+        "replace" if os.path.exists(output) else "create",
+        "rows_now": None if base is None else base.count, "stored_fields": fields,
+        "layout": "lexical", "text_fields": settings.text_fields,
+        "stopwords": settings.stopwords, "stemmer": settings.stemmer,
+        "bm25_method": settings.method, "k1": settings.k1, "b": settings.b})

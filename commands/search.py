@@ -32,6 +32,22 @@ def run(index: Annotated[str, typer.Argument(
                                      "default).", metavar="MULT",
             show_default=False)] = None,
         min_score: options.MinScore = None,
+        max_hits: Annotated[Optional[int], typer.Option(
+            "--max-hits", min=1, help="Range search: every hit scoring at least --min-score, at "
+                                      "most N a query, instead of the top k (faiss "
+                                      "range_search); over HNSW the search deepens until each "
+                                      "query's last hit scores below it.", metavar="N",
+            show_default=False)] = None,
+        mmr: Annotated[Optional[float], typer.Option(
+            "--mmr", min=0.0, max=1.0, help="Diversify: re-order the top --mmr-depth hits by "
+                                            "maximal marginal relevance, LAMBDA*sim(q,d) - "
+                                            "(1-LAMBDA)*max sim(d, chosen), from the stored "
+                                            "vectors; score becomes the MMR score, similarity "
+                                            "holds sim(q,d).", metavar="LAMBDA",
+            show_default=False)] = None,
+        mmr_depth: Annotated[int, typer.Option(
+            "--mmr-depth", min=1, help="First-stage hits per query MMR chooses from.",
+            metavar="N")] = 100,
         filter_text: options.FilterExpr = None,
         fields: options.Fields = None,
         all_fields: options.AllFields = False,
@@ -52,6 +68,26 @@ def run(index: Annotated[str, typer.Argument(
             "--unlike", help="With --like: and less like this record (repeatable); the query "
                              "is 2*mean(like) - mean(unlike), unit length for cos and ip.",
             metavar="ID", show_default=False)] = None,
+        rerank: Annotated[Optional[str], typer.Option(
+            "--rerank", help="Rescore the top --rerank-depth hits of each text query with this "
+                             "cross-encoder (hub name or folder), reading the query and the "
+                             "stored text; only the reranked hits come back, by its score.",
+            metavar="MODEL", show_default=False)] = None,
+        rerank_depth: Annotated[Optional[int], typer.Option(
+            "--rerank-depth", min=1, help="Hits per query the cross-encoder rescores (default "
+                                          "max(100, k); at least k).", metavar="N",
+            show_default=False)] = None,
+        rerank_fields: Annotated[Optional[List[str]], typer.Option(
+            "--rerank-field", help="Stored field the cross-encoder reads as the document "
+                                   "(repeatable; default the fields the vectors were embedded "
+                                   "from, else text).", metavar="FIELD",
+            show_default=False)] = None,
+        rerank_max_length: Annotated[Optional[int], typer.Option(
+            "--rerank-max-length", min=1, help="Lower the cross-encoder's token window.",
+            metavar="N", show_default=False)] = None,
+        keep_first_score: Annotated[bool, typer.Option(
+            "--keep-first-score", help="With --rerank: keep the first stage's score as "
+                                       "first_score beside the new one.")] = False,
         metric: options.Metric = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
@@ -81,6 +117,8 @@ def run(index: Annotated[str, typer.Argument(
       vecpipe search idx queries.jsonl --filter 'lang == "en" and year >= 2020' --rescore 4
       vecpipe search docs.arrow queries.jsonl   # no index: exact search over the stream
       vecpipe search idx --like doc42 --unlike doc7 --fields title   # more like doc42
+      vecpipe search idx-bm25 queries.jsonl -k 100 --output-format trec   # a lexical index
+      vecpipe search idx queries.jsonl --rerank cross-encoder/ms-marco-MiniLM-L-6-v2 -k 10
     """
     import os
 
@@ -94,6 +132,9 @@ def run(index: Annotated[str, typer.Argument(
     if query and queries:
         raise UsageError("give QUERIES or --query, not both")
     _check_backend(backend)
+    _check_range_options(max_hits, min_score, mmr)
+    _check_rerank_options(rerank, like, rerank_depth=rerank_depth, rerank_fields=rerank_fields,
+                          rerank_max_length=rerank_max_length, keep_first_score=keep_first_score)
     _check_like_options(like, unlike, queries, query, model=model, prompt=prompt,
                         prompt_name=prompt_name, text_fields=text_fields or old_field)
     fmt = _output_format(output, output_format)
@@ -107,6 +148,9 @@ def run(index: Annotated[str, typer.Argument(
                              "has its own")
         searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text, fields,
                                all_fields, threads, like=like, unlike=unlike)
+        if not searcher.needs_vectors:
+            _check_lexical_options(model=model, prompt=prompt, prompt_name=prompt_name,
+                                   like=like)
     elif like:
         raise UsageError("--like needs an index folder (it searches with the stored vectors); "
                          "INDEX is an embeddings stream", hint="index it first")
@@ -115,8 +159,15 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
-    pipeline = Pipeline(searcher, k)
-    searcher.depth = pipeline.depth()
+    pipeline = Pipeline(searcher, None if max_hits else k)
+    searcher.max_hits = max_hits
+    if rerank:
+        add_rerank_stage(pipeline, rerank, rerank_depth, rerank_fields, rerank_max_length,
+                         keep_first_score, batch_size=batch_size, device=device)
+    if mmr is not None:
+        add_mmr_stage(pipeline, mmr, mmr_depth)
+    searcher.depth = max_hits if max_hits and not hasattr(searcher, "index") \
+        else pipeline.depth()
     if like:
         results, headings = searcher.like_results(), [like_heading(like, unlike)]
     else:
@@ -152,6 +203,167 @@ def _check_like_options(like, unlike, queries, query, **text_query_options) -> N
     both = sorted(set(like) & set(unlike or ()))
     if both:
         raise UsageError(f"{both[0]!r} is given to both --like and --unlike")
+
+
+def _check_lexical_options(**vector_options) -> None:
+    """Options that embed queries (or use stored vectors) are refused for a lexical index."""
+    from vecpipe.formats.errors import UsageError
+
+    names = {"model": "-m/--model", "prompt": "--prompt", "prompt_name": "--prompt-name",
+             "like": "--like"}
+    given = [names[key] for key, value in vector_options.items() if value]
+    if given:
+        raise UsageError(f"{given[0]} applies to vector indexes; a lexical (BM25) index is "
+                         "searched with the query text")
+
+
+def _check_range_options(max_hits, min_score, mmr) -> None:
+    """--max-hits is range search: it needs --min-score and replaces -k (refused if given)."""
+    from vecpipe.formats.errors import UsageError
+
+    if max_hits is None:
+        return
+    if min_score is None:
+        raise UsageError("--max-hits needs --min-score: range search returns every hit "
+                         "scoring at least that")
+    if mmr is not None:
+        raise UsageError("--mmr chooses among the top --mmr-depth hits; give it -k, not "
+                         "--max-hits")
+    try:
+        import click
+
+        source = click.get_current_context().get_parameter_source("k")
+    except RuntimeError:
+        return
+    if source is not None and source.name == "COMMANDLINE":
+        raise UsageError("give -k or --max-hits, not both: range search returns every hit "
+                         "above --min-score")
+
+
+def add_mmr_stage(pipeline, lam: float, depth: int) -> None:
+    """--mmr: the top `depth` first-stage hits re-ordered by maximal marginal relevance."""
+    import pyarrow as pa
+
+    from vecpipe.formats.errors import UsageError
+
+    searcher = pipeline.searcher
+    if not hasattr(searcher, "index"):
+        raise UsageError("--mmr needs an index folder: an embeddings stream keeps no stored "
+                         "vectors to compare hits with", hint="index it first")
+    if not searcher.needs_vectors:
+        raise UsageError("--mmr compares stored vectors; a lexical (BM25) index has none")
+    pipeline.depths.append(depth)
+    pipeline.extra_fields.append(pa.field("similarity", pa.float32()))
+    pipeline.metadata["mmr"] = str(lam)
+    pipeline.metadata["mmr_depth"] = str(depth)
+
+    def stage(results):
+        from vecpipe.core.diversity import index_mmr
+        from vecpipe.formats.errors import ParameterError
+
+        for batch in results:
+            vectors = batch.query.vectors
+            if vectors is None:  # --like: the query is made of stored records
+                vectors = searcher.like.vector if searcher.like is not None else None
+            try:
+                hits, similarity = index_mmr(searcher.index, vectors, batch.hits, lam,
+                                             pipeline.k or depth, encoded=batch.query.encoded)
+            except ParameterError as err:
+                raise UsageError(f"--mmr: {err.message}", source=err.source,
+                                 hint=err.hint) from None
+            yield batch._replace(hits=hits, extra={**(batch.extra or {}),
+                                                   "similarity": similarity})
+
+    pipeline.stages.append(stage)
+
+
+def _check_rerank_options(rerank, like, **rerank_options) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if rerank is None:
+        given = next((key for key, value in rerank_options.items() if value), None)
+        if given:
+            name = "--rerank-field" if given == "rerank_fields" else \
+                "--" + given.replace("_", "-")
+            raise UsageError(f"{name} needs --rerank")
+    elif like:
+        raise UsageError("--rerank needs text queries; --like searches with stored vectors")
+
+
+RERANK_OPTION_OF = {"depth": "--rerank-depth", "fields": "--rerank-field",
+                    "max_length": "--rerank-max-length", "model": "--rerank",
+                    "batch_size": "--batch-size"}
+
+
+def _rerank_flagged(err):
+    from vecpipe.formats.errors import DataError, UsageError
+
+    option = RERANK_OPTION_OF.get(err.parameter, "--rerank")
+    kind = DataError if err.parameter == "fields" else UsageError
+    return kind(f"{option}: {err.message}", source=err.source, hint=err.hint)
+
+
+def add_rerank_stage(pipeline, spec, depth, fields, max_length, keep_first_score, batch_size,
+                     device) -> None:
+    """--rerank: the top `depth` hits of each query rescored by a cross-encoder, loaded when
+    the first text queries arrive (vector queries are refused before any model loads)."""
+    import pyarrow as pa
+
+    from vecpipe.core.rerank import FIRST_SCORE, DocumentFields, Reranker, document_fields
+    from vecpipe.formats.errors import ParameterError
+
+    searcher, k = pipeline.searcher, pipeline.k
+    depth = depth or max(100, k or 0)
+    index = getattr(searcher, "index", None)
+    try:
+        if index is not None:
+            chosen = document_fields(index.metadata, index.fields, fields,
+                                     index.rows().schema)
+        else:
+            chosen = DocumentFields(tuple(fields or ("text",)))
+        probe = Reranker(None, spec, depth, batch_size, fields=chosen)
+        if k is not None:
+            probe.check_k(k)
+    except ParameterError as err:
+        raise _rerank_flagged(err) from None
+    pipeline.depths.append(depth)
+    if keep_first_score:
+        pipeline.extra_fields.append(pa.field(FIRST_SCORE, pa.float32()))
+    state = {}
+
+    def reranker():
+        if "reranker" not in state:
+            from vecpipe.cli.models import cross_encoder_identity, load_cross_encoder
+
+            model = load_cross_encoder(spec, device=device, trust_remote_code=None,
+                                       max_length=max_length)
+            name, sha = cross_encoder_identity(spec)
+            state["reranker"] = Reranker(model, name, depth, batch_size, sha=sha,
+                                         keep_first_score=keep_first_score, fields=chosen)
+            pipeline.metadata.update(state["reranker"].metadata())
+        return state["reranker"]
+
+    def stage(results):
+        from vecpipe.core.rerank import documents_of
+        from vecpipe.formats.errors import UsageError
+
+        for batch in results:
+            texts = batch.query.texts
+            if texts is None or any(text is None for text in texts):
+                raise UsageError("--rerank: vector queries cannot be reranked: the "
+                                 "cross-encoder reads the query text", hint="give text queries")
+            try:
+                stored = index.rows(list(chosen.names)) if index is not None else batch.rows
+                hits, first = reranker().rerank(texts, batch.hits,
+                                                documents_of(stored, chosen))
+            except ParameterError as err:
+                raise _rerank_flagged(err) from None
+            extra = dict(batch.extra or {})
+            if keep_first_score:
+                extra[FIRST_SCORE] = first
+            yield batch._replace(hits=hits, extra=extra or None)
+
+    pipeline.stages.append(stage)
 
 
 def _check_backend(backend: str) -> None:
@@ -529,7 +741,8 @@ def _requested_fields(fields, all_fields, available) -> list:
 
 # ---- searching an index folder ----------------------------------------------------------------
 
-OPTION_OF = {"k": "-k", "ef": "--ef", "rescore": "--rescore"}
+OPTION_OF = {"k": "-k", "ef": "--ef", "rescore": "--rescore", "exact": "--exact",
+             "threads": "--threads"}
 
 
 def flagged(err):
@@ -544,9 +757,8 @@ def flagged(err):
 
 class IndexSearch:
     """Batches of queries against an index folder (memory-mapped), filter evaluated once; one
-    core Searcher per depth asked for."""
-
-    needs_vectors = True
+    core Searcher per depth asked for. A lexical (BM25) index is searched with the query texts
+    alone (`needs_vectors` False: no model is loaded)."""
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
                  threads, like=None, unlike=None):
@@ -554,6 +766,7 @@ class IndexSearch:
         from vecpipe.formats.errors import ParameterError
 
         self.index = open_index(path)
+        self.needs_vectors = self.index.layout != "lexical"
         self.source = path
         self.metadata = self.index.metadata
         self.query_prompt = self.index.query_prompt
@@ -603,19 +816,39 @@ class IndexSearch:
         try:
             if self.like is not None:
                 return self.like.hits(self.searcher(self.like.searched_k(k)), k)
+            if not self.needs_vectors:
+                return self.searcher(k).search(query.texts)
             return self.searcher(k).search(query.vectors, encoded=query.encoded)
         except ParameterError as err:
             raise flagged(err) from None
 
     def results(self, reader):
-        """A ResultBatch (rows: the table whose row i is index row i) per batch of queries."""
+        """A ResultBatch (rows: the table whose row i is index row i) per batch of queries;
+        with `max_hits`, every hit above the minimum score (range search)."""
         for query in reader:
-            yield ResultBatch(query, self.hits_for(query, self.depth), self.rows)
+            yield ResultBatch(query, self._first_hits(query), self.rows)
+
+    def _first_hits(self, query: QueryBatch) -> "Hits":
+        if not self.max_hits:
+            return self.hits_for(query, self.depth)
+        from vecpipe.core.index_search import range_hits
+
+        return range_hits(lambda which, k: self.hits_for(query_subset(query, which), k),
+                          len(query.ids), self.options["min_score"], self.max_hits, self.depth)
 
     def like_results(self):
         """The one result batch of a --like search."""
         query = QueryBatch([self.like_id], None, False, None)
-        yield ResultBatch(query, self.hits_for(query, self.depth), self.rows)
+        yield ResultBatch(query, self._first_hits(query), self.rows)
+
+
+def query_subset(query: QueryBatch, which) -> QueryBatch:
+    """The queries numbered `which` (a --like query is one query whatever `which` says)."""
+    pick = lambda values: None if values is None else [values[i] for i in which]  # noqa: E731
+    vectors = None if query.vectors is None else query.vectors[which]
+    if query.vectors is None and query.texts is None:
+        return query
+    return QueryBatch(pick(query.ids), vectors, query.encoded, pick(query.texts))
 
 
 # ---- exact search over an embeddings stream ---------------------------------------------------
@@ -831,10 +1064,17 @@ def hit_tables(results, schema):
 
 
 def write_hits(results, schema, output, fmt, metadata=None) -> None:
+    """`metadata` is read once the first batch is out of the pipeline (a stage may fill it
+    then, e.g. with the model it loaded)."""
+    import itertools
+
     from vecpipe.cli import console
     from vecpipe.formats.trec import trec_lines
     from vecpipe.formats.writers import RecordWriter, text_output
 
+    results = iter(results)
+    first = next(results, None)
+    results = itertools.chain([first] if first is not None else [], results)
     queries = hits = 0
     to_stdout = output in (None, "-")
     if fmt == "trec":
