@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_target,
+    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, CommitOnExit, check_target,
     clean_leftovers, file_facts, full_numpy_dtype, hnsw_options, index_numpy_dtype,
     index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, write_manifest)
 from vecpipe.core.index_delete import compact_graph, kept_rows
@@ -95,7 +95,7 @@ class _NpyWriter:
             pass
 
 
-class IndexBuilder:
+class IndexBuilder(CommitOnExit):
     """Build a new index (`spec`) or a copy of `base` with more rows, atomically.
 
     `add()` takes string ids, index-space vectors (float32/float16 for float dtypes, int8 codes
@@ -336,19 +336,6 @@ class IndexBuilder:
             if isinstance(writer, _NpyWriter):
                 writer.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> "IndexBuilder":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException:
-                self.abort()
-                raise
-        else:
-            self.abort()
 
 
 def _save_error(err: RuntimeError, folder: str, path: str) -> DataError:

@@ -465,3 +465,54 @@ def swap_into_place(tmp: str, path: str) -> None:
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
+
+def read_rows(path: str, count: int, fields: list) -> "pa.Table":
+    """rows.parquet, memory-mapped, checked against the manifest's count and fields."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:  # ParquetFile, not read_table: that goes through pyarrow.dataset, which imports pandas
+        table = pq.ParquetFile(os.path.join(path, ROWS), memory_map=True).read()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
+    if table.num_rows != count or table.column_names != fields:
+        raise DataError(f"{ROWS} holds {table.num_rows} rows of "
+                        f"{', '.join(table.column_names)}; the manifest says {count} of "
+                        f"{', '.join(fields)}: the index is damaged", source=path)
+    return table
+
+
+def stored_columns(rows: "pa.Table", columns: Sequence[str] | None, path: str) -> "pa.Table":
+    """`rows` (all stored fields), or those of `columns`, each of which must be stored."""
+    if columns is None:
+        return rows
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise DataError(f"the index does not store field {missing[0]!r} (it stores: "
+                        f"{', '.join(rows.column_names)})", source=path,
+                        hint="rebuild the index storing that field")
+    return rows.select(list(columns))
+
+
+class CommitOnExit:
+    """An index builder used as `with builder:` commits when the block ends cleanly; any
+    failure, the commit's own included, aborts (the temporary folder is removed)."""
+
+    def commit(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()

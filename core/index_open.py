@@ -9,8 +9,9 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, check_arrays, check_files, from_index_codes,
-    hnsw_options, index_numpy_dtype, index_width, layout_of, read_manifest, to_index_codes)
+    FLAT_VECTORS, FULL, ID, VECTORS, check_arrays, check_files, from_index_codes,
+    hnsw_options, index_numpy_dtype, index_width, layout_of, read_manifest, read_rows,
+    stored_columns, to_index_codes)
 from vecpipe.core.index_linked import LinkedIndex
 from vecpipe.core.index_search import Searcher
 from vecpipe.formats.errors import DataError, UsageError
@@ -105,15 +106,8 @@ class OpenIndex:
         """The stored fields (all, or `columns`), row i = key i, memory-mapped."""
 
         if self._rows is None:
-            self._rows = _read_rows(self.path, self.count, self.fields)
-        if columns is None:
-            return self._rows
-        missing = [c for c in columns if c not in self.fields]
-        if missing:
-            raise DataError(f"the index does not store field {missing[0]!r} (it stores: "
-                            f"{', '.join(self.fields)})", source=self.path,
-                            hint="rebuild the index storing that field")
-        return self._rows.select(list(columns))
+            self._rows = read_rows(self.path, self.count, self.fields)
+        return stored_columns(self._rows, columns, self.path)
 
     def ids(self) -> "pa.ChunkedArray":
         return self.rows().column(ID)
@@ -221,19 +215,3 @@ def lifted(codec, reduced) -> "np.ndarray":
     if vectors.shape[1] < codec.input_dim:
         vectors = np.pad(vectors, ((0, 0), (0, codec.input_dim - vectors.shape[1])))
     return np.ascontiguousarray(vectors, dtype=np.float32)
-
-
-def _read_rows(path: str, count: int, fields: list) -> "pa.Table":
-    """rows.parquet, memory-mapped, checked against the manifest's count and fields."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:  # ParquetFile, not read_table: that goes through pyarrow.dataset, which imports pandas
-        table = pq.ParquetFile(os.path.join(path, ROWS), memory_map=True).read()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
-    if table.num_rows != count or table.column_names != fields:
-        raise DataError(f"{ROWS} holds {table.num_rows} rows of "
-                        f"{', '.join(table.column_names)}; the manifest says {count} of "
-                        f"{', '.join(fields)}: the index is damaged", source=path)
-    return table

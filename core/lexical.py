@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FORMAT, FORMAT_VERSION, ID, LEXICAL_FILES, LEXICAL_NONOCCURRENCE, MANIFEST, ROWS,
-    check_files, check_target, clean_leftovers, file_facts, real_folder, swap_into_place,
-    temporary_sibling, write_manifest)
+    FORMAT, FORMAT_VERSION, ID, LEXICAL_FILES, LEXICAL_NONOCCURRENCE, ROWS,
+    CommitOnExit, check_files, check_target, clean_leftovers, file_facts, read_rows,
+    real_folder, stored_columns, swap_into_place, temporary_sibling, write_manifest)
 from vecpipe.formats.errors import DataError, ParameterError, UsageError
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class Tokenizer:
 
 # ---- building -------------------------------------------------------------------------------
 
-class LexicalBuilder:
+class LexicalBuilder(CommitOnExit):
     """Build a lexical index (`settings`), or a re-scored copy of `base` with rows added,
     replaced or deleted, atomically (a temporary sibling folder renamed into place).
 
@@ -353,19 +353,6 @@ class LexicalBuilder:
         import shutil
 
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def __enter__(self) -> "LexicalBuilder":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self.commit()
-            except BaseException:
-                self.abort()
-                raise
-        else:
-            self.abort()
 
 
 class MissingTextField(DataError):
@@ -594,15 +581,8 @@ class LexicalIndex:
 
     def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
         if self._rows is None:
-            self._rows = _read_rows(self.path, self.count, self.fields)
-        if columns is None:
-            return self._rows
-        missing = [c for c in columns if c not in self.fields]
-        if missing:
-            raise DataError(f"the index does not store field {missing[0]!r} (it stores: "
-                            f"{', '.join(self.fields)})", source=self.path,
-                            hint="rebuild the index storing that field")
-        return self._rows.select(list(columns))
+            self._rows = read_rows(self.path, self.count, self.fields)
+        return stored_columns(self._rows, columns, self.path)
 
     def ids(self) -> "pa.ChunkedArray":
         return self.rows().column(ID)
@@ -697,20 +677,3 @@ class LexicalSearcher:
             rows, values = rows[keep], values[keep]
         order = np.lexsort((rows, -values))
         return rows[order], values[order]
-
-
-def _read_rows(path: str, count: int, fields: list) -> "pa.Table":
-    """rows.parquet, memory-mapped, checked against the manifest (as index_open reads it;
-    not imported from there: index_open opens lexical folders through this module)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(os.path.join(path, ROWS), memory_map=True).read()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{ROWS} is not readable ({err})", source=path) from None
-    if table.num_rows != count or table.column_names != fields:
-        raise DataError(f"{ROWS} holds {table.num_rows} rows of "
-                        f"{', '.join(table.column_names)}; the manifest says {count} of "
-                        f"{', '.join(fields)}: the index is damaged", source=path)
-    return table
