@@ -166,7 +166,8 @@ def run(index: Annotated[str, typer.Argument(
                          keep_first_score, batch_size=batch_size, device=device)
     if mmr is not None:
         add_mmr_stage(pipeline, mmr, mmr_depth)
-    searcher.depth = max_hits if max_hits and not hasattr(searcher, "index") \
+    # a stream is scanned once: its range search is one pass max_hits deep, thresholded
+    searcher.depth = max_hits if max_hits and isinstance(searcher, StreamSearch) \
         else pipeline.depth()
     if like:
         results, headings = searcher.like_results(), [like_heading(like, unlike)]
@@ -183,6 +184,10 @@ def run(index: Annotated[str, typer.Argument(
         write_hits(results, pipeline.schema(), output, fmt, pipeline.metadata)
 
 
+QUERY_OPTION_FLAGS = {"model": "-m/--model", "prompt": "--prompt", "prompt_name": "--prompt-name",
+                      "text_fields": "--text-field", "like": "--like"}
+
+
 def _check_like_options(like, unlike, queries, query, **text_query_options) -> None:
     """--like/--unlike replace the queries: QUERIES, --query and the options that embed text
     queries are refused with them rather than ignored."""
@@ -194,9 +199,7 @@ def _check_like_options(like, unlike, queries, query, **text_query_options) -> N
         return
     if queries or query:
         raise UsageError("give --like or queries (QUERIES, --query), not both")
-    names = {"model": "-m/--model", "prompt": "--prompt", "prompt_name": "--prompt-name",
-             "text_fields": "--text-field"}
-    given = [names[key] for key, value in text_query_options.items() if value]
+    given = [QUERY_OPTION_FLAGS[key] for key, value in text_query_options.items() if value]
     if given:
         raise UsageError(f"{given[0]} applies to text queries; --like searches with the "
                          "index's stored vectors")
@@ -209,9 +212,7 @@ def _check_lexical_options(**vector_options) -> None:
     """Options that embed queries (or use stored vectors) are refused for a lexical index."""
     from vecpipe.formats.errors import UsageError
 
-    names = {"model": "-m/--model", "prompt": "--prompt", "prompt_name": "--prompt-name",
-             "like": "--like"}
-    given = [names[key] for key, value in vector_options.items() if value]
+    given = [QUERY_OPTION_FLAGS[key] for key, value in vector_options.items() if value]
     if given:
         raise UsageError(f"{given[0]} applies to vector indexes; a lexical (BM25) index is "
                          "searched with the query text")
@@ -758,12 +759,13 @@ def flagged(err):
 class IndexSearch:
     """Batches of queries against an index folder (memory-mapped), filter evaluated once; one
     core Searcher per depth asked for. A lexical (BM25) index is searched with the query texts
-    alone (`needs_vectors` False: no model is loaded)."""
+    alone (`needs_vectors` False: no model is loaded). `max_hits`: range search."""
+
+    max_hits = None
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
                  threads, like=None, unlike=None):
         from vecpipe.core.index_open import open_index
-        from vecpipe.formats.errors import ParameterError
 
         self.index = open_index(path)
         self.needs_vectors = self.index.layout != "lexical"
@@ -844,11 +846,11 @@ class IndexSearch:
 
 def query_subset(query: QueryBatch, which) -> QueryBatch:
     """The queries numbered `which` (a --like query is one query whatever `which` says)."""
-    pick = lambda values: None if values is None else [values[i] for i in which]  # noqa: E731
-    vectors = None if query.vectors is None else query.vectors[which]
     if query.vectors is None and query.texts is None:
         return query
-    return QueryBatch(pick(query.ids), vectors, query.encoded, pick(query.texts))
+    vectors = None if query.vectors is None else query.vectors[which]
+    texts = None if query.texts is None else [query.texts[i] for i in which]
+    return QueryBatch([query.ids[i] for i in which], vectors, query.encoded, texts)
 
 
 # ---- exact search over an embeddings stream ---------------------------------------------------
