@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -359,6 +360,68 @@ FilterExpr = Annotated[Optional[str], shared(
                                 "in [...], not in, is [not] null, and, or, not, parentheses; "
                                 "on list fields: contains X, any in [...], all in [...]).",
     metavar="EXPR", show_default=False)]
+
+FUSE_HELP = ("Fuse the ranked lists, as ranx defines it: rrf (sum of 1/(--rrf-k + rank)), "
+             "combsum (sum of normalised scores), combmnz (that sum times the lists holding the "
+             "document) or wsum (weighted sum, --fuse-weights).")
+Fuse = Annotated[Optional[str], shared("--fuse", help=FUSE_HELP, metavar="METHOD",
+                                       show_default=False)]
+FuseNorm = Annotated[Optional[str], shared(
+    "--fuse-norm", help="Per query and list, before combsum/combmnz/wsum: "
+                        "none|min-max|z-score|rank|max|sum (ranx's; default min-max).",
+    metavar="NORM", show_default=False)]
+RrfK = Annotated[float, shared("--rrf-k", min=0, help="RRF's k: a document at rank r adds "
+                                                      "1/(k + r).", metavar="K")]
+FuseWeights = Annotated[Optional[str], shared(
+    "--fuse-weights", help="wsum: one weight per list, in order (e.g. 0.3,0.7), or a fit file "
+                           "saved by `merge --fuse wsum --fit-qrels Q --save-fit FILE` "
+                           "(default: equal weights).", metavar="W,W|FILE",
+    show_default=False)]
+FUSION_OPTION_OF = {"method": "--fuse", "norm": "--fuse-norm", "rrf_k": "--rrf-k",
+                    "weights": "--fuse-weights", "runs": "--fuse", "step": "--fit-step",
+                    "qrels": "--fit-qrels"}
+
+
+def fusion_flagged(err):
+    """A core fusion ParameterError worded with the option that set the parameter."""
+    from vecpipe.formats.errors import UsageError
+
+    option = FUSION_OPTION_OF.get(err.parameter, "--fuse")
+    return UsageError(f"{option}: {err.message}", hint=err.hint)
+
+
+def fusion(method: str, norm: str | None, rrf_k: float, weights: str | None, lists: int):
+    """The core Fusion the fusion options ask for, checked for `lists` ranked lists; a fit
+    file's normalisation is taken unless --fuse-norm says otherwise (then it must agree)."""
+    from vecpipe.core.fusion import Fusion, read_fit
+    from vecpipe.formats.errors import ParameterError, UsageError
+
+    parsed = None
+    try:
+        if weights is not None and os.path.isfile(weights):
+            fitted = read_fit(weights)
+            if norm is not None and norm != fitted["norm"]:
+                raise UsageError(f"--fuse-norm {norm}: the weights in {weights} were fitted "
+                                 f"under {fitted['norm']}")
+            norm, parsed = fitted["norm"], tuple(fitted["weights"])
+        elif weights is not None:
+            parsed = _weights(weights)
+        return Fusion(method, norm, rrf_k, parsed).checked(lists)
+    except ParameterError as err:
+        raise fusion_flagged(err) from None
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    from vecpipe.formats.errors import UsageError
+
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--fuse-weights {text!r}: give numbers like 0.3,0.7, or a fit file "
+                         "that exists") from None
+    if any(value < 0 or value != value for value in values) or not any(values):
+        raise UsageError(f"--fuse-weights {text!r}: weights are >= 0, not all 0")
+    return values
 
 
 def _as_jsonl(value: bool) -> dict:

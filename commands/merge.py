@@ -42,6 +42,28 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         method: Annotated[str, typer.Option(
             "--method", help="With --models: linear (any number of models) or slerp "
                              "(two models, per tensor).")] = "linear",
+        fuse: options.Fuse = None,
+        fuse_norm: options.FuseNorm = None,
+        rrf_k: options.RrfK = 60,
+        fuse_weights: options.FuseWeights = None,
+        fuse_depth: Annotated[Optional[int], typer.Option(
+            "--fuse-depth", min=1, help="With --fuse: keep each query's best N documents "
+                                        "(default: every document of any run).", metavar="N",
+            show_default=False)] = None,
+        fit_qrels: Annotated[Optional[str], typer.Option(
+            "--fit-qrels", help="With --fuse wsum: fit the weights on these judgments (training "
+                                "qrels; grid search as ranx's optimize_fusion) before fusing.",
+            metavar="QRELS", show_default=False)] = None,
+        fit_metric: Annotated[str, typer.Option(
+            "--fit-metric", help="The metric --fit-qrels maximises.", metavar="METRIC")]
+        = "ndcg@10",
+        fit_step: Annotated[float, typer.Option(
+            "--fit-step", help="Grid step of the fitted weights (they sum to 1).",
+            metavar="STEP")] = 0.1,
+        save_fit: Annotated[Optional[str], typer.Option(
+            "--save-fit", help="Write the fitted weights to this JSON file, for "
+                               "--fuse-weights FILE here or in `search --hybrid`.",
+            metavar="FILE", show_default=False)] = None,
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Concatenate record streams into one, in bounded memory: schemas are unified (a field
@@ -50,7 +72,9 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     are refused unless --force. The output carries the metadata all inputs share. Inputs named
     part-0000I-of-0000N must form complete shard sets. With --index, merge index folders (same
     checks); with --models, average the weights of sentence-transformers models (model soups)
-    into a model folder.
+    into a model folder. With --fuse, the INPUTs are runs (search output or TREC run files) of
+    the same queries, fused into one run (query_id, rank, id, score; or --output-format trec);
+    the fusion, and weights fitted with --fit-qrels, travel in its metadata (Arrow, Parquet).
     --on-duplicate (default: keep every record; with --index, error, as an index holds one row
     per id) holds every id in memory, not the records; last and error read the inputs twice
     (stdin is spooled to a temporary file); with --index the first or last index's copy wins.
@@ -64,8 +88,25 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe merge --index idx-a idx-b --on-duplicate last -o idx
       vecpipe merge --index --link idx-2024 idx-2025 -o idx-all   # search idx-all ...
       vecpipe merge --models default tuned/ --weights 0.5,0.5 -o soup/
+      vecpipe merge --fuse rrf bm25.trec dense.jsonl --output-format trec -o hybrid.trec
+      vecpipe merge --fuse wsum bm25.trec dense.trec --fit-qrels train.tsv --save-fit w.json
     """
     from vecpipe.formats.errors import UsageError
+
+    fuse_options = dict(fuse_norm=fuse_norm, rrf_k=rrf_k, fuse_weights=fuse_weights,
+                        fuse_depth=fuse_depth, fit_qrels=fit_qrels, fit_metric=fit_metric,
+                        fit_step=fit_step, save_fit=save_fit)
+    if fuse is not None:
+        if index or models or on_duplicate or sort_by or expect_shards is not None \
+                or weights is not None:
+            raise UsageError("--fuse merges runs: --index, --models, --on-duplicate, "
+                             "--sort-by, --expect-shards and --weights do not apply")
+        fuse_runs(inputs or ["-"], output, output_format, fuse, **fuse_options)
+        return
+    given = [name for name, value in fuse_options.items()
+             if value is not None and value != FUSE_DEFAULTS.get(name)]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} needs --fuse METHOD")
 
     if index and models:
         raise UsageError("give --index or --models, not both")
@@ -87,6 +128,96 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         raise UsageError("--weights and --method apply only with --models")
     merge_streams(inputs or ["-"], output, output_format, input_format, on_duplicate or "keep",
                   sort_by, expect_shards, force)
+
+
+# ---- fusing runs ----------------------------------------------------------------------------
+
+FUSE_DEFAULTS = {"rrf_k": 60, "fit_metric": "ndcg@10", "fit_step": 0.1}
+
+
+def fuse_runs(paths, output, output_format, method, fuse_norm, rrf_k, fuse_weights,
+              fuse_depth, fit_qrels, fit_metric, fit_step, save_fit) -> None:
+    """--fuse: the runs read whole (a run is queries x hits ids and scores), fused per query."""
+    from vecpipe.cli import console
+    from vecpipe.core import fusion as fusing
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.readers import check_one_stdin, shown_name
+    from vecpipe.formats.trec import read_run
+
+    check_one_stdin([*paths, *([fit_qrels] if fit_qrels else [])])
+    if save_fit and not fit_qrels:
+        raise UsageError("--save-fit needs --fit-qrels")
+    fusion = options.fusion(method, fuse_norm, rrf_k, fuse_weights, len(paths))
+    names = [shown_name(path) for path in paths]
+    runs = [read_run(path) for path in paths]
+    described = {**fusion.metadata(), "lists": names}
+    if fuse_weights is not None and os.path.isfile(fuse_weights):
+        described = {**fusing.read_fit(fuse_weights), **described}
+    if fit_qrels:
+        fusion, described = fitted_fusion(fusion, runs, names, fit_qrels, fit_metric, fit_step,
+                                          save_fit)
+    fused = fusing.fuse_runs(fusion, runs, fuse_depth)
+    hits = write_run(fused, output, output_format, {"fusion": described})
+    console.info(f"fused {len(runs)} runs ({method}, norm {fusion.norm}): {hits:,} hits for "
+                 f"{len(fused):,} queries -> {output or 'stdout'}")
+
+
+def fitted_fusion(fusion, runs, names, qrels_path, metric, step, save_fit):
+    """wsum weights fitted on `qrels_path`; reported on stderr, saved to `save_fit`."""
+    import dataclasses
+    import json
+
+    from vecpipe.cli import console
+    from vecpipe.core import fusion as fusing
+    from vecpipe.core.retrieval_metrics import parse_metric_key
+    from vecpipe.formats.errors import ParameterError, UsageError
+    from vecpipe.formats.trec import read_qrels
+    from vecpipe.formats.writers import AtomicFile
+
+    if fusion.weights is not None:
+        raise UsageError("give --fuse-weights or --fit-qrels, not both")
+    key = parse_metric_key(metric)
+    judgments = read_qrels(qrels_path).qrels
+    try:
+        fitted = fusing.fit_weights(fusion, runs, judgments, key, step)
+    except ParameterError as err:
+        raise options.fusion_flagged(err) from None
+    fusion = dataclasses.replace(fusion, weights=fitted.weights)
+    record = fusing.fit_record(fusion, fitted, names)
+    console.info(f"fitted weights {','.join(f'{w:g}' for w in fitted.weights)}: {metric} "
+                 f"{fitted.score:.5f} on {fitted.queries:,} judged queries "
+                 f"({fitted.trials} trials)")
+    if save_fit:
+        target = AtomicFile(save_fit)
+        target.file.write(json.dumps(record, indent=2).encode() + b"\n")
+        target.commit()
+    return fusion, record
+
+
+def write_run(run, output, output_format, metadata) -> int:
+    """A run (query -> {doc: score}, best first) as hit rows or TREC lines; the hits written."""
+    import json
+
+    import pyarrow as pa
+
+    from vecpipe.formats.trec import trec_lines
+    from vecpipe.formats.writers import RecordWriter, resolve_output_format, text_output
+
+    rows = [(qid, rank, doc, score) for qid, docs in run.items()
+            for rank, (doc, score) in enumerate(docs.items(), 1)]
+    fmt = resolve_output_format(output, output_format, extra=("trec",), vectors=False)
+    if fmt == "trec":
+        with text_output(output) as out:
+            out.write(trec_lines((qid, doc, rank, score) for qid, rank, doc, score in rows))
+        return len(rows)
+    query_ids, ranks, ids, scores = zip(*rows) if rows else ((), (), (), ())
+    table = pa.table({"query_id": pa.array(query_ids, pa.string()),
+                      "rank": pa.array(ranks, pa.int32()), "id": pa.array(ids, pa.string()),
+                      "score": pa.array(scores, pa.float64())})
+    described = {key: json.dumps(value) for key, value in metadata.items()}
+    with RecordWriter(output, fmt, schema=table.schema, metadata=described) as out:
+        out.write_table(table)
+    return len(rows)
 
 
 # ---- record streams ------------------------------------------------------------------------
@@ -409,6 +540,12 @@ def merge_indexes(paths, output, on_duplicate, link, force) -> None:
     if not force:
         check_one_job(paths)
     indexes = [open_index(path, verify=True) for path in paths]  # copied or linked: check them
+    lexical = next((path for path, index in zip(paths, indexes) if index.layout == "lexical"),
+                   None)
+    if lexical is not None:
+        raise UsageError(f"{lexical} is a lexical (BM25) index: --index merges vector indexes",
+                         hint="index the records again with `vecpipe index --lexical` (or "
+                              "--append them), which re-scores the whole corpus")
     plan = plan_index_merge(indexes, force, link)
     if link:
         summary = link_indexes(indexes, plan, output, on_duplicate)

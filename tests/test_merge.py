@@ -615,3 +615,15 @@ def test_merge_on_a_pipe_is_arrow_only_with_vectors(run_vecpipe, tmp_path, write
         assert pa.ipc.open_stream(out.stdout).read_all().column("id").to_pylist() == ["1", "2"]
     else:
         assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == ["1", "2"]
+
+
+def test_merge_index_refuses_a_lexical_index_in_one_line(cli, tmp_path, write_jsonl):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "hello world"},
+                                                {"id": "b", "text": "goodbye world"}])
+    assert cli("index", "--lexical", corpus, "-o", tmp_path / "bm").exit_code == 0
+    for extra in ([], ["--link"]):
+        result = cli("merge", "--index", *extra, tmp_path / "bm", tmp_path / "bm", "-o",
+                     tmp_path / "out")
+        assert result.exit_code == 2, result.stderr
+        assert "is a lexical (BM25) index: --index merges vector indexes" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
