@@ -339,12 +339,16 @@ class _IndexCorpus:
     """An index folder (core.index_open): HNSW search, or brute force with --exact."""
 
     def __init__(self, path, fields, ann):
-        from vecpipe.formats.errors import DataError
+        from vecpipe.formats.errors import DataError, UsageError
         from vecpipe.core.index_format import FLOAT_DTYPES
         from vecpipe.core.index_open import open_index
         from vecpipe.core.mining import join_fields, text_codes
 
         self.index = open_index(path)
+        if self.index.layout == "lexical":
+            raise UsageError("a lexical (BM25) index has no vectors to mine negatives with",
+                             source=path, hint="mine with a vector index, an embeddings file "
+                             "or the corpus records")
         self.name, self.metadata = path, self.index.metadata
         self.prompt = self.index.metadata.get("prompt", "")
         self.ids = self.index.ids().combine_chunks()

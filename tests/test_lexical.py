@@ -159,3 +159,92 @@ def test_nfcorpus_ndcg_equals_bm25s(cli, tmp_path, nfcorpus, write_jsonl):
         ndcg[name] = r.records()[0]["ndcg_at_10"]
     assert abs(ndcg["vecpipe"] - ndcg["bm25s"]) <= 1e-6, ndcg
     assert 0.30 < ndcg["vecpipe"] < 0.35  # BEIR's published BM25: 0.325
+
+
+def test_mine_negatives_refuses_a_lexical_corpus(cli, corpus, tmp_path, write_jsonl):
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "--lexical", "--fields", "text", "-o", index).exit_code == 0
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"query": "cats", "positive": DOCS[0][2]}])
+    r = cli("mine-negatives", pairs, "--corpus", index, "-m", "fake:8", "-n", 1,
+            "-o", tmp_path / "out.jsonl")
+    assert r.exit_code == 2, r
+    assert "no vectors to mine" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 2
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_append_across_kinds_is_refused_in_one_line(cli, corpus, tmp_path, write_jsonl):
+    lexical, dense = tmp_path / "lexical", tmp_path / "dense"
+    vectors = write_jsonl(tmp_path / "v.jsonl", [{"id": "v", "embedding": [0.5, 0.5]}])
+    assert cli("index", corpus, "--lexical", "-o", lexical).exit_code == 0
+    assert cli("index", vectors, "-o", dense).exit_code == 0
+    for args, code, message in [((vectors, "--append", "-o", lexical), 1, "no field 'text'"),
+                                ((corpus, "--lexical", "--append", "-o", dense), 2,
+                                 "holds vectors"),
+                                ((corpus, "--append", "-o", dense), 1, "'embedding'")]:
+        r = cli("index", *args)
+        assert r.exit_code == code, (args, r)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2,
+                    reason="bm25s's per-document arithmetic is float32 under NumPy 1 promotion")
+@pytest.mark.parametrize("method", ["lucene", "robertson", "atire", "bm25l", "bm25+"])
+def test_matrix_is_bm25s_own_to_the_bit(method):
+    """core/lexical.py scores all (row, term) pairs at once; bm25s loops over documents."""
+    import bm25s
+
+    from vecpipe.core.lexical import LexicalSettings, Tokenizer, _bm25_matrix, _compacted
+
+    settings = LexicalSettings(method=method, k1=1.2, b=0.6)
+    tokenizer = Tokenizer(settings)
+    tokens = tokenizer.documents([text for _, _, text in DOCS] + ["", "the a of"])
+    flat, offsets, terms = _compacted(tokens, tokenizer.terms)
+    ours = _bm25_matrix(settings, flat, offsets, len(terms))
+    model = bm25s.BM25(k1=1.2, b=0.6, delta=settings.delta, method=method, dtype="float32",
+                       int_dtype="int32")
+    theirs = model.build_index_from_ids(list(range(len(terms))), tokens, show_progress=False)
+    theirs["nonoccurrence"] = model.nonoccurrence_array
+    for key in ("data", "indices", "indptr", "nonoccurrence"):
+        if theirs[key] is None:
+            assert ours[key] is None
+        else:
+            assert ours[key].dtype == theirs[key].dtype, key
+            assert ours[key].tobytes() == theirs[key].tobytes(), key
+    assert ours["num_docs"] == theirs["num_docs"]
+
+
+@pytest.mark.parametrize("policy", ["first", "last"])
+def test_duplicate_ids_across_and_within_batches(cli, tmp_path, write_jsonl, policy):
+    """Two inputs (two batches): the second repeats d1 (and d5 twice); first keeps the first
+    text, last gives the row the last one; scores as bm25s's on the corpus that results."""
+    first = write_jsonl(tmp_path / "first.jsonl", [{"id": i, "text": text}
+                                                   for i, _, text in DOCS[:4]])
+    again = [("d5", DOCS[4][2]), ("d1", "statin cancer cohort"), ("d6", DOCS[5][2]),
+             ("d5", "running cats"), ("d7", DOCS[6][2])]
+    rest = write_jsonl(tmp_path / "rest.jsonl", [{"id": i, "text": t} for i, t in again])
+    index = tmp_path / "idx"
+    r = cli("index", first, rest, "--lexical", "-o", index, "--on-duplicate", policy)
+    assert r.exit_code == 0, r
+    texts = {i: text for i, _, text in DOCS}
+    if policy == "last":
+        texts.update(d1="statin cancer cohort", d5="running cats")
+    reference = bm25s_scores(list(texts.values()), QUERIES)
+    hits = search(cli, index, "-k", 3)
+    for number, scores in enumerate(reference, start=1):
+        got = [(h["id"], h["score"]) for h in hits if h["query_id"] == f"q{number}"]
+        want = expected_hits(scores, 3)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-6)
+
+
+@pytest.mark.parametrize("stopwords", ["xx", ["a"]])
+def test_a_damaged_stopwords_setting_is_one_line(cli, corpus, tmp_path, stopwords):
+    index = tmp_path / "idx"
+    assert cli("index", corpus, "--lexical", "-o", index).exit_code == 0
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["lexical"]["stopwords"] = stopwords
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("search", index, "--query", "cats")
+    assert r.exit_code == 1, r
+    assert "invalid 'lexical' settings" in r.stderr and len(r.stderr.strip().splitlines()) <= 2
