@@ -38,6 +38,12 @@ def retrieval(
             "--qrels-depth", min=1, help="When --qrels is a run: how many of its top hits are "
                                          "relevant (recall@N is then ANN recall@N).")] = 10,
         all_queries: AllQueries = False,
+        aggregate: Annotated[Optional[str], typer.Option(
+            "--aggregate", help="Score a run of chunks against document qrels: each query's "
+                                "hits collapsed by the value of FIELD (e.g. parent_id), a "
+                                "document scored by the max, sum or mean of its hits' scores. "
+                                "Needs runs as records carrying FIELD (search output; not "
+                                "TREC files).", metavar="FIELD=HOW", show_default=False)] = None,
         per_query: options.PerQuery = False,
         fail_under: options.FailUnder = None,
         permutations: Annotated[int, typer.Option(
@@ -65,6 +71,7 @@ def retrieval(
       vecpipe eval retrieval bm25.trec dense.trec --qrels qrels.txt --cutoffs 10,100
       vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
       vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
+      vecpipe eval retrieval chunks.jsonl --qrels q.tsv --aggregate parent_id=max
     """
     from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.readers import check_one_stdin
@@ -72,6 +79,7 @@ def retrieval(
 
     ks, names = m.parse_ks(k), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
+    by = _parse_aggregate(aggregate)
     runs = list(runs or ["-"])
     check_one_stdin([*runs, qrels])
     judgments = _load_judgments(qrels, qrels_depth)
@@ -79,7 +87,7 @@ def retrieval(
     results = []
     for path in runs:
         name = "<stdin>" if path == "-" else path
-        run = read_run(path)
+        run = read_run(path, by)
         evaluation = _evaluate_run(run, name, judgments.qrels, ks, names, all_queries)
         _check_judged(run, judgments.qrels, name, qrels_name)
         _warn_shallow(run, judgments.qrels, ks, name)
@@ -283,6 +291,20 @@ def _p(value: float) -> str:
 
 
 # ---------------------------------------------------------------- fail-under and output
+
+def _parse_aggregate(spec):
+    """FIELD=HOW -> (field, how), or None."""
+    from vecpipe.formats.errors import UsageError
+    from vecpipe.formats.trec import AGGREGATES
+
+    if spec is None:
+        return None
+    field, _, how = spec.partition("=")
+    if not field.strip() or how.strip() not in AGGREGATES:
+        raise UsageError(f"bad --aggregate {spec!r}; use FIELD={'|'.join(AGGREGATES)}, e.g. "
+                         "parent_id=max")
+    return field.strip(), how.strip()
+
 
 def _parse_fail_under(specs, ks=None, names=None) -> list[tuple[str, float]]:
     """METRIC=VALUE pairs; retrieval metrics are normalized (ndcg@10 -> ndcg_at_10) and must be

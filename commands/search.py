@@ -48,6 +48,26 @@ def run(index: Annotated[str, typer.Argument(
         mmr_depth: Annotated[int, typer.Option(
             "--mmr-depth", min=1, help="First-stage hits per query MMR chooses from.",
             metavar="N")] = 100,
+        group_by: Annotated[Optional[str], typer.Option(
+            "--group-by", help="Return k distinct groups: hits grouped by this stored field's "
+                               "value (chunks of `embed --chunk-tokens`: parent_id, kept by "
+                               "index --fields parent_id), each group with its best "
+                               "--group-size hits, group by group, with group_score beside "
+                               "score (a hit whose value is null is in no group); a TREC run "
+                               "gets one line per group (docid the value, score the group "
+                               "score). Searched deeper until k groups come back or rows run "
+                               "out; with --rerank, groups of the reranked hits.",
+            metavar="FIELD", show_default=False)] = None,
+        group_size: Annotated[Optional[int], typer.Option(
+            "--group-size", min=1, help="Hits kept per group (default 1); without "
+                                        "--group-by, an index of chunks (it stores "
+                                        "parent_id) is grouped by parent_id.", metavar="N",
+            show_default=False)] = None,
+        group_score: Annotated[Optional[str], typer.Option(
+            "--group-score", help="max|sum|mean of a group's kept hits' scores (default max; "
+                                  "sum and mean are over its best --group-size hits among "
+                                  "the candidates fetched).", metavar="HOW",
+            show_default=False)] = None,
         filter_text: options.FilterExpr = None,
         fields: options.Fields = None,
         all_fields: options.AllFields = False,
@@ -88,6 +108,20 @@ def run(index: Annotated[str, typer.Argument(
         keep_first_score: Annotated[bool, typer.Option(
             "--keep-first-score", help="With --rerank: keep the first stage's score as "
                                        "first_score beside the new one.")] = False,
+        hybrid: Annotated[Optional[List[str]], typer.Option(
+            "--hybrid", help="Also search this index folder (repeatable; e.g. a lexical one "
+                             "beside a dense INDEX) with the same queries, and fuse each "
+                             "query's lists with --fuse; hits and stored fields are INDEX's, "
+                             "so every index must hold the same ids.", metavar="IDX",
+            show_default=False)] = None,
+        hybrid_depth: Annotated[Optional[int], typer.Option(
+            "--hybrid-depth", min=1, help="Hits each index contributes to the fusion (default "
+                                          "max(100, k)).", metavar="N",
+            show_default=False)] = None,
+        fuse: options.Fuse = None,
+        fuse_norm: options.FuseNorm = None,
+        rrf_k: options.RrfK = 60,
+        fuse_weights: options.FuseWeights = None,
         metric: options.Metric = None,
         output: options.Output = None,
         output_format: options.OutputFormat = "auto",
@@ -108,6 +142,8 @@ def run(index: Annotated[str, typer.Argument(
     asks for it on a pipe); text lines on stdin are answered one at a time, as they arrive.
     More like this: --like ID (and --unlike ID) makes the query of stored records instead,
     2*mean(like) - mean(unlike), without loading a model; those records are not hits.
+    Hybrid: --hybrid IDX searches more indexes (dense or lexical) with the same queries and
+    fuses each query's lists (--fuse, as `merge --fuse`); the score is the fused one.
 
     \b
     Example:
@@ -119,6 +155,8 @@ def run(index: Annotated[str, typer.Argument(
       vecpipe search idx --like doc42 --unlike doc7 --fields title   # more like doc42
       vecpipe search idx-bm25 queries.jsonl -k 100 --output-format trec   # a lexical index
       vecpipe search idx queries.jsonl --rerank cross-encoder/ms-marco-MiniLM-L-6-v2 -k 10
+      vecpipe search idx queries.jsonl --hybrid idx-bm25 -k 100   # dense + BM25, RRF-fused
+      vecpipe search idx-chunks queries.jsonl --group-by parent_id --group-size 3 -k 10
     """
     import os
 
@@ -146,11 +184,25 @@ def run(index: Annotated[str, typer.Argument(
         if metric is not None:
             raise UsageError("--metric applies to an embeddings-stream INDEX; an index folder "
                              "has its own")
-        searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text, fields,
-                               all_fields, threads, like=like, unlike=unlike)
+        if hybrid:
+            _check_hybrid_options(like=like, min_score=min_score, max_hits=max_hits)
+            lists = [index, *hybrid]
+            searcher = HybridSearch(lists, k, options.fusion(fuse or "rrf", fuse_norm, rrf_k,
+                                                             fuse_weights, len(lists)),
+                                    hybrid_depth, exact=exact, ef=ef, rescore=rescore,
+                                    filter_text=filter_text, fields=fields,
+                                    all_fields=all_fields, threads=threads)
+        else:
+            _check_fusion_options(fuse=fuse, fuse_norm=fuse_norm, rrf_k=rrf_k != 60,
+                                  fuse_weights=fuse_weights, hybrid_depth=hybrid_depth)
+            searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text,
+                                   fields, all_fields, threads, like=like, unlike=unlike)
         if not searcher.needs_vectors:
             _check_lexical_options(model=model, prompt=prompt, prompt_name=prompt_name,
                                    like=like)
+    elif hybrid:
+        raise UsageError("--hybrid needs an index folder INDEX; an embeddings stream is "
+                         "searched alone", hint="index it first")
     elif like:
         raise UsageError("--like needs an index folder (it searches with the stored vectors); "
                          "INDEX is an embeddings stream", hint="index it first")
@@ -160,12 +212,19 @@ def run(index: Annotated[str, typer.Argument(
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
     pipeline = Pipeline(searcher, None if max_hits else k)
+    if hybrid:
+        pipeline.metadata["fusion"] = searcher.described()
     searcher.max_hits = max_hits
     if rerank:
         add_rerank_stage(pipeline, rerank, rerank_depth, rerank_fields, rerank_max_length,
                          keep_first_score, batch_size=batch_size, device=device)
     if mmr is not None:
         add_mmr_stage(pipeline, mmr, mmr_depth)
+    if group_by is None and (group_size is not None or group_score is not None):
+        group_by = _chunks_parent(searcher)
+    _check_group_options(group_by, group_size, group_score, max_hits, mmr)
+    if group_by is not None:
+        add_group_stage(pipeline, group_by, group_size or 1, group_score or "max")
     # a stream is scanned once: its range search is one pass max_hits deep, thresholded
     searcher.depth = max_hits if max_hits and isinstance(searcher, StreamSearch) \
         else pipeline.depth()
@@ -251,7 +310,7 @@ def add_mmr_stage(pipeline, lam: float, depth: int) -> None:
     if not hasattr(searcher, "index"):
         raise UsageError("--mmr needs an index folder: an embeddings stream keeps no stored "
                          "vectors to compare hits with", hint="index it first")
-    if not searcher.needs_vectors:
+    if searcher.index.layout == "lexical":  # with --hybrid, INDEX's vectors are compared
         raise UsageError("--mmr compares stored vectors; a lexical (BM25) index has none")
     pipeline.depths.append(depth)
     pipeline.extra_fields.append(pa.field("similarity", pa.float32()))
@@ -274,6 +333,88 @@ def add_mmr_stage(pipeline, lam: float, depth: int) -> None:
                                  hint=err.hint) from None
             yield batch._replace(hits=hits, extra={**(batch.extra or {}),
                                                    "similarity": similarity})
+
+    pipeline.stages.append(stage)
+
+
+def _chunks_parent(searcher) -> str | None:
+    """`parent_id` when the index holds chunks (`embed --chunk-tokens`, stored parent_id)."""
+    from vecpipe.formats.schema import PARENT_ID
+
+    index = getattr(searcher, "index", None)
+    return PARENT_ID if index is not None and PARENT_ID in index.fields else None
+
+
+def _check_group_options(group_by, group_size, group_score, max_hits, mmr) -> None:
+    from vecpipe.core.grouping import GROUP_SCORES
+    from vecpipe.formats.errors import UsageError
+
+    if group_by is None:
+        given = "--group-size" if group_size is not None else \
+            "--group-score" if group_score is not None else None
+        if given:
+            raise UsageError(f"{given} needs --group-by FIELD (an index of chunks, storing "
+                             "parent_id, is grouped by it)")
+        return
+    if max_hits:
+        raise UsageError("--group-by returns k groups; give it -k, not --max-hits")
+    if mmr is not None:
+        raise UsageError("give --group-by or --mmr, not both")
+    if group_score is not None and group_score not in GROUP_SCORES:
+        raise UsageError(f"--group-score {group_score}: use {'|'.join(GROUP_SCORES)}")
+
+
+def add_group_stage(pipeline, field: str, size: int, score: str) -> None:
+    """--group-by: k groups per query (distinct values of a stored field), each with its best
+    `size` hits; the output is up to k*size rows a query, group by group, and the field is
+    added to the stored fields output. Queries that find fewer than k groups are searched
+    again deeper, unless an earlier stage (rerank) rescored the hits: those are grouped as
+    they come."""
+    import pyarrow as pa
+
+    from vecpipe.core.grouping import first_depth, group_keys
+    from vecpipe.formats.errors import DataError, ParameterError, UsageError
+
+    searcher, k = pipeline.searcher, pipeline.k
+    if not hasattr(searcher, "index"):
+        raise UsageError("--group-by needs an index folder: an embeddings stream is read "
+                         "once and cannot be searched deeper", hint="index it first")
+    index = searcher.index
+    if field not in index.fields:
+        raise DataError(f"--group-by {field}: not stored (stored: {', '.join(index.fields)})",
+                        source=searcher.source, hint="index with --fields FIELD")
+    try:
+        keys = group_keys(index.rows([field]).column(field))
+    except ParameterError as err:
+        raise DataError(f"--group-by {field}: {err.message}", source=searcher.source) from None
+    if field not in searcher.rows.column_names:
+        searcher.rows = index.rows([*searcher.rows.column_names, field])
+        searcher.schema = _output_schema(searcher.rows.schema)
+    deepen = not pipeline.stages
+    pipeline.depths.append(first_depth(k, size))
+    pipeline.k = k * size
+    pipeline.extra_fields.append(pa.field("group_score", pa.float32()))
+    pipeline.metadata.update(group_by=field, group_size=str(size), group_score=score)
+
+    def stage(results):
+        import numpy as np
+
+        from vecpipe.core.grouping import deepened_groups, group_hits
+
+        for batch in results:
+            def search(which, depth, query=batch.query):
+                return searcher.hits_for(query_subset(query, which), depth)
+
+            if deepen:
+                groups = deepened_groups(search, batch.hits, keys, k, size, score,
+                                         searcher.depth, index.count)
+            else:
+                groups = group_hits(batch.hits, keys, k, size, score).trimmed()
+            at = np.maximum(groups.positions, 0)
+            extra = {name: np.take_along_axis(np.asarray(values), at, 1)
+                     for name, values in (batch.extra or {}).items()}
+            yield batch._replace(hits=groups.hits,
+                                 extra={**extra, "group_score": groups.group_scores})
 
     pipeline.stages.append(stage)
 
@@ -853,6 +994,141 @@ def query_subset(query: QueryBatch, which) -> QueryBatch:
     return QueryBatch([query.ids[i] for i in which], vectors, query.encoded, texts)
 
 
+# ---- hybrid: several indexes, fused ------------------------------------------------------------
+
+def _check_hybrid_options(**given) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    name = next((name for name, value in given.items() if value), None)
+    if name:
+        raise UsageError(f"--{name.replace('_', '-')} does not apply to --hybrid: the lists "
+                         "fused score on different scales", hint="filter with --filter")
+
+
+def _check_fusion_options(**given) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    name = next((name for name, value in given.items() if value), None)
+    if name:
+        raise UsageError(f"--{name.replace('_', '-')} needs --hybrid IDX: fusion combines the "
+                         "lists of several indexes")
+
+
+class HybridSearch:
+    """The same queries against several index folders (dense and lexical), each query's lists
+    fused (core/fusion) into hits of the first index's rows: an id another index returns
+    must be in the first. Queries are embedded once, with the model of the first dense index;
+    every dense index must share it."""
+
+    max_hits, like = None, None
+
+    def __init__(self, paths, k, fusion, list_depth, exact, ef, rescore, filter_text, fields,
+                 all_fields, threads):
+        self.members = [IndexSearch(path, k, exact if kind else False, ef if kind else None,
+                                    rescore if kind else None, None, filter_text, fields,
+                                    all_fields, threads)
+                        for path, kind in zip(paths, _dense_flags(paths))]
+        first = self.members[0]
+        self.index, self.rows, self.schema = first.index, first.rows, first.schema
+        self.source, self.paths = first.source, list(paths)
+        dense = [member for member in self.members if member.needs_vectors]
+        self.needs_vectors = bool(dense)
+        self.embedder = dense[0] if dense else first
+        _check_one_model(dense)
+        self.metadata = self.embedder.metadata
+        self.query_prompt, self.query_dim = self.embedder.query_prompt, self.embedder.query_dim
+        self.fusion, self.list_depth = fusion, list_depth
+        self.k = self.depth = k
+        self._row_of = None
+
+    def described(self) -> str:
+        import json
+
+        return json.dumps({**self.fusion.metadata(), "lists": self.paths,
+                           "list_depth": self._depth(self.depth)})
+
+    def query_codes(self, vectors, item):
+        return self.embedder.query_codes(vectors, item)
+
+    def _depth(self, k: int) -> int:
+        return max(self.list_depth or 100, k)
+
+    def hits_for(self, query: QueryBatch, k: int) -> "Hits":
+        """The best k fused hits of each query, as rows of the first index."""
+        from vecpipe.core.fusion import QueryFusion, ranked
+
+        depth = self._depth(k)
+        lists = [self._id_scores(member, member.hits_for(self._query_for(member, query),
+                                                         depth))
+                 for member in self.members]
+        weights = self.fusion.run_weights(len(self.members))
+        fused = []
+        for at in range(len(query.ids)):
+            each = [ranked(found[at]) for found in lists]
+            fused.append(QueryFusion(self.fusion, each).top(weights, k))
+        return self._hits(fused, k)
+
+    def results(self, reader):
+        for query in reader:
+            yield ResultBatch(query, self.hits_for(query, self.depth), self.rows)
+
+    def _query_for(self, member, query: QueryBatch) -> QueryBatch:
+        from vecpipe.formats.errors import UsageError
+
+        if member.needs_vectors:
+            return query
+        if query.texts is None or any(text is None for text in query.texts):
+            raise UsageError(f"--hybrid: {member.source} is a lexical index: it needs text "
+                             "queries, not vectors")
+        return query._replace(vectors=None, encoded=False)
+
+    @staticmethod
+    def _id_scores(member, hits) -> list:
+        """Per query {id: score} of a member's hits."""
+        ids = member.rows.column("id")
+        return [{ids[int(row)].as_py(): float(score)
+                 for row, score in zip(rows, scores) if row >= 0}
+                for rows, scores in zip(hits.rows, hits.scores)]
+
+    def _hits(self, fused, k: int) -> "Hits":
+        import numpy as np
+
+        from vecpipe.core.vectors import Hits
+        from vecpipe.formats.errors import DataError
+
+        if self._row_of is None:
+            self._row_of = {doc: row for row, doc in
+                            enumerate(self.rows.column("id").to_pylist())}
+        rows = np.full((len(fused), k), -1, np.int64)
+        scores = np.full((len(fused), k), -np.inf, np.float32)
+        for at, (docs, values) in enumerate(fused):
+            for rank, doc in enumerate(docs):
+                row = self._row_of.get(doc)
+                if row is None:
+                    raise DataError(f"id {doc!r} is not in {self.source}: --hybrid indexes "
+                                    "must hold the same records", source=self.source,
+                                    hint="index the same records into each")
+                rows[at, rank], scores[at, rank] = row, values[rank]
+        return Hits(rows, scores)
+
+
+def _dense_flags(paths) -> list:
+    """Whether each index folder holds vectors (the HNSW options go to those alone)."""
+    from vecpipe.core.index_format import read_manifest
+
+    return [read_manifest(path).get("layout") != "lexical" for path in paths]
+
+
+def _check_one_model(dense) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    models = {member.metadata.get("model") for member in dense}
+    if len(models) > 1:
+        raise UsageError(f"--hybrid: {dense[0].source} and {dense[1].source} hold vectors of "
+                         "different models; one query vector cannot search both",
+                         hint="search each and fuse the runs with `vecpipe merge --fuse`")
+
+
 # ---- exact search over an embeddings stream ---------------------------------------------------
 
 class StreamSearch:
@@ -1082,8 +1358,7 @@ def write_hits(results, schema, output, fmt, metadata=None) -> None:
     if fmt == "trec":
         with text_output(output) as out:
             for table, count in hit_tables(results, schema):
-                out.write(trec_lines(zip(*(table.column(name).to_pylist()
-                                           for name in ("query_id", "id", "rank", "score")))))
+                out.write(trec_lines(_trec_rows(table, (metadata or {}).get("group_by"))))
                 hits, queries = hits + table.num_rows, queries + count
                 if to_stdout:
                     out.flush()
@@ -1095,6 +1370,18 @@ def write_hits(results, schema, output, fmt, metadata=None) -> None:
                 if to_stdout:  # each batch answered at once (one query a line from stdin)
                     out.flush()
     console.info(hits_summary(hits, queries))
+
+
+def _trec_rows(table, group_by=None):
+    """(query id, doc id, rank, score) per hit, or per group when the hits are grouped by the
+    field `group_by` (docid: its value, score: the group's)."""
+    if group_by is None:
+        return zip(*(table.column(name).to_pylist()
+                     for name in ("query_id", "id", "rank", "score")))
+    from vecpipe.core.grouping import group_lines
+
+    return group_lines(*(table.column(name).to_pylist()
+                         for name in ("query_id", group_by, "group_score")))
 
 
 def hits_summary(hits: int, queries: int) -> str:

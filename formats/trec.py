@@ -125,15 +125,24 @@ def _add_hit(run: Run, qid: str, doc: str, score: float, name: str, lineno: int)
     docs[doc] = score
 
 
-def read_run(path: str) -> Run:
+AGGREGATES = ("max", "sum", "mean")
+
+
+def read_run(path: str, aggregate: tuple[str, str] | None = None) -> Run:
     """A run from `search` output (any record format, CSV/TSV by name: query_id, id, score
     and/or rank) or a TREC run file (`qid Q0 docid rank score tag`), sniffed from the first
-    bytes."""
+    bytes. `aggregate` (field, max|sum|mean): a run of chunks collapsed to one by that field's
+    value (e.g. parent_id), scored by the max, sum or mean of its hits' scores."""
     stream, _head, compressed, records = _open(path)
     name = shown_name(path)
     try:
         if records:
-            return _run_from_records(_record_batches(stream, records, path, compressed), name)
+            return _run_from_records(_record_batches(stream, records, path, compressed), name,
+                                     aggregate)
+        if aggregate:
+            raise DataError(f"a TREC run file carries no {aggregate[0]} field to aggregate by",
+                            source=name, hint="give search output records (JSONL, Arrow, "
+                                              "Parquet) that hold it")
         return _run_from_trec(_text_lines(stream, name), name)
     finally:
         stream.close()
@@ -154,10 +163,16 @@ def _column(batch, names: Sequence[str]):
     return next((n for n in names if n in batch.schema.names), None)
 
 
-def _run_from_records(batches, name: str) -> Run:
+def _run_from_records(batches, name: str, aggregate=None) -> Run:
     run: Run = {}
+    grouped: dict = {}  # aggregate: query id -> {value: [scores]}
     for batch, first in batches:
         qcol, dcol = _column(batch, ("query_id",)), _column(batch, ("id", "_id", "doc_id"))
+        if aggregate:
+            dcol = _column(batch, (aggregate[0],))
+            if dcol is None:
+                raise DataError(f"no {aggregate[0]} field to aggregate by (fields: "
+                                f"{', '.join(batch.schema.names)})", source=name)
         scol = _column(batch, ("score",)) or _column(batch, ("rank",))
         if qcol is None or dcol is None or scol is None:
             raise DataError(f"a run needs fields query_id, id and score (or rank); fields are "
@@ -173,8 +188,20 @@ def _run_from_records(batches, name: str) -> Run:
             if isinstance(score, str) or not math.isfinite(score):
                 raise DataError(f"{scol} {score!r} is not a finite number", source=name,
                                 record=record)
-            _add_hit(run, str(qid), str(doc), sign * float(score), name, record)
-    return run
+            if aggregate:
+                docs = grouped.setdefault(str(qid), {})
+                docs.setdefault(str(doc), []).append(sign * float(score))
+            else:
+                _add_hit(run, str(qid), str(doc), sign * float(score), name, record)
+    return _aggregated(grouped, aggregate[1]) if aggregate else run
+
+
+def _aggregated(grouped: dict, how: str) -> Run:
+    """query id -> {value: scores} as a run, each value scored by max, sum or mean."""
+    reduce = {"max": max, "sum": math.fsum,
+              "mean": lambda scores: math.fsum(scores) / len(scores)}[how]
+    return {qid: {doc: float(reduce(scores)) for doc, scores in docs.items()}
+            for qid, docs in grouped.items()}
 
 
 @dataclass
