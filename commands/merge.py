@@ -158,8 +158,9 @@ def fuse_runs(paths, output, output_format, method, fuse_norm, rrf_k, fuse_weigh
                                           save_fit)
     fused = fusing.fuse_runs(fusion, runs, fuse_depth)
     hits = write_run(fused, output, output_format, {"fusion": described})
-    console.info(f"fused {len(runs)} runs ({method}, norm {fusion.norm}): {hits:,} hits for "
-                 f"{len(fused):,} queries -> {output or 'stdout'}")
+    queries = f"{len(fused):,} quer{'y' if len(fused) == 1 else 'ies'}"
+    console.info(f"fused {len(runs)} runs ({method}, norm {fusion.norm}): {hits:,} "
+                 f"hit{'' if hits == 1 else 's'} for {queries} -> {output or 'stdout'}")
 
 
 def fitted_fusion(fusion, runs, names, qrels_path, metric, step, save_fit):

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from vecpipe.core.vectors import Hits
 
 STREAM_BLOCK_ROWS = 8192
+DEFAULT_K, DEFAULT_MMR_DEPTH = 10, 100
 
 
 def run(index: Annotated[str, typer.Argument(
@@ -22,7 +23,7 @@ def run(index: Annotated[str, typer.Argument(
                  "and query prompt, or vectors (`embedding`). Files or - for stdin (the "
                  "default).",
             metavar="[QUERIES]...", show_default=False)] = None,
-        k: options.TopK = 10,
+        k: options.TopK = None,
         exact: options.Exact = False,
         ef: options.Ef = None,
         rescore: Annotated[Optional[int], typer.Option(
@@ -45,9 +46,9 @@ def run(index: Annotated[str, typer.Argument(
                                             "vectors; score becomes the MMR score, similarity "
                                             "holds sim(q,d).", metavar="LAMBDA",
             show_default=False)] = None,
-        mmr_depth: Annotated[int, typer.Option(
-            "--mmr-depth", min=1, help="First-stage hits per query MMR chooses from.",
-            metavar="N")] = 100,
+        mmr_depth: Annotated[Optional[int], typer.Option(
+            "--mmr-depth", min=1, help="First-stage hits per query MMR chooses from (default "
+                                       "100).", metavar="N", show_default=False)] = None,
         group_by: Annotated[Optional[str], typer.Option(
             "--group-by", help="Return k distinct groups: hits grouped by this stored field's "
                                "value (chunks of `embed --chunk-tokens`: parent_id, kept by "
@@ -65,8 +66,8 @@ def run(index: Annotated[str, typer.Argument(
             show_default=False)] = None,
         group_score: Annotated[Optional[str], typer.Option(
             "--group-score", help="max|sum|mean of a group's kept hits' scores (default max; "
-                                  "sum and mean are over its best --group-size hits among "
-                                  "the candidates fetched).", metavar="HOW",
+                                  "sum and mean are over its best --group-size hits: "
+                                  "searched deeper until each group has them).", metavar="HOW",
             show_default=False)] = None,
         filter_text: options.FilterExpr = None,
         fields: options.Fields = None,
@@ -116,7 +117,7 @@ def run(index: Annotated[str, typer.Argument(
             show_default=False)] = None,
         hybrid_depth: Annotated[Optional[int], typer.Option(
             "--hybrid-depth", min=1, help="Hits each index contributes to the fusion (default "
-                                          "max(100, k)).", metavar="N",
+                                          "100; at least k).", metavar="N",
             show_default=False)] = None,
         fuse: options.Fuse = None,
         fuse_norm: options.FuseNorm = None,
@@ -134,8 +135,8 @@ def run(index: Annotated[str, typer.Argument(
         backend: options.Backend = "auto",
         force: options.Force = False,
         quiet: options.Quiet = False):
-    """Find the k nearest records for each query. One output row per hit: query_id, rank
-    (1-based), id, score (a similarity: larger is better whatever the metric) and the requested
+    """Find the k nearest records for each query (k is 10 unless -k says). One output row per
+    hit: query_id, rank (1-based), id, score (a similarity: larger is better whatever the metric) and the requested
     stored fields; or a TREC run file. Scores: cos -> cosine, ip -> dot product, l2sq -> minus
     the squared distance, hamming -> fraction of equal bits. On a terminal (no -o or
     --output-format): a table per query instead, cut to its width (`--output-format table`
@@ -170,7 +171,10 @@ def run(index: Annotated[str, typer.Argument(
     if query and queries:
         raise UsageError("give QUERIES or --query, not both")
     _check_backend(backend)
-    _check_range_options(max_hits, min_score, mmr)
+    _check_range_options(max_hits, min_score, mmr, k_given=k is not None)
+    if mmr_depth is not None and mmr is None:
+        raise UsageError("--mmr-depth needs --mmr LAMBDA")
+    k = DEFAULT_K if k is None else k
     _check_rerank_options(rerank, like, rerank_depth=rerank_depth, rerank_fields=rerank_fields,
                           rerank_max_length=rerank_max_length, keep_first_score=keep_first_score)
     _check_like_options(like, unlike, queries, query, model=model, prompt=prompt,
@@ -219,7 +223,7 @@ def run(index: Annotated[str, typer.Argument(
         add_rerank_stage(pipeline, rerank, rerank_depth, rerank_fields, rerank_max_length,
                          keep_first_score, batch_size=batch_size, device=device)
     if mmr is not None:
-        add_mmr_stage(pipeline, mmr, mmr_depth)
+        add_mmr_stage(pipeline, mmr, mmr_depth or DEFAULT_MMR_DEPTH)
     if group_by is None and (group_size is not None or group_score is not None):
         group_by = _chunks_parent(searcher)
     _check_group_options(group_by, group_size, group_score, max_hits, mmr)
@@ -277,7 +281,7 @@ def _check_lexical_options(**vector_options) -> None:
                          "searched with the query text")
 
 
-def _check_range_options(max_hits, min_score, mmr) -> None:
+def _check_range_options(max_hits, min_score, mmr, k_given: bool) -> None:
     """--max-hits is range search: it needs --min-score and replaces -k (refused if given)."""
     from vecpipe.formats.errors import UsageError
 
@@ -289,13 +293,7 @@ def _check_range_options(max_hits, min_score, mmr) -> None:
     if mmr is not None:
         raise UsageError("--mmr chooses among the top --mmr-depth hits; give it -k, not "
                          "--max-hits")
-    try:
-        import click
-
-        source = click.get_current_context().get_parameter_source("k")
-    except RuntimeError:
-        return
-    if source is not None and source.name == "COMMANDLINE":
+    if k_given:
         raise UsageError("give -k or --max-hits, not both: range search returns every hit "
                          "above --min-score")
 
@@ -996,13 +994,19 @@ def query_subset(query: QueryBatch, which) -> QueryBatch:
 
 # ---- hybrid: several indexes, fused ------------------------------------------------------------
 
+HYBRID_REFUSALS = {
+    "like": "--like searches with one index's stored vectors; --hybrid fuses query searches",
+    "min_score": "--min-score does not apply to --hybrid: the lists fused score on different "
+                 "scales",
+    "max_hits": "--max-hits does not apply to --hybrid: range search needs one score scale"}
+
+
 def _check_hybrid_options(**given) -> None:
     from vecpipe.formats.errors import UsageError
 
     name = next((name for name, value in given.items() if value), None)
     if name:
-        raise UsageError(f"--{name.replace('_', '-')} does not apply to --hybrid: the lists "
-                         "fused score on different scales", hint="filter with --filter")
+        raise UsageError(HYBRID_REFUSALS[name])
 
 
 def _check_fusion_options(**given) -> None:
@@ -1040,6 +1044,24 @@ class HybridSearch:
         self.fusion, self.list_depth = fusion, list_depth
         self.k = self.depth = k
         self._row_of = None
+        self._check_same_ids()
+
+    def _check_same_ids(self) -> None:
+        """Every id another index can return is one of the first's (found now, not when a
+        query happens to reach it)."""
+        import pyarrow.compute as pc
+
+        from vecpipe.formats.errors import DataError
+
+        known = self.rows.column("id").combine_chunks()
+        for member in self.members[1:]:
+            ids = member.rows.column("id")
+            missing = ids.filter(pc.invert(pc.is_in(ids, value_set=known)))
+            if len(missing):
+                raise DataError(f"{len(missing):,} ids of {member.source} are not in "
+                                f"{self.source} (first: {missing[0].as_py()!r}): --hybrid "
+                                "indexes must hold the same records", source=self.source,
+                                hint="index the same records into each (INDEX may hold more)")
 
     def described(self) -> str:
         import json
@@ -1094,7 +1116,6 @@ class HybridSearch:
         import numpy as np
 
         from vecpipe.core.vectors import Hits
-        from vecpipe.formats.errors import DataError
 
         if self._row_of is None:
             self._row_of = {doc: row for row, doc in
@@ -1102,13 +1123,8 @@ class HybridSearch:
         rows = np.full((len(fused), k), -1, np.int64)
         scores = np.full((len(fused), k), -np.inf, np.float32)
         for at, (docs, values) in enumerate(fused):
-            for rank, doc in enumerate(docs):
-                row = self._row_of.get(doc)
-                if row is None:
-                    raise DataError(f"id {doc!r} is not in {self.source}: --hybrid indexes "
-                                    "must hold the same records", source=self.source,
-                                    hint="index the same records into each")
-                rows[at, rank], scores[at, rank] = row, values[rank]
+            for rank, doc in enumerate(docs):  # every id is INDEX's (_check_same_ids)
+                rows[at, rank], scores[at, rank] = self._row_of[doc], values[rank]
         return Hits(rows, scores)
 
 

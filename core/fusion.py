@@ -191,6 +191,8 @@ class FittedWeights:
 
 def weight_grid(runs: int, step: float) -> list[tuple[float, ...]]:
     """Weight vectors of `runs` weights, multiples of `step` summing to 1, in ranx's order."""
+    if not 0 < step <= 1:
+        raise ParameterError(f"must be within (0, 1], got {step:g}", "step")
     steps = round(1 / step)
     if steps < 1 or abs(steps * step - 1) > 1e-9:
         raise ParameterError(f"must divide 1 evenly (0.1, 0.05, 0.25...), got {step:g}",

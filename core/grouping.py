@@ -1,10 +1,10 @@
 """Hits grouped by a stored field (chunks back to documents, as Qdrant's group_by): k distinct
 groups per query, each with its best `size` hits, scored by the max, sum or mean of those.
 
-A group's sum and mean are over its best `size` hits among the candidates fetched; its max is
-exact once k groups are found (a group not fetched scores at most the last candidate). The
-candidates deepen (doubling) for the queries that find fewer than k groups while more rows
-remain.
+A group's sum and mean are over its best `size` hits, its max is its best hit. The candidates
+deepen (doubling) for the queries that find fewer than k groups, or a kept group with fewer
+hits than it has rows (up to `size`), while more rows remain; the max is exact once k groups
+are found (a group not fetched scores at most the last candidate).
 """
 from __future__ import annotations
 
@@ -146,8 +146,10 @@ def deepened_groups(search: Callable[["np.ndarray", int], Hits], hits: Hits, key
     passing a filter or a minimum score) or the depth reaches `total` rows."""
     import numpy as np
 
+    keys = np.asarray(keys)
+    sizes = np.minimum(np.bincount(keys[keys >= 0]), size)  # the hits each group can keep
     groups = group_hits(hits, keys, k, size, how)
-    which = np.flatnonzero(_short(groups, hits, k, depth, total))
+    which = np.flatnonzero(_short(groups, hits, keys, sizes, k, depth, total))
     while len(which):
         depth = min(2 * depth, total)
         hits = search(which, depth)
@@ -155,12 +157,28 @@ def deepened_groups(search: Callable[["np.ndarray", int], Hits], hits: Hits, key
         groups.hits.rows[which], groups.hits.scores[which] = part.hits.rows, part.hits.scores
         groups.group_scores[which], groups.positions[which] = part.group_scores, part.positions
         groups.counts[which] = part.counts
-        which = which[_short(part, hits, k, depth, total)]
+        which = which[_short(part, hits, keys, sizes, k, depth, total)]
     return groups.trimmed()
 
 
-def _short(groups: Groups, hits: Hits, k: int, depth: int, total: int):
-    return (groups.counts < k) & (hits.counts >= depth) & (depth < total)
+def _short(groups: Groups, hits: Hits, keys, sizes, k: int, depth: int, total: int):
+    """Queries to search deeper: fewer than k groups, or a kept group with fewer hits than it
+    has rows (up to the group size), while the search may still find more."""
+    return (_incomplete(groups, keys, sizes) | (groups.counts < k)) \
+        & (hits.counts >= depth) & (depth < total)
+
+
+def _incomplete(groups: Groups, keys, sizes):
+    import numpy as np
+
+    rows = groups.hits.rows
+    found = np.zeros(len(rows), bool)
+    if sizes.max(initial=0) <= 1:
+        return found
+    for query, kept in enumerate(rows):
+        held, counts = np.unique(keys[kept[kept >= 0]], return_counts=True)
+        found[query] = bool((counts < sizes[held]).any())
+    return found
 
 
 def group_lines(query_ids: Iterable, values: Iterable, group_scores: Iterable) -> Iterator:

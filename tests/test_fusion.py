@@ -217,3 +217,13 @@ def test_merge_fuse_names_a_bad_run_file(cli, two_runs):
     bad.write_text("q1 Q0 d1 1\n")
     result = cli("merge", "--fuse", "rrf", trec, bad)
     assert result.exit_code == 1 and "bad.trec" in result.stderr and "6 fields" in result.stderr
+
+
+def test_merge_fit_step_outside_0_1_is_a_usage_error(cli, two_runs):
+    folder, runs, trec, jsonl = two_runs
+    qrels = folder / "q.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq0\td1\t1\n")
+    for step in ("0", "-0.1", "0.3"):
+        result = cli("merge", "--fuse", "wsum", trec, jsonl, "--fit-qrels", qrels,
+                     "--fit-step", step)
+        assert result.exit_code == 2 and "--fit-step:" in result.stderr, result.stderr

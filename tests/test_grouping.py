@@ -149,6 +149,27 @@ def test_deepening_finds_k_groups_behind_one_big_group(cli, tmp_path):
         assert_same(got, reference(query[None], vectors, parents, k, size, "max"))
 
 
+def test_deepening_fills_groups_whose_other_hits_lie_deeper(cli, tmp_path):
+    """Document A has one chunk next to the query and five far off, behind 300 one-chunk
+    documents: its mean of 3 needs the far chunks, found by deepening."""
+    rng = np.random.default_rng(4)
+    query = rng.standard_normal(DIM).astype(np.float32)
+    best = query + 0.01 * rng.standard_normal(DIM).astype(np.float32)
+    others = query + 0.6 * rng.standard_normal((300, DIM)).astype(np.float32)
+    far = -query + 0.3 * rng.standard_normal((5, DIM)).astype(np.float32)
+    vectors = np.concatenate([best[None], far, others])
+    parents = ["A"] * 6 + [f"d{i}" for i in range(300)]
+    src = chunks(tmp_path / "c.jsonl", vectors, parents)
+    qfile = write_jsonl(tmp_path / "q.jsonl", [{"id": "q0", "embedding": query.tolist()}])
+    assert cli("index", src, "-o", tmp_path / "idx", "-m", f"fake:{DIM}", "--fields",
+               "parent_id", "--flat", "-q").exit_code == 0
+    result = cli("search", tmp_path / "idx", qfile, "-k", 3, "--group-by", "parent_id",
+                 "--group-size", 3, "--group-score", "mean", "--output-format", "jsonl")
+    assert result.exit_code == 0, result.stderr
+    assert_same(grouped(result.records(), ["q0"]),
+                reference(query[None], vectors, parents, 3, 3, "mean"))
+
+
 def test_trec_run_has_one_line_per_group(cli, small):
     result = cli("search", small["idx"], small["q"], "--exact", "-k", 3, "--group-by",
                  "parent_id", "--group-size", 2, "--group-score", "sum", "--output-format",

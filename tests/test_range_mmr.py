@@ -280,3 +280,11 @@ def test_search_cli_mmr_equals_the_reference(cli, clustered):
         assert r.exit_code == 2 and message in r.stderr, r
     r = cli("search", clustered["src"], qfile, "--mmr", 0.5)
     assert r.exit_code == 2 and "stored vectors" in r.stderr
+
+
+def test_mmr_depth_needs_mmr_and_k_with_max_hits_is_refused(cli, clustered):
+    result = cli("search", clustered["folder"] / "flat", clustered["qfile"], "--mmr-depth", 5)
+    assert result.exit_code == 2 and "--mmr-depth needs --mmr" in result.stderr
+    both = cli("search", clustered["folder"] / "flat", clustered["qfile"], "--min-score", 0.5,
+               "--max-hits", 10, "-k", 3)
+    assert both.exit_code == 2 and "give -k or --max-hits, not both" in both.stderr
