@@ -46,6 +46,8 @@ SKIPPED = {
     r"^make (demo|test|test-fast)\b": ("runs the repo's own make targets", True),
     # GNU parallel is an optional tool; the sharded embed it runs is the make -j8 block's too
     r"^parallel\b": ("GNU parallel is not installed", shutil.which("parallel") is None),
+    # no cross-encoder ships offline; tests/test_rerank.py runs --rerank with a local one
+    r"--rerank cross-encoder/": ("downloads a cross-encoder from the hub", True),
     # the full NFCorpus test split takes minutes: the same command runs on the slice (the
     # ../shared/data/nfcorpus path here is the slice) and its numbers are checked against
     # tests/test_eval.py's (test_readme_beir_numbers_match_the_nfcorpus_test)
@@ -383,6 +385,11 @@ def make_fixtures(root: Path, nfcorpus: Path, model: str) -> Path:
     jsonl(work / "new" / f"{today}.jsonl", [with_fields(d, n) for n, d in enumerate(spare[:40])]
           + records[:5])  # 5 documents again: --on-duplicate last replaces them
     (work / "bm25.trec").write_text(bm25_run(docs, test_queries))
+    # two snapshots of the corpus for the keep-in-step recipe: 5 removed, 3 changed, 10 new
+    changed = [dict(r, text=r["text"] + " (revised)") for r in records[5:8]]
+    jsonl(work / "snapshots" / "yesterday.jsonl", records)
+    jsonl(work / "snapshots" / "today.jsonl", changed + records[8:]
+          + [with_fields(d, n) for n, d in enumerate(spare[80:90])])
     for doc in docs[:40]:  # the Markdown folder of "Search your own Markdown folder"
         folder = work / "notes" / ("nutrition" if len(doc["text"]) % 2 else "")
         folder.mkdir(parents=True, exist_ok=True)
@@ -528,6 +535,9 @@ def check_index_folder(folder: Path, argv: list[str]) -> None:
                                           for s in kept["shards"]), index
             continue
         assert (index / "rows.parquet").is_file(), index
+        if kept.get("layout") == "lexical":  # index --lexical: bm25s's score matrix
+            assert (index / "data.csc.index.npy").is_file(), index
+            continue
         flat = "--flat" in argv
         assert (index / ("vectors.npy" if flat else "vectors.usearch")).is_file(), index
         if "--keep-vectors" in argv:
@@ -574,6 +584,9 @@ def check_output(argv: list[str], path: Path) -> None:
             check_vectors_file(part)
     elif path.suffix == ".trec":
         check_trec_run(path)
+    elif command == "merge" and "--fuse" in argv:  # a fused run: every document of the runs
+        records = read_records(path)
+        assert records and all(HIT_COLUMNS <= set(r) for r in records), records[:2]
     elif command == "search":
         check_hits(read_records(path), argv)
     elif command in ("embed", "compress", "merge") and path.suffix == ".arrow":
@@ -584,7 +597,7 @@ def check_output(argv: list[str], path: Path) -> None:
         rows = read_records(path)
         assert rows and all("positive" in r and any(k.startswith("negative") for k in r)
                             for r in rows), rows[:1]
-    for side in ("--save-stats", "--save-codec", "--save-report"):
+    for side in ("--save-stats", "--save-codec", "--save-report", "--save-fit"):
         if option(argv, side):
             json.loads((path.parent / option(argv, side)).read_text())
 
