@@ -12,6 +12,15 @@ are cached in --cache and reused.
 
     .venv/bin/python bench/compress.py [--data ../shared/data/nfcorpus]
         [--cache /tmp/vecpipe-bench-nfcorpus-minilm.npz] [--throughput-rows 200000]
+
+`--configs pca` compares uncentred and centred PCA (`--pca-center`) instead: nDCG@10 and
+recall@10 (against the qrels) and their retention, top-10 overlap with float32 search, and the
+query latency of `compress --report` with the test queries as --report-queries (exact search, one
+query at a time, codes vs float32). `--docs`/`--queries` take vectors already embedded (Arrow
+files with `id` and `embedding`) instead of the cache; queries not in the test qrels are dropped:
+
+    .venv/bin/python bench/compress.py --configs pca --throughput-rows 0 \
+        --docs docs.arrow --queries queries.arrow
 """
 from __future__ import annotations
 
@@ -55,6 +64,16 @@ CONFIGS = [
     ("int8 + pca 128", ["--pca", "128", "--dtype", "int8"], "asymmetric"),
     ("binary + dim 256 + rescore x10", ["--dim", "256", "--dtype", "binary"], "rescore:10"),
 ]
+PCA_CONFIGS = [
+    ("float32", None, "float"),
+    ("pca 128", ["--pca", "128"], "asymmetric"),
+    ("pca 128 --pca-center", ["--pca", "128", "--pca-center"], "asymmetric"),
+    ("pca 64", ["--pca", "64"], "asymmetric"),
+    ("pca 64 --pca-center", ["--pca", "64", "--pca-center"], "asymmetric"),
+    ("int8 + pca 128", ["--pca", "128", "--dtype", "int8"], "asymmetric"),
+    ("int8 + pca 128 --pca-center", ["--pca", "128", "--pca-center", "--dtype", "int8"],
+     "asymmetric"),
+]
 
 
 def main() -> None:
@@ -63,16 +82,27 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/vecpipe-bench-nfcorpus-minilm.npz")
     parser.add_argument("--throughput-rows", type=int, default=200_000,
                         help="rows of the synthetic stream timed through compress (0: skip)")
+    parser.add_argument("--configs", choices=("all", "pca"), default="all")
+    parser.add_argument("--docs", help="embedded corpus (Arrow: id, embedding) instead of --cache")
+    parser.add_argument("--queries", help="embedded queries (Arrow: id, embedding), with --docs")
     args = parser.parse_args()
     print(machine_line(), flush=True)
 
-    data = load_or_embed(Path(args.data), Path(args.cache))
     qrels = read_qrels(Path(args.data) / "qrels" / "test.tsv")
+    data = load_arrow(args.docs, args.queries, qrels) if args.docs else \
+        load_or_embed(Path(args.data), Path(args.cache))
     with tempfile.TemporaryDirectory(prefix="vecpipe-bench-") as tmp:
         corpus_path = write_vectors(Path(tmp) / "corpus.arrow", data["docs"], data["doc_ids"])
-        rows = [evaluate(label, cli_args, scoring, corpus_path, data, qrels, Path(tmp))
-                for label, cli_args, scoring in CONFIGS]
-        print_table(rows)
+        if args.configs == "pca":
+            queries_path = write_vectors(Path(tmp) / "queries.arrow", data["queries"],
+                                         data["query_ids"])
+            rows = [evaluate(label, cli_args, scoring, corpus_path, data, qrels, Path(tmp),
+                             queries_path) for label, cli_args, scoring in PCA_CONFIGS]
+            print_pca_table(rows)
+        else:
+            rows = [evaluate(label, cli_args, scoring, corpus_path, data, qrels, Path(tmp))
+                    for label, cli_args, scoring in CONFIGS]
+            print_table(rows)
         if args.throughput_rows:
             print_throughput(throughput(Path(tmp), args.throughput_rows))
 
@@ -103,6 +133,20 @@ def load_or_embed(root: Path, cache: Path) -> dict:
     return data
 
 
+def load_arrow(docs: str, queries: str, qrels) -> dict:
+    """The cache's arrays from embedded Arrow files; only the queries the qrels judge."""
+    def read(path):
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        return (np.array(table.column("id").to_pylist()),
+                names.vectors_to_numpy(table.column("embedding")).astype(np.float32))
+
+    doc_ids, doc_vectors = read(docs)
+    query_ids, query_vectors = read(queries)
+    keep = np.isin(query_ids, list(qrels))
+    return {"doc_ids": doc_ids, "docs": doc_vectors, "query_ids": query_ids[keep],
+            "queries": query_vectors[keep]}
+
+
 def read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     with open(path, encoding="utf-8") as f:
@@ -129,13 +173,22 @@ def vecpipe(*args: str) -> subprocess.CompletedProcess:
 
 
 # ----- evaluation ----------------------------------------------------------------------------
-def evaluate(label, cli_args, scoring, corpus_path, data, qrels, tmp: Path) -> dict:
+def evaluate(label, cli_args, scoring, corpus_path, data, qrels, tmp: Path,
+             report_queries: Path | None = None) -> dict:
+    """One codec's row; with `report_queries`, also recall@10 against the qrels and the
+    query latency of compress's report (held-out queries)."""
     queries, docs = data["queries"], data["docs"]
+    report = tmp / "report.json"
+    extra = [] if report_queries is None else \
+        ["--report-queries", str(report_queries), "--save-report", str(report)]
     if cli_args is None:
         scores, size = queries @ docs.T, docs.shape[1] * 4
+        if report_queries is not None:  # a codec that changes nothing: float32 against itself
+            vecpipe("compress", str(corpus_path), "--dtype", "float16", "-o",
+                    str(tmp / "codes.arrow"), "-q", *extra)
     else:
         out = tmp / "codes.arrow"
-        vecpipe("compress", str(corpus_path), *cli_args, "-o", str(out), "-q")
+        vecpipe("compress", str(corpus_path), *cli_args, "-o", str(out), "-q", *extra)
         table = pa.ipc.open_file(pa.memory_map(str(out))).read_all()
         codec = codec_from_meta(names.read_meta(table.schema))
         codes = codec.codes_from_matrix(names.vectors_to_numpy(table.column("embedding")))
@@ -143,8 +196,14 @@ def evaluate(label, cli_args, scoring, corpus_path, data, qrels, tmp: Path) -> d
     run = to_run(scores, data["query_ids"], data["doc_ids"])
     if scoring.startswith("rescore"):  # the float32 vectors stay on disk for re-ranking
         size = f"{size} (+{docs.shape[1] * 4} on disk)"
-    return {"label": label, "bytes": size, "ndcg": ndcg_at_10(run, qrels),
-            "overlap": top_k_overlap(scores, queries @ docs.T)}
+    row = {"label": label, "bytes": size, "ndcg": ndcg_at_10(run, qrels),
+           "overlap": top_k_overlap(scores, queries @ docs.T)}
+    if report_queries is not None:
+        row["recall"] = recall_at_10(run, qrels)
+        latency = json.loads(report.read_text())["query_latency"]
+        row["float32_ms"] = latency["float32_ms"]
+        row["codes_ms"] = None if cli_args is None else latency["codes_ms"]
+    return row
 
 
 def score(codec, codes, scoring, queries, docs):
@@ -178,6 +237,13 @@ def ndcg_at_10(run, qrels) -> float:
     return float(np.mean([m["ndcg_cut_10"] for m in per_query.values()]))
 
 
+def recall_at_10(run, qrels) -> float:
+    import pytrec_eval
+
+    evaluator = pytrec_eval.RelevanceEvaluator(qrels, {"recall.10"})
+    return float(np.mean([m["recall_10"] for m in evaluator.evaluate(run).values()]))
+
+
 def top_k_overlap(scores, exact) -> float:
     found = np.argsort(-scores, axis=1, kind="stable")[:, :K]
     truth = np.argsort(-exact, axis=1, kind="stable")[:, :K]
@@ -191,6 +257,19 @@ def print_table(rows) -> None:
     for row in rows:
         print(f"| {row['label']} | {row['bytes']} | {row['ndcg']:.4f} | "
               f"{100 * row['ndcg'] / base['ndcg']:.1f}% | {row['overlap']:.3f} |")
+
+
+def print_pca_table(rows) -> None:
+    base = rows[0]
+    print("| codec | bytes/vector | nDCG@10 | retention | recall@10 | retention | "
+          "top-10 overlap with float32 | ms/query codes | ms/query float32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        codes = "-" if row["codes_ms"] is None else f"{row['codes_ms']:.3f}"
+        print(f"| {row['label']} | {row['bytes']} | {row['ndcg']:.4f} | "
+              f"{100 * row['ndcg'] / base['ndcg']:.1f}% | {row['recall']:.4f} | "
+              f"{100 * row['recall'] / base['recall']:.1f}% | {row['overlap']:.3f} | "
+              f"{codes} | {row['float32_ms']:.3f} |")
 
 
 # ----- throughput ----------------------------------------------------------------------------

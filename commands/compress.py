@@ -9,6 +9,8 @@ DEFAULT_CALIBRATION_ROWS = 10_000
 REPORT_QUERIES = 200
 REPORT_HELD_OUT_QUERIES = 1000
 REPORT_K = 10
+REPORT_LATENCY_QUERIES = 100
+REPORT_LATENCY_REPEATS = 5
 
 
 def run(inputs: options.Inputs = None,
@@ -22,6 +24,10 @@ def run(inputs: options.Inputs = None,
         pca: Annotated[Optional[int], typer.Option(
             "--pca", min=1, metavar="N", help="Project on the top N principal components fitted on the "
                                  "calibration rows (after --dim), re-normalise.")] = None,
+        pca_center: Annotated[bool, typer.Option(
+            "--pca-center", help="With --pca: centred PCA (PCA-RAG, scikit-learn's PCA): subtract "
+                                 "the calibration mean, saved with the codec, before "
+                                 "projecting (the default keeps the mean direction).")] = False,
         calibration_rows: Annotated[Optional[int], typer.Option(
             "--calibration-rows", min=1, show_default=False, metavar="N",
             help="Fit the codec on the first N rows, the only rows held in memory "
@@ -37,9 +43,10 @@ def run(inputs: options.Inputs = None,
         save_codec: Annotated[Optional[str], typer.Option(
             "--save-codec", metavar="FILE", help="Also write the codec to FILE (JSON).")] = None,
         report: Annotated[bool, typer.Option(
-            "--report", help="Print bytes/vector, reconstruction error and recall@10 retention "
-                             "on stderr; recall uses calibration rows as queries (in-sample, "
-                             "optimistic) unless --report-queries.")] = False,
+            "--report", help="Print bytes/vector, reconstruction error, recall@10 retention "
+                             "and exact-search ms/query (codes vs float32) on stderr; recall "
+                             "uses calibration rows as queries (in-sample, optimistic) unless "
+                             "--report-queries.")] = False,
         report_queries: Annotated[Optional[str], typer.Option(
             "--report-queries", metavar="FILE",
             help="Float vectors of the same model and dimensions (e.g. embedded queries) to "
@@ -75,7 +82,7 @@ def run(inputs: options.Inputs = None,
     from vecpipe.formats.writers import RecordWriter
 
     check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
-                  report_json, bool(report or report_json))
+                  report_json, bool(report or report_json), pca_center)
     check_report_queries(report_queries, bool(report or report_json), inputs)
     codec = Codec.load(codec_file) if codec_file else None
     stream = RecordStream(inputs, input_format, check=input_check(force, documents=True))
@@ -94,7 +101,8 @@ def run(inputs: options.Inputs = None,
         refuse_codes(float_vectors(buffered[0]), buffered[0])
     if codec is None:
         codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
-                          normalize=meta.get("normalized") != "false", model=meta.get("model"))
+                          normalize=meta.get("normalized") != "false", model=meta.get("model"),
+                          center=pca_center)
 
     check_held_out(held_out, codec)
     stats = CompressionStats(codec) if report or report_json else None
@@ -121,18 +129,21 @@ def run(inputs: options.Inputs = None,
 
 # ----- options and input checks ------------------------------------------------------------
 def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
-                  report_json, report) -> None:
+                  report_json, report, pca_center=False) -> None:
     from vecpipe.core.codec import TARGETS
     from vecpipe.formats.errors import UsageError
 
     if to is not None and to not in TARGETS:
         raise UsageError(f"unknown --dtype {to!r}; choose from {', '.join(TARGETS)}")
-    fitting = {"--dtype": to, "--dim": dim, "--pca": pca, "--clip-quantile": clip_quantile}
+    fitting = {"--dtype": to, "--dim": dim, "--pca": pca, "--clip-quantile": clip_quantile,
+               "--pca-center": pca_center or None}
     given = [name for name, value in fitting.items() if value is not None]
     if codec_file and given:
         raise UsageError(f"--codec fixes the whole transform; drop {', '.join(given)}")
     if codec_file and calibration_rows is not None and not report:
         raise UsageError("with --codec, --calibration-rows only sizes the --report sample")
+    if pca_center and pca is None and not codec_file:
+        raise UsageError("--pca-center centres the PCA: give --pca N too")
     if not codec_file and to is None and dim is None and pca is None:
         raise UsageError("nothing to do: give --dtype, --dim, --pca or --codec FILE")
     if to == "float32" and dim is None and pca is None:
@@ -334,10 +345,10 @@ def kept_energy(codec, vectors):
     if codec.dim is not None:
         head = (vectors[:, :codec.dim] ** 2).sum(axis=1)
         share *= head / np.maximum((vectors ** 2).sum(axis=1), 1e-30)
-    if codec.pca_components is not None:
-        truncated = codec._truncate(vectors)
-        kept = ((truncated @ codec.pca_components) ** 2).sum(axis=1)
-        share *= kept / np.maximum((truncated ** 2).sum(axis=1), 1e-30)
+    if codec.pca_components is not None:  # centred PCA: of the centred vector's norm
+        before = codec.pca_input(vectors)
+        kept = ((before @ codec.pca_components) ** 2).sum(axis=1)
+        share *= kept / np.maximum((before ** 2).sum(axis=1), 1e-30)
     return share
 
 
@@ -346,17 +357,9 @@ def recall_retention(codec, sample, held_out=None, queries: int = REPORT_QUERIES
     """recall@k of compressed search against exact float search over the sample. The queries
     are `held_out` (name, vectors) or, in-sample, rows spread through the sample (each left
     out of its own results): these flatter a codec fitted on the same rows."""
-    import numpy as np
-
     if sample is None or len(sample) < k + 2:
         return None
-    if held_out is not None:
-        source, query_vectors = held_out
-        picks = None
-    else:
-        source = "calibration rows"
-        picks = np.unique(np.linspace(0, len(sample) - 1, min(queries, len(sample))).astype(int))
-        query_vectors = sample[picks]
+    source, query_vectors, picks = report_query_vectors(sample, held_out, queries)
     if len(query_vectors) == 0:
         return None
     codes = codec.encode(sample)
@@ -369,6 +372,56 @@ def recall_retention(codec, sample, held_out=None, queries: int = REPORT_QUERIES
     if symmetric is not None:
         result["recall_symmetric"] = overlap_at_k(exact, symmetric, picks, k)
     return result
+
+
+def report_query_vectors(sample, held_out=None, queries: int = REPORT_QUERIES):
+    """(where they come from, the report's query vectors, the sample rows they are or None):
+    `held_out` (name, vectors), else `queries` rows spread through the sample."""
+    import numpy as np
+
+    if held_out is not None:
+        return held_out[0], held_out[1], None
+    picks = np.unique(np.linspace(0, len(sample) - 1, min(queries, len(sample))).astype(int))
+    return "calibration rows", sample[picks], picks
+
+
+def query_latency(codec, sample, held_out=None, k: int = REPORT_K,
+                  queries: int = REPORT_LATENCY_QUERIES, repeats: int = REPORT_LATENCY_REPEATS):
+    """Milliseconds per query of exact top-k search, one query at a time (numpy, this
+    machine): float32 queries over the float32 sample, and the same queries through the codec
+    over the sample's codes (taken as float32 numbers in code coordinates once, as
+    `Codec.score` does, without its per-query offset, which changes no ranking). The median
+    per-query time of `repeats` alternating runs of each."""
+    import numpy as np
+
+    if sample is None or len(sample) < k + 2:
+        return None
+    query_vectors = report_query_vectors(sample, held_out)[1][:queries]
+    if len(query_vectors) == 0:
+        return None
+    matrix = codec.code_matrix(codec.encode(sample))
+    searches = {"float32": lambda q: q @ sample.T,
+                "codes": lambda q: codec.transform(q) @ matrix.T}
+    times = {name: [] for name in searches}
+    for _ in range(repeats):
+        for name, scores in searches.items():
+            times[name].append(_time_per_query(scores, query_vectors, k))
+    float_ms, codes_ms = (float(np.median(times[name])) * 1000 for name in ("float32", "codes"))
+    return {"queries": len(query_vectors), "corpus": len(sample), "k": k, "repeats": repeats,
+            "float32_ms": round(float_ms, 4), "codes_ms": round(codes_ms, 4),
+            "speedup": round(float_ms / codes_ms, 2) if codes_ms > 0 else None}
+
+
+def _time_per_query(scores, query_vectors, k: int) -> float:
+    """Seconds per query of `top_k(scores(q), k)`, the queries one at a time."""
+    import time
+
+    from vecpipe.core.vectors import top_k
+
+    start = time.perf_counter()
+    for row in range(len(query_vectors)):
+        top_k(scores(query_vectors[row:row + 1]), k)
+    return (time.perf_counter() - start) / len(query_vectors)
 
 
 def symmetric_scores(codec, query_codes, codes):
@@ -414,6 +467,7 @@ def build_report(codec, stats, sample, before_bytes: int, held_out=None) -> dict
             "relative_error": round((stats.error_sq / max(stats.norm_sq, 1e-30)) ** 0.5, 5),
             "mean_cosine": round(stats.cosine_sum / rows, 5)},
         "retrieval": recall_retention(codec, sample, held_out),
+        "query_latency": query_latency(codec, sample, held_out),
     }
     if codec.pca_explained is not None:
         facts["pca_kept_energy_calibration"] = codec.pca_explained
@@ -428,8 +482,9 @@ def print_report(facts: dict) -> None:
              f"  bytes/vector   {sizes['before']} -> {sizes['after']} "
              f"({sizes['ratio']}x smaller)"]
     if facts["kept_energy"] is not None:
+        centred = ", centred on the calibration mean" if " centred " in facts["codec"] else ""
         lines.append(f"  kept energy    {facts['kept_energy']} of the squared norm "
-                     "(truncation/PCA)")
+                     f"(truncation/PCA{centred})")
     quant = facts["quantization"]
     lines.append(f"  quantization   relative error {quant['relative_error']}, "
                  f"mean cosine {quant['mean_cosine']}")
@@ -444,6 +499,12 @@ def print_report(facts: dict) -> None:
             if not retrieval["in_sample"] else \
             f"in-sample: calibration rows as queries, {retrieval['queries']} of them"
         lines.append(line + f" ({queries}, over the first {retrieval['corpus']} vectors)")
+    latency = facts.get("query_latency")
+    if latency is not None:
+        lines.append(f"  latency        {latency['codes_ms']} ms/query over the codes vs "
+                     f"{latency['float32_ms']} float32 ({latency['speedup']}x; exact top-"
+                     f"{latency['k']}, {latency['queries']} queries one at a time over "
+                     f"{latency['corpus']} vectors, median of {latency['repeats']})")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 

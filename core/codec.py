@@ -9,6 +9,13 @@ Steps, each optional, always applied in this order:
    lost 2.5-3.3 more nDCG@10 points on NFCorpus with MiniLM (0.268 vs 0.301 at 128 dims;
    float32 0.316): queries and documents do not share a mean, and the mean direction carries
    ranking signal.
+   `center=True` (compress --pca-center, as PCA-RAG and scikit-learn's PCA do) is the textbook
+   option: the directions are those of the centred covariance, and the calibration mean is
+   subtracted before projecting (`x - mean`, saved with the codec, so queries are centred by
+   the same mean). With `normalize`, a vector is made unit length before centring (the space
+   the mean was taken in, and project stays blind to a vector's scale as uncentred PCA is) and
+   the projection is re-normalised as in the uncentred path, so dot products are the cosines
+   of the centred, projected vectors.
 3. `to`: quantise to float32 (none), float16, bfloat16, int8/uint8 (per-dimension ranges fitted on
    the calibration sample, optionally at quantiles; values outside are clipped, never wrapped),
    or binary/ubinary (sign bits).
@@ -47,9 +54,10 @@ JSONL carries no metadata: a reader of JSONL codes needs the codec (`compress --
 Serialisation: `to_json()` is canonical (sorted keys, arrays as base64 of little-endian float32),
 so two streams have the same codec exactly when their `vecpipe.codec` strings are equal. The PCA
 projection is embedded in the JSON (384x128 float32 is ~260 KB of base64), together with its
-SHA-256 (`pca.sha256`, the "PCA hash"): a stream or index then describes itself completely and a
-user never has to keep a side file next to it; `index` stores the same JSON in its folder. A
-codec without PCA is a few KB.
+SHA-256 (`pca.sha256`, the "PCA hash"): a stream or index then describes itself completely and
+a user never has to keep a side file next to it; `index` stores the same JSON in its folder. A
+codec without PCA is a few KB. A centred codec adds `pca.mean`, and its hash covers the
+directions then the mean; a codec without `pca.mean` (every earlier one) is uncentred.
 """
 from __future__ import annotations
 
@@ -80,7 +88,8 @@ class Codec:
 
     def __init__(self, to: str, input_dim: int, *, dim: int | None = None,
                  pca_components: np.ndarray | None = None,
-                 pca_explained: float | None = None, normalize: bool = True,
+                 pca_explained: float | None = None, pca_mean: np.ndarray | None = None,
+                 normalize: bool = True,
                  low: np.ndarray | None = None, high: np.ndarray | None = None,
                  clip_quantile: float | None = None, calibration_rows: int | None = None,
                  model: str | None = None):
@@ -91,6 +100,7 @@ class Codec:
         self.dim = None if dim is None else int(dim)
         self.pca_components = _f32_or_none(pca_components)  # (truncated dim) x out_dim
         self.pca_explained = pca_explained
+        self.pca_mean = _f32_or_none(pca_mean)  # (truncated dim,) for centred PCA, else None
         self.normalize = bool(normalize)
         self.low = _f32_or_none(low)    # scalar: range start; bits: level of a 0 bit
         self.high = _f32_or_none(high)  # scalar: range end; bits: level of a 1 bit
@@ -102,18 +112,25 @@ class Codec:
     @classmethod
     def fit(cls, sample: np.ndarray, to: str = "float32", dim: int | None = None,
             pca: int | None = None, clip_quantile: float | None = None, *,
-            normalize: bool = True, model: str | None = None) -> "Codec":
-        """Fit on a calibration sample (rows x input_dim float vectors)."""
+            normalize: bool = True, model: str | None = None,
+            center: bool = False) -> "Codec":
+        """Fit on a calibration sample (rows x input_dim float vectors); `center`: centred
+        PCA (see the module docstring)."""
         sample = _as_matrix(sample)
         rows, input_dim = sample.shape
         if to not in TARGETS:
             raise UsageError(f"unknown codec target {to!r}; choose from {', '.join(TARGETS)}")
         _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile)
+        if center and pca is None:
+            raise UsageError("centring applies to PCA only: give a number of PCA components")
         codec = cls(to, input_dim, dim=dim, normalize=normalize, clip_quantile=clip_quantile,
                     calibration_rows=rows, model=model)
         reduced = codec._truncate(sample)
         if pca is not None:
-            codec.pca_components, codec.pca_explained = _fit_pca(reduced, pca)
+            if center:
+                codec.pca_mean = codec._renormalize(reduced).mean(
+                    axis=0, dtype=np.float64).astype(np.float32)
+            codec.pca_components, codec.pca_explained = _fit_pca(codec._centre(reduced), pca)
             reduced = codec._pca(reduced)
         if to in SCALAR_TARGETS:
             codec.low, codec.high = _fit_ranges(reduced, clip_quantile)
@@ -143,6 +160,10 @@ class Codec:
         return self.code_width * self.code_dtype.itemsize
 
     @property
+    def is_centred(self) -> bool:
+        return self.pca_mean is not None
+
+    @property
     def is_bits(self) -> bool:
         return self.to in BIT_TARGETS
 
@@ -152,7 +173,7 @@ class Codec:
         if self.dim is not None:
             steps.append(f"dim {self.dim}")
         if self.pca_components is not None:
-            steps.append(f"pca {self.out_dim}")
+            steps.append(f"pca {self.out_dim}" + (" centred" if self.is_centred else ""))
         steps.append(self.to)
         return " -> ".join(steps) + f" ({self.bytes_per_vector} B/vector)"
 
@@ -164,6 +185,25 @@ class Codec:
         if self.pca_components is not None:
             reduced = self._pca(reduced)
         return reduced
+
+    def pca_input(self, vectors: np.ndarray) -> np.ndarray:
+        """What the PCA directions are applied to: the truncated vectors, centred on the
+        calibration mean for a centred codec (float32)."""
+        return self._centre(self._truncate(self._check_input(vectors)))
+
+    def lift(self, reduced: np.ndarray) -> np.ndarray:
+        """Vectors of the reduced space (`project`'s output) -> the input space, such that
+        `project(lift(r))` is `r` (re-normalised when the codec normalises): PCA undone with
+        its orthonormal directions (plus the mean, scaled so the vector is unit length before
+        centring when the codec normalises), truncated dimensions filled with zeros."""
+        vectors = _as_matrix(reduced)
+        if self.pca_components is not None:
+            vectors = vectors @ self.pca_components.T
+            if self.is_centred:
+                vectors = _uncentre(vectors, self.pca_mean, self.normalize)
+        if vectors.shape[1] < self.input_dim:
+            vectors = np.pad(vectors, ((0, 0), (0, self.input_dim - vectors.shape[1])))
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def encode(self, vectors: np.ndarray) -> np.ndarray:
         """float32 vectors (rows x input_dim) -> codes (rows x code_width, code_dtype)."""
@@ -283,7 +323,9 @@ class Codec:
         if self.pca_components is not None:
             components = _encode_array(self.pca_components)
             data["pca"] = {"components": components, "kept_energy": self.pca_explained,
-                           "sha256": _array_hash(self.pca_components)}
+                           "sha256": _array_hash(*self._pca_arrays())}
+            if self.is_centred:  # absent in uncentred codecs, whose JSON stays as it was
+                data["pca"]["mean"] = _encode_array(self.pca_mean)
         if self.low is not None:
             data["levels"] = {"low": _encode_array(self.low), "high": _encode_array(self.high),
                               "clip_quantile": self.clip_quantile}
@@ -330,12 +372,13 @@ class Codec:
             codec = cls(data["to"], data["input_dim"], dim=data.get("dim"),
                         pca_components=_decode_array(pca.get("components")),
                         pca_explained=pca.get("kept_energy"),
+                        pca_mean=_decode_array(pca.get("mean")),
                         normalize=data.get("normalize", True),
                         low=_decode_array(levels.get("low")),
                         high=_decode_array(levels.get("high")),
                         clip_quantile=levels.get("clip_quantile"),
                         calibration_rows=data.get("calibration_rows"), model=data.get("model"))
-            if pca and pca.get("sha256") != _array_hash(codec.pca_components):
+            if pca and pca.get("sha256") != _array_hash(*codec._pca_arrays()):
                 raise ValueError("PCA projection does not match its sha256")
             codec._check_consistent()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -397,7 +440,18 @@ class Codec:
         return self._renormalize(vectors[:, :self.dim])
 
     def _pca(self, vectors: np.ndarray) -> np.ndarray:
-        return self._renormalize(vectors @ self.pca_components)
+        return self._renormalize(self._centre(vectors) @ self.pca_components)
+
+    def _centre(self, vectors: np.ndarray) -> np.ndarray:
+        if self.pca_mean is None:
+            return vectors
+        return self._renormalize(vectors) - self.pca_mean
+
+    def _pca_arrays(self) -> tuple[np.ndarray, ...]:
+        """What the PCA hash covers: the directions, and the mean of a centred codec."""
+        if self.pca_mean is None:
+            return (self.pca_components,)
+        return self.pca_components, self.pca_mean
 
     def _renormalize(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -417,6 +471,9 @@ class Codec:
         if self.pca_components is not None and (
                 self.pca_components.ndim != 2 or self.pca_components.shape[0] != reduced_dim):
             raise ValueError("PCA projection shape does not match the dimensions")
+        if self.pca_mean is not None and (self.pca_components is None
+                                          or self.pca_mean.shape != (reduced_dim,)):
+            raise ValueError("PCA mean does not match the dimensions")
         needs_levels = self.to in SCALAR_TARGETS or self.to in BIT_TARGETS
         if needs_levels and (self.low is None or self.high is None
                              or self.low.shape != (self.out_dim,)
@@ -528,8 +585,9 @@ def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
 
 
 def _fit_pca(vectors: np.ndarray, components: int):
-    """The top principal directions of the uncentred sample (dim x components) and the share
-    of the squared norm they keep."""
+    """The top principal directions of the sample as given (dim x components) and the share
+    of the squared norm they keep: of the uncentred second moment, or, for a sample centred
+    already, of the covariance (the share of variance, scikit-learn's explained variance)."""
     sample = vectors.astype(np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(sample.T @ sample)
     order = np.argsort(eigenvalues)[::-1][:components]
@@ -540,6 +598,20 @@ def _fit_pca(vectors: np.ndarray, components: int):
     total = float(np.clip(eigenvalues, 0, None).sum())
     kept = float(np.clip(eigenvalues[order], 0, None).sum() / total) if total > 0 else 1.0
     return directions.astype(np.float32), round(kept, 6)
+
+
+def _uncentre(directions: np.ndarray, mean: np.ndarray, unit: bool) -> np.ndarray:
+    """`mean + t * d` per row d: t = 1, or with `unit` the t > 0 that makes it unit length,
+    so that normalising and centring it gives back a multiple of d (needs |mean| < 1, true of
+    the mean of distinct unit vectors)."""
+    if not unit:
+        return directions + mean
+    d = directions.astype(np.float64)
+    m = mean.astype(np.float64)
+    dd = np.maximum((d * d).sum(axis=1), 1e-30)
+    md = d @ m
+    t = (-md + np.sqrt(np.maximum(md * md + dd * (1.0 - m @ m), 0.0))) / dd
+    return (m + t[:, None] * d).astype(np.float32)
 
 
 def _fit_ranges(vectors: np.ndarray, clip_quantile: float | None):

@@ -205,13 +205,5 @@ class OpenIndex:
 
 def lifted(codec, reduced) -> "np.ndarray":
     """Vectors of a codec's reduced space (`project`'s output) -> its input space, such that
-    `codec.project(lifted(codec, r))` is `r` (renormalised when the codec normalises): PCA
-    undone with its orthonormal directions, truncated dimensions filled with zeros."""
-    import numpy as np
-
-    vectors = np.asarray(reduced, dtype=np.float32)
-    if codec.pca_components is not None:
-        vectors = vectors @ codec.pca_components.T
-    if vectors.shape[1] < codec.input_dim:
-        vectors = np.pad(vectors, ((0, 0), (0, codec.input_dim - vectors.shape[1])))
-    return np.ascontiguousarray(vectors, dtype=np.float32)
+    `codec.project(lifted(codec, r))` is `r` (renormalised when the codec normalises)."""
+    return codec.lift(reduced)
