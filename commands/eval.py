@@ -853,6 +853,15 @@ def embeddings(
         fail_on_drift: Annotated[bool, typer.Option(
             "--fail-on-drift", help="With two inputs: exit 1 when they differ (the report is "
                                     "printed first), for cron and make.")] = False,
+        depth: Annotated[bool, typer.Option(
+            "--depth", help="TTE depth (Seegmiller & Preum 2023) of every row within the first "
+                            "input: 2 - its mean cosine distance to the other rows (higher = "
+                            "more central). With -o, the first input's rows with a float32 "
+                            "depth column, most central first; with two inputs, also the "
+                            "paper's depth rank-sum test of the second against the first (Q, "
+                            "p-value). Holds all vectors (and for -o the rows) in memory.")]
+        = False,
+        output: options.Output = None,
         input_format: options.InputFormat = "auto",
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
@@ -864,10 +873,15 @@ def embeddings(
     inputs, also whether they differ: on held-out sampled rows, Mann-Whitney rank-sum tests
     compare the projection on the difference of the two mean directions and the cosine to the
     nearest row of the first input. Streams each input once; memory holds the samples.
+    --depth adds TTE depth: per input its summary; with -o PATH the first input's rows with a
+    depth column, sorted most central first (representative examples at the top); with two
+    inputs the depth rank-sum test (one-sided: is the second further out of the first?), which
+    then also counts in `differ`.
 
     \b
     Example:
       vecpipe eval embeddings corpus.arrow
+      vecpipe eval embeddings corpus.arrow --depth -o ranked.arrow
       vecpipe eval embeddings last_week.arrow today.arrow --output-format json
       vecpipe eval embeddings last_week.arrow today.arrow --fail-on-drift -q || alert
     """
@@ -879,10 +893,17 @@ def embeddings(
         raise UsageError("give one input to describe or two to compare")
     if fail_on_drift and len(paths) != 2:
         raise UsageError("--fail-on-drift compares two inputs")
+    if output is not None and not depth:
+        raise UsageError("-o writes the rows ranked by --depth", hint="add --depth")
+    if output == "-":
+        raise UsageError("-o names a file for the ranked rows: the report goes to stdout")
     check_one_stdin(paths)
     # different seeds: two inputs that overlap get different rows sampled
-    summaries = [_summarize(path, vector_field, sample, seed + i, input_format, duplicate_threshold)
+    summaries = [_summarize(path, vector_field, sample, seed + i, input_format, duplicate_threshold,
+                            keep=depth, rows=depth and output is not None and i == 0)
                  for i, path in enumerate(paths)]
+    if depth:
+        _add_depths(summaries, output)
     records = [{"input": name, **meta_and_report}
                for name, meta_and_report in ((s[0], s[1]) for s in summaries)]
     if len(summaries) == 2:
@@ -893,7 +914,9 @@ def embeddings(
 
 
 def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
-               duplicate_threshold: float):
+               duplicate_threshold: float, keep: bool = False, rows: bool = False):
+    """(name, report, summary, kept): `keep` holds every vector for --depth, `rows` every batch
+    and the stream metadata too (for -o)."""
     import pyarrow as pa
 
     from vecpipe.formats import schema as names
@@ -905,6 +928,7 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
     name = "<stdin>" if path == "-" else path
     # a comparison needs a reference and a held-out sample from the first input: sample 2x
     summary = EmbeddingSummary(sample_size=2 * sample, seed=seed)
+    kept = {"vectors": [], "batches": []}
     for item in stream:
         if field not in item.batch.schema.names:
             raise DataError(f"no field {field!r}; fields are {', '.join(item.batch.schema.names)}",
@@ -918,11 +942,76 @@ def _summarize(path: str, field: str, sample: int, seed: int, input_format: str,
             raise DataError(f"vectors change dimension ({len(summary.sums)} then "
                             f"{vectors.shape[1]})", source=name, record=item.first_record)
         summary.add(vectors)
+        if keep:
+            kept["vectors"].append(_depth_vectors(vectors, name, item.first_record))
+        if rows:
+            kept["batches"].append(item.batch)
     if summary.rows == 0:
         raise DataError("no vectors", source=name)
     report = summary.report(duplicate_threshold, sample)
     model = stream.metadata.get("model")
-    return name, ({"model": model} if model else {}) | report, summary
+    kept["metadata"] = stream.metadata if rows else {}
+    return name, ({"model": model} if model else {}) | report, summary, kept
+
+
+def _depth_vectors(vectors, name: str, first_record: int):
+    """float32 copies of a batch's vectors for --depth: codes and zero rows have no cosine."""
+    import numpy as np
+
+    from vecpipe.formats.errors import DataError
+
+    if vectors.dtype.kind != "f":
+        raise DataError(f"--depth needs float vectors, not {vectors.dtype} codes", source=name,
+                        hint="rank the float vectors before compress")
+    zero = ~np.any(vectors != 0, axis=1)
+    if zero.any():
+        raise DataError("a zero vector has no cosine depth", source=name,
+                        record=first_record + int(np.argmax(zero)))
+    return np.array(vectors, dtype=np.float32)
+
+
+def _add_depths(summaries, output) -> None:
+    """--depth: each input's TTE-depth summary (within itself), the depth test of the second
+    input against the first, and -o: the first input's rows ranked by their depth."""
+    import numpy as np
+
+    from vecpipe.core.vector_stats import _summary, depth_q, rank_sum_greater, tte_depth
+    from vecpipe.formats.errors import DataError
+
+    vectors = [np.concatenate(kept["vectors"]) for _, _, _, kept in summaries]
+    depths = []
+    for (name, report, _, _), rows in zip(summaries, vectors):
+        if len(rows) < 2:
+            raise DataError("--depth needs at least two rows", source=name)
+        depths.append(tte_depth(rows))
+        report["depth"] = _summary(depths[-1])
+    first = depths[0]
+    if len(summaries) == 2:
+        second = tte_depth(vectors[1], reference=vectors[0])
+        w, p = rank_sum_greater(first, second)
+        summaries[1][3]["depth_test"] = {
+            "reference": summaries[0][0], "q": depth_q(first, second), "w": w, "p_value": p,
+            "first_median": float(np.median(first)), "second_median": float(np.median(second))}
+    if output is not None:
+        _write_ranked(summaries[0][3], first, output)
+
+
+def _write_ranked(kept: dict, depths, output: str) -> None:
+    """The rows with a float32 `depth` column, deepest first (ties keep input order)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+    from vecpipe.formats.writers import RecordWriter
+
+    table = pa.concat_tables([pa.Table.from_batches([batch]) for batch in kept["batches"]],
+                             promote_options="default")
+    table = table.append_column("depth", pa.array(depths.astype(np.float32)))
+    table = table.take(pa.array(np.argsort(-depths, kind="stable")))
+    with RecordWriter(output, "auto", metadata=kept["metadata"]) as out:
+        for batch in table.to_batches(max_chunksize=8192):
+            out.write(batch)
+    console.info(f"{out.rows} rows ranked by depth -> {output} ({out.format})")
 
 
 def _compare_embeddings(summaries, alpha: float, seed: int) -> dict:
@@ -930,13 +1019,15 @@ def _compare_embeddings(summaries, alpha: float, seed: int) -> dict:
     from vecpipe.formats.errors import DataError
     from vecpipe.core.vector_stats import corpus_shift
 
-    (name_a, report_a, first), (name_b, report_b, second) = summaries
+    (name_a, report_a, first, _), (name_b, report_b, second, kept_b) = summaries
     if report_a["dim"] != report_b["dim"]:
         raise DataError(f"{name_a} has {report_a['dim']} dimensions, {name_b} "
                         f"{report_b['dim']}: not comparable")
     if report_a.get("model") != report_b.get("model"):
         console.warn(f"models differ: {report_a.get('model')} vs {report_b.get('model')}")
     result = corpus_shift(first.sample, second.sample, seed)
+    if "depth_test" in kept_b:
+        result["depth_test"] = kept_b["depth_test"]
     tests = [value for value in result.values() if isinstance(value, dict)]
     differ = any(test["p_value"] < alpha / len(tests) for test in tests)
     if result["shared_rows"]:
@@ -974,6 +1065,9 @@ def _embeddings_table(records):
         table.add_column(_short(record["input"]), justify="right")
     for label, show in _EMBEDDING_ROWS:
         table.add_row(label, *(show(r) for r in described))
+    if "depth" in described[0]:
+        table.add_row("TTE depth min/median/max", *("/".join(
+            f"{r['depth'][key]:.4f}" for key in ("min", "median", "max")) for r in described))
     first = described[0]
     notes = [f"pairwise statistics on {first['sample']:,} sampled rows; near duplicates: "
              f"cosine >= {first['near_duplicate_threshold']:g}"]
@@ -985,9 +1079,14 @@ def _embeddings_table(records):
                           _fmt(result["second_median"]))
             table.add_row("  rank-sum p / AUC", "", f"{_p(result['p_value'])} / "
                                                    f"{result['auc']:.3f}")
+        depth = comparison.get("depth_test")
+        if depth:
+            table.add_row("depth in first (median)", _fmt(depth["first_median"]),
+                          _fmt(depth["second_median"]))
+            table.add_row("  depth test p / Q", "", f"{_p(depth['p_value'])} / {depth['q']:.3f}")
         verdict = "differ" if comparison["differ"] else "do not differ detectably"
         notes.append(f"the inputs {verdict} (alpha {comparison['alpha']:g}, split over the "
-                     f"two rank-sum tests)")
+                     f"{'three' if depth else 'two'} rank-sum tests)")
     return Group(table, *(Text(note) for note in notes))
 
 

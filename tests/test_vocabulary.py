@@ -30,7 +30,7 @@ COMMAND_SPECIFIC = {
                        "--aggregate"},
     "eval beir": {"--save-run"},
     "eval sts": {"--pair", "--score"},
-    "eval embeddings": {"--duplicate-threshold", "--alpha", "--fail-on-drift"},
+    "eval embeddings": {"--duplicate-threshold", "--alpha", "--fail-on-drift", "--depth"},
     "mine-negatives": {"--corpus", "--beir", "--num-negatives", "--range-min", "--range-max",
                        "--max-score", "--absolute-margin", "--relative-margin", "--sampling",
                        "--cross-encoder", "--guide", "--shape", "--with-scores", "--on-short",
