@@ -141,6 +141,23 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"real-data tests ran on NFCorpus at {NFCORPUS}")
 
 
+@pytest.fixture(scope="session")
+def cross_encoder(tmp_path_factory, bundled_model_path):
+    """A folder holding the bundled MiniLM with a seeded one-score classification head: a
+    cross-encoder built offline (none ships here) for --rerank."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    torch.manual_seed(17)
+    model = AutoModelForSequenceClassification.from_pretrained(bundled_model_path, num_labels=1)
+    with torch.no_grad():  # a head of a useful size: the untrained one scores all near 0.5
+        model.classifier.weight.mul_(20)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(name="write_jsonl")
 def write_jsonl_fixture():
     """write_jsonl(path, records) -> Path (conftest is not importable under importlib mode)."""

@@ -292,22 +292,6 @@ def test_eval_aggregate_refusals(cli, tmp_path):
     assert result.exit_code == 2 and "FIELD=max|sum|mean" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory, bundled_model_path):
-    """The bundled MiniLM with a seeded one-score head (as tests/test_rerank.py builds it)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("cross-encoder")
-    torch.manual_seed(17)
-    model = AutoModelForSequenceClassification.from_pretrained(bundled_model_path, num_labels=1)
-    with torch.no_grad():
-        model.classifier.weight.mul_(20)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.slow
 def test_groups_of_reranked_hits(cli, tmp_path, cross_encoder):
     words = ["apple pie", "river bank", "stock market", "green tea", "rain forest", "old car"]

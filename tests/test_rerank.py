@@ -164,23 +164,7 @@ def test_metadata_records_model_depth_fields_prompt_and_window():
     assert FIRST_SCORE == "first_score"
 
 
-# ---- the real thing: a cross-encoder from the bundled weights ----------------------------------
-
-@pytest.fixture(scope="module")
-def cross_encoder(tmp_path_factory, bundled_model_path):
-    """A folder holding the bundled MiniLM with a seeded one-score classification head."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("cross-encoder")
-    torch.manual_seed(17)
-    model = AutoModelForSequenceClassification.from_pretrained(bundled_model_path, num_labels=1)
-    with torch.no_grad():  # a head of a useful size: the untrained one scores all near 0.5
-        model.classifier.weight.mul_(20)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(bundled_model_path).save_pretrained(folder)
-    return str(folder)
-
+# ---- the real thing: a cross-encoder from the bundled weights (conftest) -------------------------
 
 @pytest.fixture(scope="module")
 def reference(cross_encoder):
