@@ -10,7 +10,7 @@ import pytest
 from vecpipe.core.diversity import check_lambda, diversified, index_mmr, mmr_order
 from vecpipe.core.index_open import open_index
 from vecpipe.core.index_search import RANGE_FIRST_DEPTH, range_hits
-from vecpipe.core.vectors import Hits, similarity
+from vecpipe.core.vectors import Hits
 from vecpipe.formats.errors import ParameterError
 
 N, DIM = 2000, 16
