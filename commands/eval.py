@@ -975,7 +975,7 @@ def _add_depths(summaries, output) -> None:
     input against the first, and -o: the first input's rows ranked by their depth."""
     import numpy as np
 
-    from vecpipe.core.vector_stats import _summary, depth_q, rank_sum_greater, tte_depth
+    from vecpipe.core.vector_stats import depth_test, tte_depth, value_summary
     from vecpipe.formats.errors import DataError
 
     vectors = [np.concatenate(kept["vectors"]) for _, _, _, kept in summaries]
@@ -984,13 +984,13 @@ def _add_depths(summaries, output) -> None:
         if len(rows) < 2:
             raise DataError("--depth needs at least two rows", source=name)
         depths.append(tte_depth(rows))
-        report["depth"] = _summary(depths[-1])
+        report["depth"] = value_summary(depths[-1])
     first = depths[0]
     if len(summaries) == 2:
         second = tte_depth(vectors[1], reference=vectors[0])
-        w, p = rank_sum_greater(first, second)
+        q, w, p = depth_test(first, second)
         summaries[1][3]["depth_test"] = {
-            "reference": summaries[0][0], "q": depth_q(first, second), "w": w, "p_value": p,
+            "reference": summaries[0][0], "q": q, "w": w, "p_value": p,
             "first_median": float(np.median(first)), "second_median": float(np.median(second))}
     if output is not None:
         _write_ranked(summaries[0][3], first, output)

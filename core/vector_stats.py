@@ -163,13 +163,13 @@ class EmbeddingSummary:
             "near_duplicate_rate": pairwise["near_duplicate_rate"],
             "near_duplicate_threshold": duplicate_threshold,
             "sample": int(len(unit)),
-            "norm": _summary(norms) | {"zero": int((norms == 0).sum())},
-            "dim_variance": _summary(variance) | {
+            "norm": value_summary(norms) | {"zero": int((norms == 0).sum())},
+            "dim_variance": value_summary(variance) | {
                 "low": int((variance < 0.01 * variance.mean()).sum()) if variance.size else 0},
         }
 
 
-def _summary(values: "np.ndarray") -> dict:
+def value_summary(values: "np.ndarray") -> dict:
     import numpy as np
 
     if values.size == 0:
@@ -345,7 +345,11 @@ def depth_rank_sum_test(a: "np.ndarray", b: "np.ndarray") -> tuple[float, float,
 
     The authors' package estimates Q from each G row's rank among the pooled depths of both
     samples; this is Liu & Singh's estimator, with F's depths only, as the paper defines Q."""
-    first = tte_depth(a)
-    second = tte_depth(b, reference=a)
+    return depth_test(tte_depth(a), tte_depth(b, reference=a))
+
+
+def depth_test(first: "np.ndarray", second: "np.ndarray") -> tuple[float, float, float]:
+    """`depth_rank_sum_test` of depths already computed: `first` F's rows within F, `second`
+    G's rows with respect to F. (Q, W, p-value)."""
     w, p = rank_sum_greater(first, second)
     return depth_q(first, second), w, p
