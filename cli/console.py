@@ -57,3 +57,9 @@ def print_plan(title: str, plan: dict) -> None:
             value = repr(value)
         table.add_row(key.replace("_", " "), "-" if value is None else str(value))
     Console().print(table)
+
+
+def hits_summary(hits: int, queries: int) -> str:
+    """`1 hit for 1 query`, `1,024 hits for 3 queries`: how search and fused runs report."""
+    return (f"{hits:,} hit{'' if hits == 1 else 's'} for {queries:,} "
+            f"quer{'y' if queries == 1 else 'ies'}")

@@ -370,8 +370,9 @@ FuseNorm = Annotated[Optional[str], shared(
     "--fuse-norm", help="Per query and list, before combsum/combmnz/wsum: "
                         "none|min-max|z-score|rank|max|sum (ranx's; default min-max).",
     metavar="NORM", show_default=False)]
-RrfK = Annotated[float, shared("--rrf-k", min=0, help="RRF's k: a document at rank r adds "
-                                                      "1/(k + r).", metavar="K")]
+RrfK = Annotated[Optional[float], shared(
+    "--rrf-k", min=0, help="RRF's k: a document at rank r adds 1/(k + r) (default 60).",
+    metavar="K", show_default=False)]
 FuseWeights = Annotated[Optional[str], shared(
     "--fuse-weights", help="wsum: one weight per list, in order (e.g. 0.3,0.7), or a fit file "
                            "saved by `merge --fuse wsum --fit-qrels Q --save-fit FILE` "
@@ -390,10 +391,11 @@ def fusion_flagged(err):
     return UsageError(f"{option}: {err.message}", hint=err.hint)
 
 
-def fusion(method: str, norm: str | None, rrf_k: float, weights: str | None, lists: int):
+def fusion(method: str, norm: str | None, rrf_k: float | None, weights: str | None,
+           lists: int):
     """The core Fusion the fusion options ask for, checked for `lists` ranked lists; a fit
     file's normalisation is taken unless --fuse-norm says otherwise (then it must agree)."""
-    from vecpipe.core.fusion import Fusion, read_fit
+    from vecpipe.core.fusion import DEFAULT_RRF_K, Fusion, read_fit
     from vecpipe.formats.errors import ParameterError, UsageError
 
     parsed = None
@@ -406,7 +408,8 @@ def fusion(method: str, norm: str | None, rrf_k: float, weights: str | None, lis
             norm, parsed = fitted["norm"], tuple(fitted["weights"])
         elif weights is not None:
             parsed = _weights(weights)
-        return Fusion(method, norm, rrf_k, parsed).checked(lists)
+        return Fusion(method, norm, DEFAULT_RRF_K if rrf_k is None else rrf_k,
+                      parsed).checked(lists)
     except ParameterError as err:
         raise fusion_flagged(err) from None
 

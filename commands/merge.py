@@ -44,7 +44,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                              "(two models, per tensor).")] = "linear",
         fuse: options.Fuse = None,
         fuse_norm: options.FuseNorm = None,
-        rrf_k: options.RrfK = 60,
+        rrf_k: options.RrfK = None,
         fuse_weights: options.FuseWeights = None,
         fuse_depth: Annotated[Optional[int], typer.Option(
             "--fuse-depth", min=1, help="With --fuse: keep each query's best N documents "
@@ -54,12 +54,12 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
             "--fit-qrels", help="With --fuse wsum: fit the weights on these judgments (training "
                                 "qrels; grid search as ranx's optimize_fusion) before fusing.",
             metavar="QRELS", show_default=False)] = None,
-        fit_metric: Annotated[str, typer.Option(
-            "--fit-metric", help="The metric --fit-qrels maximises.", metavar="METRIC")]
-        = "ndcg@10",
-        fit_step: Annotated[float, typer.Option(
-            "--fit-step", help="Grid step of the fitted weights (they sum to 1).",
-            metavar="STEP")] = 0.1,
+        fit_metric: Annotated[Optional[str], typer.Option(
+            "--fit-metric", help="The metric --fit-qrels maximises (default ndcg@10).",
+            metavar="METRIC", show_default=False)] = None,
+        fit_step: Annotated[Optional[float], typer.Option(
+            "--fit-step", help="Grid step of the fitted weights, which sum to 1 (default "
+                               "0.1).", metavar="STEP", show_default=False)] = None,
         save_fit: Annotated[Optional[str], typer.Option(
             "--save-fit", help="Write the fitted weights to this JSON file, for "
                                "--fuse-weights FILE here or in `search --hybrid`.",
@@ -103,8 +103,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                              "--sort-by, --expect-shards and --weights do not apply")
         fuse_runs(inputs or ["-"], output, output_format, fuse, **fuse_options)
         return
-    given = [name for name, value in fuse_options.items()
-             if value is not None and value != FUSE_DEFAULTS.get(name)]
+    given = [name for name, value in fuse_options.items() if value is not None]
     if given:
         raise UsageError(f"--{given[0].replace('_', '-')} needs --fuse METHOD")
 
@@ -132,9 +131,6 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
 
 # ---- fusing runs ----------------------------------------------------------------------------
 
-FUSE_DEFAULTS = {"rrf_k": 60, "fit_metric": "ndcg@10", "fit_step": 0.1}
-
-
 def fuse_runs(paths, output, output_format, method, fuse_norm, rrf_k, fuse_weights,
               fuse_depth, fit_qrels, fit_metric, fit_step, save_fit) -> None:
     """--fuse: the runs read whole (a run is queries x hits ids and scores), fused per query."""
@@ -158,9 +154,8 @@ def fuse_runs(paths, output, output_format, method, fuse_norm, rrf_k, fuse_weigh
                                           save_fit)
     fused = fusing.fuse_runs(fusion, runs, fuse_depth)
     hits = write_run(fused, output, output_format, {"fusion": described})
-    queries = f"{len(fused):,} quer{'y' if len(fused) == 1 else 'ies'}"
-    console.info(f"fused {len(runs)} runs ({method}, norm {fusion.norm}): {hits:,} "
-                 f"hit{'' if hits == 1 else 's'} for {queries} -> {output or 'stdout'}")
+    console.info(f"fused {len(runs)} runs ({method}, norm {fusion.norm}): "
+                 f"{console.hits_summary(hits, len(fused))} -> {output or 'stdout'}")
 
 
 def fitted_fusion(fusion, runs, names, qrels_path, metric, step, save_fit):
@@ -177,6 +172,8 @@ def fitted_fusion(fusion, runs, names, qrels_path, metric, step, save_fit):
 
     if fusion.weights is not None:
         raise UsageError("give --fuse-weights or --fit-qrels, not both")
+    metric = fusing.DEFAULT_FIT_METRIC if metric is None else metric
+    step = fusing.DEFAULT_FIT_STEP if step is None else step
     key = parse_metric_key(metric)
     judgments = read_qrels(qrels_path).qrels
     try:

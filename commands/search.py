@@ -121,7 +121,7 @@ def run(index: Annotated[str, typer.Argument(
             show_default=False)] = None,
         fuse: options.Fuse = None,
         fuse_norm: options.FuseNorm = None,
-        rrf_k: options.RrfK = 60,
+        rrf_k: options.RrfK = None,
         fuse_weights: options.FuseWeights = None,
         metric: options.Metric = None,
         output: options.Output = None,
@@ -136,8 +136,8 @@ def run(index: Annotated[str, typer.Argument(
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Find the k nearest records for each query (k is 10 unless -k says). One output row per
-    hit: query_id, rank (1-based), id, score (a similarity: larger is better whatever the metric) and the requested
-    stored fields; or a TREC run file. Scores: cos -> cosine, ip -> dot product, l2sq -> minus
+    hit: query_id, rank (1-based), id, score (a similarity: larger is better whatever the
+    metric) and the requested stored fields; or a TREC run file. Scores: cos -> cosine, ip -> dot product, l2sq -> minus
     the squared distance, hamming -> fraction of equal bits. On a terminal (no -o or
     --output-format): a table per query instead, cut to its width (`--output-format table`
     asks for it on a pipe); text lines on stdin are answered one at a time, as they arrive.
@@ -197,7 +197,7 @@ def run(index: Annotated[str, typer.Argument(
                                     filter_text=filter_text, fields=fields,
                                     all_fields=all_fields, threads=threads)
         else:
-            _check_fusion_options(fuse=fuse, fuse_norm=fuse_norm, rrf_k=rrf_k != 60,
+            _check_fusion_options(fuse=fuse, fuse_norm=fuse_norm, rrf_k=rrf_k is not None,
                                   fuse_weights=fuse_weights, hybrid_depth=hybrid_depth)
             searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text,
                                    fields, all_fields, threads, like=like, unlike=unlike)
@@ -1106,11 +1106,15 @@ class HybridSearch:
 
     @staticmethod
     def _id_scores(member, hits) -> list:
-        """Per query {id: score} of a member's hits."""
-        ids = member.rows.column("id")
-        return [{ids[int(row)].as_py(): float(score)
-                 for row, score in zip(rows, scores) if row >= 0}
-                for rows, scores in zip(hits.rows, hits.scores)]
+        """Per query {id: score} of a member's hits (their ids taken in one call)."""
+        import numpy as np
+        import pyarrow as pa
+
+        found = hits.rows >= 0
+        ids = iter(member.rows.column("id").take(pa.array(hits.rows[found])).to_pylist())
+        scores = iter(hits.scores[found].astype(np.float64).tolist())
+        return [{next(ids): next(scores) for _ in range(count)}
+                for count in found.sum(axis=1).tolist()]
 
     def _hits(self, fused, k: int) -> "Hits":
         import numpy as np
@@ -1385,7 +1389,7 @@ def write_hits(results, schema, output, fmt, metadata=None) -> None:
                 hits, queries = hits + table.num_rows, queries + count
                 if to_stdout:  # each batch answered at once (one query a line from stdin)
                     out.flush()
-    console.info(hits_summary(hits, queries))
+    console.info(console.hits_summary(hits, queries))
 
 
 def _trec_rows(table, group_by=None):
@@ -1398,11 +1402,6 @@ def _trec_rows(table, group_by=None):
 
     return group_lines(*(table.column(name).to_pylist()
                          for name in ("query_id", group_by, "group_score")))
-
-
-def hits_summary(hits: int, queries: int) -> str:
-    return (f"{hits:,} hit{'' if hits == 1 else 's'} for {queries:,} "
-            f"quer{'y' if queries == 1 else 'ies'}")
 
 
 def write_hit_tables(results, output, texts) -> None:
@@ -1473,7 +1472,7 @@ def write_hit_tables(results, output, texts) -> None:
                 buffer.truncate()
                 if to_stdout:
                     out.flush()
-    console.info(hits_summary(hits, queries))
+    console.info(console.hits_summary(hits, queries))
 
 
 def _shown(values) -> list:

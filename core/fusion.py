@@ -37,6 +37,7 @@ METHODS = ("rrf", "combsum", "combmnz", "wsum")
 NORMS = ("none", "min-max", "z-score", "rank", "max", "sum")
 DEFAULT_NORM = {"rrf": "none", "combsum": "min-max", "combmnz": "min-max", "wsum": "min-max"}
 DEFAULT_RRF_K = 60
+DEFAULT_FIT_METRIC, DEFAULT_FIT_STEP = "ndcg@10", 0.1
 LEAST_DENOMINATOR = 1e-9
 
 
@@ -204,7 +205,7 @@ def weight_grid(runs: int, step: float) -> list[tuple[float, ...]]:
 
 
 def fit_weights(fusion: Fusion, runs: Sequence["Run"], qrels: "Qrels", metric: str,
-                step: float = 0.1) -> FittedWeights:
+                step: float = DEFAULT_FIT_STEP) -> FittedWeights:
     """wsum weights that maximise `metric` (an MTEB key: ndcg_at_10...) over the judged
     queries: the grid search of ranx's optimize_fusion."""
     from vecpipe.core import retrieval_metrics as m
