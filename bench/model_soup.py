@@ -18,6 +18,17 @@ Steps, each through the real CLI where one exists:
 
 Prints a Markdown table (nDCG@10, recall@100 per weight) and the time of every step; the raw
 numbers go to WORK/results.json. Mining and fine-tuning are skipped when their outputs exist.
+
+--self-positioning: Self Positioning (Li et al. 2024) in its grid form instead of the sweep.
+A second copy is fine-tuned the same way with --seed + 1 (another data order); a probe BEIR
+folder is cut from the dev split (--probe-queries random dev queries with at most 20 judged
+documents each, their judged documents and --probe-distractors other documents);
+`vecpipe merge --models TUNED TUNED-B --base default --search-weights --probe PROBE --weight-grid G`
+picks the task-vector weights, and the test split scores the base, both fine-tunes, their
+plain average and the chosen soup (--ties-dare: also TIES and DARE at the chosen weights;
+WORK/self-positioning.json);
+--sgd-steps N adds the paper's SGD from 0.5,0.5 (`--weight-grid 0.5 --sgd-steps N`). Done steps are
+skipped on a rerun (test scores cached in WORK/test-scores.json).
 """
 from __future__ import annotations
 
@@ -50,6 +61,9 @@ def main() -> None:
     tuned = work / "tuned"
     if not (tuned / "config.json").exists():
         timings["fine-tune"] = timed(lambda: fine_tune(triplets, tuned, args))
+    if args.self_positioning:
+        self_positioning(args, work, triplets, tuned, timings)
+        return
     rows = []
     for weight in args.weights:
         soup = work / f"soup-{weight:g}"
@@ -86,7 +100,125 @@ def parse_args():
     parser.add_argument("--weights", type=lambda s: [float(w) for w in s.split(",")],
                         default=[0, 0.25, 0.5, 0.75, 1])
     parser.add_argument("--method", default="linear", choices=["linear", "slerp"])
+    parser.add_argument("--self-positioning", action="store_true")
+    parser.add_argument("--grid", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--probe-queries", type=int, default=40)
+    parser.add_argument("--probe-distractors", type=int, default=150)
+    parser.add_argument("--ties-dare", action="store_true",
+                        help="with --self-positioning: also TIES and DARE at the chosen weights")
+    parser.add_argument("--sgd-steps", type=int, default=0,
+                        help="with --self-positioning: also SGD from 0.5,0.5 for N steps")
     return parser.parse_args()
+
+
+def self_positioning(args, work: Path, triplets: Path, tuned: Path, timings: dict) -> None:
+    tuned_b = work / "tuned-b"
+    if not (tuned_b / "config.json").exists():
+        other = argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
+        timings["fine-tune-b"] = timed(lambda: fine_tune(triplets, tuned_b, other))
+    probe = work / "probe"
+    if not (probe / "corpus.jsonl").exists():
+        make_probe(Path(args.data), probe, args.probe_queries, args.probe_distractors,
+                   args.seed)
+    soup = work / "soup-searched"
+    recipe = searched_soup(soup, [tuned, tuned_b], probe, args.grid, [], timings, "search")
+    chosen = ",".join(f"{w:g}" for w in recipe["weights"])
+    models = {"base (bundled)": "default", "tuned (seed 0)": tuned,
+              "tuned-b (seed 1)": tuned_b, "searched soup": soup}
+    variants = [("average 0.5,0.5", ["--weights", "0.5,0.5"])]
+    if args.ties_dare:
+        variants += [(f"ties {chosen}", ["--weights", chosen, "--method", "ties"]),
+                     (f"dare {chosen}", ["--weights", chosen, "--method", "dare"])]
+    for name, extra in variants:
+        folder = work / ("soup-" + name.split()[0])
+        if not (folder / "vecpipe-merge.json").exists():
+            vecpipe("merge", "--models", tuned, tuned_b, "--base", "default", *extra, "-o",
+                    folder, "-q")
+        models[name] = folder
+    sgd = None
+    if args.sgd_steps:
+        sgd = searched_soup(work / "soup-sgd", [tuned, tuned_b], probe, "0.5",
+                            ["--sgd-steps", str(args.sgd_steps)], timings, "sgd search")
+        models[f"sgd {args.sgd_steps} steps from 0.5,0.5"] = work / "soup-sgd"
+    cached = work / "test-scores.json"
+    scores = json.loads(cached.read_text()) if cached.exists() else {}
+    for name, model in models.items():
+        if name not in scores:
+            scores[name] = test_scores(args, name, model)
+            cached.write_text(json.dumps(scores, indent=2))
+    results = {"args": vars(args), "timings_s": timings, "search": recipe["search"],
+               "weights": recipe["weights"], "sgd": sgd and sgd["search"].get("sgd"),
+               "rows": [scores[name] for name in models], "load": os.getloadavg(),
+               "cpus": os.cpu_count()}
+    (work / "self-positioning.json").write_text(json.dumps(results, indent=2))
+    print_search(results)
+
+
+def searched_soup(soup: Path, tuned, probe: Path, grid: str, extra, timings, step) -> dict:
+    """`merge --search-weights` into `soup` (skipped when done); its recipe."""
+    if not (soup / "vecpipe-merge.json").exists():
+        started = time.perf_counter()
+        out = subprocess.run([*VECPIPE, "merge", "--models", *map(str, tuned), "--base",
+                              "default", "--search-weights", "--probe", str(probe), "--weight-grid",
+                              grid, *extra, "-o", str(soup)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"vecpipe merge failed:\n{out.stderr}")
+        timings[step] = round(time.perf_counter() - started, 1)
+        print(out.stderr, file=sys.stderr, flush=True)
+    return json.loads((soup / "vecpipe-merge.json").read_text())
+
+
+def make_probe(data: Path, target: Path, count: int, distractors: int, seed: int) -> None:
+    """A small BEIR folder: `count` random dev queries (<= 20 judged documents each), their
+    judged documents, `distractors` random other documents; judged as dev."""
+    judged: dict[str, dict[str, str]] = {}
+    for line in (data / "qrels" / "dev.tsv").read_text().splitlines()[1:]:
+        qid, doc, score = line.split("\t")
+        judged.setdefault(qid, {})[doc] = score
+    rng = random.Random(seed)
+    chosen = rng.sample(sorted(q for q, docs in judged.items() if len(docs) <= 20), count)
+    wanted = {doc for qid in chosen for doc in judged[qid]}
+    corpus = [json.loads(line) for line in (data / "corpus.jsonl").read_text().splitlines()]
+    others = [row["_id"] for row in corpus if row["_id"] not in wanted]
+    wanted |= set(rng.sample(others, distractors))
+    (target / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(target / "corpus.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in corpus if row["_id"] in wanted)
+    queries = [json.loads(line) for line in (data / "queries.jsonl").read_text().splitlines()]
+    with open(target / "queries.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in queries if row["_id"] in set(chosen))
+    (target / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{qid}\t{doc}\t{score}\n" for qid in chosen for doc, score in judged[qid].items()))
+
+
+def test_scores(args, name: str, model) -> dict:
+    started = time.perf_counter()
+    report = json.loads(vecpipe("eval", "beir", args.data, "-m", model, "--split", "test",
+                                "--metrics", "ndcg,recall", "--cutoffs", "10,100",
+                                "--output-format", "jsonl", "-q").splitlines()[-1])
+    row = {"model": name, "ndcg@10": report["ndcg_at_10"],
+           "recall@100": report["recall_at_100"], "eval_s": round(time.perf_counter() - started)}
+    print(f"{name}: nDCG@10 {row['ndcg@10']:.4f} ({row['eval_s']} s)", file=sys.stderr,
+          flush=True)
+    return row
+
+
+def print_search(results: dict) -> None:
+    search = results["search"]
+    print(f"probe {search['probe']} ({search['split']}), {search['metric']}:\n")
+    print("| weights (tuned, tuned-b) | probe nDCG@10 |\n|---|---|")
+    for row in search["table"]:
+        print(f"| {','.join(f'{w:g}' for w in row['weights'])} | {row[search['metric']]:.4f} |")
+    print("\n| model (NFCorpus test) | nDCG@10 | recall@100 |\n|---|---|---|")
+    for row in results["rows"]:
+        print(f"| {row['model']} | {row['ndcg@10']:.4f} | {row['recall@100']:.4f} |")
+    if results.get("sgd"):
+        sgd = results["sgd"]
+        print(f"\nSGD from {sgd['start']}: weights {[round(w, 4) for w in sgd['weights']]}, "
+              f"probe {search['metric']} {sgd[search['metric']]:.4f}, loss "
+              f"{sgd['losses'][0]:.4f} -> {sgd['losses'][-1]:.4f}")
+    print(f"\ntimings (s): {results['timings_s']}; load average {results['load'][0]:.1f} on "
+          f"{results['cpus']} CPUs")
 
 
 def vecpipe(*args) -> str:

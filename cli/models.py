@@ -111,20 +111,51 @@ def parse_fake(spec: str) -> int:
 
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool | None = None, backend: str = "torch",
-               max_length: int | None = None, export_dir: str | None = None) -> Embedder:
+               max_length: int | None = None, export_dir: str | None = None,
+               layers: int | None = None, pooling: str | None = None) -> Embedder:
     """Load (once per process) the model named by `spec`: None/default = bundled MiniLM.
 
     `backend` picks the runtime (see BACKENDS); `max_length` lowers the token window;
     `export_dir` is where ONNX exports go when the model's folder is not writable.
     `trust_remote_code` None: the command has no --trust-remote-code (such models are refused).
+    `layers`, `pooling`: the model cut to its first layers, pooled another way (see
+    Embedder.with_space; the weights are loaded once for all of them).
     """
     if backend not in BACKENDS and backend != "auto":
         raise UsageError(f"unknown backend {backend!r}; use {'|'.join(BACKENDS)}")
+    if layers is not None and backend not in ("torch", "numpy", "auto"):
+        raise UsageError(f"--layers: the {backend} backend runs the whole exported model; "
+                         "use --backend torch or numpy")
     key = (spec, device, dtype, trust_remote_code, backend, max_length)
     if key not in _cache:
         _cache[key] = _load(spec, device, dtype, trust_remote_code, backend, max_length,
                             export_dir)
-    return _cache[key]
+    if layers is None and pooling is None:
+        return _cache[key]
+    if key + (layers, pooling) not in _cache:
+        _cache[key + (layers, pooling)] = _with_space(_cache[key], layers, pooling)
+    return _cache[key + (layers, pooling)]
+
+
+def _with_space(model: Embedder, layers, pooling) -> Embedder:
+    """model.with_space, its errors worded with the options that set them."""
+    try:
+        return model.with_space(layers, pooling)
+    except ParameterError as err:
+        flag = "--" + err.parameter
+        raise UsageError(flag + err.message.removeprefix(err.parameter), hint=err.hint) \
+            from None
+
+
+def space_options(meta) -> dict:
+    """load_model's layers and pooling as vectors' metadata records them (queries must be
+    embedded as their documents were)."""
+    from vecpipe.formats.errors import DataError
+
+    layers = meta.get("layers")
+    if layers is not None and not str(layers).isdigit():
+        raise DataError(f"the metadata's layers {layers!r} is not a number")
+    return {"layers": None if layers is None else int(layers), "pooling": meta.get("pooling")}
 
 
 def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_dir) -> Embedder:

@@ -126,7 +126,8 @@ def comma_list(value: str | None):
     return None if value is None else field_list([value])
 
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary",
+                  "pq")
 SHORT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i8": "int8",
                 "b1": "binary"}
 INDEX_DTYPES = {long: short for short, long in SHORT_DTYPES.items()}
@@ -249,8 +250,14 @@ Cutoffs = Annotated[Optional[str], shared(
                       "hits). [default: 1,3,5,10,100,1000; beir: MTEB's 1,3,5,10,20,100,1000]",
     metavar="K,K", show_default=False)]
 Metrics = Annotated[Optional[str], shared(
-    "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision. [default: all]",
+    "--metrics", help="Comma-separated subset of ndcg,map,mrr,recall,precision (at each cutoff) "
+                      "and set_precision,set_recall,set_f1 (the whole returned set; `set`: "
+                      "all three). [default: the five with cutoffs]",
     metavar="M,M", show_default=False)]
+Qrels = Annotated[str, shared(
+    "--qrels", help="Judgments: BEIR qrels TSV, TREC qrels or qrels records; for eval "
+                    "retrieval also a run (e.g. exact search) whose top --qrels-depth hits count "
+                    "as relevant.", metavar="QRELS")]
 PerQuery = Annotated[bool, shared(
     "--per-query", help="One record per run and query instead of the summary: JSON lines, or "
                         "json, csv or tsv as --output-format says.")]
@@ -307,7 +314,7 @@ Precision = Annotated[str, shared(
                         "metadata.")]
 StorageDtype = Annotated[Optional[str], shared(
     "--dtype", help="Storage type: float32|float16|bfloat16|int8|binary (or f32|f16|bf16|i8|b1); "
-                    "compress also uint8|ubinary. int8/uint8 use per-dimension ranges from "
+                    "compress also uint8|ubinary|pq. int8/uint8 use per-dimension ranges from "
                     "calibration rows; binary keeps sign bits packed 8 per byte. index: "
                     "default follows the input.", metavar="TYPE", callback=storage_dtype,
     show_default=False)]
@@ -342,6 +349,15 @@ DocPromptName = Annotated[Optional[str], shared(
 Dim = Annotated[Optional[int], shared(
     "--dim", min=1, metavar="N", help="Keep the first N dimensions and re-normalise (Matryoshka "
                                       "truncation; costly for models not trained for it).")]
+Layers = Annotated[Optional[int], shared(
+    "--layers", min=1, metavar="L", help="Run only the first L transformer layers and pool "
+                                         "their output (2D Matryoshka; in metadata, so queries "
+                                         "are embedded alike; torch and numpy backends).")]
+POOLING_MODES = ("cls", "mean", "max", "lasttoken", "weightedmean")
+Pooling = Annotated[Optional[str], shared(
+    "--pooling", metavar="MODE", help="cls|mean|max|lasttoken|weightedmean instead of the "
+                                      "model's own pooling (in metadata, so queries are "
+                                      "embedded alike).", show_default=False)]
 Metric = Annotated[Optional[str], shared(
     "--metric", help="cos|ip|l2sq|hamming. Default: cos for float vectors, hamming for packed "
                      "bits (search: for an embeddings-stream INDEX only).", show_default=False)]

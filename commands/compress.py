@@ -1,4 +1,4 @@
-"""Compress vectors to float16/bfloat16/int8/uint8/binary codes, with truncation or PCA."""
+"""Compress vectors to float16/bfloat16/int8/uint8/binary/pq codes, with truncation or PCA."""
 from typing import Annotated, Optional
 
 import typer
@@ -28,6 +28,27 @@ def run(inputs: options.Inputs = None,
             "--pca-center", help="With --pca: centred PCA (PCA-RAG, scikit-learn's PCA): subtract "
                                  "the calibration mean, saved with the codec, before "
                                  "projecting (the default keeps the mean direction).")] = False,
+        bits: Annotated[Optional[int], typer.Option(
+            "--bits", min=1, max=8, metavar="K",
+            help="binary: K residual bit planes (BEBR), each the signs of what the planes "
+                 "before left, with per-dimension scales fitted on the calibration rows "
+                 "[default: 1, sign bits].")] = None,
+        pq_m: Annotated[Optional[int], typer.Option(
+            "--pq-m", min=1, metavar="M",
+            help="pq: cut each vector into M sub-vectors (M must divide the dimensions), each "
+                 "coded as its nearest of 2^--pq-bits k-means centroids; scored by look-up "
+                 "tables (ADC).")] = None,
+        pq_bits: Annotated[Optional[int], typer.Option(
+            "--pq-bits", min=1, max=8, metavar="B",
+            help="pq: bits per sub-vector code, stored one byte each [default: 8].")] = None,
+        opq: Annotated[bool, typer.Option(
+            "--opq", help="pq: learn a rotation first (optimised PQ, Ge et al. 2013).")] = False,
+        budget: Annotated[Optional[int], typer.Option(
+            "--budget", min=1, metavar="BYTES",
+            help="With --report: instead of compressing, fit every codec whose codes fit "
+                 "BYTES per vector (truncation, float16, int8, PCA, binary planes, pq) on the "
+                 "calibration rows and print bytes vs recall@10 of held-out rows (every 10th "
+                 "calibration row, or --report-queries), Pareto-optimal rows marked.")] = None,
         calibration_rows: Annotated[Optional[int], typer.Option(
             "--calibration-rows", min=1, show_default=False, metavar="N",
             help="Fit the codec on the first N rows, the only rows held in memory "
@@ -72,6 +93,8 @@ def run(inputs: options.Inputs = None,
       vecpipe compress vectors.arrow --dtype int8 --save-codec int8.json -o codes.arrow
       vecpipe compress vectors.arrow --dim 256 --dtype binary --report -o bits.arrow
       vecpipe compress queries.arrow --codec int8.json -o query_codes.arrow
+      vecpipe compress vectors.arrow --dtype pq --pq-m 48 -o pq.arrow
+      vecpipe compress vectors.arrow --budget 96 --report
     """
     from itertools import chain
 
@@ -81,8 +104,14 @@ def run(inputs: options.Inputs = None,
     from vecpipe.formats.readers import RecordStream
     from vecpipe.formats.writers import RecordWriter
 
-    check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
-                  report_json, bool(report or report_json), pca_center)
+    code_options = {"bits": bits, "pq_m": pq_m, "pq_bits": pq_bits, "opq": opq or None}
+    if budget is not None:
+        check_budget_options(report, output, save_codec, codec_file, report_json,
+                             {"--dtype": to, "--dim": dim, "--pca": pca, **code_options})
+    else:
+        check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, output,
+                      report_json, bool(report or report_json), pca_center)
+        check_code_options(to, code_options)
     check_report_queries(report_queries, bool(report or report_json), inputs)
     codec = Codec.load(codec_file) if codec_file else None
     stream = RecordStream(inputs, input_format, check=input_check(force, documents=True))
@@ -94,6 +123,9 @@ def run(inputs: options.Inputs = None,
     held_out = read_report_queries(report_queries, meta, force) if report_queries else None
 
     rows = calibration_rows or DEFAULT_CALIBRATION_ROWS
+    if budget is not None:
+        sample = first_vectors(iter(stream), rows, float_vectors)[1]
+        return budget_report(sample, budget, held_out, meta, output_format)
     wants_sample = codec is None or report or report_json
     rest = iter(stream)
     buffered, sample = first_vectors(rest, rows if wants_sample else 1, float_vectors)
@@ -102,7 +134,8 @@ def run(inputs: options.Inputs = None,
     if codec is None:
         codec = Codec.fit(sample, to or "float32", dim=dim, pca=pca, clip_quantile=clip_quantile,
                           normalize=meta.get("normalized") != "false", model=meta.get("model"),
-                          center=pca_center)
+                          center=pca_center, bits=bits or 1, pq_m=pq_m, pq_bits=pq_bits or 8,
+                          opq=opq)
 
     check_held_out(held_out, codec)
     stats = CompressionStats(codec) if report or report_json else None
@@ -150,6 +183,36 @@ def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, out
         raise UsageError("--dtype float32 without --dim or --pca changes nothing")
     if report_json == "-" and output in (None, "-"):
         raise UsageError("--save-report - needs -o for the records (stdout carries data)")
+
+
+def check_code_options(to, code_options: dict) -> None:
+    """--bits for binary targets, --pq-* and --opq for pq (with --pq-m)."""
+    from vecpipe.core.codec import BIT_TARGETS
+    from vecpipe.formats.errors import UsageError
+
+    if code_options["bits"] is not None and to not in BIT_TARGETS:
+        raise UsageError("--bits sets the bit planes of --dtype binary|ubinary")
+    pq_given = [f"--{name.replace('_', '-')}" for name in ("pq_m", "pq_bits", "opq")
+                if code_options[name] is not None]
+    if pq_given and to != "pq":
+        raise UsageError(f"{', '.join(pq_given)} configure --dtype pq")
+    if to == "pq" and code_options["pq_m"] is None:
+        raise UsageError("--dtype pq needs --pq-m M, the number of sub-vectors (e.g. 48 for "
+                         "384 dimensions: 48 bytes per vector)")
+
+
+def check_budget_options(report, output, save_codec, codec_file, report_json, fitting) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if not report:
+        raise UsageError("--budget sweeps the codecs for a report: give --report too")
+    given = [name for name, value in fitting.items() if value is not None]
+    given += [name for name, value in (("-o", output), ("--save-codec", save_codec),
+                                       ("--codec", codec_file), ("--save-report", report_json))
+              if value]
+    if given:
+        raise UsageError(f"--budget --report writes only the sweep's table; drop "
+                         f"{', '.join(given)}", hint="compress with the chosen row's options")
 
 
 def check_report_queries(path, report: bool, inputs) -> None:
@@ -399,9 +462,11 @@ def query_latency(codec, sample, held_out=None, k: int = REPORT_K,
     query_vectors = report_query_vectors(sample, held_out)[1][:queries]
     if len(query_vectors) == 0:
         return None
-    matrix = codec.code_matrix(codec.encode(sample))
+    codes = codec.encode(sample)
+    matrix = None if codec.to == "pq" else codec.code_matrix(codes)
     searches = {"float32": lambda q: q @ sample.T,
-                "codes": lambda q: codec.transform(q) @ matrix.T}
+                "codes": (lambda q: codec.score(q, codes)) if matrix is None
+                else lambda q: codec.transform(q) @ matrix.T}
     times = {name: [] for name in searches}
     for _ in range(repeats):
         for name, scores in searches.items():
@@ -515,3 +580,57 @@ def write_report_json(facts: dict, path: str) -> None:
 
     with text_output(path) as sink:
         sink.write(json.dumps(facts) + "\n")
+
+
+# ----- the budget sweep ----------------------------------------------------------------------
+def budget_report(sample, budget: int, held_out, meta, output_format: str) -> None:
+    """Sweep the codecs that fit `budget` (core.codec_budget) and print the table (terminal)
+    or JSON lines (pipe), on stdout: the sweep is this run's data."""
+    from vecpipe.cli import console
+    from vecpipe.core.codec_budget import split_held_out, sweep
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.writers import print_report_records, resolve_report_format
+
+    report_format = resolve_report_format(output_format)
+    corpus, queries = (sample, held_out[1]) if held_out else split_held_out(sample)
+    if len(queries) == 0 or len(corpus) < 256 + REPORT_K:
+        raise DataError(f"the budget sweep needs more calibration rows than {len(sample)}",
+                        hint="give at least ~3,000 rows (--calibration-rows)")
+    rows = sweep(corpus, queries, budget, REPORT_K,
+                 progress=lambda fit: console.info(f"fitting {fit_flags(fit)}"),
+                 normalize=meta.get("normalized") != "false", model=meta.get("model"))
+    if not rows:
+        raise DataError(f"no codec fits {budget} bytes per vector",
+                        hint="binary takes dim/8 bytes, pq at least dim/32")
+    for row in rows:
+        row["options"] = fit_flags(row.pop("fit"))
+        row.update(queries=len(queries), corpus=len(corpus))
+    if report_format == "table":
+        print_budget_table(rows, budget)
+    else:
+        print_report_records(rows, report_format)
+
+
+def fit_flags(fit: dict) -> str:
+    """`Codec.fit` keywords as compress options, e.g. `--dtype int8 --pca 128`."""
+    flags = {"to": "--dtype", "dim": "--dim", "pca": "--pca", "bits": "--bits",
+             "pq_m": "--pq-m"}
+    return " ".join(f"{flags[key]} {value}" for key, value in fit.items()
+                    if value is not None and (key, value) != ("bits", 1))
+
+
+def print_budget_table(rows: list[dict], budget: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    first = rows[0]
+    table = Table(title=f"codecs within {budget} B/vector: recall@{REPORT_K} of "
+                        f"{first['queries']} held-out queries over {first['corpus']} "
+                        "vectors (* Pareto-optimal)", title_justify="left")
+    for column in ("", "bytes", f"recall@{REPORT_K}", "codec", "options"):
+        table.add_column(column, justify="right" if column in ("bytes", f"recall@{REPORT_K}")
+                         else "left")
+    for row in rows:
+        table.add_row("*" if row["pareto"] else "", str(row["bytes"]),
+                      f"{row[f'recall@{REPORT_K}']:.4f}", row["codec"], row["options"])
+    Console().print(table)

@@ -24,6 +24,8 @@ def run(inputs: options.Inputs = None,
         prompt: options.Prompt = None,
         prompt_name: options.PromptName = None,
         dim: options.Dim = None,
+        layers: options.Layers = None,
+        pooling: options.Pooling = None,
         no_normalize: Annotated[bool, typer.Option(
             "--no-normalize", help="Do not L2-normalize (a model that normalizes itself "
                                    "still does).")] = False,
@@ -96,6 +98,7 @@ def run(inputs: options.Inputs = None,
     request = Request(inputs=inputs, output=output, output_format=output_format,
                       input_format=input_format, model=model, text_fields=text_fields,
                       id_field=id_field, prompt=prompt, prompt_name=prompt_name, dim=dim,
+                      layers=layers, pooling=pooling,
                       no_normalize=no_normalize, batch_size=batch_size, device=device,
                       precision=precision, backend=backend,
                       max_length=max_length, chunk_tokens=chunk_tokens,
@@ -143,6 +146,8 @@ class Request:
     trust_remote_code: bool
     force: bool
     globs: tuple = ()  # --glob: the inputs are folders, each matching file one record
+    layers: int | None = None   # --layers: the model's first layers only
+    pooling: str | None = None  # --pooling: instead of the model's own
 
     @property
     def joined_fields(self) -> tuple:
@@ -161,6 +166,8 @@ def check_options(request: Request, on_ray: bool = False) -> None:
                          f"--chunk-tokens {request.chunk_tokens}")
     if request.prompt is not None and request.prompt_name is not None:
         raise UsageError("give --prompt or --prompt-name, not both")
+    if request.pooling is not None and request.pooling not in options.POOLING_MODES:
+        raise UsageError(f"--pooling {request.pooling!r}: use {'|'.join(options.POOLING_MODES)}")
     check_folder_inputs(request, on_ray)
 
 
@@ -232,7 +239,8 @@ def embed_task_of(request: Request, precision: str):
     load = functools.partial(load_model, request.model, dtype=precision,
                              trust_remote_code=request.trust_remote_code,
                              backend=request.backend, max_length=request.max_length,
-                             export_dir=request.cache)
+                             export_dir=request.cache, layers=request.layers,
+                             pooling=request.pooling)
     plan = Plan(fields=request.joined_fields, id_field=request.id_field,
                 normalize=not request.no_normalize, dim=request.dim,
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
@@ -269,6 +277,8 @@ JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--backend": "backend", "--max-length": "max_length",
                "--chunk-tokens": "chunk_tokens", "--chunk-overlap": "chunk_overlap",
                "--skip-invalid": "skip_invalid", "--drop-text": "drop_text", "--force": "force"}
+# Counted only when given, so that parts made before these options stay valid.
+NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling"}
 
 
 def job_options(request: Request, part_format: str) -> dict:
@@ -279,6 +289,8 @@ def job_options(request: Request, part_format: str) -> dict:
     counted = {flag: getattr(request, name) for flag, name in JOB_OPTIONS.items()}
     if request.globs:  # counted only when given: parts made before --glob existed stay valid
         counted["--glob"] = list(request.globs)
+    counted.update({flag: getattr(request, name) for flag, name in NEW_JOB_OPTIONS.items()
+                    if getattr(request, name) is not None})
     counted.update({"--model": model_identity(request.model), "--output-format": part_format})
     return counted
 
@@ -498,6 +510,7 @@ def check_model_plan(request: Request, model: dict, plan) -> str:
     --max-length, --chunk-tokens and --prompt-name (from its config files)."""
     from vecpipe.core.embedder import Embedder
     from vecpipe.core.embedding import check_fits
+    from vecpipe.core.space import role_prompt
 
     window = model["max_length"]
     if request.max_length is not None and window is not None and request.max_length > window:
@@ -506,7 +519,7 @@ def check_model_plan(request: Request, model: dict, plan) -> str:
     described = Embedder(name=model["name"], sha=None, dim=model["dim"] or 0,
                          max_length=request.max_length or window, device="cpu",
                          prompts=model["prompts"] or {})
-    prompt = described.prompt_text(request.prompt, request.prompt_name)
+    prompt = role_prompt(described, "doc", request.prompt, request.prompt_name)
     if model["dim"]:  # the room left by special and prompt tokens is known once loaded
         check_fits(replace(plan, prompt=prompt), described)
     return prompt

@@ -15,7 +15,8 @@ AllQueries = Annotated[bool, typer.Option(
     "--all-queries", help="Score qrels queries missing from a run as 0 (trec_eval -c) instead "
                           "of leaving them out (pytrec_eval and MTEB).")]
 
-_LABELS = {"ndcg": "nDCG", "map": "MAP", "mrr": "MRR", "recall": "Recall", "precision": "P"}
+_LABELS = {"ndcg": "nDCG", "map": "MAP", "mrr": "MRR", "recall": "Recall", "precision": "P",
+           "set_precision": "set P", "set_recall": "set Recall", "set_f1": "set F1"}
 
 
 # ---------------------------------------------------------------- eval retrieval
@@ -27,10 +28,7 @@ def retrieval(
             help="Runs: search output (any record format: query_id, id, score/rank) or TREC run "
                  "files; - for stdin (the default). Several runs are compared with the first.",
             show_default=False, metavar="RUN")] = None,
-        qrels: Annotated[str, typer.Option(
-            "--qrels", help="Judgments: BEIR qrels TSV, TREC qrels, or a run (e.g. exact "
-                            "search) whose top --qrels-depth hits count as relevant.",
-            metavar="QRELS")] = ...,
+        qrels: options.Qrels = ...,
         k: options.Cutoffs = None,
         old_k: options.CutoffsK = None,
         metrics: options.Metrics = None,
@@ -62,8 +60,11 @@ def retrieval(
     (stderr says how many each run lacks), or with --all-queries every judged query (a
     missing one scores 0, as trec_eval -c and ranx). Fails when no document of a run is in
     the qrels (ids that do not match), warns when under 10% of its top-10 hits are, and when
-    a cutoff is deeper than the run. Prints a table on a terminal and one JSON record per
-    run (MTEB keys: ndcg_at_10...) otherwise.
+    a cutoff is deeper than the run. Set metrics (--metrics set: set_precision, set_recall,
+    set_f1, as trec_eval's set_P, set_recall, set_F) score each query's whole returned set,
+    no cutoff: for thresholded runs (search --min-score, --min-prob); a query left with no
+    hits counts only with --all-queries (as 0). Prints a table on a terminal and one JSON
+    record per run (MTEB keys: ndcg_at_10...) otherwise.
 
     \b
     Example:
@@ -72,6 +73,7 @@ def retrieval(
       vecpipe eval retrieval ann.jsonl --qrels exact.jsonl --qrels-depth 10 --metrics recall
       vecpipe eval retrieval run.trec --qrels q.tsv --fail-under ndcg@10=0.3
       vecpipe eval retrieval chunks.jsonl --qrels q.tsv --aggregate parent_id=max
+      vecpipe eval retrieval filtered.jsonl --qrels q.tsv --metrics set --all-queries
     """
     from vecpipe.core import retrieval_metrics as m
     from vecpipe.formats.readers import check_one_stdin
@@ -90,7 +92,8 @@ def retrieval(
         run = read_run(path, by)
         evaluation = _evaluate_run(run, name, judgments.qrels, ks, names, all_queries)
         _check_judged(run, judgments.qrels, name, qrels_name)
-        _warn_shallow(run, judgments.qrels, ks, name)
+        if set(names) - set(m.SET_METRICS):
+            _warn_shallow(run, judgments.qrels, ks, name)
         results.append((name, evaluation))
     if len(results) > 1:
         results = _on_common_queries(results, len(judgments.qrels), qrels_name, all_queries)
@@ -248,7 +251,7 @@ def _retrieval_table(records, ks, names):
     from rich.table import Table
     from rich.text import Text
 
-    from vecpipe.core.retrieval_metrics import metric_key
+    from vecpipe.core.retrieval_metrics import SET_METRICS, metric_key
 
     if len(records) == 1:
         record = records[0]
@@ -257,6 +260,9 @@ def _retrieval_table(records, ks, names):
         for k in ks:
             table.add_column(f"@{k}", justify="right")
         for metric in names:
+            if metric in SET_METRICS:  # no cutoff: the whole returned set
+                table.add_row(_LABELS[metric], f"{record[metric]:.5f}", *[""] * (len(ks) - 1))
+                continue
             table.add_row(_LABELS[metric], *(f"{record[metric_key(metric, k)]:.5f}"
                                              for k in ks))
         return Group(Text(f"{record['run']} · {record['queries']} queries"), table)
@@ -268,9 +274,10 @@ def _retrieval_table(records, ks, names):
         table.add_column("Δ", justify="right")
         table.add_column("p rand / t", justify="right", no_wrap=True)
     for metric in names:
-        for k in ks:
-            key = metric_key(metric, k)
-            row = [f"{_LABELS[metric]}@{k}", f"{records[0][key]:.5f}"]
+        for k in [None] if metric in SET_METRICS else ks:
+            key = metric if k is None else metric_key(metric, k)
+            label = _LABELS[metric] + ("" if k is None else f"@{k}")
+            row = [label, f"{records[0][key]:.5f}"]
             for record in records[1:]:
                 p_rand, p_t = record["p_randomization"][key], record["p_ttest"][key]
                 star = "*" if p_rand < 0.05 else ""
@@ -288,6 +295,111 @@ def _short(name: str) -> str:
 
 def _p(value: float) -> str:
     return "1" if value >= 0.9995 else f"{value:.3f}" if value >= 0.001 else f"{value:.0e}"
+
+
+# ---------------------------------------------------------------- eval calibrate
+
+@app.command("calibrate")
+@boundary("eval calibrate")
+def calibrate(
+        run: Annotated[str, typer.Argument(
+            help="The run to fit on: search output (query_id, id, score) or a TREC run file of "
+                 "training queries, searched at least --fit-depth deep; - for stdin.",
+            metavar="RUN")] = "-",
+        qrels: options.Qrels = ...,
+        fit_depth: Annotated[Optional[int], typer.Option(
+            "--fit-depth", min=1, help="Top hits per query the calibrator learns from and takes "
+                                       "its score statistics over (default: the run's depth); "
+                                       "search --calibrator fetches at least as many.",
+            metavar="N", show_default=False)] = None,
+        space: Annotated[Optional[str], typer.Option(
+            "--space", help="The index folder the run searched: its model and metric are saved "
+                            "in the calibrator, and search --calibrator checks them.",
+            metavar="IDX", show_default=False)] = None,
+        output: options.Output = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        quiet: options.Quiet = False):
+    """Fit a relevance calibrator (after Rossi et al. 2024, the "Cosine Adapter"): a map from a
+    hit's score to the probability that it is relevant, conditioned on its query through the
+    statistics of the query's top --fit-depth scores (features: score, score - top1, (score -
+    mean) / std, top1 - mean; a logistic regression fitted by Newton's method, unpenalized
+    but for a 1e-6 ridge that keeps a perfectly separable fit finite).
+    Hits of judged queries are relevant when judged >= 1, not when unjudged. -o writes the
+    calibrator JSON (features, coefficients, depth, provenance and the fit's log loss) for
+    `search --calibrator`, whose --min-prob then cuts every query at one probability; without
+    -o it goes to stdout as one record (--output-format; a table on a terminal).
+
+    \b
+    Example:
+      vecpipe search idx train-queries.arrow -k 100 -o train.jsonl
+      vecpipe eval calibrate train.jsonl --qrels qrels/train.tsv --space idx -o cal.json
+      vecpipe search idx test-queries.arrow --calibrator cal.json --min-prob 0.3
+    """
+    import json
+
+    from vecpipe.cli import console
+    from vecpipe.core import calibration
+    from vecpipe.core import retrieval_metrics as m
+    from vecpipe.formats.errors import DataError, UsageError
+    from vecpipe.formats.readers import check_one_stdin
+    from vecpipe.formats.trec import read_run
+    from vecpipe.formats.writers import text_output
+
+    check_one_stdin([run, qrels])
+    provenance = _space_provenance(space)
+    judgments = _load_judgments(qrels, 10)
+    if judgments.from_run:
+        raise UsageError("--qrels is a run; calibration needs relevance judgments")
+    name = "<stdin>" if run == "-" else run
+    hits = read_run(run)
+    if not hits:
+        raise DataError("the run is empty", source=name)
+    depth = fit_depth or m.run_depth(hits, judgments.qrels)
+    try:
+        calibrator = calibration.fit(hits, judgments.qrels, depth, {
+            **provenance, "run": name, "qrels": "<stdin>" if qrels == "-" else qrels})
+    except DataError as err:
+        raise err.located(source=name) from None
+    record = calibrator.to_json()
+    if output is None or output == "-":
+        _emit([record], output_format, lambda: _calibrator_table(record))
+    else:
+        with text_output(output) as out:
+            out.write(json.dumps(record, indent=2) + "\n")
+    fit = calibrator.provenance["fit"]
+    console.info(f"calibrator fitted on the top {depth} hits of {fit['queries']} queries "
+                 f"({fit['relevant']} of {fit['hits']} relevant): log loss {fit['log_loss']:.4f}"
+                 f" (base rate {fit['base_rate_log_loss']:.4f})" + (f" -> {output}"
+                                                                     if output else ""))
+
+
+def _calibrator_table(record: dict):
+    from rich.table import Table
+
+    table = Table(title=f"calibrator · top {record['depth']} · {record.get('model') or '-'}")
+    table.add_column("feature")
+    table.add_column("coefficient", justify="right")
+    for name, value in zip([*record["features"], "intercept"],
+                           [*record["coefficients"], record["intercept"]]):
+        table.add_row(name, f"{value:.5g}")
+    return table
+
+
+def _space_provenance(space: str | None) -> dict:
+    """model, model_sha, metric and index of the index folder a run searched (warns without)."""
+    from vecpipe.cli import console
+    from vecpipe.core.index_format import read_manifest
+
+    if space is None:
+        console.warn("no --space: the calibrator records no model, and search cannot check "
+                     "that it searches the same vector space")
+        return {"model": None, "index": None}
+    manifest = read_manifest(space)
+    meta = manifest.get("metadata") or {}
+    return {"model": meta.get("model"), "model_sha": meta.get("model_sha"),
+            "index": os.path.abspath(space), "layout": manifest.get("layout"),
+            "metric": manifest.get("score_metric") or manifest.get("metric")}
 
 
 # ---------------------------------------------------------------- fail-under and output
@@ -323,8 +435,8 @@ def _parse_fail_under(specs, ks=None, names=None) -> list[tuple[str, float]]:
             raise UsageError(f"bad --fail-under {spec!r}; use METRIC=VALUE, e.g. ndcg@10=0.3")
         key = metric.strip()
         if ks is not None:
-            key = m.parse_metric_key(key)
-            computed = {m.metric_key(name, k) for name in names for k in ks}
+            key = m.set_metric(key) or m.parse_metric_key(key)
+            computed = set(m.metric_keys(names, ks))
             if key not in computed:
                 raise UsageError(f"--fail-under {spec!r}: {key} is not computed",
                                  hint="add its cutoff to -k and its metric to --metrics")
@@ -398,6 +510,15 @@ def beir(
         query_prompt_name: options.QueryPromptName = None,
         doc_prompt: options.DocPrompt = None,
         doc_prompt_name: options.DocPromptName = None,
+        layers: options.Layers = None,
+        dim: options.Dim = None,
+        pooling: options.Pooling = None,
+        sweep: Annotated[Optional[List[str]], typer.Option(
+            "--grid", help="A 2D Matryoshka table in one run: layers=2,4,6 and/or "
+                            "dims=64,128,384 (repeat it, or give both in one value); one "
+                            "forward pass per layer count, dims truncate its vectors. A row "
+                            "per cell: nDCG@10 and the seconds per 1k documents embedded.",
+            metavar="KEY=N,N", show_default=False)] = None,
         k: options.Cutoffs = None,
         old_k: options.CutoffsK = None,
         metrics: options.Metrics = None,
@@ -430,10 +551,14 @@ def beir(
       vecpipe eval beir nfcorpus --index-dtype i8 --save-run i8.trec
       vecpipe eval beir scifact -m intfloat/e5-small-v2 --query-prompt 'query: ' \\
           --doc-prompt 'passage: '
+      vecpipe eval beir nfcorpus --grid 'layers=2,4,6 dims=64,128,384'
     """
+    import functools
+
     from vecpipe.cli import console
     from vecpipe.cli.models import load_model
     from vecpipe.core import retrieval_metrics as m
+    from vecpipe.core.space import role_prompt
     from vecpipe.formats.beir import beir_files, beir_qrels
 
     options.show_progress(progress)
@@ -445,10 +570,18 @@ def beir(
     qrels = beir_qrels(files.qrels)
     queries = _judged_queries(files.queries, qrels)
     started = time.perf_counter()
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
-    query_prompt = loaded.prompt_text(query_prompt, query_prompt_name)
-    doc_prompt = loaded.prompt_text(doc_prompt, doc_prompt_name)
-    with _Encoder(loaded, batch_size, cache) as encoder:
+    load = functools.partial(load_model, model, device=device,
+                             trust_remote_code=trust_remote_code, pooling=pooling)
+    loaded = load(layers=layers)
+    query_prompt = role_prompt(loaded, "query", query_prompt, query_prompt_name)
+    doc_prompt = role_prompt(loaded, "doc", doc_prompt, doc_prompt_name)
+    if sweep:
+        _check_sweep_options(layers, dim, index_dtype, save_run, per_query, fail_under)
+        cells = _sweep_cells(files, queries, qrels, load, (query_prompt, doc_prompt),
+                             _parse_sweep(sweep, loaded), (ks, names, batch_size, cache))
+        return _emit(cells, output_format, lambda: _sweep_table(cells))
+    _check_fits(dim, loaded)
+    with _Encoder(loaded, batch_size, cache, dim) as encoder:
         query_vectors = encoder(list(queries.values()), query_prompt or "", "queries")
         top, doc_ids, corpus_seconds = _search_corpus(files.corpus, encoder, query_vectors,
                                                       max(ks), doc_prompt or "", index_dtype,
@@ -467,6 +600,8 @@ def beir(
     record = {"dataset": dataset, "split": split, "model": loaded.name,
               "search": f"hnsw-{index_dtype}" if index_dtype else "exact",
               "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
+    record.update({key: value for key, value in (("layers", layers), ("dim", dim),
+                                                 ("pooling", pooling)) if value is not None})
     if m.MAIN_METRIC in evaluation.means:
         record["main_score"] = evaluation.means[m.MAIN_METRIC]
     record["seconds"] = round(seconds, 3)
@@ -484,6 +619,119 @@ def _check_search_options(index_dtype, ef) -> None:
 
     if ef is not None and not index_dtype:
         raise UsageError("--ef applies to --index-dtype searches only")
+
+
+def _check_fits(dim, loaded) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    if dim is not None and dim > loaded.dim:
+        raise UsageError(f"--dim {dim} exceeds the model's {loaded.dim} dimensions")
+
+
+def truncated(vectors, dim: int | None):
+    """The first `dim` dimensions of unit vectors, re-normalised (None: as they are)."""
+    import numpy as np
+
+    if dim is None or dim >= vectors.shape[1]:
+        return vectors
+    head = np.ascontiguousarray(vectors[:, :dim])
+    head /= np.maximum(np.linalg.norm(head, axis=1, keepdims=True), np.float32(1e-12))
+    return head
+
+
+# ---- eval beir --grid: a 2D Matryoshka table (Starbucks), a row per (layers, dim) cell
+
+def _check_sweep_options(layers, dim, index_dtype, save_run, per_query, fail_under) -> None:
+    from vecpipe.formats.errors import UsageError
+
+    given = [flag for flag, value in (("--layers", layers), ("--dim", dim),
+                                      ("--index-dtype", index_dtype), ("--save-run", save_run),
+                                      ("--per-query", per_query), ("--fail-under", fail_under))
+             if value]
+    if given:
+        raise UsageError(f"--grid makes its own cells by exact search: leave out {given[0]}",
+                         hint="name them in --grid layers=...,... dims=...,...")
+
+
+def _parse_sweep(values: list, loaded) -> dict:
+    """{"layers": [...], "dims": [...]} from `layers=2,4,6 dims=64,128` (either may be left
+    out: all layers, the full dimension)."""
+    from vecpipe.formats.errors import UsageError
+
+    grid = {"layers": [loaded.num_layers], "dims": [loaded.dim]}
+    for item in " ".join(values).split():
+        key, _, numbers = item.partition("=")
+        key = {"dim": "dims", "layer": "layers"}.get(key, key)
+        try:
+            parsed = [int(n) for n in numbers.split(",")]
+        except ValueError:
+            parsed = []
+        if key not in grid or not parsed or min(parsed) < 1:
+            raise UsageError(f"--grid {item!r}: use layers=N,N,... or dims=N,N,...")
+        grid[key] = sorted(set(parsed))
+    if max(grid["dims"]) > loaded.dim:
+        raise UsageError(f"--grid dims {max(grid['dims'])} exceeds the model's {loaded.dim} "
+                         "dimensions")
+    return grid
+
+
+def _sweep_cells(files, queries, qrels, load, prompts, grid, settings) -> list:
+    """One record per (layers, dim): one forward pass per layer count, the dims truncations
+    of its vectors, re-normalised (as --layers with --dim would make them)."""
+    from vecpipe.cli import console
+    from vecpipe.core import retrieval_metrics as m
+
+    ks, names, batch_size, cache = settings
+    cells = []
+    for layers in grid["layers"]:
+        loaded = load(layers=layers)
+        with _Encoder(loaded, batch_size, cache) as encoder:
+            full = encoder(list(queries.values()), prompts[0], "queries")
+            tops, doc_ids, seconds = _search_corpus(
+                files.corpus, encoder, {dim: truncated(full, dim) for dim in grid["dims"]},
+                max(ks), prompts[1], None, None, loaded.name)
+        console.info(f"layers {layers}: {len(doc_ids)} documents embedded in {seconds:.1f} s")
+        for dim in grid["dims"]:
+            means = m.evaluate(qrels, _run_of(queries, doc_ids, tops[dim]), ks, names).means
+            cells.append({"layers": layers, "dim": dim, "main_score": means.get(m.MAIN_METRIC),
+                          "seconds_per_1k_docs": round(seconds / len(doc_ids) * 1000, 3),
+                          "model": loaded.name, **means})
+    return cells
+
+
+def _run_of(queries: dict, doc_ids, top) -> dict:
+    return {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
+            for qid, rows, scores in zip(queries, *top)}
+
+
+def _sweep_table(cells):
+    from rich.table import Table
+
+    table = Table(title=f"{cells[0]['model']}: layers x dims")
+    for name in ("layers", "dim", "nDCG@10", "s / 1k docs"):
+        table.add_column(name, justify="right")
+    for cell in cells:
+        score = "" if cell["main_score"] is None else f"{cell['main_score']:.4f}"
+        table.add_row(str(cell["layers"]), str(cell["dim"]), score,
+                      f"{cell['seconds_per_1k_docs']:.2f}")
+    return table
+
+
+class _DimSearches:
+    """Exact searches of the same vectors truncated to several dims ({dim: query vectors})."""
+
+    def __init__(self, queries: dict, depth: int):
+        from vecpipe.core.vectors import ExactSearch
+
+        self.searches = {dim: ExactSearch(vectors, depth, "ip", _QUERY_BLOCK)
+                         for dim, vectors in queries.items()}
+
+    def add(self, vectors, first_row: int) -> None:
+        for dim, search in self.searches.items():
+            search.add(truncated(vectors, dim), first_row)
+
+    def hits(self) -> dict:
+        return {dim: search.hits() for dim, search in self.searches.items()}
 
 
 def _judged_queries(path: str, qrels: dict) -> dict:
@@ -511,8 +759,9 @@ class _Encoder:
     one (keyed by the model's vector_settings, as `vecpipe embed` keys it: both share
     vectors); counts, per role, the texts embedded and those the model's window truncated."""
 
-    def __init__(self, loaded, batch_size: int, folder: str | None):
+    def __init__(self, loaded, batch_size: int, folder: str | None, dim: int | None = None):
         self.loaded, self.batch_size, self.folder = loaded, batch_size, folder
+        self.dim = dim  # the first `dim` dimensions, re-normalised (the cache keeps all)
         self.caches: dict = {}
         self.hits = 0
         self.embedded = {"documents": 0, "queries": 0}
@@ -521,13 +770,13 @@ class _Encoder:
     def __call__(self, texts: list, prompt: str, role: str = "documents", progress=None):
         """`progress(n)`: called as each n more texts are embedded (cache hits are not)."""
         if self.folder is None:
-            return self._encode(texts, prompt, role, progress)
+            return truncated(self._encode(texts, prompt, role, progress), self.dim)
         cache = self._cache(prompt)
         before = cache.hits
         vectors = cache.encode(texts, lambda missed: self._encode(missed, prompt, role,
                                                                   progress))
         self.hits += cache.hits - before
-        return vectors
+        return truncated(vectors, self.dim)
 
     def _encode(self, texts: list, prompt: str, role: str, progress=None):
         self.embedded[role] += len(texts)
@@ -598,9 +847,10 @@ class _Encoder:
 def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, model_name):
     """Embed the corpus block by block and find each query's top `depth` by cosine: exactly
     (running top-k, bounded memory) or, with `index_dtype`, through a temporary HNSW index.
+    `query_vectors` a dict {dim: vectors}: exact searches of the vectors cut to each dim.
 
-    Returns ((rows, scores) per query best first, doc ids as a pyarrow array, seconds spent
-    embedding)."""
+    Returns ((rows, scores) per query best first (a dict by dim for a dict of queries), doc ids
+    as a pyarrow array, seconds spent embedding)."""
     import tempfile
 
     import pyarrow as pa
@@ -612,8 +862,12 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
 
     id_chunks, offset, embed_seconds = [], 0, 0.0
     with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
-        search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp) \
-            if index_dtype else ExactSearch(query_vectors, depth, "ip", _QUERY_BLOCK)
+        if isinstance(query_vectors, dict):
+            search = _DimSearches(query_vectors, depth)
+        elif index_dtype:
+            search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp)
+        else:
+            search = ExactSearch(query_vectors, depth, "ip", _QUERY_BLOCK)
         with console.progress(desc="corpus", unit="doc",
                               count=notices.input_records([path])) as bar:
             for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
@@ -635,10 +889,16 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
 
             raise DataError("the corpus is empty", source=path)
         hits = search.hits()
+    tops = {dim: _found(h) for dim, h in hits.items()} if isinstance(hits, dict) \
+        else _found(hits)
+    return tops, pa.concat_arrays(id_chunks), embed_seconds
+
+
+def _found(hits):
+    """(rows, scores) per query, the empty slots (fewer documents than the depth) left out."""
     found = [r >= 0 for r in hits.rows]
     return ([r[ok] for r, ok in zip(hits.rows, found)],
-            [s[ok] for s, ok in zip(hits.scores, found)]), \
-        pa.concat_arrays(id_chunks), embed_seconds
+            [s[ok] for s, ok in zip(hits.scores, found)])
 
 
 class _IndexSearch:

@@ -20,6 +20,15 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         on_duplicate: options.OnDuplicate = None,
         old_dedupe: options.alias(Optional[str], "--dedupe", "--on-duplicate", "on_duplicate",
                               lambda value: {"on_duplicate": options.old_dedupe(value)}) = None,
+        dedupe_near: Annotated[Optional[float], typer.Option(
+            "--dedupe-near", help="Drop a record whose embedding's cosine to an earlier kept "
+                                  "record's is >= THRESHOLD (exact; holds the kept vectors).",
+            metavar="THRESHOLD", show_default=False)] = None,
+        against: Annotated[Optional[str], typer.Option(
+            "--against", help="With --dedupe-near: also drop records within THRESHOLD of any "
+                              "vector of this embedded evaluation corpus or query set "
+                              "(train/test contamination; counted on stderr).",
+            metavar="EVAL", show_default=False)] = None,
         sort_by: Annotated[Optional[str], typer.Option(
             "--sort-by", help="Sort the merged records by this field (e.g. id). Global: holds "
                               "all records in memory.", metavar="FIELD")] = None,
@@ -41,7 +50,41 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
                               "equal).", metavar="W,W")] = None,
         method: Annotated[str, typer.Option(
             "--method", help="With --models: linear (any number of models) or slerp "
-                             "(two models, per tensor).")] = "linear",
+                             "(two models, per tensor); with --base also ties or dare (on "
+                             "the task vectors).")] = "linear",
+        base: Annotated[Optional[str], typer.Option(
+            "--base", help="With --models: merge the task vectors INPUT - BASE (task "
+                           "arithmetic: BASE + the weighted sum; `default` = the bundled "
+                           "model); needed by --method ties|dare and --search-weights.",
+            metavar="MODEL", show_default=False)] = None,
+        density: Annotated[Optional[float], typer.Option(
+            "--density", help="With --method ties|dare: the fraction of each task vector "
+                              "kept (ties: the largest magnitudes, default 0.2; dare: at "
+                              "random, rescaled by 1/density, default 0.1).", metavar="D",
+            show_default=False)] = None,
+        seed: options.Seed = None,
+        search_weights: Annotated[bool, typer.Option(
+            "--search-weights", help="With --base: try every weight vector of the --weight-grid on "
+                                     "the --probe set and keep the best soup (Self "
+                                     "Positioning, grid form).")] = False,
+        probe: Annotated[Optional[str], typer.Option(
+            "--probe", help="With --search-weights: a small BEIR folder (a few hundred "
+                            "documents: each grid point embeds it all) scored on its dev "
+                            "split (else its only split, else test).", metavar="DIR",
+            show_default=False)] = None,
+        probe_metric: Annotated[Optional[str], typer.Option(
+            "--probe-metric", help="The metric --search-weights maximises (default ndcg@10).",
+            metavar="METRIC", show_default=False)] = None,
+        grid: Annotated[Optional[str], typer.Option(
+            "--weight-grid", help="With --search-weights: the values each model's weight takes "
+                           "(every combination is tried; default 0,0.25,0.5,0.75,1).",
+            metavar="W,W,...", show_default=False)] = None,
+        sgd_steps: Annotated[Optional[int], typer.Option(
+            "--sgd-steps", min=1, help="With --search-weights: then move the best grid "
+                                       "point by N Adam steps on the probe's contrastive "
+                                       "loss (the paper's SGD; kept only if it scores "
+                                       "better on the probe).", metavar="N",
+            show_default=False)] = None,
         fuse: options.Fuse = None,
         fuse_norm: options.FuseNorm = None,
         rrf_k: options.RrfK = None,
@@ -72,30 +115,45 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
     are refused unless --force. The output carries the metadata all inputs share. Inputs named
     part-0000I-of-0000N must form complete shard sets. With --index, merge index folders (same
     checks); with --models, average the weights of sentence-transformers models (model soups)
-    into a model folder. With --fuse, the INPUTs are runs (search output or TREC run files) of
-    the same queries, fused into one run (query_id, rank, id, score; or --output-format trec);
-    the fusion, and weights fitted with --fit-qrels, travel in its metadata (Arrow, Parquet).
+    into a model folder, or with --base merge their task vectors (task arithmetic, TIES, DARE),
+    the weights searched on a probe set with --search-weights. With --fuse, the INPUTs are
+    runs (search output or TREC run files) of the same queries, fused into one run (query_id,
+    rank, id, score; or --output-format trec); the fusion, and weights fitted with
+    --fit-qrels, travel in its metadata (Arrow, Parquet).
     --on-duplicate (default: keep every record; with --index, error, as an index holds one row
     per id) holds every id in memory, not the records; last and error read the inputs twice
     (stdin is spooled to a temporary file); with --index the first or last index's copy wins.
     --force merges inputs whose model/dim/normalized/codec/embedded-text metadata differ (the
-    output keeps only the metadata they share).
+    output keeps only the metadata they share). --dedupe-near T drops a record whose embedding's
+    cosine to an earlier kept record's is >= T (greedy, in input order, after --on-duplicate;
+    exact: the kept vectors are held in memory, and time grows as records x kept); --against
+    EVAL first drops, and counts, records within T of any EVAL vector (same vector space).
 
     \b
     Example:
       vecpipe merge shards/part-*.arrow --expect-shards 16 --sort-by id -o corpus.arrow
       vecpipe merge old.parquet new.jsonl --on-duplicate last -o corpus.parquet
+      vecpipe merge train.arrow --dedupe-near 0.95 --against test-queries.arrow -o clean.arrow
       vecpipe merge --index idx-a idx-b --on-duplicate last -o idx
       vecpipe merge --index --link idx-2024 idx-2025 -o idx-all   # search idx-all ...
       vecpipe merge --models default tuned/ --weights 0.5,0.5 -o soup/
+      vecpipe merge --models tuned-a/ tuned-b/ --base default --search-weights \\
+          --probe probe/ -o soup/
       vecpipe merge --fuse rrf bm25.trec dense.jsonl --output-format trec -o hybrid.trec
       vecpipe merge --fuse wsum bm25.trec dense.trec --fit-qrels train.tsv --save-fit w.json
     """
     from vecpipe.formats.errors import UsageError
 
+    soup_options = dict(base=base, density=density, seed=seed,
+                        search_weights=search_weights or None, probe=probe,
+                        probe_metric=probe_metric, grid=grid, sgd_steps=sgd_steps)
+    given = [name for name, value in soup_options.items() if value is not None]
+    if given and not models:
+        raise UsageError(f"--{given[0].replace('_', '-')} applies only with --models")
     fuse_options = dict(fuse_norm=fuse_norm, rrf_k=rrf_k, fuse_weights=fuse_weights,
                         fuse_depth=fuse_depth, fit_qrels=fit_qrels, fit_metric=fit_metric,
                         fit_step=fit_step, save_fit=save_fit)
+    near = near_options(dedupe_near, against, fuse or index or models)
     if fuse is not None:
         if index or models or on_duplicate or sort_by or expect_shards is not None \
                 or weights is not None:
@@ -121,12 +179,12 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         if on_duplicate is not None or sort_by or expect_shards is not None:
             raise UsageError("--on-duplicate, --sort-by and --expect-shards apply to record "
                              "streams, not --models")
-        merge_models(inputs or [], output, weights, method)
+        merge_models(inputs or [], output, weights, method, **soup_options)
         return
     if weights is not None or method != "linear":
         raise UsageError("--weights and --method apply only with --models")
     merge_streams(inputs or ["-"], output, output_format, input_format, on_duplicate or "keep",
-                  sort_by, expect_shards, force)
+                  sort_by, expect_shards, force, near)
 
 
 # ---- fusing runs ----------------------------------------------------------------------------
@@ -232,7 +290,7 @@ class Source:
 
 
 def merge_streams(paths, output, output_format, input_format, on_duplicate, sort_by,
-                  expect_shards, force) -> None:
+                  expect_shards, force, near=None) -> None:
     from vecpipe.cli import console
     from vecpipe.core import merging
     from vecpipe.formats import schema as names
@@ -267,15 +325,17 @@ def merge_streams(paths, output, output_format, input_format, on_duplicate, sort
                                               vectors=carries_vectors(schema))
         with flagged_hints():
             keeper = prepare_dedupe(on_duplicate, sources, input_format)
+        finder = prepare_near(near, schema, common, force)
         with RecordWriter(output, output_format, schema=schema, metadata=common) as out, \
                 flagged_hints():
-            batches = kept_batches(sources, input_format, keeper)
+            batches = near_batches(kept_batches(sources, input_format, keeper), finder)
             if sort_by:
                 out.write_table(sorted_table(batches, schema, sort_by))
             else:
                 for batch in batches:
                     out.write(batch)
     dropped_note = f", {keeper.dropped} duplicates dropped" if keeper else ""
+    dropped_note += near_note(near, finder)
     console.info(f"{len(paths)} input{'s' if len(paths) != 1 else ''} -> {out.rows} records -> {output or 'stdout'} "
                  f"({out.format}){dropped_note}")
 
@@ -417,6 +477,70 @@ def prepare_dedupe(mode: str, sources, input_format):
     return keeper
 
 
+def near_options(threshold, against, elsewhere):
+    """(threshold, against) for --dedupe-near, or None; refused where no stream is merged."""
+    from vecpipe.formats.errors import UsageError
+
+    if threshold is None:
+        if against is not None:
+            raise UsageError("--against needs --dedupe-near THRESHOLD")
+        return None
+    if elsewhere:
+        raise UsageError("--dedupe-near applies to record streams, not --fuse, --index or "
+                         "--models")
+    if not -1 <= threshold <= 1:
+        raise UsageError(f"--dedupe-near is a cosine, between -1 and 1; got {threshold}")
+    return threshold, against
+
+
+def prepare_near(near, schema, common, force):
+    """The near-duplicate finder, with the --against vectors (in the merged inputs' space)."""
+    from vecpipe.core.near_dupes import NearDuplicates, float_vectors
+    from vecpipe.core.space import check_same_space
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import read_table
+
+    if near is None:
+        return None
+    if names.EMBEDDING not in schema.names:
+        raise DataError("--dedupe-near compares vectors: the inputs have no `embedding` field")
+    threshold, against = near
+    if against is None:
+        return NearDuplicates(threshold)
+    table = read_table([against])
+    if table is None or names.EMBEDDING not in table.schema.names:
+        raise DataError("--against needs embedded records (an `embedding` field)",
+                        source=against)
+    check_same_space(common, names.read_meta(table.schema), "the merged inputs", against,
+                     force=force)
+    vectors = names.vectors_to_numpy(table.column(names.EMBEDDING))
+    return NearDuplicates(threshold, float_vectors(vectors, against))
+
+
+def near_batches(batches, finder):
+    """Batches without the records --dedupe-near drops."""
+    import pyarrow as pa
+
+    from vecpipe.formats import schema as names
+
+    for batch in batches:
+        if finder is not None and batch.num_rows:
+            mask = finder.keep(names.vectors_to_numpy(batch.column(names.EMBEDDING)))
+            if not mask.all():
+                batch = batch.filter(pa.array(mask, pa.bool_()))
+        yield batch
+
+
+def near_note(near, finder) -> str:
+    if finder is None:
+        return ""
+    note = f", {finder.duplicates} near-duplicates (cosine >= {near[0]:g}) dropped"
+    if near[1] is not None:
+        note += f", {finder.contaminated} within {near[0]:g} of {near[1]} dropped"
+    return note
+
+
 def kept_batches(sources, input_format, keeper):
     """Every batch in input order, filtered by the duplicate-id keeper."""
     import pyarrow as pa
@@ -449,9 +573,10 @@ def sorted_table(batches, schema, field: str):
 
 # ---- models (weight-space merging) ---------------------------------------------------------
 
-def merge_models(specs, output, weights_text, method) -> None:
-    """Weighted average (linear) or per-tensor slerp of models with identical architecture; the
-    first model's tokenizer, pooling and normalize modules are kept."""
+def merge_models(specs, output, weights_text, method, **task_options) -> None:
+    """Weighted average (linear) or per-tensor slerp of models with identical architecture;
+    with a base, the merge of their task vectors (merge_task_vectors). The first model's
+    tokenizer, pooling and normalize modules are kept."""
     from vecpipe.cli import console
     from vecpipe.core import model_soup as soup
     from vecpipe.core.index_format import check_target
@@ -459,18 +584,23 @@ def merge_models(specs, output, weights_text, method) -> None:
 
     if output in (None, "-"):
         raise UsageError("--models needs -o DIR for the merged model folder")
+    if task_options["base"] is not None:
+        merge_task_vectors(specs, output, weights_text, method, **task_options)
+        return
+    given = [name for name, value in task_options.items() if value is not None]
+    if given or method in soup.TASK_METHODS[1:]:
+        what = f"--{given[0].replace('_', '-')}" if given else f"--method {method}"
+        raise UsageError(f"{what} works on task vectors: give the models' --base")
     if len(specs) < 2:
         raise UsageError("--models needs at least two models")
     weights = parse_weights(weights_text, len(specs))
     if method not in ("linear", "slerp"):
-        raise UsageError(f"unknown --method {method!r}; choose linear or slerp")
+        raise UsageError(f"unknown --method {method!r}; choose linear or slerp (with "
+                         f"--base: linear, ties or dare)")
     t = slerp_position(weights) if method == "slerp" else None
     check_target(output, soup.PROVENANCE_FILE, "a merged model")
     loaded = [load_for_merge(spec) for spec in specs]
-    soup.check_same_modules(loaded)
-    states = [model.st.state_dict() for model in loaded]
-    soup.compare_state_shapes([(model.name, {k: tuple(v.shape) for k, v in state.items()})
-                                  for model, state in zip(loaded, states)])
+    states = checked_states(loaded)
     if abs(sum(weights) - 1) > 1e-6 and method == "linear":
         console.warn(f"weights sum to {sum(weights):g}, not 1: the merged weights are scaled")
     merged = soup.merged_state(states, weights, t)
@@ -479,12 +609,166 @@ def merge_models(specs, output, weights_text, method) -> None:
                  f"{','.join(f'{w:g}' for w in weights)}) -> {output}")
 
 
-def parse_weights(text: str | None, count: int) -> list[float]:
-    """`--weights 0.7,0.3` (one per model); equal weights when not given."""
+def checked_states(loaded) -> list[dict]:
+    """The state dicts of models whose modules and weight shapes match."""
+    from vecpipe.core import model_soup as soup
+
+    soup.check_same_modules(loaded)
+    states = [model.st.state_dict() for model in loaded]
+    soup.compare_state_shapes([(model.name, {k: tuple(v.shape) for k, v in state.items()})
+                               for model, state in zip(loaded, states)])
+    return states
+
+
+DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.1}  # TIES' top 20%; DARE's drop rate 0.9
+DEFAULT_GRID = "0,0.25,0.5,0.75,1"
+DEFAULT_PROBE_METRIC = "ndcg@10"
+PROBE_WARN_EMBEDDINGS = 200_000  # document embeddings over the whole grid: ~30 min of CPU
+
+
+def merge_task_vectors(specs, output, weights_text, method, base, density, seed,
+                       search_weights, probe, probe_metric, grid, sgd_steps) -> None:
+    """BASE + the merge of the task vectors (model - BASE): task arithmetic, TIES or DARE,
+    with given weights or the grid point scoring best on the probe set."""
+    from vecpipe.cli import console
+    from vecpipe.core import model_soup as soup
+    from vecpipe.core.index_format import check_target
+    from vecpipe.core.retrieval_metrics import parse_metric_key
+    from vecpipe.formats.errors import UsageError
+
+    if not specs:
+        raise UsageError("--models --base needs the models whose task vectors are merged")
+    density = task_density(method, density, seed)
+    search = check_search(weights_text, search_weights, probe, probe_metric, grid, sgd_steps)
+    if sgd_steps and method != "linear":
+        raise UsageError("--sgd-steps moves task-arithmetic weights: --method linear")
+    weights = parse_weights(weights_text, len(specs), 1.0 if method == "ties" else None)
+    if search:
+        key, values = parse_metric_key(probe_metric or DEFAULT_PROBE_METRIC), \
+            parse_grid(grid or DEFAULT_GRID)
+    check_target(output, soup.PROVENANCE_FILE, "a merged model")
+    probe_set = soup.read_probe(probe) if search else None
+    base_model = load_for_merge(base)
+    loaded = [load_for_merge(spec) for spec in specs]
+    base_state, *states = checked_states([base_model, *loaded])
+    recipe = {"method": method, "base": {"name": base_model.name, "sha": base_model.sha},
+              **({"density": density} if density is not None else {}),
+              **({"seed": seed or 0} if method == "dare" else {})}
+
+    def merge(point):
+        return soup.task_state(base_state, states, point, method, density or 1.0, seed or 0)
+
+    if search:
+        weights, recipe["search"] = self_positioning(base_model, merge, probe_set, key, values,
+                                                     sgd_steps, (base_state, states))
+    soup.save_model(loaded, merge(weights), output, {**recipe, "weights": list(weights)})
+    console.info(f"merged the task vectors of {len(loaded)} model{'s' * (len(loaded) > 1)} "
+                 f"from {base_model.name} ({method}, weights "
+                 f"{','.join(f'{w:g}' for w in weights)}) -> {output}")
+
+
+def task_density(method: str, density, seed):
+    from vecpipe.core import model_soup as soup
+    from vecpipe.formats.errors import UsageError
+
+    if method not in soup.TASK_METHODS:
+        raise UsageError(f"--base merges task vectors: --method {', '.join(soup.TASK_METHODS)}"
+                         f", not {method!r}", hint="slerp interpolates two models: drop --base")
+    if seed is not None and method != "dare":
+        raise UsageError("--seed applies to --method dare (its random drops)")
+    if method == "linear":
+        if density is not None:
+            raise UsageError("--density applies to --method ties or dare")
+        return None
+    density = DEFAULT_DENSITY[method] if density is None else density
+    if not 0 < density <= 1:
+        raise UsageError(f"--density must be in (0, 1], not {density:g}")
+    return density
+
+
+def check_search(weights_text, search_weights, probe, probe_metric, grid, sgd_steps) -> bool:
+    from vecpipe.formats.errors import UsageError
+
+    if not search_weights:
+        if probe or probe_metric or grid or sgd_steps:
+            raise UsageError("--probe, --probe-metric, --weight-grid and --sgd-steps need "
+                             "--search-weights")
+        return False
+    if weights_text is not None:
+        raise UsageError("give --weights or --search-weights, not both")
+    if probe is None:
+        raise UsageError("--search-weights needs --probe DIR (a small BEIR folder)")
+    return True
+
+
+def parse_grid(text: str) -> list[float]:
+    from vecpipe.formats.errors import UsageError
+
+    try:
+        values = sorted({float(part) for part in text.split(",")})
+    except ValueError:
+        raise UsageError(f"bad --weight-grid {text!r}; use comma-separated numbers, "
+                         f"e.g. {DEFAULT_GRID}") from None
+    return values
+
+
+def self_positioning(base_model, merge, probe, key: str, values, sgd_steps, states):
+    """The best grid point on the probe, then (with `sgd_steps`) that point moved by SGD,
+    kept if it scores better; the weights and the search's record."""
+    import copy
+
+    from vecpipe.cli import console
+    from vecpipe.core import model_soup as soup
+
+    model = copy.deepcopy(base_model.st)  # the loader's cached model stays as it was
+    best, table = searched_weights(model, merge, probe, key, values, len(states[1]))
+    found = {"probe": probe.folder, "split": probe.split, "metric": key,
+             "table": [{"weights": list(point), key: score} for point, score in table]}
+    if sgd_steps:
+        moved, losses = soup.optimised_weights(model, *states, best, probe, sgd_steps)
+        model.load_state_dict(merge(moved))
+        score = soup.probe_score(model, probe, key)
+        console.info(f"{sgd_steps} SGD steps from {','.join(f'{w:g}' for w in best)} (loss "
+                     f"{losses[0]:.4f} -> {losses[-1]:.4f}): weights "
+                     f"{','.join(f'{w:.4g}' for w in moved)}, {key} {score:.4f}")
+        found["sgd"] = {"start": list(best), "weights": moved, key: score, "losses": losses}
+        if score > dict(table)[best]:
+            best = tuple(moved)
+    return best, found
+
+
+def searched_weights(model, merge, probe, key: str, values, count: int):
+    """Every grid point merged into `model` and scored on the probe; the best point and the
+    (weights, score) table, in grid order."""
+    from vecpipe.cli import console
+    from vecpipe.core import model_soup as soup
+
+    points = soup.weight_grid(values, count)
+    console.info(f"searching {len(points)} weight vectors on {probe.folder} ({probe.split}: "
+                 f"{len(probe.queries)} queries, {len(probe.doc_ids)} documents) for {key}")
+    if len(probe.doc_ids) * len(points) > PROBE_WARN_EMBEDDINGS:
+        console.warn(f"every grid point embeds all {len(probe.doc_ids):,} probe documents: "
+                     f"{len(probe.doc_ids) * len(points):,} embeddings; a probe of a few "
+                     "hundred documents is enough to rank the points")
+    table = []
+    for point in points:
+        model.load_state_dict(merge(point))
+        table.append((point, soup.probe_score(model, probe, key)))
+        console.info(f"  weights {','.join(f'{w:g}' for w in point)}: {key} "
+                     f"{table[-1][1]:.4f}")
+    best = soup.best_point(table)
+    console.info(f"best weights {','.join(f'{w:g}' for w in best)}: {key} "
+                 f"{dict(table)[best]:.4f}")
+    return best, table
+
+
+def parse_weights(text: str | None, count: int, default: float | None = None) -> list[float]:
+    """`--weights 0.7,0.3` (one per model); when not given, `default` each (equal weights
+    summing to 1 when None)."""
     from vecpipe.formats.errors import UsageError
 
     if text is None:
-        return [1.0 / count] * count
+        return [1.0 / count if default is None else default] * count
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError:

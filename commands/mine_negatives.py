@@ -22,9 +22,19 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
                              "Default: the BEIR corpus with --beir, else the positives' texts.",
             metavar="CORPUS")] = None,
         beir: Annotated[Optional[str], typer.Option(
-            "--beir", help="Take queries, positives (qrels score > 0) and corpus from this BEIR "
-                           "folder.", metavar="DIR")] = None,
+            "--beir", help="Take queries, positives (qrels graded --min-relevance or more) and "
+                           "corpus from this BEIR folder.", metavar="DIR")] = None,
         split: options.Split = "train",
+        min_relevance: Annotated[Optional[float], typer.Option(
+            "--min-relevance", help="With --beir: a judgment is a positive when graded >= N "
+                                    "(trec_eval's relevance level; default 1); one graded "
+                                    "between 0 and N is no negative either.",
+            metavar="N", show_default=False)] = None,
+        prompt_field: Annotated[Optional[str], typer.Option(
+            "--prompt-field", help="A field of the pair records holding each query's own "
+                                   "prompt (task instruction), used instead of the query "
+                                   "prompt and written to the rows.", metavar="FIELD",
+            show_default=False)] = None,
         model: options.Model = None,
         num_negatives: Annotated[int, typer.Option(
             "-n", "--num-negatives", help="Negatives per query.")] = 5,
@@ -43,6 +53,16 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             "--relative-margin", help="Keep a candidate only if score <= positive - "
                                       "|positive| * R (0.05: NV-Retriever's 95%).",
             metavar="R")] = None,
+        margin_per: Annotated[str, typer.Option(
+            "--margin-per", help="query: the margins are measured from the query's weakest "
+                                 "positive; positive: from each positive, and each (query, "
+                                 "positive) pair gets its own negatives (NV-Retriever).")
+        ] = "query",
+        max_positive_similarity: Annotated[Optional[float], typer.Option(
+            "--max-positive-similarity", help="Drop a candidate whose vector's cosine to a "
+                                              "positive's is >= S (LG-ANNA: a likely false "
+                                              "negative).", metavar="S",
+            show_default=False)] = None,
         sampling: Annotated[str, typer.Option(
             "--sampling", help="top: the best candidates; random: a seeded sample of the "
                                "window.")] = "top",
@@ -55,6 +75,14 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             "--guide", help="GISTEmbed-style: drop a candidate this model scores at least as "
                             "similar to the query as the (weakest) positive.",
             metavar="MODEL")] = None,
+        guide_query_prompt: Annotated[Optional[str], typer.Option(
+            "--guide-query-prompt", help="With --guide: the prompt the guide model embeds "
+                                         "queries with (default its own query prompt).",
+            metavar="TEXT", show_default=False)] = None,
+        guide_doc_prompt: Annotated[Optional[str], typer.Option(
+            "--guide-doc-prompt", help="With --guide: the prompt for positives and candidates "
+                                       "(default its own document prompt).", metavar="TEXT",
+            show_default=False)] = None,
         shape: Annotated[str, typer.Option(
             "--shape", help="Rows as sentence-transformers trains on them: triplet, n-tuple "
                              "(negative_1..n), labeled-pair, labeled-list.")] = "triplet",
@@ -62,6 +90,11 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         with_scores: Annotated[bool, typer.Option(
             "--with-scores", help="Add the scores (labeled shapes: scores replace "
                                   "labels).")] = False,
+        all_scores: Annotated[bool, typer.Option(
+            "--all-scores", help="--with-scores, and for distillation every other scorer's "
+                                 "scores too: the retriever's (retriever_scores) after "
+                                 "--cross-encoder, the guide's (guide_scores) with "
+                                 "--guide.")] = False,
         on_short: Annotated[str, typer.Option(
             "--on-short", help="A query with fewer than -n negatives: drop it, or keep it with "
                                "fewer (never padded).")] = "drop",
@@ -99,7 +132,11 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     text corpus, --sampling top and the same model, the rows are the same (ties in score go to
     the earlier corpus record); unlike there, --cross-encoder rescores even when no score rule
     is set. Scores are cosine similarities (cross-encoder scores after --cross-encoder), or the
-    index's own scores for an index folder. Pairs and an embeddings or text
+    index's own scores for an index folder. The rules apply in this order: known positives,
+    the query, judgments below --min-relevance, repeated texts, the margins and score bounds,
+    --max-positive-similarity (cosine of the corpus vectors), --guide. With --margin-per
+    positive every (query, positive) pair is filtered, sampled and kept or dropped on its own
+    (removals and short counts are then per pair). Pairs and an embeddings or text
     corpus are held in memory (the corpus as one vector matrix); search memory is bounded by
     a query batch x corpus block. For corpora larger than memory, search an index folder.
     With --shard, only that shard's queries are mined (by query text); the corpus and search
@@ -127,9 +164,13 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
     if output in (None, "-"):  # training rows carry no vectors: JSONL on a pipe
         output_format = resolve_output_format(output, output_format, vectors=False)
     settings = MiningOptions(num_negatives, range_min, range_max, min_score, max_score,
-                             absolute_margin, relative_margin, sampling, seed, on_short)
+                             absolute_margin, relative_margin, sampling, seed, on_short,
+                             margin_per, max_positive_similarity)
     _check_settings(settings)
+    _check_sources(beir, min_relevance, prompt_field, guide,
+                   (guide_query_prompt, guide_doc_prompt))
     _check_shape(shape, on_short)
+    _check_prompt_field(prompt_field, shape, num_negatives)
     part = parse_shard(shard)
     part_file = shard_output(output, part, output_format)
     with contextlib.ExitStack() as hold:
@@ -144,11 +185,12 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             for note in claim.notes():
                 console.info(note)
         resolve_output_format(output, output_format, vectors=False)
-        pair_set = _read_pairs(pairs, beir, split, input_format)
+        pair_set = _read_pairs(pairs, beir, split, input_format, min_relevance, prompt_field)
         source = _corpus_source(corpus, beir, split, fields)
         rescorer = load_cross_encoder(cross_encoder, device, trust_remote_code) \
             if cross_encoder else None
-        vetoer = _Guide(guide, device, trust_remote_code, batch_size) if guide else None
+        vetoer = _Guide(guide, device, trust_remote_code, batch_size,
+                        (guide_query_prompt, guide_doc_prompt)) if guide else None
         job = _prepare(pair_set, source, settings, model, device, trust_remote_code, force,
                        prompts=(query_prompt, query_prompt_name, doc_prompt,
                                 doc_prompt_name),
@@ -156,7 +198,8 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         job.cross_encoder, job.guide = rescorer, vetoer
         if part is not None:
             _keep_shard(job.pairs, part)
-        _mine(job, shape, with_scores, output, output_format)
+        job.prompt_field, job.all_scores = prompt_field, all_scores
+        _mine(job, shape, with_scores or all_scores, output, output_format)
         if claim is not None:
             claim.finish(job.miner.stats.rows_written)
     _report(job, stats, shape)
@@ -170,6 +213,10 @@ _JOB_OPTIONS = ("split", "num_negatives", "range_min", "range_max", "min_score",
                 "with_scores", "on_short", "exact", "ef", "fields", "query_prompt",
                 "query_prompt_name", "doc_prompt", "doc_prompt_name", "input_format",
                 "force")
+# Options added later count only when set, so that parts made before them still match.
+_SET_JOB_OPTIONS = {"min_relevance": None, "prompt_field": None, "margin_per": "query",
+                    "max_positive_similarity": None, "guide_query_prompt": None,
+                    "guide_doc_prompt": None, "all_scores": False}
 
 
 def _shard_job(options: dict, part_format: str, shard):
@@ -180,6 +227,8 @@ def _shard_job(options: dict, part_format: str, shard):
     inputs = list(options["pairs"] or ([] if options["beir"] else ["-"]))
     inputs += [path for path in (options["beir"], options["corpus"]) if path]
     counted = {"--" + name.replace("_", "-"): options[name] for name in _JOB_OPTIONS}
+    counted.update({"--" + name.replace("_", "-"): options[name]
+                    for name, default in _SET_JOB_OPTIONS.items() if options[name] != default})
     counted.update({f"--{name.replace('_', '-')}": _model_identity(options[name], bundled)
                     for name, bundled in (("model", True), ("cross_encoder", False),
                                           ("guide", False))})
@@ -217,13 +266,15 @@ class _Job:
     depth: int
     cross_encoder: object = None
     guide: object = None
+    prompt_field: str | None = None
+    all_scores: bool = False
     output_name: str = "stdout"
     output_format: str = ""
 
 
 def _check_settings(settings) -> None:
     """The mining options' values, worded as the flags that set them."""
-    from vecpipe.core.mining import ON_SHORT, SAMPLINGS
+    from vecpipe.core.mining import MARGIN_PER, ON_SHORT, SAMPLINGS
     from vecpipe.formats.errors import UsageError
 
     s = settings
@@ -242,12 +293,33 @@ def _check_settings(settings) -> None:
         raise UsageError(f"unknown --sampling {s.sampling!r}; use {'|'.join(SAMPLINGS)}")
     if s.on_short not in ON_SHORT:
         raise UsageError(f"unknown --on-short {s.on_short!r}; use {'|'.join(ON_SHORT)}")
+    limit = s.max_positive_similarity
+    if limit is not None and not -1 <= limit <= 1:
+        raise UsageError(f"--max-positive-similarity is a cosine, between -1 and 1; got {limit}")
+    if s.margin_per not in MARGIN_PER:
+        raise UsageError(f"unknown --margin-per {s.margin_per!r}; use {'|'.join(MARGIN_PER)}")
     for name in ("absolute_margin", "relative_margin"):
         value = getattr(s, name)
         if value is not None and value < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if s.min_score is not None and s.max_score is not None and s.min_score > s.max_score:
         raise UsageError(f"--min-score {s.min_score} is above --max-score {s.max_score}")
+
+
+def _check_sources(beir, min_relevance, prompt_field, guide, guide_prompts) -> None:
+    """Options that apply to one kind of input or with another option only."""
+    from vecpipe.formats.errors import UsageError
+
+    if min_relevance is not None and not beir:
+        raise UsageError("--min-relevance grades BEIR judgments: it needs --beir")
+    if min_relevance is not None and min_relevance <= 0:
+        raise UsageError(f"--min-relevance must be above 0 (grade 0 is judged not "
+                         f"relevant), got {min_relevance:g}")
+    if prompt_field is not None and beir:
+        raise UsageError("--prompt-field names a field of the PAIRS records; BEIR queries "
+                         "have none")
+    if not guide and any(prompt is not None for prompt in guide_prompts):
+        raise UsageError("--guide-query-prompt and --guide-doc-prompt need --guide MODEL")
 
 
 def _check_shape(shape: str, on_short: str) -> None:
@@ -263,7 +335,7 @@ def _check_shape(shape: str, on_short: str) -> None:
                          hint="use --on-short drop, or --shape triplet/labeled-list")
 
 
-def _read_pairs(inputs, beir, split, input_format):
+def _read_pairs(inputs, beir, split, input_format, min_relevance, prompt_field):
     from vecpipe.formats.errors import UsageError
     from vecpipe.core.mining import beir_pairs, read_pairs
     from vecpipe.core.space import check_same_space
@@ -273,8 +345,9 @@ def _read_pairs(inputs, beir, split, input_format):
     if beir:
         if inputs:
             raise UsageError("give PAIRS or --beir, not both")
-        return beir_pairs(beir_files(beir, split))
-    return read_pairs(RecordStream(inputs, input_format, check=check_same_space))
+        return beir_pairs(beir_files(beir, split),
+                          1 if min_relevance is None else min_relevance)
+    return read_pairs(RecordStream(inputs, input_format, check=check_same_space), prompt_field)
 
 
 # ---- the corpus ------------------------------------------------------------------------------
@@ -334,6 +407,14 @@ class _ExactCorpus:
 
         return np.einsum("ij,ij->i", queries, normalized(vectors))
 
+    def row_vectors(self, rows):
+        """The (normalized) vectors of corpus rows."""
+        return self.vectors[self._slot[rows]]
+
+    def model_vectors(self, vectors):
+        """The model's vectors in the space of row_vectors."""
+        return vectors
+
 
 class _IndexCorpus:
     """An index folder (core.index_open): HNSW search, or brute force with --exact."""
@@ -385,6 +466,17 @@ class _IndexCorpus:
             return self._paired(self.index.score_metric, queries, vectors)
         return self._paired(self.index.metric, self.index.encode(queries),
                             self.index.encode(vectors))
+
+    def row_vectors(self, rows):
+        """Float vectors of rows: the full ones of a quantized index, else the index's own."""
+        import numpy as np
+
+        if self._quantized:
+            return np.asarray(self.index.full_vectors()[rows], dtype=np.float32)
+        return self.index.stored_vectors(rows).astype(np.float32)
+
+    def model_vectors(self, vectors):
+        return vectors if self._quantized else self.index.encode(vectors).astype("float32")
 
     @staticmethod
     def _paired(metric, queries, vectors):
@@ -477,10 +569,12 @@ def _query_prompt(model, corpus, prompts) -> str:
     return role_prompt(model, "query", prompts[0], prompts[1], recorded)
 
 
-def _load_model(spec, device, trust_remote_code):
-    from vecpipe.cli.models import load_model
+def _load_model(spec, device, trust_remote_code, metadata=None):
+    """`metadata`: the corpus vectors', whose layers and pooling the queries' must match."""
+    from vecpipe.cli.models import load_model, space_options
 
-    return load_model(spec, device=device, trust_remote_code=trust_remote_code)
+    return load_model(spec, device=device, trust_remote_code=trust_remote_code,
+                      **space_options(metadata or {}))
 
 
 def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force, dim):
@@ -493,7 +587,7 @@ def _model_for_vectors(spec, metadata, source, device, trust_remote_code, force,
     if spec is None and recorded is None:
         raise DataError("the corpus vectors name no model (JSONL carries no metadata)",
                         source=source, hint="pass -m MODEL, the model that embedded them")
-    model = _load_model(spec or recorded, device, trust_remote_code)
+    model = _load_model(spec or recorded, device, trust_remote_code, metadata)
     check_model(metadata, model, source, spec or recorded, dim=dim, force=force)
     return model
 
@@ -540,6 +634,8 @@ def _resolve(pair_set, corpus) -> None:
             query.rows.append(row)
     for query in queries:
         query.dedupe_positives()
+        query.judged_rows = [row for row in first_rows(query.judged, corpus.ids)
+                             if row is not None]
 
 
 # ---- mining ----------------------------------------------------------------------------------
@@ -550,46 +646,101 @@ def _mine(job: _Job, shape, with_scores, output, output_format) -> None:
     from vecpipe.formats.writers import RecordWriter
 
     settings = job.miner.options
-    schema = shape_schema(shape, job.pairs.anchor_field, settings.num_negatives, with_scores)
+    extra = tuple(name for name, used in (("retriever", job.cross_encoder), ("guide", job.guide))
+                  if used is not None and job.all_scores)
+    schema = shape_schema(shape, job.pairs.anchor_field, settings.num_negatives, with_scores,
+                          extra, job.prompt_field)
     queries = job.pairs.queries
     with RecordWriter(output, output_format, schema=schema) as writer, \
             console.progress(total=len(queries), desc="mining", unit="query") as bar:
         for start in range(0, len(queries), QUERY_BATCH):
             batch = queries[start:start + QUERY_BATCH]
             mined = _mine_batch(job, batch)
-            writer.write(shape_batch(shape, schema, mined, with_scores))
+            writer.write(shape_batch(shape, schema, mined, with_scores, job.prompt_field))
             bar.update(len(batch))
     job.miner.stats.rows_written = writer.rows
     job.output_name = output or "stdout"
     job.output_format = writer.format
 
 
+def _check_prompt_field(prompt_field, shape, num_negatives) -> None:
+    """The prompt field is written to the rows: it must not take another column's name."""
+    from vecpipe.core.mining import ANCHOR_FIELDS, shape_schema
+    from vecpipe.formats.errors import UsageError
+
+    taken = shape_schema(shape, "query", num_negatives, True, ("retriever", "guide")).names
+    if prompt_field in (*taken, *ANCHOR_FIELDS, "label", "labels"):
+        raise UsageError(f"--prompt-field {prompt_field!r} is also a column of the rows",
+                         hint="rename the field in the pairs")
+
+
+@dataclass
+class _Unit:
+    """What is mined as one: a query with all its positives, or (--margin-per positive) with
+    one of them."""
+    index: int                    # the query's place in its batch
+    positives: list               # indexes into the query's positives
+    found: object                 # Candidates
+
+
 def _mine_batch(job: _Job, batch) -> list:
-    import numpy as np
-
-    from vecpipe.core.mining import Mined
-    from vecpipe.core.vectors import normalized
-
-    query_vectors = normalized(job.model.encode([q.text for q in batch], job.batch_size,
-                                                job.query_prompt))
+    query_vectors = _encode_queries(job.model, batch, job.batch_size, job.query_prompt)
     scores, rows = job.corpus.search(query_vectors, job.depth)
     positive_scores = _positive_scores(job, batch, query_vectors)
     candidates = [job.miner.exclude(query, rows[i], scores[i], positive_scores[i])
                   for i, query in enumerate(batch)]
     if job.cross_encoder is not None:
         candidates = _rescore(job, batch, candidates)
-    candidates = [job.miner.filter_scores(c) for c in candidates]
+    units = _units(batch, candidates, job.miner.options.margin_per)
+    for unit in units:
+        unit.found = job.miner.filter_scores(unit.found)
+    if job.miner.options.max_positive_similarity is not None:
+        _drop_near_positives(job, batch, units)
     if job.guide is not None:
-        candidates = job.guide.filter(job, batch, candidates)
-    mined = []
-    for query, found in zip(batch, candidates):
-        chosen = job.miner.choose(query, found)
-        if chosen is None:
-            continue
-        texts = job.corpus.texts.take(np.asarray(chosen.rows)).to_pylist()
-        mined.append(Mined(query.text, [p.text for p in query.positives],
-                           chosen.positive_scores.tolist(), texts, chosen.scores.tolist()))
-    return mined
+        job.guide.filter(job, batch, units)
+    return [mined for unit in units if (mined := _chosen(job, batch[unit.index], unit))]
+
+
+def _encode_queries(model, batch, batch_size, prompt):
+    """Normalized query vectors; a query's own prompt (--prompt-field) replaces `prompt`."""
+    import numpy as np
+
+    from vecpipe.core.vectors import normalized
+
+    vectors = np.empty((len(batch), model.dim), dtype=np.float32)
+    prompts = [prompt if q.instruction is None else q.instruction for q in batch]
+    for own in dict.fromkeys(prompts):
+        at = [i for i, given in enumerate(prompts) if given == own]
+        vectors[at] = model.encode([batch[i].text for i in at], batch_size, own)
+    return normalized(vectors)
+
+
+def _units(batch, candidates, margin_per) -> list:
+    if margin_per == "query":
+        return [_Unit(i, list(range(len(q.positives))), found)
+                for i, (q, found) in enumerate(zip(batch, candidates))]
+    return [_Unit(i, [j], found.for_positive(j))
+            for i, (q, found) in enumerate(zip(batch, candidates))
+            for j in range(len(q.positives))]
+
+
+def _chosen(job: _Job, query, unit: _Unit):
+    """The unit's negatives as a Mined row group, or None when it is dropped as short."""
+    import numpy as np
+
+    from vecpipe.core.mining import Mined
+
+    positives = [query.positives[j].text for j in unit.positives]
+    key = query.text if job.miner.options.margin_per == "query" else \
+        f"{query.text}\0{positives[0]}"
+    chosen = job.miner.choose(query, unit.found, key)
+    if chosen is None:
+        return None
+    texts = job.corpus.texts.take(np.asarray(chosen.rows)).to_pylist()
+    extra = {name: (list(map(float, pos)), list(map(float, found)))
+             for name, (found, pos) in chosen.extra.items() if job.all_scores}
+    return Mined(query.text, positives, chosen.positive_scores.tolist(), texts,
+                 chosen.scores.tolist(), query.instruction, extra)
 
 
 def _positive_scores(job: _Job, batch, query_vectors) -> list:
@@ -611,8 +762,42 @@ def _positive_scores(job: _Job, batch, query_vectors) -> list:
     return np.split(scores, np.cumsum([len(q.positives) for q in batch])[:-1])
 
 
+def _drop_near_positives(job: _Job, batch, units) -> None:
+    """--max-positive-similarity: candidates whose vector is that close to a positive's."""
+    import numpy as np
+
+    from vecpipe.core.mining import positive_similarity
+
+    limit = np.float32(job.miner.options.max_positive_similarity)
+    vectors = _positive_vectors(job, [p for q in batch for p in q.positives])
+    first = np.cumsum([0] + [len(q.positives) for q in batch])
+    for unit in units:
+        near = positive_similarity(job.corpus.row_vectors(unit.found.rows),
+                                   vectors[first[unit.index] + np.asarray(unit.positives)])
+        unit.found = job.miner.drop(unit.found, near >= limit, "max_positive_similarity")
+
+
+def _positive_vectors(job: _Job, positives):
+    """The corpus's vector of each positive, or its text embedded with the corpus prompt."""
+    import numpy as np
+
+    inside = [i for i, p in enumerate(positives) if p.row is not None]
+    outside = [i for i, p in enumerate(positives) if p.row is None]
+    parts = [job.corpus.row_vectors(np.array([positives[i].row for i in inside], np.int64))]
+    if outside:
+        embedded = job.model.encode([positives[i].text for i in outside], job.batch_size,
+                                    job.doc_prompt)
+        parts.append(job.corpus.model_vectors(embedded))
+    vectors = np.empty((len(positives), parts[0].shape[1]), dtype=np.float32)
+    vectors[inside] = parts[0]
+    if outside:
+        vectors[outside] = parts[1]
+    return vectors
+
+
 def _rescore(job: _Job, batch, candidates) -> list:
-    """Cross-encoder scores for every remaining candidate and every positive."""
+    """Cross-encoder scores for every remaining candidate and every positive; the retriever's
+    scores stay along as `retriever`."""
     import numpy as np
 
     from vecpipe.core.mining import Candidates
@@ -628,47 +813,53 @@ def _rescore(job: _Job, batch, candidates) -> list:
                                                   convert_to_numpy=True,
                                                   show_progress_bar=False), dtype=np.float32)
     parts = np.split(scores, np.cumsum(sizes)[:-1])
-    return [Candidates(found.rows, parts[2 * i], parts[2 * i + 1])
+    return [Candidates(found.rows, parts[2 * i], parts[2 * i + 1],
+                       {"retriever": (found.scores, found.positive_scores)})
             for i, found in enumerate(candidates)]
 
 
 class _Guide:
     """A second embedding model that vetoes candidates it finds as close as a positive."""
 
-    def __init__(self, spec, device, trust_remote_code, batch_size):
+    def __init__(self, spec, device, trust_remote_code, batch_size, prompts):
+        from vecpipe.core.space import role_prompt
+
         self.model = _load_model(spec, device, trust_remote_code)
         self.batch_size = batch_size
+        self.query_prompt = role_prompt(self.model, "query", prompts[0])
+        self.doc_prompt = role_prompt(self.model, "doc", prompts[1])
         self._cache = {}     # corpus row -> guide vector
 
-    def filter(self, job: _Job, batch, candidates) -> list:
+    def filter(self, job: _Job, batch, units) -> None:
+        """Drop, in each unit, candidates scored >= the unit's weakest positive; the guide's
+        scores stay along as `guide`."""
         import numpy as np
 
-        from vecpipe.core.vectors import normalized
-
-        queries = normalized(self.model.encode([q.text for q in batch], self.batch_size))
-        positives = normalized(self.model.encode([p.text for q in batch for p in q.positives],
-                                                 self.batch_size))
-        counts = [len(q.positives) for q in batch]
-        positives = np.split(positives, np.cumsum(counts)[:-1])
-        self._embed_rows(job.corpus, np.concatenate([c.rows for c in candidates]))
-        kept = []
-        for i, (query, found) in enumerate(zip(batch, candidates)):
-            weakest = np.min(positives[i] @ queries[i])
+        queries = self._encode([q.text for q in batch], self.query_prompt)
+        positives = self._encode([p.text for q in batch for p in q.positives], self.doc_prompt)
+        first = np.cumsum([0] + [len(q.positives) for q in batch])
+        self._embed_rows(job.corpus, np.concatenate([u.found.rows for u in units]))
+        for unit in units:
+            query, found = queries[unit.index], unit.found
+            own = positives[first[unit.index] + np.asarray(unit.positives)] @ query
             vectors = np.stack([self._cache[r] for r in found.rows.tolist()]) if len(found.rows) \
                 else np.zeros((0, self.model.dim), dtype=np.float32)
-            kept.append(job.miner.drop(found, vectors @ queries[i] >= weakest, "guide"))
-        return kept
+            found.extra["guide"] = (vectors @ query, own)
+            unit.found = job.miner.drop(found, found.extra["guide"][0] >= np.min(own), "guide")
 
-    def _embed_rows(self, corpus, rows) -> None:
+    def _encode(self, texts, prompt):
         from vecpipe.core.vectors import normalized
 
+        return normalized(self.model.encode(texts, self.batch_size, prompt))
+
+    def _embed_rows(self, corpus, rows) -> None:
         missing = sorted(set(rows.tolist()) - self._cache.keys())
         if not missing:
             return
         if len(self._cache) + len(missing) > _CACHE_LIMIT:
             self._cache.clear()
         texts = corpus.texts.take(missing).to_pylist()
-        self._cache.update(zip(missing, normalized(self.model.encode(texts, self.batch_size))))
+        self._cache.update(zip(missing, self._encode(texts, self.doc_prompt)))
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -692,8 +883,9 @@ def _report(job: _Job, stats_path, shape) -> None:
         f"{facts['queries']:,} queries, {facts['candidates_seen']:,} candidates seen; removed: "
         f"{removed or 'none'}; beyond --range-max {facts['beyond_range_max']:,}, skipped by "
         f"--range-min {facts['skipped_range_min']:,}")
+    mined = "pairs" if job.miner.options.margin_per == "positive" else "queries"
     console.info(
-        f"{facts['queries_short']:,} queries short of negatives "
+        f"{facts['queries_short']:,} {mined} short of negatives "
         f"({facts['queries_without_negatives']:,} with none, {facts['queries_dropped']:,} "
         f"dropped); {facts['negatives']:,} negatives, {facts['rows_written']:,} rows -> "
         f"{job.output_name} ({job.output_format}); mean score: positives "

@@ -39,6 +39,17 @@ def run(index: Annotated[str, typer.Argument(
                                       "range_search); over HNSW the search deepens until each "
                                       "query's last hit scores below it.", metavar="N",
             show_default=False)] = None,
+        calibrator: Annotated[Optional[str], typer.Option(
+            "--calibrator", help="Add prob, each hit's probability of relevance from a "
+                                 "calibrator (eval calibrate) fitted on this index's scores, "
+                                 "given the scores of its query's top hits: at least the "
+                                 "calibrator's depth is searched, then k kept.", metavar="PATH",
+            show_default=False)] = None,
+        min_prob: Annotated[Optional[float], typer.Option(
+            "--min-prob", min=0.0, max=1.0, help="With --calibrator: drop hits whose prob is "
+                                                 "below P, one cut for every query (the best k "
+                                                 "of the rest come back; maybe none).",
+            metavar="P", show_default=False)] = None,
         mmr: Annotated[Optional[float], typer.Option(
             "--mmr", min=0.0, max=1.0, help="Diversify: re-order the top --mmr-depth hits by "
                                             "maximal marginal relevance, LAMBDA*sim(q,d) - "
@@ -229,6 +240,10 @@ def run(index: Annotated[str, typer.Argument(
     _check_group_options(group_by, group_size, group_score, max_hits, mmr)
     if group_by is not None:
         add_group_stage(pipeline, group_by, group_size or 1, group_score or "max")
+    _check_calibrator_options(calibrator, min_prob, min_score=min_score, max_hits=max_hits,
+                              rerank=rerank, mmr=mmr, group_by=group_by, hybrid=hybrid)
+    if calibrator is not None:
+        add_calibration_stage(pipeline, calibrator, min_prob, force)
     # a stream is scanned once: its range search is one pass max_hits deep, thresholded
     searcher.depth = max_hits if max_hits and isinstance(searcher, StreamSearch) \
         else pipeline.depth()
@@ -333,6 +348,84 @@ def add_mmr_stage(pipeline, lam: float, depth: int) -> None:
                                                    "similarity": similarity})
 
     pipeline.stages.append(stage)
+
+
+_CALIBRATOR_CONFLICTS = {"min_score": "--min-score", "max_hits": "--max-hits",
+                         "rerank": "--rerank", "mmr": "--mmr", "group_by": "--group-by",
+                         "hybrid": "--hybrid"}
+
+
+def _check_calibrator_options(calibrator, min_prob, **given) -> None:
+    """A calibrator maps the first stage's scores of a top-k search: --min-prob needs one, and
+    options that cut the hits by score or replace their scores are refused beside it."""
+    from vecpipe.formats.errors import UsageError
+
+    if min_prob is not None and calibrator is None:
+        raise UsageError("--min-prob needs --calibrator: it cuts the calibrated probability",
+                         hint="fit one with vecpipe eval calibrate; --min-score cuts the score")
+    clashes = [_CALIBRATOR_CONFLICTS[name] for name, value in given.items()
+               if value not in (None, False, [])]
+    if calibrator is not None and clashes:
+        raise UsageError(f"--calibrator maps the scores of a plain top-k search; not with "
+                         f"{', '.join(clashes)}", hint="--min-prob is the threshold it gives")
+
+
+def add_calibration_stage(pipeline, path: str, min_prob, force: bool) -> None:
+    """--calibrator: a `prob` column, P(relevant) from each hit's score and its query's top
+    calibrator-depth scores; --min-prob drops the hits below it (the rest move up)."""
+    import pyarrow as pa
+
+    from vecpipe.core.calibration import read_calibrator
+
+    calibrator = read_calibrator(path)
+    _check_calibrator_space(calibrator, pipeline.searcher, path, force)
+    pipeline.depths.append(calibrator.depth)
+    pipeline.extra_fields.append(pa.field("prob", pa.float32()))
+    pipeline.metadata["calibrator"] = path
+    if min_prob is not None:
+        pipeline.metadata["min_prob"] = str(min_prob)
+
+    def stage(results):
+        import numpy as np
+
+        for batch in results:
+            prob = calibrator.probabilities(batch.hits.scores, batch.hits.rows >= 0)
+            batch = batch._replace(extra={**(batch.extra or {}), "prob": prob.astype(np.float32)})
+            yield batch if min_prob is None else probable_hits(batch, prob >= min_prob)
+
+    pipeline.stages.append(stage)
+
+
+def _check_calibrator_space(calibrator, searcher, path: str, force: bool) -> None:
+    """The calibrator's scores must be this index's: same model (warn when it names none)."""
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import DataError
+
+    fitted, searched = calibrator.provenance.get("model"), (searcher.metadata or {}).get("model")
+    if fitted is None:
+        console.warn(f"{path} names no model (eval calibrate --space): its probabilities hold "
+                     "only for the scores it was fitted on")
+    elif fitted != searched and not force:
+        raise DataError(f"the calibrator was fitted on scores of {fitted}; the index holds "
+                        f"{searched or 'no model'}", source=path,
+                        hint="fit one on a run of this index, or --force")
+
+
+def probable_hits(batch, keep):
+    """The hits where `keep`, moved to the front of their query's row in score order, the
+    others dropped: ranks stay 1..n."""
+    import numpy as np
+
+    from vecpipe.core.vectors import Hits
+
+    keep = keep & (batch.hits.rows >= 0)
+    order = np.argsort(~keep, axis=1, kind="stable")
+    kept = np.take_along_axis(keep, order, 1)
+    rows = np.where(kept, np.take_along_axis(batch.hits.rows, order, 1), -1)
+    scores = np.where(kept, np.take_along_axis(batch.hits.scores, order, 1), -np.inf)
+    extra = {name: np.take_along_axis(np.asarray(values), order, 1)
+             for name, values in (batch.extra or {}).items()}
+    return batch._replace(hits=Hits(rows, scores.astype(np.float32)), extra=extra)
 
 
 def _chunks_parent(searcher) -> str | None:
@@ -783,7 +876,7 @@ class QueryReader:
 
     def _load_model(self) -> None:
         """The query model: -m or the one the index records; a different one is refused."""
-        from vecpipe.cli.models import load_model
+        from vecpipe.cli.models import load_model, space_options
         from vecpipe.core.space import check_model
         from vecpipe.formats.errors import DataError
 
@@ -792,7 +885,8 @@ class QueryReader:
             raise DataError("records no model, so text queries cannot be embedded",
                             source=self.target.source,
                             hint="pass -m MODEL (the model that made the vectors)")
-        self.model = load_model(spec, device=self.device, backend=self.backend)
+        self.model = load_model(spec, device=self.device, backend=self.backend,
+                                **space_options(self.target.metadata))  # as the documents
         check_model(self.target.metadata, self.model, self.target.source, spec,
                     dim=self.target.query_dim, force=self.force)
         self.prompt_text = self._prompt()
@@ -1178,8 +1272,11 @@ class StreamSearch:
         self.metadata = self.stream.metadata
         self.codec = codec_from_meta(self.metadata, source=path)
         vector_type = schema.field(names.EMBEDDING).type
-        self.bits = pa.types.is_fixed_size_binary(vector_type)
-        self.metric = _stream_metric(metric, self.bits)
+        # pq codes and bit planes are scored by the float query's dot product with what they
+        # decode to (ADC; the planes' scale-weighted sum), not by hamming
+        asymmetric = self.codec is not None and (self.codec.to == "pq" or self.codec.bits > 1)
+        self.bits = pa.types.is_fixed_size_binary(vector_type) and not asymmetric
+        self.metric = _stream_metric(metric or ("ip" if asymmetric else None), self.bits)
         self.k = self.depth = k
         self.min_score = min_score
         self.id_column = names.find_id_column(schema)

@@ -4,17 +4,18 @@
 _vecpipe_spec() {
     case "$1" in
         "") subs="embed index search compress eval mine-negatives merge info convert models completion man"; opts="--version --help"; takes="" ;;
-        "embed") subs=""; opts="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --glob --trust-remote-code --force --dry-run --progress -q --quiet --help"; takes="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --window --glob" ;;
+        "embed") subs=""; opts="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --layers --pooling --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --glob --trust-remote-code --force --dry-run --progress -q --quiet --help"; takes="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --layers --pooling --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --window --glob" ;;
         "index") subs=""; opts="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --append --on-duplicate --lexical --text-field --stemmer --stopwords --k1 --b --bm25-method --delete --query-prompt -m --model --threads --shard --input-format --force --dry-run --progress -q --quiet --help"; takes="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --fields --on-duplicate --text-field --stemmer --stopwords --k1 --b --bm25-method --delete --query-prompt -m --model --threads --shard --input-format" ;;
-        "search") subs=""; opts="-k --top-k --exact --ef --rescore --min-score --max-hits --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --keep-first-score --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend --force -q --quiet --help"; takes="-k --top-k --ef --rescore --min-score --max-hits --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend" ;;
-        "compress") subs=""; opts="-o --output --output-format --input-format --dtype --dim --pca --pca-center --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help"; takes="-o --output --output-format --input-format --dtype --dim --pca --calibration-rows --clip-quantile --codec --save-codec --report-queries --save-report" ;;
-        "eval") subs="retrieval beir sts embeddings"; opts="--help"; takes="" ;;
+        "search") subs=""; opts="-k --top-k --exact --ef --rescore --min-score --max-hits --calibrator --min-prob --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --keep-first-score --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend --force -q --quiet --help"; takes="-k --top-k --ef --rescore --min-score --max-hits --calibrator --min-prob --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend" ;;
+        "compress") subs=""; opts="-o --output --output-format --input-format --dtype --dim --pca --pca-center --bits --pq-m --pq-bits --opq --budget --calibration-rows --clip-quantile --codec --save-codec --report --report-queries --save-report --force -q --quiet --help"; takes="-o --output --output-format --input-format --dtype --dim --pca --bits --pq-m --pq-bits --budget --calibration-rows --clip-quantile --codec --save-codec --report-queries --save-report" ;;
+        "eval") subs="retrieval calibrate beir sts embeddings"; opts="--help"; takes="" ;;
         "eval retrieval") subs=""; opts="--qrels --cutoffs --metrics --qrels-depth --all-queries --aggregate --per-query --fail-under --permutations --seed --output-format -q --quiet --help"; takes="--qrels --cutoffs --metrics --qrels-depth --aggregate --fail-under --permutations --seed --output-format" ;;
-        "eval beir") subs=""; opts="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --per-query --fail-under --output-format --trust-remote-code --progress -q --quiet --help"; takes="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --fail-under --output-format" ;;
+        "eval calibrate") subs=""; opts="--qrels --fit-depth --space -o --output --output-format -q --quiet --help"; takes="--qrels --fit-depth --space -o --output --output-format" ;;
+        "eval beir") subs=""; opts="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --layers --dim --pooling --grid --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --per-query --fail-under --output-format --trust-remote-code --progress -q --quiet --help"; takes="-m --model --split --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --layers --dim --pooling --grid --cutoffs --metrics --batch-size --device --index-dtype --ef --cache --save-run --fail-under --output-format" ;;
         "eval sts") subs=""; opts="--pair --score -m --model --prompt --batch-size --device --input-format --fail-under --output-format --trust-remote-code -q --quiet --help"; takes="--pair --score -m --model --prompt --batch-size --device --input-format --fail-under --output-format" ;;
         "eval embeddings") subs=""; opts="--vector-field --sample --duplicate-threshold --alpha --seed --fail-on-drift --depth -o --output --input-format --output-format -q --quiet --help"; takes="--vector-field --sample --duplicate-threshold --alpha --seed -o --output --input-format --output-format" ;;
-        "mine-negatives") subs=""; opts="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --with-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force --progress -q --quiet --help"; takes="--corpus --beir --split -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --sampling --seed --cross-encoder --guide --shape --on-short --save-stats --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --shard -o --output --output-format --input-format" ;;
-        "merge") subs=""; opts="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --index --link --models --weights --method --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit --force -q --quiet --help"; takes="-o --output --output-format --input-format --on-duplicate --sort-by --expect-shards --weights --method --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit" ;;
+        "mine-negatives") subs=""; opts="--corpus --beir --split --min-relevance --prompt-field -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --margin-per --max-positive-similarity --sampling --seed --cross-encoder --guide --guide-query-prompt --guide-doc-prompt --shape --with-scores --all-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force --progress -q --quiet --help"; takes="--corpus --beir --split --min-relevance --prompt-field -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --margin-per --max-positive-similarity --sampling --seed --cross-encoder --guide --guide-query-prompt --guide-doc-prompt --shape --on-short --save-stats --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --shard -o --output --output-format --input-format" ;;
+        "merge") subs=""; opts="-o --output --output-format --input-format --on-duplicate --dedupe-near --against --sort-by --expect-shards --index --link --models --weights --method --base --density --seed --search-weights --probe --probe-metric --weight-grid --sgd-steps --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit --force -q --quiet --help"; takes="-o --output --output-format --input-format --on-duplicate --dedupe-near --against --sort-by --expect-shards --weights --method --base --density --seed --probe --probe-metric --weight-grid --sgd-steps --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit" ;;
         "info") subs=""; opts="--input-format --output-format --verify --fields -q --quiet --help"; takes="--input-format --output-format" ;;
         "convert") subs=""; opts="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed --force -q --quiet --help"; takes="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed" ;;
         "models") subs=""; opts="--output-format -q --quiet --help"; takes="--output-format" ;;
@@ -29,6 +30,7 @@ _vecpipe_value() {
         "embed --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "embed --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "embed -m"|"embed --model") echo "@dir" ;;
+        "embed --pooling") echo "cls mean max lasttoken weightedmean" ;;
         "embed --device") echo "auto cpu cuda mps" ;;
         "embed --precision") echo "auto float32 float16 bfloat16" ;;
         "embed --backend") echo "auto torch onnx onnx-int8 openvino numpy" ;;
@@ -36,11 +38,12 @@ _vecpipe_value() {
         "embed --engine") echo "local ray" ;;
         "index -o"|"index --output") echo "@dir" ;;
         "index --metric") echo "cos ip l2sq hamming" ;;
-        "index --dtype") echo "float32 float16 bfloat16 int8 uint8 binary ubinary f32 f16 bf16 i8 b1" ;;
+        "index --dtype") echo "float32 float16 bfloat16 int8 uint8 binary ubinary pq f32 f16 bf16 i8 b1" ;;
         "index --on-duplicate") echo "error first last keep" ;;
         "index --bm25-method") echo "lucene robertson atire bm25l bm25" ;;
         "index -m"|"index --model") echo "@dir" ;;
         "index --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
+        "search --calibrator") echo "@file" ;;
         "search --group-score") echo "max sum mean" ;;
         "search -m"|"search --model") echo "@dir" ;;
         "search --rerank") echo "@dir" ;;
@@ -54,14 +57,18 @@ _vecpipe_value() {
         "compress -o"|"compress --output") echo "@file" ;;
         "compress --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "compress --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
-        "compress --dtype") echo "float32 float16 bfloat16 int8 uint8 binary ubinary f32 f16 bf16 i8 b1" ;;
+        "compress --dtype") echo "float32 float16 bfloat16 int8 uint8 binary ubinary pq f32 f16 bf16 i8 b1" ;;
         "compress --codec") echo "@file" ;;
         "compress --save-codec") echo "@file" ;;
         "compress --report-queries") echo "@file" ;;
         "compress --save-report") echo "@file" ;;
         "eval retrieval --qrels") echo "@file" ;;
         "eval retrieval --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
+        "eval calibrate --qrels") echo "@file" ;;
+        "eval calibrate -o"|"eval calibrate --output") echo "@file" ;;
+        "eval calibrate --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "eval beir -m"|"eval beir --model") echo "@dir" ;;
+        "eval beir --pooling") echo "cls mean max lasttoken weightedmean" ;;
         "eval beir --device") echo "auto cpu cuda mps" ;;
         "eval beir --index-dtype") echo "float32 float16 bfloat16 int8 uint8 f32 f16 bf16 i8 b1" ;;
         "eval beir --cache") echo "@dir" ;;
@@ -92,6 +99,9 @@ _vecpipe_value() {
         "merge --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "merge --on-duplicate") echo "error first last keep" ;;
         "merge --method") echo "linear slerp" ;;
+        "merge --base") echo "ties dare" ;;
+        "merge --density") echo "ties dare" ;;
+        "merge --probe") echo "@dir" ;;
         "merge --fuse-norm") echo "none min-max z-score rank max sum" ;;
         "merge --fit-qrels") echo "@file" ;;
         "merge --save-fit") echo "@file" ;;
@@ -112,6 +122,7 @@ _vecpipe_arg() {
         "search "*) echo "@file" ;;
         "compress "*) echo "@file" ;;
         "eval retrieval "*) echo "@file" ;;
+        "eval calibrate 0") echo "@file" ;;
         "eval beir 0") echo "@dir" ;;
         "eval sts "*) echo "@file" ;;
         "eval embeddings "*) echo "@file" ;;

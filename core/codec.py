@@ -71,13 +71,14 @@ import numpy as np
 from vecpipe.formats.errors import DataError, UsageError
 
 FORMAT_VERSION = 1
-TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary")
+TARGETS = ("float32", "float16", "bfloat16", "int8", "uint8", "binary", "ubinary", "pq")
 BIT_TARGETS = ("binary", "ubinary")
 SCALAR_TARGETS = ("int8", "uint8")
 # The index storage types (index --dtype) whose codes come from a codec fitted on the vectors.
 FITTED_INDEX_DTYPES = {"i8": "int8", "b1": "binary"}
 _CODE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
-                "int8": np.int8, "uint8": np.uint8, "binary": np.uint8, "ubinary": np.uint8}
+                "int8": np.int8, "uint8": np.uint8, "binary": np.uint8, "ubinary": np.uint8,
+                "pq": np.uint8}
 _CODE_OFFSET = {"int8": 128.0, "uint8": 0.0}  # code k of a scalar target is level k + offset
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _POPCOUNT = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)
@@ -92,7 +93,8 @@ class Codec:
                  normalize: bool = True,
                  low: np.ndarray | None = None, high: np.ndarray | None = None,
                  clip_quantile: float | None = None, calibration_rows: int | None = None,
-                 model: str | None = None):
+                 model: str | None = None, scales: np.ndarray | None = None,
+                 pq=None):
         if to not in TARGETS:
             raise UsageError(f"unknown codec target {to!r}; choose from {', '.join(TARGETS)}")
         self.to = to
@@ -107,20 +109,25 @@ class Codec:
         self.clip_quantile = clip_quantile
         self.calibration_rows = calibration_rows
         self.model = model
+        self.scales = _f32_or_none(scales)  # multi-bit binary: plane x out_dim residual scales
+        self.pq = pq  # a core.pq.ProductQuantizer for the pq target
 
     # ----- fitting -------------------------------------------------------------------------
     @classmethod
     def fit(cls, sample: np.ndarray, to: str = "float32", dim: int | None = None,
             pca: int | None = None, clip_quantile: float | None = None, *,
             normalize: bool = True, model: str | None = None,
-            center: bool = False) -> "Codec":
+            center: bool = False, bits: int = 1, pq_m: int | None = None, pq_bits: int = 8,
+            opq: bool = False) -> "Codec":
         """Fit on a calibration sample (rows x input_dim float vectors); `center`: centred
-        PCA (see the module docstring)."""
+        PCA (see the module docstring); `bits`: bit planes of a binary target; `pq_*`, `opq`:
+        the product quantiser of the pq target."""
         sample = _as_matrix(sample)
         rows, input_dim = sample.shape
         if to not in TARGETS:
             raise UsageError(f"unknown codec target {to!r}; choose from {', '.join(TARGETS)}")
         _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile)
+        _check_code_options(to, bits, pq_m, opq)
         if center and pca is None:
             raise UsageError("centring applies to PCA only: give a number of PCA components")
         codec = cls(to, input_dim, dim=dim, normalize=normalize, clip_quantile=clip_quantile,
@@ -134,8 +141,14 @@ class Codec:
             reduced = codec._pca(reduced)
         if to in SCALAR_TARGETS:
             codec.low, codec.high = _fit_ranges(reduced, clip_quantile)
+        elif to in BIT_TARGETS and bits > 1:
+            codec.scales = fit_residual_scales(reduced, bits)
         elif to in BIT_TARGETS:
             codec.low, codec.high = _fit_bit_levels(reduced)
+        elif to == "pq":
+            from vecpipe.core.pq import ProductQuantizer
+
+            codec.pq = ProductQuantizer.train(reduced, pq_m, pq_bits, opq=opq)
         return codec
 
     # ----- shape facts ---------------------------------------------------------------------
@@ -151,9 +164,22 @@ class Codec:
         return np.dtype(_CODE_DTYPES[self.to])
 
     @property
+    def bits(self) -> int:
+        """Bit planes of a binary target (1: sign bits), else 1."""
+        return 1 if self.scales is None else int(self.scales.shape[0])
+
+    @property
+    def plane_width(self) -> int:
+        """Bytes of one plane of packed bits."""
+        return (self.out_dim + 7) // 8
+
+    @property
     def code_width(self) -> int:
-        """Columns of a code matrix: out_dim, or bytes of packed bits."""
-        return (self.out_dim + 7) // 8 if self.to in BIT_TARGETS else self.out_dim
+        """Columns of a code matrix: out_dim, bytes of packed bits (every plane), or the
+        sub-vector numbers of pq."""
+        if self.to == "pq":
+            return self.pq.m
+        return self.plane_width * self.bits if self.to in BIT_TARGETS else self.out_dim
 
     @property
     def bytes_per_vector(self) -> int:
@@ -174,7 +200,8 @@ class Codec:
             steps.append(f"dim {self.dim}")
         if self.pca_components is not None:
             steps.append(f"pca {self.out_dim}" + (" centred" if self.is_centred else ""))
-        steps.append(self.to)
+        steps.append(self.to + (f" {self.bits} bits" if self.bits > 1 else "")
+                     + (self._pq_description() if self.to == "pq" else ""))
         return " -> ".join(steps) + f" ({self.bytes_per_vector} B/vector)"
 
     # ----- the transform -------------------------------------------------------------------
@@ -224,6 +251,10 @@ class Codec:
             np.clip(levels, 0, 255, out=levels)
             levels -= _CODE_OFFSET[self.to]
             return levels.astype(self.code_dtype)
+        if self.to == "pq":
+            return self.pq.encode(reduced)
+        if self.bits > 1:
+            return residual_planes(reduced, self.scales)
         return np.packbits(reduced > 0, axis=-1)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
@@ -236,6 +267,11 @@ class Codec:
         if self.to in SCALAR_TARGETS:
             return (self.low + (codes.astype(np.float32) + _CODE_OFFSET[self.to])
                     * self._steps()).astype(np.float32)
+        if self.to == "pq":
+            return self.pq.decode(codes)
+        if self.bits > 1:
+            signs = 2 * self.code_matrix(codes) - 1  # plane after plane
+            return _planes_sum(signs, self.scales)
         bits = self.code_matrix(codes)
         return (self.low + bits * (self.high - self.low)).astype(np.float32)
 
@@ -243,7 +279,9 @@ class Codec:
         """Codes as float32 numbers, one column per reduced dimension (bits unpacked to 0/1)."""
         codes = self._check_codes(codes)
         if self.to in BIT_TARGETS:
-            return np.unpackbits(codes, axis=-1, count=self.out_dim).astype(np.float32)
+            return unpack_planes(codes, self.out_dim, self.bits)
+        if self.to == "pq":
+            return self.pq.decode(codes)
         if self.to == "bfloat16":
             return bfloat16_bits_to_float32(codes)
         return codes.astype(np.float32)
@@ -254,6 +292,8 @@ class Codec:
         reduced = self.project(queries)
         if self.to in SCALAR_TARGETS:
             return (reduced * self._steps()).astype(np.float32)
+        if self.to in BIT_TARGETS and self.bits > 1:
+            return (2 * reduced[:, None, :] * self.scales).reshape(len(reduced), -1)
         if self.to in BIT_TARGETS:
             return (reduced * (self.high - self.low)).astype(np.float32)
         return reduced
@@ -264,12 +304,17 @@ class Codec:
         if self.to in SCALAR_TARGETS:
             zero = self.low + _CODE_OFFSET[self.to] * self._steps()
             return (reduced @ zero).astype(np.float32)
+        if self.to in BIT_TARGETS and self.bits > 1:
+            return -(reduced @ self.scales.sum(axis=0)).astype(np.float32)
         if self.to in BIT_TARGETS:
             return (reduced @ self.low).astype(np.float32)
         return np.zeros(len(reduced), dtype=np.float32)
 
     def score(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """Asymmetric scores (queries x codes): float queries against the decoded codes."""
+        """Asymmetric scores (queries x codes): float queries against the decoded codes
+        (pq: by look-up tables, ADC)."""
+        if self.to == "pq":
+            return self.pq.scores(self.project(queries), self._check_codes(codes))
         matrix = self.code_matrix(codes)
         return self.transform(queries) @ matrix.T + self.offset(queries)[:, None]
 
@@ -329,6 +374,12 @@ class Codec:
         if self.low is not None:
             data["levels"] = {"low": _encode_array(self.low), "high": _encode_array(self.high),
                               "clip_quantile": self.clip_quantile}
+        if self.scales is not None:  # keys absent from 1-bit codecs, whose JSON stays as it was
+            data["planes"] = {"bits": self.bits, "scales": _encode_array(self.scales)}
+        if self.pq is not None:
+            data["pq"] = {"centroids": _encode_array(self.pq.centroids),
+                          "rotation": None if self.pq.rotation is None
+                          else _encode_array(self.pq.rotation)}
         return data
 
     def to_json(self) -> str:
@@ -369,6 +420,7 @@ class Codec:
                 raise ValueError(f"unsupported codec format {data.get('format')!r}")
             pca = data.get("pca") or {}
             levels = data.get("levels") or {}
+            planes, pq_data = data.get("planes") or {}, data.get("pq")
             codec = cls(data["to"], data["input_dim"], dim=data.get("dim"),
                         pca_components=_decode_array(pca.get("components")),
                         pca_explained=pca.get("kept_energy"),
@@ -377,7 +429,8 @@ class Codec:
                         low=_decode_array(levels.get("low")),
                         high=_decode_array(levels.get("high")),
                         clip_quantile=levels.get("clip_quantile"),
-                        calibration_rows=data.get("calibration_rows"), model=data.get("model"))
+                        calibration_rows=data.get("calibration_rows"), model=data.get("model"),
+                        scales=_decode_array(planes.get("scales")), pq=_pq_from_dict(pq_data))
             if pca and pca.get("sha256") != _array_hash(*codec._pca_arrays()):
                 raise ValueError("PCA projection does not match its sha256")
             codec._check_consistent()
@@ -460,6 +513,10 @@ class Codec:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms > 0, norms, 1)
 
+    def _pq_description(self) -> str:
+        return (f" m{self.pq.m}x{self.pq.bits}" + (" opq" if self.pq.rotation is not None
+                                                   else ""))
+
     def _steps(self) -> np.ndarray:
         steps = (self.high - self.low) / 255
         return np.where(steps > 0, steps, 1).astype(np.float32)
@@ -474,7 +531,13 @@ class Codec:
         if self.pca_mean is not None and (self.pca_components is None
                                           or self.pca_mean.shape != (reduced_dim,)):
             raise ValueError("PCA mean does not match the dimensions")
-        needs_levels = self.to in SCALAR_TARGETS or self.to in BIT_TARGETS
+        if self.scales is not None and (self.to not in BIT_TARGETS or self.scales.ndim != 2
+                                        or self.scales.shape[1] != self.out_dim):
+            raise ValueError(f"bit-plane scales need a binary target of {self.out_dim} values")
+        if (self.to == "pq") != (self.pq is not None) or (
+                self.pq is not None and self.pq.dim != self.out_dim):
+            raise ValueError(f"a pq codec needs centroids for {self.out_dim} dimensions")
+        needs_levels = self.to in SCALAR_TARGETS or (self.to in BIT_TARGETS and self.bits == 1)
         if needs_levels and (self.low is None or self.high is None
                              or self.low.shape != (self.out_dim,)
                              or self.high.shape != (self.out_dim,)):
@@ -564,7 +627,67 @@ def hamming_distances(query_bits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out
 
 
+def residual_planes(reduced: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Multi-bit residual binarisation (Tencent's BEBR): plane k holds the signs of what
+    planes 0..k-1 left, `r_k = r_{k-1} - s_k * sign_k` from r_0 = x (a bit is r > 0, sign
+    +1, else -1). Packed planes side by side (rows x planes * ceil(dim/8) uint8)."""
+    residual = np.array(reduced, dtype=np.float32)
+    planes = []
+    for scale in scales:
+        positive = residual > 0
+        planes.append(np.packbits(positive, axis=-1))
+        residual -= np.where(positive, scale, -scale)
+    return np.concatenate(planes, axis=1)
+
+
+def fit_residual_scales(reduced: np.ndarray, bits: int) -> np.ndarray:
+    """Per plane and dimension, mean |residual| on the calibration rows: the least-squares
+    scale of that plane's signs (planes x dim float32)."""
+    residual = np.array(reduced, dtype=np.float64)
+    scales = np.empty((bits, residual.shape[1]))
+    for plane in range(bits):
+        scales[plane] = np.abs(residual).mean(axis=0)
+        residual -= np.where(residual > 0, scales[plane], -scales[plane])
+    return scales.astype(np.float32)
+
+
+def unpack_planes(codes: np.ndarray, dim: int, planes: int) -> np.ndarray:
+    """Packed planes -> 0/1 float32 (rows x planes * dim), plane after plane."""
+    width = (dim + 7) // 8
+    return np.concatenate([np.unpackbits(codes[:, p * width:(p + 1) * width], axis=-1,
+                                         count=dim) for p in range(planes)],
+                          axis=1).astype(np.float32)
+
+
+def _planes_sum(signs: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """sum_k s_k * sign_k, for signs plane after plane (rows x planes * dim)."""
+    rows = len(signs)
+    return (signs.reshape(rows, *scales.shape) * scales).sum(axis=1).astype(np.float32)
+
+
+def _pq_from_dict(data):
+    if not data:
+        return None
+    from vecpipe.core.pq import ProductQuantizer
+
+    centroids = _decode_array(data["centroids"])
+    if centroids.ndim != 3 or centroids.shape[1] not in [2 ** b for b in range(1, 9)]:
+        raise ValueError("pq centroids must be m x 2^bits x sub-dimensions")
+    return ProductQuantizer(centroids, _decode_array(data.get("rotation")))
+
+
 # ----- fitting helpers -----------------------------------------------------------------------
+def _check_code_options(to, bits, pq_m, opq) -> None:
+    if bits != 1 and to not in BIT_TARGETS:
+        raise UsageError("bit planes apply to binary targets only")
+    if not 1 <= bits <= 8:
+        raise UsageError(f"binary bit planes must be between 1 and 8, not {bits}")
+    if (pq_m is not None or opq) and to != "pq":
+        raise UsageError("PQ sub-vectors and OPQ apply to the pq target only")
+    if to == "pq" and pq_m is None:
+        raise UsageError("the pq target needs a number of sub-vectors (m)")
+
+
 def _check_fit_options(to, input_dim, rows, dim, pca, clip_quantile) -> None:
     if rows == 0:
         raise DataError("no vectors to calibrate the codec on")

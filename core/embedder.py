@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from vecpipe.formats.errors import UsageError
+from vecpipe.formats.errors import ParameterError, UsageError
 
 _FAKE_TOKEN = re.compile(r"\S+")
 
@@ -33,6 +33,9 @@ class Embedder:
     runtime: object = None    # exported backends: features -> token embeddings (torch tensor)
     path: str | None = None   # local folder of the weights, when there is one
     precision: str = "float32"  # what the model computes in (the vectors stay float32)
+    layers: int | None = None   # run only the first `layers` transformer layers (None: all)
+    pooling: str | None = None  # pooling mode instead of the model's own (None: its own)
+    _modules: list | None = None  # torch: the modules to run when layers/pooling are set
 
     @property
     def is_fake(self) -> bool:
@@ -49,6 +52,38 @@ class Embedder:
             return False
         modules = list(self.st.children())
         return bool(modules) and type(modules[-1]).__name__ == "Normalize"
+
+    @property
+    def num_layers(self) -> int | None:
+        """The transformer's layer count (None when unknown: fake or unusual models)."""
+        if self.st is None:
+            return None
+        return getattr(self.st[0].auto_model.config, "num_hidden_layers", None)
+
+    @property
+    def own_pooling(self) -> str | None:
+        """The pooling mode of the model's own Pooling module (None without one)."""
+        pooling = _pooling_module(self.st)
+        mode = getattr(pooling, "pooling_mode", None)
+        return mode if isinstance(mode, str) else None
+
+    def with_space(self, layers: int | None = None, pooling: str | None = None) -> "Embedder":
+        """This model (sharing its weights) cut to its first `layers` layers and pooled by
+        `pooling`; a value that changes nothing (all layers, the model's own pooling) is
+        dropped, so it is not recorded. ParameterError names a value that cannot work."""
+        from dataclasses import replace
+
+        layers = _check_layers(layers, self.num_layers, self.is_fake)
+        pooling = _check_pooling(pooling, self.own_pooling)
+        if layers is not None and self.runtime is not None:
+            raise ParameterError(f"layers {layers}: the {self.backend} backend runs the whole "
+                                 "exported model; use the torch or numpy backend", "layers")
+        if layers == self.layers and pooling == self.pooling:
+            return self
+        model = replace(self, layers=layers, pooling=pooling, _modules=None)
+        if model.st is not None and (layers or pooling):
+            model._modules = _space_modules(model.st, pooling)
+        return model
 
     def prompt_text(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
         """The literal prompt: `prompt` itself, or the model's prompt named `prompt_name` ('' for
@@ -69,7 +104,7 @@ class Embedder:
         import numpy as np
 
         texts = list(texts)
-        if self.st is not None and self.backend == "torch":
+        if self.st is not None and self.backend == "torch" and self._modules is None:
             vectors = self.st.encode(texts, batch_size=batch_size, prompt=prompt or None,
                                      normalize_embeddings=normalize, convert_to_numpy=True,
                                      show_progress_bar=False, truncate_dim=dim)
@@ -94,12 +129,15 @@ class Embedder:
     def embed_features(self, features, normalize: bool = True, dim: int | None = None):
         """float32 vectors for one tokenized batch: truncated to `dim`, then normalized."""
         if self.st is None:
-            vectors = fake_vectors(features, self.dim, "", normalize and dim is None)
+            vectors = fake_vectors(features, self.dim, self._fake_salt(),
+                                   normalize and dim is None)
             return _finish_numpy(vectors, normalize, dim)
         import torch
 
         with torch.inference_mode():
-            if self.runtime is None:
+            if self.runtime is None and self._modules is not None:
+                embedded = self._forward_cut(features)
+            elif self.runtime is None:
                 from sentence_transformers.util import batch_to_device
 
                 embedded = self.st(batch_to_device(features, self.st.device))
@@ -116,9 +154,24 @@ class Embedder:
     def _pool(self, features, token_embeddings):
         """Run sentence-transformers' modules after the transformer (pooling, dense, normalize)."""
         features = dict(features, token_embeddings=token_embeddings)
-        for module in list(self.st.children())[1:]:
+        for module in (self._modules or list(self.st.children()))[1:]:
             features = module(features)
         return features
+
+    def _forward_cut(self, features):
+        """The torch forward with the layer count and pooling of with_space."""
+        from sentence_transformers.util import batch_to_device
+
+        features = batch_to_device(features, self.st.device)
+        with _first_layers(self.st[0].auto_model, self.layers):
+            features = self._modules[0](features)
+        for module in self._modules[1:]:
+            features = module(features)
+        return features
+
+    def _fake_salt(self) -> str:
+        """Fake vectors of another layer count or pooling are other vectors."""
+        return "" if not (self.layers or self.pooling) else f"{self.layers}|{self.pooling}|"
 
     def count_truncated(self, texts: list[str], features, prompt: str = "") -> int:
         """How many texts of a tokenized batch did not fit the model's window."""
@@ -155,6 +208,8 @@ class Embedder:
         """sentence-transformers' multi-process pool, one worker per device."""
         if self.st is None or self.backend != "torch":
             raise UsageError("a pool of devices needs the torch backend and a real model")
+        if self._modules is not None:
+            raise UsageError("a pool of devices runs the whole model with its own pooling")
         cpu_workers = sum(d == "cpu" for d in devices)
         saved = os.environ.get("OMP_NUM_THREADS")
         if cpu_workers:  # the children read it at start-up: share the cores, no oversubscription
@@ -184,9 +239,17 @@ class Embedder:
                         normalize: bool = True) -> dict:
         """Everything besides the text that decides a vector: the key space of
         vecpipe.core.cache (embed and eval share cached vectors through it)."""
-        return {"model": self.name, "model_sha": self.sha, "prompt": prompt,
-                "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
-                "max_length": self.max_length, "dtype": self.precision}
+        settings = {"model": self.name, "model_sha": self.sha, "prompt": prompt,
+                    "dim": dim or self.dim, "normalize": normalize, "backend": self.backend,
+                    "max_length": self.max_length, "dtype": self.precision}
+        # only when set, so that caches made before these keys stay valid
+        settings.update(self.space_options())
+        return settings
+
+    def space_options(self) -> dict:
+        """layers and pooling, when with_space set them (what queries must be embedded with)."""
+        return {key: value for key, value in (("layers", self.layers),
+                                              ("pooling", self.pooling)) if value is not None}
 
     def metadata(self, prompt: str = "", normalized: bool = True, dim: int | None = None) -> dict:
         """The `vecpipe.*` keys describing vectors this model produced: their VectorSpace,
@@ -196,13 +259,82 @@ class Embedder:
 
         space = VectorSpace(model=self.name, model_sha=self.sha or None, prompt=prompt or None,
                             dim=str(dim or self.dim),
-                            normalized="true" if normalized else "false")
+                            normalized="true" if normalized else "false",
+                            layers=None if self.layers is None else str(self.layers),
+                            pooling=self.pooling)
         meta = {**space.meta(), "dtype": "float32", "version": __version__}
         if self.backend != "torch":
             meta["backend"] = self.backend
         if self.precision != "float32":
             meta["precision"] = self.precision
         return meta
+
+
+POOLING_MODES = ("cls", "mean", "max", "lasttoken", "weightedmean")
+
+
+def _check_layers(layers, total, fake: bool) -> int | None:
+    if layers is None:
+        return None
+    if layers < 1 or (total is not None and layers > total):
+        raise ParameterError(f"layers {layers}: the model has 1 to {total} layers", "layers")
+    if total is None and not fake:
+        raise ParameterError("layers: the model does not say how many layers it has",
+                             "layers")
+    return None if layers == total else layers
+
+
+def _check_pooling(pooling, own) -> str | None:
+    if pooling is not None and pooling not in POOLING_MODES:
+        raise ParameterError(f"pooling {pooling!r}: use {'|'.join(POOLING_MODES)}", "pooling")
+    return None if pooling == own else pooling
+
+
+def _pooling_module(st):
+    modules = [] if st is None else list(st.children())
+    return next((m for m in modules if type(m).__name__ == "Pooling"), None)
+
+
+def _space_modules(st, pooling: str | None) -> list:
+    """The model's modules, its Pooling module replaced by one pooling by `pooling`."""
+    modules = list(st.children())
+    if pooling is None:
+        return modules
+    own = _pooling_module(st)
+    if own is None:
+        raise ParameterError("pooling: the model has no Pooling module to replace", "pooling")
+    from sentence_transformers.models import Pooling
+
+    replacement = Pooling(own.embedding_dimension, pooling_mode=pooling,
+                          include_prompt=own.include_prompt)
+    return [replacement if module is own else module for module in modules]
+
+
+class _first_layers:
+    """Within it, `model` runs only its first `count` layers (None: all): the layer list (the
+    ModuleList as long as the config's layer count) swapped for its head, then put back."""
+
+    def __init__(self, model, count: int | None):
+        self.model, self.count, self.swapped = model, count, None
+
+    def __enter__(self):
+        if self.count is None:
+            return self
+        import torch
+
+        total = self.model.config.num_hidden_layers
+        for module in self.model.modules():
+            for name, child in module.named_children():
+                if isinstance(child, torch.nn.ModuleList) and len(child) == total:
+                    self.swapped = (module, name, child)
+                    setattr(module, name, torch.nn.ModuleList(list(child)[:self.count]))
+                    return self
+        raise ParameterError("layers: cannot find the model's list of layers", "layers")
+
+    def __exit__(self, *exc) -> None:
+        if self.swapped is not None:
+            module, name, child = self.swapped
+            setattr(module, name, child)
 
 
 def _finish_numpy(vectors, normalize: bool, dim: int | None):

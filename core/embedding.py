@@ -119,7 +119,7 @@ def embed_task(task: Task, output=None, output_format="auto", devices=("auto",))
     several), embed into `output`. Ctrl-C and SIGTERM unwind it (see interrupts_as_exceptions)."""
     import signal
 
-    from vecpipe.core.space import input_check
+    from vecpipe.core.space import input_check, role_prompt
     from vecpipe.formats.readers import RecordStream
 
     plan = task.plan
@@ -133,7 +133,7 @@ def embed_task(task: Task, output=None, output_format="auto", devices=("auto",))
     check_first_records(stream, plan)  # before the model loads: a bad field fails in a second
     many = len(devices) > 1
     model = task.load("cpu" if many else devices[0])
-    plan = replace(plan, prompt=model.prompt_text(task.prompt, task.prompt_name))
+    plan = replace(plan, prompt=role_prompt(model, "doc", task.prompt, task.prompt_name))
     check_fits(plan, model)
     previous = interrupts_as_exceptions(signal)
     try:
@@ -215,7 +215,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
 
     stats = Stats()
     out_schema = output_schema(input_schema, plan, plan.out_dim(model))
-    meta = {key: None for key in names.META_KEYS}
+    meta = {key: None for key in names.META_KEYS + ("layers", "pooling")}
     meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
     meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunk_tokens, plan.chunk_overlap)
     with contextlib.ExitStack() as stack:

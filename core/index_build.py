@@ -122,6 +122,7 @@ class IndexBuilder(CommitOnExit):
                                   "another shard")
         self.spec = spec or _spec_of(base)
         self.spec.check()
+        _check_codec(self.spec.metadata)
         self.fields = list(base.fields) if base else [ID, *[f for f in fields if f != ID]]
         self.on_duplicate = duplicate_policy(on_duplicate)
         self.threads = threads
@@ -393,6 +394,17 @@ class _SignalWatch:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def _check_codec(metadata) -> None:
+    """Refuse codes the index engine cannot search yet: several bit planes, PQ codes."""
+    from vecpipe.core.codec import codec_from_meta
+
+    codec = codec_from_meta(metadata or {})
+    if codec is not None and (codec.to == "pq" or codec.bits > 1):
+        raise DataError(f"an index cannot hold {codec.describe()} codes yet (one sign-bit "
+                        "plane or int8 only)", hint="index the float vectors as dtype b1 or i8, "
+                                                    "keeping the full vectors to rescore")
 
 
 def _spec_of(base: "IndexReader") -> IndexSpec:

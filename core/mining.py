@@ -12,7 +12,13 @@ model, exact search and `sampling="top"` the output is the same:
   searches every record, so there a repeated text uses up a place.)
 - Score filters on the rest: `absolute_margin` (keep a negative only if score <= positive -
   margin), `relative_margin` (score <= positive - |positive| * margin, so 0.05 = "95% of the
-  positive"), `max_score`, `min_score`; the positive is the query's *lowest*-scoring positive.
+  positive"), `max_score`, `min_score`; the positive is the query's *lowest*-scoring positive,
+  or, with `margin_per="positive"` (NV-Retriever's TopK-PercPos), each positive in turn: every
+  (query, positive) pair is then mined on its own, against its own threshold.
+- Then candidates too similar to a positive document (cosine of their vectors >=
+  `max_positive_similarity`, LG-ANNA) and, in the command, a guide model's veto (GISTEmbed).
+- BEIR judgments graded below the relevance level that makes a positive (0 < grade < level)
+  are neither positives nor negatives: they are set aside like known positives.
 - Survivors ranked by score: the first `range_max` are the window, its first `range_min` are
   skipped (so `range_min` counts survivors, as in sentence-transformers), and `num_negatives`
   are taken from the rest: the best (`top`) or a seeded random sample (`random`, reported in
@@ -41,8 +47,10 @@ SHAPES = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 SAMPLINGS = ("top", "random")
 ON_SHORT = ("drop", "keep")
 # Removal reasons in the order the rules apply; each candidate is counted once, by the first.
-EXCLUSION_RULES = ("known_positive", "query_itself", "duplicate_text")
+EXCLUSION_RULES = ("known_positive", "query_itself", "judged_relevant", "duplicate_text")
 SCORE_RULES = ("absolute_margin", "relative_margin", "max_score", "min_score")
+VECTOR_RULES = ("max_positive_similarity", "guide")
+MARGIN_PER = ("query", "positive")
 
 
 # ---- options --------------------------------------------------------------------------------
@@ -59,6 +67,8 @@ class MiningOptions:
     sampling: str = "top"
     seed: int = 0
     on_short: str = "drop"
+    margin_per: str = "query"
+    max_positive_similarity: float | None = None
 
 
 # ---- pairs ----------------------------------------------------------------------------------
@@ -79,6 +89,9 @@ class Query:
     positives: list = field(default_factory=list)
     rows: list = field(default_factory=list)   # corpus rows that are this query (id or text)
     records: int = 0                            # pair records naming this query
+    instruction: str | None = None              # a per-record prompt (multi-task data)
+    judged: list = field(default_factory=list)  # ids graded below the positive level
+    judged_rows: list = field(default_factory=list)
 
     def add_positive(self, positive: Positive) -> None:
         for known in self.positives:
@@ -115,10 +128,11 @@ class PairSet:
 
 class _Grouper:
     def __init__(self):
-        self.by_text: dict[str, Query] = {}
+        self.by_key: dict[tuple, Query] = {}   # (instruction, text)
         self.rows = 0
 
-    def add(self, text, query_id, positive, positive_id, source=None, record=None) -> None:
+    def add(self, text, query_id, positive, positive_id, source=None, record=None,
+            instruction=None) -> None:
         if not isinstance(text, str) or not text:
             raise DataError("empty or missing query text", source=source, record=record)
         if positive is None and positive_id is None:
@@ -127,9 +141,12 @@ class _Grouper:
         if positive is not None and not isinstance(positive, str):
             raise DataError(f"`positive` must be text, got {type(positive).__name__}",
                             source=source, record=record)
-        query = self.by_text.get(text)
+        if instruction is not None and not isinstance(instruction, str):
+            raise DataError(f"the prompt field must be text, got {type(instruction).__name__}",
+                            source=source, record=record)
+        query = self.by_key.get((instruction, text))
         if query is None:
-            query = self.by_text[text] = Query(text)
+            query = self.by_key[(instruction, text)] = Query(text, instruction=instruction)
         if query_id is not None and str(query_id) not in query.ids:
             query.ids.append(str(query_id))
         query.add_positive(Positive(None if positive_id is None else str(positive_id), positive,
@@ -138,11 +155,12 @@ class _Grouper:
         self.rows += 1
 
     def result(self, anchor_field: str) -> PairSet:
-        return PairSet(anchor_field, list(self.by_text.values()), self.rows)
+        return PairSet(anchor_field, list(self.by_key.values()), self.rows)
 
 
-def read_pairs(stream) -> PairSet:
-    """Group a RecordStream of (query|anchor, positive and/or positive_id[, query_id]) records."""
+def read_pairs(stream, prompt_field: str | None = None) -> PairSet:
+    """Group a RecordStream of (query|anchor, positive and/or positive_id[, query_id]) records;
+    `prompt_field` names a per-record instruction (queries differ by it as by their text)."""
     schema = stream.schema
     if schema is None:
         raise DataError("no pairs: the input is empty")
@@ -153,36 +171,47 @@ def read_pairs(stream) -> PairSet:
     if POSITIVE not in schema.names and POSITIVE_ID not in schema.names:
         raise DataError(f"pairs need a `positive` or `positive_id` field; fields are "
                         f"{', '.join(schema.names)}")
+    if prompt_field is not None and prompt_field not in schema.names:
+        raise DataError(f"pairs have no prompt field {prompt_field!r}; fields are "
+                        f"{', '.join(schema.names)}")
     grouper = _Grouper()
+    wanted = (anchor, QUERY_ID, POSITIVE, POSITIVE_ID, prompt_field)
     for item in stream:
-        columns = {name: item.batch.column(name).to_pylist() if name in item.batch.schema.names
-                   else [None] * item.batch.num_rows
-                   for name in (anchor, QUERY_ID, POSITIVE, POSITIVE_ID)}
-        for offset in range(item.batch.num_rows):
-            grouper.add(columns[anchor][offset], columns[QUERY_ID][offset],
-                        columns[POSITIVE][offset], columns[POSITIVE_ID][offset],
-                        item.source, item.first_record + offset)
+        columns = [item.batch.column(name).to_pylist() if name in item.batch.schema.names
+                   else [None] * item.batch.num_rows for name in wanted]
+        for offset, (text, query_id, positive, positive_id, instruction) in \
+                enumerate(zip(*columns)):
+            grouper.add(text, query_id, positive, positive_id, item.source,
+                        item.first_record + offset, instruction)
     if not grouper.rows:
         raise DataError("no pairs: the input has no records")
     return grouper.result(anchor)
 
 
-def beir_pairs(files: "BeirFiles") -> PairSet:
-    """Queries and positives (judgment > 0) of a BEIR split, in qrels order."""
+def beir_pairs(files: "BeirFiles", min_relevance: float = 1) -> PairSet:
+    """Queries and positives of a BEIR split, in qrels order. A judgment is a positive when its
+    grade is >= `min_relevance` (trec_eval's relevance level); one graded above 0 but below it
+    is kept on its query (`judged`) so that it is mined as no negative either."""
     from vecpipe.formats.beir import read_queries
     from vecpipe.formats.trec import judgment_rows
 
     texts = read_queries(files.queries)
-    grouper = _Grouper()
+    grouper, judged = _Grouper(), {}
     for record, query_id, doc_id, judgment in judgment_rows(files.qrels):
         if query_id not in texts:
             raise DataError(f"query {query_id!r} is not in {os.path.basename(files.queries)}",
                             source=files.qrels, record=record)
-        if judgment > 0:
+        if judgment >= min_relevance:
             grouper.add(texts[query_id], query_id, None, doc_id, files.qrels, record)
+        elif judgment > 0:
+            judged.setdefault(texts[query_id], []).append(doc_id)
     if not grouper.rows:
-        raise DataError("no positive judgements in this split", source=files.qrels)
-    return grouper.result("query")
+        raise DataError(f"no judgements graded {min_relevance:g} or more in this split",
+                        source=files.qrels)
+    pairs = grouper.result("query")
+    for query in pairs.queries:
+        query.judged = judged.get(query.text, [])
+    return pairs
 
 
 # ---- corpus texts ----------------------------------------------------------------------------
@@ -250,9 +279,22 @@ class Candidates:
     rows: "np.ndarray"
     scores: "np.ndarray"
     positive_scores: "np.ndarray"
+    # other scorers' (candidate scores, positive scores), e.g. the retriever's after a
+    # cross-encoder rescored, kept for distillation
+    extra: dict = field(default_factory=dict)
 
     def keep(self, mask) -> "Candidates":
-        return Candidates(self.rows[mask], self.scores[mask], self.positive_scores)
+        """The candidates at `mask` (booleans or positions, in that order)."""
+        return Candidates(self.rows[mask], self.scores[mask], self.positive_scores,
+                          {name: (found[mask], positives)
+                           for name, (found, positives) in self.extra.items()})
+
+    def for_positive(self, index: int) -> "Candidates":
+        """The same candidates against one positive only."""
+        part = slice(index, index + 1)
+        return Candidates(self.rows, self.scores, self.positive_scores[part],
+                          {name: (found, positives[part])
+                           for name, (found, positives) in self.extra.items()})
 
 
 @dataclass
@@ -260,7 +302,7 @@ class Stats:
     queries: int = 0
     candidates: int = 0
     removed: dict = field(default_factory=lambda: dict.fromkeys(
-        EXCLUSION_RULES + SCORE_RULES + ("guide",), 0))
+        EXCLUSION_RULES + SCORE_RULES + VECTOR_RULES, 0))
     beyond_range_max: int = 0
     skipped_range_min: int = 0
     not_sampled: int = 0
@@ -313,11 +355,13 @@ class Miner:
         self.stats.positive_score_sum += float(np.sum(positive_scores, dtype=np.float64))
         positive_rows = [p.row for p in query.positives if p.row is not None]
         masks = {"known_positive": np.isin(rows, positive_rows),
-                 "query_itself": np.isin(rows, query.rows)}
+                 "query_itself": np.isin(rows, query.rows),
+                 "judged_relevant": np.isin(rows, query.judged_rows)}
         if self._codes is not None:
             codes = self._codes[rows]
             masks["known_positive"] |= np.isin(codes, self._codes[positive_rows])
             masks["query_itself"] |= np.isin(codes, self._codes[query.rows])
+            masks["judged_relevant"] |= np.isin(codes, self._codes[query.judged_rows])
             masks["duplicate_text"] = ~_first_occurrences(codes)
         return self._apply(Candidates(rows, scores, positive_scores), masks)
 
@@ -353,26 +397,25 @@ class Miner:
             removed |= newly
         return candidates.keep(~removed)
 
-    def choose(self, query: Query, candidates: Candidates) -> Candidates | None:
-        """The rank window and the sample; None when the query is dropped for being short."""
+    def choose(self, query: Query, candidates: Candidates, key: str | None = None
+               ) -> Candidates | None:
+        """The rank window and the sample (seeded by `key`, default the query text); None when
+        the query (or pair) is dropped for being short."""
         import numpy as np
 
         o = self.options
-        order = np.argsort(-candidates.scores, kind="stable")
-        ranked = Candidates(candidates.rows[order], candidates.scores[order],
-                            candidates.positive_scores)
+        ranked = candidates.keep(np.argsort(-candidates.scores, kind="stable"))
         self.stats.beyond_range_max += max(0, len(ranked.rows) - o.range_max)
-        window = slice(o.range_min, o.range_max)
         self.stats.skipped_range_min += min(o.range_min, len(ranked.rows))
-        ranked = Candidates(ranked.rows[window], ranked.scores[window], ranked.positive_scores)
+        ranked = ranked.keep(slice(o.range_min, o.range_max))
         take = min(o.num_negatives, len(ranked.rows))
         if o.sampling == "top":
             picked = np.arange(take)
         else:
-            picked = np.sort(query_rng(o.seed, query.text).choice(len(ranked.rows), take,
-                                                                  replace=False))
+            picked = np.sort(query_rng(o.seed, key or query.text).choice(
+                len(ranked.rows), take, replace=False))
         self.stats.not_sampled += len(ranked.rows) - take
-        chosen = Candidates(ranked.rows[picked], ranked.scores[picked], ranked.positive_scores)
+        chosen = ranked.keep(picked)
         if take < o.num_negatives:
             self.stats.queries_short += 1
             if take == 0:
@@ -383,6 +426,17 @@ class Miner:
         self.stats.negatives += take
         self.stats.negative_score_sum += float(np.sum(chosen.scores, dtype=np.float64))
         return chosen
+
+
+def positive_similarity(candidates: "np.ndarray", positives: "np.ndarray") -> "np.ndarray":
+    """Each candidate vector's largest cosine to any of the positive vectors."""
+    import numpy as np
+
+    from vecpipe.core.vectors import normalized
+
+    if len(candidates) == 0 or len(positives) == 0:
+        return np.full(len(candidates), -np.inf, dtype=np.float32)
+    return np.max(normalized(candidates) @ normalized(positives).T, axis=1)
 
 
 def _first_occurrences(keys) -> "np.ndarray":
@@ -404,82 +458,104 @@ def query_rng(seed: int, text: str):
 
 @dataclass
 class Mined:
-    """One query's outcome: its positives (texts, scores) and chosen negatives."""
+    """One query's (or one pair's) outcome: its positives (texts, scores) and chosen negatives;
+    `extra` holds other scorers' (positive scores, negative scores) by name."""
 
     query: str
     positives: list
     positive_scores: list
     negatives: list
     negative_scores: list
+    instruction: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def score_sets(self, with_scores: bool) -> list:
+        """(positive scores, negative scores) of each score column, the main one first."""
+        if not with_scores:
+            return []
+        return [(self.positive_scores, self.negative_scores), *self.extra.values()]
 
 
-def shape_schema(shape: str, anchor: str, num_negatives: int, with_scores: bool) -> "pa.Schema":
-    """Columns as sentence-transformers' mine_hard_negatives names them."""
+def shape_schema(shape: str, anchor: str, num_negatives: int, with_scores: bool,
+                 extra: tuple = (), prompt_field: str | None = None) -> "pa.Schema":
+    """Columns as sentence-transformers' mine_hard_negatives names them; with scores, one more
+    column per `extra` scorer (`<name>_scores`, `<name>_score`); the prompt field after the
+    anchor."""
     import pyarrow as pa
 
     text, scores = pa.string(), pa.list_(pa.float64())
+    head = [(anchor, text)] + ([(prompt_field, text)] if prompt_field else [])
+    named = [f"{name}_scores" for name in extra] if with_scores else []
     if shape == "triplet":
-        fields = [(anchor, text), (POSITIVE, text), ("negative", text)]
-        fields += [("scores", scores)] if with_scores else []
+        fields = head + [(POSITIVE, text), ("negative", text)]
+        fields += [(name, scores) for name in ["scores", *named]] if with_scores else []
     elif shape == "n-tuple":
-        fields = [(anchor, text), (POSITIVE, text)]
+        fields = head + [(POSITIVE, text)]
         fields += [(f"negative_{i}", text) for i in range(1, num_negatives + 1)]
-        fields += [("scores", scores)] if with_scores else []
+        fields += [(name, scores) for name in ["scores", *named]] if with_scores else []
     elif shape == "labeled-pair":
-        fields = [(anchor, text), (POSITIVE, text)]
-        fields += [("score", pa.float64())] if with_scores else [("label", pa.int64())]
+        fields = head + [(POSITIVE, text)]
+        fields += [(name[:-1], pa.float64()) for name in ["scores", *named]] if with_scores \
+            else [("label", pa.int64())]
     elif shape == "labeled-list":
-        fields = [(anchor, text), (POSITIVE, pa.list_(text))]
-        fields += [("scores", scores)] if with_scores else [("labels", pa.list_(pa.int64()))]
+        fields = head + [(POSITIVE, pa.list_(text))]
+        fields += [(name, scores) for name in ["scores", *named]] if with_scores \
+            else [("labels", pa.list_(pa.int64()))]
     else:
         raise ValueError(f"unknown row shape {shape!r}; use {'|'.join(SHAPES)}")
     return pa.schema(fields)
 
 
-def shape_batch(shape: str, schema: "pa.Schema", mined: list, with_scores: bool):
+def shape_batch(shape: str, schema: "pa.Schema", mined: list, with_scores: bool,
+                prompt_field: str | None = None):
     """The rows of `mined` queries in `shape` as a RecordBatch of `schema`."""
     import pyarrow as pa
 
     columns = {name: [] for name in schema.names}
     anchor = schema.names[0]
+    body = schema.names[2:] if prompt_field else schema.names[1:]
     for item in mined:
-        for rows in _SHAPE_ROWS[shape](item, with_scores):
-            row = dict(zip(schema.names, rows))
+        for values in _SHAPE_ROWS[shape](item, with_scores):
+            row = dict(zip(body, values))
             row[anchor] = item.query
+            if prompt_field:
+                row[prompt_field] = item.instruction
             for name in schema.names:
                 columns[name].append(row.get(name))
     return pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema)
 
 
 def _triplet_rows(item: Mined, with_scores: bool):
-    for positive, positive_score in zip(item.positives, item.positive_scores):
-        for negative, negative_score in zip(item.negatives, item.negative_scores):
-            yield [None, positive, negative] + ([[positive_score, negative_score]]
-                                                if with_scores else [])
+    sets = item.score_sets(with_scores)
+    for p, positive in enumerate(item.positives):
+        for n, negative in enumerate(item.negatives):
+            yield [positive, negative] + [[pos[p], neg[n]] for pos, neg in sets]
 
 
 def _tuple_rows(item: Mined, with_scores: bool):
     if not item.negatives:
         return
-    for positive, positive_score in zip(item.positives, item.positive_scores):
-        yield [None, positive, *item.negatives] + ([[positive_score, *item.negative_scores]]
-                                                   if with_scores else [])
+    sets = item.score_sets(with_scores)
+    for p, positive in enumerate(item.positives):
+        yield [positive, *item.negatives] + [[pos[p], *neg] for pos, neg in sets]
 
 
 def _pair_rows(item: Mined, with_scores: bool):
-    for positive, positive_score in zip(item.positives, item.positive_scores):
-        yield [None, positive, positive_score if with_scores else 1]
-    for negative, negative_score in zip(item.negatives, item.negative_scores):
-        yield [None, negative, negative_score if with_scores else 0]
+    sets = item.score_sets(with_scores)
+    for p, positive in enumerate(item.positives):
+        yield [positive] + ([pos[p] for pos, _ in sets] if sets else [1])
+    for n, negative in enumerate(item.negatives):
+        yield [negative] + ([neg[n] for _, neg in sets] if sets else [0])
 
 
 def _list_rows(item: Mined, with_scores: bool):
     if not item.negatives:
         return
-    for positive, positive_score in zip(item.positives, item.positive_scores):
-        labels = [positive_score, *item.negative_scores] if with_scores else \
-            [1] + [0] * len(item.negatives)
-        yield [None, [positive, *item.negatives], labels]
+    sets = item.score_sets(with_scores)
+    for p, positive in enumerate(item.positives):
+        labels = [[pos[p], *neg] for pos, neg in sets] if sets else \
+            [[1] + [0] * len(item.negatives)]
+        yield [[positive, *item.negatives], *labels]
 
 
 _SHAPE_ROWS = {"triplet": _triplet_rows, "n-tuple": _tuple_rows, "labeled-pair": _pair_rows,

@@ -1,9 +1,12 @@
 """Model soups: weight-space merging of models fine-tuned from one base (linear averages and
-per-tensor slerp), with the checks that the models match and a souped model saved atomically
-with a record of how it was made."""
+per-tensor slerp; from a base model, task arithmetic, TIES and DARE on the task vectors, and
+their weights searched on a small probe set, the grid form of Self Positioning, Li et al.
+2024), with the checks that the models match and a souped model saved atomically with a record
+of how it was made."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.formats.errors import DataError
@@ -168,3 +171,203 @@ def save_model(loaded, merged, output: str, recipe: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---- task vectors: task arithmetic, TIES, DARE (from a base model) --------------------------
+
+TASK_METHODS = ("linear", "ties", "dare")
+
+
+def task_vector_merge(base: "np.ndarray", tensors: Sequence["np.ndarray"],
+                      weights: Sequence[float], method: str = "linear",
+                      density: float = 1.0) -> "np.ndarray":
+    """base + the merge of the task vectors t_i - base, in float64, returned in base's dtype.
+    linear: task arithmetic, sum(w_i * tau_i). ties and dare: peft's merge_utils (TIES, Yadav
+    et al. 2023: the top `density` of each tau by magnitude, a sign elected per entry from the
+    sum of the trimmed taus, the mean of the weighted entries that agree with it; DARE, Yu et
+    al. 2023: entries kept with probability `density` from torch's global generator, rescaled
+    by 1/density, then summed with the weights)."""
+    import numpy as np
+
+    origin = tensors_as_float64(base)
+    taus = [tensors_as_float64(tensor) - origin for tensor in tensors]
+    if method == "linear":
+        mixed = sum((weight * tau for weight, tau in zip(weights, taus) if weight),
+                    np.zeros_like(origin))
+    else:
+        mixed = peft_merge(method, taus, weights, density)
+    return (origin + mixed).astype(base.dtype)
+
+
+def peft_merge(method: str, taus, weights, density: float) -> "np.ndarray":
+    import warnings
+
+    import torch
+
+    merge_utils = peft_merge_utils()
+    stacked = [torch.from_numpy(tau) for tau in taus]
+    factors = torch.tensor(list(weights), dtype=torch.float64)
+    merge = merge_utils.ties if method == "ties" else merge_utils.dare_linear
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The density")  # density 1: nothing dropped, fine
+        return merge(stacked, factors, density).numpy()
+
+
+def peft_merge_utils():
+    try:
+        from peft.utils import merge_utils
+    except ImportError:
+        raise DataError("TIES and DARE merging need the peft package",
+                        hint="pip install peft") from None
+    return merge_utils
+
+
+def task_state(base: dict, states, weights, method: str = "linear", density: float = 1.0,
+               seed: int = 0) -> dict:
+    """The merged state dict (torch tensors) of `states` as task vectors from `base`;
+    non-float tensors come from the base. DARE's drops are seeded once per merge, tensors in
+    the state dict's order, the caller's torch generator left as it was."""
+    import torch
+
+    merged = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for key, origin in base.items():
+            if not origin.is_floating_point():
+                merged[key] = origin.clone()
+                continue
+            arrays = [state[key].detach().cpu().numpy() for state in states]
+            merged[key] = torch.from_numpy(task_vector_merge(
+                origin.detach().cpu().numpy(), arrays, weights, method, density))
+    return merged
+
+
+# ---- Self Positioning: task-vector weights searched on a probe set --------------------------
+
+@dataclass
+class Probe:
+    """A small BEIR folder read whole: judged queries, every document, the judgments."""
+
+    folder: str
+    split: str
+    queries: dict
+    doc_ids: list
+    documents: list
+    qrels: dict
+
+
+def probe_split(folder: str) -> str:
+    """The split a probe folder is scored on: its dev split, else its only one, else test."""
+    from vecpipe.formats.beir import splits
+
+    known = splits(folder)
+    return "dev" if "dev" in known else known[0] if len(known) == 1 else "test"
+
+
+def read_probe(folder: str) -> Probe:
+    from vecpipe.formats.beir import beir_files, beir_qrels, corpus_batches, read_queries
+
+    split = probe_split(folder)
+    files = beir_files(folder, split)
+    qrels = beir_qrels(files.qrels)
+    texts = read_queries(files.queries)
+    queries = {qid: texts[qid] for qid in qrels if qid in texts}
+    if not queries:
+        raise DataError("no judged query found", source=files.queries)
+    doc_ids, documents = [], []
+    for ids, batch in corpus_batches(files.corpus, 8192):
+        doc_ids.extend(ids.to_pylist())
+        documents.extend(batch)
+    if not documents:
+        raise DataError("the corpus is empty", source=files.corpus)
+    return Probe(folder, split, queries, doc_ids, documents, qrels)
+
+
+def probe_score(st, probe: Probe, key: str, batch_size: int = 32) -> float:
+    """`key` (an MTEB metric key, e.g. ndcg_at_10) of `st` on the probe: queries and documents
+    embedded without prompts and searched exactly by cosine, as `eval beir` does."""
+    from vecpipe.core.retrieval_metrics import evaluate
+    from vecpipe.core.vectors import exact_top_k
+
+    def embed(texts):
+        return st.encode(texts, batch_size=batch_size, normalize_embeddings=True,
+                         convert_to_numpy=True, show_progress_bar=False)
+
+    metric, _, k = key.rpartition("_at_")
+    hits = exact_top_k(embed(list(probe.queries.values())), embed(probe.documents), int(k))
+    run = {qid: {probe.doc_ids[row]: float(score) for row, score in zip(rows, scores)
+                 if row >= 0}
+           for qid, rows, scores in zip(probe.queries, hits.rows, hits.scores)}
+    return evaluate(probe.qrels, run, (int(k),), (metric,)).means[key]
+
+
+def weight_grid(values: Sequence[float], count: int) -> list[tuple[float, ...]]:
+    """Every weight vector of `count` weights taken from `values` (the Cartesian product)."""
+    import itertools
+
+    return list(itertools.product(values, repeat=count))
+
+
+def best_point(table: Sequence[tuple[tuple[float, ...], float]]) -> tuple[float, ...]:
+    """The weights scoring highest; the first in grid order on a tie."""
+    return max(table, key=lambda row: row[1])[0]
+
+
+SGD_LEARNING_RATE = 0.02  # Adam on the weights themselves: a few steps move them by ~0.1-0.5
+SGD_BATCH = 16            # distinct judged queries per step, one relevant document each
+SGD_SCALE = 20.0          # cosine logits x 20, sentence-transformers' MNRL default
+
+
+def probe_pairs(probe: Probe) -> list[tuple[str, list[str]]]:
+    """(query text, its relevant documents' texts) for every judged query with one."""
+    text_of = dict(zip(probe.doc_ids, probe.documents))
+    pairs = []
+    for qid, text in probe.queries.items():
+        relevant = [text_of[doc] for doc, grade in probe.qrels[qid].items()
+                    if grade >= 1 and doc in text_of]
+        if relevant:
+            pairs.append((text, relevant))
+    return pairs
+
+
+def optimised_weights(st, base: dict, states, start: Sequence[float], probe: Probe,
+                      steps: int, seed: int = 0) -> tuple[list[float], list[float]]:
+    """The weights after `steps` Adam steps from `start` on the probe's in-batch contrastive
+    loss (InfoNCE over judged query-document pairs) of base + sum(w_i * tau_i), gradients
+    taken through the merged model with respect to the weights only (the paper's search by
+    SGD in the interpolation space of the task vectors). Returns the weights and the loss of
+    every step."""
+    import random
+
+    import torch
+    from torch.func import functional_call
+
+    keys = [key for key, value in base.items() if value.is_floating_point()]
+    origin = {key: base[key].detach().float() for key in keys}
+    taus = {key: torch.stack([state[key].detach().float() - origin[key] for state in states])
+            for key in keys}
+    weights = torch.tensor(list(start), dtype=torch.float32, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=SGD_LEARNING_RATE)
+    pairs, rng, losses = probe_pairs(probe), random.Random(seed), []
+    if len(pairs) < 2:
+        raise DataError("the probe needs two judged queries with a relevant document",
+                        source=probe.folder)
+
+    def embed(params, texts):
+        features = st.preprocess(texts)
+        return torch.nn.functional.normalize(
+            functional_call(st, params, (features,))["sentence_embedding"], dim=-1)
+
+    st.eval()  # no dropout: two weights need no regularising, and the search is repeatable
+    for _ in range(steps):
+        batch = rng.sample(pairs, min(SGD_BATCH, len(pairs)))
+        params = {key: origin[key] + torch.tensordot(weights, taus[key], dims=1)
+                  for key in keys}
+        scores = SGD_SCALE * embed(params, [q for q, _ in batch]) @ \
+            embed(params, [rng.choice(docs) for _, docs in batch]).T
+        loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(batch)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return [float(w) for w in weights.detach()], losses

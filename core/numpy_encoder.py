@@ -163,7 +163,7 @@ def load(folder: str, name: str, sha: str | None) -> NumpyEncoder:
     return NumpyEncoder(name=name, sha=sha, dim=plan.config["hidden_size"],
                         max_length=plan.max_length, device="cpu", prompts=plan.prompts,
                         backend="numpy", path=folder, bert=bert, text_tokenizer=tokenizer,
-                        pooling=plan.pooling, normalized_by_model=plan.normalize)
+                        model_pooling=plan.pooling, normalized_by_model=plan.normalize)
 
 
 class Bert:
@@ -203,8 +203,9 @@ class Bert:
                                 weight(p + "output.LayerNorm.bias")),
             })
 
-    def __call__(self, input_ids, attention_mask):
-        """Token embeddings (batch x tokens x hidden), right-padded inputs."""
+    def __call__(self, input_ids, attention_mask, layers: int | None = None):
+        """Token embeddings (batch x tokens x hidden) after the first `layers` layers (None:
+        all), right-padded inputs."""
         import numpy as np
 
         batch, length = input_ids.shape
@@ -213,7 +214,7 @@ class Bert:
         # As transformers: a large negative score on padded keys, so they get no attention.
         key_bias = ((1.0 - attention_mask) * np.finfo(np.float32).min).astype(np.float32)
         key_bias = key_bias[:, None, None, :]
-        for layer in self.layers:
+        for layer in self.layers[:layers]:
             x = self._layer(x, layer, batch, length, key_bias)
         return x.reshape(batch, length, -1)
 
@@ -302,7 +303,7 @@ class NumpyEncoder(Embedder):
 
     bert: object = None
     text_tokenizer: object = None        # a tokenizers.Tokenizer, truncating to max_length
-    pooling: str = "mean"
+    model_pooling: str = "mean"          # the folder's own pooling (`pooling` overrides it)
     normalized_by_model: bool = False
     _untruncated: object = None
 
@@ -313,6 +314,14 @@ class NumpyEncoder(Embedder):
     @property
     def normalizes(self) -> bool:
         return self.normalized_by_model
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.bert.layers)
+
+    @property
+    def own_pooling(self) -> str:
+        return self.model_pooling
 
     def limit_window(self, max_length: int) -> None:
         """Truncate inputs to `max_length` tokens (at most the model's window)."""
@@ -336,8 +345,8 @@ class NumpyEncoder(Embedder):
         import numpy as np
 
         mask = features["attention_mask"]
-        tokens = self.bert(features["input_ids"], mask.astype(np.float32))
-        vectors = _pool(tokens, mask, self.pooling)
+        tokens = self.bert(features["input_ids"], mask.astype(np.float32), self.layers)
+        vectors = _pool(tokens, mask, self.pooling or self.model_pooling)
         if self.normalized_by_model:
             vectors = _unit(vectors)
         if dim is not None:
@@ -380,7 +389,12 @@ def _pool(tokens, mask, mode: str):
 
     if mode == "cls":
         return np.ascontiguousarray(tokens[:, 0])
+    if mode == "lasttoken":
+        last = np.maximum(mask.sum(axis=1) - 1, 0)
+        return np.ascontiguousarray(tokens[np.arange(len(tokens)), last])
     weights = mask[:, :, None].astype(np.float32)
+    if mode == "weightedmean":  # position weights 1, 2, ... over the attended tokens
+        weights = weights * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
     if mode == "max":
         return np.where(weights > 0, tokens, -np.inf).max(axis=1).astype(np.float32)
     counts = np.maximum(weights.sum(axis=1), np.float32(1e-9))

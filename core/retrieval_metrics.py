@@ -7,6 +7,9 @@ and MTEB's RetrievalEvaluator:
 - A document is relevant when its judgment is >= 1; nDCG gains are the judgments themselves
   (linear gain, negative judgments count as 0); unjudged documents are not relevant.
 - MRR@k is the reciprocal rank of the first relevant document within the top k (MTEB's mrr_at_k).
+- Set metrics (no cutoff: the whole returned set, for thresholded runs) are trec_eval's set_P,
+  set_recall and set_F (beta 1): relevant returned / returned, / relevant, and their harmonic
+  mean; 0 where a denominator is 0.
 - Only queries that are both in the qrels and in the run are averaged (pytrec_eval and MTEB);
   `all_queries=True` scores qrels queries missing from the run as 0 (trec_eval -c).
 """
@@ -23,13 +26,16 @@ if TYPE_CHECKING:
     import numpy as np
 
 METRICS = ("ndcg", "map", "mrr", "recall", "precision")
+SET_METRICS = ("set_precision", "set_recall", "set_f1")
 DEFAULT_KS = (1, 3, 5, 10, 100, 1000)
 MTEB_KS = (1, 3, 5, 10, 20, 100, 1000)
 MAIN_METRIC = "ndcg_at_10"
 RELEVANCE_LEVEL = 1
 _ALIASES = {"ndcg": "ndcg", "ndcg_cut": "ndcg", "map": "map", "map_cut": "map", "mrr": "mrr",
             "recip_rank": "mrr", "rr": "mrr", "recall": "recall", "r": "recall",
-            "precision": "precision", "p": "precision"}
+            "precision": "precision", "p": "precision", "set_p": "set_precision",
+            "set_precision": "set_precision", "set_r": "set_recall", "set_recall": "set_recall",
+            "set_f": "set_f1", "set_f1": "set_f1"}
 
 
 def metric_key(metric: str, k: int) -> str:
@@ -38,17 +44,32 @@ def metric_key(metric: str, k: int) -> str:
 
 
 def parse_metrics(text: str | None) -> tuple[str, ...]:
-    """`ndcg,map,...` (aliases: p, r, rr, recip_rank, ndcg_cut, map_cut) -> canonical names."""
+    """`ndcg,map,...` (aliases: p, r, rr, recip_rank, ndcg_cut, map_cut; set_p, set_r, set_f;
+    `set` = the three set metrics) -> canonical names."""
     if not text:
         return METRICS
     names = []
     for part in text.split(","):
-        name = _ALIASES.get(part.strip().lower())
-        if name is None:
-            raise UsageError(f"unknown metric {part.strip()!r}; use {', '.join(METRICS)}")
-        if name not in names:
-            names.append(name)
+        lowered = part.strip().lower()
+        found = SET_METRICS if lowered == "set" else (_ALIASES.get(lowered),)
+        if found[0] is None:
+            raise UsageError(f"unknown metric {part.strip()!r}; use "
+                             f"{', '.join(METRICS + SET_METRICS)} or set")
+        names += [name for name in found if name not in names]
     return tuple(names)
+
+
+def metric_keys(metrics: Sequence[str], ks: Sequence[int]) -> list[str]:
+    """The result keys of `metrics`: one per cutoff, or the name of a set metric."""
+    return [key for metric in metrics
+            for key in ([metric] if metric in SET_METRICS else
+                        [metric_key(metric, k) for k in ks])]
+
+
+def set_metric(text: str) -> str | None:
+    """`set_f1`, `set_P`, `set_F`... -> the set metric's key, None when it is not one."""
+    name = _ALIASES.get(text.strip().lower())
+    return name if name in SET_METRICS else None
 
 
 def parse_ks(text: str | None, default: Sequence[int] = DEFAULT_KS) -> tuple[int, ...]:
@@ -110,8 +131,22 @@ def query_scores(ranked: Sequence[str], judged: Mapping[str, int], ks: Sequence[
             "precision": hits_k / k,
         }
         for metric in metrics:
-            out[metric_key(metric, k)] = values[metric]
+            if metric not in SET_METRICS:
+                out[metric_key(metric, k)] = values[metric]
+    if any(metric in SET_METRICS for metric in metrics):
+        sets = set_scores(ranked, judged)
+        out.update({metric: sets[metric] for metric in metrics if metric in SET_METRICS})
     return out
+
+
+def set_scores(returned: Sequence[str], judged: Mapping[str, int]) -> dict[str, float]:
+    """trec_eval's set_P, set_recall and set_F (beta 1) of a query's whole returned set."""
+    relevant = sum(1 for rel in judged.values() if rel >= RELEVANCE_LEVEL)
+    found = sum(1 for doc in returned if judged.get(doc, 0) >= RELEVANCE_LEVEL)
+    precision = found / len(returned) if returned else 0.0
+    recall = found / relevant if relevant else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"set_precision": precision, "set_recall": recall, "set_f1": f1}
 
 
 @dataclass
@@ -138,7 +173,7 @@ class Evaluation:
 def evaluate(qrels: Qrels, run: Run, ks: Sequence[int] = DEFAULT_KS,
              metrics: Sequence[str] = METRICS, all_queries: bool = False) -> Evaluation:
     """Score `run` against `qrels` as pytrec_eval does (see the module docstring)."""
-    keys = [metric_key(metric, k) for metric in metrics for k in ks]
+    keys = metric_keys(metrics, ks)
     per_query = {}
     for qid in sorted(qrels):
         if qid in run:

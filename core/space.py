@@ -14,7 +14,10 @@ from typing import Iterable, Mapping, Sequence
 from vecpipe.formats.errors import DataError
 
 # Keys whose difference makes two vector sets incomparable.
-IDENTITY_KEYS = ("model", "dim", "codec")
+IDENTITY_KEYS = ("model", "dim", "codec", "layers", "pooling")
+# Keys recorded only when set: absent means the model's default (all layers, its own pooling),
+# so an absent key differs from a set one.
+DEFAULT_WHEN_ABSENT = {"layers": "all layers", "pooling": "the model's own pooling"}
 MODEL_KEYS = ("model", "model_sha")
 # What text was embedded: the fields, how they were joined, the chunking (JSON).
 TEXT_KEY = "embedded_text"
@@ -39,6 +42,8 @@ class VectorSpace:
     normalized: str | None = None
     codec: str | None = None
     embedded_text: str | None = None
+    layers: str | None = None    # the first N transformer layers only (2D Matryoshka)
+    pooling: str | None = None   # a pooling mode other than the model's own
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> "VectorSpace":
@@ -63,8 +68,11 @@ class VectorSpace:
 
     def first_difference(self, other: "VectorSpace", keys: Iterable[str]):
         """(key, (how self shows it, how other shows it)) of the first key they differ on."""
+        # vectors of unknown origin (no model recorded) say nothing by leaving a key out
+        known = self.model is not None and other.model is not None
         for key in keys:
-            shown = _shown_difference(key, getattr(self, key), getattr(other, key))
+            shown = _shown_difference(key, getattr(self, key), getattr(other, key),
+                                      absent_is_default=known)
             if shown is not None:
                 return key, shown
         return None
@@ -180,10 +188,14 @@ def merged_meta(metas: Iterable[Mapping[str, str]]) -> dict[str, str]:
     return common
 
 
-def _shown_difference(key: str, a: str | None, b: str | None, missing_agrees: bool = True):
+def _shown_difference(key: str, a: str | None, b: str | None, missing_agrees: bool = True,
+                      absent_is_default: bool = False):
     """None when `a` and `b` agree, else how to show each; codecs by what they do."""
     if a == b:
         return None
+    if absent_is_default and key in DEFAULT_WHEN_ABSENT and (a is None or b is None):
+        default = DEFAULT_WHEN_ABSENT[key]
+        return (default if a is None else repr(a)), (default if b is None else repr(b))
     if a is None or b is None:
         return None if missing_agrees else (repr(a), repr(b))
     if key == TEXT_KEY:

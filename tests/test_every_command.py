@@ -37,6 +37,8 @@ COMMANDS = [
             "file"),
     Command("eval retrieval", ("{run}", "--qrels", "{qrels}"), "run", "the run is empty",
             ("--qrels-depth", "0")),
+    Command("eval calibrate", ("{run}", "--qrels", "{qrels}", "--space", "{index}"), "run",
+            "the run is empty", ("--fit-depth", "0"), "file"),
     Command("eval beir", ("{beir}", "-m", "fake:8", "--cutoffs|-k", "1,10"), "beir",
             "the corpus is empty", ("--batch-size", "0")),
     Command("eval sts", ("{sts}", "-m", "fake:8"), "sts", "no pairs", ("--batch-size", "0")),
