@@ -312,7 +312,7 @@ class Codec:
 
     def score(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Asymmetric scores (queries x codes): float queries against the decoded codes
-        (pq: by look-up tables, ADC)."""
+        (pq: ADC, q . reconstruction)."""
         if self.to == "pq":
             return self.pq.scores(self.project(queries), self._check_codes(codes))
         matrix = self.code_matrix(codes)

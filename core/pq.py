@@ -2,16 +2,16 @@
 
 A vector of `dim` values is cut into `m` sub-vectors of `dim / m` values; each is replaced by
 the number of its nearest of `2^bits` centroids, trained by k-means on the calibration rows
-(one byte per sub-vector). Scores are asymmetric (ADC): the query stays float, and a per-query
-table of `m x 2^bits` sub-vector dot products turns a code into its score by `m` look-ups,
-`q . reconstruction(code)`.
+(one byte per sub-vector). Scores are asymmetric (ADC): the query stays float and each code
+scores `q . reconstruction(code)`. The textbook way is a per-query table of `m x 2^bits`
+sub-vector dot products and `m` look-ups per code; in numpy, decoding a block
+of codes and one matmul gives the same numbers about 9x faster, within 2x of faiss's IndexPQ
+(bench/quantization.py, BENCHMARKS.md), so `scores` does that and vecpipe does not need faiss.
 
 OPQ learns an orthogonal rotation R first (codes are of `x @ R`) by alternating PQ training
 with orthogonal Procrustes: R = U V^T for U S V^T = svd(X^T Y), Y the reconstruction of the
 rotated rows. Dot products survive the rotation, so queries are rotated the same way.
 
-numpy ADC was measured against faiss's IndexPQ (bench/codecs.py, BENCHMARKS.md): see there
-for why vecpipe does not depend on faiss.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from vecpipe.formats.errors import DataError, UsageError
 KMEANS_ITERATIONS = 20
 OPQ_ITERATIONS = 10
 MAX_TRAINING_ROWS_PER_CENTROID = 256  # faiss's default cap: more rows change little
+SCORE_BLOCK_CODES = 16_384  # codes decoded at a time by `scores` (block x dim float32)
 
 
 class ProductQuantizer:
@@ -70,27 +71,20 @@ class ProductQuantizer:
         return rotated if self.rotation is None else rotated @ self.rotation.T
 
     def decode_rotated(self, codes: np.ndarray) -> np.ndarray:
-        codes = np.asarray(codes, dtype=np.intp)
-        parts = [self.centroids[j][codes[:, j]] for j in range(self.m)]
-        return np.concatenate(parts, axis=1).astype(np.float32)
-
-    def tables(self, queries: np.ndarray) -> np.ndarray:
-        """Per-query look-up tables (queries x m x 2^bits): sub-vector . centroid."""
-        sub = self.rotate(queries).reshape(len(queries), self.m, -1)
-        return np.einsum("qjd,jkd->qjk", sub, self.centroids, optimize=True)
+        """Codes -> their centroids side by side, in one gather over all sub-spaces."""
+        codes = np.asarray(codes, dtype=np.intp) + np.arange(self.m) * self.ksub
+        flat = self.centroids.reshape(self.m * self.ksub, -1)
+        return flat[codes].reshape(len(codes), self.dim)
 
     def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """ADC (queries x codes): q . decode(code), summed from the tables."""
-        tables = self.tables(np.asarray(queries, np.float32))
-        return adc(tables, np.asarray(codes))
-
-
-def adc(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """Sum over sub-spaces j of tables[:, j, codes[:, j]] (queries x codes, float32)."""
-    out = np.zeros((tables.shape[0], len(codes)), dtype=np.float32)
-    for j in range(tables.shape[1]):
-        out += tables[:, j, :][:, codes[:, j]]
-    return out
+        """ADC (queries x codes): q . decode(code), a block of codes decoded at a time."""
+        rotated = self.rotate(queries)
+        codes = np.asarray(codes)
+        out = np.empty((len(rotated), len(codes)), dtype=np.float32)
+        for start in range(0, len(codes), SCORE_BLOCK_CODES):
+            block = self.decode_rotated(codes[start:start + SCORE_BLOCK_CODES])
+            out[:, start:start + len(block)] = rotated @ block.T
+        return out
 
 
 def check_shape(dim: int, m: int, bits: int, rows: int) -> None:
