@@ -34,7 +34,7 @@ def machine_line() -> str:
     model, flags = cpu_facts()
     load = os.getloadavg()[0]
     return (f"machine: {model}, {os.cpu_count()} CPUs, flags {'/'.join(flags) or 'none of'} "
-            f"({', '.join(f for f in SPEED_FLAGS.values() if f not in flags) or 'all'} absent), "
+            f"({', '.join(f for f in SPEED_FLAGS.values() if f not in flags) or 'none'} absent), "
             f"load average {load:.1f} at start")
 
 

@@ -318,6 +318,10 @@ StorageDtype = Annotated[Optional[str], shared(
                     "calibration rows; binary keeps sign bits packed 8 per byte. index: "
                     "default follows the input.", metavar="TYPE", callback=storage_dtype,
     show_default=False)]
+CodecFile = Annotated[Optional[str], shared(
+    "--codec", help="Apply exactly this saved codec (compress --save-codec) instead of fitting "
+                    "one, so queries, more shards and indexes get the same codes.",
+    metavar="FILE", show_default=False)]
 IndexDtype = Annotated[Optional[str], shared(
     "--index-dtype", help="Search a temporary HNSW index of this storage type instead: "
                           "float32|float16|bfloat16|int8|binary (or f32|f16|bf16|i8|b1).",

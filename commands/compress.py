@@ -57,10 +57,7 @@ def run(inputs: options.Inputs = None,
             "--clip-quantile", min=0.0, max=0.4999, metavar="Q",
             help="int8/uint8: fit each range on the Q and 1-Q quantiles instead of min/max "
                  "(outliers are clipped, never wrapped).")] = None,
-        codec_file: Annotated[Optional[str], typer.Option(
-            "--codec", metavar="FILE",
-            help="Apply exactly this saved codec (queries, more shards, JSONL) instead of "
-                 "fitting one.")] = None,
+        codec_file: options.CodecFile = None,
         save_codec: Annotated[Optional[str], typer.Option(
             "--save-codec", metavar="FILE", help="Also write the codec to FILE (JSON).")] = None,
         report: Annotated[bool, typer.Option(

@@ -36,6 +36,7 @@ def run(inputs: options.Inputs = None,
         keep_vectors: Annotated[bool, typer.Option(
             "--keep-vectors", help="Also keep the full-precision vectors (full.npy, memory-"
                                    "mapped) for `search --rescore`.")] = False,
+        codec_file: options.CodecFile = None,
         append: Annotated[bool, typer.Option(
             "--append", help="Add to the existing index at -o (same model/dim/codec and text "
                              "fields embedded).")] = False,
@@ -91,6 +92,10 @@ def run(inputs: options.Inputs = None,
       vecpipe embed docs.jsonl | vecpipe index -o idx --fields title
       vecpipe index docs.arrow --dtype b1 --keep-vectors -o idx   # then: search --rescore 10
       vecpipe index docs.arrow --dtype b1 --flat --keep-vectors -o idx   # no graph: 32x < f32
+      vecpipe compress docs.arrow --dtype binary --bits 4 -o planes.arrow
+      vecpipe index planes.arrow -o idx   # plane 1 in the graph, planes 2-4 rescore
+      vecpipe compress docs.arrow --dtype pq --pq-m 48 --save-codec pq.json -o /dev/null
+      vecpipe index docs.arrow --codec pq.json --keep-vectors -o idx   # search --rescore 4
       vecpipe embed new.jsonl | vecpipe index -o idx --append --on-duplicate last
       vecpipe index --delete gone.txt -o idx   # gone.txt: one id a line
       vecpipe index changed.arrow --append --on-duplicate last --delete gone.txt -o idx
@@ -120,7 +125,8 @@ def run(inputs: options.Inputs = None,
                                  "--expansion-add": expansion_add,
                                  "--expansion-search": expansion_search,
                                  "--query-prompt": query_prompt, "-m/--model": model,
-                                 "--shard": shard}, input_format, dry_run)
+                                 "--shard": shard, "--codec": codec_file}, input_format,
+                             dry_run)
     given = [name for name, value in lexical_options.items() if value is not None]
     if given:
         raise UsageError(f"{given[0]} applies to a lexical index (--lexical)")
@@ -129,7 +135,9 @@ def run(inputs: options.Inputs = None,
             "--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
             "--expansion-add": expansion_add, "--expansion-search": expansion_search,
             "--flat": flat, "--fields": store, "--all-fields": store_all,
-            "--keep-vectors": keep_vectors, "--query-prompt": query_prompt, "--model": model})
+            "--keep-vectors": keep_vectors, "--query-prompt": query_prompt, "--model": model,
+            "--codec": codec_file})
+    encoder = _load_codec(codec_file)
     if part is not None:
         output = shard_index_path(output, part, create=not dry_run)
         counted = {"--metric": metric, "--dtype": dtype, "--connectivity": connectivity,
@@ -137,7 +145,8 @@ def run(inputs: options.Inputs = None,
                    "--flat": flat, "--fields": store, "--all-fields": store_all,
                    "--keep-vectors": keep_vectors, "--on-duplicate": on_duplicate,
                    "--query-prompt": query_prompt, "--model": model,
-                   "--input-format": input_format, "--force": force}  # not --threads, -q
+                   "--input-format": input_format, "--force": force,
+                   "--codec": encoder.identity() if encoder else None}  # not --threads, -q
         if not dry_run and complete_index(output, inputs, counted, part, append):
             console.info(f"{output} is already complete: skipped")
             return
@@ -145,7 +154,7 @@ def run(inputs: options.Inputs = None,
                           check=input_check(force, documents=True))
     plan = plan_index(stream, output, metric, dtype, connectivity, expansion_add,
                       expansion_search, flat, store, store_all, keep_vectors, append,
-                      query_prompt, model, force)
+                      query_prompt, model, force, encoder)
     plan.shard = part
     if dry_run:
         return print_plan(plan, stream, output)
@@ -169,7 +178,9 @@ def run(inputs: options.Inputs = None,
                     else "")
                  + (f", {builder.skipped:,} duplicates skipped" if builder.skipped else "")
                  + (f", {builder.replaced:,} replaced" if builder.replaced else "")
-                 + f"; {builder.spec.dtype}, {builder.spec.metric}"
+                 + f"; {builder.spec.dtype}"
+                 + (f" {builder.spec.planes} planes" if builder.spec.planes > 1 else "")
+                 + f", {builder.spec.metric}"
                  + (", flat" if builder.spec.flat else "") + ")")
 
 
@@ -365,7 +376,8 @@ def print_plan(plan: IndexPlan, stream, output: str) -> None:
         "replace" if os.path.exists(output) else "create",
         "rows_now": None if plan.base is None else plan.base.count,
         "stored_fields": plan.fields, "vectors": plan.kind, "dim": shape.dim,
-        "metric": shape.metric, "dtype": shape.dtype, "layout": shape.layout,
+        "metric": shape.metric, "dtype": shape.dtype, "planes": shape.planes,
+        "layout": shape.layout,
         "keep_vectors": plan.keep_vectors, "model": shape.metadata.get("model"),
         "shard": None if plan.shard is None else f"{plan.shard.index}/{plan.shard.count}"})
 
@@ -447,13 +459,12 @@ def _column_vectors(item, name, nonfinite=None):
 
 def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expansion_search,
                flat, store, store_all, keep_vectors, append, query_prompt, model,
-               force) -> IndexPlan:
+               force, encoder=None) -> IndexPlan:
     """Validate everything that can be checked before reading vectors; no output yet."""
     from vecpipe.formats import schema as names
     from vecpipe.core.codec import codec_from_meta
     from vecpipe.core.index_spec import spec_for_input, vector_kind
-    from vecpipe.formats.errors import ParameterError
-    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.errors import DataError, ParameterError, UsageError
     from vecpipe.formats.readers import shown_name
 
     schema = stream.schema
@@ -470,20 +481,62 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     arrow_type = schema.field(names.EMBEDDING).type
     kind = vector_kind(arrow_type, meta, codec)
     if append:
+        if encoder is not None:
+            raise UsageError("--append encodes new records with the index's own codec; "
+                             "--codec applies to new indexes")
         return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
                             store_all, keep_vectors, query_prompt, force)
     fields = _stored_fields(schema, store, store_all, shown_name(stream.inputs[0]))
     try:
-        spec, fit_codec = spec_for_input(kind, arrow_type, codec, meta, metric, dtype,
-                                         keep_vectors)
+        if encoder is not None:
+            spec, fit_codec = _encoded_spec(encoder, kind, arrow_type, codec, meta, metric,
+                                            dtype, keep_vectors, shown_name(stream.inputs[0]))
+        else:
+            spec, fit_codec = spec_for_input(kind, arrow_type, codec, meta, metric, dtype,
+                                             keep_vectors)
     except ParameterError as err:
         raise flagged(err) from None
     spec.connectivity, spec.expansion_add, spec.expansion_search = \
         connectivity, expansion_add, expansion_search
-    spec.flat = flat
+    spec.flat = flat or spec.flat  # pq codes have no graph: always flat
     spec.query_prompt = query_prompt
-    return IndexPlan(stream, spec, fields, None, kind, codec, fit_codec=fit_codec,
-                     keep_vectors=keep_vectors)
+    return IndexPlan(stream, spec, fields, None, kind, codec, encoder=encoder,
+                     fit_codec=fit_codec, keep_vectors=keep_vectors)
+
+
+def _load_codec(path):
+    """The codec of --codec FILE (None without it)."""
+    from vecpipe.core.codec import Codec
+
+    return Codec.load(path) if path else None
+
+
+def _encoded_spec(encoder, kind, arrow_type, codec, meta, metric, dtype, keep_vectors,
+                  source):
+    """--codec: the spec of an index of `encoder`'s codes made from float input vectors, which
+    it keeps whole (not reduced) with --keep-vectors."""
+    import pyarrow as pa
+
+    from vecpipe.core.index_spec import spec_for_input, vector_kind
+    from vecpipe.formats.errors import DataError, UsageError
+
+    if kind != "float" or codec is not None:
+        raise UsageError("--codec encodes float vectors; this input is already compressed"
+                         + (f" ({codec.describe()})" if codec is not None else ""),
+                         source=source, hint="index the compressed records without --codec")
+    if dtype is not None:
+        raise UsageError("--codec decides what the index stores; drop --dtype")
+    if arrow_type.list_size != encoder.input_dim:
+        raise DataError(f"the vectors have {arrow_type.list_size} dimensions, the codec "
+                        f"encodes {encoder.input_dim}", source=source)
+    meta.update(encoder.metadata())
+    codes_type = encoder.arrow_type()
+    spec, fit_codec = spec_for_input(vector_kind(codes_type, meta, encoder), codes_type,
+                                     encoder, meta, metric)
+    if keep_vectors:
+        spec.full = {"dim": encoder.input_dim, "dtype": "float16"
+                     if arrow_type.value_type == pa.float16() else "float32"}
+    return spec, fit_codec
 
 
 def _model_meta(model, meta, force) -> dict:

@@ -925,7 +925,8 @@ def rebuild_index(indexes, plan: IndexMergePlan, output: str, on_duplicate: str)
     first = indexes[0]
     spec = IndexSpec(dim=first.dim, metric=first.metric, dtype=first.dtype,
                      score_metric=first.score_metric, **first.storage_options(),
-                     metadata=plan.metadata, query_prompt=plan.query_prompt, full=plan.full)
+                     metadata=plan.metadata, query_prompt=plan.query_prompt, full=plan.full,
+                     planes=first.planes)
     builder = IndexBuilder(output, spec, on_duplicate=on_duplicate,
                            fields=plan.rows_schema.names)
     try:

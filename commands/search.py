@@ -29,8 +29,9 @@ def run(index: Annotated[str, typer.Argument(
         rescore: Annotated[Optional[int], typer.Option(
             "--rescore", min=1, help="Fetch k*MULT candidates from a compressed index and "
                                      "rescore them with the kept full vectors (or the float "
-                                     "query against the codes; i8 indexes do that on k*4 by "
-                                     "default).", metavar="MULT",
+                                     "query against the codes: i8 indexes do that on k*4 by "
+                                     "default, bit planes on k*10; pq's scan ranks by the codes "
+                                     "already).", metavar="MULT",
             show_default=False)] = None,
         min_score: options.MinScore = None,
         max_hits: Annotated[Optional[int], typer.Option(
@@ -981,10 +982,12 @@ OPTION_OF = {"k": "-k", "ef": "--ef", "rescore": "--rescore", "exact": "--exact"
 
 def flagged(err):
     """A core ParameterError worded with the search option that set the parameter."""
-    from vecpipe.core.index_search import KEEP_FULL_VECTORS
+    from vecpipe.core.index_search import ENCODE_KEEPING_FULL, KEEP_FULL_VECTORS
     from vecpipe.formats.errors import UsageError
 
-    hint = "rebuild the index with --keep-vectors" if err.hint == KEEP_FULL_VECTORS else err.hint
+    hint = {KEEP_FULL_VECTORS: "rebuild the index with --keep-vectors",
+            ENCODE_KEEPING_FULL: "index the float vectors with --codec FILE --keep-vectors"
+            }.get(err.hint, err.hint)
     return UsageError(f"{OPTION_OF[err.parameter]}: {err.message}", source=err.source,
                       hint=hint)
 

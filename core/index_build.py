@@ -17,7 +17,7 @@ import threading
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, ROWS, VECTORS, CommitOnExit, check_target,
+    FLAT_VECTORS, FULL, ID, PLANES, ROWS, VECTORS, CommitOnExit, check_target,
     clean_leftovers, file_facts, full_numpy_dtype, hnsw_options, index_numpy_dtype,
     index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, write_manifest)
 from vecpipe.core.index_delete import compact_graph, kept_rows
@@ -99,7 +99,8 @@ class IndexBuilder(CommitOnExit):
     """Build a new index (`spec`) or a copy of `base` with more rows, atomically.
 
     `add()` takes string ids, index-space vectors (float32/float16 for float dtypes, int8 codes
-    for i8, packed uint8 bits for b1), the stored fields (a pyarrow Table/RecordBatch with `id`
+    for i8, packed uint8 bits for b1, every plane side by side when the spec has several, uint8
+    sub-vector codes for pq), the stored fields (a pyarrow Table/RecordBatch with `id`
     and the stored fields, one row per vector) and, when the spec keeps them, full vectors.
     Duplicate ids (against the base and within the stream) follow `on_duplicate`
     (`duplicate_policy`): error, first (keep the row there), last (the row keeps its number,
@@ -122,7 +123,7 @@ class IndexBuilder(CommitOnExit):
                                   "another shard")
         self.spec = spec or _spec_of(base)
         self.spec.check()
-        _check_codec(self.spec.metadata)
+        _check_codec(self.spec)
         self.fields = list(base.fields) if base else [ID, *[f for f in fields if f != ID]]
         self.on_duplicate = duplicate_policy(on_duplicate)
         self.threads = threads
@@ -141,6 +142,7 @@ class IndexBuilder(CommitOnExit):
             self._vectors = self._start_flat(base) if self.spec.flat else \
                 self._start_usearch(base)
             self._full = self._start_full(base)
+            self._planes = self._start_planes(base)
         except BaseException:
             self.abort()
             raise
@@ -190,6 +192,18 @@ class IndexBuilder(CommitOnExit):
             _copy_rows(base.full_vectors(), writer, self._keep)
         return writer
 
+    def _start_planes(self, base):
+        """planes.npy: the bit planes after the first, which the graph does not hold."""
+        spec = self.spec
+        if spec.planes == 1:
+            return None
+        writer = _NpyWriter(os.path.join(self.tmp, PLANES),
+                            index_width(spec.dim, spec.dtype, spec.planes - 1),
+                            index_numpy_dtype(spec.dtype))
+        if base is not None:
+            _copy_rows(base.later_planes(), writer, self._keep)
+        return writer
+
     def _take_base(self, base: "IndexReader") -> None:
         import numpy as np
 
@@ -212,17 +226,18 @@ class IndexBuilder(CommitOnExit):
             raise DataError(f"full vectors have dimension {full.shape[-1]}, the index keeps "
                             f"{self.spec.full['dim']}", source=source, record=first_record)
         new_rows, new_pos, replace_rows, replace_pos = self._assign_rows(ids, source, first_record)
-        if self.spec.flat:  # new rows are numbered in arrival order, so they append
-            self._vectors.append(vectors[new_pos])
-            for row, pos in zip(replace_rows, replace_pos):
-                self._vectors.overwrite(row, vectors[pos])
+        if self._planes is not None:  # the graph gets the first plane
+            first_plane = index_width(self.spec.dim, self.spec.dtype)
+            _write_rows(self._planes, vectors[:, first_plane:], new_pos, replace_rows,
+                        replace_pos)
+            vectors = vectors[:, :first_plane]
+        if self.spec.flat:
+            _write_rows(self._vectors, vectors, new_pos, replace_rows, replace_pos)
         else:
             with interruptible():
                 self._add_to_graph(new_rows, new_pos, replace_rows, replace_pos, vectors)
         if self._full is not None:
-            self._full.append(full[new_pos])
-            for row, pos in zip(replace_rows, replace_pos):
-                self._full.overwrite(row, full[pos])
+            _write_rows(self._full, full, new_pos, replace_rows, replace_pos)
         self._add_stored(stored, new_rows + replace_rows, new_pos + replace_pos)
 
     def _add_to_graph(self, new_rows, new_pos, replace_rows, replace_pos, vectors) -> None:
@@ -238,7 +253,7 @@ class IndexBuilder(CommitOnExit):
     def _checked_vectors(self, vectors, source, first_record):
         import numpy as np
 
-        width = index_width(self.spec.dim, self.spec.dtype)
+        width = index_width(self.spec.dim, self.spec.dtype, self.spec.planes)
         if vectors.ndim != 2 or vectors.shape[1] != width:
             raise DataError(f"vectors have dimension {vectors.shape[-1]}, the index has "
                             f"{width}", source=source, record=first_record)
@@ -315,9 +330,10 @@ class IndexBuilder(CommitOnExit):
         except RuntimeError as err:  # usearch says only "Failed to serialize into stream"
             raise _save_error(err, self.tmp, self.path) from None
         files = [FLAT_VECTORS if self.spec.flat else VECTORS, ROWS]
-        if self._full is not None:
-            self._full.close()
-            files.append(FULL)
+        for writer, name in ((self._full, FULL), (self._planes, PLANES)):
+            if writer is not None:
+                writer.close()
+                files.append(name)
         manifest = new_manifest(
             self.spec.layout, self.count, self.spec.dim, self.spec.metric, self.spec.dtype,
             self.spec.score_metric, self.spec.metadata, self.spec.query_prompt, self.fields,
@@ -328,12 +344,14 @@ class IndexBuilder(CommitOnExit):
 
     def _layout_keys(self) -> dict:
         spec = self.spec
+        planes = {"planes": spec.planes} if spec.planes > 1 else {}
         return {"flat": spec.flat, "hnsw": None if spec.flat else {
             "connectivity": spec.connectivity, "expansion_add": spec.expansion_add,
-            "expansion_search": spec.expansion_search}}
+            "expansion_search": spec.expansion_search}, **planes}
 
     def abort(self) -> None:
-        for writer in (getattr(self, "_full", None), getattr(self, "_vectors", None)):
+        for writer in (getattr(self, "_full", None), getattr(self, "_vectors", None),
+                       getattr(self, "_planes", None)):
             if isinstance(writer, _NpyWriter):
                 writer.abort()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -396,15 +414,17 @@ class _SignalWatch:
             signal.signal(signum, handler)
 
 
-def _check_codec(metadata) -> None:
-    """Refuse codes the index engine cannot search yet: several bit planes, PQ codes."""
+def _check_codec(spec: IndexSpec) -> None:
+    """The spec stores what its codec makes: pq codes as dtype pq, K bit planes as K planes."""
     from vecpipe.core.codec import codec_from_meta
 
-    codec = codec_from_meta(metadata or {})
-    if codec is not None and (codec.to == "pq" or codec.bits > 1):
-        raise DataError(f"an index cannot hold {codec.describe()} codes yet (one sign-bit "
-                        "plane or int8 only)", hint="index the float vectors as dtype b1 or i8, "
-                                                    "keeping the full vectors to rescore")
+    codec = codec_from_meta(spec.metadata or {})
+    if (codec is not None and codec.to == "pq") != (spec.dtype == "pq"):
+        raise DataError("dtype pq holds the codes of a pq codec, and those codes only")
+    planes = codec.bits if codec is not None else 1
+    if planes != spec.planes:
+        raise DataError(f"the codec makes {planes} bit plane(s), the index was to hold "
+                        f"{spec.planes}")
 
 
 def _spec_of(base: "IndexReader") -> IndexSpec:
@@ -412,7 +432,14 @@ def _spec_of(base: "IndexReader") -> IndexSpec:
     return IndexSpec(dim=m["dim"], metric=m["metric"], dtype=m["dtype"],
                      score_metric=m.get("score_metric"), **hnsw_options(m),
                      metadata=dict(m["metadata"]), query_prompt=m.get("query_prompt"),
-                     full=m.get("full"))
+                     full=m.get("full"), planes=m.get("planes") or 1)
+
+
+def _write_rows(writer: _NpyWriter, matrix, new_pos, replace_rows, replace_pos) -> None:
+    """New rows append (they are numbered in arrival order); replaced rows are overwritten."""
+    writer.append(matrix[new_pos])
+    for row, pos in zip(replace_rows, replace_pos):
+        writer.overwrite(row, matrix[pos])
 
 
 def _copy_rows(matrix, writer: _NpyWriter, rows=None, block: int = 65536) -> None:

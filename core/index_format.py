@@ -9,14 +9,18 @@ checksums, code conversion for usearch, and the atomic replacement of a folder.
                          memory-mapped and searched exactly (no graph)
     idx/rows.parquet     row number (= position) -> `id` and the stored fields
     idx/full.npy         optional full-precision vectors for rescoring (memory-mapped)
+    idx/planes.npy       multi-bit binary codes (Tencent's residual planes): planes 2..K of
+                         each row, packed; the graph (or vectors.npy) holds plane 1
     idx/shards/00000/    layout linked: complete index folders searched as one, with optional
     idx/shards/00000.hidden.npy   sorted rows that another shard's copy of their id shadows
 
 Layout lexical (BM25, no vectors) has its own files, listed in core/lexical.py.
 
 Quantized indexes: i8 holds the compress codec's int8 codes (uint8 codes shifted by -128), b1
-its packed sign bits; the codec travels in `metadata["codec"]`. `to_index_codes` /
-`from_index_codes` convert between codec codes and what usearch stores.
+its packed sign bits (with `"planes": K` in the manifest, the first of K residual planes, the
+rest in planes.npy), pq a product quantizer's codes (layout flat only: they are scanned, not put
+in a graph); the codec travels in `metadata["codec"]`. `to_index_codes` / `from_index_codes`
+convert between codec codes and what the index stores.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 FORMAT = "vecpipe-index"
 FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
-FLAT_VECTORS = "vectors.npy"
+FLAT_VECTORS, PLANES = "vectors.npy", "planes.npy"
 SHARDS = "shards"
 LAYOUTS = ("hnsw", "flat", "linked", "lexical")
 # layout lexical (core/lexical.py): bm25s's score matrix, vocabulary and parameters, the kept
@@ -51,7 +55,7 @@ LEXICAL_FILES = ("data.csc.index.npy", "indices.csc.index.npy", "indptr.csc.inde
 LEXICAL_NONOCCURRENCE = "nonoccurrence_array.index.npy"
 METRICS = ("cos", "ip", "l2sq", "hamming")
 FLOAT_METRICS = ("cos", "ip", "l2sq")
-DTYPES = ("f32", "f16", "bf16", "i8", "b1")
+DTYPES = ("f32", "f16", "bf16", "i8", "b1", "pq")
 FLOAT_DTYPES = ("f32", "f16", "bf16")
 ID = "id"
 
@@ -75,13 +79,15 @@ class IndexReader(Protocol):
     query_prompt: str | None
     codec: object
     query_dim: int
+    planes: int
     files_checked: int
 
     def rows(self, columns: Sequence[str] | None = None) -> "pa.Table": ...
     def ids(self) -> "pa.ChunkedArray": ...
     def visible_mask(self) -> "np.ndarray | None":
         """bool per row, False where another shard's copy of the id shadows it; None: all."""
-    def stored_vectors(self, rows) -> "np.ndarray": ...
+    def stored_vectors(self, rows) -> "np.ndarray":
+        """Index-space vectors of `rows`: for multi-bit b1 every plane, side by side."""
     def full_vectors(self): ...
     def encode(self, queries) -> "np.ndarray": ...
     def storage_options(self) -> dict:
@@ -198,9 +204,15 @@ def check_manifest(manifest: dict, path: str) -> None:
             _is_int(v.get(key)) and v[key] >= 1
             for key in ("connectivity", "expansion_add", "expansion_search")),
             "an object of positive connectivity/expansion_add/expansion_search")
+    _field(manifest, path, "planes", lambda v: _is_int(v) and 2 <= v <= 8 and
+           manifest["dtype"] == "b1", "2 to 8 (bit planes of a b1 index)", optional=True)
+    if manifest["dtype"] == "pq" and layout != "flat":
+        raise DataError("manifest.json: pq codes are kept in a flat index only", source=path)
     expected = {FLAT_VECTORS if layout == "flat" else VECTORS, ROWS}
     if manifest.get("full"):
         expected.add(FULL)
+    if manifest.get("planes"):
+        expected.add(PLANES)
     _check_file_names(manifest, path, lambda name: name in expected)
     for name in sorted(expected - set(manifest["files"])):
         raise DataError(f"manifest.json lists no {name}: the index is damaged", source=path)
@@ -346,6 +358,9 @@ def check_arrays(path: str, manifest: dict) -> None:
     full = manifest.get("full")
     if full:
         _check_matrix(path, FULL, count, full["dim"], full_numpy_dtype(full["dtype"]))
+    if manifest.get("planes"):
+        _check_matrix(path, PLANES, count, (manifest["planes"] - 1) * index_width(dim, dtype),
+                      index_numpy_dtype(dtype))
 
 
 def to_index_codes(codec, codes):
@@ -377,16 +392,17 @@ def from_index_codes(codec, stored):
     return np.ascontiguousarray(stored, dtype=codec.code_dtype)
 
 
-def index_width(dim: int, dtype: str) -> int:
-    """Columns of an index-space vector: bytes of packed bits for b1, else the dimension."""
-    return dim // 8 if dtype == "b1" else dim
+def index_width(dim: int, dtype: str, planes: int = 1) -> int:
+    """Columns of an index-space vector: bytes of packed bits for b1 (every plane), else the
+    dimension (for pq: the sub-vector codes)."""
+    return dim // 8 * planes if dtype == "b1" else dim
 
 
 def index_numpy_dtype(dtype: str):
     import numpy as np
 
     return {"f32": np.float32, "f16": np.float16, "bf16": np.float32, "i8": np.int8,
-            "b1": np.uint8}[dtype]
+            "b1": np.uint8, "pq": np.uint8}[dtype]
 
 
 def full_numpy_dtype(name: str):

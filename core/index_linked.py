@@ -47,6 +47,7 @@ class LinkedIndex:
         self.count = sum(shard.count for shard in self.shards)  # rows, shadowed ones included
         self.offsets = np.cumsum([0] + [shard.count for shard in self.shards])
         self.dim, self.metric, self.dtype = first.dim, first.metric, first.dtype
+        self.planes = first.planes
         self.score_metric = first.score_metric
         self.metadata: dict = manifest.get("metadata") or {}
         self.query_prompt = manifest.get("query_prompt")
@@ -154,7 +155,7 @@ class LinkedIndex:
         return _ConcatenatedRows([shard.full_vectors() for shard in self.shards])
 
     def encode(self, queries) -> "np.ndarray":
-        if self.codec is None and self.dtype in ("i8", "b1"):
+        if self.codec is None and self.dtype in ("i8", "b1", "pq"):
             raise DataError("the shards were quantized with different codecs; give float "
                             "queries", source=self.path)
         return self.shards[0].encode(queries)

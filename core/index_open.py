@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, VECTORS, check_arrays, check_files, from_index_codes,
+    FLAT_VECTORS, FULL, ID, PLANES, VECTORS, check_arrays, check_files, from_index_codes,
     hnsw_options, index_numpy_dtype, index_width, layout_of, read_manifest, read_rows,
     stored_columns, to_index_codes)
 from vecpipe.core.index_linked import LinkedIndex
@@ -80,12 +80,14 @@ class OpenIndex:
         self.query_prompt: str | None = manifest.get("query_prompt")
         self.layout: str = layout_of(manifest)
         self.flat: bool = self.layout == "flat"
-        self._usearch = self._rows = self._full = self._flat = None
+        self.planes: int = manifest.get("planes") or 1
+        self._usearch = self._rows = self._full = self._flat = self._later_planes = None
         self.codec = None
         if self.metadata.get("codec"):
             from vecpipe.core.codec import codec_from_meta
 
             self.codec = codec_from_meta(self.metadata, source=path)
+        _check_codes(self)
 
     @property
     def usearch(self):
@@ -146,8 +148,30 @@ class OpenIndex:
         """The dimension of float query vectors (before the codec, if any)."""
         return self.codec.input_dim if self.codec is not None else self.dim
 
+    def later_planes(self):
+        """planes.npy (memory-mapped): bit planes 2..K of a multi-bit b1 index, or None."""
+        if self.planes == 1:
+            return None
+        if self._later_planes is None:
+            import numpy as np
+
+            self._later_planes = np.load(os.path.join(self.path, PLANES), mmap_mode="r",
+                                         allow_pickle=False)
+        return self._later_planes
+
     def stored_vectors(self, rows) -> "np.ndarray":
-        """Index-space vectors of `rows` as usearch holds them (codes for i8/b1)."""
+        """Index-space vectors of `rows` (codes for i8/b1/pq; every bit plane of a multi-bit
+        b1 index, side by side)."""
+        import numpy as np
+
+        graph = self.graph_vectors(rows)
+        if self.planes == 1:
+            return graph
+        later = self.later_planes()[np.asarray(rows, dtype=np.int64)]
+        return np.concatenate([graph, later], axis=1)
+
+    def graph_vectors(self, rows) -> "np.ndarray":
+        """What usearch (or vectors.npy) holds for `rows`: of several bit planes, the first."""
         import numpy as np
 
         rows = np.asarray(rows, dtype=np.uint64)
@@ -172,13 +196,25 @@ class OpenIndex:
         stored = self.stored_vectors(rows)
         if self.codec is not None:
             return lifted(self.codec, self.codec.decode(from_index_codes(self.codec, stored)))
-        if self.dtype in ("i8", "b1"):
+        if self.dtype in ("i8", "b1", "pq"):
             raise DataError(f"the index holds {self.dtype} codes but records no codec, so "
                             "its vectors cannot be decoded", source=self.path)
         return stored.astype(np.float32)
 
     def encode(self, queries) -> "np.ndarray":
-        """Float queries -> the index space (the codec applied, if any)."""
+        """Float queries -> the index space (the codec applied, if any; every bit plane)."""
+        queries = self.checked_queries(queries)
+        if self.codec is not None:
+            return to_index_codes(self.codec, self.codec.encode(queries))
+        if self.dtype in ("i8", "b1", "pq"):
+            raise DataError(f"the index holds {self.dtype} codes but records no codec, so float "
+                            "queries cannot be encoded", source=self.path,
+                            hint="query with vectors encoded the same way")
+        return queries
+
+    def checked_queries(self, queries) -> "np.ndarray":
+        """Float queries of a dimension the index takes, float32; scaled to unit length when
+        a codec encodes them under cos (scale-free, and unit queries stay inside its ranges)."""
         import numpy as np
 
         queries = np.asarray(queries, dtype=np.float32)
@@ -188,19 +224,26 @@ class OpenIndex:
             raise DataError(f"query vectors have {queries.shape[-1]} dimensions, the index "
                             f"expects {codec.expected_dims() if codec else self.query_dim}",
                             source=self.path)
-        if self.codec is not None:
-            if self.score_metric == "cos":  # scale-free: unit queries stay inside the ranges
-                queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
-                                               1e-30)
-            return to_index_codes(self.codec, self.codec.encode(queries))
-        if self.dtype in ("i8", "b1"):
-            raise DataError(f"the index holds {self.dtype} codes but records no codec, so float "
-                            "queries cannot be encoded", source=self.path,
-                            hint="query with vectors encoded the same way")
+        if codec is not None and self.score_metric == "cos":
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
+                                           1e-30)
         return queries
 
     def searcher(self, k: int, **options) -> "Searcher":
         return Searcher(self, k, **options)
+
+
+def _check_codes(index: OpenIndex) -> None:
+    """pq and multi-bit b1 codes are read through their codec, which must match them."""
+    codec = index.codec
+    if index.dtype == "pq" and (codec is None or codec.to != "pq" or
+                                codec.code_width != index.dim):
+        raise DataError("the index holds pq codes without the pq codec that made them",
+                        source=index.path)
+    if index.planes != (codec.bits if codec is not None else 1):
+        raise DataError(f"the index holds {index.planes} bit planes, its codec makes "
+                        f"{codec.bits if codec is not None else 1}: the index is damaged",
+                        source=index.path)
 
 
 def lifted(codec, reduced) -> "np.ndarray":

@@ -4,7 +4,11 @@ one folder; `LinkedSearcher` runs one per shard of a linked index and merges the
 Scores are similarities, larger is better, whatever the metric: cos -> cosine, ip -> dot
 product, l2sq -> minus the squared distance, hamming -> the fraction of equal bits
 (`distance_to_score` converts usearch distances). i8 scores are always the float query against
-the decoded codes (asymmetric); b1 scores are hamming-based unless rescored.
+the decoded codes (asymmetric); b1 scores are hamming-based unless rescored. Codes the graph
+cannot search are scored through their codec (the float query against what they decode to, in
+the score metric): pq codes (ADC) by an exact scan, and several bit planes (Tencent's residual
+binarisation) by the first plane's hamming candidates rescored with every plane, or by an exact
+scan of every plane when the search is exact.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from vecpipe.core.index_build import interruptible
 from vecpipe.formats.errors import ParameterError
-from vecpipe.core.index_format import FULL, from_index_codes
+from vecpipe.core.index_format import FULL, from_index_codes, index_width
 from vecpipe.core.vectors import Hits, distance_to_score, paired_similarity, sorted_hits
 from vecpipe.formats.errors import DataError, UsageError
 
@@ -28,7 +32,12 @@ _HNSW_COST = 32            # ~distance computations per HNSW result, vs 1 per ro
 # float ones: fetching 4x candidates and rescoring them against the float query took recall@10
 # on real MiniLM vectors from 0.86 to 0.97 (bench/search.py).
 _SCALAR_CODES_RESCORE = 4
+# the first bit plane's hamming neighbours, rescored with all K planes: 10x candidates keeps
+# most of what an exact scan of the planes finds (bench/quantization.py --index, BENCHMARKS.md)
+_PLANES_RESCORE = 10
+CODE_SCAN_BLOCK = 16_384   # codes decoded at a time by an exact scan through the codec
 KEEP_FULL_VECTORS = "rebuild the index keeping the full vectors"
+ENCODE_KEEPING_FULL = "index the float vectors through the codec, keeping them"
 
 
 class Searcher:
@@ -39,7 +48,9 @@ class Searcher:
     - `exact`: brute force in the index space instead of HNSW. `ef`: HNSW expansion_search.
     - `rescore=MULT`: fetch k*MULT candidates, rescore them with the kept full vectors (or, with
       no full vectors, the float query against the decoded codes), keep k. i8 indexes always
-      score the float query against the decoded codes, by default on k*4 candidates.
+      score the float query against the decoded codes, by default on k*4 candidates; multi-bit
+      b1 indexes on k*10 first-plane candidates. pq indexes are scanned through their codec;
+      `rescore` rescores the scan's top k*MULT with the kept full vectors.
     - `mask`: bool per row (True = allowed). Few allowed rows: exact search over them; many:
       oversampled ANN, post-filtered, and any query left short is redone exactly, so a filter
       that matches >= k rows always returns k hits.
@@ -56,8 +67,11 @@ class Searcher:
             index, k, exact, min_score, threads
         self.rescore_source = _rescore_source(index, rescore)
         self.rescore_requested = rescore is not None
-        self.want = k * (rescore or (_SCALAR_CODES_RESCORE if self.rescore_source == "codes"
+        default_multiple = _PLANES_RESCORE if index.planes > 1 else _SCALAR_CODES_RESCORE
+        self.want = k * (rescore or (default_multiple if self.rescore_source == "codes"
                                      else 1))
+        # an exact search of these codes scores every one through the codec, not the graph
+        self.scans_codes = index.dtype == "pq" or index.planes > 1
         if ef is not None:
             if index.flat:
                 raise ParameterError("the search expansion (ef) tunes HNSW search; this index "
@@ -92,14 +106,51 @@ class Searcher:
         import numpy as np
 
         queries = np.asarray(queries)
-        coded = queries if encoded else self.index.encode(queries)
         if encoded and self.rescore_requested:
             raise ParameterError("rescoring needs float query vectors, not codes", "rescore")
-        candidates = self._candidates(coded)
-        if self.rescore_source is not None and not encoded:
+        if encoded and self.index.dtype == "pq":
+            raise UsageError("pq codes are searched with float query vectors, not codes",
+                             source=self.index.path)
+        if self.scans_codes and not encoded and self.plan in ("exact", "exact-subset"):
+            candidates = self._code_scan(self.index.checked_queries(queries))
+            rescore = self.rescore_source == "full"  # the scan scored the codes already
+        else:
+            coded = queries if encoded else self.index.encode(queries)
+            candidates = self._candidates(self._first_plane(coded))
+            rescore = self.rescore_source is not None and not encoded
+        if rescore:
             candidates = self._rescored(queries, candidates.rows)
         return sorted_hits(candidates.rows, candidates.scores, self.k) \
             .thresholded(self.min_score)
+
+    def _first_plane(self, coded):
+        """The graph holds a multi-bit b1 index's first bit plane: the codes' first columns."""
+        if self.index.planes == 1:
+            return coded
+        return coded[:, :index_width(self.index.dim, self.index.dtype)]
+
+    def _code_scan(self, queries) -> Hits:
+        """The exact best of every code (or of the allowed rows), each decoded by the codec
+        and scored against the float query in the score metric (for pq the inner product with
+        the reconstruction is ADC): k, or `want` when kept full vectors rescore them."""
+        import numpy as np
+
+        from vecpipe.core.vectors import ExactSearch
+
+        codec, rows = self.index.codec, self.allowed
+        total = self.index.count if rows is None else len(rows)
+        count = min(self.want if self.rescore_source == "full" else self.k, total)
+        search = ExactSearch(codec.project(queries), count, self.index.score_metric,
+                             query_block=256)
+        for start in range(0, total, CODE_SCAN_BLOCK):
+            stop = min(start + CODE_SCAN_BLOCK, total)
+            block = np.arange(start, stop) if rows is None else rows[start:stop]
+            codes = from_index_codes(codec, self.index.stored_vectors(block))
+            search.add(codec.decode(codes), start)
+        hits = search.hits()
+        if rows is None:
+            return hits
+        return Hits(np.where(hits.rows >= 0, rows[np.maximum(hits.rows, 0)], -1), hits.scores)
 
     def _candidates(self, coded) -> Hits:
         import numpy as np
@@ -152,7 +203,7 @@ class Searcher:
 
     def _exact_subset(self, coded) -> Hits:
         if self._allowed_vectors is None:
-            self._allowed_vectors = self.index.stored_vectors(self.allowed)
+            self._allowed_vectors = self.index.graph_vectors(self.allowed)
         count = min(self.want, len(self.allowed))
         found = self._scan(self._allowed_vectors, coded, count)
         return self._to_hits(found, count, row_of_key=self.allowed)
@@ -274,7 +325,7 @@ def _rescore_source(index: "IndexReader", rescore: int | None) -> str | None:
         raise ParameterError("the rescore multiple must be at least 1", "rescore")
     scalar_codes = index.codec is not None and index.codec.to in SCALAR_TARGETS
     if rescore is None:
-        return "codes" if scalar_codes else None
+        return "codes" if scalar_codes or index.planes > 1 else None
     if index.full_spec is not None:
         if index.full_spec["dim"] != index.query_dim:  # `index` refuses to build these now
             raise DataError(f"{FULL} holds {index.full_spec['dim']}-dimensional vectors, the "
@@ -283,6 +334,10 @@ def _rescore_source(index: "IndexReader", rescore: int | None) -> str | None:
                             hint="search without rescoring, or rebuild the index from the "
                                  "uncompressed vectors")
         return "full"
+    if index.dtype == "pq":
+        raise ParameterError("a pq index is scanned through its codes already; rescoring "
+                             "them needs the full vectors", "rescore",
+                             hint=ENCODE_KEEPING_FULL)
     if index.codec is not None:
         return "codes"
     raise ParameterError("the index stores no full-precision vectors to rescore with, and no "
@@ -404,7 +459,7 @@ class LinkedSearcher:
     def search(self, queries, encoded: bool = False):
         import numpy as np
 
-        if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1"):
+        if encoded and self.index.codec is None and self.index.dtype in ("i8", "b1", "pq"):
             raise UsageError("the shards use different codecs: query with float vectors")
         rows, scores = [], []
         for offset, searcher in zip(self.index.offsets, self.searchers):

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from vecpipe.core.index_format import DTYPES, FLOAT_METRICS, METRICS
 from vecpipe.formats.errors import DataError, ParameterError
 
-KIND_DTYPE = {"float": "f32", "int8": "i8", "uint8": "i8", "bfloat16": "bf16", "bits": "b1"}
+KIND_DTYPE = {"float": "f32", "int8": "i8", "uint8": "i8", "bfloat16": "bf16", "bits": "b1",
+              "pq": "pq"}
 
 
 @dataclass
@@ -18,7 +19,8 @@ class IndexSpec:
     usearch metric; `score_metric` the float metric of rescoring and of i8 scores (the same as
     `metric` for float indexes); `full` describes kept full-precision vectors ({"dim", "dtype"})
     or is None; `metadata` holds the stream metadata of the vectors (model, codec...); `flat`
-    keeps the vectors without an HNSW graph (exact search only)."""
+    keeps the vectors without an HNSW graph (exact search only); `planes` counts the bit planes
+    of a multi-bit b1 index (the graph holds the first)."""
 
     dim: int
     metric: str = "cos"
@@ -31,6 +33,7 @@ class IndexSpec:
     query_prompt: str | None = None
     full: dict | None = None
     flat: bool = False
+    planes: int = 1
 
     @property
     def layout(self) -> str:
@@ -52,6 +55,16 @@ class IndexSpec:
                                  "metric")
         if self.dtype == "b1" and self.dim % 8:
             raise DataError(f"b1 needs a dimension divisible by 8, got {self.dim}")
+        if self.planes != 1 and (self.dtype != "b1" or not 2 <= self.planes <= 8):
+            raise ParameterError("2 to 8 bit planes, of b1 codes only", "dtype")
+        if self.dtype == "pq" and self.score_metric not in ("cos", "ip"):
+            raise ParameterError("PQ codes score the inner product with the query (cos or ip)",
+                                 "metric")
+        if self.dtype == "pq" and (not self.flat or self.connectivity or self.expansion_add
+                                   or self.expansion_search):
+            raise ParameterError("pq codes are scanned (asymmetric distances), not put in an "
+                                 "HNSW graph: their index is flat, with no graph parameters",
+                                 "hnsw")
         if self.flat and self.dtype == "bf16":
             raise ParameterError("a flat index keeps f32, f16, i8 or b1 vectors", "dtype",
                                  hint="f16 is half the size of f32")
@@ -61,7 +74,8 @@ class IndexSpec:
 
 
 def vector_kind(arrow_type, meta: dict, codec) -> str:
-    """float | int8 | uint8 | bfloat16 | bits: what an input's `embedding` column holds."""
+    """float | int8 | uint8 | bfloat16 | bits | pq: what an input's `embedding` column
+    holds."""
     import pyarrow as pa
 
     if pa.types.is_fixed_size_binary(arrow_type):
@@ -73,6 +87,8 @@ def vector_kind(arrow_type, meta: dict, codec) -> str:
         return "float"
     if pa.types.is_int8(value_type):
         return "int8"
+    if pa.types.is_uint8(value_type) and codec is not None and codec.to == "pq":
+        return "pq"
     if pa.types.is_uint8(value_type):
         if codec is None or codec.to != "uint8":
             raise DataError("uint8 vectors without a uint8 codec in the metadata",
@@ -99,15 +115,18 @@ def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None 
                              "only", "dtype", hint="index the float vectors to choose another "
                                                    "dtype")
     _check_keep_vectors(kind, codec, keep_vectors)
+    scored_by_codec = codec is not None and (codec.to == "pq" or codec.bits > 1)
     if dtype == "b1":
-        score_metric = metric if metric in FLOAT_METRICS else None
+        # bit planes rescore by the float query's dot product with what they decode to, as
+        # Tencent's paper scores them (and search scores them in a stream)
+        score_metric = metric if metric in FLOAT_METRICS else "ip" if scored_by_codec else None
         usearch_metric = "hamming"
         if metric not in (None, "hamming", *FLOAT_METRICS):
             raise ParameterError(f"unknown metric {metric!r}", "metric")
     else:
         if metric == "hamming":
             raise ParameterError("the hamming metric needs packed bits (dtype b1)", "metric")
-        score_metric = metric or "cos"
+        score_metric = metric or ("ip" if scored_by_codec else "cos")  # pq: ADC
         # scalar codes are not centred on zero, so a dot product of codes ranks poorly
         usearch_metric = "cos" if dtype == "i8" and score_metric == "ip" else score_metric
     from vecpipe.core.codec import FITTED_INDEX_DTYPES
@@ -117,14 +136,15 @@ def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None 
         raise ParameterError(f"the input is already compressed ({codec.describe()}); dtype "
                              f"{dtype} would compress it twice", "dtype",
                              hint="compress the float vectors in one step")
-    if kind == "bits":  # packed bits: dim counts bits
+    if kind == "bits":  # packed bits: dim counts the bits of one plane
         dim = codec.out_dim if codec is not None else arrow_type.byte_width * 8
     else:               # i8/b1 fitted here keep every dimension (b1: one sign bit each)
         dim = arrow_type.list_size
     full = {"dim": arrow_type.list_size, "dtype": "float16" if value_type == pa.float16()
             else "float32"} if keep_vectors else None
     spec = IndexSpec(dim=dim, metric=usearch_metric, dtype=dtype, score_metric=score_metric,
-                     metadata=meta, full=full)
+                     metadata=meta, full=full, flat=kind == "pq",
+                     planes=codec.bits if kind == "bits" and codec is not None else 1)
     return spec, fit_codec
 
 

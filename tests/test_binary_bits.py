@@ -110,11 +110,3 @@ def test_bits_needs_a_binary_target(cli, tmp_path, args):
     source = write_arrow(tmp_path / "v.arrow", unit_vectors(50, 32))
     result = cli("compress", source, *args, "-o", str(tmp_path / "x.arrow"))
     assert result.exit_code == 2
-
-
-def test_index_refuses_planes_it_cannot_search(cli, tmp_path):
-    source = write_arrow(tmp_path / "v.arrow", unit_vectors(300, 32))
-    assert cli("compress", source, "--dtype", "binary", "--bits", "2",
-               "-o", str(tmp_path / "b.arrow")).exit_code == 0
-    result = cli("index", str(tmp_path / "b.arrow"), "-o", str(tmp_path / "idx"))
-    assert result.exit_code == 1 and "binary 2 bits" in result.stderr

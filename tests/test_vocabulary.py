@@ -24,7 +24,7 @@ COMMAND_SPECIFIC = {
                "--max-hits", "--mmr", "--mmr-depth", "--group-by", "--group-size", "--group-score",
                "--rerank-depth", "--rerank-field", "--rerank-max-length", "--keep-first-score",
                "--hybrid", "--hybrid-depth", "--calibrator", "--min-prob"},
-    "compress": {"--pca", "--pca-center", "--calibration-rows", "--clip-quantile", "--codec",
+    "compress": {"--pca", "--pca-center", "--calibration-rows", "--clip-quantile",
                  "--save-codec", "--report", "--report-queries", "--save-report", "--bits",
                  "--pq-m", "--pq-bits", "--opq", "--budget"},
     "eval retrieval": {"--qrels-depth", "--all-queries", "--permutations",
