@@ -270,8 +270,7 @@ class Codec:
         if self.to == "pq":
             return self.pq.decode(codes)
         if self.bits > 1:
-            signs = 2 * self.code_matrix(codes) - 1  # plane after plane
-            return _planes_sum(signs, self.scales)
+            return _planes_sum(codes, self.out_dim, self.scales)
         bits = self.code_matrix(codes)
         return (self.low + bits * (self.high - self.low)).astype(np.float32)
 
@@ -659,10 +658,18 @@ def unpack_planes(codes: np.ndarray, dim: int, planes: int) -> np.ndarray:
                           axis=1).astype(np.float32)
 
 
-def _planes_sum(signs: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """sum_k s_k * sign_k, for signs plane after plane (rows x planes * dim)."""
-    rows = len(signs)
-    return (signs.reshape(rows, *scales.shape) * scales).sum(axis=1).astype(np.float32)
+def _planes_sum(codes: np.ndarray, dim: int, scales: np.ndarray) -> np.ndarray:
+    """sum_k s_k * sign_k of packed planes, as 2 * sum_k s_k * bit_k - sum_k s_k, one plane
+    at a time: no rows x planes * dim float matrix (rescoring decodes many candidates)."""
+    width = (dim + 7) // 8
+    out = np.empty((len(codes), dim), dtype=np.float32)
+    out[:] = -scales.sum(axis=0, dtype=np.float32)
+    term = np.empty_like(out)
+    for plane, scale in enumerate(scales):
+        bits = np.unpackbits(codes[:, plane * width:(plane + 1) * width], axis=-1, count=dim)
+        np.multiply(bits, 2 * scale, out=term)
+        out += term
+    return out
 
 
 def _pq_from_dict(data):

@@ -32,8 +32,9 @@ _HNSW_COST = 32            # ~distance computations per HNSW result, vs 1 per ro
 # float ones: fetching 4x candidates and rescoring them against the float query took recall@10
 # on real MiniLM vectors from 0.86 to 0.97 (bench/search.py).
 _SCALAR_CODES_RESCORE = 4
-# the first bit plane's hamming neighbours, rescored with all K planes: 10x candidates keeps
-# most of what an exact scan of the planes finds (bench/quantization.py --index, BENCHMARKS.md)
+# the first bit plane's hamming neighbours, rescored with all K planes: on 100k real vectors
+# k*10 keeps recall@10 0.77 of the exact scan's 0.79 (2 planes) and 0.84 of 0.89 (4 planes)
+# at ~2x the scan's speed; k*4 loses 4-10 points more (bench/code_index.py, BENCHMARKS.md)
 _PLANES_RESCORE = 10
 CODE_SCAN_BLOCK = 16_384   # codes decoded at a time by an exact scan through the codec
 KEEP_FULL_VECTORS = "rebuild the index keeping the full vectors"
