@@ -368,7 +368,8 @@ Metric = Annotated[Optional[str], shared(
 Exact = Annotated[bool, shared("--exact", help="Brute-force search instead of the HNSW graph.")]
 Ef = Annotated[Optional[int], shared(
     "--ef", min=1, help="HNSW expansion while searching (default: the index's); deep searches "
-                        "need ef well above the number of hits.", metavar="N",
+                        "need ef well above the number of hits. Indexes of at most 10 MB of "
+                        "vectors are scanned exactly unless an ef is given.", metavar="N",
     show_default=False)]
 MinScore = Annotated[Optional[float], shared(
     "--min-score", help="Drop hits (candidates) scoring below S.", metavar="S",

@@ -37,6 +37,12 @@ _SCALAR_CODES_RESCORE = 4
 # at ~2x the scan's speed; k*4 loses 4-10 points more (bench/code_index.py, BENCHMARKS.md)
 _PLANES_RESCORE = 10
 CODE_SCAN_BLOCK = 16_384   # codes decoded at a time by an exact scan through the codec
+# Small indexes are searched exactly unless an ef asks for the graph: up to Qdrant's default
+# full_scan_threshold, 10,000 KB of vectors scanned (6,666 float32 384-d vectors). On 2 Sapphire
+# Rapids cores the scan matches HNSW's speed only up to ~1,000 vectors, but at 10 MB it still
+# answers one query in under 1 ms (batches: ~3,000 queries/s) where the graph loses 1.3-2% of
+# the top 10 (bench/exact_threshold.py, BENCHMARKS.md).
+EXACT_SCAN_BYTES = 10_000 * 1024
 KEEP_FULL_VECTORS = "rebuild the index keeping the full vectors"
 ENCODE_KEEPING_FULL = "index the float vectors through the codec, keeping them"
 
@@ -46,7 +52,9 @@ class Searcher:
 
     - `k` hits per query (fewer only when fewer rows exist, pass the filter, or reach
       `min_score`).
-    - `exact`: brute force in the index space instead of HNSW. `ef`: HNSW expansion_search.
+    - `exact`: brute force in the index space instead of HNSW; indexes of at most
+      EXACT_SCAN_BYTES of vectors are searched so unless `ef` is given. `ef`: HNSW
+      expansion_search, for this searcher only.
     - `rescore=MULT`: fetch k*MULT candidates, rescore them with the kept full vectors (or, with
       no full vectors, the float query against the decoded codes), keep k. i8 indexes always
       score the float query against the decoded codes, by default on k*4 candidates; multi-bit
@@ -73,11 +81,10 @@ class Searcher:
                                      else 1))
         # an exact search of these codes scores every one through the codec, not the graph
         self.scans_codes = index.dtype == "pq" or index.planes > 1
-        if ef is not None:
-            if index.flat:
-                raise ParameterError("the search expansion (ef) tunes HNSW search; this index "
-                                     "is flat (always exact)", "ef")
-            index.usearch.expansion_search = ef
+        if ef is not None and index.flat:
+            raise ParameterError("the search expansion (ef) tunes HNSW search; this index "
+                                 "is flat (always exact)", "ef")
+        self.ef = ef
         self.allowed = None if mask is None else np.flatnonzero(np.asarray(mask, dtype=bool))
         if self.allowed is not None and len(self.allowed) == index.count:
             self.allowed = None  # the filter keeps everything
@@ -87,7 +94,7 @@ class Searcher:
     def _plan(self) -> str:
         """none | exact | ann | exact-subset | ann-filtered (see the class docstring)."""
         n = self.index.count
-        exact = self.exact or self.index.flat
+        exact = self.exact or self.index.flat or (self.ef is None and self._small())
         if self.allowed is None:
             return "exact" if exact or self.want >= n else "ann"
         m = len(self.allowed)
@@ -96,6 +103,18 @@ class Searcher:
         if exact or m <= self._fetch() * _HNSW_COST or self._fetch() >= n // 2:
             return "exact-subset"
         return "ann-filtered"
+
+    def _small(self) -> bool:
+        """At most EXACT_SCAN_BYTES to scan: the index-space vectors, or for codes scanned
+        through the codec what they decode to (float32)."""
+        index = self.index
+        if self.scans_codes:
+            row_bytes = 4 * index.codec.out_dim
+        else:
+            row_bytes = index_width(index.dim, index.dtype) * (2 if index.dtype == "f16" else
+                                                               1 if index.dtype in ("i8", "b1")
+                                                               else 4)
+        return index.count * row_bytes <= EXACT_SCAN_BYTES
 
     def _fetch(self) -> int:
         """ANN results to fetch so that ~`want` of them pass the filter."""
@@ -187,9 +206,11 @@ class Searcher:
         if self.index.flat:
             found = self._scan(self.index.flat_vectors(), coded, count)
         else:
+            graph = self.index.usearch
+            # set for each search: searchers with other ef may share the opened index
+            graph.expansion_search = self.ef or self.index.manifest["hnsw"]["expansion_search"]
             with interruptible():
-                found = self.index.usearch.search(coded, count, exact=exact,
-                                                  threads=self.threads)
+                found = graph.search(coded, count, exact=exact, threads=self.threads)
         return self._to_hits(found, count)
 
     def _to_hits(self, found, count: int, row_of_key=None) -> Hits:

@@ -211,7 +211,7 @@ def test_filters_equal_brute_force_filtering(cli, corpus, expression):
     mask = np.array([FILTERS[expression](columns, i) for i in range(N)])
     truth, _ = brute_force(corpus["queries"], corpus["vectors"], mask=mask)
     r = cli("search", corpus["idx"], corpus["qfile"], "--filter", expression, "--fields",
-            "group,lang,year")
+            "group,lang,year", "--ef", "64")  # an ef: the graph, though the index is small
     assert r.exit_code == 0, r
     got = hits_by_query(r.records(), 40)
     expected_hits = min(K, int(mask.sum()))
@@ -229,10 +229,13 @@ def test_filters_equal_brute_force_filtering(cli, corpus, expression):
 def test_filter_plans_cover_every_selectivity(corpus):
     index = open_index(str(corpus["idx"]))
     group = np.array(corpus["columns"]["group"])
-    plans = {name: index.searcher(K, mask=mask).plan for name, mask in
+    plans = {name: index.searcher(K, mask=mask, ef=64).plan for name, mask in
              {"none": group == 99, "few": group == 3, "most": group != 3,
               "all": group >= 0}.items()}
     assert plans == {"none": "none", "few": "exact-subset", "most": "ann-filtered", "all": "ann"}
+    # without an ef a small index is scanned exactly, filtered or not
+    assert index.searcher(K).plan == "exact"
+    assert index.searcher(K, mask=group != 3).plan == "exact-subset"
     # a filter matching exactly k rows spread over the index still returns all k
     mask = np.zeros(N, dtype=bool)
     mask[np.linspace(0, N - 1, K).astype(int)] = True
@@ -606,3 +609,35 @@ def test_filter_language(expression, expected):
 def test_filter_language_errors(expression, error):
     with pytest.raises(error):
         parse(expression).mask(TABLE)
+
+
+def test_a_small_index_is_searched_exactly_unless_an_ef_asks_for_the_graph(tmp_path):
+    """5,000 384-d float32 vectors (7.7 MB, under EXACT_SCAN_BYTES): the default search is the
+    exact scan; random vectors are hard for a graph, so ef 8 misses some of the exact top 10."""
+    import pyarrow as pa
+
+    from vecpipe.core.index_build import IndexBuilder
+    from vecpipe.core.index_search import EXACT_SCAN_BYTES
+    from vecpipe.core.index_spec import IndexSpec
+
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((5000, 384)).astype(np.float32)
+    assert vectors.nbytes <= EXACT_SCAN_BYTES
+    ids = [str(i) for i in range(len(vectors))]
+    with IndexBuilder(str(tmp_path / "idx"), IndexSpec(dim=384)) as builder:
+        builder.add(ids, vectors, pa.table({"id": ids}))
+    index = open_index(str(tmp_path / "idx"))
+    queries = rng.standard_normal((50, 384)).astype(np.float32)
+    default, exact = index.searcher(10), index.searcher(10, exact=True)
+    assert default.plan == "exact"
+    np.testing.assert_array_equal(default.search(queries).rows, exact.search(queries).rows)
+    graph = index.searcher(10, ef=8)
+    assert graph.plan == "ann"
+    assert (graph.search(queries).rows != exact.search(queries).rows).any()
+    # ef belongs to the searcher: one made later with another ef does not change it
+    wide = index.searcher(10, ef=400)
+    before = wide.search(queries).rows
+    narrow = index.searcher(10, ef=8)
+    narrow.search(queries)
+    np.testing.assert_array_equal(wide.search(queries).rows, before)
+    np.testing.assert_array_equal(default.search(queries).rows, exact.search(queries).rows)
