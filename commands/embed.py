@@ -233,14 +233,9 @@ def local_task(request: Request):
 
 def embed_task_of(request: Request, precision: str):
     """The core Task of the request: its records, its plan, and its model's loader."""
-    from vecpipe.cli.models import load_model
     from vecpipe.core.embedding import Plan, Task
 
-    load = functools.partial(load_model, request.model, dtype=precision,
-                             trust_remote_code=request.trust_remote_code,
-                             backend=request.backend, max_length=request.max_length,
-                             export_dir=request.cache, layers=request.layers,
-                             pooling=request.pooling)
+    load = functools.partial(load_embed_model, request, precision)
     plan = Plan(fields=request.joined_fields, id_field=request.id_field,
                 normalize=not request.no_normalize, dim=request.dim,
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
@@ -249,6 +244,21 @@ def embed_task_of(request: Request, precision: str):
     return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
                 cache_dir=request.cache, force=request.force)
+
+
+def load_embed_model(request: Request, precision: str, device: str = "auto"):
+    """The model of the request on `device`, loaded when the checks have passed; `auto`
+    precision is chosen here, on the machine that runs the model (models.embed_precision)."""
+    from vecpipe.cli import console
+    from vecpipe.cli.models import embed_precision, load_model
+
+    chosen, backend = embed_precision(precision, device, request.backend, request.model)
+    if chosen != precision:
+        console.info(f"{chosen} (this CPU has AMX; --precision float32 for float32)")
+    return load_model(request.model, device, dtype=chosen, trust_remote_code=request.trust_remote_code,
+                      backend=backend, max_length=request.max_length,
+                      export_dir=request.cache, layers=request.layers,
+                      pooling=request.pooling)
 
 
 def task_inputs(request: Request) -> tuple:
@@ -269,8 +279,8 @@ def pool_dtype(dtype: str, devices: list[str]) -> str:
 # The options whose value changes what a part holds (flag -> Request field). Not counted:
 # where and how fast the work runs (--device, --batch-size, --window, --cache, --engine,
 # --address, --parts), -q, and --trust-remote-code (it allows a model, -m names it).
-# --precision counts as given: `auto` is float16 on CUDA and float32 elsewhere, whichever
-# machine runs it. Parts recorded under the old names (--field, --dtype) are made again.
+# --precision counts as given: `auto` is float16 on CUDA, bfloat16 on an AMX CPU and float32
+# elsewhere, whichever machine runs it (the vectors agree to cosine 0.9999). Parts recorded under the old names (--field, --dtype) are made again.
 JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--id-field": "id_field", "--prompt": "prompt", "--prompt-name": "prompt_name",
                "--dim": "dim", "--no-normalize": "no_normalize", "--precision": "precision",
