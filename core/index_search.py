@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from vecpipe.core.index_build import interruptible
 from vecpipe.formats.errors import ParameterError
-from vecpipe.core.index_format import FULL, from_index_codes, index_width
+from vecpipe.core.index_format import FULL, from_index_codes, index_numpy_dtype, index_width
 from vecpipe.core.vectors import Hits, distance_to_score, paired_similarity, sorted_hits
 from vecpipe.formats.errors import DataError, UsageError
 
@@ -107,13 +107,14 @@ class Searcher:
     def _small(self) -> bool:
         """At most EXACT_SCAN_BYTES to scan: the index-space vectors, or for codes scanned
         through the codec what they decode to (float32)."""
+        import numpy as np
+
         index = self.index
         if self.scans_codes:
             row_bytes = 4 * index.codec.out_dim
         else:
-            row_bytes = index_width(index.dim, index.dtype) * (2 if index.dtype == "f16" else
-                                                               1 if index.dtype in ("i8", "b1")
-                                                               else 4)
+            row_bytes = index_width(index.dim, index.dtype) * \
+                np.dtype(index_numpy_dtype(index.dtype)).itemsize
         return index.count * row_bytes <= EXACT_SCAN_BYTES
 
     def _fetch(self) -> int:
