@@ -16,7 +16,6 @@ folder; each search runs every query in one batch, median of --repeat runs.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -31,7 +30,7 @@ from vecpipe.core.index_open import open_index
 from vecpipe.core.index_spec import IndexSpec
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
-from quantization import read, recall, test_qrels, top
+from quantization import data_arguments, read, recall, test_queries, top
 
 
 def build(folder: str, name: str, docs, codec: Codec | None, keep: bool, flat: bool = False):
@@ -62,6 +61,10 @@ def build(folder: str, name: str, docs, codec: Codec | None, keep: bool, flat: b
 
 
 def searched(index, queries, k: int, repeat: int, **options):
+    """(hits, queries per second); a graph is searched at its ef 64 even when the index is
+    small enough to be scanned exactly by default (Searcher's EXACT_SCAN_BYTES)."""
+    if not index.flat:
+        options.setdefault("ef", index.manifest["hnsw"]["expansion_search"])
     times, hits = [], None
     for _ in range(repeat):
         searcher = index.searcher(k, **options)
@@ -92,8 +95,8 @@ def configurations():
 
 def table(docs, queries, repeat: int, score=None) -> None:
     truth = top(queries @ docs.T, 10)
-    header = "| index | index bytes/vector | full.npy | build s | QPS | recall@10 |" + (" nDCG@10 |" if score
-                                                                      else "")
+    header = "| index | index bytes/vector | full.npy | build s | QPS | recall@10 |" + (
+        " nDCG@10 |" if score else "")
     print(header + "\n" + "|---" + "|---:" * (header.count("|") - 2) + "|")
     fitted: dict = {}
     with tempfile.TemporaryDirectory(dir=".") as folder:
@@ -113,19 +116,9 @@ def table(docs, queries, repeat: int, score=None) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nfcorpus", required=True)
-    parser.add_argument("--docs", required=True)
-    parser.add_argument("--queries", required=True)
-    parser.add_argument("--lines")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = data_arguments(__doc__.splitlines()[0], repeat=3)
     print(machine_line())
-    doc_ids, docs = read(args.docs)
-    qrels = test_qrels(args.nfcorpus)
-    query_ids, all_queries = read(args.queries)
-    keep = [i for i, q in enumerate(query_ids) if q in qrels]
-    ids, queries = [query_ids[i] for i in keep], all_queries[keep]
+    doc_ids, docs, ids, queries, qrels = test_queries(args)
 
     def score(hits):  # nDCG@10 of the top 10 hits (pytrec_eval)
         import pytrec_eval

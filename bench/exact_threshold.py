@@ -13,23 +13,12 @@ lines.arrow: the embedded text lines of bench/package_text.py (the last 1,000 ar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 from usearch.index import Index, search
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
-from quantization import read, recall
-
-
-def timed(function, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from quantization import median_seconds, read, recall
 
 
 def one_at_a_time(run, queries) -> None:
@@ -56,12 +45,13 @@ def main() -> None:
         index.expansion_search = 64
         truth = search(docs, queries, 10, "cos", exact=True).keys
         found = index.search(queries, 10).keys
-        exact_batch = timed(lambda: index.search(queries, 10, exact=True), args.repeat)
-        hnsw_batch = timed(lambda: index.search(queries, 10), args.repeat)
+        exact_batch = median_seconds(lambda: index.search(queries, 10, exact=True), args.repeat)
+        hnsw_batch = median_seconds(lambda: index.search(queries, 10), args.repeat)
         few = queries[:args.single]
-        exact_one = timed(lambda: one_at_a_time(
+        exact_one = median_seconds(lambda: one_at_a_time(
             lambda q: index.search(q, 10, exact=True), few), args.repeat)
-        hnsw_one = timed(lambda: one_at_a_time(lambda q: index.search(q, 10), few), args.repeat)
+        hnsw_one = median_seconds(lambda: one_at_a_time(lambda q: index.search(q, 10), few),
+                                  args.repeat)
         print(f"| {size:,} | {docs.nbytes / 1e6:.1f} | {len(queries) / exact_batch:,.0f} | "
               f"{len(queries) / hnsw_batch:,.0f} | {len(few) / exact_one:,.0f} | "
               f"{len(few) / hnsw_one:,.0f} | {recall(truth, found):.4f} |", flush=True)

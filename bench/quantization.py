@@ -80,12 +80,18 @@ def codec_rows(docs, queries, extra=None):
                    extra(scores) if extra else None)
 
 
-def accuracy(args) -> None:
+def test_queries(args):
+    """(doc ids, doc vectors, test query ids, their vectors, test qrels) of --docs, --queries
+    and the NFCorpus test split."""
     doc_ids, docs = read(args.docs)
     qrels = test_qrels(args.nfcorpus)
     query_ids, all_queries = read(args.queries)
     keep = [i for i, q in enumerate(query_ids) if q in qrels]
-    ids, queries = [query_ids[i] for i in keep], all_queries[keep]
+    return doc_ids, docs, [query_ids[i] for i in keep], all_queries[keep], qrels
+
+
+def accuracy(args) -> None:
+    doc_ids, docs, ids, queries, qrels = test_queries(args)
     print(f"\nNFCorpus: {len(docs)} documents, {len(ids)} test queries")
     print("| bytes | codec | recall@10 | nDCG@10 |\n|---:|---|---:|---:|")
     for size, name, found, score in codec_rows(docs, queries,
@@ -145,14 +151,19 @@ def speed(args) -> None:
         print(f"| {m} | {med['adc']:.2f} | {med['decode']:.2f} | {med['faiss']:.2f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def data_arguments(description: str, repeat: int):
+    """The arguments of the benchmarks over NFCorpus vectors and the 100k embedded lines."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--nfcorpus", required=True)
     parser.add_argument("--docs", required=True)
     parser.add_argument("--queries", required=True)
     parser.add_argument("--lines")
-    parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--repeat", type=int, default=repeat)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = data_arguments(__doc__.splitlines()[0], repeat=5)
     print(machine_line())
     accuracy(args)
     if args.lines:

@@ -234,6 +234,8 @@ def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=())
             built[key] = (target, *build_vecpipe(arrow, target, options))
         target, build_s, rss = built[key]
         index = open_index(str(target))
+        if not index.flat:  # the graph, even where the index is small enough to scan exactly
+            search_options = {"ef": index.manifest["hnsw"]["expansion_search"], **search_options}
         searcher = index.searcher(K, **search_options)
         searcher.search(queries[:10])  # page the index in
         seconds, hits = median_time(lambda: searcher.search(queries))

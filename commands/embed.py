@@ -255,10 +255,10 @@ def load_embed_model(request: Request, precision: str, device: str = "auto"):
     chosen, backend = embed_precision(precision, device, request.backend, request.model)
     if chosen != precision:
         console.info(f"{chosen} (this CPU has AMX; --precision float32 for float32)")
-    return load_model(request.model, device, dtype=chosen, trust_remote_code=request.trust_remote_code,
-                      backend=backend, max_length=request.max_length,
-                      export_dir=request.cache, layers=request.layers,
-                      pooling=request.pooling)
+    return load_model(request.model, device, dtype=chosen,
+                      trust_remote_code=request.trust_remote_code, backend=backend,
+                      max_length=request.max_length, export_dir=request.cache,
+                      layers=request.layers, pooling=request.pooling)
 
 
 def task_inputs(request: Request) -> tuple:
@@ -280,7 +280,8 @@ def pool_dtype(dtype: str, devices: list[str]) -> str:
 # where and how fast the work runs (--device, --batch-size, --window, --cache, --engine,
 # --address, --parts), -q, and --trust-remote-code (it allows a model, -m names it).
 # --precision counts as given: `auto` is float16 on CUDA, bfloat16 on an AMX CPU and float32
-# elsewhere, whichever machine runs it (the vectors agree to cosine 0.9999). Parts recorded under the old names (--field, --dtype) are made again.
+# elsewhere, whichever machine runs it (the vectors agree to cosine 0.9999). Parts recorded
+# under the old names (--field, --dtype) are made again.
 JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--id-field": "id_field", "--prompt": "prompt", "--prompt-name": "prompt_name",
                "--dim": "dim", "--no-normalize": "no_normalize", "--precision": "precision",

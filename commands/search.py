@@ -1277,7 +1277,7 @@ class StreamSearch:
         vector_type = schema.field(names.EMBEDDING).type
         # pq codes and bit planes are scored by the float query's dot product with what they
         # decode to (ADC; the planes' scale-weighted sum), not by hamming
-        asymmetric = self.codec is not None and (self.codec.to == "pq" or self.codec.bits > 1)
+        asymmetric = self.codec is not None and self.codec.scored_decoded
         self.bits = pa.types.is_fixed_size_binary(vector_type) and not asymmetric
         self.metric = _stream_metric(metric or ("ip" if asymmetric else None), self.bits)
         self.k = self.depth = k

@@ -193,6 +193,12 @@ class Codec:
     def is_bits(self) -> bool:
         return self.to in BIT_TARGETS
 
+    @property
+    def scored_decoded(self) -> bool:
+        """PQ codes and several bit planes: ranked by the float query against what they decode
+        to (ADC; the planes' scale-weighted sum), which no usearch metric computes."""
+        return self.to == "pq" or self.bits > 1
+
     def describe(self) -> str:
         """A short human description, e.g. `384 -> pca 128 -> int8 (128 B/vector)`."""
         steps = [str(self.input_dim)]

@@ -80,7 +80,7 @@ class Searcher:
         self.want = k * (rescore or (default_multiple if self.rescore_source == "codes"
                                      else 1))
         # an exact search of these codes scores every one through the codec, not the graph
-        self.scans_codes = index.dtype == "pq" or index.planes > 1
+        self.scans_codes = index.codec is not None and index.codec.scored_decoded
         if ef is not None and index.flat:
             raise ParameterError("the search expansion (ef) tunes HNSW search; this index "
                                  "is flat (always exact)", "ef")

@@ -115,7 +115,7 @@ def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None 
                              "only", "dtype", hint="index the float vectors to choose another "
                                                    "dtype")
     _check_keep_vectors(kind, codec, keep_vectors)
-    scored_by_codec = codec is not None and (codec.to == "pq" or codec.bits > 1)
+    scored_by_codec = codec is not None and codec.scored_decoded
     if dtype == "b1":
         # bit planes rescore by the float query's dot product with what they decode to, as
         # Tencent's paper scores them (and search scores them in a stream)
