@@ -57,17 +57,10 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def amx_cpu(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has AMX-BF16 tiles (Linux's flags; elsewhere: no). VECPIPE_CPUINFO
-    names another file to read them from (the tests point it at none: float32 on every CPU)."""
-    cpuinfo = cpuinfo or os.environ.get("VECPIPE_CPUINFO") or "/proc/cpuinfo"
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_bf16" in line.split(":", 1)[-1].split()
-    except OSError:
-        pass
-    return False
+    """Whether the CPU has AMX-BF16 tiles (core.cpu reads the flags)."""
+    from vecpipe.core.cpu import has_amx_bf16
+
+    return has_amx_bf16(cpuinfo)
 
 
 def embed_precision(precision: str, device: str, backend: str, model: str | None):

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
 
+from vecpipe.cli import models
 from vecpipe.core.embedder import fake_vectors
 from vecpipe.formats import schema as names
 
@@ -108,7 +110,50 @@ def test_onnx_backends_match_torch(cli, tmp_path, write_jsonl, bundled_model):
     quantized = names.vectors_to_numpy(table.column("embedding"))
     cosines = (quantized * expected).sum(axis=1)
     assert cosines.min() > 0.97, cosines
-    assert names.read_meta(table.schema)["backend"] == "onnx-int8"
+    meta = names.read_meta(table.schema)
+    assert meta["backend"] == "onnx-int8" and meta["precision"] == "int8-reduced-range"
+
+
+def int8_weights(path):
+    """The int8 weight tensors of a quantized ONNX file (the initializers of type int8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+
+
+@pytest.mark.slow
+def test_onnx_int8_uses_the_whole_range_on_a_vnni_cpu(cli, tmp_path, write_jsonl,
+                                                       bundled_model, bundled_model_path,
+                                                       monkeypatch):
+    """Without VNNI the weights keep 7 bits (AVX2's u8*s8 pair sums saturate at 16 bits); with
+    it they use all 8, and land closer to float32."""
+    pytest.importorskip("onnxruntime")
+    texts = synthetic_texts(32, seed=5, longest=300)
+    src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
+    expected = bundled_model.encode(texts, normalize_embeddings=True)
+    (tmp_path / "vnni").write_text("flags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    cosines = {}
+    for cpu, precision in ((os.devnull, "int8-reduced-range"), (tmp_path / "vnni", "int8")):
+        monkeypatch.setenv("VECPIPE_CPUINFO", str(cpu))
+        monkeypatch.setattr(models, "_cache", {})  # the model is loaded again, on this "CPU"
+        out = tmp_path / f"{precision}.arrow"
+        r = cli("embed", src, "--backend", "onnx-int8", "-m", bundled_model_path, "-o", out)
+        assert r.exit_code == 0, r.stderr
+        table = read_arrow(out)
+        assert names.read_meta(table.schema)["precision"] == precision
+        cosines[precision] = (names.vectors_to_numpy(table.column("embedding"))
+                              * expected).sum(axis=1)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "vecpipe", "onnx")
+    files = {path.name: path for folder in (Path(bundled_model_path, "onnx"), cache)
+             for path in folder.rglob("*-int8*.onnx")}  # beside the weights where writable
+    reduced = next(path for name, path in files.items() if name.endswith("-int8.onnx"))
+    full = next(path for name, path in files.items() if name.endswith("-int8-full.onnx"))
+    assert max(int(np.abs(w).max()) for w in int8_weights(reduced)) <= 64
+    assert max(int(np.abs(w).max()) for w in int8_weights(full)) == 127
+    assert cosines["int8"].min() > 0.97
+    assert cosines["int8"].mean() > cosines["int8-reduced-range"].mean()
 
 
 @pytest.fixture

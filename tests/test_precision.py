@@ -54,3 +54,14 @@ def test_embed_records_bfloat16_and_stays_close_to_float32(cli, tmp_path, monkey
     assert "vecpipe.precision" not in exact_meta
     cosine = (auto * exact).sum(1) / np.linalg.norm(auto, axis=1) / np.linalg.norm(exact, axis=1)
     assert cosine.min() > 0.999 and cosine.mean() > 0.9998  # bfloat16: 8 bits of mantissa
+
+
+def test_vnni_is_read_from_the_cpu_flags(tmp_path):
+    from vecpipe.core import cpu
+
+    for flags, expected in (("avx2 avx512f avx512_vnni", True), ("avx2 avx_vnni", True),
+                            ("avx2 avx512f avx512_vnnix", False), ("", False)):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu {flags}\n")
+        assert cpu.has_vnni(str(path)) is expected, flags
+    assert not cpu.has_vnni()  # conftest's VECPIPE_CPUINFO
