@@ -1178,11 +1178,6 @@ def _field_vectors(table, source, fields, embedder: _Embedder, prompts=None):
     return out, names.read_meta(table.schema).get("model")
 
 
-def _labels(table, field: str, source: str) -> list:
-    """A label field's values (null-checked by _check_fields): numbers, text or lists."""
-    return table.column(field).to_pylist()
-
-
 def _fail_under_known(specs, known, example: str):
     """--fail-under METRIC=VALUE pairs, each among the `known` metric keys (before any work)."""
     from vecpipe.formats.errors import UsageError
@@ -1529,11 +1524,25 @@ def summarization(
 
 _CLASSIFICATION_KEYS = ("accuracy", "f1", "f1_weighted", "precision", "precision_weighted",
                         "recall", "recall_weighted", "ap", "ap_weighted")
+_MULTILABEL_KEYS = ("accuracy", "lrap", "f1", "hamming")
 
 
-def _record_vectors(table, source, text_fields, vector_field, embedder, prompt, hint):
+def _record_vectors(table, source, text_fields, vector_field, embedder, prompt, hint,
+                    records=None):
     """The vectors of every record: --vector-field as it is, else the --text-field(s) (joined
-    with a space, empty parts skipped) embedded with -m."""
+    with a space, empty parts skipped) embedded with -m. `records`: the input's record number
+    (0-based) of each row of `table`, where the table is a selection, for error messages."""
+    from vecpipe.formats.errors import VecpipeError
+
+    try:
+        return _table_vectors(table, source, text_fields, vector_field, embedder, prompt, hint)
+    except VecpipeError as err:
+        if records is not None and err.record is not None:
+            err.record = records[err.record - 1] + 1
+        raise
+
+
+def _table_vectors(table, source, text_fields, vector_field, embedder, prompt, hint):
     import pyarrow as pa
 
     if vector_field is not None:
@@ -1589,16 +1598,23 @@ def classification(
     scikit-learn LogisticRegression(max_iter=100, random_state=seed) fitted on their vectors,
     every test record predicted; accuracy, F1, precision and recall (macro and weighted), and
     for two labels the average precision of the predictions; the means over the experiments
-    (main score accuracy). Same seed, same numbers as MTEB. Only the training records the
-    experiments draw are embedded. Needs scikit-learn (pip install 'vecpipe[eval]'). Reads
-    all records. Any labelled set works: e.g. MTEB's Banking77 as two JSONL files with text
-    and label fields (--train train.jsonl test.jsonl), or one file with a split field.
+    (main score accuracy). A list label is a set of labels: MTEB's MultilabelClassification,
+    a 5-nearest-neighbour classifier on records drawn while one of their labels is short
+    (MTEB's default_rng(seed) draw), scored by subset accuracy, label ranking average precision
+    (lrap), macro F1 and the Hamming score (MTEB cuts a test set over 3000 records by
+    stratified sampling first; vecpipe scores every test record). Same seed, same numbers as
+    MTEB. Only the training records the experiments draw are embedded. Needs scikit-learn (pip
+    install 'vecpipe[eval]'). Reads all records. Any labelled set works: e.g. MTEB's Banking77
+    as two JSONL files with text and label fields (--train train.jsonl test.jsonl), or one file
+    with a split field.
 
     \b
     Example:
       vecpipe eval classification test.jsonl --train train.jsonl --samples-per-label 32
       vecpipe eval classification all.parquet --split-field split --vector-field embedding
     """
+    import pyarrow as pa
+
     from vecpipe.core import task_metrics as tm
     from vecpipe.core.space import check_same_space
     from vecpipe.formats import schema as names
@@ -1607,77 +1623,94 @@ def classification(
     if (train is None) == (split_field is None):
         raise UsageError("give the training records with --train FILE, or a --split-field "
                          "(train/test) in the inputs")
-    thresholds = _fail_under_known(fail_under, _CLASSIFICATION_KEYS, "accuracy")
+    keys = _CLASSIFICATION_KEYS + _MULTILABEL_KEYS
+    thresholds = _fail_under_known(fail_under, keys, "accuracy")
     hint = "name the fields with --label FIELD and --text-field FIELD or --vector-field FIELD"
     table, source = _read_records(inputs, input_format)
-    fields = [label] + ([vector_field] if vector_field else list(_text_fields(text_field)))
+    fields = [label] + ([vector_field] if vector_field else _text_fields(text_field))
+    train_records = test_records = None  # record numbers of the rows, where not 0..n-1
     if split_field is not None:
         _check_fields(table, source, fields + [split_field], "no records", hint)
         split = table.column(split_field).to_pylist()
-        train_table = table.filter(_mask(split, "train"))
-        table, train_source = table.filter(_mask(split, "test")), source
-        for name, part in (("train", train_table), ("test", table)):
-            if part.num_rows == 0:
+        train_records, test_records = ([i for i, value in enumerate(split) if value == name]
+                                       for name in ("train", "test"))
+        for name, rows in (("train", train_records), ("test", test_records)):
+            if not rows:
                 raise DataError(f"no record has {split_field} = {name!r}", source=source)
+        train_table, table, train_source = table.take(train_records), table.take(test_records), \
+            source
     else:
         train_table, train_source = _read_records(train, input_format)
         _check_fields(train_table, train_source, fields, "no training records", hint)
+        _check_fields(table, source, fields, "no records", hint)
         check_same_space(names.read_meta(train_table.schema), names.read_meta(table.schema),
                          train_source, source)
-    _check_fields(table, source, fields, "no records", hint)
-    train_labels = _labels(train_table, label, train_source)
-    test_labels = _labels(table, label, source)
-    _hashable_labels(train_labels, label, train_source)
-    _hashable_labels(test_labels, label, source)
-    selections = tm.undersample(train_labels, samples_per_label, experiments, seed)
+    label_type = train_table.schema.field(label).type
+    multilabel = pa.types.is_list(label_type) or pa.types.is_large_list(label_type)
+    train_labels = _class_labels(train_table, label, train_source, multilabel, train_records)
+    test_labels = _class_labels(table, label, source, multilabel, test_records)
+    if multilabel:
+        selections = tm.undersample_multilabel(train_labels, samples_per_label, experiments, seed)
+    else:
+        selections = tm.undersample(train_labels, samples_per_label, experiments, seed)
     union = sorted(set().union(*selections))
     position = {row: i for i, row in enumerate(union)}
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    drawn = [train_records[row] for row in union] if train_records is not None else union
     train_vectors, model_name = _record_vectors(train_table.take(union), train_source,
                                                 text_field, vector_field, embedder, prompt,
-                                                hint)
+                                                hint, drawn)
     test_vectors, test_model = _record_vectors(table, source, text_field, vector_field,
-                                               embedder, prompt, hint)
+                                               embedder, prompt, hint, test_records)
     if train_vectors.shape[1] != test_vectors.shape[1]:
         raise DataError(f"training vectors have {train_vectors.shape[1]} dimensions, test "
                         f"vectors {test_vectors.shape[1]}", source=source)
+    drawn_labels = [train_labels[row] for row in union]
+    drawn_rows = [[position[row] for row in rows] for rows in selections]
     try:
-        scores = tm.classification(
-            train_vectors, [train_labels[row] for row in union], test_vectors, test_labels,
-            [[position[row] for row in rows] for rows in selections], seed)
+        if multilabel:
+            scores = tm.multilabel_classification(train_vectors, drawn_labels, test_vectors,
+                                                  test_labels, drawn_rows)
+        else:
+            scores = tm.classification(train_vectors, drawn_labels, test_vectors, test_labels,
+                                       drawn_rows, seed)
     except Exception as err:
         raise _located(err, train_source)
-    record = {"train": train_table.num_rows, "test": table.num_rows,
-              "labels": len(set(train_labels) | set(test_labels)), "experiments": experiments,
+    every = {value for labels in (train_labels, test_labels) for item in labels
+             for value in (item if multilabel else [item])}
+    record = {"train": train_table.num_rows, "test": table.num_rows, "labels": len(every),
+              "multilabel": multilabel, "experiments": experiments,
               "samples_per_label": samples_per_label}
     if model_name or test_model:
         record["model"] = model_name or test_model
-    record.update({key: scores[key] for key in _CLASSIFICATION_KEYS})
+    shown = _MULTILABEL_KEYS if multilabel else _CLASSIFICATION_KEYS
+    record.update({key: scores[key] for key in shown})
     record["main_score"] = record["accuracy"]
-    rows = [[key, "-" if record[key] is None else f"{record[key]:.5f}"]
-            for key in _CLASSIFICATION_KEYS]
+    rows = [[key, "-" if record[key] is None else f"{record[key]:.5f}"] for key in shown]
     _emit([record], output_format, lambda: _report_table(
         _titled(record["test"], "test records", record), rows, ["metric", "mean"]))
     _check_fail_under([record], thresholds)
 
 
-def _text_fields(text_fields) -> list[str]:
-    return list(text_fields or ["text"])
-
-
-def _mask(values: list, wanted: str):
-    import pyarrow as pa
-
-    return pa.array([value == wanted for value in values])
-
-
-def _hashable_labels(labels: list, field: str, source: str) -> None:
+def _class_labels(table, field: str, source: str, multilabel: bool, records) -> list:
+    """The label of every row (a tuple of labels for multilabel), checked: one value, or a
+    list of values."""
     from vecpipe.formats.errors import DataError
 
+    labels = table.column(field).to_pylist()
     for i, value in enumerate(labels):
-        if isinstance(value, (list, dict)):
-            raise DataError(f"field {field!r} holds {value!r}; a label is one value",
-                            source=source, record=i + 1)
+        bad = (not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None
+                                                  for v in value)) if multilabel \
+            else isinstance(value, (list, dict))
+        if bad:
+            raise DataError(f"field {field!r} holds {value!r}; a label is "
+                            + ("a list of values" if multilabel else "one value"),
+                            source=source, record=(i if records is None else records[i]) + 1)
+    return [tuple(value) for value in labels] if multilabel else labels
+
+
+def _text_fields(text_fields) -> list[str]:
+    return list(text_fields or ["text"])
 
 
 # ---------------------------------------------------------------- eval clustering
@@ -1742,7 +1775,7 @@ def clustering(
     table, source = _read_records(inputs, input_format)
     fields = [label] + ([vector_field] if vector_field else _text_fields(text_field))
     _check_fields(table, source, fields, "no records", hint)
-    labels = _labels(table, label, source)
+    labels = table.column(label).to_pylist()
     for i, value in enumerate(labels):
         if isinstance(value, dict) or value == []:
             raise DataError(f"field {label!r} holds {value!r}; a label is a value or a "

@@ -349,6 +349,76 @@ def classification(train_vectors, train_labels: Sequence, test_vectors, test_lab
     return {**means, "scores_per_experiment": per_experiment}
 
 
+def undersample_multilabel(labels: Sequence[Sequence[Hashable]], samples_per_label: int,
+                           experiments: int, seed: int) -> list[list[int]]:
+    """The training rows of each multilabel experiment, as AbsTaskMultilabelClassification.
+    _undersample_data_indices: one default_rng(seed) shuffles every experiment's fresh row
+    order, and a row is taken while any of its labels has fewer than samples_per_label rows
+    (a row without labels never is)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for _ in range(experiments):
+        order = list(np.arange(len(labels)))
+        rng.shuffle(order)
+        counts: dict = {}
+        rows = []
+        for i in order:
+            if any(counts.get(label, 0) < samples_per_label for label in labels[i]):
+                rows.append(int(i))
+                for label in labels[i]:
+                    counts[label] = counts.get(label, 0) + 1
+        chosen.append(rows)
+    return chosen
+
+
+def multilabel_classification(train_vectors, train_labels: Sequence[Sequence[Hashable]],
+                              test_vectors, test_labels: Sequence[Sequence[Hashable]],
+                              selections: Sequence[Sequence[int]]) -> dict:
+    """MTEB's multilabel protocol: the label sets binarized over the test set's labels (a
+    training label the test set lacks is dropped), for each experiment a
+    KNeighborsClassifier(n_neighbors=5) fitted on that experiment's training rows
+    (`undersample_multilabel`) and every test row predicted: subset accuracy, label ranking
+    average precision of the predictions, macro F1 and the Hamming score (the mean per-row
+    intersection over union, 1 for two empty sets); the means over the experiments."""
+    import warnings
+
+    import numpy as np
+
+    _sklearn()
+    from sklearn.metrics import f1_score, label_ranking_average_precision_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    binarizer = MultiLabelBinarizer()
+    y_test = binarizer.fit_transform([list(labels) for labels in test_labels])
+    train_vectors = np.asarray(train_vectors)
+    test_vectors = np.asarray(test_vectors)
+    per_experiment = []
+    for rows in selections:
+        if len(rows) < 5:
+            raise DataError(f"an experiment drew {len(rows)} training rows; the 5 nearest "
+                            "neighbours need 5")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # training labels unknown to the test set
+            y_train = binarizer.transform([list(train_labels[row]) for row in rows])
+        model = KNeighborsClassifier(n_neighbors=5).fit(train_vectors[rows], y_train)
+        predicted = model.predict(test_vectors)
+        union = (y_test.astype(bool) | predicted.astype(bool)).sum(axis=1)
+        both = (y_test.astype(bool) & predicted.astype(bool)).sum(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # undefined F1 of a label never predicted
+            scores = {"accuracy": float(model.score(test_vectors, y_test)),
+                      "lrap": float(label_ranking_average_precision_score(y_test, predicted)),
+                      "f1": float(f1_score(y_test, predicted, average="macro")),
+                      "hamming": float(np.where(union == 0, 1.0, both / np.maximum(union, 1))
+                                       .mean())}
+        per_experiment.append(scores)
+    means = {key: float(np.mean([s[key] for s in per_experiment])) for key in per_experiment[0]}
+    return {**means, "scores_per_experiment": per_experiment}
+
+
 # ---------------------------------------------------------------- clustering
 
 def clustering(vectors, labels: Sequence, experiments: int = 10, sample_size: int = 16_384,

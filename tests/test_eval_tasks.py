@@ -415,6 +415,50 @@ def test_classification_usage_and_missing_sklearn(cli, tmp_path, write_jsonl, mo
     assert "pip install 'vecpipe[eval]'" in r.stderr
 
 
+def test_multilabel_classification_equals_mteb(cli, tmp_path, mteb):
+    pytest.importorskip("sklearn")
+    from datasets import Dataset, DatasetDict
+    from mteb.mocks.mock_tasks.classification import MockMultilabelClassification
+
+    rng = np.random.default_rng(10)
+    centres = rng.normal(scale=1.5, size=(4, 8))
+
+    def draw(n):
+        sets = [sorted(set(rng.choice(4, size=rng.integers(1, 3)).tolist())) for _ in range(n)]
+        x = np.stack([centres[s].sum(0) for s in sets]) + rng.normal(size=(n, 8))
+        return x.astype(np.float32), sets
+    train_x, train_y = draw(100)
+    test_x, test_y = draw(50)
+    test_y[3] = [9]  # a label the training set lacks
+    train = write_arrow(tmp_path / "train.arrow", {"embedding": vectors(train_x),
+                                                   "label": train_y})
+    test = write_arrow(tmp_path / "test.arrow", {"embedding": vectors(test_x), "label": test_y})
+    record = one_record(cli("eval", "classification", test, "--train", train, "--vector-field",
+                            "embedding", "--samples-per-label", "6", "--experiments", "3",
+                            "--seed", "5"))
+    data = DatasetDict({
+        "train": Dataset.from_dict({"text": [f"tr{i}" for i in range(100)], "label": train_y}),
+        "test": Dataset.from_dict({"text": [f"te{i}" for i in range(50)], "label": test_y})})
+    table = {f"tr{i}": train_x[i] for i in range(100)} | {f"te{i}": test_x[i] for i in range(50)}
+    ref = run_task(with_data(MockMultilabelClassification, data, seed=5, samples_per_label=6,
+                             n_experiments=3), table)
+    assert record["multilabel"] is True and record["labels"] == 5
+    for key in ("accuracy", "lrap", "f1", "hamming"):
+        assert record[key] == pytest.approx(ref[key], abs=TOL), key
+    assert record["main_score"] == record["accuracy"]
+
+
+def test_classification_errors_name_the_input_record(cli, tmp_path, write_jsonl):
+    pytest.importorskip("sklearn")
+    rows = [{"embedding": [1.0, 0.0], "label": i % 2, "split": "test" if i < 4 else "train"}
+            for i in range(12)]
+    rows[6]["embedding"] = [1.0]  # the 7th record: the 3rd training one
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    r = cli("eval", "classification", path, "--split-field", "split", "--vector-field",
+            "embedding")
+    assert r.exit_code == 1 and r.stdout == "" and f"({path}:7)" in r.stderr, r
+
+
 # ---------------------------------------------------------------- clustering
 
 def mteb_clustering(x, labels, **attributes):
