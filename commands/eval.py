@@ -1734,9 +1734,15 @@ def clustering(
                                            "and cluster only those (MTEB's "
                                            "max_document_to_embed). [default: all]",
             show_default=False)] = None,
-        kmeans_batch: Annotated[int, typer.Option(
+        kmeans_batch: Annotated[Optional[int], typer.Option(
             "--kmeans-batch", min=1, help="MiniBatchKMeans batch size (MTEB's "
-                                          "k_mean_batch_size).")] = 512,
+                                          "k_mean_batch_size). [default: 512; --legacy: 500]",
+            show_default=False)] = None,
+        legacy: Annotated[bool, typer.Option(
+            "--legacy", help="MTEB's legacy clustering (the MTEB(eng, v1) tasks): each record "
+                             "is a set, its text (or vector) field and its label field lists "
+                             "of the same length; every set is clustered whole, no bootstrap, "
+                             "and V-measure averaged over the sets.")] = False,
         max_depth: Annotated[Optional[int], typer.Option(
             "--max-depth", min=1, help="Levels of a hierarchical (list) label to score. "
                                        "[default: all]", show_default=False)] = None,
@@ -1756,8 +1762,8 @@ def clustering(
     random.Random(seed) for every draw), clustered by scikit-learn's MiniBatchKMeans (as many
     clusters as labels, k-means++, n_init 1, random_state seed) and scored by V-measure and
     adjusted mutual information; means and standard deviations over the experiments (main
-    score v_measure). A list label is a hierarchy scored level by level. Same seed, same
-    numbers as MTEB. Needs scikit-learn (pip install 'vecpipe[eval]'). Reads all records. Any
+    score v_measure). A list label is a hierarchy scored level by level. --legacy runs MTEB's
+    older protocol on sets of records instead. Same seed, same numbers as MTEB. Needs scikit-learn (pip install 'vecpipe[eval]'). Reads all records. Any
     labelled set works, e.g. MTEB's ArxivClusteringS2S as JSONL with sentences and labels
     fields (--text-field sentences).
 
@@ -1765,16 +1771,22 @@ def clustering(
     Example:
       vecpipe eval clustering arxiv-s2s.jsonl --text-field sentences
       vecpipe eval clustering news.arrow --vector-field embedding --label topic
+      vecpipe eval clustering twentynewsgroups.jsonl --legacy --text-field sentences
     """
     from vecpipe.core import task_metrics as tm
     from vecpipe.formats.errors import DataError
 
-    keys = ("v_measure", "v_measure_std", "ami", "ami_std")
+    keys = ("v_measure", "v_measure_std") if legacy else ("v_measure", "v_measure_std", "ami",
+                                                         "ami_std")
     thresholds = _fail_under_known(fail_under, keys, "v_measure")
     hint = "name the fields with --label FIELD and --text-field FIELD or --vector-field FIELD"
     table, source = _read_records(inputs, input_format)
     fields = [label] + ([vector_field] if vector_field else _text_fields(text_field))
     _check_fields(table, source, fields, "no records", hint)
+    if legacy:
+        return _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
+                                trust_remote_code, kmeans_batch or 500, seed, output_format,
+                                thresholds)
     labels = table.column(label).to_pylist()
     for i, value in enumerate(labels):
         if isinstance(value, dict) or value == []:
@@ -1784,7 +1796,7 @@ def clustering(
     vectors, model_name = _record_vectors(table, source, text_field, vector_field, embedder,
                                           prompt, hint)
     try:
-        scores = tm.clustering(vectors, labels, experiments, bootstrap_size, kmeans_batch,
+        scores = tm.clustering(vectors, labels, experiments, bootstrap_size, kmeans_batch or 512,
                                max_documents, max_depth, seed)
     except Exception as err:
         raise _located(err, source)
@@ -1801,6 +1813,40 @@ def clustering(
             for name in ("v_measure", "ami")]
     _emit([record], output_format, lambda: _report_table(
         _titled(record["documents"], "documents", record), rows, ["metric", "mean", "std"]))
+    _check_fail_under([record], thresholds)
+
+
+def _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
+                     trust_remote_code, kmeans_batch, seed, output_format, thresholds):
+    """eval clustering --legacy: one set a record (lists of inputs and labels)."""
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.formats.errors import DataError
+
+    field = fields[1]
+    if len(fields) > 2:
+        raise DataError("--legacy clusters one list field a record; give one --text-field",
+                        source=source)
+    _expect_lists(table, source, [field])
+    labels = table.column(label).to_pylist()
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, [field], embedder, prompt)
+    for i, (items, set_labels) in enumerate(zip(vectors[field], labels)):
+        if not isinstance(set_labels, list) or len(set_labels) != len(items):
+            raise DataError(f"field {label!r} must list one label for each of the "
+                            f"{len(items)} items of {field!r}", source=source, record=i + 1)
+    try:
+        scores = tm.clustering_sets(list(zip(vectors[field], labels)), kmeans_batch, seed)
+    except Exception as err:
+        raise _located(err, source)
+    record = {"sets": table.num_rows, "documents": sum(len(v) for v in labels)}
+    if model_name:
+        record["model"] = model_name
+    record.update({key: scores[key] for key in ("v_measure", "v_measure_std")})
+    record["main_score"] = record["v_measure"]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["sets"], "sets", record),
+        [["v_measure", f"{record['v_measure']:.5f}", f"{record['v_measure_std']:.5f}"]],
+        ["metric", "mean", "std"]))
     _check_fail_under([record], thresholds)
 
 

@@ -471,3 +471,28 @@ def clustering(vectors, labels: Sequence, experiments: int = 10, sample_size: in
                          for level, values in scores["v_measure"].items()}
     return out
 
+
+
+def clustering_sets(sets: Sequence[tuple], kmeans_batch: int = 500, seed: int = 42) -> dict:
+    """MTEB's legacy clustering (AbsTaskClusteringLegacy, ClusteringEvaluator): each set of
+    (vectors, labels) clustered whole by MiniBatchKMeans (as many clusters as the set's labels,
+    n_init "auto", random_state seed: MTEB's evaluator seed, 42) and scored by V-measure; a set
+    with one label scores 1. The mean and standard deviation over the sets (main score
+    v_measure)."""
+    import numpy as np
+
+    _sklearn()
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics.cluster import v_measure_score
+
+    measures = []
+    for vectors, labels in sets:
+        if len(set(labels)) <= 1:
+            measures.append(1.0)
+            continue
+        model = MiniBatchKMeans(n_clusters=len(set(labels)), batch_size=kmeans_batch,
+                                n_init="auto", compute_labels=True, random_state=seed)
+        model.fit(np.asarray(vectors))
+        measures.append(float(v_measure_score(labels, model.labels_)))
+    return {"v_measure": float(np.mean(measures)), "v_measure_std": float(np.std(measures)),
+            "v_measures": measures}

@@ -508,6 +508,39 @@ def test_clustering_hierarchical_labels_equal_mteb(cli, tmp_path, write_jsonl, m
         assert record[key] == pytest.approx(ref[key], abs=TOL), key
 
 
+def test_legacy_clustering_equals_mteb(cli, tmp_path, mteb):
+    pytest.importorskip("sklearn")
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks.clustering_legacy import AbsTaskClusteringLegacy
+    from mteb.mocks.mock_tasks.clustering import MockClusteringTask
+
+    assert issubclass(MockClusteringTask, AbsTaskClusteringLegacy)
+    sets = [blobs(11 + i, n, k, scale=1.2) for i, (n, k) in enumerate([(60, 3), (45, 5),
+                                                                       (30, 2)])]
+    sets.append((sets[2][0][:10], np.zeros(10, dtype=np.int64)))  # one label: V-measure 1
+    path = write_arrow(tmp_path / "sets.arrow", {
+        "sentences": vector_lists([x for x, _ in sets]),
+        "labels": pa.array([y.tolist() for _, y in sets])})
+    record = one_record(cli("eval", "clustering", path, "--legacy", "--vector-field",
+                            "sentences"))
+    table = {f"s{i}_{j}": x[j] for i, (x, _) in enumerate(sets) for j in range(len(x))}
+    data = DatasetDict({"test": Dataset.from_dict({
+        "sentences": [[f"s{i}_{j}" for j in range(len(x))] for i, (x, _) in enumerate(sets)],
+        "labels": [y.tolist() for _, y in sets]})})
+    ref = run_task(with_data(MockClusteringTask, data), table)
+    assert record["sets"] == 4 and record["documents"] == 145
+    for key in ("v_measure", "v_measure_std", "main_score"):
+        assert record[key] == pytest.approx(ref[key], abs=TOL), key
+    short = write_arrow(tmp_path / "short.arrow", {
+        "sentences": vector_lists([x for x, _ in sets]),
+        "labels": pa.array([y.tolist()[:-1] if i == 1 else y.tolist()
+                            for i, (_, y) in enumerate(sets)])})
+    r = cli("eval", "clustering", short, "--legacy", "--vector-field", "sentences")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "'labels' must list one label for each of the 45 items" in r.stderr
+    assert f"({short}:2)" in r.stderr
+
+
 def test_clustering_text_fail_under_and_bad_label(cli, tmp_path, write_jsonl, mteb):
     pytest.importorskip("sklearn")
     from vecpipe.cli.models import load_model
