@@ -1265,8 +1265,10 @@ def pair_classification(
     PairClassification: for cosine, dot, euclidean and manhattan, the best threshold's accuracy,
     the best F1 with its precision and recall (thresholds only between distinct scores, both
     reported), and average precision; then max_<metric> over the four. Main score max_ap (most
-    MTEB pair-classification tasks). Reads all pairs. MTEB's datasets have the fields
-    sentence1, sentence2 and labels (the defaults).
+    MTEB pair-classification tasks). MTEB also reports similarity_* for the model's own
+    similarity function, cosine for most models (then equal to cosine_*), left out here.
+    Reads all pairs. MTEB's datasets have the fields sentence1, sentence2 and labels (the
+    defaults).
 
     \b
     Example:
@@ -1619,10 +1621,12 @@ def classification(
     from vecpipe.core.space import check_same_space
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
+    from vecpipe.formats.readers import check_one_stdin
 
     if (train is None) == (split_field is None):
         raise UsageError("give the training records with --train FILE, or a --split-field "
                          "(train/test) in the inputs")
+    check_one_stdin(list(inputs or ["-"]) + list(train or []))
     keys = _CLASSIFICATION_KEYS + _MULTILABEL_KEYS
     thresholds = _fail_under_known(fail_under, keys, "accuracy")
     hint = "name the fields with --label FIELD and --text-field FIELD or --vector-field FIELD"

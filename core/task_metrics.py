@@ -61,7 +61,8 @@ def pair_similarities(a, b) -> dict[str, tuple["np.ndarray", bool]]:
     import numpy as np
 
     a, b = _float64(a), _float64(b)
-    return {"cosine": (np.einsum("ij,ij->i", _unit(a), _unit(b)), True),
+    # sklearn's paired_cosine_distances, 0.5 |a/|a| - b/|b||^2 (a zero vector scores 0.5 or 1)
+    return {"cosine": (1 - 0.5 * np.square(_unit(a) - _unit(b)).sum(axis=1), True),
             "dot": (np.einsum("ij,ij->i", a, b), True),
             "euclidean": (np.linalg.norm(a - b, axis=1), False),
             "manhattan": (np.abs(a - b).sum(axis=1), False)}

@@ -95,6 +95,7 @@ def pair_data(seed=0, n=60, dim=8):
     labels = rng.integers(0, 2, n)
     b = (a * labels[:, None] + rng.normal(scale=1.2, size=(n, dim))).astype(np.float32)
     b[5], a[5], labels[5] = b[4], a[4], 1 - labels[4]  # a tied score with the other label
+    a[7] = 0.0  # a zero vector: cosine as sklearn's paired distance has it
     return a, b, labels
 
 
@@ -123,7 +124,10 @@ def test_pair_classification_equals_mteb(cli, tmp_path, mteb):
             assert record[f"{name}_{metric}"] == pytest.approx(ref[f"{name}_{metric}"],
                                                                abs=TOL), (name, metric)
     for metric in tm.PAIR_METRICS:
-        assert record[f"max_{metric}"] == pytest.approx(ref[f"max_{metric}"], abs=TOL)
+        # MTEB's max_ also takes the model's own similarity ("similarity_"), cosine for these
+        # models: equal to cosine_ but on a zero vector (torch's cosine 0, sklearn's 0.5)
+        ours = max(ref[f"{name}_{metric}"] for name in tm.PAIR_SIMILARITIES)
+        assert record[f"max_{metric}"] == pytest.approx(ours, abs=TOL)
     assert record["main_score"] == record["max_ap"] and record["pairs"] == 60
 
 
@@ -243,6 +247,27 @@ def test_reranking_embeds_text_and_fails_under(cli, tmp_path, write_jsonl, mteb)
     assert record["map_at_1000"] == pytest.approx(ref.map["MAP@1000"], abs=5e-6)
     r = cli("eval", "reranking", path, "--triple", "query,positives,negative", "-m", "fake:8")
     assert r.exit_code == 1 and "no field 'positives'" in r.stderr and str(path) in r.stderr
+
+
+@pytest.mark.slow
+def test_reranking_with_the_bundled_model_equals_mteb_on_sentence_transformers(
+        cli, tmp_path, write_jsonl, bundled_model, mteb):
+    rows = [{"query": "How do I install a package with pip?",
+             "positive": ["Run pip install followed by the package name."],
+             "negative": ["The weather is sunny today.", "Bake the bread for an hour.",
+                          "pip is a small seed of a fruit."]},
+            {"query": "What do cats eat?",
+             "positive": ["Cats are carnivores and eat meat.", "Cat food is mostly fish."],
+             "negative": ["Dogs like to chase balls.", "Install Python from its website."]}]
+    path = write_jsonl(tmp_path / "rerank.jsonl", rows)
+    record = one_record(cli("eval", "reranking", path))
+    st = bundled_model  # sentence-transformers itself, as MTEB would run it
+    ref, _ = mteb_reranking(st.encode([r["query"] for r in rows]),
+                            [st.encode(r["positive"]) for r in rows],
+                            [st.encode(r["negative"]) for r in rows])
+    assert record["mrr_at_10"] == pytest.approx(ref.mrr["MRR@10"], abs=TOL)
+    assert record["map_at_1000"] == pytest.approx(ref.map["MAP@1000"], abs=5e-6)
+    assert record["model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 # ---------------------------------------------------------------- bitext mining
@@ -407,6 +432,8 @@ def test_classification_usage_and_missing_sklearn(cli, tmp_path, write_jsonl, mo
                                               for i in range(20)])
     r = cli("eval", "classification", path, "-m", "fake:8")  # neither --train nor a split
     assert r.exit_code == 2 and r.stdout == ""
+    r = cli("eval", "classification", "--train", "-", "-m", "fake:8")  # stdin twice
+    assert r.exit_code == 2 and "stdin (-) can be read only once" in r.stderr
     r = cli("eval", "classification", path, "--split-field", "part", "-m", "fake:8")
     assert r.exit_code == 1 and "no field 'part'" in r.stderr and str(path) in r.stderr
     monkeypatch.setitem(__import__("sys").modules, "sklearn", None)
