@@ -1745,8 +1745,10 @@ def clustering(
         legacy: Annotated[bool, typer.Option(
             "--legacy", help="MTEB's legacy clustering (the MTEB(eng, v1) tasks): each record "
                              "is a set, its text (or vector) field and its label field lists "
-                             "of the same length; every set is clustered whole, no bootstrap, "
-                             "and V-measure averaged over the sets.")] = False,
+                             "of the same length; every set is clustered whole, no bootstrap "
+                             "(--experiments, --bootstrap-size, --max-documents and "
+                             "--max-depth do not apply), and V-measure averaged over the "
+                             "sets.")] = False,
         max_depth: Annotated[Optional[int], typer.Option(
             "--max-depth", min=1, help="Levels of a hierarchical (list) label to score. "
                                        "[default: all]", show_default=False)] = None,
