@@ -265,6 +265,20 @@ FailUnder = Annotated[Optional[List[str]], shared(
     "--fail-under", help="Exit 1 when a metric's mean is below VALUE (e.g. ndcg@10=0.3); "
                          "repeatable. The report is printed first.", metavar="METRIC=VALUE")]
 Seed = Annotated[int, shared("--seed", help="Seed of the command's random sampling or test.")]
+# eval's labelled-data tasks (sts, pair-classification, bitext-mining, summarization,
+# classification, clustering): the fields they read and MTEB's repetition count
+Pair = Annotated[str, shared(
+    "--pair", help="The two sides: text fields are embedded with -m; vector fields (e.g. "
+                   "embedding1,embedding2) are used as they are.", metavar="A,B")]
+Score = Annotated[str, shared(
+    "--score", help="The field holding the gold score (summarization: a list, one per machine "
+                    "summary).", metavar="FIELD")]
+Label = Annotated[str, shared(
+    "--label", help="The field holding each record's gold label (pair-classification: 0 or 1; "
+                    "clustering: a list is a hierarchy, one level per item).", metavar="FIELD")]
+Experiments = Annotated[int, shared(
+    "--experiments", min=1, help="Repetitions averaged (MTEB's n_experiments; clustering: its "
+                                 "n_clusters bootstrap samples).")]
 SAMPLE_HELP = ("A uniform random sample of N records, seeded by --seed (convert: in one pass, "
                "in input order; eval embeddings: the rows of the pairwise statistics and the "
                "comparison).")

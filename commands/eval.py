@@ -1,4 +1,8 @@
-"""Score retrieval runs, BEIR datasets, STS pairs and embedding sets (pytrec_eval/MTEB numbers)."""
+"""Score retrieval runs, BEIR datasets, STS pairs, MTEB's other tasks, embedding sets (MTEB numbers).
+
+MTEB's other task types: pair classification, reranking, bitext mining, summarization,
+classification and clustering, each computed as MTEB's own evaluator (core/task_metrics.py).
+"""
 import math
 import os
 import time
@@ -970,12 +974,8 @@ def _pair_and_score(value: str) -> dict:
 def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
             help="Pairs with a gold score (any record format; - for stdin, the default).",
             show_default=False, metavar="PAIRS")] = None,
-        pair: Annotated[str, typer.Option(
-            "--pair", help="The two sides: text fields are embedded with -m; vector fields "
-                           "(e.g. embedding1,embedding2) are used as they are.",
-            metavar="A,B")] = "sentence1,sentence2",
-        score: Annotated[str, typer.Option(
-            "--score", help="The field holding the gold score.", metavar="FIELD")] = "score",
+        pair: options.Pair = "sentence1,sentence2",
+        score: options.Score = "score",
         old_fields: options.alias(Optional[str], "--fields", "--pair A,B --score S", None,
                                   _pair_and_score) = None,
         model: options.Model = None,
@@ -1035,44 +1035,186 @@ def _sts_fields(text: str) -> tuple[str, str, str]:
 def _sts_inputs(table, source, fields, model, prompt, batch_size, device, trust_remote_code):
     """(gold scores, vectors of side A, of side B, model name or None) from the pairs table."""
     import numpy as np
-    import pyarrow as pa
 
-    from vecpipe.formats import schema as names
+    _check_fields(table, source, fields, "no pairs", "name the fields with --pair A,B --score S")
+    gold = _numbers(table, fields[2], source)
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, fields[:2], embedder, prompt)
+    return gold.astype(np.float64), vectors[fields[0]], vectors[fields[1]], model_name
+
+
+# ---------------------------------------------------------------- record fields -> vectors
+
+class _Embedder:
+    """-m's model for the text fields of eval's labelled-data tasks, loaded on first use."""
+
+    def __init__(self, model, batch_size, device, trust_remote_code):
+        self.spec, self.batch_size = model, batch_size
+        self.device, self.trust_remote_code = device, trust_remote_code
+        self.loaded = None
+
+    def encode(self, texts: list, prompt: str):
+        if self.loaded is None:
+            from vecpipe.cli.models import load_model
+
+            self.loaded = load_model(self.spec, device=self.device,
+                                     trust_remote_code=self.trust_remote_code)
+        return self.loaded.encode(texts, self.batch_size, prompt or "", normalize=False)
+
+
+def _check_fields(table, source, fields, empty: str, hint: str) -> None:
+    """Records there, every field present and not null (the first null record named)."""
+    import numpy as np
+
     from vecpipe.formats.errors import DataError
 
     if table is None or table.num_rows == 0:
-        raise DataError("no pairs", source=source)
+        raise DataError(empty, source=source)
     missing = [f for f in fields if f not in table.schema.names]
     if missing:
         raise DataError(f"no field {missing[0]!r}; fields are {', '.join(table.schema.names)}",
-                        source=source, hint="name the fields with --pair A,B --score S")
-    gold_column = table.column(fields[2])
-    if not (pa.types.is_integer(gold_column.type) or pa.types.is_floating(gold_column.type)):
-        raise DataError(f"field {fields[2]!r} holds {gold_column.type}, expected numbers",
-                        source=source)
+                        source=source, hint=hint)
     for field in fields:
         column = table.column(field)
         if column.null_count:
             row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]) + 1
             raise DataError(f"field {field!r} is null", source=source, record=row)
-    gold = gold_column.to_numpy().astype(np.float64)
-    side_types = {pa.types.is_string(table.schema.field(f).type) or
-                  pa.types.is_large_string(table.schema.field(f).type) for f in fields[:2]}
-    if side_types == {True}:
-        from vecpipe.cli.models import load_model
 
-        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
-        sides = [loaded.encode(table.column(f).to_pylist(), batch_size, prompt, normalize=False)
-                 for f in fields[:2]]
-        return gold, sides[0], sides[1], loaded.name
-    if side_types == {False}:
-        sides = [names.vectors_to_numpy(table.column(f), f) for f in fields[:2]]
-        if sides[0].shape[1] != sides[1].shape[1]:
-            raise DataError(f"{fields[0]} has {sides[0].shape[1]} dimensions, {fields[1]} "
-                            f"{sides[1].shape[1]}", source=source)
-        return gold, sides[0], sides[1], names.read_meta(table.schema).get("model")
-    raise DataError(f"fields {fields[0]!r} and {fields[1]!r} must both be text or both vectors",
-                    source=source)
+
+def _numbers(table, field: str, source: str):
+    import pyarrow as pa
+
+    from vecpipe.formats.errors import DataError
+
+    column = table.column(field)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+            or pa.types.is_boolean(column.type)):
+        raise DataError(f"field {field!r} holds {column.type}, expected numbers", source=source)
+    return column.to_numpy()
+
+
+def _kind(type_) -> str | None:
+    """text | texts (a list of texts) | vector | vectors (a list of vectors) | None."""
+    import pyarrow as pa
+
+    def is_text(t):
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+    def is_list(t):
+        return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+    def is_number(t):
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+    if is_text(type_):
+        return "text"
+    if is_list(type_):
+        inner = type_.value_type
+        if is_text(inner):
+            return "texts"
+        if is_number(inner):
+            return "vector"
+        if is_list(inner) and is_number(inner.value_type):
+            return "vectors"
+    return None
+
+
+def _field_vectors(table, source, fields, embedder: _Embedder, prompts=None):
+    """The vectors of record fields: a text field embedded with -m, a vector field used as it is
+    (rows x dim); a list of texts or of vectors gives each record its own (items x dim) array.
+    All fields text or all vectors, one dimension. `prompts`: one for all, or by field.
+    Returns ({field: vectors}, model name: the one -m loaded, else the vectors' metadata)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError, VecpipeError
+
+    kinds = {}
+    for field in fields:
+        kinds[field] = _kind(table.schema.field(field).type)
+        if kinds[field] is None:
+            raise DataError(f"field {field!r} holds {table.schema.field(field).type}, expected "
+                            "text or vectors (or lists of them)", source=source)
+    if len({kind.startswith("text") for kind in kinds.values()}) > 1:
+        listed = " and ".join(repr(f) for f in fields)
+        raise DataError(f"fields {listed} must all be text or all vectors", source=source)
+    out = {}
+    for field in fields:
+        column = table.column(field).combine_chunks()
+        kind = kinds[field]
+        prompt = prompts.get(field, "") if isinstance(prompts, dict) else (prompts or "")
+        if kind in ("texts", "vectors"):
+            flat = column.flatten()
+            if flat.null_count:
+                parents = pc.list_parent_indices(column).to_numpy()
+                row = int(parents[np.flatnonzero(flat.is_null().to_numpy(
+                    zero_copy_only=False))[0]]) + 1
+                raise DataError(f"field {field!r} holds a null item", source=source, record=row)
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        else:
+            flat = column
+        try:
+            if kind.startswith("text"):
+                texts = flat.to_pylist()
+                vectors = embedder.encode(texts, prompt) if texts else np.zeros((0, 0))
+            else:
+                vectors = names.vectors_to_numpy(flat, field)
+        except VecpipeError as err:
+            if kind == "vectors" and err.record is not None:  # an item -> its record
+                err.record = int(pc.list_parent_indices(column).to_numpy()[err.record - 1]) + 1
+            raise err.located(source)
+        out[field] = (np.split(vectors, np.cumsum(lengths)[:-1]) if kind in ("texts", "vectors")
+                      else vectors)
+    dims = {field: (v.shape[1] if isinstance(v, np.ndarray) else
+                    next((a.shape[1] for a in v if len(a)), None)) for field, v in out.items()}
+    known = [(field, dim) for field, dim in dims.items() if dim is not None]
+    other = next((item for item in known if item[1] != known[0][1]), None)
+    if other is not None:
+        raise DataError(f"{known[0][0]} has {known[0][1]} dimensions, {other[0]} {other[1]}",
+                        source=source)
+    if embedder.loaded is not None:
+        return out, embedder.loaded.name
+    return out, names.read_meta(table.schema).get("model")
+
+
+def _fail_under_known(specs, known, example: str):
+    """--fail-under METRIC=VALUE pairs, each among the `known` metric keys (before any work)."""
+    from vecpipe.formats.errors import UsageError
+
+    thresholds = _parse_fail_under(specs)
+    unknown = [key for key, _ in thresholds if key not in set(known) | {"main_score"}]
+    if unknown:
+        raise UsageError(f"--fail-under: no metric {unknown[0]!r}; use e.g. {example}")
+    return thresholds
+
+
+def _split_fields(text: str, count: int, option: str, example: str) -> list[str]:
+    from vecpipe.formats.errors import UsageError
+
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != count or not all(parts):
+        raise UsageError(f"bad {option} {text!r}; give {count} comma-separated fields, e.g. "
+                         f"{option} {example}")
+    return parts
+
+
+def _report_table(title: str, rows: list, columns: list):
+    """A titled rich table: `rows` of already formatted cells under `columns`."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table()
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return Group(Text(title), table)
+
+
+def _titled(count: int, noun: str, record: dict) -> str:
+    return f"{count} {noun}" + (f" · {record['model']}" if record.get("model") else "")
 
 
 def _sts_table(record: dict):
@@ -1089,6 +1231,629 @@ def _sts_table(record: dict):
         table.add_row(name, f"{record[f'{name}_pearson']:.5f}",
                       f"{record[f'{name}_spearman']:.5f}")
     return Group(Text(title), table)
+
+
+# ---------------------------------------------------------------- eval pair-classification
+
+def _read_records(inputs, input_format):
+    from vecpipe.core.space import check_same_space
+    from vecpipe.formats.readers import read_table
+
+    return read_table(inputs, input_format, check=check_same_space), \
+        ", ".join(inputs or ["<stdin>"])
+
+
+@app.command("pair-classification")
+@boundary("eval pair-classification")
+def pair_classification(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="Pairs with a 0/1 label (any record format; - for stdin, the default).",
+            show_default=False, metavar="PAIRS")] = None,
+        pair: options.Pair = "sentence1,sentence2",
+        label: options.Label = "labels",
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Classify pairs as similar (1) or not (0) by thresholding their similarity, as MTEB's
+    PairClassification: for cosine, dot, euclidean and manhattan, the best threshold's accuracy,
+    the best F1 with its precision and recall (thresholds only between distinct scores, both
+    reported), and average precision; then max_<metric> over the four. Main score max_ap (most
+    MTEB pair-classification tasks). MTEB also reports similarity_* for the model's own
+    similarity function, cosine for most models (then equal to cosine_*), left out here.
+    Reads all pairs. MTEB's datasets have the fields sentence1, sentence2 and labels (the
+    defaults).
+
+    \b
+    Example:
+      vecpipe eval pair-classification twitter-semeval.jsonl --fail-under max_ap=0.6
+      vecpipe eval pair-classification pairs.arrow --pair embedding1,embedding2 --label same
+    """
+    import numpy as np
+
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.formats.errors import DataError
+
+    first, second = _split_fields(pair, 2, "--pair", "sentence1,sentence2")
+    known = [f"{name}_{metric}" for name in tm.PAIR_SIMILARITIES for metric in tm.PAIR_METRICS]
+    thresholds = _fail_under_known(fail_under, known + [f"max_{m}" for m in tm.PAIR_METRICS],
+                                   "max_ap")
+    table, source = _read_records(inputs, input_format)
+    _check_fields(table, source, [first, second, label], "no pairs",
+                  "name the fields with --pair A,B --label FIELD")
+    labels = _numbers(table, label, source)
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise DataError(f"field {label!r} holds {labels[bad[0]].item()!r}; labels are 0 or 1",
+                        source=source, record=int(bad[0]) + 1)
+    if len(set(labels.tolist())) < 2:
+        raise DataError(f"every pair has label {int(labels[0])}; scoring needs both 0 and 1",
+                        source=source)
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
+    record = {"pairs": len(labels)}
+    if model_name:
+        record["model"] = model_name
+    record.update(tm.pair_classification(vectors[first], vectors[second], labels))
+    record["main_score"] = record["max_ap"]
+    rows = [[name] + [f"{record[f'{name}_{m}']:.5f}" for m in tm.PAIR_METRICS]
+            for name in tm.PAIR_SIMILARITIES]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["pairs"], "pairs", record), rows, ["similarity", *tm.PAIR_METRICS]))
+    _check_fail_under([record], thresholds)
+
+
+# ---------------------------------------------------------------- eval reranking
+
+@app.command("reranking")
+@boundary("eval reranking")
+def reranking(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="One record per query with its positive and negative candidates (any record "
+                 "format; - for stdin, the default).", show_default=False, metavar="RECORDS")]
+        = None,
+        triple: Annotated[str, typer.Option(
+            "--triple", help="The query field and the fields listing its positive and its "
+                             "negative candidates: text (and lists of texts) are embedded "
+                             "with -m, vectors (and lists of vectors) used as they are.",
+            metavar="QUERY,POSITIVE,NEGATIVE")] = "query,positive,negative",
+        model: options.Model = None,
+        query_prompt: options.QueryPrompt = None,
+        doc_prompt: options.DocPrompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Rank each query's candidates by cosine, as MTEB's Reranking tasks (a retrieval task
+    over each query's own candidates, positives relevant): nDCG, MAP, MRR, recall and
+    precision at MTEB's cutoffs 1,3,5,10,20,100,1000 as pytrec_eval computes them (MTEB rounds
+    its means to 5 digits; these are not rounded). Main score map_at_1000 (most MTEB
+    reranking tasks). Queries without a positive or without a negative are left out and
+    counted, as MTEB filters them. Reads all records.
+
+    \b
+    Example:
+      vecpipe eval reranking askubuntu-test.jsonl
+      vecpipe eval reranking scidocs.jsonl --fail-under map@1000=0.7 --output-format json
+    """
+    from vecpipe.core import retrieval_metrics as rm
+    from vecpipe.core import task_metrics as tm
+
+    query, positive, negative = _split_fields(triple, 3, "--triple", "query,positive,negative")
+    thresholds = _parse_fail_under(fail_under, tm.RERANK_KS, rm.METRICS)
+    table, source = _read_records(inputs, input_format)
+    _check_fields(table, source, [query, positive, negative], "no queries",
+                  "name the fields with --triple QUERY,POSITIVE,NEGATIVE")
+    _expect_lists(table, source, [positive, negative])
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(
+        table, source, [query, positive, negative], embedder,
+        {query: query_prompt or "", positive: doc_prompt or "", negative: doc_prompt or ""})
+    try:
+        evaluation, left_out = tm.reranking(vectors[query], vectors[positive],
+                                            vectors[negative])
+    except Exception as err:
+        raise _located(err, source)
+    record = {"queries": evaluation.queries, "left_out": left_out}
+    if model_name:
+        record["model"] = model_name
+    record.update(evaluation.means)
+    record["main_score"] = record["map_at_1000"]
+    shown = (1, 10, 100, 1000)
+    rows = [[_LABELS[m]] + [f"{record[rm.metric_key(m, k)]:.5f}" for k in shown]
+            for m in rm.METRICS]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["queries"], "queries", record)
+        + (f" ({left_out} left out)" if left_out else ""), rows,
+        ["metric", *(f"@{k}" for k in shown)]))
+    _check_fail_under([record], thresholds)
+
+
+def _expect_lists(table, source, fields) -> None:
+    from vecpipe.formats.errors import DataError
+
+    for field in fields:
+        if _kind(table.schema.field(field).type) not in ("texts", "vectors"):
+            raise DataError(f"field {field!r} holds {table.schema.field(field).type}, expected "
+                            "a list of texts or of vectors", source=source)
+
+
+def _located(err, source):
+    from vecpipe.formats.errors import VecpipeError
+
+    return err.located(source) if isinstance(err, VecpipeError) else err
+
+
+# ---------------------------------------------------------------- eval bitext-mining
+
+@app.command("bitext-mining")
+@boundary("eval bitext-mining")
+def bitext_mining(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="Parallel pairs, one translation pair a record (any record format; - for "
+                 "stdin, the default).", show_default=False, metavar="PAIRS")] = None,
+        pair: options.Pair = "sentence1,sentence2",
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Mine translations, as MTEB's BitextMining: each A finds its nearest B by cosine among
+    all B's; right when it is its own record's. Accuracy, and precision, recall and F1
+    weighted by support (main score f1). Ties go to the first B. Reads all pairs; holds
+    a block of A's against all B's at a time.
+
+    \b
+    Example:
+      vecpipe eval bitext-mining tatoeba-deu-eng.jsonl
+      vecpipe eval bitext-mining flores.parquet --pair deu_Latn,eng_Latn --fail-under f1=0.9
+    """
+    from vecpipe.core import task_metrics as tm
+
+    first, second = _split_fields(pair, 2, "--pair", "sentence1,sentence2")
+    thresholds = _fail_under_known(fail_under, ("accuracy", "precision", "recall", "f1"), "f1")
+    table, source = _read_records(inputs, input_format)
+    _check_fields(table, source, [first, second], "no pairs", "name the fields with --pair A,B")
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
+    record = {"pairs": table.num_rows}
+    if model_name:
+        record["model"] = model_name
+    record.update(tm.bitext_mining(vectors[first], vectors[second]))
+    record["main_score"] = record["f1"]
+    metrics = ("accuracy", "precision", "recall", "f1")
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["pairs"], "pairs", record), [[m, f"{record[m]:.5f}"] for m in metrics],
+        ["metric", "value"]))
+    _check_fail_under([record], thresholds)
+
+
+# ---------------------------------------------------------------- eval summarization
+
+@app.command("summarization")
+@boundary("eval summarization")
+def summarization(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="One record per text: its machine summaries, their gold scores and its human "
+                 "summaries (any record format; - for stdin, the default).",
+            show_default=False, metavar="RECORDS")] = None,
+        summaries: Annotated[str, typer.Option(
+            "--summaries", help="The fields listing the machine and the human (reference) "
+                                "summaries: lists of texts (embedded with -m) or of vectors.",
+            metavar="MACHINE,HUMAN")] = "machine_summaries,human_summaries",
+        score: options.Score = "relevance",
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Score machine summaries against human ones, as MTEB's Summarization (its current
+    evaluator, SummEvalSummarization.v2): a machine summary's predicted quality is its highest
+    cosine (and dot) to the text's human summaries; per text, Spearman and Pearson of those
+    with the gold scores, averaged over texts (main score cosine_spearman). A text whose gold,
+    cosine or dot scores are all equal is left out and counted, as MTEB. Reads all records.
+
+    \b
+    Example:
+      vecpipe eval summarization summeval.jsonl
+      vecpipe eval summarization summ.arrow --summaries machine_vecs,human_vecs --score human
+    """
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.formats.errors import DataError
+
+    machine, human = _split_fields(summaries, 2, "--summaries",
+                                   "machine_summaries,human_summaries")
+    keys = ("cosine_spearman", "cosine_pearson", "dot_spearman", "dot_pearson")
+    thresholds = _fail_under_known(fail_under, keys, "cosine_spearman")
+    table, source = _read_records(inputs, input_format)
+    _check_fields(table, source, [machine, human, score], "no records",
+                  "name the fields with --summaries MACHINE,HUMAN --score FIELD")
+    _expect_lists(table, source, [machine, human])
+    gold = table.column(score).to_pylist()
+    for i, scores in enumerate(gold):
+        if not isinstance(scores, list) or not all(isinstance(s, (int, float))
+                                                   and not isinstance(s, bool) for s in scores):
+            raise DataError(f"field {score!r} holds {scores!r}, expected a list of numbers",
+                            source=source, record=i + 1)
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, [machine, human], embedder, prompt)
+    for i, (summaries_i, humans_i, scores_i) in enumerate(zip(vectors[machine], vectors[human],
+                                                              gold)):
+        if len(summaries_i) != len(scores_i):
+            raise DataError(f"{len(summaries_i)} machine summaries but {len(scores_i)} scores",
+                            source=source, record=i + 1)
+        if len(humans_i) == 0:
+            raise DataError(f"field {human!r} is empty", source=source, record=i + 1)
+    try:
+        scores, left_out = tm.summarization(vectors[machine], vectors[human], gold)
+    except Exception as err:
+        raise _located(err, source)
+    record = {"texts": table.num_rows - left_out, "left_out": left_out}
+    if model_name:
+        record["model"] = model_name
+    record.update(scores)
+    record["main_score"] = record["cosine_spearman"]
+    rows = [[name, f"{record[f'{name}_pearson']:.5f}", f"{record[f'{name}_spearman']:.5f}"]
+            for name in ("cosine", "dot")]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["texts"], "texts", record)
+        + (f" ({left_out} left out)" if left_out else ""), rows,
+        ["similarity", "pearson", "spearman"]))
+    _check_fail_under([record], thresholds)
+
+
+# ---------------------------------------------------------------- eval classification
+
+_CLASSIFICATION_KEYS = ("accuracy", "f1", "f1_weighted", "precision", "precision_weighted",
+                        "recall", "recall_weighted", "ap", "ap_weighted")
+_MULTILABEL_KEYS = ("accuracy", "lrap", "f1", "hamming")
+
+
+def _record_vectors(table, source, text_fields, vector_field, embedder, prompt, hint,
+                    records=None):
+    """The vectors of every record: --vector-field as it is, else the --text-field(s) (joined
+    with a space, empty parts skipped) embedded with -m. `records`: the input's record number
+    (0-based) of each row of `table`, where the table is a selection, for error messages."""
+    from vecpipe.formats.errors import VecpipeError
+
+    try:
+        return _table_vectors(table, source, text_fields, vector_field, embedder, prompt, hint)
+    except VecpipeError as err:
+        if records is not None and err.record is not None:
+            err.record = records[err.record - 1] + 1
+        raise
+
+
+def _table_vectors(table, source, text_fields, vector_field, embedder, prompt, hint):
+    import pyarrow as pa
+
+    if vector_field is not None:
+        vectors, model_name = _field_vectors(table, source, [vector_field], embedder)
+        return vectors[vector_field], model_name
+    fields = list(text_fields or ["text"])
+    _check_fields(table, source, fields, "no records", hint)
+    if len(fields) > 1:
+        joined = [" ".join(part for part in parts if part)
+                  for parts in zip(*(table.column(f).to_pylist() for f in fields))]
+        table = pa.table({"text": joined})
+        fields = ["text"]
+    vectors, model_name = _field_vectors(table, source, fields, embedder, prompt)
+    return vectors[fields[0]], model_name
+
+
+@app.command("classification")
+@boundary("eval classification")
+def classification(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="Labelled records: the test set with --train, or train and test with "
+                 "--split-field (any record format; - for stdin, the default).",
+            show_default=False, metavar="RECORDS")] = None,
+        train: Annotated[Optional[List[str]], typer.Option(
+            "--train", help="Labelled records to train the classifiers on (repeatable: read "
+                            "as one); the inputs are the test set.", metavar="FILE",
+            show_default=False)] = None,
+        split_field: Annotated[Optional[str], typer.Option(
+            "--split-field", help="Instead of --train: the field saying each record's split, "
+                                  "`train` or `test` (other values are left out).",
+            metavar="FIELD", show_default=False)] = None,
+        label: options.Label = "label",
+        text_field: options.TextField = None,
+        vector_field: options.VectorField = None,
+        experiments: options.Experiments = 10,
+        samples_per_label: Annotated[int, typer.Option(
+            "--samples-per-label", min=1, help="Training records drawn per label for each "
+                                               "experiment (MTEB's default 8; its tasks "
+                                               "mostly set 16 or 32).")] = 8,
+        seed: options.Seed = 42,
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Train a linear probe on the embeddings, as MTEB's Classification: for each experiment,
+    samples-per-label training records of every label (MTEB's seeded reshuffle), a
+    scikit-learn LogisticRegression(max_iter=100, random_state=seed) fitted on their vectors,
+    every test record predicted; accuracy, F1, precision and recall (macro and weighted), and
+    for two labels the average precision of the predictions; the means over the experiments
+    (main score accuracy). A list label is a set of labels: MTEB's MultilabelClassification,
+    a 5-nearest-neighbour classifier on records drawn while one of their labels is short
+    (MTEB's default_rng(seed) draw), scored by subset accuracy, label ranking average precision
+    (lrap), macro F1 and the Hamming score (MTEB cuts a test set over 3000 records by
+    stratified sampling first; vecpipe scores every test record). Same seed, same numbers as
+    MTEB. Only the training records the experiments draw are embedded. Needs scikit-learn (pip
+    install 'vecpipe[eval]'). Reads all records. Any labelled set works: e.g. MTEB's Banking77
+    as two JSONL files with text and label fields (--train train.jsonl test.jsonl), or one file
+    with a split field.
+
+    \b
+    Example:
+      vecpipe eval classification test.jsonl --train train.jsonl --samples-per-label 32
+      vecpipe eval classification all.parquet --split-field split --vector-field embedding
+    """
+    import pyarrow as pa
+
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.core.space import check_same_space
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError, UsageError
+    from vecpipe.formats.readers import check_one_stdin
+
+    if (train is None) == (split_field is None):
+        raise UsageError("give the training records with --train FILE, or a --split-field "
+                         "(train/test) in the inputs")
+    check_one_stdin(list(inputs or ["-"]) + list(train or []))
+    keys = _CLASSIFICATION_KEYS + _MULTILABEL_KEYS
+    thresholds = _fail_under_known(fail_under, keys, "accuracy")
+    hint = "name the fields with --label FIELD and --text-field FIELD or --vector-field FIELD"
+    table, source = _read_records(inputs, input_format)
+    fields = [label] + ([vector_field] if vector_field else _text_fields(text_field))
+    train_records = test_records = None  # record numbers of the rows, where not 0..n-1
+    if split_field is not None:
+        _check_fields(table, source, fields + [split_field], "no records", hint)
+        split = table.column(split_field).to_pylist()
+        train_records, test_records = ([i for i, value in enumerate(split) if value == name]
+                                       for name in ("train", "test"))
+        for name, rows in (("train", train_records), ("test", test_records)):
+            if not rows:
+                raise DataError(f"no record has {split_field} = {name!r}", source=source)
+        train_table, table, train_source = table.take(train_records), table.take(test_records), \
+            source
+    else:
+        train_table, train_source = _read_records(train, input_format)
+        _check_fields(train_table, train_source, fields, "no training records", hint)
+        _check_fields(table, source, fields, "no records", hint)
+        check_same_space(names.read_meta(train_table.schema), names.read_meta(table.schema),
+                         train_source, source)
+    label_type = train_table.schema.field(label).type
+    multilabel = pa.types.is_list(label_type) or pa.types.is_large_list(label_type)
+    train_labels = _class_labels(train_table, label, train_source, multilabel, train_records)
+    test_labels = _class_labels(table, label, source, multilabel, test_records)
+    if multilabel:
+        selections = tm.undersample_multilabel(train_labels, samples_per_label, experiments, seed)
+    else:
+        selections = tm.undersample(train_labels, samples_per_label, experiments, seed)
+    union = sorted(set().union(*selections))
+    position = {row: i for i, row in enumerate(union)}
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    drawn = [train_records[row] for row in union] if train_records is not None else union
+    train_vectors, model_name = _record_vectors(train_table.take(union), train_source,
+                                                text_field, vector_field, embedder, prompt,
+                                                hint, drawn)
+    test_vectors, test_model = _record_vectors(table, source, text_field, vector_field,
+                                               embedder, prompt, hint, test_records)
+    if train_vectors.shape[1] != test_vectors.shape[1]:
+        raise DataError(f"training vectors have {train_vectors.shape[1]} dimensions, test "
+                        f"vectors {test_vectors.shape[1]}", source=source)
+    drawn_labels = [train_labels[row] for row in union]
+    drawn_rows = [[position[row] for row in rows] for rows in selections]
+    try:
+        if multilabel:
+            scores = tm.multilabel_classification(train_vectors, drawn_labels, test_vectors,
+                                                  test_labels, drawn_rows)
+        else:
+            scores = tm.classification(train_vectors, drawn_labels, test_vectors, test_labels,
+                                       drawn_rows, seed)
+    except Exception as err:
+        raise _located(err, train_source)
+    every = {value for labels in (train_labels, test_labels) for item in labels
+             for value in (item if multilabel else [item])}
+    record = {"train": train_table.num_rows, "test": table.num_rows, "labels": len(every),
+              "multilabel": multilabel, "experiments": experiments,
+              "samples_per_label": samples_per_label}
+    if model_name or test_model:
+        record["model"] = model_name or test_model
+    shown = _MULTILABEL_KEYS if multilabel else _CLASSIFICATION_KEYS
+    record.update({key: scores[key] for key in shown})
+    record["main_score"] = record["accuracy"]
+    rows = [[key, "-" if record[key] is None else f"{record[key]:.5f}"] for key in shown]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["test"], "test records", record), rows, ["metric", "mean"]))
+    _check_fail_under([record], thresholds)
+
+
+def _class_labels(table, field: str, source: str, multilabel: bool, records) -> list:
+    """The label of every row (a tuple of labels for multilabel), checked: one value, or a
+    list of values."""
+    from vecpipe.formats.errors import DataError
+
+    labels = table.column(field).to_pylist()
+    for i, value in enumerate(labels):
+        bad = (not isinstance(value, list) or any(isinstance(v, (list, dict)) or v is None
+                                                  for v in value)) if multilabel \
+            else isinstance(value, (list, dict))
+        if bad:
+            raise DataError(f"field {field!r} holds {value!r}; a label is "
+                            + ("a list of values" if multilabel else "one value"),
+                            source=source, record=(i if records is None else records[i]) + 1)
+    return [tuple(value) for value in labels] if multilabel else labels
+
+
+def _text_fields(text_fields) -> list[str]:
+    return list(text_fields or ["text"])
+
+
+# ---------------------------------------------------------------- eval clustering
+
+@app.command("clustering")
+@boundary("eval clustering")
+def clustering(
+        inputs: Annotated[Optional[List[str]], typer.Argument(
+            help="Labelled records (any record format; - for stdin, the default).",
+            show_default=False, metavar="RECORDS")] = None,
+        label: options.Label = "labels",
+        text_field: options.TextField = None,
+        vector_field: options.VectorField = None,
+        experiments: options.Experiments = 10,
+        bootstrap_size: Annotated[int, typer.Option(
+            "--bootstrap-size", min=1, help="Records drawn with replacement for each "
+                                            "experiment (MTEB's max_documents_per_cluster).")]
+        = 16_384,
+        max_documents: Annotated[Optional[int], typer.Option(
+            "--max-documents", min=1, help="First draw this many records without replacement "
+                                           "and cluster only those (MTEB's "
+                                           "max_document_to_embed). [default: all]",
+            show_default=False)] = None,
+        kmeans_batch: Annotated[Optional[int], typer.Option(
+            "--kmeans-batch", min=1, help="MiniBatchKMeans batch size (MTEB's "
+                                          "k_mean_batch_size). [default: 512; --legacy: 500]",
+            show_default=False)] = None,
+        legacy: Annotated[bool, typer.Option(
+            "--legacy", help="MTEB's legacy clustering (the MTEB(eng, v1) tasks): each record "
+                             "is a set, its text (or vector) field and its label field lists "
+                             "of the same length; every set is clustered whole, no bootstrap "
+                             "(--experiments, --bootstrap-size, --max-documents and "
+                             "--max-depth do not apply), and V-measure averaged over the "
+                             "sets.")] = False,
+        max_depth: Annotated[Optional[int], typer.Option(
+            "--max-depth", min=1, help="Levels of a hierarchical (list) label to score. "
+                                       "[default: all]", show_default=False)] = None,
+        seed: options.Seed = 42,
+        model: options.Model = None,
+        prompt: options.Prompt = None,
+        batch_size: options.BatchSize = 32,
+        device: options.Device = "auto",
+        input_format: options.InputFormat = "auto",
+        fail_under: options.FailUnder = None,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        trust_remote_code: options.TrustRemoteCode = False,
+        quiet: options.Quiet = False):
+    """Cluster the embeddings and compare with the labels, as MTEB's (fast, bootstrapped)
+    Clustering: for each experiment, bootstrap-size records drawn with replacement (one
+    random.Random(seed) for every draw), clustered by scikit-learn's MiniBatchKMeans (as many
+    clusters as labels, k-means++, n_init 1, random_state seed) and scored by V-measure and
+    adjusted mutual information; means and standard deviations over the experiments (main
+    score v_measure). A list label is a hierarchy scored level by level. --legacy runs MTEB's
+    older protocol on sets of records instead. Same seed, same numbers as MTEB. Needs scikit-learn (pip install 'vecpipe[eval]'). Reads all records. Any
+    labelled set works, e.g. MTEB's ArxivClusteringS2S as JSONL with sentences and labels
+    fields (--text-field sentences).
+
+    \b
+    Example:
+      vecpipe eval clustering arxiv-s2s.jsonl --text-field sentences
+      vecpipe eval clustering news.arrow --vector-field embedding --label topic
+      vecpipe eval clustering twentynewsgroups.jsonl --legacy --text-field sentences
+    """
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.formats.errors import DataError
+
+    keys = ("v_measure", "v_measure_std") if legacy else ("v_measure", "v_measure_std", "ami",
+                                                         "ami_std")
+    thresholds = _fail_under_known(fail_under, keys, "v_measure")
+    hint = "name the fields with --label FIELD and --text-field FIELD or --vector-field FIELD"
+    table, source = _read_records(inputs, input_format)
+    fields = [label] + ([vector_field] if vector_field else _text_fields(text_field))
+    _check_fields(table, source, fields, "no records", hint)
+    if legacy:
+        return _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
+                                trust_remote_code, kmeans_batch or 500, seed, output_format,
+                                thresholds)
+    labels = table.column(label).to_pylist()
+    for i, value in enumerate(labels):
+        if isinstance(value, dict) or value == []:
+            raise DataError(f"field {label!r} holds {value!r}; a label is a value or a "
+                            "non-empty list of them", source=source, record=i + 1)
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _record_vectors(table, source, text_field, vector_field, embedder,
+                                          prompt, hint)
+    try:
+        scores = tm.clustering(vectors, labels, experiments, bootstrap_size, kmeans_batch or 512,
+                               max_documents, max_depth, seed)
+    except Exception as err:
+        raise _located(err, source)
+    first_level = {value[0] if isinstance(value, list) else value for value in labels}
+    record = {"documents": table.num_rows if max_documents is None
+              else min(max_documents, table.num_rows),
+              "clusters": len(first_level), "levels": scores["levels"],
+              "experiments": experiments}
+    if model_name:
+        record["model"] = model_name
+    record.update({key: scores[key] for key in keys})
+    record["main_score"] = record["v_measure"]
+    rows = [[name, f"{record[name]:.5f}", f"{record[f'{name}_std']:.5f}"]
+            for name in ("v_measure", "ami")]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["documents"], "documents", record), rows, ["metric", "mean", "std"]))
+    _check_fail_under([record], thresholds)
+
+
+def _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
+                     trust_remote_code, kmeans_batch, seed, output_format, thresholds):
+    """eval clustering --legacy: one set a record (lists of inputs and labels)."""
+    from vecpipe.core import task_metrics as tm
+    from vecpipe.formats.errors import DataError
+
+    field = fields[1]
+    if len(fields) > 2:
+        raise DataError("--legacy clusters one list field a record; give one --text-field",
+                        source=source)
+    _expect_lists(table, source, [field])
+    labels = table.column(label).to_pylist()
+    embedder = _Embedder(model, batch_size, device, trust_remote_code)
+    vectors, model_name = _field_vectors(table, source, [field], embedder, prompt)
+    for i, (items, set_labels) in enumerate(zip(vectors[field], labels)):
+        if not isinstance(set_labels, list) or len(set_labels) != len(items):
+            raise DataError(f"field {label!r} must list one label for each of the "
+                            f"{len(items)} items of {field!r}", source=source, record=i + 1)
+    try:
+        scores = tm.clustering_sets(list(zip(vectors[field], labels)), kmeans_batch, seed)
+    except Exception as err:
+        raise _located(err, source)
+    record = {"sets": table.num_rows, "documents": sum(len(v) for v in labels)}
+    if model_name:
+        record["model"] = model_name
+    record.update({key: scores[key] for key in ("v_measure", "v_measure_std")})
+    record["main_score"] = record["v_measure"]
+    _emit([record], output_format, lambda: _report_table(
+        _titled(record["sets"], "sets", record),
+        [["v_measure", f"{record['v_measure']:.5f}", f"{record['v_measure_std']:.5f}"]],
+        ["metric", "mean", "std"]))
+    _check_fail_under([record], thresholds)
 
 
 # ---------------------------------------------------------------- eval embeddings

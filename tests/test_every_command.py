@@ -42,6 +42,20 @@ COMMANDS = [
     Command("eval beir", ("{beir}", "-m", "fake:8", "--cutoffs|-k", "1,10"), "beir",
             "the corpus is empty", ("--batch-size", "0")),
     Command("eval sts", ("{sts}", "-m", "fake:8"), "sts", "no pairs", ("--batch-size", "0")),
+    Command("eval pair-classification", ("{pairclass}", "-m", "fake:8"), "pairclass", "no pairs",
+            ("--batch-size", "0")),
+    Command("eval reranking", ("{rerank}", "-m", "fake:8"), "rerank", "no queries",
+            ("--batch-size", "0")),
+    Command("eval bitext-mining", ("{sts}", "-m", "fake:8"), "sts", "no pairs",
+            ("--batch-size", "0")),
+    Command("eval summarization", ("{summ}", "-m", "fake:8"), "summ", "no records",
+            ("--batch-size", "0")),
+    Command("eval classification", ("{labelled}", "--split-field", "split", "-m", "fake:8",
+                                    "--experiments", "2"), "labelled", "no records",
+            ("--experiments", "0")),
+    Command("eval clustering", ("{labelled}", "-m", "fake:8", "--experiments", "2",
+                                "--bootstrap-size", "50"), "labelled", "no records",
+            ("--bootstrap-size", "0")),
     Command("eval embeddings", ("{vectors}",), "vectors", "no vectors", ("--sample", "1")),
     Command("mine-negatives", ("{pairs}", "-m", "fake:8", "-n", "1"), "pairs",
             "no pairs: the input is empty", ("--batch-size", "0"), "file"),
@@ -111,6 +125,19 @@ def inputs(tmp_path_factory):
                                                  for i, d in enumerate(docs[:PAIRS])]),
         "sts": _jsonl(folder / "sts.jsonl", [{"sentence1": f"a {i}", "sentence2": f"b {i % 7}",
                                               "score": i % 5} for i in range(40)]),
+        "pairclass": _jsonl(folder / "pairclass.jsonl", [
+            {"sentence1": f"a {i}", "sentence2": f"b {i % 7}", "labels": i % 2}
+            for i in range(40)]),
+        "rerank": _jsonl(folder / "rerank.jsonl", [
+            {"query": f"topic {i}", "positive": [f"document {i}"],
+             "negative": [f"document {i + 1}", f"document {i + 2}"]} for i in range(20)]),
+        "summ": _jsonl(folder / "summ.jsonl", [
+            {"machine_summaries": [f"summary {i} {j}" for j in range(3)],
+             "human_summaries": [f"reference {i}"], "relevance": [1, 2, 3]}
+            for i in range(10)]),
+        "labelled": _jsonl(folder / "labelled.jsonl", [
+            {"text": f"document {i} about topic {i % 3}", "label": i % 3, "labels": i % 3,
+             "split": "train" if i % 4 else "test"} for i in range(60)]),
         "beir": _beir(folder / "beir", (folder / "docs.jsonl").read_bytes()),
         "empty": folder / "empty.jsonl",
     }
@@ -129,7 +156,8 @@ def inputs(tmp_path_factory):
     files["qrels"].write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"{h['query_id']}\t{h['id']}\t1\n" for h in hits if h["rank"] == 1))
     first_lines = {name: files[name].read_bytes().splitlines(keepends=True)[0]
-                   for name in ("docs", "queries", "pairs", "sts", "run")}
+                   for name in ("docs", "queries", "pairs", "sts", "run", "pairclass",
+                                "rerank", "summ", "labelled")}
     first_lines["vectors"] = (folder / "vectors.jsonl").read_bytes().splitlines(True)[0]
     for name, line in first_lines.items():
         files[f"bad_{name}"] = folder / f"bad_{name}.jsonl"

@@ -384,6 +384,17 @@ def make_fixtures(root: Path, nfcorpus: Path, model: str) -> Path:
     today = datetime.date.today().isoformat()  # the cron example's "new/$(date +%F).jsonl"
     jsonl(work / "new" / f"{today}.jsonl", [with_fields(d, n) for n, d in enumerate(spare[:40])]
           + records[:5])  # 5 documents again: --on-duplicate last replaces them
+    # labelled sets for eval classification and clustering: the documents relevant to a test
+    # query, labelled by it (their topic); every other one to train and to test
+    topic = {}
+    for query_id, judged in qrels["test"].items():
+        for doc_id in judged:
+            topic.setdefault(doc_id, query_id)
+    labelled = [{"text": d["text"], "label": topic[d["_id"]]} for d in docs if d["_id"] in topic]
+    jsonl(work / "train.jsonl", labelled[0::2])
+    jsonl(work / "test.jsonl", labelled[1::2])
+    jsonl(work / "arxiv-s2s.jsonl", [{"sentences": r["text"], "labels": r["label"]}
+                                     for r in labelled])
     (work / "bm25.trec").write_text(bm25_run(docs, test_queries))
     # two snapshots of the corpus for the keep-in-step recipe: 5 removed, 3 changed, 10 new
     changed = [dict(r, text=r["text"] + " (revised)") for r in records[5:8]]
@@ -630,6 +641,9 @@ def check_stdout(argv: list[str], stdout: bytes, cwd: Path) -> None:
         check_hits(records, argv)
     elif command in ("eval retrieval", "eval beir"):
         check_metrics(records, argv)
+    elif command.startswith("eval ") and command.split()[1] in EVAL_TASKS:
+        assert len(records) == 1 and "main_score" in records[0], records
+        assert all(key in records[0] for key in EVAL_TASKS[command.split()[1]]), records
     elif command == "eval embeddings":
         described = [r for r in records if "input" in r]
         assert described and all({"rows", "dim"} <= set(r) for r in described), records
@@ -641,6 +655,12 @@ def check_stdout(argv: list[str], stdout: bytes, cwd: Path) -> None:
         check_converted(records, argv)
     elif command in ("embed", "compress", "merge"):
         assert stdout.startswith(b"\xff\xff\xff\xff"), "vectors on a pipe stay Arrow IPC"
+
+
+# eval's MTEB task commands -> metrics their one report record must hold
+EVAL_TASKS = {"pair-classification": ("max_ap", "cosine_f1"), "reranking": ("map_at_1000",),
+              "bitext-mining": ("f1",), "summarization": ("cosine_spearman",),
+              "classification": ("accuracy", "f1"), "clustering": ("v_measure",)}
 
 
 def read_records_bytes(data: bytes) -> list[dict]:

@@ -57,7 +57,9 @@ def folder(tmp_path):
     (["vecpipe", "compress", "--dtype", "b"], ["bfloat16", "binary", "bf16", "b1"]),
     (["vecpipe", "eval", "beir", "d", "--cutoffs", "1", "--output-format", "j"],
      ["jsonl", "json"]),
-    (["vecpipe", "eval", ""], ["retrieval", "calibrate", "beir", "sts", "embeddings"]),
+    (["vecpipe", "eval", ""], ["retrieval", "calibrate", "beir", "sts", "pair-classification",
+                               "reranking", "bitext-mining", "summarization", "classification",
+                               "clustering", "embeddings"]),
     (["vecpipe", "completion", ""], ["bash", "zsh", "fish"]),
     (["vecpipe", "man", "ev"], ["eval"]),
     (["vecpipe", "embed", "--prompt", ""], []),  # free text: nothing offered
@@ -150,7 +152,9 @@ def test_fish_completes_choices_options_and_folders(folder):
     assert sorted(_fish("vecpipe embed --backend ", folder)) == [
         "auto", "numpy", "onnx", "onnx-int8", "openvino", "torch"]
     assert "--backend" in _fish("vecpipe embed x.jsonl --back", folder)
-    assert sorted(_fish("vecpipe eval ", folder)) == ["beir", "calibrate", "embeddings", "retrieval", "sts"]
+    assert sorted(_fish("vecpipe eval ", folder)) == [
+        "beir", "bitext-mining", "calibrate", "classification", "clustering", "embeddings",
+        "pair-classification", "reranking", "retrieval", "sts", "summarization"]
     assert sorted(_fish("vecpipe search ", folder)) == ["idx/", "idx2/"]
     assert "--output-format" in _fish("vecpipe eval beir --out", folder)
 
