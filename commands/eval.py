@@ -1012,9 +1012,7 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
     source = ", ".join(inputs or ["<stdin>"])
     gold, a, b, model_name = _sts_inputs(table, source, (first, second, score_field), model,
                                          prompt or "", batch_size, device, trust_remote_code)
-    record = {"pairs": len(gold)}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, pairs=len(gold))
     for name, similarity in m.paired_similarities(a, b).items():
         record[f"{name}_pearson"] = m.pearson(gold, similarity)
         record[f"{name}_spearman"] = m.spearman(gold, similarity)
@@ -1022,6 +1020,11 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
     _emit([record], output_format, lambda: _sts_table(record))
     _check_fail_under([record], thresholds)
 
+
+
+def _report(model_name: str | None, **counts) -> dict:
+    """A task report's first keys: what was evaluated, then the model when one embedded it."""
+    return {**counts, **({"model": model_name} if model_name else {})}
 
 def _sts_fields(text: str) -> tuple[str, str, str]:
     from vecpipe.formats.errors import UsageError
@@ -1297,9 +1300,7 @@ def pair_classification(
                         source=source)
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
     vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
-    record = {"pairs": len(labels)}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, pairs=len(labels))
     record.update(tm.pair_classification(vectors[first], vectors[second], labels))
     record["main_score"] = record["max_ap"]
     rows = [[name] + [f"{record[f'{name}_{m}']:.5f}" for m in tm.PAIR_METRICS]
@@ -1364,9 +1365,7 @@ def reranking(
                                             vectors[negative])
     except Exception as err:
         raise _located(err, source)
-    record = {"queries": evaluation.queries, "left_out": left_out}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, queries=evaluation.queries, left_out=left_out)
     record.update(evaluation.means)
     record["main_score"] = record["map_at_1000"]
     shown = (1, 10, 100, 1000)
@@ -1431,9 +1430,7 @@ def bitext_mining(
     _check_fields(table, source, [first, second], "no pairs", "name the fields with --pair A,B")
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
     vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
-    record = {"pairs": table.num_rows}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, pairs=table.num_rows)
     record.update(tm.bitext_mining(vectors[first], vectors[second]))
     record["main_score"] = record["f1"]
     metrics = ("accuracy", "precision", "recall", "f1")
@@ -1508,9 +1505,7 @@ def summarization(
         scores, left_out = tm.summarization(vectors[machine], vectors[human], gold)
     except Exception as err:
         raise _located(err, source)
-    record = {"texts": table.num_rows - left_out, "left_out": left_out}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, texts=table.num_rows - left_out, left_out=left_out)
     record.update(scores)
     record["main_score"] = record["cosine_spearman"]
     rows = [[name, f"{record[f'{name}_pearson']:.5f}", f"{record[f'{name}_spearman']:.5f}"]
@@ -1807,12 +1802,9 @@ def clustering(
     except Exception as err:
         raise _located(err, source)
     first_level = {value[0] if isinstance(value, list) else value for value in labels}
-    record = {"documents": table.num_rows if max_documents is None
-              else min(max_documents, table.num_rows),
-              "clusters": len(first_level), "levels": scores["levels"],
-              "experiments": experiments}
-    if model_name:
-        record["model"] = model_name
+    documents = table.num_rows if max_documents is None else min(max_documents, table.num_rows)
+    record = _report(model_name, documents=documents, clusters=len(first_level),
+                     levels=scores["levels"], experiments=experiments)
     record.update({key: scores[key] for key in keys})
     record["main_score"] = record["v_measure"]
     rows = [[name, f"{record[name]:.5f}", f"{record[f'{name}_std']:.5f}"]
@@ -1844,9 +1836,7 @@ def _clustering_sets(table, source, fields, label, model, prompt, batch_size, de
         scores = tm.clustering_sets(list(zip(vectors[field], labels)), kmeans_batch, seed)
     except Exception as err:
         raise _located(err, source)
-    record = {"sets": table.num_rows, "documents": sum(len(v) for v in labels)}
-    if model_name:
-        record["model"] = model_name
+    record = _report(model_name, sets=table.num_rows, documents=sum(len(v) for v in labels))
     record.update({key: scores[key] for key in ("v_measure", "v_measure_std")})
     record["main_score"] = record["v_measure"]
     _emit([record], output_format, lambda: _report_table(
