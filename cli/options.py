@@ -279,6 +279,22 @@ Label = Annotated[str, shared(
 Experiments = Annotated[int, shared(
     "--experiments", min=1, help="Repetitions averaged (MTEB's n_experiments; clustering: its "
                                  "n_clusters bootstrap samples).")]
+# eval's MTEB result files (--save-mteb): where, and the task's identity in them
+SaveMteb = Annotated[Optional[str], shared(
+    "--save-mteb", help="Also write MTEB's TaskResult JSON under DIR, in MTEB's results layout "
+                        "(DIR/MODEL/REVISION/TASK.json beside model_meta.json): mteb's "
+                        "ResultCache and the leaderboard tools load it.", metavar="DIR")]
+MtebTask = Annotated[Optional[str], shared(
+    "--mteb-task", help="The task name in the MTEB file (e.g. NFCorpus; default: the input's "
+                        "file or folder name).", metavar="NAME")]
+MtebRevision = Annotated[Optional[str], shared(
+    "--mteb-revision", help="The dataset revision in the MTEB file (default: sha256: and the "
+                            "first 16 hex digits of the inputs' bytes).", metavar="REV")]
+MtebLanguages = Annotated[Optional[str], shared(
+    "--mteb-languages", help="The task's languages in the MTEB file, comma-separated ISO "
+                             "639-3 codes with script (e.g. eng-Latn; default: und, "
+                             "undetermined).",
+    metavar="LANGS")]
 SAMPLE_HELP = ("A uniform random sample of N records, seeded by --seed (convert: in one pass, "
                "in input order; eval embeddings: the rows of the pairwise statistics and the "
                "comparison).")

@@ -3,7 +3,9 @@
 MTEB's other task types: pair classification, reranking, bitext mining, summarization,
 classification and clustering, each computed as MTEB's own evaluator (core/task_metrics.py).
 """
+import contextvars
 import math
+from dataclasses import dataclass, field
 import os
 import time
 from typing import Annotated, List, Optional
@@ -538,6 +540,10 @@ def beir(
                                "`eval retrieval` comparisons).", metavar="PATH")] = None,
         per_query: options.PerQuery = False,
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -557,6 +563,7 @@ def beir(
           --doc-prompt 'passage: '
       vecpipe eval beir nfcorpus --grid 'layers=2,4,6 dims=64,128,384'
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     import functools
 
     from vecpipe.cli import console
@@ -564,10 +571,14 @@ def beir(
     from vecpipe.core import retrieval_metrics as m
     from vecpipe.core.space import role_prompt
     from vecpipe.formats.beir import beir_files, beir_qrels
+    from vecpipe.formats.errors import UsageError
 
     options.show_progress(progress)
     ks, names = m.parse_ks(k, m.MTEB_KS), m.parse_metrics(metrics)
     thresholds = _parse_fail_under(fail_under, ks, names)
+    if save_mteb and m.MAIN_METRIC not in [m.metric_key(n, k) for n in names for k in ks]:
+        raise UsageError("--save-mteb needs the task's main score: keep nDCG@10 in --cutoffs "
+                         "and --metrics")
     _check_search_options(index_dtype, ef)
     index_dtype = options.index_dtype(index_dtype, "--index-dtype")
     files = beir_files(dataset, split)
@@ -609,13 +620,15 @@ def beir(
     if m.MAIN_METRIC in evaluation.means:
         record["main_score"] = evaluation.means[m.MAIN_METRIC]
     record["seconds"] = round(seconds, 3)
-    if per_query:
-        _emit_per_query(_per_query_records([(dataset, evaluation)]), output_format)
-    else:
-        label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
-        _emit([record], output_format,
-              lambda: _retrieval_table([record | {"run": label}], ks, names))
-    _check_fail_under([record], thresholds)
+    label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
+    emit = (lambda: _emit_per_query(_per_query_records([(dataset, evaluation)]), output_format)
+            ) if per_query else (lambda: _emit([record], output_format, lambda: _retrieval_table(
+                [record | {"run": label}], ks, names)))
+    units = None
+    if m.MAIN_METRIC in evaluation.means:
+        units = [scores[m.MAIN_METRIC] for _, scores in sorted(evaluation.per_query.items())]
+    _finish(record, emit, thresholds, mteb_file, [dataset], _model_identity(loaded), units,
+            split)
 
 
 def _check_search_options(index_dtype, ef) -> None:
@@ -984,6 +997,10 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -997,6 +1014,7 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe eval sts stsb-test.jsonl
       vecpipe eval sts pairs.parquet --pair embedding_a,embedding_b --score label
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     from vecpipe.core import vector_stats as m
     from vecpipe.core.space import check_same_space
     from vecpipe.formats.errors import UsageError
@@ -1010,21 +1028,100 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
         raise UsageError(f"--fail-under: no metric {unknown[0]!r}; use e.g. cosine_spearman")
     table = read_table(inputs, input_format, check=check_same_space)
     source = ", ".join(inputs or ["<stdin>"])
-    gold, a, b, model_name = _sts_inputs(table, source, (first, second, score_field), model,
-                                         prompt or "", batch_size, device, trust_remote_code)
-    record = _report(model_name, pairs=len(gold))
-    for name, similarity in m.paired_similarities(a, b).items():
+    gold, a, b, model_id = _sts_inputs(table, source, (first, second, score_field), model,
+                                       prompt or "", batch_size, device, trust_remote_code)
+    record = _report(model_id, pairs=len(gold))
+    similarities = m.paired_similarities(a, b)
+    for name, similarity in similarities.items():
         record[f"{name}_pearson"] = m.pearson(gold, similarity)
         record[f"{name}_spearman"] = m.spearman(gold, similarity)
     record["main_score"] = record["cosine_spearman"]
-    _emit([record], output_format, lambda: _sts_table(record))
+    cosine = similarities["cosine"]
+    _finish(record, lambda: _emit([record], output_format, lambda: _sts_table(record)),
+            thresholds, mteb_file, inputs, model_id,
+            lambda rows: m.spearman(gold[rows], cosine[rows]))
+
+
+
+def _report(model, **counts) -> dict:
+    """A task report's first keys: what was evaluated, then the model (a ModelIdentity) when
+    one made the vectors."""
+    return {**counts, **({"model": model.name} if model else {})}
+
+
+@dataclass
+class _MtebFile:
+    """--save-mteb and the task's identity in the file; `started` times the evaluation."""
+    directory: str | None
+    task: str | None
+    revision: str | None
+    languages: str | None
+    started: float = field(default_factory=time.perf_counter)
+
+    def save(self, report: dict, inputs, model, split: str = "test") -> None:
+        """Write the report as MTEB's TaskResult (nothing without --save-mteb)."""
+        from vecpipe.cli import console
+        from vecpipe.core import mteb_results
+        from vecpipe.formats.errors import UsageError
+
+        if not self.directory:
+            return
+        if model is None:
+            raise UsageError("--save-mteb needs the model: embed text fields with -m, or give "
+                             "vectors whose metadata names their model")
+        if "main_score" not in report:
+            raise UsageError("--save-mteb needs the task's main score: keep nDCG@10 in "
+                             "--cutoffs and --metrics")
+        task = mteb_results.TaskIdentity(self.task or _input_name(inputs),
+                                         self.revision or _inputs_revision(inputs), split,
+                                         tuple(_split_list(self.languages))
+                                         or mteb_results.UNDETERMINED)
+        seconds = time.perf_counter() - self.started
+        path = mteb_results.save(self.directory, model, task, report, round(seconds, 3))
+        console.info(f"MTEB result: {path}")
+
+
+_SUITE = contextvars.ContextVar("eval_suite_reports", default=None)
+
+
+def _finish(record: dict, emit, thresholds, mteb_file: _MtebFile, inputs, model, units=None,
+            split: str = "test") -> None:
+    """A task's end: the MTEB file, then the report and --fail-under; inside `eval suite`
+    the record and its units (per-query or per-experiment main scores, or a function of a row
+    selection giving the main score) go to the suite instead."""
+    mteb_file.save(record, inputs, model, split)
+    reports = _SUITE.get()
+    if reports is not None:
+        reports.append((record, units))
+        return
+    emit()
     _check_fail_under([record], thresholds)
 
 
+def _input_name(inputs) -> str:
+    """A task name from the inputs: the first file's or folder's name without extensions."""
+    paths = [p for p in (inputs or []) if p != "-"]
+    if not paths:
+        return "stdin"
+    return os.path.basename(os.path.normpath(paths[0])).split(".")[0] or "stdin"
 
-def _report(model_name: str | None, **counts) -> dict:
-    """A task report's first keys: what was evaluated, then the model when one embedded it."""
-    return {**counts, **({"model": model_name} if model_name else {})}
+
+def _inputs_revision(inputs) -> str:
+    """The inputs' content as a dataset revision (MTEB's unknown revision for stdin)."""
+    import hashlib
+
+    from vecpipe.core.mteb_results import NO_REVISION
+    from vecpipe.formats.parts import content_facts
+
+    paths = [p for p in (inputs or []) if p != "-"]
+    if not paths or len(paths) < len(inputs or []):
+        return NO_REVISION
+    digest = hashlib.sha256("".join(content_facts(p)["sha256"] for p in paths).encode())
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 def _sts_fields(text: str) -> tuple[str, str, str]:
     from vecpipe.formats.errors import UsageError
@@ -1042,8 +1139,8 @@ def _sts_inputs(table, source, fields, model, prompt, batch_size, device, trust_
     _check_fields(table, source, fields, "no pairs", "name the fields with --pair A,B --score S")
     gold = _numbers(table, fields[2], source)
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(table, source, fields[:2], embedder, prompt)
-    return gold.astype(np.float64), vectors[fields[0]], vectors[fields[1]], model_name
+    vectors, model = _field_vectors(table, source, fields[:2], embedder, prompt)
+    return gold.astype(np.float64), vectors[fields[0]], vectors[fields[1]], model
 
 
 # ---------------------------------------------------------------- record fields -> vectors
@@ -1063,6 +1160,16 @@ class _Embedder:
             self.loaded = load_model(self.spec, device=self.device,
                                      trust_remote_code=self.trust_remote_code)
         return self.loaded.encode(texts, self.batch_size, prompt or "", normalize=False)
+
+    def model(self):
+        """The loaded model's identity (None before any text was embedded)."""
+        return None if self.loaded is None else _model_identity(self.loaded)
+
+
+def _model_identity(loaded):
+    from vecpipe.core.mteb_results import NO_REVISION, ModelIdentity
+
+    return ModelIdentity(loaded.name, loaded.sha or NO_REVISION, loaded.dim, loaded.max_length)
 
 
 def _check_fields(table, source, fields, empty: str, hint: str) -> None:
@@ -1176,9 +1283,19 @@ def _field_vectors(table, source, fields, embedder: _Embedder, prompts=None):
     if other is not None:
         raise DataError(f"{known[0][0]} has {known[0][1]} dimensions, {other[0]} {other[1]}",
                         source=source)
-    if embedder.loaded is not None:
-        return out, embedder.loaded.name
-    return out, names.read_meta(table.schema).get("model")
+    return out, embedder.model() or _vectors_model(table)
+
+
+def _vectors_model(table):
+    """The model vectors' metadata names (None when it names none)."""
+    from vecpipe.core.mteb_results import NO_REVISION, ModelIdentity
+    from vecpipe.formats import schema as names
+
+    meta = names.read_meta(table.schema)
+    if not meta.get("model"):
+        return None
+    dim = int(meta["dim"]) if str(meta.get("dim", "")).isdigit() else None
+    return ModelIdentity(meta["model"], meta.get("model_sha") or NO_REVISION, dim)
 
 
 def _fail_under_known(specs, known, example: str):
@@ -1260,6 +1377,10 @@ def pair_classification(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1278,6 +1399,7 @@ def pair_classification(
       vecpipe eval pair-classification twitter-semeval.jsonl --fail-under max_ap=0.6
       vecpipe eval pair-classification pairs.arrow --pair embedding1,embedding2 --label same
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     import numpy as np
 
     from vecpipe.core import task_metrics as tm
@@ -1299,15 +1421,19 @@ def pair_classification(
         raise DataError(f"every pair has label {int(labels[0])}; scoring needs both 0 and 1",
                         source=source)
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
-    record = _report(model_name, pairs=len(labels))
+    vectors, model_id = _field_vectors(table, source, [first, second], embedder, prompt)
+    record = _report(model_id, pairs=len(labels))
     record.update(tm.pair_classification(vectors[first], vectors[second], labels))
     record["main_score"] = record["max_ap"]
     rows = [[name] + [f"{record[f'{name}_{m}']:.5f}" for m in tm.PAIR_METRICS]
             for name in tm.PAIR_SIMILARITIES]
-    _emit([record], output_format, lambda: _report_table(
-        _titled(record["pairs"], "pairs", record), rows, ["similarity", *tm.PAIR_METRICS]))
-    _check_fail_under([record], thresholds)
+    ranked = [scores if high else -scores for scores, high in
+              tm.pair_similarities(vectors[first], vectors[second]).values()]
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
+        _titled(record["pairs"], "pairs", record), rows, ["similarity", *tm.PAIR_METRICS])),
+            thresholds, mteb_file, inputs, model_id,
+            lambda picked: max(tm.average_precision(labels[picked], scores[picked])
+                               for scores in ranked))
 
 
 # ---------------------------------------------------------------- eval reranking
@@ -1331,6 +1457,10 @@ def reranking(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1347,6 +1477,7 @@ def reranking(
       vecpipe eval reranking askubuntu-test.jsonl
       vecpipe eval reranking scidocs.jsonl --fail-under map@1000=0.7 --output-format json
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     from vecpipe.core import retrieval_metrics as rm
     from vecpipe.core import task_metrics as tm
 
@@ -1357,7 +1488,7 @@ def reranking(
                   "name the fields with --triple QUERY,POSITIVE,NEGATIVE")
     _expect_lists(table, source, [positive, negative])
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(
+    vectors, model_id = _field_vectors(
         table, source, [query, positive, negative], embedder,
         {query: query_prompt or "", positive: doc_prompt or "", negative: doc_prompt or ""})
     try:
@@ -1365,17 +1496,17 @@ def reranking(
                                             vectors[negative])
     except Exception as err:
         raise _located(err, source)
-    record = _report(model_name, queries=evaluation.queries, left_out=left_out)
+    record = _report(model_id, queries=evaluation.queries, left_out=left_out)
     record.update(evaluation.means)
     record["main_score"] = record["map_at_1000"]
     shown = (1, 10, 100, 1000)
     rows = [[_LABELS[m]] + [f"{record[rm.metric_key(m, k)]:.5f}" for k in shown]
             for m in rm.METRICS]
-    _emit([record], output_format, lambda: _report_table(
+    units = [scores["map_at_1000"] for _, scores in sorted(evaluation.per_query.items())]
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["queries"], "queries", record)
         + (f" ({left_out} left out)" if left_out else ""), rows,
-        ["metric", *(f"@{k}" for k in shown)]))
-    _check_fail_under([record], thresholds)
+        ["metric", *(f"@{k}" for k in shown)])), thresholds, mteb_file, inputs, model_id, units)
 
 
 def _expect_lists(table, source, fields) -> None:
@@ -1408,6 +1539,10 @@ def bitext_mining(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1422,6 +1557,7 @@ def bitext_mining(
       vecpipe eval bitext-mining tatoeba-deu-eng.jsonl
       vecpipe eval bitext-mining flores.parquet --pair deu_Latn,eng_Latn --fail-under f1=0.9
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     from vecpipe.core import task_metrics as tm
 
     first, second = _split_fields(pair, 2, "--pair", "sentence1,sentence2")
@@ -1429,15 +1565,16 @@ def bitext_mining(
     table, source = _read_records(inputs, input_format)
     _check_fields(table, source, [first, second], "no pairs", "name the fields with --pair A,B")
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(table, source, [first, second], embedder, prompt)
-    record = _report(model_name, pairs=table.num_rows)
+    vectors, model_id = _field_vectors(table, source, [first, second], embedder, prompt)
+    record = _report(model_id, pairs=table.num_rows)
     record.update(tm.bitext_mining(vectors[first], vectors[second]))
     record["main_score"] = record["f1"]
     metrics = ("accuracy", "precision", "recall", "f1")
-    _emit([record], output_format, lambda: _report_table(
+    found = tm.nearest_neighbours(vectors[first], vectors[second])
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["pairs"], "pairs", record), [[m, f"{record[m]:.5f}"] for m in metrics],
-        ["metric", "value"]))
-    _check_fail_under([record], thresholds)
+        ["metric", "value"])), thresholds, mteb_file, inputs, model_id,
+            lambda picked: tm.weighted_scores(picked, found[picked])["f1"])
 
 
 # ---------------------------------------------------------------- eval summarization
@@ -1460,6 +1597,10 @@ def summarization(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1475,6 +1616,7 @@ def summarization(
       vecpipe eval summarization summeval.jsonl
       vecpipe eval summarization summ.arrow --summaries machine_vecs,human_vecs --score human
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     from vecpipe.core import task_metrics as tm
     from vecpipe.formats.errors import DataError
 
@@ -1493,7 +1635,7 @@ def summarization(
             raise DataError(f"field {score!r} holds {scores!r}, expected a list of numbers",
                             source=source, record=i + 1)
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(table, source, [machine, human], embedder, prompt)
+    vectors, model_id = _field_vectors(table, source, [machine, human], embedder, prompt)
     for i, (summaries_i, humans_i, scores_i) in enumerate(zip(vectors[machine], vectors[human],
                                                               gold)):
         if len(summaries_i) != len(scores_i):
@@ -1505,16 +1647,22 @@ def summarization(
         scores, left_out = tm.summarization(vectors[machine], vectors[human], gold)
     except Exception as err:
         raise _located(err, source)
-    record = _report(model_name, texts=table.num_rows - left_out, left_out=left_out)
+    record = _report(model_id, texts=table.num_rows - left_out, left_out=left_out)
     record.update(scores)
     record["main_score"] = record["cosine_spearman"]
     rows = [[name, f"{record[f'{name}_pearson']:.5f}", f"{record[f'{name}_spearman']:.5f}"]
             for name in ("cosine", "dot")]
-    _emit([record], output_format, lambda: _report_table(
+    machines, humans = vectors[machine], vectors[human]
+
+    def score_on(picked):
+        return tm.summarization([machines[i] for i in picked], [humans[i] for i in picked],
+                                [gold[i] for i in picked])[0]["cosine_spearman"]
+
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["texts"], "texts", record)
         + (f" ({left_out} left out)" if left_out else ""), rows,
-        ["similarity", "pearson", "spearman"]))
-    _check_fail_under([record], thresholds)
+        ["similarity", "pearson", "spearman"])), thresholds, mteb_file, inputs, model_id,
+            score_on)
 
 
 # ---------------------------------------------------------------- eval classification
@@ -1543,8 +1691,8 @@ def _table_vectors(table, source, text_fields, vector_field, embedder, prompt, h
     import pyarrow as pa
 
     if vector_field is not None:
-        vectors, model_name = _field_vectors(table, source, [vector_field], embedder)
-        return vectors[vector_field], model_name
+        vectors, model = _field_vectors(table, source, [vector_field], embedder)
+        return vectors[vector_field], model
     fields = list(text_fields or ["text"])
     _check_fields(table, source, fields, "no records", hint)
     if len(fields) > 1:
@@ -1552,8 +1700,8 @@ def _table_vectors(table, source, text_fields, vector_field, embedder, prompt, h
                   for parts in zip(*(table.column(f).to_pylist() for f in fields))]
         table = pa.table({"text": joined})
         fields = ["text"]
-    vectors, model_name = _field_vectors(table, source, fields, embedder, prompt)
-    return vectors[fields[0]], model_name
+    vectors, model = _field_vectors(table, source, fields, embedder, prompt)
+    return vectors[fields[0]], model
 
 
 @app.command("classification")
@@ -1586,6 +1734,10 @@ def classification(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1610,6 +1762,7 @@ def classification(
       vecpipe eval classification test.jsonl --train train.jsonl --samples-per-label 32
       vecpipe eval classification all.parquet --split-field split --vector-field embedding
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     import pyarrow as pa
 
     from vecpipe.core import task_metrics as tm
@@ -1656,9 +1809,9 @@ def classification(
     position = {row: i for i, row in enumerate(union)}
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
     drawn = [train_records[row] for row in union] if train_records is not None else union
-    train_vectors, model_name = _record_vectors(train_table.take(union), train_source,
-                                                text_field, vector_field, embedder, prompt,
-                                                hint, drawn)
+    train_vectors, model_id = _record_vectors(train_table.take(union), train_source,
+                                              text_field, vector_field, embedder, prompt,
+                                              hint, drawn)
     test_vectors, test_model = _record_vectors(table, source, text_field, vector_field,
                                                embedder, prompt, hint, test_records)
     if train_vectors.shape[1] != test_vectors.shape[1]:
@@ -1680,15 +1833,17 @@ def classification(
     record = {"train": train_table.num_rows, "test": table.num_rows, "labels": len(every),
               "multilabel": multilabel, "experiments": experiments,
               "samples_per_label": samples_per_label}
-    if model_name or test_model:
-        record["model"] = model_name or test_model
+    model_id = model_id or test_model
+    if model_id:
+        record["model"] = model_id.name
     shown = _MULTILABEL_KEYS if multilabel else _CLASSIFICATION_KEYS
     record.update({key: scores[key] for key in shown})
     record["main_score"] = record["accuracy"]
     rows = [[key, "-" if record[key] is None else f"{record[key]:.5f}"] for key in shown]
-    _emit([record], output_format, lambda: _report_table(
-        _titled(record["test"], "test records", record), rows, ["metric", "mean"]))
-    _check_fail_under([record], thresholds)
+    units = [experiment["accuracy"] for experiment in scores["scores_per_experiment"]]
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
+        _titled(record["test"], "test records", record), rows, ["metric", "mean"])),
+            thresholds, mteb_file, list(inputs or ["-"]) + list(train or []), model_id, units)
 
 
 def _class_labels(table, field: str, source: str, multilabel: bool, records) -> list:
@@ -1754,6 +1909,10 @@ def clustering(
         device: options.Device = "auto",
         input_format: options.InputFormat = "auto",
         fail_under: options.FailUnder = None,
+        save_mteb: options.SaveMteb = None,
+        mteb_task: options.MtebTask = None,
+        mteb_revision: options.MtebRevision = None,
+        mteb_languages: options.MtebLanguages = None,
         output_format: options.OutputFormat = "auto",
         as_json: options.JsonFlag = False,
         trust_remote_code: options.TrustRemoteCode = False,
@@ -1774,6 +1933,7 @@ def clustering(
       vecpipe eval clustering news.arrow --vector-field embedding --label topic
       vecpipe eval clustering twentynewsgroups.jsonl --legacy --text-field sentences
     """
+    mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     from vecpipe.core import task_metrics as tm
     from vecpipe.formats.errors import DataError
 
@@ -1787,15 +1947,15 @@ def clustering(
     if legacy:
         return _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
                                 trust_remote_code, kmeans_batch or 500, seed, output_format,
-                                thresholds)
+                                thresholds, (mteb_file, inputs))
     labels = table.column(label).to_pylist()
     for i, value in enumerate(labels):
         if isinstance(value, dict) or value == []:
             raise DataError(f"field {label!r} holds {value!r}; a label is a value or a "
                             "non-empty list of them", source=source, record=i + 1)
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _record_vectors(table, source, text_field, vector_field, embedder,
-                                          prompt, hint)
+    vectors, model_id = _record_vectors(table, source, text_field, vector_field, embedder,
+                                        prompt, hint)
     try:
         scores = tm.clustering(vectors, labels, experiments, bootstrap_size, kmeans_batch or 512,
                                max_documents, max_depth, seed)
@@ -1803,19 +1963,20 @@ def clustering(
         raise _located(err, source)
     first_level = {value[0] if isinstance(value, list) else value for value in labels}
     documents = table.num_rows if max_documents is None else min(max_documents, table.num_rows)
-    record = _report(model_name, documents=documents, clusters=len(first_level),
+    record = _report(model_id, documents=documents, clusters=len(first_level),
                      levels=scores["levels"], experiments=experiments)
     record.update({key: scores[key] for key in keys})
     record["main_score"] = record["v_measure"]
     rows = [[name, f"{record[name]:.5f}", f"{record[f'{name}_std']:.5f}"]
             for name in ("v_measure", "ami")]
-    _emit([record], output_format, lambda: _report_table(
-        _titled(record["documents"], "documents", record), rows, ["metric", "mean", "std"]))
-    _check_fail_under([record], thresholds)
+    units = [value for values in scores["v_measures"].values() for value in values]
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
+        _titled(record["documents"], "documents", record), rows, ["metric", "mean", "std"])),
+            thresholds, mteb_file, inputs, model_id, units)
 
 
 def _clustering_sets(table, source, fields, label, model, prompt, batch_size, device,
-                     trust_remote_code, kmeans_batch, seed, output_format, thresholds):
+                     trust_remote_code, kmeans_batch, seed, output_format, thresholds, saving):
     """eval clustering --legacy: one set a record (lists of inputs and labels)."""
     from vecpipe.core import task_metrics as tm
     from vecpipe.formats.errors import DataError
@@ -1827,7 +1988,7 @@ def _clustering_sets(table, source, fields, label, model, prompt, batch_size, de
     _expect_lists(table, source, [field])
     labels = table.column(label).to_pylist()
     embedder = _Embedder(model, batch_size, device, trust_remote_code)
-    vectors, model_name = _field_vectors(table, source, [field], embedder, prompt)
+    vectors, model_id = _field_vectors(table, source, [field], embedder, prompt)
     for i, (items, set_labels) in enumerate(zip(vectors[field], labels)):
         if not isinstance(set_labels, list) or len(set_labels) != len(items):
             raise DataError(f"field {label!r} must list one label for each of the "
@@ -1836,14 +1997,15 @@ def _clustering_sets(table, source, fields, label, model, prompt, batch_size, de
         scores = tm.clustering_sets(list(zip(vectors[field], labels)), kmeans_batch, seed)
     except Exception as err:
         raise _located(err, source)
-    record = _report(model_name, sets=table.num_rows, documents=sum(len(v) for v in labels))
+    record = _report(model_id, sets=table.num_rows, documents=sum(len(v) for v in labels))
     record.update({key: scores[key] for key in ("v_measure", "v_measure_std")})
     record["main_score"] = record["v_measure"]
-    _emit([record], output_format, lambda: _report_table(
+    mteb_file, inputs = saving
+    _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["sets"], "sets", record),
         [["v_measure", f"{record['v_measure']:.5f}", f"{record['v_measure_std']:.5f}"]],
-        ["metric", "mean", "std"]))
-    _check_fail_under([record], thresholds)
+        ["metric", "mean", "std"])), thresholds, mteb_file, inputs, model_id,
+            scores["v_measures"])
 
 
 # ---------------------------------------------------------------- eval embeddings
