@@ -14,6 +14,7 @@ import typer
 
 from vecpipe.cli import options
 from vecpipe.cli.errors import boundary
+from vecpipe.core.suite import Units
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -1039,7 +1040,7 @@ def sts(inputs: Annotated[Optional[List[str]], typer.Argument(
     cosine = similarities["cosine"]
     _finish(record, lambda: _emit([record], output_format, lambda: _sts_table(record)),
             thresholds, mteb_file, inputs, model_id,
-            lambda rows: m.spearman(gold[rows], cosine[rows]))
+            Units(lambda rows: m.spearman(gold[rows], cosine[rows]), len(gold)))
 
 
 
@@ -1432,8 +1433,8 @@ def pair_classification(
     _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["pairs"], "pairs", record), rows, ["similarity", *tm.PAIR_METRICS])),
             thresholds, mteb_file, inputs, model_id,
-            lambda picked: max(tm.average_precision(labels[picked], scores[picked])
-                               for scores in ranked))
+            Units(lambda picked: max(tm.average_precision(labels[picked], scores[picked])
+                                     for scores in ranked), len(labels)))
 
 
 # ---------------------------------------------------------------- eval reranking
@@ -1574,7 +1575,7 @@ def bitext_mining(
     _finish(record, lambda: _emit([record], output_format, lambda: _report_table(
         _titled(record["pairs"], "pairs", record), [[m, f"{record[m]:.5f}"] for m in metrics],
         ["metric", "value"])), thresholds, mteb_file, inputs, model_id,
-            lambda picked: tm.weighted_scores(picked, found[picked])["f1"])
+            Units(lambda picked: tm.weighted_scores(picked, found[picked])["f1"], len(found)))
 
 
 # ---------------------------------------------------------------- eval summarization
@@ -1662,7 +1663,7 @@ def summarization(
         _titled(record["texts"], "texts", record)
         + (f" ({left_out} left out)" if left_out else ""), rows,
         ["similarity", "pearson", "spearman"])), thresholds, mteb_file, inputs, model_id,
-            score_on)
+            Units(score_on, len(gold)))
 
 
 # ---------------------------------------------------------------- eval classification
@@ -2006,6 +2007,144 @@ def _clustering_sets(table, source, fields, label, model, prompt, batch_size, de
         [["v_measure", f"{record['v_measure']:.5f}", f"{record['v_measure_std']:.5f}"]],
         ["metric", "mean", "std"])), thresholds, mteb_file, inputs, model_id,
             scores["v_measures"])
+
+
+# ---------------------------------------------------------------- eval suite
+
+@app.command("suite")
+@boundary("eval suite")
+def suite(
+        path: Annotated[str, typer.Argument(
+            help="The suite file (TOML, or JSON): models, and tasks as eval commands.",
+            metavar="SUITE")],
+        cache: options.Cache = None,
+        save_mteb: options.SaveMteb = None,
+        seed: options.Seed = 0,
+        output_format: options.OutputFormat = "auto",
+        as_json: options.JsonFlag = False,
+        quiet: options.Quiet = False):
+    """Run a benchmark: every task of the suite file against every model, one comparison
+    table. A task is an eval command (beir, sts, pair-classification, reranking,
+    bitext-mining, summarization, classification, clustering) with its arguments, run as that
+    command runs it, -m each model in turn; models load once, and --cache shares embeddings
+    (beir). A cell is the task's main score; * marks a difference from the first model with a
+    paired-bootstrap p-value under 0.05 (1000 resamples of the task's queries, experiments or
+    pairs, seeded by --seed). The last row is MMTEB's Borda rank. --save-mteb files every
+    task's result under the task's name. Off a terminal: one JSON record per model.
+
+    \b
+    Suite file (TOML; paths relative to it):
+      models = ["default", "./finetuned"]     # the first is the baseline
+      [[tasks]]
+      name = "NFCorpus"                       # its MTEB file's name too
+      command = "beir"
+      args = ["../shared/data/nfcorpus", "--split", "test"]
+      revision = "ec0fa4fe99da2ff19ca1214b7966684033a58814"   # optional
+      languages = "eng-Latn"                  # optional
+
+    \b
+    Example:
+      vecpipe eval suite docs/suites/nfcorpus.toml
+      vecpipe eval suite suite.toml --cache .cache --save-mteb results
+    """
+    from vecpipe.core import suite as s
+
+    plan = s.read_suite(path)
+    cache, save_mteb = (os.path.abspath(p) if p else None for p in (cache, save_mteb))
+    results = {}  # (task name, model number) -> (record, units)
+    for task in plan.tasks:
+        for number, model in enumerate(plan.models):
+            results[task.name, number] = _suite_run(plan, task, model, cache, save_mteb)
+    records = _suite_records(plan, results, seed)
+    _emit(records, output_format, lambda: _suite_table(plan, records))
+
+
+def _suite_run(plan, task, model: str, cache, save_mteb):
+    """One task against one model through the task's own command: its (record, units)."""
+    import typer.main
+    from typer._click.exceptions import ClickException
+
+    from vecpipe.cli import console
+    from vecpipe.formats.errors import DataError, UsageError
+
+    group = typer.main.get_command(app)
+    command = group.commands[task.command]
+    if {"-m", "--model"} & set(task.args):
+        raise DataError(f"task {task.name}: give models in the suite's models, not -m",
+                        source=plan.path)
+    args = [task.command, *task.args, "-m", model, "--mteb-task", task.name]
+    takes = {option for param in command.params for option in param.opts}
+    args += ["--cache", cache] if cache and "--cache" in takes else []
+    args += ["--save-mteb", save_mteb] if save_mteb else []
+    args += ["--mteb-revision", task.revision] if task.revision else []
+    args += ["--mteb-languages", task.languages] if task.languages else []
+    reports, token = [], _SUITE.set([])
+    here = os.getcwd()
+    try:
+        os.chdir(plan.folder)
+        status = group.main(args=args, prog_name="vecpipe eval", standalone_mode=False)
+        reports = _SUITE.get()
+    except ClickException as err:
+        raise UsageError(f"task {task.name} in {plan.path}: {err.format_message()}") from None
+    finally:
+        os.chdir(here)
+        _SUITE.reset(token)
+        console.configure("vecpipe eval suite")
+    if status:
+        raise typer.Exit(status)  # the task's command has said why
+    if not reports:
+        raise DataError(f"task {task.name}: {task.command} gave no report to compare (--grid "
+                        "makes a table of its own)", source=plan.path)
+    console.info(f"{task.name} · {model}: {reports[0][0]['main_score']:.5f}")
+    return reports[0]
+
+
+def _suite_records(plan, results: dict, seed: int) -> list[dict]:
+    """One record per model: its main score and p-value against the first model per task,
+    and its Borda rank."""
+    from vecpipe.core import suite as s
+
+    numbers = range(len(plan.models))
+    scores = [[results[task.name, number][0]["main_score"] for task in plan.tasks]
+              for number in numbers]
+    ranks = s.borda_ranks(scores)
+    records = []
+    for number, model, row, rank in zip(numbers, plan.models, scores, ranks):
+        p_values = {task.name: None if number == 0 else s.compare(
+            results[task.name, 0][1], results[task.name, number][1], seed)
+            for task in plan.tasks}
+        records.append({"model": model, "model_name": results[plan.tasks[0].name, number][0]
+                        .get("model", model), "borda_rank": rank,
+                        "scores": {task.name: score for task, score in zip(plan.tasks, row)},
+                        "p_values": p_values})
+    return records
+
+
+def _suite_table(plan, records):
+    """Tasks down, models across; * where a model differs from the first (p < ALPHA)."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from vecpipe.core.suite import ALPHA
+
+    table = Table()
+    table.add_column("task")
+    for record in records:
+        table.add_column(record["model"], justify="right")
+    for task in plan.tasks:
+        table.add_row(task.name, *(_suite_cell(r["scores"][task.name],
+                                               r["p_values"][task.name]) for r in records))
+    table.add_row("Borda rank", *(str(r["borda_rank"]) for r in records))
+    note = f"main scores; * differs from {records[0]['model']} at p < {ALPHA} (paired bootstrap)"
+    return Group(Text(f"{len(plan.tasks)} tasks · {len(records)} models"), table, Text(note))
+
+
+def _suite_cell(score: float, p_value) -> str:
+    from vecpipe.core.suite import ALPHA
+
+    mark = "*" if p_value is not None and p_value < ALPHA else " "
+    return f"{score:.5f}{mark}"
 
 
 # ---------------------------------------------------------------- eval embeddings

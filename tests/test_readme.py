@@ -422,6 +422,7 @@ def make_fixtures(root: Path, nfcorpus: Path, model: str) -> Path:
     for shard in range(8):  # what the README's sharded embeds write
         embed(work / "corpus.jsonl", f"{work / 'parts'}/", "--shard", f"{shard}/8")
     (work / "tuned").symlink_to(model)  # a fine-tuned copy of the model, for the soup
+    (work / "suite.toml").write_text(readme_block("toml"))  # the README's eval suite file
     for name in ("docs", "corpus"):
         vecpipe_in_process("convert", work / f"{name}.jsonl", "-q", "-o", work / f"{name}.parquet")
     markdown_notes(work / "notes", spare[80:])
@@ -644,6 +645,9 @@ def check_stdout(argv: list[str], stdout: bytes, cwd: Path) -> None:
     elif command.startswith("eval ") and command.split()[1] in EVAL_TASKS:
         assert len(records) == 1 and "main_score" in records[0], records
         assert all(key in records[0] for key in EVAL_TASKS[command.split()[1]]), records
+    elif command == "eval suite":
+        assert records and all({"model", "borda_rank", "scores", "p_values"} <= set(r)
+                               for r in records), records
     elif command == "eval embeddings":
         described = [r for r in records if "input" in r]
         assert described and all({"rows", "dim"} <= set(r) for r in described), records
@@ -661,6 +665,12 @@ def check_stdout(argv: list[str], stdout: bytes, cwd: Path) -> None:
 EVAL_TASKS = {"pair-classification": ("max_ap", "cosine_f1"), "reranking": ("map_at_1000",),
               "bitext-mining": ("f1",), "summarization": ("cosine_spearman",),
               "classification": ("accuracy", "f1"), "clustering": ("v_measure",)}
+
+
+def readme_block(language: str) -> str:
+    """The README's one ```LANGUAGE block (a file the examples read, shown where they run)."""
+    [block] = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), re.S | re.M)
+    return block
 
 
 def read_records_bytes(data: bytes) -> list[dict]:

@@ -39,6 +39,7 @@ COMMAND_SPECIFIC = {
     "eval classification": {"--train", "--split-field", "--samples-per-label"},
     "eval clustering": {"--bootstrap-size", "--max-documents", "--kmeans-batch", "--max-depth",
                         "--legacy"},
+    "eval suite": set(),
     "eval embeddings": {"--duplicate-threshold", "--alpha", "--fail-on-drift", "--depth"},
     "mine-negatives": {"--corpus", "--beir", "--num-negatives", "--range-min", "--range-max",
                        "--max-score", "--absolute-margin", "--relative-margin", "--sampling",
