@@ -1083,6 +1083,8 @@ class _MtebFile:
 
 
 _SUITE = contextvars.ContextVar("eval_suite_reports", default=None)
+# inside `eval suite`: (model, prompt, text) -> vector, so a suite embeds each text once a model
+_SUITE_VECTORS = contextvars.ContextVar("eval_suite_vectors", default=None)
 
 
 def _finish(record: dict, emit, thresholds, mteb_file: _MtebFile, inputs, model, units=None,
@@ -1160,7 +1162,17 @@ class _Embedder:
 
             self.loaded = load_model(self.spec, device=self.device,
                                      trust_remote_code=self.trust_remote_code)
-        return self.loaded.encode(texts, self.batch_size, prompt or "", normalize=False)
+        vectors = _SUITE_VECTORS.get()
+        if vectors is None:
+            return self.loaded.encode(texts, self.batch_size, prompt or "", normalize=False)
+        import numpy as np
+
+        key = (self.spec, self.loaded.sha, prompt or "")
+        missing = [text for text in dict.fromkeys(texts) if (key, text) not in vectors]
+        if missing:
+            encoded = self.loaded.encode(missing, self.batch_size, prompt or "", normalize=False)
+            vectors.update({(key, text): vector for text, vector in zip(missing, encoded)})
+        return np.stack([vectors[key, text] for text in texts])
 
     def model(self):
         """The loaded model's identity (None before any text was embedded)."""
@@ -2026,8 +2038,8 @@ def suite(
     """Run a benchmark: every task of the suite file against every model, one comparison
     table. A task is an eval command (beir, sts, pair-classification, reranking,
     bitext-mining, summarization, classification, clustering) with its arguments, run as that
-    command runs it, -m each model in turn; models load once, and --cache shares embeddings
-    (beir). A cell is the task's main score; * marks a difference from the first model with a
+    command runs it, -m each model in turn; models load once and each text is embedded once
+    a model (--cache keeps beir's corpus vectors on disk across runs too). A cell is the task's main score; * marks a difference from the first model with a
     paired-bootstrap p-value under 0.05 (1000 resamples of the task's queries, experiments or
     pairs, seeded by --seed). The last row is MMTEB's Borda rank. --save-mteb files every
     task's result under the task's name. Off a terminal: one JSON record per model.
@@ -2052,9 +2064,13 @@ def suite(
     plan = s.read_suite(path)
     cache, save_mteb = (os.path.abspath(p) if p else None for p in (cache, save_mteb))
     results = {}  # (task name, model number) -> (record, units)
-    for task in plan.tasks:
-        for number, model in enumerate(plan.models):
-            results[task.name, number] = _suite_run(plan, task, model, cache, save_mteb)
+    token = _SUITE_VECTORS.set({})
+    try:
+        for task in plan.tasks:
+            for number, model in enumerate(plan.models):
+                results[task.name, number] = _suite_run(plan, task, model, cache, save_mteb)
+    finally:
+        _SUITE_VECTORS.reset(token)
     records = _suite_records(plan, results, seed)
     _emit(records, output_format, lambda: _suite_table(plan, records))
 

@@ -166,3 +166,25 @@ def test_shipped_suite_reproduces_the_published_nfcorpus_score(cli, nfcorpus, tm
     assert round(record["scores"]["NFCorpus"], 5) == 0.31594  # MTEB's published nDCG@10
     [path] = (tmp_path / "results").glob("sentence-transformers__all-MiniLM-L6-v2/*/NFCorpus.json")
     assert json.loads(path.read_text())["scores"]["test"][0]["languages"] == ["eng-Latn"]
+
+
+def test_a_suite_embeds_each_text_once_per_model(cli, tmp_path, write_jsonl, monkeypatch):
+    from vecpipe.core.embedder import Embedder
+
+    write_jsonl(tmp_path / "sts.jsonl", sts_rows(20))
+    embedded = []
+    encode = Embedder.encode
+    monkeypatch.setattr(Embedder, "encode", lambda self, texts, *args, **kwargs: (
+        embedded.extend((self.name, text) for text in texts), encode(self, texts, *args,
+                                                                      **kwargs))[1])
+    path = write_suite(tmp_path / "suite.toml", ["fake:16", "fake:24"], [
+        {"name": "A", "command": "sts", "args": ["sts.jsonl"]},
+        {"name": "B", "command": "pair-classification", "args": ["pairs.jsonl"]}])
+    write_jsonl(tmp_path / "pairs.jsonl", [dict(r, labels=i % 2) for i, r in
+                                           enumerate(sts_rows(20))])  # the same sentences
+    r = cli("eval", "suite", path)
+    assert r.exit_code == 0, r
+    assert len(embedded) == len(set(embedded))  # no text twice for one model
+    assert {name for name, _ in embedded} == {"fake:16", "fake:24"}
+    alone = cli("eval", "sts", tmp_path / "sts.jsonl", "-m", "fake:16").records()[0]
+    assert r.records()[0]["scores"]["A"] == alone["main_score"]
