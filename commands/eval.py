@@ -2060,22 +2060,28 @@ def suite(
       vecpipe eval suite suite.toml --cache .cache --save-mteb results
     """
     from vecpipe.core import suite as s
+    from vecpipe.formats.errors import DataError
 
     plan = s.read_suite(path)
+    for task in plan.tasks:  # before any task runs
+        if {"-m", "--model"} & set(task.args):
+            raise DataError(f"task {task.name}: give models in the suite's models, not -m",
+                            source=plan.path)
     cache, save_mteb = (os.path.abspath(p) if p else None for p in (cache, save_mteb))
     results = {}  # (task name, model number) -> (record, units)
     token = _SUITE_VECTORS.set({})
     try:
         for task in plan.tasks:
             for number, model in enumerate(plan.models):
-                results[task.name, number] = _suite_run(plan, task, model, cache, save_mteb)
+                results[task.name, number] = _suite_run(plan, task, model, cache, save_mteb,
+                                                        quiet)
     finally:
         _SUITE_VECTORS.reset(token)
     records = _suite_records(plan, results, seed)
     _emit(records, output_format, lambda: _suite_table(plan, records))
 
 
-def _suite_run(plan, task, model: str, cache, save_mteb):
+def _suite_run(plan, task, model: str, cache, save_mteb, quiet: bool):
     """One task against one model through the task's own command: its (record, units)."""
     import typer.main
     from typer._click.exceptions import ClickException
@@ -2085,10 +2091,8 @@ def _suite_run(plan, task, model: str, cache, save_mteb):
 
     group = typer.main.get_command(app)
     command = group.commands[task.command]
-    if {"-m", "--model"} & set(task.args):
-        raise DataError(f"task {task.name}: give models in the suite's models, not -m",
-                        source=plan.path)
     args = [task.command, *task.args, "-m", model, "--mteb-task", task.name]
+    args += ["--quiet"] if quiet else []
     takes = {option for param in command.params for option in param.opts}
     args += ["--cache", cache] if cache and "--cache" in takes else []
     args += ["--save-mteb", save_mteb] if save_mteb else []
@@ -2105,7 +2109,7 @@ def _suite_run(plan, task, model: str, cache, save_mteb):
     finally:
         os.chdir(here)
         _SUITE.reset(token)
-        console.configure("vecpipe eval suite")
+        console.configure("vecpipe eval suite", quiet)
     if status:
         raise typer.Exit(status)  # the task's command has said why
     if not reports:

@@ -188,3 +188,10 @@ def test_a_suite_embeds_each_text_once_per_model(cli, tmp_path, write_jsonl, mon
     assert {name for name, _ in embedded} == {"fake:16", "fake:24"}
     alone = cli("eval", "sts", tmp_path / "sts.jsonl", "-m", "fake:16").records()[0]
     assert r.records()[0]["scores"]["A"] == alone["main_score"]
+
+
+def test_quiet_suites_say_nothing_on_stderr(cli, tmp_path):
+    path = write_suite(tmp_path / "suite.toml", ["fake:16"], [
+        {"name": "Tiny", "command": "beir", "args": [str(TINY)]}])
+    r = cli("eval", "suite", path, "-q")
+    assert r.exit_code == 0 and r.stderr == "" and r.records()
