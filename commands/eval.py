@@ -5,9 +5,10 @@ classification and clustering, each computed as MTEB's own evaluator (core/task_
 """
 import contextvars
 import math
-from dataclasses import dataclass, field
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from typing import Annotated, List, Optional
 
 import typer
@@ -2061,7 +2062,9 @@ def suite(
     """
     from vecpipe.core import suite as s
     from vecpipe.formats.errors import DataError
+    from vecpipe.formats.writers import resolve_report_format
 
+    resolve_report_format(output_format)  # a bad choice fails before the tasks, not after
     plan = s.read_suite(path)
     for task in plan.tasks:  # before any task runs
         if {"-m", "--model"} & set(task.args):
@@ -2110,8 +2113,9 @@ def _suite_run(plan, task, model: str, cache, save_mteb, quiet: bool):
         os.chdir(here)
         _SUITE.reset(token)
         console.configure("vecpipe eval suite", quiet)
-    if status:
-        raise typer.Exit(status)  # the task's command has said why
+    if status:  # the task's command has said why; say where in the suite
+        print(f"hint: task {task.name} of {plan.path}, model {model}", file=sys.stderr)
+        raise typer.Exit(status)
     if not reports:
         raise DataError(f"task {task.name}: {task.command} gave no report to compare (--grid "
                         "makes a table of its own)", source=plan.path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from vecpipe.formats.errors import DataError
@@ -59,8 +60,11 @@ def read_suite(path: str) -> Suite:
 
 
 def _parse(path: str) -> dict:
-    with open(path, "rb") as f:
-        raw = f.read()
+    from vecpipe.formats.readers import open_input
+
+    stream, _, _ = open_input(path)
+    with stream:
+        raw = stream.read()
     try:
         if path.endswith(".json"):
             data = json.loads(raw)
@@ -69,13 +73,24 @@ def _parse(path: str) -> dict:
 
             data = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise DataError(f"not a suite file: {str(err).splitlines()[0]}", source=path) from None
+        message, line = _error_line(err)
+        raise DataError(f"not a suite file: {message}", source=path, record=line) from None
     if not isinstance(data, dict):
         raise DataError("a suite file is a table of models and tasks", source=path)
     unknown = sorted(set(data) - {"models", "tasks"})
     if unknown:
         raise DataError(f"unknown key {unknown[0]!r}; a suite has models and tasks", source=path)
     return data
+
+
+def _error_line(err: Exception) -> tuple[str, int | None]:
+    """The parser's message without its position, and the line it names (JSON's lineno,
+    TOML's "(at line N, column M)")."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg, err.lineno
+    message = str(err).splitlines()[0]
+    at = re.search(r"\s*\(at line (\d+), column \d+\)$", message)
+    return (message[:at.start()], int(at.group(1))) if at else (message, None)
 
 
 def _task(entry, path: str, number: int) -> SuiteTask:

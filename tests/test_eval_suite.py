@@ -139,10 +139,20 @@ def test_a_failing_task_stops_the_suite_with_its_error(cli, tmp_path):
         {"name": "x", "command": "sts", "args": ["missing.jsonl"]}])
     r = cli("eval", "suite", path)
     assert r.exit_code == 1 and "missing.jsonl" in r.stderr and r.stdout == ""
+    assert f"hint: task x of {path}, model fake:8" in r.stderr  # which task of which suite
     path = write_suite(tmp_path / "suite.toml", ["fake:8"], [
         {"name": "x", "command": "sts", "args": ["--no-such-option"]}])
     r = cli("eval", "suite", path)
     assert r.exit_code == 2 and "task x" in r.stderr and "--no-such-option" in r.stderr
+
+
+@pytest.mark.parametrize("name, content", [("bad.toml", 'models = ["fake:8"]\n[[tasks]\n'),
+                                           ("bad.json", '{"models": ["fake:8"],\n "tasks": [}')])
+def test_a_broken_suite_file_is_located_to_its_line(cli, tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    r = cli("eval", "suite", path)
+    assert r.exit_code == 1 and r.stderr.rstrip().endswith(f"({path}:2)"), r
 
 
 def test_json_suite_files(cli, tmp_path):

@@ -57,6 +57,7 @@ COMMANDS = [
                                 "--bootstrap-size", "50"), "labelled", "no records",
             ("--bootstrap-size", "0")),
     Command("eval embeddings", ("{vectors}",), "vectors", "no vectors", ("--sample", "1")),
+    Command("eval suite", ("{suite}",), "suite", "no tasks", ("--output-format", "xml")),
     Command("mine-negatives", ("{pairs}", "-m", "fake:8", "-n", "1"), "pairs",
             "no pairs: the input is empty", ("--batch-size", "0"), "file"),
     Command("merge", ("{vectors}", "{vectors}"), "vectors", None, ("--input-format", "xml"),
@@ -142,6 +143,9 @@ def inputs(tmp_path_factory):
         "empty": folder / "empty.jsonl",
     }
     files["empty"].write_bytes(b"")
+    files["suite"] = folder / "suite.toml"
+    files["suite"].write_text(f'models = ["fake:8"]\n[[tasks]]\nname = "pairs"\n'
+                              f'command = "sts"\nargs = ["{files["sts"]}"]\n')
     runner = CliRunner()
     for args in (["embed", files["docs"], "-m", "fake:8", "-o", folder / "vectors.arrow"],
                  ["embed", files["docs"], "-m", "fake:8", "-o", folder / "vectors.jsonl"],
@@ -157,7 +161,7 @@ def inputs(tmp_path_factory):
         f"{h['query_id']}\t{h['id']}\t1\n" for h in hits if h["rank"] == 1))
     first_lines = {name: files[name].read_bytes().splitlines(keepends=True)[0]
                    for name in ("docs", "queries", "pairs", "sts", "run", "pairclass",
-                                "rerank", "summ", "labelled")}
+                                "rerank", "summ", "labelled", "suite")}
     first_lines["vectors"] = (folder / "vectors.jsonl").read_bytes().splitlines(True)[0]
     for name, line in first_lines.items():
         files[f"bad_{name}"] = folder / f"bad_{name}.jsonl"

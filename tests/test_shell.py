@@ -59,7 +59,7 @@ def folder(tmp_path):
      ["jsonl", "json"]),
     (["vecpipe", "eval", ""], ["retrieval", "calibrate", "beir", "sts", "pair-classification",
                                "reranking", "bitext-mining", "summarization", "classification",
-                               "clustering", "embeddings"]),
+                               "clustering", "suite", "embeddings"]),
     (["vecpipe", "completion", ""], ["bash", "zsh", "fish"]),
     (["vecpipe", "man", "ev"], ["eval"]),
     (["vecpipe", "embed", "--prompt", ""], []),  # free text: nothing offered
@@ -154,7 +154,7 @@ def test_fish_completes_choices_options_and_folders(folder):
     assert "--backend" in _fish("vecpipe embed x.jsonl --back", folder)
     assert sorted(_fish("vecpipe eval ", folder)) == [
         "beir", "bitext-mining", "calibrate", "classification", "clustering", "embeddings",
-        "pair-classification", "reranking", "retrieval", "sts", "summarization"]
+        "pair-classification", "reranking", "retrieval", "sts", "suite", "summarization"]
     assert sorted(_fish("vecpipe search ", folder)) == ["idx/", "idx2/"]
     assert "--output-format" in _fish("vecpipe eval beir --out", folder)
 
