@@ -412,11 +412,11 @@ class Hyperparameters:
     precision: str = "auto"
     save_steps: int = 500
     save_total_limit: int | None = 2
-    logging_steps: int = 10
+    logging_steps: int | None = None    # None: about 20 notes over the run
 
     def check(self) -> None:
         for name in ("batch_size", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ParameterError(f"{name.replace('_', ' ')} must be at least 1", name)
         if self.max_steps is not None and self.max_steps < 1:
             raise ParameterError("steps must be at least 1", "max_steps")
@@ -596,7 +596,8 @@ def training_arguments(job: TrainingJob, work: str, on_gpu: bool, bf16_ok: bool)
         warmup_steps=float(h.warmup_ratio), weight_decay=h.weight_decay, seed=h.seed,
         data_seed=h.seed, bf16=flags["bf16"], fp16=flags["fp16"],
         use_cpu=job.device == "cpu", save_strategy="steps", save_steps=h.save_steps,
-        save_total_limit=h.save_total_limit, logging_steps=h.logging_steps, report_to="none",
+        save_total_limit=h.save_total_limit, report_to="none",
+        logging_steps=h.logging_steps or logging_interval(h, len(job.data.examples)),
         disable_tqdm=True, dataloader_drop_last=False,
         batch_sampler=BatchSamplers.NO_DUPLICATES if job.loss.name in IN_BATCH_LOSSES
         else BatchSamplers.BATCH_SAMPLER,
@@ -610,6 +611,14 @@ def training_arguments(job: TrainingJob, work: str, on_gpu: bool, bf16_ok: bool)
                         # the base model's score opens the curve (a resumed run has it)
                         eval_on_start=not job.resume or last_checkpoint(work) is None)
     return SentenceTransformerTrainingArguments(**settings), flags["precision"]
+
+
+def logging_interval(h: Hyperparameters, examples: int) -> int:
+    """Steps between loss notes: about 20 over the run, at most 50 apart."""
+    import math
+
+    steps = h.max_steps or math.ceil(math.ceil(examples / h.batch_size) * h.epochs)
+    return max(1, min(50, steps // 20))
 
 
 def _column_prompts(job: TrainingJob) -> dict:
@@ -717,7 +726,7 @@ def make_recipe(job: TrainingJob, state, checkpoint, progress: _Progress,
     from vecpipe.formats import __version__
 
     recipe = {"vecpipe_version": __version__,
-              "base_model": asdict(job.base),
+              "base_model": _model_record(job.base),
               "data": job.data.fingerprint(),
               "loss": job.loss.describe(),
               "hyperparameters": asdict(job.hyper),
@@ -729,13 +738,18 @@ def make_recipe(job: TrainingJob, state, checkpoint, progress: _Progress,
               "loss_curve": [{"step": e["step"], "loss": e["loss"]}
                              for e in state.log_history if "loss" in e]}
     if job.guide is not None:
-        recipe["guide"] = asdict(job.guide)
+        recipe["guide"] = _model_record(job.guide)
     if job.evaluation is not None:
         recipe["evaluation"] = asdict(job.evaluation)
         recipe["eval_curve"] = eval_curve(state.log_history, job.evaluation.metric)
         recipe["best"] = {"checkpoint_step": _checkpoint_step(state.best_model_checkpoint),
                           job.evaluation.metric: state.best_metric}
     return recipe
+
+
+def _model_record(ref: ModelRef) -> dict:
+    """A model by its recorded name and content hash (not this machine's path to it)."""
+    return {"name": ref.name, "sha256": ref.sha256}
 
 
 def eval_curve(log_history: list, metric: str) -> list:
