@@ -670,6 +670,11 @@ def _progress_callback(progress: _Progress):
 def load_model(ref: ModelRef, device: str, max_length: int | None,
                trust_remote_code: bool = False):
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    # stderr carries vecpipe's notes (quiet silences them): no library bars or chatter
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
     st = SentenceTransformer(ref.path, device=None if device == "auto" else device,
                              trust_remote_code=trust_remote_code)
@@ -702,6 +707,9 @@ def train(job: TrainingJob) -> dict:
     evaluator = None if job.evaluation is None else beir_evaluator(
         job.evaluation, (job.hyper.query_prompt, job.hyper.doc_prompt))
     progress = _Progress()
+    # our own widget examples: the model card's sampler draws on the global random state and
+    # shows a progress bar of its own
+    model.model_card_data.widget = widget_examples(job.data.examples)
     trainer = SentenceTransformerTrainer(
         model=model, args=args,
         train_dataset=Dataset.from_dict(loss_columns(job.data.examples, job.loss.name)),
@@ -719,6 +727,18 @@ def train(job: TrainingJob) -> dict:
     swap_into_place(final, os.path.realpath(os.path.abspath(job.output)))
     shutil.rmtree(work, ignore_errors=True)
     return recipe
+
+
+def widget_examples(examples: list, count: int = 5) -> list:
+    """The model card's examples: the first queries, each with its positive and negatives
+    (and other queries' positives, to show four texts)."""
+    positives = [e.positive for e in examples]
+    widget = []
+    for i, example in enumerate(examples[:count]):
+        others = positives[i + 1:] + positives[:i]
+        sentences = ([example.positive, *example.negatives] + others)[:3]
+        widget.append({"source_sentence": example.anchor, "sentences": sentences})
+    return widget
 
 
 def make_recipe(job: TrainingJob, state, checkpoint, progress: _Progress,
