@@ -86,7 +86,8 @@ def run(data: Annotated[Optional[List[str]], typer.Argument(
     never holds half a model. DIR carries vecpipe-train.json, the recipe `vecpipe info DIR`
     shows: the data's sha256, the loss, the hyperparameters, the base model's hash, the
     vecpipe version, the loss curve and, with --eval-beir, the evaluation curve and the best
-    step. Runs on a CPU for small models and data; on GPUs with mixed precision (--precision
+    step. --max-length shortens the token window while training only (the evaluations and
+    the saved model use the model's own). Runs on a CPU for small models and data; on GPUs with mixed precision (--precision
     auto), and on several GPUs when launched through torchrun or accelerate (one process per
     GPU).
 

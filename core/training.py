@@ -442,11 +442,12 @@ class EvalSpec:
     batch_size: int = 32
 
 
-def beir_evaluator(spec: EvalSpec, prompts: tuple):
+def beir_evaluator(spec: EvalSpec, prompts: tuple, window: int | None = None):
     """A sentence-transformers evaluator that embeds the split's judged queries and the
     corpus with the model being trained, searches exactly by cosine (core.vectors.ExactSearch)
     and scores the run with core.retrieval_metrics (MTEB's cutoffs): the numbers `eval beir`
-    reports for the same model."""
+    reports for the same model. `window`: the token window texts are embedded with (the saved
+    model's, when training truncates shorter)."""
     from sentence_transformers.sentence_transformer.evaluation import SentenceEvaluator
 
     from vecpipe.core import retrieval_metrics as metrics
@@ -467,8 +468,13 @@ def beir_evaluator(spec: EvalSpec, prompts: tuple):
             self.greater_is_better = True
 
         def __call__(self, model, output_path=None, epoch=-1, steps=-1) -> dict:
-            run = search_corpus(model, files.corpus, queries, max(metrics.MTEB_KS),
-                                (query_prompt, doc_prompt), spec.batch_size)
+            training_window = model.max_seq_length
+            model.max_seq_length = window or training_window
+            try:
+                run = search_corpus(model, files.corpus, queries, max(metrics.MTEB_KS),
+                                    (query_prompt, doc_prompt), spec.batch_size)
+            finally:
+                model.max_seq_length = training_window
             means = metrics.evaluate(qrels, run, metrics.MTEB_KS).means
             if spec.metric not in means:
                 raise ParameterError(f"the evaluation has no metric {spec.metric}", "metric")
@@ -555,6 +561,8 @@ def prepare_work(job: TrainingJob) -> str | None:
     (the same job only). Returns the checkpoint to resume from (None: start at step 0)."""
     work = work_folder(job.output)
     recorded = os.path.join(work, JOB_FILE)
+    if not main_process():  # under torchrun the first process checks and records the job
+        return last_checkpoint(work) if job.resume else None
     if os.path.isdir(work) and not job.resume:
         if os.listdir(work):
             raise InterruptedRun("an interrupted training run left its checkpoints here",
@@ -570,6 +578,12 @@ def prepare_work(job: TrainingJob) -> str | None:
     with open(recorded, "w", encoding="utf-8") as f:
         json.dump(job.identity(), f, indent=2)
     return last_checkpoint(work) if job.resume else None
+
+
+def main_process() -> bool:
+    """Whether this is the first (or only) process of a several-GPU launch (torchrun and
+    accelerate set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def precision_flags(precision: str, on_gpu: bool, bf16_ok: bool) -> dict:
@@ -667,8 +681,7 @@ def _progress_callback(progress: _Progress):
     return Watch()
 
 
-def load_model(ref: ModelRef, device: str, max_length: int | None,
-               trust_remote_code: bool = False):
+def load_model(ref: ModelRef, device: str, trust_remote_code: bool = False):
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as transformers_logging
 
@@ -676,11 +689,8 @@ def load_model(ref: ModelRef, device: str, max_length: int | None,
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
 
-    st = SentenceTransformer(ref.path, device=None if device == "auto" else device,
-                             trust_remote_code=trust_remote_code)
-    if max_length is not None:
-        st.max_seq_length = max_length
-    return st
+    return SentenceTransformer(ref.path, device=None if device == "auto" else device,
+                               trust_remote_code=trust_remote_code)
 
 
 def train(job: TrainingJob) -> dict:
@@ -697,15 +707,19 @@ def train(job: TrainingJob) -> dict:
     check_data_for_loss(job.data, job.loss.name)
     checkpoint = prepare_work(job)
     work = work_folder(job.output)
-    model = load_model(job.base, job.device, job.hyper.max_length, job.trust_remote_code)
+    model = load_model(job.base, job.device, job.trust_remote_code)
     job.loss.check(model.get_embedding_dimension())
-    guide = load_model(job.guide, job.device, None, job.trust_remote_code) \
+    # a shorter window makes training cheaper; the saved model keeps its own
+    window = model.max_seq_length
+    if job.hyper.max_length is not None:
+        model.max_seq_length = job.hyper.max_length
+    guide = load_model(job.guide, job.device, job.trust_remote_code) \
         if job.guide is not None else None
     on_gpu = job.device != "cpu" and torch.cuda.is_available()
     args, precision = training_arguments(job, work, on_gpu,
                                          on_gpu and torch.cuda.is_bf16_supported())
     evaluator = None if job.evaluation is None else beir_evaluator(
-        job.evaluation, (job.hyper.query_prompt, job.hyper.doc_prompt))
+        job.evaluation, (job.hyper.query_prompt, job.hyper.doc_prompt), window)
     progress = _Progress()
     # our own widget examples: the model card's sampler draws on the global random state and
     # shows a progress bar of its own
@@ -722,6 +736,7 @@ def train(job: TrainingJob) -> dict:
     recipe = make_recipe(job, trainer.state, checkpoint, progress, precision)
     final = os.path.join(work, FINAL_FOLDER)
     shutil.rmtree(final, ignore_errors=True)
+    model.max_seq_length = window
     model.save(final)
     write_recipe(final, recipe)
     swap_into_place(final, os.path.realpath(os.path.abspath(job.output)))

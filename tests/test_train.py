@@ -286,9 +286,13 @@ def test_evaluation_keeps_the_best_checkpoint_by_vecpipes_own_metric(cli, tmp_pa
 def test_recipe_records_the_data_fingerprint_and_info_shows_it(cli, tmp_path, tiny_model):
     first = write_rows(tmp_path / "a.parquet", "triplet")
     r = cli("train", first, "-o", tmp_path / "model", "-m", tiny_model, "--max-steps", "2",
-            *FAST)
+            "--max-length", "16", *FAST)
     assert r.exit_code == 0, r
     recipe = recipe_of(tmp_path / "model")
+    assert recipe["hyperparameters"]["max_length"] == 16  # trained on 16 tokens; saved with 64
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(tmp_path / "model"), device="cpu").max_seq_length == 64
     digest = hashlib.sha256(first.read_bytes()).hexdigest()
     assert recipe["data"]["sha256"] == digest
     assert recipe["data"]["files"] == [{"path": str(first), "bytes": first.stat().st_size,
