@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,onnx,openvino,ray,eval
+EXTRAS ?= test,onnx,openvino,ray,eval,train
 PYTEST_ARGS ?=
 
 .PHONY: install install-shell test test-fast bench man demo clean

@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("compress", "compress"),
     ("eval", "eval"),
     ("mine-negatives", "mine_negatives"),
+    ("train", "train"),
     ("merge", "merge"),
     ("info", "info"),
     ("convert", "convert"),

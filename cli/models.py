@@ -120,6 +120,17 @@ def model_identity(spec: str | None) -> str:
     return "sha256:" + content_facts(folder, skip=("onnx",))["sha256"][:16]
 
 
+def model_source(spec: str | None) -> tuple[str, str, str | None]:
+    """(the folder or hub name to load, the name recorded, its content hash for local
+    folders) of a model to train or guide; fake models have no weights to train."""
+    if spec is not None and spec.startswith("fake:"):
+        raise UsageError(f"{spec} is a fake model: it has no weights to train")
+    path, name = _model_path(spec)
+    local = os.path.isdir(path)
+    _quiet_libraries(offline=local)
+    return path, name, model_identity(spec) if local else None
+
+
 def parse_fake(spec: str) -> int:
     try:
         dim = int(spec.split(":", 1)[1])

@@ -338,7 +338,8 @@ def precision(value: str | None):
 
 
 Precision = Annotated[str, shared(
-    "--precision", callback=precision, help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA, "
+    "--precision", callback=precision, help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA "
+                        "(train: mixed bfloat16 where the GPU has it, float32 on a CPU), "
                         "embed: bfloat16 with torch on a CPU with AMX, else float32; openvino "
                         "takes float32 or bfloat16); output vectors "
                         "are float32, and a precision other than float32 is recorded in the "
@@ -393,6 +394,24 @@ Pooling = Annotated[Optional[str], shared(
     "--pooling", metavar="MODE", help="cls|mean|max|lasttoken|weightedmean instead of the "
                                       "model's own pooling (in metadata, so queries are "
                                       "embedded alike).", show_default=False)]
+MaxLength = Annotated[Optional[int], shared(
+    "--max-length", min=1, help="Token window, at most the model's (longer inputs are "
+                                "truncated; embed counts them).", metavar="N")]
+# GISTEmbed's rule, shared by mining (the candidates kept) and training (the in-batch
+# candidates a gist loss contrasts): a candidate counts only if it scores below the positive
+AbsoluteMargin = Annotated[Optional[float], shared(
+    "--absolute-margin", help="Keep a candidate only if score <= positive - A (train: the "
+                              "guide's scores of the in-batch candidates, gist losses; "
+                              "default 0).", metavar="A")]
+RelativeMargin = Annotated[Optional[float], shared(
+    "--relative-margin", help="Keep a candidate only if score <= positive - |positive| * R "
+                              "(0.05: NV-Retriever's 95%; train: the guide's scores, gist "
+                              "losses).", metavar="R")]
+Guide = Annotated[Optional[str], shared(
+    "--guide", help="GISTEmbed's guide model: mine-negatives drops a candidate it scores at "
+                    "least as similar to the query as the (weakest) positive; train's gist "
+                    "losses leave out the in-batch candidates it rates above the positive.",
+    metavar="MODEL")]
 Metric = Annotated[Optional[str], shared(
     "--metric", help="cos|ip|l2sq|hamming. Default: cos for float vectors, hamming for packed "
                      "bits (search: for an embeddings-stream INDEX only).", show_default=False)]

@@ -35,9 +35,7 @@ def run(inputs: options.Inputs = None,
         old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision",
                                  lambda value: {"precision": options.precision(value)}) = None,
         backend: options.Backend = "torch",
-        max_length: Annotated[Optional[int], typer.Option(
-            "--max-length", min=1, help="Token window, at most the model's (longer inputs "
-                                        "are truncated and counted).", metavar="N")] = None,
+        max_length: options.MaxLength = None,
         chunk_tokens: Annotated[Optional[int], typer.Option(
             "--chunk-tokens", min=1, help="Split texts into windows of N tokens (one row per "
                                           "chunk, with parent_id, chunk, char_start, char_end).",

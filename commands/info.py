@@ -22,10 +22,13 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
         fields: options.FieldsFlag = False,
         field_names: options.alias(bool, "--field-names", "--fields", "fields") = False,
         quiet: options.Quiet = False):
-    """Describe record streams, index folders, TREC runs and qrels files. Every kind reports
-    path, kind (records|index|trec-run|qrels), format, rows, bytes, columns and metadata; an
-    index adds its layout, files and manifest, a TREC run its queries, hits per query and
-    depth, a qrels file its queries, judgments, relevant documents per query and grades.
+    """Describe record streams, index folders, model folders, TREC runs and qrels files. Every
+    kind reports path, kind (records|index|model|trec-run|qrels), format, rows, bytes, columns
+    and metadata; an index adds its layout, files and manifest, a model its files and how
+    vecpipe made it (`train`'s recipe: data fingerprint, loss, hyperparameters, base model,
+    loss and evaluation curves; `merge --models`' record), a TREC run its queries, hits per
+    query and depth, a qrels file its queries, judgments, relevant documents per query and
+    grades.
     Reads each input to the end to count rows (an index answers from its manifest). A named
     file that is not JSONL/Arrow/Parquet is read as a TREC run (`qid Q0 docid rank score
     tag`) or qrels (`qid 0 docid rel`, or BEIR's TSV); a .csv/.tsv name is read as CSV/TSV
@@ -41,6 +44,7 @@ def run(inputs: Annotated[Optional[List[str]], typer.Argument(
       vecpipe info corpus.jsonl
       vecpipe embed docs.jsonl | vecpipe info
       vecpipe info idx/
+      vecpipe info model/   # how `vecpipe train` made it
       vecpipe info run.trec qrels/test.tsv
       vecpipe info --fields corpus.parquet
       vecpipe info --verify idx/   # exit 1 if a file does not match its checksum
@@ -76,6 +80,8 @@ def describe(path: str, input_format: str = "auto") -> dict:
     """The facts of one input, whatever its kind."""
     from vecpipe.formats.readers import named_format
 
+    if os.path.isdir(path) and is_model_folder(path):
+        return describe_model(path)
     if os.path.isdir(path):
         return describe_index(path)
     kind, fmt = trec_kind(path) if input_format == "auto" and path != "-" else (None, None)
@@ -124,6 +130,38 @@ def describe_index(path: str) -> dict:
             "columns": {name: types.get(name) for name in manifest["fields"]},
             "metadata": metadata, "layout": layout_of(manifest), "files": files,
             "manifest": summary}
+
+
+MODEL_MARKERS = ("modules.json", "config_sentence_transformers.json")
+
+
+def is_model_folder(path: str) -> bool:
+    """A sentence-transformers model folder (trained, merged or downloaded), not an index."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in MODEL_MARKERS)
+
+
+def describe_model(path: str) -> dict:
+    """A model folder: its files, and how vecpipe made it (the train recipe, the merge
+    record) when it did."""
+    from vecpipe.core.model_soup import PROVENANCE_FILE
+    from vecpipe.core.training import read_recipe
+
+    files = {}
+    for folder, subfolders, names in os.walk(path):
+        subfolders.sort()
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            files[os.path.relpath(full, path)] = os.path.getsize(full)
+    facts = {"path": path, "kind": "model", "format": "sentence-transformers", "rows": None,
+             "bytes": sum(files.values()), "columns": {}, "metadata": {}, "files": files}
+    recipe = read_recipe(path)
+    if recipe is not None:
+        facts["recipe"] = recipe
+    merged = os.path.join(path, PROVENANCE_FILE)
+    if os.path.isfile(merged):
+        with open(merged, encoding="utf-8") as f:
+            facts["merge"] = json.load(f)
+    return facts
 
 
 def _parquet_types(path: str) -> dict:

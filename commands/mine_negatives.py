@@ -46,13 +46,8 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
         min_score: options.MinScore = None,
         max_score: Annotated[Optional[float], typer.Option(
             "--max-score", help="Drop candidates scoring above S.", metavar="S")] = None,
-        absolute_margin: Annotated[Optional[float], typer.Option(
-            "--absolute-margin", help="Keep a candidate only if score <= positive - A.",
-            metavar="A")] = None,
-        relative_margin: Annotated[Optional[float], typer.Option(
-            "--relative-margin", help="Keep a candidate only if score <= positive - "
-                                      "|positive| * R (0.05: NV-Retriever's 95%).",
-            metavar="R")] = None,
+        absolute_margin: options.AbsoluteMargin = None,
+        relative_margin: options.RelativeMargin = None,
         margin_per: Annotated[str, typer.Option(
             "--margin-per", help="query: the margins are measured from the query's weakest "
                                  "positive; positive: from each positive, and each (query, "
@@ -71,10 +66,7 @@ def run(pairs: Annotated[Optional[List[str]], typer.Argument(
             "--cross-encoder", help="Rescore candidates and positives with this "
                                     "cross-encoder before filtering and ranking.",
             metavar="MODEL")] = None,
-        guide: Annotated[Optional[str], typer.Option(
-            "--guide", help="GISTEmbed-style: drop a candidate this model scores at least as "
-                            "similar to the query as the (weakest) positive.",
-            metavar="MODEL")] = None,
+        guide: options.Guide = None,
         guide_query_prompt: Annotated[Optional[str], typer.Option(
             "--guide-query-prompt", help="With --guide: the prompt the guide model embeds "
                                          "queries with (default its own query prompt).",

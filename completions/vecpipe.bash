@@ -3,7 +3,7 @@
 # command takes a folder. Enable: source this file, or `vecpipe completion bash`.
 _vecpipe_spec() {
     case "$1" in
-        "") subs="embed index search compress eval mine-negatives merge info convert models completion man"; opts="--version --help"; takes="" ;;
+        "") subs="embed index search compress eval mine-negatives train merge info convert models completion man"; opts="--version --help"; takes="" ;;
         "embed") subs=""; opts="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --layers --pooling --no-normalize --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --skip-invalid --drop-text --window --glob --trust-remote-code --force --dry-run --progress -q --quiet --help"; takes="-o --output --output-format --input-format -m --model --text-field --id-field --prompt --prompt-name --dim --layers --pooling --batch-size --device --precision --backend --max-length --chunk-tokens --chunk-overlap --cache --shard --engine --address --parts --window --glob" ;;
         "index") subs=""; opts="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --flat --fields --all-fields --keep-vectors --codec --append --on-duplicate --lexical --text-field --stemmer --stopwords --k1 --b --bm25-method --delete --query-prompt -m --model --threads --shard --input-format --force --dry-run --progress -q --quiet --help"; takes="-o --output --metric --dtype --connectivity --expansion-add --expansion-search --fields --codec --on-duplicate --text-field --stemmer --stopwords --k1 --b --bm25-method --delete --query-prompt -m --model --threads --shard --input-format" ;;
         "search") subs=""; opts="-k --top-k --exact --ef --rescore --min-score --max-hits --calibrator --min-prob --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields --all-fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --keep-first-score --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend --force -q --quiet --help"; takes="-k --top-k --ef --rescore --min-score --max-hits --calibrator --min-prob --mmr --mmr-depth --group-by --group-size --group-score --filter --where --fields -m --model --prompt --prompt-name --text-field --query --like --unlike --rerank --rerank-depth --rerank-field --rerank-max-length --hybrid --hybrid-depth --fuse --fuse-norm --rrf-k --fuse-weights --metric -o --output --output-format --input-format --batch-size --query-batch --threads --device --backend" ;;
@@ -22,6 +22,7 @@ _vecpipe_spec() {
         "eval suite") subs=""; opts="--cache --save-mteb --seed --output-format -q --quiet --help"; takes="--cache --save-mteb --seed --output-format" ;;
         "eval embeddings") subs=""; opts="--vector-field --sample --duplicate-threshold --alpha --seed --fail-on-drift --depth -o --output --input-format --output-format -q --quiet --help"; takes="--vector-field --sample --duplicate-threshold --alpha --seed -o --output --input-format --output-format" ;;
         "mine-negatives") subs=""; opts="--corpus --beir --split --min-relevance --prompt-field -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --margin-per --max-positive-similarity --sampling --seed --cross-encoder --guide --guide-query-prompt --guide-doc-prompt --shape --with-scores --all-scores --on-short --save-stats --exact --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --trust-remote-code --shard -o --output --output-format --input-format --force --progress -q --quiet --help"; takes="--corpus --beir --split --min-relevance --prompt-field -m --model -n --num-negatives --range-min --range-max --min-score --max-score --absolute-margin --relative-margin --margin-per --max-positive-similarity --sampling --seed --cross-encoder --guide --guide-query-prompt --guide-doc-prompt --shape --on-short --save-stats --ef --text-field --query-prompt --query-prompt-name --doc-prompt --doc-prompt-name --batch-size --device --shard -o --output --output-format --input-format" ;;
+        "train") subs=""; opts="-o --output -m --model --loss --guide --absolute-margin --relative-margin --matryoshka-dims --adaptive-layers --mini-batch-size --epochs --max-steps --batch-size --learning-rate --warmup-ratio --seed --max-length --query-prompt --doc-prompt --eval-beir --split --eval-steps --eval-metric --save-steps --resume --precision --device --input-format --trust-remote-code -q --quiet --help"; takes="-o --output -m --model --loss --guide --absolute-margin --relative-margin --matryoshka-dims --mini-batch-size --epochs --max-steps --batch-size --learning-rate --warmup-ratio --seed --max-length --query-prompt --doc-prompt --eval-beir --split --eval-steps --eval-metric --save-steps --precision --device --input-format" ;;
         "merge") subs=""; opts="-o --output --output-format --input-format --on-duplicate --dedupe-near --against --sort-by --expect-shards --index --link --models --weights --method --base --density --seed --search-weights --probe --probe-metric --weight-grid --sgd-steps --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit --force -q --quiet --help"; takes="-o --output --output-format --input-format --on-duplicate --dedupe-near --against --sort-by --expect-shards --weights --method --base --density --seed --probe --probe-metric --weight-grid --sgd-steps --fuse --fuse-norm --rrf-k --fuse-weights --fuse-depth --fit-qrels --fit-metric --fit-step --save-fit" ;;
         "info") subs=""; opts="--input-format --output-format --verify --fields -q --quiet --help"; takes="--input-format --output-format" ;;
         "convert") subs=""; opts="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed --force -q --quiet --help"; takes="-o --output --output-format --input-format --fields --filter --where --rename --limit --head --sample --seed" ;;
@@ -138,6 +139,13 @@ _vecpipe_value() {
         "mine-negatives -o"|"mine-negatives --output") echo "@file" ;;
         "mine-negatives --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "mine-negatives --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
+        "train -o"|"train --output") echo "@dir" ;;
+        "train -m"|"train --model") echo "@dir" ;;
+        "train --guide") echo "@dir" ;;
+        "train --eval-beir") echo "@dir" ;;
+        "train --precision") echo "auto float32 float16 bfloat16" ;;
+        "train --device") echo "auto cpu cuda mps" ;;
+        "train --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
         "merge -o"|"merge --output") echo "@file" ;;
         "merge --output-format") echo "auto arrow arrow-file jsonl parquet csv tsv trec table json" ;;
         "merge --input-format") echo "auto jsonl arrow arrow-file parquet csv tsv text" ;;
@@ -178,12 +186,13 @@ _vecpipe_arg() {
         "eval suite 0") echo "@file" ;;
         "eval embeddings "*) echo "@file" ;;
         "mine-negatives "*) echo "@file" ;;
+        "train "*) echo "@file" ;;
         "merge "*) echo "@file" ;;
         "info "*) echo "@file" ;;
         "convert "*) echo "@file" ;;
         "models "*) echo "@dir" ;;
         "completion 0") echo "bash zsh fish" ;;
-        "man "*) echo "embed index search compress eval mine-negatives merge info convert models completion man" ;;
+        "man "*) echo "embed index search compress eval mine-negatives train merge info convert models completion man" ;;
         *) echo "@none" ;;
     esac
 }

@@ -60,6 +60,9 @@ COMMANDS = [
     Command("eval suite", ("{suite}",), "suite", "no tasks", ("--output-format", "xml")),
     Command("mine-negatives", ("{pairs}", "-m", "fake:8", "-n", "1"), "pairs",
             "no pairs: the input is empty", ("--batch-size", "0"), "file"),
+    Command("train", ("{pairs}", "-o", "{out}", "--max-steps", "1", "--batch-size", "2",
+                      "--device", "cpu"), "pairs", "no training rows: the input is empty",
+            ("--max-steps", "0"), "dir"),
     Command("merge", ("{vectors}", "{vectors}"), "vectors", None, ("--input-format", "xml"),
             "file"),
     Command("info", ("{vectors}",), "vectors", None, ("--input-format", "xml")),
@@ -73,7 +76,7 @@ NO_RECORDS = [
     Command("completion", ("bash",), "", None, ("tcsh",)),
     Command("man", ("embed",), "", None, ("nosuch",)),
 ]
-STDOUT = [c for c in COMMANDS if c.path != "index"]  # index writes only its folder
+STDOUT = [c for c in COMMANDS if c.path not in ("index", "train")]  # they write only a folder
 WITH_O = [c for c in COMMANDS if c.output]
 
 

@@ -587,6 +587,8 @@ def check_output(argv: list[str], path: Path) -> None:
     command = argv[1]
     if command == "index" or (command == "merge" and "--index" in argv):
         check_index_folder(path, argv)
+    elif command == "train":
+        assert (path / "vecpipe-train.json").is_file(), f"{path} has no training recipe"
     elif command == "merge" and "--models" in argv:
         assert (path / "config.json").is_file(), f"{path} is not a model folder"
     elif command == "embed" and path.is_dir():
@@ -736,6 +738,8 @@ def run_make_example(example: Example, work: Path, fixtures: set[str], env: dict
             check_vectors_file(target)
         elif target.suffix == ".trec":
             check_trec_run(target)
+        elif target.is_dir() and (target / "modules.json").is_file():  # train, merge --models
+            assert (target / "config.json").is_file(), f"{target} is not a model folder"
         elif target.is_dir():
             check_index_folder(target, [])
         up_to_date = run_shell(f"make -q -f Makefile {shlex.quote(example.target)}", folder, env)

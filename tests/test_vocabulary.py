@@ -14,7 +14,7 @@ LEAVES = {" ".join(path[1:]): cmd for path, cmd in command_tree()
 
 # Options that belong to one command alone (the concept exists nowhere else).
 COMMAND_SPECIFIC = {
-    "embed": {"--no-normalize", "--max-length", "--chunk-tokens", "--chunk-overlap",
+    "embed": {"--no-normalize", "--chunk-tokens", "--chunk-overlap",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
               "--glob"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
@@ -42,11 +42,14 @@ COMMAND_SPECIFIC = {
     "eval suite": set(),
     "eval embeddings": {"--duplicate-threshold", "--alpha", "--fail-on-drift", "--depth"},
     "mine-negatives": {"--corpus", "--beir", "--num-negatives", "--range-min", "--range-max",
-                       "--max-score", "--absolute-margin", "--relative-margin", "--sampling",
-                       "--cross-encoder", "--guide", "--shape", "--with-scores", "--on-short",
+                       "--max-score", "--sampling", "--cross-encoder", "--shape",
+                       "--with-scores", "--on-short",
                        "--save-stats", "--min-relevance", "--prompt-field", "--margin-per",
                        "--max-positive-similarity", "--guide-query-prompt",
                        "--guide-doc-prompt", "--all-scores"},
+    "train": {"--loss", "--matryoshka-dims", "--adaptive-layers", "--mini-batch-size",
+              "--epochs", "--max-steps", "--learning-rate", "--warmup-ratio", "--eval-beir",
+              "--eval-steps", "--eval-metric", "--save-steps", "--resume"},
     "merge": {"--sort-by", "--expect-shards", "--index", "--link", "--models", "--weights",
               "--method", "--fuse-depth", "--fit-qrels", "--fit-metric", "--fit-step",
               "--save-fit",
