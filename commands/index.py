@@ -180,7 +180,7 @@ def run(inputs: options.Inputs = None,
                  + (f", {builder.replaced:,} replaced" if builder.replaced else "")
                  + f"; {builder.spec.dtype}"
                  + (f" {builder.spec.planes} planes" if builder.spec.planes > 1 else "")
-                 + f", {builder.spec.metric}"
+                 + f", {'cos' if builder.spec.unit_ip else builder.spec.metric}"
                  + (", flat" if builder.spec.flat else "") + ")")
 
 

@@ -262,6 +262,10 @@ class IndexBuilder(CommitOnExit):
             if not finite.all():
                 raise DataError("vector holds NaN or infinity", source=source,
                                 record=first_record + int(np.argmin(finite)))
+        if self.spec.unit_ip:
+            from vecpipe.core.vectors import normalized
+
+            vectors = normalized(vectors)
         return vectors
 
     def _assign_rows(self, ids, source, first_record):

@@ -14,6 +14,7 @@ from vecpipe.core.index_format import (
     stored_columns, to_index_codes)
 from vecpipe.core.index_linked import LinkedIndex
 from vecpipe.core.index_search import Searcher
+from vecpipe.core.index_spec import unit_ip
 from vecpipe.formats.errors import DataError, UsageError
 
 if TYPE_CHECKING:
@@ -213,8 +214,9 @@ class OpenIndex:
         return queries
 
     def checked_queries(self, queries) -> "np.ndarray":
-        """Float queries of a dimension the index takes, float32; scaled to unit length when
-        a codec encodes them under cos (scale-free, and unit queries stay inside its ranges)."""
+        """Float queries of a dimension the index takes, float32; scaled to unit length under
+        cos when a codec encodes them (scale-free, and unit queries stay inside its ranges) or
+        the graph scores unit vectors by their inner product."""
         import numpy as np
 
         queries = np.asarray(queries, dtype=np.float32)
@@ -224,7 +226,7 @@ class OpenIndex:
             raise DataError(f"query vectors have {queries.shape[-1]} dimensions, the index "
                             f"expects {codec.expected_dims() if codec else self.query_dim}",
                             source=self.path)
-        if codec is not None and self.score_metric == "cos":
+        if self.score_metric == "cos" and (codec is not None or unit_ip(self.metric, "cos")):
             queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
                                            1e-30)
         return queries

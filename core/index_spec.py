@@ -39,6 +39,12 @@ class IndexSpec:
     def layout(self) -> str:
         return "flat" if self.flat else "hnsw"
 
+    @property
+    def unit_ip(self) -> bool:
+        """Cosine scored as the inner product of vectors scaled to unit length (usearch's
+        ip kernel is the cheaper one; the vectors are scaled on their way in)."""
+        return unit_ip(self.metric, self.score_metric)
+
     def check(self) -> None:
         if self.metric not in METRICS:
             raise ParameterError(f"unknown metric {self.metric!r}; use {'|'.join(METRICS)}",
@@ -100,6 +106,12 @@ def vector_kind(arrow_type, meta: dict, codec) -> str:
                     "packed bits")
 
 
+def unit_ip(metric: str, score_metric: str | None) -> bool:
+    """Whether an index of this (usearch) metric and score metric scores cosine as the inner
+    product of unit vectors."""
+    return metric == "ip" and score_metric == "cos"
+
+
 def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None = None,
                    dtype: str | None = None, keep_vectors: bool = False):
     """The IndexSpec of an input whose vectors are `kind` (`vector_kind`), and the codec target
@@ -129,6 +141,9 @@ def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None 
         score_metric = metric or ("ip" if scored_by_codec else "cos")  # pq: ADC
         # scalar codes are not centred on zero, so a dot product of codes ranks poorly
         usearch_metric = "cos" if dtype == "i8" and score_metric == "ip" else score_metric
+        if (usearch_metric == "cos" and dtype == "f32" and codec is None
+                and meta.get("normalized") == "true"):
+            usearch_metric = "ip"  # the same scores of unit vectors, built 2-3x faster
     from vecpipe.core.codec import FITTED_INDEX_DTYPES
 
     fit_codec = FITTED_INDEX_DTYPES.get(dtype) if kind == "float" else None

@@ -613,6 +613,7 @@ def training_arguments(job: TrainingJob, work: str, on_gpu: bool, bf16_ok: bool)
         save_total_limit=h.save_total_limit, report_to="none",
         logging_steps=h.logging_steps or logging_interval(h, len(job.data.examples)),
         disable_tqdm=True, dataloader_drop_last=False,
+        dataloader_pin_memory=on_gpu,  # pinned memory feeds a GPU; on CPU torch warns of it
         batch_sampler=BatchSamplers.NO_DUPLICATES if job.loss.name in IN_BATCH_LOSSES
         else BatchSamplers.BATCH_SAMPLER,
         prompts=_column_prompts(job) or None)

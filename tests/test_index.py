@@ -54,6 +54,41 @@ def docs():
     return fake_docs(300)
 
 
+def test_unit_vectors_score_cosine_through_the_inner_product(cli, tmp_path):
+    """Unit vectors make an ip graph (a cheaper kernel) that scores cosine: the same hits and
+    scores as a cos graph of the same vectors, for queries of any length, and vectors appended
+    later of any length are scaled on their way in."""
+    rng = np.random.default_rng(0)
+    unit = rng.standard_normal((2000, DIM)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    docs = {"id": [f"d{i}" for i in range(2000)], "text": [""] * 2000, "group": [0] * 2000}
+    meta = {"model": "fake:32", "dim": str(DIM)}
+    for name, normalized in (("ip", "true"), ("cos", "false")):
+        write_vectors(tmp_path / f"{name}.arrow", docs, {**meta, "normalized": normalized},
+                      unit)
+        assert cli("index", tmp_path / f"{name}.arrow", "-o", tmp_path / name).exit_code == 0
+        assert manifest(tmp_path / name)["metric"] == name
+        assert manifest(tmp_path / name)["score_metric"] == "cos"
+    longer = np.vstack([unit[:200] * 3.0, rng.standard_normal((50, DIM)).astype(np.float32)])
+    longer_docs = {"id": [f"n{i}" for i in range(250)], "text": [""] * 250, "group": [0] * 250}
+    appended = write_vectors(tmp_path / "more.arrow", longer_docs, {**meta, "normalized": "true"},
+                             longer)
+    for name in ("ip", "cos"):
+        assert cli("index", appended, "-o", tmp_path / name, "--append").exit_code == 0
+    queries = rng.standard_normal((40, DIM)).astype(np.float32) * 5.0
+    everything = np.vstack([unit, longer])
+    truth = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        everything / np.linalg.norm(everything, axis=1, keepdims=True)).T
+    for name in ("ip", "cos"):
+        for exact in (True, False):
+            hits = open_index(str(tmp_path / name)).searcher(10, exact=exact).search(queries)
+            found = np.take_along_axis(truth, hits.rows, axis=1)
+            np.testing.assert_allclose(hits.scores, found, atol=2e-6)
+            if exact:
+                np.testing.assert_allclose(hits.scores, -np.sort(-truth, axis=1)[:, :10],
+                                           atol=2e-6)
+
+
 def test_builds_the_documented_folder(cli, tmp_path, docs):
     src = write_vectors(tmp_path / "docs.arrow", docs)
     r = cli("index", src, "-o", tmp_path / "idx", "--fields", "text", "--fields", "group")
@@ -62,8 +97,8 @@ def test_builds_the_documented_folder(cli, tmp_path, docs):
     idx = tmp_path / "idx"
     assert sorted(os.listdir(idx)) == ["manifest.json", "rows.parquet", "vectors.usearch"]
     m = manifest(idx)
-    assert (m["format"], m["count"], m["dim"], m["metric"], m["dtype"]) == \
-        ("vecpipe-index", 300, DIM, "cos", "f32")
+    assert (m["format"], m["count"], m["dim"], m["metric"], m["score_metric"], m["dtype"]) == \
+        ("vecpipe-index", 300, DIM, "ip", "cos", "f32")  # unit vectors: cos as ip
     assert m["metadata"]["model"] == "fake:32" and m["fields"] == ["id", "text", "group"]
     assert set(m["files"]) == {"vectors.usearch", "rows.parquet"}
     opened = open_index(str(idx), verify=True)

@@ -324,6 +324,18 @@ def test_stdin_is_fingerprinted_too(cli, tmp_path, tiny_model):
     assert data["sha256"] == hashlib.sha256(rows).hexdigest()
 
 
+@pytest.mark.slow
+def test_a_quiet_run_leaves_stderr_empty_in_a_real_process(tmp_path, tiny_model):
+    """Libraries' warnings (the DataLoader's pin_memory on a CPU) reach a real stderr, which
+    the in-process runner does not show."""
+    rows = write_rows(tmp_path / "rows.parquet", "triplet")
+    done = subprocess.run([sys.executable, "-m", "vecpipe.cli", "train", str(rows), "-o",
+                           str(tmp_path / "model"), "-m", tiny_model, "--max-steps", "2",
+                           *FAST[2:]],  # the device left to choose: pin_memory's case
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 # ---- resume after a kill ---------------------------------------------------------------------
 
 @pytest.mark.slow
