@@ -226,7 +226,8 @@ class OpenIndex:
             raise DataError(f"query vectors have {queries.shape[-1]} dimensions, the index "
                             f"expects {codec.expected_dims() if codec else self.query_dim}",
                             source=self.path)
-        if self.score_metric == "cos" and (codec is not None or unit_ip(self.metric, "cos")):
+        coded_cos = codec is not None and self.score_metric == "cos"
+        if coded_cos or unit_ip(self.metric, self.score_metric):
             queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True),
                                            1e-30)
         return queries
