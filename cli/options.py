@@ -156,6 +156,34 @@ def index_dtype(value: str | None, option: str = "--dtype"):
     return INDEX_DTYPES[value]
 
 
+def chunking(tokens, overlap, context_tokens, template, late):
+    """The core Chunking the chunk options ask for (None without --chunk-tokens), checked
+    together (embed, eval beir)."""
+    from vecpipe.core.chunking import DEFAULT_TEMPLATE, Chunking
+    from vecpipe.formats.errors import ParameterError, UsageError
+
+    if tokens is None:
+        for flag, value in (("--chunk-overlap", overlap), ("--context-tokens", context_tokens),
+                            ("--context-template", template), ("--late-chunking", late)):
+            if value:
+                raise UsageError(f"{flag} needs --chunk-tokens")
+        return None
+    if template is not None and context_tokens is None:
+        raise UsageError("--context-template needs --context-tokens")
+    try:
+        return Chunking(tokens, overlap, context_tokens, template or DEFAULT_TEMPLATE, late)
+    except ParameterError as err:
+        raise UsageError("--" + err.parameter.replace("_", "-")
+                         + err.message.removeprefix(err.parameter)) from None
+
+
+def unescaped(template: str | None) -> str | None:
+    r"""A template as typed in a shell: \n and \t stand for a newline and a tab."""
+    if template is None:
+        return None
+    return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
 ON_DUPLICATE = ("error", "first", "last", "keep")
 _OLD_DUPLICATE_VALUES = {"skip": "first", "replace": "last", "none": "keep"}
 
@@ -397,6 +425,31 @@ Pooling = Annotated[Optional[str], shared(
 MaxLength = Annotated[Optional[int], shared(
     "--max-length", min=1, help="Token window, at most the model's (longer inputs are "
                                 "truncated; embed counts them).", metavar="N")]
+ChunkTokens = Annotated[Optional[int], shared(
+    "--chunk-tokens", min=1, help="Split texts into windows of N tokens, each embedded on its "
+                                  "own (embed: one row per chunk, with parent_id, chunk, "
+                                  "char_start, char_end).", metavar="N")]
+ChunkOverlap = Annotated[int, shared(
+    "--chunk-overlap", min=0, help="Tokens shared by consecutive chunks.", metavar="N")]
+ContextTokens = Annotated[Optional[int], shared(
+    "--context-tokens", min=1, help="Situated chunks: embed each chunk inside the M tokens of "
+                                    "its document around it (the chunk in the middle), through "
+                                    "--context-template; the chunk keeps its own text and "
+                                    "offsets.", metavar="M")]
+ContextTemplate = Annotated[Optional[str], shared(
+    "--context-template", help="How a situated chunk is put to the model: {context} and "
+                               "{chunk} are replaced (default '{context}\\n\\n{chunk}').",
+    metavar="TEXT", show_default=False)]
+LateChunking = Annotated[bool, shared(
+    "--late-chunking", help="One pass over each whole document (overlapping windows of the "
+                            "model's length beyond it), each chunk's vector mean-pooled from "
+                            "its own tokens' outputs. Needs a mean-pooling model.")]
+Aggregate = Annotated[Optional[str], shared(
+    "--aggregate", help="Score chunks against document qrels: a document scores the max, sum "
+                        "or mean of its chunks' scores. eval retrieval: FIELD=HOW, a run's "
+                        "hits collapsed by FIELD (e.g. parent_id; runs as records, not TREC "
+                        "files); eval beir: HOW, over the --chunk-tokens chunks (default "
+                        "max).", metavar="[FIELD=]HOW", show_default=False)]
 # GISTEmbed's rule, shared by mining (the candidates kept) and training (the in-batch
 # candidates a gist loss contrasts): a candidate counts only if it scores below the positive
 AbsoluteMargin = Annotated[Optional[float], shared(

@@ -36,13 +36,11 @@ def run(inputs: options.Inputs = None,
                                  lambda value: {"precision": options.precision(value)}) = None,
         backend: options.Backend = "torch",
         max_length: options.MaxLength = None,
-        chunk_tokens: Annotated[Optional[int], typer.Option(
-            "--chunk-tokens", min=1, help="Split texts into windows of N tokens (one row per "
-                                          "chunk, with parent_id, chunk, char_start, char_end).",
-            metavar="N")] = None,
-        chunk_overlap: Annotated[int, typer.Option(
-            "--chunk-overlap", min=0, help="Tokens shared by consecutive chunks.",
-            metavar="N")] = 0,
+        chunk_tokens: options.ChunkTokens = None,
+        chunk_overlap: options.ChunkOverlap = 0,
+        context_tokens: options.ContextTokens = None,
+        context_template: options.ContextTemplate = None,
+        late_chunking: options.LateChunking = False,
         cache: options.Cache = None,
         shard: options.Shard = None,
         engine: Annotated[str, typer.Option(
@@ -100,7 +98,9 @@ def run(inputs: options.Inputs = None,
                       no_normalize=no_normalize, batch_size=batch_size, device=device,
                       precision=precision, backend=backend,
                       max_length=max_length, chunk_tokens=chunk_tokens,
-                      chunk_overlap=chunk_overlap, cache=cache, shard=parse_shard(shard),
+                      chunk_overlap=chunk_overlap, context_tokens=context_tokens,
+                      context_template=options.unescaped(context_template),
+                      late_chunking=late_chunking, cache=cache, shard=parse_shard(shard),
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
                       trust_remote_code=trust_remote_code, force=force,
                       globs=tuple(globs or ()))
@@ -146,6 +146,9 @@ class Request:
     globs: tuple = ()  # --glob: the inputs are folders, each matching file one record
     layers: int | None = None   # --layers: the model's first layers only
     pooling: str | None = None  # --pooling: instead of the model's own
+    context_tokens: int | None = None  # --context-tokens: situated chunks
+    context_template: str | None = None
+    late_chunking: bool = False
 
     @property
     def joined_fields(self) -> tuple:
@@ -159,9 +162,8 @@ def check_options(request: Request, on_ray: bool = False) -> None:
         raise UsageError("--text-field needs a field name")
     if request.chunk_overlap and not chunked:
         raise UsageError("--chunk-overlap needs --chunk-tokens")
-    if chunked and request.chunk_overlap >= request.chunk_tokens:
-        raise UsageError(f"--chunk-overlap {request.chunk_overlap} must be smaller than "
-                         f"--chunk-tokens {request.chunk_tokens}")
+    options.chunking(request.chunk_tokens, request.chunk_overlap, request.context_tokens,
+                     request.context_template, request.late_chunking)
     if request.prompt is not None and request.prompt_name is not None:
         raise UsageError("give --prompt or --prompt-name, not both")
     if request.pooling is not None and request.pooling not in options.POOLING_MODES:
@@ -225,6 +227,8 @@ def local_task(request: Request):
     many = len(devices) > 1
     if many and ((request.model or "").startswith("fake:") or request.backend != "torch"):
         raise UsageError("several --device values need the torch backend and a real model")
+    if many and request.late_chunking:
+        raise UsageError("--late-chunking runs the model in this process: give one --device")
     precision = pool_dtype(request.precision, devices) if many else request.precision
     return embed_task_of(request, precision), devices
 
@@ -237,7 +241,9 @@ def embed_task_of(request: Request, precision: str):
     plan = Plan(fields=request.joined_fields, id_field=request.id_field,
                 normalize=not request.no_normalize, dim=request.dim,
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
-                chunk_overlap=request.chunk_overlap, drop_text=request.drop_text,
+                chunk_overlap=request.chunk_overlap, context_tokens=request.context_tokens,
+                context_template=request.context_template,
+                late_chunking=request.late_chunking, drop_text=request.drop_text,
                 skip_invalid=request.skip_invalid, shard=request.shard, window=request.window)
     return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
@@ -287,7 +293,8 @@ JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--chunk-tokens": "chunk_tokens", "--chunk-overlap": "chunk_overlap",
                "--skip-invalid": "skip_invalid", "--drop-text": "drop_text", "--force": "force"}
 # Counted only when given, so that parts made before these options stay valid.
-NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling"}
+NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling",
+                   "--context-tokens": "context_tokens", "--context-template": "context_template"}
 
 
 def job_options(request: Request, part_format: str) -> dict:
@@ -300,6 +307,8 @@ def job_options(request: Request, part_format: str) -> dict:
         counted["--glob"] = list(request.globs)
     counted.update({flag: getattr(request, name) for flag, name in NEW_JOB_OPTIONS.items()
                     if getattr(request, name) is not None})
+    if request.late_chunking:
+        counted["--late-chunking"] = True
     counted.update({"--model": model_identity(request.model), "--output-format": part_format})
     return counted
 
@@ -460,6 +469,7 @@ def dry_run_plan(request: Request, on_ray: bool) -> dict:
         "dim": plan.dim or model["dim"], "max_length": request.max_length or model["max_length"],
         "prompt": prompt, "normalize": not request.no_normalize,
         "chunk_tokens": plan.chunk_tokens, "chunk_overlap": plan.chunk_overlap,
+        "chunking": None if plan.chunking is None else plan.chunking.describe(),
         "output": output or "stdout", "output_format": output_format,
         "shard": str(request.shard) if request.shard else None, "cache": request.cache,
         "window": plan.window, "batch_size": plan.batch_size, "device": ",".join(devices),

@@ -44,12 +44,7 @@ def retrieval(
             "--qrels-depth", min=1, help="When --qrels is a run: how many of its top hits are "
                                          "relevant (recall@N is then ANN recall@N).")] = 10,
         all_queries: AllQueries = False,
-        aggregate: Annotated[Optional[str], typer.Option(
-            "--aggregate", help="Score a run of chunks against document qrels: each query's "
-                                "hits collapsed by the value of FIELD (e.g. parent_id), a "
-                                "document scored by the max, sum or mean of its hits' scores. "
-                                "Needs runs as records carrying FIELD (search output; not "
-                                "TREC files).", metavar="FIELD=HOW", show_default=False)] = None,
+        aggregate: options.Aggregate = None,
         per_query: options.PerQuery = False,
         fail_under: options.FailUnder = None,
         permutations: Annotated[int, typer.Option(
@@ -521,6 +516,13 @@ def beir(
         layers: options.Layers = None,
         dim: options.Dim = None,
         pooling: options.Pooling = None,
+        max_length: options.MaxLength = None,
+        chunk_tokens: options.ChunkTokens = None,
+        chunk_overlap: options.ChunkOverlap = 0,
+        context_tokens: options.ContextTokens = None,
+        context_template: options.ContextTemplate = None,
+        late_chunking: options.LateChunking = False,
+        aggregate: options.Aggregate = None,
         sweep: Annotated[Optional[List[str]], typer.Option(
             "--grid", help="A 2D Matryoshka table in one run: layers=2,4,6 and/or "
                             "dims=64,128,384 (repeat it, or give both in one value); one "
@@ -564,6 +566,7 @@ def beir(
       vecpipe eval beir scifact -m intfloat/e5-small-v2 --query-prompt 'query: ' \\
           --doc-prompt 'passage: '
       vecpipe eval beir nfcorpus --grid 'layers=2,4,6 dims=64,128,384'
+      vecpipe eval beir nfcorpus --chunk-tokens 128 --late-chunking --aggregate max
     """
     mteb_file = _MtebFile(save_mteb, mteb_task, mteb_revision, mteb_languages)
     import functools
@@ -583,12 +586,16 @@ def beir(
                          "and --metrics")
     _check_search_options(index_dtype, ef)
     index_dtype = options.index_dtype(index_dtype, "--index-dtype")
+    chunking = options.chunking(chunk_tokens, chunk_overlap, context_tokens,
+                                options.unescaped(context_template), late_chunking)
+    how = _chunk_aggregate(aggregate, chunking, index_dtype or sweep)
     files = beir_files(dataset, split)
     qrels = beir_qrels(files.qrels)
     queries = _judged_queries(files.queries, qrels)
     started = time.perf_counter()
     load = functools.partial(load_model, model, device=device,
-                             trust_remote_code=trust_remote_code, pooling=pooling)
+                             trust_remote_code=trust_remote_code, pooling=pooling,
+                             max_length=max_length)
     loaded = load(layers=layers)
     query_prompt = role_prompt(loaded, "query", query_prompt, query_prompt_name)
     doc_prompt = role_prompt(loaded, "doc", doc_prompt, doc_prompt_name)
@@ -598,11 +605,16 @@ def beir(
                              _parse_sweep(sweep, loaded), (ks, names, batch_size, cache))
         return _emit(cells, output_format, lambda: _sweep_table(cells))
     _check_fits(dim, loaded)
+    _check_chunks_fit(chunking, loaded, doc_prompt or "")
     with _Encoder(loaded, batch_size, cache, dim) as encoder:
         query_vectors = encoder(list(queries.values()), query_prompt or "", "queries")
-        top, doc_ids, corpus_seconds = _search_corpus(files.corpus, encoder, query_vectors,
-                                                      max(ks), doc_prompt or "", index_dtype,
-                                                      ef, loaded.name)
+        if chunking is None:
+            top, doc_ids, corpus_seconds = _search_corpus(
+                files.corpus, encoder, query_vectors, max(ks), doc_prompt or "", index_dtype,
+                ef, loaded.name)
+        else:
+            top, doc_ids, corpus_seconds, chunk_count = _search_chunked_corpus(
+                files.corpus, encoder, query_vectors, max(ks), doc_prompt or "", chunking, how)
     run = {qid: dict(zip(doc_ids.take(rows).to_pylist(), map(float, scores)))
            for qid, rows, scores in zip(queries, *top)}
     if save_run:
@@ -618,10 +630,14 @@ def beir(
               "search": f"hnsw-{index_dtype}" if index_dtype else "exact",
               "corpus": len(doc_ids), "queries": evaluation.queries, **evaluation.means}
     record.update({key: value for key, value in (("layers", layers), ("dim", dim),
-                                                 ("pooling", pooling)) if value is not None})
+                                                 ("pooling", pooling),
+                                                 ("max_length", max_length)) if value is not None})
+    if chunking is not None:
+        record.update(chunking=chunking.describe(), aggregate=how, chunks=chunk_count)
     if m.MAIN_METRIC in evaluation.means:
         record["main_score"] = evaluation.means[m.MAIN_METRIC]
     record["seconds"] = round(seconds, 3)
+    record["embed_seconds"] = round(corpus_seconds, 3)  # the corpus's share
     label = f"{os.path.basename(os.path.normpath(dataset))} ({split}) · {loaded.name}"
     emit = (lambda: _emit_per_query(_per_query_records([(dataset, evaluation)]), output_format)
             ) if per_query else (lambda: _emit([record], output_format, lambda: _retrieval_table(
@@ -631,6 +647,42 @@ def beir(
         units = [scores[m.MAIN_METRIC] for _, scores in sorted(evaluation.per_query.items())]
     _finish(record, emit, thresholds, mteb_file, [dataset], _model_identity(loaded), units,
             split)
+
+
+def _chunk_aggregate(aggregate, chunking, other_search) -> str | None:
+    """--aggregate's HOW (or parent_id=HOW), max by default when chunking."""
+    from vecpipe.core.chunking import AGGREGATES
+    from vecpipe.formats.errors import UsageError
+
+    if chunking is None:
+        if aggregate is not None:
+            raise UsageError("--aggregate needs --chunk-tokens (documents are scored whole "
+                             "without chunks)")
+        return None
+    if other_search:
+        raise UsageError("--chunk-tokens searches the chunks exactly: leave out --index-dtype "
+                         "and --grid")
+    field, _, how = (aggregate or "max").rpartition("=")
+    if field not in ("", "parent_id") or how not in AGGREGATES:
+        raise UsageError(f"bad --aggregate {aggregate!r}: use {'|'.join(AGGREGATES)}")
+    return how
+
+
+def _check_chunks_fit(chunking, loaded, doc_prompt: str) -> None:
+    """embed's checks of the chunking against the model, worded with the options."""
+    from vecpipe.core.embedding import Plan, check_fits
+    from vecpipe.formats.errors import ParameterError, UsageError
+
+    if chunking is None:
+        return
+    plan = Plan(chunk_tokens=chunking.tokens, chunk_overlap=chunking.overlap,
+                context_tokens=chunking.context_tokens, context_template=chunking.template,
+                late_chunking=chunking.late, prompt=doc_prompt)
+    try:
+        check_fits(plan, loaded)
+    except ParameterError as err:
+        raise UsageError("--" + err.parameter.replace("_", "-")
+                         + err.message.removeprefix(err.parameter)) from None
 
 
 def _check_search_options(index_dtype, ef) -> None:
@@ -911,6 +963,86 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
     tops = {dim: _found(h) for dim, h in hits.items()} if isinstance(hits, dict) \
         else _found(hits)
     return tops, pa.concat_arrays(id_chunks), embed_seconds
+
+
+class _ChunkBlock:
+    """One corpus block's chunk vectors and each chunk's document (row in the block)."""
+
+    def __init__(self, vectors, parents):
+        self.vectors, self.parents = vectors, parents
+
+
+def _search_chunked_corpus(path, encode, query_vectors, depth, prompt, chunking, how):
+    """_search_corpus over chunks: each block's documents split into chunks (plain, situated
+    or late), the chunks scored exactly and each document scored by `how` of its chunks'
+    scores (a document's chunks are all in its block, so the top-k stays exact).
+
+    Returns ((rows, scores) per query, doc ids, seconds embedding, chunk count)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+    from vecpipe.core import notices
+    from vecpipe.core.chunking import aggregate
+    from vecpipe.core.vectors import ExactSearch
+    from vecpipe.formats.beir import corpus_batches
+
+    search = ExactSearch(query_vectors, depth, query_block=_QUERY_BLOCK,
+                         score=lambda queries, block: aggregate(queries @ block.vectors.T,
+                                                                block.parents, how))
+    id_chunks, offset, embed_seconds, chunk_count = [], 0, 0.0, 0
+    with console.progress(desc="corpus", unit="doc",
+                          count=notices.input_records([path])) as bar:
+        for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
+            if not texts:
+                continue
+            started = time.perf_counter()
+            vectors, parents = _chunk_vectors(encode, texts, prompt, chunking, bar)
+            embed_seconds += time.perf_counter() - started
+            search.add(_ChunkBlock(vectors, np.asarray(parents)), offset)
+            id_chunks.append(ids)
+            offset += len(ids)
+            chunk_count += len(parents)
+            if offset > bar.n:
+                bar.update(offset - bar.n)
+    if not id_chunks:
+        from vecpipe.formats.errors import DataError
+
+        raise DataError("the corpus is empty", source=path)
+    return _found(search.hits()), pa.concat_arrays(id_chunks), embed_seconds, chunk_count
+
+
+def _chunk_vectors(encode, texts, prompt, chunking, bar):
+    """(unit vectors of every chunk of `texts`, each chunk's text index). Plain and situated
+    chunks go through `encode` (and its cache); late chunks are pooled here, a model batch
+    of documents at a time."""
+    import numpy as np
+
+    from vecpipe.core.chunking import LateDocument, finish, late_chunk_vectors
+
+    model = encode.loaded
+    spans = model.token_spans(texts)
+    chunks = chunking.split(spans, [len(text) for text in texts])
+    parents = [c.row for c in chunks]
+    if not chunking.late:
+        embedded = [chunking.embedded_text(texts[c.row], spans[c.row], c) for c in chunks]
+        return encode(embedded, prompt), parents
+    wanted = [[] for _ in texts]
+    for c in chunks:
+        wanted[c.row].append((c.first_token, c.end_token))
+    by_text = [None] * len(texts)
+    longest_first = sorted(range(len(texts)), key=lambda row: -len(texts[row]))
+    for start in range(0, len(texts), encode.batch_size):
+        rows = longest_first[start:start + encode.batch_size]
+        pooled = late_chunk_vectors(model, [LateDocument(texts[r], wanted[r]) for r in rows],
+                                    prompt)
+        cuts = np.cumsum([len(wanted[r]) for r in rows])[:-1]
+        for row, vectors in zip(rows, np.split(pooled, cuts)):
+            by_text[row] = vectors
+        bar.update(len(rows))
+    vectors = finish(np.concatenate(by_text), True, encode.dim)
+    encode.embedded["documents"] += len(texts)
+    return vectors, parents
 
 
 def _found(hits):

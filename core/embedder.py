@@ -169,6 +169,84 @@ class Embedder:
             features = module(features)
         return features
 
+    def check_late_chunking(self) -> None:
+        """Late chunking mean-pools token outputs: refuse a model pooled otherwise."""
+        if self.is_fake:
+            return
+        pooling = self.pooling or self.own_pooling or "no Pooling module"
+        if pooling != "mean":
+            raise ParameterError(f"late_chunking: model {self.name} pools by {pooling}, and "
+                                 "late chunking averages token outputs (pooling mean?)",
+                                 "late_chunking")
+
+    def window_token_outputs(self, pieces: list[list[int]], skip: int = 0) -> list:
+        """The transformer's output for each token of each piece (token ids that fit the
+        window, special tokens added here) but its first `skip` (a prompt's), as float32
+        arrays (tokens x hidden)."""
+        import torch
+
+        features, starts = self._window_features(pieces)
+        with torch.inference_mode():
+            if self.runtime is not None:
+                tokens = self.runtime(features)
+            else:
+                from sentence_transformers.util import batch_to_device
+
+                features = batch_to_device(features, self.st.device)
+                with _first_layers(self.st[0].auto_model, self.layers):
+                    tokens = self.st[0](features)["token_embeddings"]
+            tokens = tokens.float().cpu().numpy()
+        # a piece without tokens (a text the tokenizer drops entirely): its special tokens'
+        prefix = len(self._special_ids()[0]) + skip
+        return [tokens[row, start + prefix:start + prefix + len(ids) - skip] if len(ids) > skip
+                else tokens[row, start:start + self.special_tokens()]
+                for row, (ids, start) in enumerate(zip(pieces, starts))]
+
+    def _special_ids(self) -> tuple[list, list]:
+        """The token ids the tokenizer puts before and after a text's own."""
+        tokenizer = self.tokenizer
+        inner = tokenizer("a", add_special_tokens=False)["input_ids"]
+        whole = tokenizer("a", add_special_tokens=True)["input_ids"]
+        start = next(i for i in range(len(whole)) if whole[i:i + len(inner)] == inner)
+        return whole[:start], whole[start + len(inner):]
+
+    def _window_features(self, pieces: list[list[int]]) -> tuple[dict, list[int]]:
+        """Model inputs (torch tensors, padded on the tokenizer's side) for token-id pieces,
+        and where each row's tokens start."""
+        import torch
+
+        before, after = self._special_ids()
+        rows = [before + list(ids) + after for ids in pieces]
+        length = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        left = self.tokenizer.padding_side == "left"
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        starts = [length - len(row) if left else 0 for row in rows]
+        for i, (row, start) in enumerate(zip(rows, starts)):
+            ids[i, start:start + len(row)] = torch.tensor(row)
+            mask[i, start:start + len(row)] = 1
+        features = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(ids)
+        return features, starts
+
+    def after_pooling(self, pooled):
+        """Pooled vectors (numpy) through the modules after the model's Pooling (a Dense, a
+        Normalize), as float32 numpy."""
+        import numpy as np
+        import torch
+
+        modules = list(self.st.children())
+        after = modules[modules.index(_pooling_module(self.st)) + 1:]
+        if not after:
+            return np.asarray(pooled, dtype=np.float32)
+        features = {"sentence_embedding": torch.from_numpy(pooled).to(self.st.device)}
+        with torch.inference_mode():
+            for module in after:
+                features = module(features)
+        return features["sentence_embedding"].float().cpu().numpy()
+
     def _fake_salt(self) -> str:
         """Fake vectors of another layer count or pooling are other vectors."""
         return "" if not (self.layers or self.pooling) else f"{self.layers}|{self.pooling}|"

@@ -40,6 +40,9 @@ class Plan:
     batch_size: int = 32
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
+    context_tokens: int | None = None  # situated chunks: the context around each chunk
+    context_template: str | None = None
+    late_chunking: bool = False
     drop_text: bool = False
     skip_invalid: bool = False
     shard: Shard | None = None
@@ -50,6 +53,16 @@ class Plan:
     def chunked(self) -> bool:
         return self.chunk_tokens is not None
 
+    @property
+    def chunking(self):
+        """The core.chunking.Chunking of the plan (None without chunks)."""
+        if not self.chunked:
+            return None
+        from vecpipe.core.chunking import DEFAULT_TEMPLATE, Chunking
+
+        return Chunking(self.chunk_tokens, self.chunk_overlap, self.context_tokens,
+                        self.context_template or DEFAULT_TEMPLATE, self.late_chunking)
+
     def out_dim(self, model) -> int:
         return self.dim or model.dim
 
@@ -58,7 +71,10 @@ class Plan:
         return self.normalize or (model.normalizes and self.dim is None)
 
     def cache_settings(self, model) -> dict:
-        return model.vector_settings(self.prompt, self.dim, self.normalize)
+        settings = model.vector_settings(self.prompt, self.dim, self.normalize)
+        if self.late_chunking:  # a late chunk's vector is its document's, pooled on a span
+            settings["late_chunking"] = model.max_length
+        return settings
 
     def chunk_room(self, model) -> int | None:
         """Tokens a chunk may hold in the model's window (None: no window)."""
@@ -196,8 +212,21 @@ def check_fits(plan: Plan, model) -> None:
 
     if plan.dim is not None and plan.dim > model.dim:
         raise ParameterError(f"dim {plan.dim} exceeds the model's {model.dim} dimensions", "dim")
+    chunking = plan.chunking
+    if chunking is not None and chunking.late:
+        model.check_late_chunking()  # the document's windows are the model's: chunks any size
+        return
     room = plan.chunk_room(model) if plan.chunked else None
-    if room is not None and plan.chunk_tokens > room:
+    if room is None:
+        return
+    if chunking.situated:
+        needed = chunking.room_needed(model.prompt_tokens(chunking.template_text()))
+        if needed > room:
+            raise ParameterError(f"context_tokens {chunking.context_tokens} with chunks of "
+                                 f"{chunking.tokens} tokens need {needed} tokens, and the "
+                                 f"model's {model.max_length}-token window has room for {room}",
+                                 "context_tokens")
+    elif plan.chunk_tokens > room:
         raise ParameterError(f"chunk_tokens {plan.chunk_tokens} does not fit the model's "
                              f"{model.max_length}-token window (room for {room} after special "
                              "and prompt tokens)", "chunk_tokens")
@@ -217,7 +246,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
     out_schema = output_schema(input_schema, plan, plan.out_dim(model))
     meta = {key: None for key in names.META_KEYS + ("layers", "pooling")}
     meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
-    meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunk_tokens, plan.chunk_overlap)
+    meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunking)
     with contextlib.ExitStack() as stack:
         cache = None
         if cache_dir:
@@ -313,12 +342,13 @@ class LazyWriter:
 class Part:
     """Kept input rows of one source batch and what to embed for each output row."""
 
-    def __init__(self, batch, ids, texts, chunks=None, records=None):
+    def __init__(self, batch, ids, texts, chunks=None, records=None, shown=None):
         self.records = len(texts) if records is None else records  # input records it holds
         self.batch = batch      # input rows, one per output row (repeated when chunking)
         self.ids = ids          # output ids
-        self.texts = texts      # text embedded for each output row
+        self.texts = texts      # text embedded for each output row (late chunks: late_key)
         self.chunks = chunks    # (parent_ids, numbers, char_starts, char_ends) when chunking
+        self.shown = shown      # the chunk texts written, when not the texts embedded
 
     def split(self, rows: int) -> tuple["Part", "Part"]:
         """The first `rows` output rows and the rest. A chunked record counts in the part
@@ -329,10 +359,11 @@ class Part:
             head_chunks = tuple(column[:rows] for column in self.chunks)
             chunks = tuple(column[rows:] for column in self.chunks)
             head_records = sum(1 for number in head_chunks[1] if number == 0)
+        shown = (None, None) if self.shown is None else (self.shown[:rows], self.shown[rows:])
         head = Part(self.batch.slice(0, rows), self.ids[:rows], self.texts[:rows], head_chunks,
-                    records=head_records)
+                    records=head_records, shown=shown[0])
         rest = Part(self.batch.slice(rows), self.ids[rows:], self.texts[rows:], chunks,
-                    records=self.records - head_records)
+                    records=self.records - head_records, shown=shown[1])
         return head, rest
 
 
@@ -425,37 +456,25 @@ def batch_ids(batch, id_column, next_record):
     return ids, [f"null id in field {id_column!r}" if null else None for null in nulls]
 
 
-def chunk_windows(spans, text_length: int, size: int, overlap: int):
-    """Character (start, end) of each window of `size` tokens, `overlap` tokens shared.
-
-    `spans` holds each token's character (start, end); a text without tokens is one chunk.
-    """
-    if not spans:
-        return [(0, text_length)]
-    windows, start = [], 0
-    while True:
-        end = min(start + size, len(spans))
-        windows.append((spans[start][0], spans[end - 1][1]))
-        if end == len(spans):
-            return windows
-        start += size - overlap
-
-
 def chunk_part(part, model, plan) -> Part:
-    """One row per chunk: the chunk's text, its parent id, number and character offsets."""
-    rows, ids, texts, parents, numbers, starts, ends = [], [], [], [], [], [], []
-    for row, (text, spans) in enumerate(zip(part.texts, model.token_spans(part.texts))):
-        for number, (start, end) in enumerate(
-                chunk_windows(spans, len(text), plan.chunk_tokens, plan.chunk_overlap)):
-            rows.append(row)
-            ids.append(f"{part.ids[row]}#{number}")
-            texts.append(text[start:end])
-            parents.append(part.ids[row])
-            numbers.append(number)
-            starts.append(start)
-            ends.append(end)
-    return Part(part.batch.take(rows), ids, texts, (parents, numbers, starts, ends),
-                records=part.records)
+    """One row per chunk: what is embedded for it (its text, its situated text, or its late
+    key), its parent id, number and character offsets; the chunk's own text is written."""
+    from vecpipe.core.chunking import late_key
+
+    chunking = plan.chunking
+    spans = model.token_spans(part.texts)
+    chunks = chunking.split(spans, [len(text) for text in part.texts])
+    rows = [c.row for c in chunks]
+    shown = [part.texts[c.row][c.char_start:c.char_end] for c in chunks]
+    if chunking.late:
+        embedded = [late_key(part.texts[c.row], c.first_token, c.end_token) for c in chunks]
+    else:
+        embedded = [chunking.embedded_text(part.texts[c.row], spans[c.row], c) for c in chunks]
+    columns = ([part.ids[r] for r in rows], [c.number for c in chunks],
+               [c.char_start for c in chunks], [c.char_end for c in chunks])
+    return Part(part.batch.take(rows), [f"{part.ids[c.row]}#{c.number}" for c in chunks],
+                embedded, columns, records=part.records,
+                shown=None if embedded == shown else shown)
 
 
 class Window:
@@ -544,8 +563,7 @@ class Encoder:
             elif kind == "batch":
                 if self.pool is None:
                     rows, features = payload
-                    vectors[rows] = self.model.embed_features(features, self.plan.normalize,
-                                                              self.plan.dim)
+                    vectors[rows] = self._embed(features)
                     if self.progress is not None:
                         self.progress(window, len(rows))
             else:
@@ -553,6 +571,14 @@ class Encoder:
                     self.cache.store([window.unique[i] for i in window.todo],
                                      vectors[window.todo])
                 yield window, vectors
+
+    def _embed(self, features):
+        if not self.plan.late_chunking:
+            return self.model.embed_features(features, self.plan.normalize, self.plan.dim)
+        from vecpipe.core.chunking import finish, late_chunk_vectors
+
+        return finish(late_chunk_vectors(self.model, features, self.plan.prompt),
+                      self.plan.normalize, self.plan.dim)
 
     def _encode_pool(self, window):
         texts = [window.unique[i] for i in window.todo]
@@ -564,6 +590,11 @@ class Encoder:
         window, (slots, features)) for each length-sorted batch, then ("end", window, None)."""
         for window in self._windows(parts):
             yield "start", window, self._look_up(window)
+            if self.plan.late_chunking:
+                for slots, documents in late_batches(window, self.plan.batch_size):
+                    yield "batch", window, (slots, documents)
+                yield "end", window, None
+                continue
             order = sorted(window.todo.tolist(), key=lambda s: -len(window.unique[s]))
             for start in range(0, len(order), self.plan.batch_size):
                 slots = order[start:start + self.plan.batch_size]
@@ -601,6 +632,22 @@ class Encoder:
         self.stats.from_cache += len(window.unique) - len(window.todo)
         self.stats.embedded += len(window.todo)
         return vectors
+
+
+def late_batches(window, batch_size: int):
+    """(slots, LateDocuments) of the window's chunks still to embed: `batch_size` documents
+    at a time, longest first, each with the chunks wanted of it."""
+    from vecpipe.core.chunking import LateDocument, parse_late_key
+
+    wanted: dict = {}
+    for slot in window.todo.tolist():
+        text, first, end = parse_late_key(window.unique[slot])
+        wanted.setdefault(text, []).append((slot, (first, end)))
+    texts = sorted(wanted, key=len, reverse=True)
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start:start + batch_size]
+        slots = [slot for text in batch for slot, _ in wanted[text]]
+        yield slots, [LateDocument(text, [span for _, span in wanted[text]]) for text in batch]
 
 
 def window_sizes(largest: int, batch_size: int):
@@ -716,7 +763,8 @@ def output_batch(part, vectors, schema, plan):
                      names.CHUNK: lambda: pa.array(numbers, pa.int32()),
                      names.CHAR_START: lambda: pa.array(starts, pa.int64()),
                      names.CHAR_END: lambda: pa.array(ends, pa.int64()),
-                     names.TEXT: lambda: pa.array(part.texts, pa.string())})
+                     names.TEXT: lambda: pa.array(part.texts if part.shown is None
+                                                  else part.shown, pa.string())})
     columns = [made[field.name]() if field.name in made else part.batch.column(field.name)
                for field in schema]
     return pa.RecordBatch.from_arrays(columns, schema=schema)

@@ -323,6 +323,12 @@ class NumpyEncoder(Embedder):
     def own_pooling(self) -> str:
         return self.model_pooling
 
+    def check_late_chunking(self) -> None:
+        from vecpipe.formats.errors import ParameterError
+
+        raise ParameterError("late_chunking: the numpy backend pools inside its own forward "
+                             "pass; use the torch backend", "late_chunking")
+
     def limit_window(self, max_length: int) -> None:
         """Truncate inputs to `max_length` tokens (at most the model's window)."""
         self.max_length = max_length

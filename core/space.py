@@ -130,13 +130,12 @@ def input_check(force: bool, documents: bool = False):
     return check_same_documents if documents else check_same_space
 
 
-def embedded_text(fields: Sequence[str], chunk_tokens: int | None = None,
-                  chunk_overlap: int = 0, separator: str = TEXT_SEPARATOR) -> str:
+def embedded_text(fields: Sequence[str], chunking=None, separator: str = TEXT_SEPARATOR) -> str:
     """The `embedded_text` value: the text fields embedded, how they were joined, and the
-    chunking (none, or chunks of `chunk_tokens` tokens overlapping by `chunk_overlap`)."""
+    chunking (None, or a core.chunking.Chunking: its tokens, overlap, and situated context or
+    late chunking when set)."""
     value = {"fields": list(fields), "separator": separator,
-             "chunking": None if chunk_tokens is None else
-             {"tokens": chunk_tokens, "overlap": chunk_overlap}}
+             "chunking": None if chunking is None else chunking.describe()}
     return json.dumps(value)
 
 
@@ -161,6 +160,11 @@ def text_summary(value: str) -> str:
     if isinstance(chunking, dict):
         shown += (f" in chunks of {chunking.get('tokens')} tokens overlapping "
                   f"{chunking.get('overlap')}")
+        if chunking.get("context_tokens"):
+            shown += (f", each situated in {chunking['context_tokens']} tokens of context "
+                      f"({chunking.get('template')!r})")
+        if chunking.get("late"):
+            shown += ", late-chunked (pooled from one pass over the document)"
     return shown
 
 

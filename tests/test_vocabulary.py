@@ -14,7 +14,7 @@ LEAVES = {" ".join(path[1:]): cmd for path, cmd in command_tree()
 
 # Options that belong to one command alone (the concept exists nowhere else).
 COMMAND_SPECIFIC = {
-    "embed": {"--no-normalize", "--chunk-tokens", "--chunk-overlap",
+    "embed": {"--no-normalize",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
               "--glob"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
@@ -27,8 +27,7 @@ COMMAND_SPECIFIC = {
     "compress": {"--pca", "--pca-center", "--calibration-rows", "--clip-quantile",
                  "--save-codec", "--report", "--report-queries", "--save-report", "--bits",
                  "--pq-m", "--pq-bits", "--opq", "--budget"},
-    "eval retrieval": {"--qrels-depth", "--all-queries", "--permutations",
-                       "--aggregate"},
+    "eval retrieval": {"--qrels-depth", "--all-queries", "--permutations"},
     "eval calibrate": {"--fit-depth", "--space"},
     "eval beir": {"--save-run", "--grid"},
     "eval sts": set(),
