@@ -55,7 +55,11 @@ def describe(path: str, name: str, source: str) -> dict:
     if dim is None:
         dim = config.get("hidden_size") or config.get("d_model") or config.get("dim")
     max_length = st_config.get("max_seq_length") or config.get("max_position_embeddings")
+    # --max-length may go past the window up to a BERT model's position table (cli/models.py)
+    longest = max(max_length or 0, config.get("max_position_embeddings") or 0) \
+        if config.get("model_type") == "bert" else max_length
     return {"name": name, "source": source, "dim": dim, "max_length": max_length,
+            "longest_window": longest or None,
             "prompts": prompts_config.get("prompts") or {},
             "sentence_transformers": bool(modules),
             "architecture": (config.get("architectures") or [None])[0],

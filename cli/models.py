@@ -377,7 +377,18 @@ def _embedding_dim(st) -> int:
 
 
 def _set_max_length(st, max_length: int) -> None:
-    _check_max_length(max_length, st.max_seq_length)
+    """Lower the window, or raise it up to a BERT model's position table (LongEmbed's longer
+    windows; the model was trained at its own window, and the notice says so)."""
+    trained = st.max_seq_length
+    config = getattr(getattr(st[0], "auto_model", None), "config", None)
+    table = getattr(config, "max_position_embeddings", None) \
+        if getattr(config, "model_type", None) == "bert" else None
+    _check_max_length(max_length, max(trained or 0, table or 0) or None)
+    if trained and max_length > trained:
+        from vecpipe.cli import console
+
+        console.info(f"--max-length {max_length}: past the {trained} tokens the model was "
+                     f"trained at (its position table has {table})")
     st.max_seq_length = max_length
 
 

@@ -532,9 +532,10 @@ def check_model_plan(request: Request, model: dict, plan) -> str:
     from vecpipe.core.space import role_prompt
 
     window = model["max_length"]
-    if request.max_length is not None and window is not None and request.max_length > window:
+    longest = model.get("longest_window") if request.backend == "torch" else window
+    if request.max_length is not None and longest and request.max_length > longest:
         raise UsageError(f"--max-length {request.max_length} exceeds the model's window of "
-                         f"{window} tokens")
+                         f"{longest} tokens")
     described = Embedder(name=model["name"], sha=None, dim=model["dim"] or 0,
                          max_length=request.max_length or window, device="cpu",
                          prompts=model["prompts"] or {})

@@ -558,6 +558,9 @@ def beir(
     stays bounded), and score the top max(k) hits like MTEB (nDCG@10 is its main score).
     Texts longer than the model's window are truncated, as MTEB does, and counted on stderr.
     --index-dtype searches a temporary HNSW index instead, to see what an index costs.
+    --chunk-tokens splits each document into chunks (plain, situated with --context-tokens,
+    or --late-chunking), searches the chunks exactly and scores each document by the max (or
+    --aggregate sum|mean) of its chunks' scores (LongEmbed's setting).
 
     \b
     Example:

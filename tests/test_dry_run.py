@@ -126,7 +126,7 @@ def test_dry_run_of_a_folder_lists_its_files(cli, tmp_path):
 
 @pytest.mark.parametrize("args,code,message", [
     (("--dim", "1000"), 2, "--dim 1000 exceeds the model's 384 dimensions"),
-    (("--max-length", "1000"), 2, "--max-length 1000 exceeds the model's window of 256"),
+    (("--max-length", "1000"), 2, "--max-length 1000 exceeds the model's window of 512"),
     (("--chunk-tokens", "300"), 2, "--chunk-tokens 300 does not fit the model's 256-token"),
     (("--prompt-name", "query"), 2, "has no prompt named 'query'"),
     (("-m", "nobody/no-such-model"), 1, "not in the local model caches"),

@@ -279,3 +279,22 @@ def test_a_context_larger_than_the_window_is_refused_before_any_work(cli, write_
     assert r.exit_code == 2, r
     assert "--context-tokens 200 with chunks of 100 tokens need" in r.stderr
     assert not (tmp_path / "out.arrow").exists()
+
+
+@pytest.mark.slow
+def test_max_length_may_reach_a_bert_models_position_table_with_a_notice(cli, write_jsonl,
+                                                                        tmp_path, bundled_model):
+    text = " ".join([LONG_TEXT] * 5)  # ~400 tokens
+    docs = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": text}])
+    r = cli("embed", docs, "--max-length", "512")
+    assert r.exit_code == 0, r
+    assert "past the 256 tokens the model was trained at (its position table has 512)" in r.stderr
+    trained = bundled_model.max_seq_length
+    try:
+        bundled_model.max_seq_length = 512
+        want = bundled_model.encode([text], normalize_embeddings=True)[0]
+    finally:
+        bundled_model.max_seq_length = trained
+    assert float(np.dot(r.records()[0]["embedding"], want)) > 0.99999
+    r = cli("embed", docs, "--max-length", "513")
+    assert r.exit_code == 2 and "exceeds the model's window of 512" in r.stderr, r
