@@ -72,6 +72,13 @@ def run(inputs: options.Inputs = None,
                            "folder, text = its contents, plus path, bytes and mtime. Files "
                            "that are not UTF-8 text are skipped and counted.",
             metavar="PATTERN", show_default=False)] = None,
+        multi_vector: Annotated[bool, typer.Option(
+            "--multi-vector", help="Also write each record's token vectors, as ColBERT keeps "
+                                   "them: token_vectors (one L2-normalized vector per "
+                                   "non-padding input token, special tokens kept) and "
+                                   "token_count, for compress --fde and search --rescore. "
+                                   "One device, torch backend; runs the transformer a "
+                                   "second time.")] = False,
         trust_remote_code: options.TrustRemoteCode = False,
         force: options.Force = False,
         dry_run: options.DryRun = False,
@@ -103,7 +110,7 @@ def run(inputs: options.Inputs = None,
                       chunk_overlap=chunk_overlap, cache=cache, shard=parse_shard(shard),
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
                       trust_remote_code=trust_remote_code, force=force,
-                      globs=tuple(globs or ()))
+                      globs=tuple(globs or ()), multi_vector=multi_vector or None)
     on_ray = bool(engine != "local" or address or parts)
     check_options(request, on_ray)
     if dry_run:
@@ -146,6 +153,7 @@ class Request:
     globs: tuple = ()  # --glob: the inputs are folders, each matching file one record
     layers: int | None = None   # --layers: the model's first layers only
     pooling: str | None = None  # --pooling: instead of the model's own
+    multi_vector: bool | None = None  # --multi-vector (None when not given: parts' jobs)
 
     @property
     def joined_fields(self) -> tuple:
@@ -167,6 +175,23 @@ def check_options(request: Request, on_ray: bool = False) -> None:
     if request.pooling is not None and request.pooling not in options.POOLING_MODES:
         raise UsageError(f"--pooling {request.pooling!r}: use {'|'.join(options.POOLING_MODES)}")
     check_folder_inputs(request, on_ray)
+    if request.multi_vector:
+        check_multi_vector(request, on_ray)
+
+
+def check_multi_vector(request: Request, on_ray: bool) -> None:
+    """--multi-vector runs the torch transformer of one model on one device."""
+    from vecpipe.cli.models import parse_devices
+
+    if on_ray:
+        raise UsageError("--multi-vector runs on this machine: leave out --engine ray")
+    if len(parse_devices(request.device)) > 1:
+        raise UsageError("--multi-vector runs on one device: give one --device")
+    if request.backend != "torch":
+        raise UsageError(f"--multi-vector needs --backend torch, not {request.backend}")
+    if request.layers is not None:
+        raise UsageError("--multi-vector keeps the token vectors of every layer: leave out "
+                         "--layers")
 
 
 def check_folder_inputs(request: Request, on_ray: bool) -> None:
@@ -238,7 +263,8 @@ def embed_task_of(request: Request, precision: str):
                 normalize=not request.no_normalize, dim=request.dim,
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
                 chunk_overlap=request.chunk_overlap, drop_text=request.drop_text,
-                skip_invalid=request.skip_invalid, shard=request.shard, window=request.window)
+                skip_invalid=request.skip_invalid, shard=request.shard, window=request.window,
+                multi_vector=bool(request.multi_vector))
     return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
                 cache_dir=request.cache, force=request.force)
@@ -287,7 +313,8 @@ JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--chunk-tokens": "chunk_tokens", "--chunk-overlap": "chunk_overlap",
                "--skip-invalid": "skip_invalid", "--drop-text": "drop_text", "--force": "force"}
 # Counted only when given, so that parts made before these options stay valid.
-NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling"}
+NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling",
+                   "--multi-vector": "multi_vector"}
 
 
 def job_options(request: Request, part_format: str) -> dict:

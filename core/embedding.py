@@ -45,6 +45,7 @@ class Plan:
     shard: Shard | None = None
     window: int = DEFAULT_WINDOW  # the largest window (records, or chunks when chunking)
     prompt: str = ""
+    multi_vector: bool = False  # also each text's token vectors (core.multivector)
 
     @property
     def chunked(self) -> bool:
@@ -213,11 +214,18 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
     from vecpipe.formats import schema as names
     from vecpipe.formats.writers import RecordWriter
 
+    from vecpipe.core import multivector
+
     stats = Stats()
-    out_schema = output_schema(input_schema, plan, plan.out_dim(model))
+    out_schema = multivector.without_token_fields(
+        output_schema(input_schema, plan, plan.out_dim(model)))
+    tokens = multivector.TokenColumns(model, plan.batch_size, plan.prompt) \
+        if plan.multi_vector else None
+    written_schema = out_schema if tokens is None else tokens.schema(out_schema)
     meta = {key: None for key in names.META_KEYS + ("layers", "pooling")}
     meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
     meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunk_tokens, plan.chunk_overlap)
+    meta.update(multivector.embed_meta(model, plan.multi_vector))
     with contextlib.ExitStack() as stack:
         cache = None
         if cache_dir:
@@ -231,7 +239,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
             pool = model.start_pool(devices)
             stack.callback(model.stop_pool, pool)
         sink = stack.enter_context(LazyWriter(lambda: RecordWriter(
-            output, output_format, schema=out_schema, metadata=meta)))
+            output, output_format, schema=written_schema, metadata=meta)))
         bar = stack.enter_context(notices.progress(
             desc="embed", unit="rec", count=count if plan.shard is None else None))
         feed = RecordProgress(bar)
@@ -242,7 +250,9 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
         windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
         for window, vectors in windows:
             for part, part_vectors in window.split(vectors):
-                sink.write(output_batch(part, part_vectors, out_schema, plan))
+                batch = output_batch(part, part_vectors, out_schema, plan)
+                sink.write(batch if tokens is None else
+                           tokens.added(batch, part.texts, written_schema))
                 stats.rows += len(part.texts)
             if watch is not None:  # a reader downstream (`| head -1`) sees each window at once
                 sink.writer.flush()
