@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 
+from vecpipe.core.index_format import TOKEN_OFFSETS as OFFSETS_FILE, TOKENS as TOKENS_FILE
 from vecpipe.formats.errors import DataError
 
 TOKEN_VECTORS, TOKEN_COUNT = "token_vectors", "token_count"
 META_KEY = "multi_vector"
-TOKENS_FILE, OFFSETS_FILE = "tokens.npy", "token_offsets.npy"
 _FAKE_SALT = "token|"
 
 
@@ -297,3 +297,19 @@ class TokenStore:
 
         tokens, offsets = self.tokens_of(rows)
         return chamfer_scores(query, tokens, offsets)
+
+
+def chamfer_rescored(hits, query_sets, store: TokenStore, k: int, min_score=None):
+    """First-stage hits (e.g. an FDE search's k*M candidates) re-ranked by the exact Chamfer
+    similarity of each query's token vectors with the candidates' kept ones; k kept."""
+    import numpy as np
+
+    from vecpipe.core.vectors import sorted_hits
+
+    rows = hits.rows
+    scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+    for i, query in enumerate(query_sets):
+        valid = rows[i] >= 0
+        if valid.any():
+            scores[i, valid] = store.scores(query, rows[i][valid])
+    return sorted_hits(rows, scores, k).thresholded(min_score)
