@@ -110,7 +110,7 @@ def run(inputs: options.Inputs = None,
                       chunk_overlap=chunk_overlap, cache=cache, shard=parse_shard(shard),
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
                       trust_remote_code=trust_remote_code, force=force,
-                      globs=tuple(globs or ()), multi_vector=multi_vector or None)
+                      globs=tuple(globs or ()), multi_vector=multi_vector)
     on_ray = bool(engine != "local" or address or parts)
     check_options(request, on_ray)
     if dry_run:
@@ -153,7 +153,7 @@ class Request:
     globs: tuple = ()  # --glob: the inputs are folders, each matching file one record
     layers: int | None = None   # --layers: the model's first layers only
     pooling: str | None = None  # --pooling: instead of the model's own
-    multi_vector: bool | None = None  # --multi-vector (None when not given: parts' jobs)
+    multi_vector: bool = False  # --multi-vector: token vectors too (core.multivector)
 
     @property
     def joined_fields(self) -> tuple:
@@ -264,7 +264,7 @@ def embed_task_of(request: Request, precision: str):
                 batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
                 chunk_overlap=request.chunk_overlap, drop_text=request.drop_text,
                 skip_invalid=request.skip_invalid, shard=request.shard, window=request.window,
-                multi_vector=bool(request.multi_vector))
+                multi_vector=request.multi_vector)
     return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
                 cache_dir=request.cache, force=request.force)
@@ -312,7 +312,7 @@ JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--backend": "backend", "--max-length": "max_length",
                "--chunk-tokens": "chunk_tokens", "--chunk-overlap": "chunk_overlap",
                "--skip-invalid": "skip_invalid", "--drop-text": "drop_text", "--force": "force"}
-# Counted only when given, so that parts made before these options stay valid.
+# Counted only when given (not false), so that parts made before these options stay valid.
 NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling",
                    "--multi-vector": "multi_vector"}
 
@@ -326,7 +326,7 @@ def job_options(request: Request, part_format: str) -> dict:
     if request.globs:  # counted only when given: parts made before --glob existed stay valid
         counted["--glob"] = list(request.globs)
     counted.update({flag: getattr(request, name) for flag, name in NEW_JOB_OPTIONS.items()
-                    if getattr(request, name) is not None})
+                    if getattr(request, name) not in (None, False)})
     counted.update({"--model": model_identity(request.model), "--output-format": part_format})
     return counted
 

@@ -1,0 +1,156 @@
+"""MUVERA on NFCorpus: recall@10 of FDE retrieval (and of FDE candidates rescored by exact
+Chamfer) against exact Chamfer search over the token vectors, for several repetitions R and
+SimHash sizes K, with the bytes each keeps and queries per second.
+
+Token vectors are the bundled MiniLM's (core.multivector.token_vectors: its last hidden states,
+L2-normalized, special tokens kept; title + text truncated at its 256-token window), made once
+and cached in --work. FDE search here is exact (a numpy matrix product over every document's
+FDE, as a flat index scans), so the recall measures the encoding, not an ANN graph. Test-split
+queries; the corpus is the first --docs documents (the 2-core CPU shared with another benchmark
+cannot embed and brute-force all 3,633 in reasonable time; --docs 0 takes them all).
+
+    .venv/bin/python bench/muvera_nfcorpus.py [--data ../shared/data/nfcorpus] [--docs 1000]
+        [--work /tmp/vp/muvera-work] [--proj-dim 32] [--depth 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
+
+GRID = [(r, k) for k in (3, 4, 5) for r in (5, 10, 20)]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_queries(data: str) -> list[dict]:
+    wanted = set()
+    with open(os.path.join(data, "qrels", "test.tsv"), encoding="utf-8") as f:
+        next(f)
+        for line in f:
+            wanted.add(line.split("\t")[0])
+    return [q for q in read_jsonl(os.path.join(data, "queries.jsonl")) if q["_id"] in wanted]
+
+
+def token_sets(model, texts, path):
+    """Token vectors of `texts` (cached at `path`: flat float32 + offsets)."""
+    from vecpipe.core.fde import pack_sets
+    from vecpipe.core.multivector import token_vectors
+
+    if os.path.exists(path):
+        cached = np.load(path)
+        return cached["tokens"], cached["offsets"]
+    started = time.perf_counter()
+    tokens, offsets = pack_sets(token_vectors(model, texts, batch_size=32))
+    seconds = time.perf_counter() - started
+    print(f"  token vectors of {len(texts)} texts: {len(tokens):,} tokens in {seconds:.0f} s",
+          file=sys.stderr)
+    np.savez(path, tokens=tokens, offsets=offsets)
+    return tokens, offsets
+
+
+def exact_chamfer_top(q_tokens, q_offsets, d_tokens, d_offsets, k):
+    from vecpipe.core.fde import chamfer_scores
+
+    top = []
+    for i in range(len(q_offsets) - 1):
+        scores = chamfer_scores(q_tokens[q_offsets[i]:q_offsets[i + 1]], d_tokens, d_offsets)
+        top.append(np.argsort(-scores, kind="stable")[:k])
+    return np.array(top)
+
+
+def recall(found, truth, k=10) -> float:
+    return float(np.mean([len(set(f[:k]) & set(t[:k])) / k for f, t in zip(found, truth)]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..",
+                                                       "shared", "data", "nfcorpus"))
+    parser.add_argument("--docs", type=int, default=1000)
+    parser.add_argument("--work", default="/tmp/vp/muvera-work")
+    parser.add_argument("--proj-dim", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=100,
+                        help="FDE candidates rescored by exact Chamfer")
+    args = parser.parse_args()
+    print(machine_line())
+    os.makedirs(args.work, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(2)
+    from vecpipe.cli.models import load_model
+    from vecpipe.core.fde import Fde, FdeConfig, chamfer_scores, pack_sets
+
+    corpus = read_jsonl(os.path.join(args.data, "corpus.jsonl"))
+    if args.docs:
+        corpus = corpus[:args.docs]
+    queries = test_queries(args.data)
+    model = load_model(None, "cpu")
+    d_tokens, d_offsets = token_sets(
+        model, [(d.get("title", "") + " " + d["text"]).strip() for d in corpus],
+        os.path.join(args.work, f"docs-{len(corpus)}.npz"))
+    q_tokens, q_offsets = token_sets(model, [q["text"] for q in queries],
+                                     os.path.join(args.work, f"queries-{len(queries)}.npz"))
+    dim = d_tokens.shape[1]
+    print(f"{len(corpus):,} documents ({len(d_tokens):,} tokens, "
+          f"{len(d_tokens) / len(corpus):.0f} a document), {len(queries)} test queries "
+          f"({len(q_tokens) / len(queries):.1f} tokens a query), dim {dim}")
+
+    started = time.perf_counter()
+    truth = exact_chamfer_top(q_tokens, q_offsets, d_tokens, d_offsets, 10)
+    exact_s = time.perf_counter() - started
+    token_bytes = d_tokens.nbytes + d_offsets.nbytes
+    print(f"exact Chamfer (brute force over every token, float32): "
+          f"{len(queries) / exact_s:.1f} QPS, {token_bytes / 2**20:.0f} MiB of token vectors")
+    header = (f"| R | K | P | FDE dims | FDE MiB | encode docs/s | recall@10 FDE | QPS FDE | "
+              f"recall@10 FDE top-{args.depth} + Chamfer | QPS rescored |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for reps, simhash in GRID:
+        config = FdeConfig(token_dim=dim, reps=reps, simhash=simhash, proj_dim=args.proj_dim)
+        fde = Fde(config)
+        started = time.perf_counter()
+        docs = fde.encode(d_tokens, d_offsets, "document")
+        encode_s = time.perf_counter() - started
+        started = time.perf_counter()
+        q = fde.encode(q_tokens, q_offsets, "query")
+        scores = q @ docs.T
+        found = np.argsort(-scores, axis=1, kind="stable")[:, :args.depth]
+        fde_s = time.perf_counter() - started
+        started = time.perf_counter()
+        rescored = []
+        for i, candidates in enumerate(found):
+            query = q_tokens[q_offsets[i]:q_offsets[i + 1]]
+            sets = [d_tokens[d_offsets[c]:d_offsets[c + 1]] for c in candidates]
+            tokens, offsets = pack_sets(sets)
+            exact = chamfer_scores(query, tokens, offsets)
+            rescored.append(candidates[np.argsort(-exact, kind="stable")[:10]])
+        rescore_s = time.perf_counter() - started
+        row = dict(reps=reps, simhash=simhash, proj_dim=args.proj_dim, dims=config.out_dim,
+                   fde_mib=docs.nbytes / 2**20, encode_docs_s=len(corpus) / encode_s,
+                   recall_fde=recall(found, truth), qps_fde=len(queries) / fde_s,
+                   recall_rescored=recall(rescored, truth),
+                   qps_rescored=len(queries) / (fde_s + rescore_s))
+        rows.append(row)
+        print(f"| {reps} | {simhash} | {args.proj_dim} | {row['dims']:,} | "
+              f"{row['fde_mib']:.1f} | {row['encode_docs_s']:.0f} | {row['recall_fde']:.3f} | "
+              f"{row['qps_fde']:.0f} | {row['recall_rescored']:.3f} | "
+              f"{row['qps_rescored']:.0f} |", flush=True)
+    with open(os.path.join(args.work, "results.json"), "w") as f:
+        json.dump({"machine": machine_line(), "docs": len(corpus), "queries": len(queries),
+                   "exact_qps": len(queries) / exact_s, "token_mib": token_bytes / 2**20,
+                   "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
