@@ -10,7 +10,7 @@ queries; the corpus is the first --docs documents (the 2-core CPU shared with an
 cannot embed and brute-force all 3,633 in reasonable time; --docs 0 takes them all).
 
     .venv/bin/python bench/muvera_nfcorpus.py [--data ../shared/data/nfcorpus] [--docs 1000]
-        [--work /tmp/vp/muvera-work] [--proj-dim 32] [--depth 100]
+        [--work /tmp/vp/muvera-work] [--depths 100,300]
 """
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ import numpy as np
 
 from machine import machine_line  # bench/machine.py: run as a script, bench/ is on sys.path
 
-GRID = [(r, k) for k in (3, 4, 5) for r in (5, 10, 20)]
+# (R, K, P, D): repetitions, SimHash bits, AMS inner projection (None: all 384), final count
+# sketch (None: none). R=1 K=0 P=None is the mean of the document's token vectors against the
+# sum of the query's: one 384-d vector, the single-vector baseline a pooled index gives.
+GRID = [(1, 0, None, None)] + [(r, k, 32, None) for k in (3, 4, 5) for r in (5, 10, 20)] \
+    + [(40, 4, 32, None), (20, 4, 32, 2048), (20, 4, 16, None), (20, 3, 64, None)]
 
 
 def read_jsonl(path):
@@ -78,9 +82,8 @@ def main() -> None:
                                                        "shared", "data", "nfcorpus"))
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--work", default="/tmp/vp/muvera-work")
-    parser.add_argument("--proj-dim", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=100,
-                        help="FDE candidates rescored by exact Chamfer")
+    parser.add_argument("--depths", default="100,300",
+                        help="FDE candidates rescored by exact Chamfer (comma-separated)")
     args = parser.parse_args()
     print(machine_line())
     os.makedirs(args.work, exist_ok=True)
@@ -111,13 +114,15 @@ def main() -> None:
     token_bytes = d_tokens.nbytes + d_offsets.nbytes
     print(f"exact Chamfer (brute force over every token, float32): "
           f"{len(queries) / exact_s:.1f} QPS, {token_bytes / 2**20:.0f} MiB of token vectors")
-    header = (f"| R | K | P | FDE dims | FDE MiB | encode docs/s | recall@10 FDE | QPS FDE | "
-              f"recall@10 FDE top-{args.depth} + Chamfer | QPS rescored |")
+    depths = [int(d) for d in args.depths.split(",")]
+    header = ("| R | K | P | D | FDE dims | FDE MiB | encode docs/s | recall@10 FDE | QPS FDE | "
+              + " | ".join(f"recall@10 top-{d} + Chamfer | QPS top-{d}" for d in depths) + " |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
-    for reps, simhash in GRID:
-        config = FdeConfig(token_dim=dim, reps=reps, simhash=simhash, proj_dim=args.proj_dim)
+    for reps, simhash, proj_dim, final_dim in GRID:
+        config = FdeConfig(token_dim=dim, reps=reps, simhash=simhash, proj_dim=proj_dim,
+                           final_dim=final_dim)
         fde = Fde(config)
         started = time.perf_counter()
         docs = fde.encode(d_tokens, d_offsets, "document")
@@ -125,27 +130,30 @@ def main() -> None:
         started = time.perf_counter()
         q = fde.encode(q_tokens, q_offsets, "query")
         scores = q @ docs.T
-        found = np.argsort(-scores, axis=1, kind="stable")[:, :args.depth]
+        found = np.argsort(-scores, axis=1, kind="stable")[:, :max(depths)]
         fde_s = time.perf_counter() - started
-        started = time.perf_counter()
-        rescored = []
-        for i, candidates in enumerate(found):
-            query = q_tokens[q_offsets[i]:q_offsets[i + 1]]
-            sets = [d_tokens[d_offsets[c]:d_offsets[c + 1]] for c in candidates]
-            tokens, offsets = pack_sets(sets)
-            exact = chamfer_scores(query, tokens, offsets)
-            rescored.append(candidates[np.argsort(-exact, kind="stable")[:10]])
-        rescore_s = time.perf_counter() - started
-        row = dict(reps=reps, simhash=simhash, proj_dim=args.proj_dim, dims=config.out_dim,
-                   fde_mib=docs.nbytes / 2**20, encode_docs_s=len(corpus) / encode_s,
-                   recall_fde=recall(found, truth), qps_fde=len(queries) / fde_s,
-                   recall_rescored=recall(rescored, truth),
-                   qps_rescored=len(queries) / (fde_s + rescore_s))
+        row = dict(reps=reps, simhash=simhash, proj_dim=proj_dim, final_dim=final_dim,
+                   dims=config.out_dim, fde_mib=docs.nbytes / 2**20,
+                   encode_docs_s=len(corpus) / encode_s, recall_fde=recall(found, truth),
+                   qps_fde=len(queries) / fde_s)
+        for depth in depths:
+            started = time.perf_counter()
+            rescored = []
+            for i, candidates in enumerate(found[:, :depth]):
+                query = q_tokens[q_offsets[i]:q_offsets[i + 1]]
+                tokens, offsets = pack_sets([d_tokens[d_offsets[c]:d_offsets[c + 1]]
+                                             for c in candidates])
+                exact = chamfer_scores(query, tokens, offsets)
+                rescored.append(candidates[np.argsort(-exact, kind="stable")[:10]])
+            rescore_s = time.perf_counter() - started
+            row[f"recall_top{depth}"] = recall(rescored, truth)
+            row[f"qps_top{depth}"] = len(queries) / (fde_s + rescore_s)
         rows.append(row)
-        print(f"| {reps} | {simhash} | {args.proj_dim} | {row['dims']:,} | "
-              f"{row['fde_mib']:.1f} | {row['encode_docs_s']:.0f} | {row['recall_fde']:.3f} | "
-              f"{row['qps_fde']:.0f} | {row['recall_rescored']:.3f} | "
-              f"{row['qps_rescored']:.0f} |", flush=True)
+        print(f"| {reps} | {simhash} | {proj_dim or dim} | {final_dim or '-'} | "
+              f"{row['dims']:,} | {row['fde_mib']:.1f} | {row['encode_docs_s']:.0f} | "
+              f"{row['recall_fde']:.3f} | {row['qps_fde']:.0f} | "
+              + " | ".join(f"{row[f'recall_top{d}']:.3f} | {row[f'qps_top{d}']:.0f}"
+                           for d in depths) + " |", flush=True)
     with open(os.path.join(args.work, "results.json"), "w") as f:
         json.dump({"machine": machine_line(), "docs": len(corpus), "queries": len(queries),
                    "exact_qps": len(queries) / exact_s, "token_mib": token_bytes / 2**20,

@@ -134,10 +134,12 @@ class Fde:
         c = config
         self._hyperplanes = [np.random.default_rng((c.seed, _SIMHASH, r)).standard_normal(
             (c.token_dim, c.simhash)).astype(np.float32) for r in range(c.reps)]
-        self._projections = None
+        self._projections = self._matrices = None
         if c.proj_dim:
             self._projections = [_sketch(np.random.default_rng((c.seed, _PROJECTION, r)),
                                          c.token_dim, c.proj_dim) for r in range(c.reps)]
+            # token_dim x proj_dim is small: a dense product runs faster than the gather
+            self._matrices = [_dense(*sketch) for sketch in self._projections]
         self._final = None
         if c.final_dim:
             self._final = _sketch(np.random.default_rng((c.seed, _FINAL)), c.raw_dim,
@@ -160,8 +162,7 @@ class Fde:
                 np.zeros((len(tokens), 0), bool)
             bucket = bits.astype(np.int64) @ self._weights if c.simhash else \
                 np.zeros(len(tokens), np.int64)
-            projected = tokens if self._projections is None else \
-                _apply_sketch(tokens, *self._projections[r])
+            projected = tokens if self._matrices is None else tokens @ self._matrices[r]
             slot = owner * c.buckets + bucket
             sums, sizes = _segment_sums(projected, slot, sets * c.buckets)
             block = sums.reshape(sets, c.buckets, c.bucket_dim)
@@ -195,6 +196,12 @@ def _sketch(rng, rows: int, columns: int):
     index = rng.integers(0, columns, size=rows)
     sign = rng.integers(0, 2, size=rows).astype(np.float32) * 2 - 1
     return index, sign, columns
+
+
+def _dense(index: np.ndarray, sign: np.ndarray, columns: int) -> np.ndarray:
+    matrix = np.zeros((len(index), columns), dtype=np.float32)
+    matrix[np.arange(len(index)), index] = sign
+    return matrix
 
 
 def _apply_sketch(x: np.ndarray, index: np.ndarray, sign: np.ndarray, columns: int):
