@@ -10,7 +10,7 @@ queries; the corpus is the first --docs documents (the 2-core CPU shared with an
 cannot embed and brute-force all 3,633 in reasonable time; --docs 0 takes them all).
 
     .venv/bin/python bench/muvera_nfcorpus.py [--data ../shared/data/nfcorpus] [--docs 1000]
-        [--work /tmp/vp/muvera-work] [--depths 100,300]
+        [--work /tmp/vp/muvera-work] [--depths 100,300] [--grid R:K:P:D,...]
 """
 from __future__ import annotations
 
@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/vp/muvera-work")
     parser.add_argument("--depths", default="100,300",
                         help="FDE candidates rescored by exact Chamfer (comma-separated)")
+    parser.add_argument("--grid", help="R:K:P:D,... instead of GRID (- for no P or D)")
     args = parser.parse_args()
+    grid = GRID if not args.grid else [
+        tuple(None if part == "-" else int(part) for part in cell.split(":"))
+        for cell in args.grid.split(",")]
     print(machine_line())
     os.makedirs(args.work, exist_ok=True)
     import torch
@@ -120,7 +124,7 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
-    for reps, simhash, proj_dim, final_dim in GRID:
+    for reps, simhash, proj_dim, final_dim in grid:
         config = FdeConfig(token_dim=dim, reps=reps, simhash=simhash, proj_dim=proj_dim,
                            final_dim=final_dim)
         fde = Fde(config)
@@ -154,7 +158,8 @@ def main() -> None:
               f"{row['recall_fde']:.3f} | {row['qps_fde']:.0f} | "
               + " | ".join(f"{row[f'recall_top{d}']:.3f} | {row[f'qps_top{d}']:.0f}"
                            for d in depths) + " |", flush=True)
-    with open(os.path.join(args.work, "results.json"), "w") as f:
+    name = "results.json" if not args.grid else "results-grid.json"
+    with open(os.path.join(args.work, name), "w") as f:
         json.dump({"machine": machine_line(), "docs": len(corpus), "queries": len(queries),
                    "exact_qps": len(queries) / exact_s, "token_mib": token_bytes / 2**20,
                    "rows": rows}, f, indent=1)

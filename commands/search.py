@@ -227,6 +227,10 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
+        if searcher.metadata.get("fde"):
+            raise UsageError("INDEX holds FDEs (compress --fde): their queries are encoded and "
+                             "rescored through an index folder", source=index,
+                             hint=f"vecpipe index {index} -o IDX, then search IDX")
     pipeline = Pipeline(searcher, None if max_hits else k)
     if hybrid:
         pipeline.metadata["fusion"] = searcher.described()

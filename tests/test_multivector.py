@@ -305,3 +305,10 @@ def test_real_fde_recall_against_exact_chamfer_rises_with_repetitions(
             rescored.append(set(f[np.argsort(-chamfer_scores(qs, tokens, offsets))[:10]]))
     assert recalls[1] > recalls[0]
     assert np.mean([len(r & t) / 10 for r, t in zip(rescored, truth)]) >= 0.8
+
+
+def test_an_fde_stream_is_searched_through_an_index(cli, multi):
+    cli("compress", multi / "docs.arrow", "--fde", "--fde-reps", "2", "--fde-simhash", "2",
+        "-o", multi / "fde.arrow")
+    result = cli("search", multi / "fde.arrow", multi / "queries.arrow")
+    assert result.exit_code == 2 and "index" in result.stderr
