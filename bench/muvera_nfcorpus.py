@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--depths", default="100,300",
                         help="FDE candidates rescored by exact Chamfer (comma-separated)")
     parser.add_argument("--grid", help="R:K:P:D,... instead of GRID (- for no P or D)")
+    parser.add_argument("--cli", metavar="R:K:P:M", help="Instead of the grid: the same cell "
+                        "through the CLI (compress --fde, index, search --rescore M) on an "
+                        "HNSW index, timed, with the index folder's bytes")
     args = parser.parse_args()
     grid = GRID if not args.grid else [
         tuple(None if part == "-" else int(part) for part in cell.split(":"))
@@ -118,6 +121,9 @@ def main() -> None:
     token_bytes = d_tokens.nbytes + d_offsets.nbytes
     print(f"exact Chamfer (brute force over every token, float32): "
           f"{len(queries) / exact_s:.1f} QPS, {token_bytes / 2**20:.0f} MiB of token vectors")
+    if args.cli:
+        return cli_run(args.cli, args.work, corpus, queries, d_tokens, d_offsets, q_tokens,
+                       q_offsets, truth)
     depths = [int(d) for d in args.depths.split(",")]
     header = ("| R | K | P | D | FDE dims | FDE MiB | encode docs/s | recall@10 FDE | QPS FDE | "
               + " | ".join(f"recall@10 top-{d} + Chamfer | QPS top-{d}" for d in depths) + " |")
@@ -163,6 +169,57 @@ def main() -> None:
         json.dump({"machine": machine_line(), "docs": len(corpus), "queries": len(queries),
                    "exact_qps": len(queries) / exact_s, "token_mib": token_bytes / 2**20,
                    "rows": rows}, f, indent=1)
+
+
+def write_tokens(path, ids, tokens, offsets, model_name):
+    """An Arrow file of id + token_vectors, as embed --multi-vector writes them."""
+    import pyarrow as pa
+
+    from vecpipe.core.multivector import token_arrays
+    from vecpipe.formats import schema as names
+
+    sets = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(ids))]
+    vectors, counts = token_arrays(sets, tokens.shape[1])
+    table = pa.table({"id": ids, "token_vectors": vectors, "token_count": counts})
+    table = table.replace_schema_metadata(names.with_meta(table.schema, {
+        "model": model_name, "multi_vector": json.dumps({"dim": tokens.shape[1]})}).metadata)
+    with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
+
+
+def cli_run(cell, work, corpus, queries, d_tokens, d_offsets, q_tokens, q_offsets, truth):
+    import subprocess
+
+    reps, simhash, proj_dim, multiple = (int(x) for x in cell.split(":"))
+    vecpipe = os.path.join(os.path.dirname(sys.executable), "vecpipe")
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    docs_path, queries_path = os.path.join(work, "tokens.arrow"), os.path.join(work, "q.arrow")
+    write_tokens(docs_path, [d["_id"] for d in corpus], d_tokens, d_offsets, model)
+    write_tokens(queries_path, [q["_id"] for q in queries], q_tokens, q_offsets, model)
+    fde_path, idx = os.path.join(work, "fde.arrow"), os.path.join(work, "idx-fde")
+    hits = os.path.join(work, "hits.jsonl")
+    steps = [("compress", [vecpipe, "compress", docs_path, "--fde", "--fde-reps", str(reps),
+                           "--fde-simhash", str(simhash), "--fde-proj-dim", str(proj_dim),
+                           "-o", fde_path, "-q"]),
+             ("index", [vecpipe, "index", fde_path, "-o", idx, "-q"]),
+             ("search", [vecpipe, "search", idx, queries_path, "-k", "10", "--rescore",
+                         str(multiple), "-o", hits, "-q"])]
+    import shutil
+
+    shutil.rmtree(idx, ignore_errors=True)
+    for name, argv in steps:
+        started = time.perf_counter()
+        subprocess.run(argv, check=True)
+        print(f"{' '.join(['vecpipe'] + argv[1:])}: {time.perf_counter() - started:.1f} s")
+    found = {}
+    for hit in read_jsonl(hits):
+        found.setdefault(hit["query_id"], []).append(hit["id"])
+    ids = [d["_id"] for d in corpus]
+    rows = [[ids.index(i) for i in found.get(q["_id"], [])] for q in queries]
+    sizes = {name: os.path.getsize(os.path.join(idx, name)) for name in os.listdir(idx)}
+    print(f"recall@10 of exact Chamfer's top 10: {recall(rows, truth):.3f}; index folder "
+          f"{sum(sizes.values()) / 2**20:.1f} MiB: " + ", ".join(
+              f"{name} {size / 2**20:.1f}" for name, size in sorted(sizes.items())))
 
 
 if __name__ == "__main__":
