@@ -899,7 +899,16 @@ class QueryReader:
                             f"{TOKEN_VECTORS!r} or text (fields: {', '.join(schema.names)})",
                             source=source, hint="embed the queries with --multi-vector, or "
                                                 "give their text")
+        from vecpipe.core.multivector import check_model
+        from vecpipe.formats.errors import ParameterError, UsageError
+
+        if self.backend == "auto":  # token vectors come from the torch transformer
+            self.backend = "torch"
         self._load_model()
+        try:
+            check_model(self.model)
+        except ParameterError as err:
+            raise UsageError("--" + err.message) from None
 
     def _fde_query(self, item):
         """(query FDEs, each query's token vectors) of a batch, for an index of FDEs."""

@@ -29,7 +29,7 @@ _FAKE_SALT = "token|"
 def token_dim(model) -> int:
     """Dimensions of the model's token embeddings (the transformer's width; a Dense module
     after pooling makes the pooled vectors another size)."""
-    if model.st is None:
+    if model.is_fake:
         return model.dim
     first = model.st[0]
     size = getattr(first, "get_embedding_dimension", None) or getattr(
@@ -39,16 +39,17 @@ def token_dim(model) -> int:
 
 def metadata_value(model) -> str:
     """The `vecpipe.multi_vector` value of token vectors from `model`."""
-    return json.dumps({"source": "fake whitespace tokens" if model.st is None
+    return json.dumps({"source": "fake whitespace tokens" if model.is_fake
                        else "token_embeddings", "dim": token_dim(model), "normalized": True,
-                       "special_tokens": model.st is not None}, sort_keys=True)
+                       "special_tokens": not model.is_fake}, sort_keys=True)
 
 
 def check_model(model) -> None:
     """Token vectors come from the torch runtime or a fake model."""
     from vecpipe.formats.errors import ParameterError
 
-    if model.st is not None and (model.backend != "torch" or model.runtime is not None):
+    if not model.is_fake and (model.st is None or model.backend != "torch"
+                              or model.runtime is not None):
         raise ParameterError(f"backend {model.backend}: token vectors (multi-vector) need "
                              "the torch backend", "backend")
     if model.layers is not None:
@@ -61,7 +62,8 @@ def token_vectors(model, texts, batch_size: int = 32, prompt: str = "") -> list:
     import numpy as np
 
     texts = list(texts)
-    if model.st is None:
+    check_model(model)
+    if model.is_fake:
         from vecpipe.core.embedder import _FAKE_TOKEN, fake_vectors
 
         out = []

@@ -312,3 +312,32 @@ def test_an_fde_stream_is_searched_through_an_index(cli, multi):
         "-o", multi / "fde.arrow")
     result = cli("search", multi / "fde.arrow", multi / "queries.arrow")
     assert result.exit_code == 2 and "index" in result.stderr
+
+
+@pytest.mark.slow
+def test_real_text_queries_match_embedded_token_queries(cli, tmp_path, write_jsonl,
+                                                        parse_records):
+    """search embeds text queries' token vectors with the torch transformer (its default
+    backend for text is the torch-free one, which has no token vectors): the same hits and
+    Chamfer scores as queries embedded by embed --multi-vector."""
+    docs = [{"id": f"d{i}", "text": t} for i, t in enumerate(
+        ["Vitamin D and bone health in older adults.", "Cholesterol feeds breast cancer cells.",
+         "Green tea and the risk of stroke.", "Fiber intake lowers colon cancer risk.",
+         "Sleep, melatonin and shift work."])]
+    write_jsonl(tmp_path / "d.jsonl", docs)
+    write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "text": "breast cancer cholesterol"},
+                                       {"id": "q2", "text": "tea and stroke"}])
+    for name in ("d", "q"):
+        assert cli("embed", tmp_path / f"{name}.jsonl", "--multi-vector", "-o",
+                   tmp_path / f"{name}.arrow").exit_code == 0
+    assert cli("compress", tmp_path / "d.arrow", "--fde", "--fde-reps", "4", "--fde-simhash",
+               "2", "--fde-proj-dim", "32", "-o", tmp_path / "f.arrow").exit_code == 0
+    assert cli("index", tmp_path / "f.arrow", "-o", tmp_path / "idx").exit_code == 0
+    runs = [cli("search", tmp_path / "idx", tmp_path / q, "-k", "3", "--rescore", "2",
+                "--output-format", "jsonl") for q in ("q.jsonl", "q.arrow")]
+    assert all(r.exit_code == 0 for r in runs), runs[0].stderr
+    text_hits, token_hits = (parse_records(r.stdout_bytes) for r in runs)
+    assert [h["id"] for h in text_hits] == [h["id"] for h in token_hits]
+    np.testing.assert_allclose([h["score"] for h in text_hits],
+                               [h["score"] for h in token_hits], rtol=1e-4)
+    assert text_hits[0]["id"] == "d1" and text_hits[3]["id"] == "d2"
