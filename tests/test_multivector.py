@@ -341,3 +341,29 @@ def test_real_text_queries_match_embedded_token_queries(cli, tmp_path, write_jso
     np.testing.assert_allclose([h["score"] for h in text_hits],
                                [h["score"] for h in token_hits], rtol=1e-4)
     assert text_hits[0]["id"] == "d1" and text_hits[3]["id"] == "d2"
+
+
+def test_multi_vector_with_the_cache_and_chunks(cli, tmp_path, write_jsonl):
+    write_jsonl(tmp_path / "d.jsonl", documents(6))
+    runs = []
+    for _ in range(2):  # the second run's pooled vectors come from the cache
+        result = cli("embed", tmp_path / "d.jsonl", "-m", "fake:8", "--multi-vector",
+                     "--cache", tmp_path / "cache", "-o", tmp_path / "c.arrow")
+        assert result.exit_code == 0, result.stderr
+        runs.append(read_table(tmp_path / "c.arrow"))
+    assert runs[0].equals(runs[1])
+    result = cli("embed", tmp_path / "d.jsonl", "-m", "fake:8", "--multi-vector",
+                 "--chunk-tokens", "3", "-o", tmp_path / "chunks.arrow")
+    assert result.exit_code == 0, result.stderr
+    table = read_table(tmp_path / "chunks.arrow")
+    for row, text in enumerate(table.column("text").to_pylist()):
+        assert table.column("token_count")[row].as_py() == len(text.split()) <= 3
+
+
+@pytest.mark.parametrize("args,words", [(("--on-duplicate", "last"), "duplicates"),
+                                        (("--shard", "0/2"), "--shard")])
+def test_index_refuses_what_the_token_store_cannot_do_yet(cli, multi, args, words):
+    cli("compress", multi / "docs.arrow", "--fde", "--fde-reps", "2", "--fde-simhash", "2",
+        "-o", multi / "fde.arrow")
+    result = cli("index", multi / "fde.arrow", "-o", multi / "idx", *args)
+    assert result.exit_code == 2 and words in result.stderr, result.stderr
