@@ -155,7 +155,7 @@ def read_tokens(item, dim: int | None = None):
     offsets = column.offsets.to_numpy().astype(np.int64)
     offsets = offsets - offsets[0]
     values = column.values.slice(int(column.offsets[0].as_py()), int(offsets[-1]))
-    tokens = _token_matrix(values, item)
+    tokens = _token_matrix(values, item, offsets)
     if dim is not None and len(tokens) and tokens.shape[1] != dim:
         raise DataError(f"token vectors have {tokens.shape[1]} dimensions, expected {dim}",
                         source=item.source, record=item.first_record)
@@ -167,7 +167,7 @@ def read_tokens(item, dim: int | None = None):
     return tokens, offsets
 
 
-def _token_matrix(values, item):
+def _token_matrix(values, item, offsets):
     import numpy as np
     import pyarrow as pa
 
@@ -178,8 +178,11 @@ def _token_matrix(values, item):
     # JSONL: lists of lists of numbers; every token the same width
     lengths = values.value_lengths().to_numpy(zero_copy_only=False) if len(values) else []
     if len(values) and (values.null_count or (lengths != lengths[0]).any()):
+        bad = np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False)
+                             | (lengths != lengths[0]))[0]
+        row = int(np.searchsorted(offsets, bad, side="right")) - 1
         raise DataError(f"{TOKEN_VECTORS}: every token vector must have the same dimensions",
-                        source=item.source, record=item.first_record)
+                        source=item.source, record=item.first_record + row)
     dim = int(lengths[0]) if len(values) else 0
     flat = values.flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.float32).reshape(len(values), dim)

@@ -367,3 +367,19 @@ def test_index_refuses_what_the_token_store_cannot_do_yet(cli, multi, args, word
         "-o", multi / "fde.arrow")
     result = cli("index", multi / "fde.arrow", "-o", multi / "idx", *args)
     assert result.exit_code == 2 and words in result.stderr, result.stderr
+
+
+def test_compress_fde_reads_token_vectors_from_jsonl(cli, multi, write_jsonl, parse_records):
+    converted = cli("convert", multi / "docs.arrow", "-o", multi / "docs.jsonl")
+    assert converted.exit_code == 0, converted.stderr
+    for name in ("docs.arrow", "docs.jsonl"):
+        result = cli("compress", multi / name, "--fde", "--fde-reps", "2", "--fde-simhash",
+                     "2", "-o", multi / f"{name}.fde.arrow")
+        assert result.exit_code == 0, result.stderr
+    a, b = (read_table(multi / f"{n}.fde.arrow") for n in ("docs.arrow", "docs.jsonl"))
+    np.testing.assert_allclose(names.vectors_to_numpy(a.column("embedding")),
+                               names.vectors_to_numpy(b.column("embedding")), rtol=1e-6)
+    bad = write_jsonl(multi / "bad.jsonl", [{"id": "a", "token_vectors": [[0.1, 0.2]]},
+                                            {"id": "b", "token_vectors": [[0.1], [0.3, 0.4]]}])
+    result = cli("compress", bad, "--fde")
+    assert result.exit_code == 1 and "bad.jsonl:2" in result.stderr, result.stderr
