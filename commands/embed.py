@@ -76,9 +76,9 @@ def run(inputs: options.Inputs = None,
             "--multi-vector", help="Also write each record's token vectors, as ColBERT keeps "
                                    "them: token_vectors (one L2-normalized vector per "
                                    "non-padding input token, special tokens kept) and "
-                                   "token_count, for compress --fde and search --rescore. "
-                                   "One device, torch backend; runs the transformer a "
-                                   "second time.")] = False,
+                                   "token_count, for compress --fde and search --rescore "
+                                   "(one forward pass makes both; one device, torch "
+                                   "backend).")] = False,
         trust_remote_code: options.TrustRemoteCode = False,
         force: options.Force = False,
         dry_run: options.DryRun = False,

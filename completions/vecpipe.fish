@@ -40,7 +40,7 @@ complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l skip-invalid -d 'S
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l drop-text -d 'Leave the text field out of the output.'
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l window -x -d 'The most records buffered and encoded length-sorted at a time (memory stays bounded by it); windows start at 64 and grow 4x to it, so the first output leaves soon.'
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l glob -x -d 'Embed the files under each INPUT folder that match PATTERN (e.g'
-complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l multi-vector -d 'Also write each record\'s token vectors, as ColBERT keeps them: token_vectors (one L2-normalized vector per non-padding input token, special tokens kept) and token_count, for compress --fde and search --rescore'
+complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l multi-vector -d 'Also write each record\'s token vectors, as ColBERT keeps them: token_vectors (one L2-normalized vector per non-padding input token, special tokens kept) and token_count, for compress --fde and search --rescore (one forward pass makes both; one device, torch backend).'
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l trust-remote-code -d 'Allow a hub model to run its own code (off by default).'
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l force -d 'Mix vectors whose model/dim/codec metadata differ.'
 complete -c vecpipe -n '__fish_seen_subcommand_from embed' -l dry-run -d 'Check the inputs\' first records, the fields, the model (not loaded) and the output, print the plan (a table on a terminal, JSON otherwise) and write nothing; exit 1 when the run would fail.'

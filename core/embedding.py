@@ -244,7 +244,7 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
             desc="embed", unit="rec", count=count if plan.shard is None else None))
         feed = RecordProgress(bar)
         watch = ReaderWatch() if output in (None, "-") else None
-        encoder = Encoder(model, plan, stats, cache, pool,
+        encoder = Encoder(model if tokens is None else tokens.model, plan, stats, cache, pool,
                           progress=feed.embedded if watch is None else watch.wrap(feed.embedded))
         parts = selected_parts(stream, input_schema, model, plan, stats)
         windows = stack.enter_context(contextlib.closing(encoder.run(parts)))

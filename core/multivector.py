@@ -190,19 +190,74 @@ def _token_matrix(values, item, offsets):
 
 class TokenColumns:
     """What embed adds for --multi-vector: the schema, the metadata and each batch's token
-    columns (from a second pass of the model's transformer over the part's texts)."""
+    columns. `model` is the embedder to encode with: for a torch model, one forward pass
+    gives both the pooled vectors and the token vectors, kept here by text until their part
+    is written; texts it did not embed (cache hits, a text repeated in another part) get a
+    pass of the transformer of their own."""
 
     def __init__(self, model, batch_size: int, prompt: str):
         check_model(model)
-        self.model, self.batch_size, self.prompt = model, batch_size, prompt
+        self.batch_size, self.prompt = batch_size, prompt
         self.dim = token_dim(model)
+        self.base = model
+        self.model = model if model.is_fake or model._modules is not None \
+            else _SinglePass(model)
 
     def schema(self, schema):
         return with_token_fields(schema, self.dim)
 
     def added(self, batch, texts, schema):
-        sets = token_vectors(self.model, texts, self.batch_size, self.prompt)
+        kept = self.model.kept if isinstance(self.model, _SinglePass) else {}
+        sets = [kept.get(text) for text in texts]
+        missing = [i for i, found in enumerate(sets) if found is None]
+        if missing:
+            made = token_vectors(self.base, [texts[i] for i in missing], self.batch_size,
+                                 self.prompt)
+            for i, tokens in zip(missing, made):
+                sets[i] = tokens
+        for text in texts:
+            kept.pop(text, None)
         return with_token_columns(batch, sets, self.dim, schema)
+
+
+class _SinglePass:
+    """An Embedder whose embed_features also keeps each text's token vectors (the texts come
+    from its tokenize calls, made in the same order by the Encoder's reading thread)."""
+
+    def __init__(self, model):
+        import collections
+
+        self._model = model
+        self._texts = collections.deque()
+        self.kept = {}
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def tokenize(self, texts, prompt: str = ""):
+        self._texts.append(list(texts))
+        return self._model.tokenize(texts, prompt)
+
+    def embed_features(self, features, normalize: bool = True, dim: int | None = None):
+        """As Embedder.embed_features (the plain torch path), keeping the token vectors."""
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        texts = self._texts.popleft()
+        with torch.inference_mode():
+            embedded = self._model.st(batch_to_device(features, self._model.st.device))
+            vectors = embedded["sentence_embedding"]
+            if dim is not None:
+                vectors = vectors[:, :dim]
+            vectors = vectors.float()
+            if normalize:
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            tokens = torch.nn.functional.normalize(embedded["token_embeddings"].float(), p=2,
+                                                   dim=-1)
+            mask = embedded["attention_mask"].bool()
+            for row, text in enumerate(texts):
+                self.kept[text] = tokens[row][mask[row]].cpu().numpy()
+            return vectors.cpu().numpy()
 
 
 def embed_meta(model, multi_vector: bool) -> dict:

@@ -262,7 +262,8 @@ def test_fde_parameters_are_part_of_the_vector_space():
 @pytest.mark.slow
 def test_real_token_vectors_are_sentence_transformers_token_embeddings(
         cli, tmp_path, write_jsonl, bundled_model):
-    texts = ["Late interaction keeps one vector per token.", "Short one."]
+    texts = ["Late interaction keeps one vector per token.", "Short one.", "Short one.",
+             "A third text, longer than the second, in the same batch."]
     write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
     result = cli("embed", tmp_path / "d.jsonl", "--multi-vector", "-o", tmp_path / "d.arrow")
     assert result.exit_code == 0, result.stderr
@@ -275,6 +276,12 @@ def test_real_token_vectors_are_sentence_transformers_token_embeddings(
         np.testing.assert_allclose(got, want, atol=1e-5)
     ids = bundled_model.tokenizer(texts[1])["input_ids"]
     assert table.column("token_count")[1].as_py() == len(ids)
+    # one forward pass makes both: the pooled vectors are those of a plain embed
+    result = cli("embed", tmp_path / "d.jsonl", "-o", tmp_path / "plain.arrow")
+    assert result.exit_code == 0, result.stderr
+    plain = read_table(tmp_path / "plain.arrow")
+    np.testing.assert_array_equal(names.vectors_to_numpy(plain.column("embedding")),
+                                  names.vectors_to_numpy(table.column("embedding")))
 
 
 @pytest.mark.slow
