@@ -76,6 +76,34 @@ def run(inputs: options.Inputs = None,
         = None,
         old_report_json: options.alias(Optional[str], "--report-json", "--save-report",
                                        "report_json") = None,
+        fde: Annotated[bool, typer.Option(
+            "--fde", help="MUVERA: encode each record's token_vectors (embed --multi-vector) "
+                          "as one fixed dimensional encoding in `embedding`, whose inner "
+                          "product approximates Chamfer (MaxSim) similarity; token_vectors "
+                          "pass through for index to keep (search --rescore scores them "
+                          "exactly). Recorded as vecpipe.fde; search encodes queries' token "
+                          "vectors the same way.")] = False,
+        fde_reps: Annotated[int, typer.Option(
+            "--fde-reps", min=1, metavar="R", help="--fde: independent repetitions, "
+                                                   "concatenated.")] = 20,
+        fde_simhash: Annotated[int, typer.Option(
+            "--fde-simhash", min=0, max=16, metavar="K",
+            help="--fde: SimHash hyperplanes per repetition (2^K buckets).")] = 5,
+        fde_proj_dim: Annotated[Optional[int], typer.Option(
+            "--fde-proj-dim", min=1, metavar="P",
+            help="--fde: project each token to P dimensions first (AMS sketch) "
+                 "[default: none, every dimension].", show_default=False)] = None,
+        fde_dim: Annotated[Optional[int], typer.Option(
+            "--fde-dim", min=1, metavar="D",
+            help="--fde: count-sketch the R * 2^K * P values to D [default: none].",
+            show_default=False)] = None,
+        fde_seed: Annotated[int, typer.Option(
+            "--fde-seed", min=0, metavar="S", help="--fde: the seed of every random "
+                                                   "matrix.")] = 42,
+        fde_side: Annotated[str, typer.Option(
+            "--fde-side", metavar="SIDE",
+            help="--fde: document (bucket means, empty buckets filled) or query (bucket "
+                 "sums); search encodes query token vectors itself.")] = "document",
         force: options.Force = False,
         quiet: options.Quiet = False):
     """Compress the `embedding` column of a record stream: Matryoshka truncation (--dim), PCA
@@ -92,7 +120,28 @@ def run(inputs: options.Inputs = None,
       vecpipe compress queries.arrow --codec int8.json -o query_codes.arrow
       vecpipe compress vectors.arrow --dtype pq --pq-m 48 -o pq.arrow
       vecpipe compress vectors.arrow --budget 96 --report
+      vecpipe compress tokens.arrow --fde --fde-reps 20 --fde-simhash 5 -o fde.arrow
     """
+    fde_given = {"--fde-reps": fde_reps != 20, "--fde-simhash": fde_simhash != 5,
+                 "--fde-proj-dim": fde_proj_dim is not None, "--fde-dim": fde_dim is not None,
+                 "--fde-seed": fde_seed != 42, "--fde-side": fde_side != "document"}
+    if fde:
+        check_fde_options(fde_side, {"--dtype": to, "--dim": dim, "--pca": pca,
+                                     "--codec": codec_file, "--save-codec": save_codec,
+                                     "--report": report or None, "--budget": budget,
+                                     "--calibration-rows": calibration_rows,
+                                     "--report-queries": report_queries,
+                                     "--save-report": report_json,
+                                     "--clip-quantile": clip_quantile, "--bits": bits,
+                                     "--pq-m": pq_m, "--pq-bits": pq_bits,
+                                     "--opq": opq or None, "--pca-center": pca_center or None})
+        return compress_fde(inputs, output, output_format, input_format, force,
+                            dict(reps=fde_reps, simhash=fde_simhash, proj_dim=fde_proj_dim,
+                                 final_dim=fde_dim, seed=fde_seed), fde_side)
+    if any(fde_given.values()):
+        from vecpipe.formats.errors import UsageError
+
+        raise UsageError(f"{next(k for k, v in fde_given.items() if v)} configures --fde")
     from itertools import chain
 
     from vecpipe.cli import console
@@ -180,6 +229,99 @@ def check_options(to, dim, pca, calibration_rows, clip_quantile, codec_file, out
         raise UsageError("--dtype float32 without --dim or --pca changes nothing")
     if report_json == "-" and output in (None, "-"):
         raise UsageError("--save-report - needs -o for the records (stdout carries data)")
+
+
+def check_fde_options(side: str, others: dict) -> None:
+    from vecpipe.core.fde import SIDES
+    from vecpipe.formats.errors import UsageError
+
+    if side not in SIDES:
+        raise UsageError(f"--fde-side {side!r}: use {'|'.join(SIDES)}")
+    given = [name for name, value in others.items() if value is not None]
+    if given:
+        raise UsageError(f"--fde encodes token vectors; it takes none of {', '.join(given)}")
+
+
+def compress_fde(inputs, output, output_format, input_format, force, settings: dict,
+                 side: str) -> None:
+    """--fde: every record's token_vectors -> one FDE in `embedding` (float32)."""
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+    from vecpipe.core.fde import Fde, FdeConfig
+    from vecpipe.core.multivector import META_KEY, TOKEN_VECTORS, read_tokens
+    from vecpipe.core.space import input_check
+    from vecpipe.formats import schema as names
+    from vecpipe.formats.errors import DataError
+    from vecpipe.formats.readers import RecordStream
+    from vecpipe.formats.writers import RecordWriter
+
+    stream = RecordStream(inputs, input_format, check=input_check(force, documents=True))
+    if stream.schema is None:
+        console.info("no records")
+        return
+    source, meta = stream.inputs[0], stream.metadata
+    if TOKEN_VECTORS not in stream.schema.names:
+        raise DataError(f"records have no {TOKEN_VECTORS!r} column to encode (fields: "
+                        f"{', '.join(stream.schema.names)})", source=source,
+                        hint="embed them with --multi-vector")
+    if meta.get("fde"):
+        raise DataError("input holds FDEs already", source=source,
+                        hint="encode the token vectors of `embed --multi-vector` output")
+    token_dim = _token_dim(stream.schema, meta)
+    rest = iter(stream)
+    first = next(rest, None)
+    if token_dim is None and first is not None:  # JSONL: the first token's width
+        tokens, _ = read_tokens(first)
+        token_dim = tokens.shape[1] if len(tokens) else None
+    if token_dim is None:
+        raise DataError("cannot tell the token vectors' dimensions (no tokens in the first "
+                        "records)", source=source)
+    config = FdeConfig(token_dim=token_dim, **settings)
+    encoder = Fde(config)
+    schema = stream.schema
+    field = pa.field(names.EMBEDDING, pa.list_(pa.float32(), config.out_dim))
+    schema = schema.set(schema.get_field_index(names.EMBEDDING), field) \
+        if names.EMBEDDING in schema.names else schema.append(field)
+    schema = names.with_meta(schema, {"fde": config.to_json(), "fde_side": side,
+                                      "dim": config.out_dim, "normalized": "false",
+                                      "dtype": "float32", "codec": None,
+                                      META_KEY: meta.get(META_KEY)})
+    with RecordWriter(output, output_format, schema=schema, widen=True) as out:
+        for item in _chained(first, rest):
+            tokens, offsets = read_tokens(item, token_dim)
+            vectors = names.numpy_to_vectors(encoder.encode(tokens, offsets, side))
+            batch = item.batch
+            if names.EMBEDDING in batch.schema.names:
+                batch = replace_embedding(batch, vectors)
+            else:
+                batch = pa.RecordBatch.from_arrays([*batch.columns, vectors],
+                                                   names=[*batch.schema.names, names.EMBEDDING])
+            out.write(batch, item.source, item.first_record)
+    console.info(f"{out.rows} token sets -> {config.describe()}, {side} side -> "
+                 f"{output or 'stdout'} ({out.format})")
+
+
+def _chained(first, rest):
+    if first is not None:
+        yield first
+    yield from rest
+
+
+def _token_dim(schema, meta) -> int | None:
+    """The token vectors' width: from the Arrow type, else vecpipe.multi_vector."""
+    import json
+
+    from vecpipe.core.multivector import META_KEY, TOKEN_VECTORS
+
+    inner = getattr(schema.field(TOKEN_VECTORS).type, "value_type", None)
+    size = getattr(inner, "list_size", None)
+    if size:
+        return int(size)
+    try:
+        return int(json.loads(meta.get(META_KEY) or "{}").get("dim"))
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def check_code_options(to, code_options: dict) -> None:

@@ -70,6 +70,13 @@ def run(inputs: options.Inputs = None,
                            "folder, text = its contents, plus path, bytes and mtime. Files "
                            "that are not UTF-8 text are skipped and counted.",
             metavar="PATTERN", show_default=False)] = None,
+        multi_vector: Annotated[bool, typer.Option(
+            "--multi-vector", help="Also write each record's token vectors, as ColBERT keeps "
+                                   "them: token_vectors (one L2-normalized vector per "
+                                   "non-padding input token, special tokens kept) and "
+                                   "token_count, for compress --fde and search --rescore "
+                                   "(one forward pass makes both; one device, torch "
+                                   "backend).")] = False,
         trust_remote_code: options.TrustRemoteCode = False,
         force: options.Force = False,
         dry_run: options.DryRun = False,
@@ -103,7 +110,7 @@ def run(inputs: options.Inputs = None,
                       late_chunking=late_chunking, cache=cache, shard=parse_shard(shard),
                       skip_invalid=skip_invalid, drop_text=drop_text, window=window,
                       trust_remote_code=trust_remote_code, force=force,
-                      globs=tuple(globs or ()))
+                      globs=tuple(globs or ()), multi_vector=multi_vector)
     on_ray = bool(engine != "local" or address or parts)
     check_options(request, on_ray)
     if dry_run:
@@ -149,6 +156,7 @@ class Request:
     context_tokens: int | None = None  # --context-tokens: situated chunks
     context_template: str | None = None
     late_chunking: bool = False
+    multi_vector: bool = False  # --multi-vector: token vectors too (core.multivector)
 
     @property
     def joined_fields(self) -> tuple:
@@ -169,6 +177,28 @@ def check_options(request: Request, on_ray: bool = False) -> None:
     if request.pooling is not None and request.pooling not in options.POOLING_MODES:
         raise UsageError(f"--pooling {request.pooling!r}: use {'|'.join(options.POOLING_MODES)}")
     check_folder_inputs(request, on_ray)
+    if request.multi_vector:
+        check_multi_vector(request, on_ray)
+
+
+def check_multi_vector(request: Request, on_ray: bool) -> None:
+    """--multi-vector runs the torch transformer of one model on one device."""
+    from vecpipe.cli.models import parse_devices
+
+    if on_ray:
+        raise UsageError("--multi-vector runs on this machine: leave out --engine ray")
+    if len(parse_devices(request.device)) > 1:
+        raise UsageError("--multi-vector runs on one device: give one --device")
+    if request.backend != "torch":
+        raise UsageError(f"--multi-vector needs --backend torch, not {request.backend}")
+    if request.layers is not None:
+        raise UsageError("--multi-vector keeps the token vectors of every layer: leave out "
+                         "--layers")
+    for flag, given in (("--late-chunking", request.late_chunking),
+                        ("--context-tokens", request.context_tokens is not None)):
+        if given:
+            raise UsageError(f"--multi-vector keeps each chunk's own token vectors: leave out "
+                             f"{flag}")
 
 
 def check_folder_inputs(request: Request, on_ray: bool) -> None:
@@ -244,7 +274,8 @@ def embed_task_of(request: Request, precision: str):
                 chunk_overlap=request.chunk_overlap, context_tokens=request.context_tokens,
                 context_template=request.context_template,
                 late_chunking=request.late_chunking, drop_text=request.drop_text,
-                skip_invalid=request.skip_invalid, shard=request.shard, window=request.window)
+                skip_invalid=request.skip_invalid, shard=request.shard, window=request.window,
+                multi_vector=request.multi_vector)
     return Task(inputs=task_inputs(request), input_format=request.input_format,
                 plan=plan, load=load, prompt=request.prompt, prompt_name=request.prompt_name,
                 cache_dir=request.cache, force=request.force)
@@ -292,9 +323,10 @@ JOB_OPTIONS = {"--input-format": "input_format", "--text-field": "text_fields",
                "--backend": "backend", "--max-length": "max_length",
                "--chunk-tokens": "chunk_tokens", "--chunk-overlap": "chunk_overlap",
                "--skip-invalid": "skip_invalid", "--drop-text": "drop_text", "--force": "force"}
-# Counted only when given, so that parts made before these options stay valid.
+# Counted only when given (not false), so that parts made before these options stay valid.
 NEW_JOB_OPTIONS = {"--layers": "layers", "--pooling": "pooling",
-                   "--context-tokens": "context_tokens", "--context-template": "context_template"}
+                   "--context-tokens": "context_tokens", "--context-template": "context_template",
+                   "--late-chunking": "late_chunking", "--multi-vector": "multi_vector"}
 
 
 def job_options(request: Request, part_format: str) -> dict:
@@ -306,9 +338,7 @@ def job_options(request: Request, part_format: str) -> dict:
     if request.globs:  # counted only when given: parts made before --glob existed stay valid
         counted["--glob"] = list(request.globs)
     counted.update({flag: getattr(request, name) for flag, name in NEW_JOB_OPTIONS.items()
-                    if getattr(request, name) is not None})
-    if request.late_chunking:
-        counted["--late-chunking"] = True
+                    if getattr(request, name) not in (None, False)})
     counted.update({"--model": model_identity(request.model), "--output-format": part_format})
     return counted
 

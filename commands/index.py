@@ -156,6 +156,8 @@ def run(inputs: options.Inputs = None,
                       expansion_search, flat, store, store_all, keep_vectors, append,
                       query_prompt, model, force, encoder)
     plan.shard = part
+    if part is not None and plan.spec is not None and plan.spec.tokens:
+        raise UsageError("--shard: an index keeping token vectors is built whole (for now)")
     if dry_run:
         return print_plan(plan, stream, output)
     builder_args = dict(on_duplicate=on_duplicate, threads=threads, delete=ids)
@@ -339,8 +341,13 @@ class IndexPlan:
                           [batch.column(name) if name in batch.schema.names
                            else pa.nulls(batch.num_rows) for name in self.fields[1:]],
                           names=self.fields)
+        extra = {}
+        if self.spec is not None and self.spec.tokens:
+            from vecpipe.core.multivector import read_tokens
+
+            extra["tokens"] = read_tokens(item, self.spec.tokens["dim"])
         return dict(ids=ids, vectors=vectors, stored=stored, full=full, source=item.source,
-                    first_record=item.first_record)
+                    first_record=item.first_record, **extra)
 
     def _ids(self, batch, item) -> list:
         from vecpipe.formats import schema as names
@@ -487,6 +494,9 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
         return _append_plan(stream, output, meta, kind, codec, metric, dtype, flat, store,
                             store_all, keep_vectors, query_prompt, force)
     fields = _stored_fields(schema, store, store_all, shown_name(stream.inputs[0]))
+    tokens = _token_spec(schema, meta, shown_name(stream.inputs[0]), encoder, dtype)
+    if meta.get("fde") and metric is None:
+        metric = "ip"  # FDE inner products approximate Chamfer similarity; cos would not
     try:
         if encoder is not None:
             spec, fit_codec = _encoded_spec(encoder, kind, arrow_type, codec, meta, metric,
@@ -500,8 +510,27 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
         connectivity, expansion_add, expansion_search
     spec.flat = flat or spec.flat  # pq codes have no graph: always flat
     spec.query_prompt = query_prompt
+    spec.tokens = tokens
     return IndexPlan(stream, spec, fields, None, kind, codec, encoder=encoder,
                      fit_codec=fit_codec, keep_vectors=keep_vectors)
+
+
+def _token_spec(schema, meta, source, encoder, dtype) -> dict | None:
+    """{"dim": N} when the input is FDEs (compress --fde) with their token vectors: the index
+    keeps them (tokens.npy) so search --rescore can score by exact Chamfer; else None."""
+    from vecpipe.core.fde import config_from_meta
+    from vecpipe.core.multivector import TOKEN_VECTORS
+    from vecpipe.formats.errors import DataError, UsageError
+
+    config = config_from_meta(meta, source)
+    if config is None:
+        return None
+    if meta.get("fde_side") == "query":
+        raise DataError("these are query-side FDEs (bucket sums); an index holds documents",
+                        source=source, hint="compress the documents with --fde-side document")
+    if encoder is not None or dtype not in (None, "f32"):
+        raise UsageError("an index of FDEs keeps them float32: leave out --codec and --dtype")
+    return {"dim": config.token_dim} if TOKEN_VECTORS in schema.names else None
 
 
 def _load_codec(path):
@@ -556,8 +585,10 @@ def _stored_fields(schema, store, store_all, source: str) -> list:
     from vecpipe.formats import schema as names
     from vecpipe.formats.errors import DataError, UsageError
 
+    from vecpipe.core.multivector import TOKEN_VECTORS
+
     id_column = names.find_id_column(schema)
-    others = [n for n in schema.names if n not in (names.EMBEDDING, id_column)]
+    others = [n for n in schema.names if n not in (names.EMBEDDING, id_column, TOKEN_VECTORS)]
     if store_all:
         if store:
             raise UsageError("give --fields or --all-fields, not both")
@@ -567,7 +598,7 @@ def _stored_fields(schema, store, store_all, source: str) -> list:
     if missing:
         raise DataError(f"--fields {missing[0]}: no such field (fields: {', '.join(others)})",
                         source=source, record=1)
-    if names.EMBEDDING in wanted:
+    if names.EMBEDDING in wanted or TOKEN_VECTORS in wanted:
         raise UsageError("the vectors are stored anyway; --fields names other fields")
     return [names.ID, *dict.fromkeys(n for n in wanted if n not in (names.ID, id_column))]
 

@@ -227,6 +227,10 @@ def run(index: Annotated[str, typer.Argument(
             raise UsageError("--ef and --rescore need an index folder; an embeddings stream "
                              "is searched exactly")
         searcher = StreamSearch(index, k, min_score, filter_text, fields, all_fields, metric)
+        if searcher.metadata.get("fde"):
+            raise UsageError("INDEX holds FDEs (compress --fde): their queries are encoded and "
+                             "rescored through an index folder", source=index,
+                             hint=f"vecpipe index {index} -o IDX, then search IDX")
     pipeline = Pipeline(searcher, None if max_hits else k)
     if hybrid:
         pipeline.metadata["fusion"] = searcher.described()
@@ -627,6 +631,7 @@ class QueryBatch(NamedTuple):
     vectors: "np.ndarray | None"  # float queries, or codes when `encoded`; None: texts only
     encoded: bool
     texts: "list | None"          # each query's text (None for a vector query); None: vectors
+    tokens: "list | None" = None  # FDE index: each query's token vectors (Chamfer rescoring)
 
 
 class ResultBatch(NamedTuple):
@@ -855,6 +860,8 @@ class QueryReader:
         if schema is None:
             return
         source = self.stream.inputs[0]
+        if getattr(self.target, "fde", None) is not None:
+            return self._check_fde_schema(schema, source)
         if names.EMBEDDING in schema.names:
             if not self.target.needs_vectors:
                 raise DataError(f"{self.target.source} is searched with text; these queries "
@@ -874,6 +881,56 @@ class QueryReader:
             raise DataError(f"queries have neither {missing!r} nor 'embedding' (fields: "
                             f"{', '.join(schema.names)})", source=source,
                             hint="name the text field with --text-field")
+
+    def _check_fde_schema(self, schema, source) -> None:
+        """An index of FDEs: queries bring token vectors (embed --multi-vector) or text, whose
+        token vectors the model makes here; either is encoded as a query FDE."""
+        from vecpipe.core.multivector import TOKEN_VECTORS
+        from vecpipe.core.space import check_same_space
+        from vecpipe.formats.errors import DataError
+
+        if TOKEN_VECTORS in schema.names:
+            check_same_space(self.target.metadata, self.stream.metadata, self.target.source,
+                             source, keys=("model",), force=self.force)
+            self.query_tokens = True
+            return
+        if not all(name in schema.names for name in self.text_fields):
+            raise DataError(f"{self.target.source} holds FDEs of token vectors: queries need "
+                            f"{TOKEN_VECTORS!r} or text (fields: {', '.join(schema.names)})",
+                            source=source, hint="embed the queries with --multi-vector, or "
+                                                "give their text")
+        from vecpipe.core.multivector import check_model
+        from vecpipe.formats.errors import ParameterError, UsageError
+
+        if self.backend == "auto":  # token vectors come from the torch transformer
+            self.backend = "torch"
+        self._load_model()
+        try:
+            check_model(self.model)
+        except ParameterError as err:
+            raise UsageError("--" + err.message) from None
+
+    def _fde_query(self, item):
+        """(query FDEs, each query's token vectors) of a batch, for an index of FDEs."""
+        from vecpipe.core.fde import pack_sets
+        from vecpipe.core.multivector import read_tokens, token_vectors
+
+        if getattr(self, "query_tokens", False):
+            tokens, offsets = read_tokens(item, self.target.query_dim)
+            sets = [tokens[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+            if self.texts is not None:
+                self.texts.extend([None] * item.batch.num_rows)
+        else:
+            texts = self._texts(item)
+            if self.texts is not None:
+                self.texts.extend(texts)
+            sets = token_vectors(self.model, texts, self.model_batch_size, self.prompt_text)
+            tokens, offsets = pack_sets(sets)
+            if not len(tokens):
+                import numpy as np
+
+                tokens = np.zeros((0, self.target.query_dim), np.float32)
+        return self.target.fde.encode(tokens, offsets, "query"), sets
 
     def _load_model(self) -> None:
         """The query model: -m or the one the index records; a different one is refused."""
@@ -900,8 +957,14 @@ class QueryReader:
 
     def __iter__(self):
         for item in self.stream:
-            if item.batch.num_rows:
-                yield QueryBatch(self._ids(item.batch), *self._vectors(item))
+            if not item.batch.num_rows:
+                continue
+            if getattr(self.target, "fde", None) is not None:
+                ids = self._ids(item.batch)
+                vectors, sets = self._fde_query(item)
+                yield QueryBatch(ids, vectors, False, None, sets)
+                continue
+            yield QueryBatch(self._ids(item.batch), *self._vectors(item))
 
     def _ids(self, batch) -> list:
         from vecpipe.formats import schema as names
@@ -1025,10 +1088,38 @@ class IndexSearch:
 
             self.like = LikeQuery(self.index, like, unlike or ())
             self.like_id = like_query_id(like, unlike)
+        self.fde, self.tokens, self.chamfer = self._fde(rescore)
+        if self.chamfer:  # the FDE search's candidates, rescored by exact Chamfer here
+            rescore = None
         self.options = dict(exact=exact, ef=ef, rescore=rescore, min_score=min_score, mask=mask,
                             threads=threads)
+        if self.chamfer:
+            self.options["min_score"] = None  # applied to the Chamfer scores
+        self.min_score = min_score
         self._searchers = {}
         self.searcher(k)  # the options checked now, before any query is read
+
+    def _fde(self, rescore):
+        """(the FDE encoder of an index of FDEs, its token store, the --rescore multiple that
+        Chamfer rescoring uses) or Nones: an index of compress --fde records."""
+        from vecpipe.core.fde import Fde, config_from_meta
+        from vecpipe.formats.errors import UsageError
+
+        config = config_from_meta(self.metadata, self.source)
+        if config is None:
+            return None, None, None
+        self.query_dim = config.token_dim  # the queries' token vectors (or text) are encoded
+        tokens = None
+        if self.index.manifest.get("tokens"):
+            from vecpipe.core.multivector import TokenStore
+
+            tokens = TokenStore(self.index.path, self.index.count,
+                                self.index.manifest["tokens"]["dim"])
+        elif rescore is not None:
+            raise UsageError("--rescore: this index of FDEs keeps no token vectors to score "
+                             "by exact Chamfer", source=self.source,
+                             hint="index the compress --fde output with its token_vectors")
+        return Fde(config), tokens, rescore
 
     def searcher(self, k: int):
         """The core Searcher for k hits per query."""
@@ -1056,6 +1147,11 @@ class IndexSearch:
                 return self.like.hits(self.searcher(self.like.searched_k(k)), k)
             if not self.needs_vectors:
                 return self.searcher(k).search(query.texts)
+            if self.chamfer:
+                from vecpipe.core.multivector import chamfer_rescored
+
+                found = self.searcher(k * self.chamfer).search(query.vectors)
+                return chamfer_rescored(found, query.tokens, self.tokens, k, self.min_score)
             return self.searcher(k).search(query.vectors, encoded=query.encoded)
         except ParameterError as err:
             raise flagged(err) from None
@@ -1086,7 +1182,8 @@ def query_subset(query: QueryBatch, which) -> QueryBatch:
         return query
     vectors = None if query.vectors is None else query.vectors[which]
     texts = None if query.texts is None else [query.texts[i] for i in which]
-    return QueryBatch([query.ids[i] for i in which], vectors, query.encoded, texts)
+    tokens = None if query.tokens is None else [query.tokens[i] for i in which]
+    return QueryBatch([query.ids[i] for i in which], vectors, query.encoded, texts, tokens)
 
 
 # ---- hybrid: several indexes, fused ------------------------------------------------------------

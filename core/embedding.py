@@ -48,6 +48,7 @@ class Plan:
     shard: Shard | None = None
     window: int = DEFAULT_WINDOW  # the largest window (records, or chunks when chunking)
     prompt: str = ""
+    multi_vector: bool = False  # also each text's token vectors (core.multivector)
 
     @property
     def chunked(self) -> bool:
@@ -238,15 +239,20 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
     `count`: a function finding how many records the stream holds, for the bar's total."""
     import contextlib
 
-    from vecpipe.core import notices, space
+    from vecpipe.core import multivector, notices, space
     from vecpipe.formats import schema as names
     from vecpipe.formats.writers import RecordWriter
 
     stats = Stats()
-    out_schema = output_schema(input_schema, plan, plan.out_dim(model))
+    out_schema = multivector.without_token_fields(
+        output_schema(input_schema, plan, plan.out_dim(model)))
+    tokens = multivector.TokenColumns(model, plan.batch_size, plan.prompt) \
+        if plan.multi_vector else None
+    written_schema = out_schema if tokens is None else tokens.schema(out_schema)
     meta = {key: None for key in names.META_KEYS + ("layers", "pooling")}
     meta.update(model.metadata(plan.prompt, plan.normalized(model), plan.out_dim(model)))
     meta[space.TEXT_KEY] = space.embedded_text(plan.fields, plan.chunking)
+    meta.update(multivector.embed_meta(model, plan.multi_vector))
     with contextlib.ExitStack() as stack:
         cache = None
         if cache_dir:
@@ -260,18 +266,20 @@ def embed_stream(stream, input_schema, model, plan: Plan, output=None, output_fo
             pool = model.start_pool(devices)
             stack.callback(model.stop_pool, pool)
         sink = stack.enter_context(LazyWriter(lambda: RecordWriter(
-            output, output_format, schema=out_schema, metadata=meta)))
+            output, output_format, schema=written_schema, metadata=meta)))
         bar = stack.enter_context(notices.progress(
             desc="embed", unit="rec", count=count if plan.shard is None else None))
         feed = RecordProgress(bar)
         watch = ReaderWatch() if output in (None, "-") else None
-        encoder = Encoder(model, plan, stats, cache, pool,
+        encoder = Encoder(model if tokens is None else tokens.model, plan, stats, cache, pool,
                           progress=feed.embedded if watch is None else watch.wrap(feed.embedded))
         parts = selected_parts(stream, input_schema, model, plan, stats)
         windows = stack.enter_context(contextlib.closing(encoder.run(parts)))
         for window, vectors in windows:
             for part, part_vectors in window.split(vectors):
-                sink.write(output_batch(part, part_vectors, out_schema, plan))
+                batch = output_batch(part, part_vectors, out_schema, plan)
+                sink.write(batch if tokens is None else
+                           tokens.added(batch, part.texts, written_schema))
                 stats.rows += len(part.texts)
             if watch is not None:  # a reader downstream (`| head -1`) sees each window at once
                 sink.writer.flush()

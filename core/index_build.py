@@ -143,6 +143,7 @@ class IndexBuilder(CommitOnExit):
                 self._start_usearch(base)
             self._full = self._start_full(base)
             self._planes = self._start_planes(base)
+            self._tokens = self._start_tokens(base)
         except BaseException:
             self.abort()
             raise
@@ -192,6 +193,22 @@ class IndexBuilder(CommitOnExit):
             _copy_rows(base.full_vectors(), writer, self._keep)
         return writer
 
+    def _start_tokens(self, base):
+        """The token store (core.multivector) of a new index whose spec keeps token vectors;
+        an index that has one is not copied (appending, deleting) yet."""
+        if base is not None and base.manifest.get("tokens"):
+            raise UsageError("the index keeps token vectors (multi-vector), which appending "
+                             "and deleting do not copy yet", hint="build it again from "
+                                                                  "every record")
+        if not self.spec.tokens:
+            return None
+        from vecpipe.core.multivector import TokenStoreWriter
+
+        if self.on_duplicate == "last":
+            raise UsageError("an index keeping token vectors takes each id once: duplicates "
+                             "cannot replace earlier rows", hint="keep the first copy")
+        return TokenStoreWriter(self.tmp, self.spec.tokens["dim"])
+
     def _start_planes(self, base):
         """planes.npy: the bit planes after the first, which the graph does not hold."""
         spec = self.spec
@@ -216,8 +233,9 @@ class IndexBuilder(CommitOnExit):
         self._row_of = {key: row for row, key in enumerate(table.column(ID).to_pylist())}
 
     def add(self, ids: Sequence[str], vectors, stored, full=None, source: str | None = None,
-            first_record: int = 1) -> None:
-        """Add one batch; `first_record` (1-based) locates errors in `source`."""
+            first_record: int = 1, tokens=None) -> None:
+        """Add one batch; `first_record` (1-based) locates errors in `source`; `tokens`:
+        (flat token vectors, offsets) of the batch's rows when the spec keeps them."""
 
         vectors = self._checked_vectors(vectors, source, first_record)
         if (full is None) != (self._full is None):
@@ -226,6 +244,10 @@ class IndexBuilder(CommitOnExit):
             raise DataError(f"full vectors have dimension {full.shape[-1]}, the index keeps "
                             f"{self.spec.full['dim']}", source=source, record=first_record)
         new_rows, new_pos, replace_rows, replace_pos = self._assign_rows(ids, source, first_record)
+        if (tokens is None) != (self._tokens is None):
+            raise ValueError("token vectors must be given exactly when the spec keeps them")
+        if self._tokens is not None:
+            self._add_tokens(tokens, new_pos)
         if self._planes is not None:  # the graph gets the first plane
             first_plane = index_width(self.spec.dim, self.spec.dtype)
             _write_rows(self._planes, vectors[:, first_plane:], new_pos, replace_rows,
@@ -239,6 +261,16 @@ class IndexBuilder(CommitOnExit):
         if self._full is not None:
             _write_rows(self._full, full, new_pos, replace_rows, replace_pos)
         self._add_stored(stored, new_rows + replace_rows, new_pos + replace_pos)
+
+    def _add_tokens(self, tokens, positions) -> None:
+        """The token sets of the batch's new rows (in row order: rows are numbered as they
+        arrive, and a kept first copy leaves later ones out)."""
+        from vecpipe.core.fde import pack_sets
+
+        flat, offsets = tokens
+        if len(positions) != len(offsets) - 1:
+            flat, offsets = pack_sets([flat[offsets[p]:offsets[p + 1]] for p in positions])
+        self._tokens.add(flat, offsets)
 
     def _add_to_graph(self, new_rows, new_pos, replace_rows, replace_pos, vectors) -> None:
         import numpy as np
@@ -338,10 +370,14 @@ class IndexBuilder(CommitOnExit):
             if writer is not None:
                 writer.close()
                 files.append(name)
+        if self._tokens is not None:
+            files += self._tokens.close()
         manifest = new_manifest(
             self.spec.layout, self.count, self.spec.dim, self.spec.metric, self.spec.dtype,
             self.spec.score_metric, self.spec.metadata, self.spec.query_prompt, self.fields,
             self.spec.full, **self._layout_keys(), files=file_facts(self.tmp, files))
+        if self.spec.tokens:
+            manifest["tokens"] = dict(self.spec.tokens)
         write_manifest(self.tmp, manifest)
         swap_into_place(self.tmp, self.path)
         return manifest
@@ -354,6 +390,8 @@ class IndexBuilder(CommitOnExit):
             "expansion_search": spec.expansion_search}, **planes}
 
     def abort(self) -> None:
+        if getattr(self, "_tokens", None) is not None:
+            self._tokens.abort()
         for writer in (getattr(self, "_full", None), getattr(self, "_vectors", None),
                        getattr(self, "_planes", None)):
             if isinstance(writer, _NpyWriter):

@@ -45,6 +45,7 @@ FORMAT = "vecpipe-index"
 FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
 FLAT_VECTORS, PLANES = "vectors.npy", "planes.npy"
+TOKENS, TOKEN_OFFSETS = "tokens.npy", "token_offsets.npy"  # core.multivector's token store
 SHARDS = "shards"
 LAYOUTS = ("hnsw", "flat", "linked", "lexical")
 # layout lexical (core/lexical.py): bm25s's score matrix, vocabulary and parameters, the kept
@@ -213,6 +214,11 @@ def check_manifest(manifest: dict, path: str) -> None:
         expected.add(FULL)
     if manifest.get("planes"):
         expected.add(PLANES)
+    _field(manifest, path, "tokens", lambda v: v is None or (isinstance(v, dict) and _is_int(
+        v.get("dim")) and v["dim"] >= 1), 'null or {"dim": N} (kept token vectors)',
+        optional=True)
+    if manifest.get("tokens"):
+        expected |= {TOKENS, TOKEN_OFFSETS}
     _check_file_names(manifest, path, lambda name: name in expected)
     for name in sorted(expected - set(manifest["files"])):
         raise DataError(f"manifest.json lists no {name}: the index is damaged", source=path)

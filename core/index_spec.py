@@ -34,6 +34,7 @@ class IndexSpec:
     full: dict | None = None
     flat: bool = False
     planes: int = 1
+    tokens: dict | None = None  # {"dim": N}: every row's token vectors kept (core.multivector)
 
     @property
     def layout(self) -> str:

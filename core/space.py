@@ -14,10 +14,11 @@ from typing import Iterable, Mapping, Sequence
 from vecpipe.formats.errors import DataError
 
 # Keys whose difference makes two vector sets incomparable.
-IDENTITY_KEYS = ("model", "dim", "codec", "layers", "pooling")
+IDENTITY_KEYS = ("model", "dim", "codec", "layers", "pooling", "fde")
 # Keys recorded only when set: absent means the model's default (all layers, its own pooling),
 # so an absent key differs from a set one.
-DEFAULT_WHEN_ABSENT = {"layers": "all layers", "pooling": "the model's own pooling"}
+DEFAULT_WHEN_ABSENT = {"layers": "all layers", "pooling": "the model's own pooling",
+                      "fde": "no FDE"}
 MODEL_KEYS = ("model", "model_sha")
 # What text was embedded: the fields, how they were joined, the chunking (JSON).
 TEXT_KEY = "embedded_text"
@@ -44,6 +45,7 @@ class VectorSpace:
     embedded_text: str | None = None
     layers: str | None = None    # the first N transformer layers only (2D Matryoshka)
     pooling: str | None = None   # a pooling mode other than the model's own
+    fde: str | None = None       # MUVERA encodings of token vectors (core.fde), as JSON
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, str]) -> "VectorSpace":

@@ -3,6 +3,7 @@
 counted on the fake model's whitespace tokens, late chunks pooled with transformers directly,
 documents' scores as numpy maxima over their chunks."""
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from vecpipe.core.chunking import aggregate, context_window, token_windows
 from vecpipe.core.embedder import fake_vectors
 from vecpipe.core.space import check_same_documents, SpaceMismatch
 
-TINYBEIR = "tests/data/eval/tinybeir"
+TINYBEIR = str(Path(__file__).parent / "data" / "eval" / "tinybeir")
 WORDS = " ".join(f"t{i}" for i in range(20))  # 20 fake tokens
 
 
@@ -298,3 +299,10 @@ def test_max_length_may_reach_a_bert_models_position_table_with_a_notice(cli, wr
     assert float(np.dot(r.records()[0]["embedding"], want)) > 0.99999
     r = cli("embed", docs, "--max-length", "513")
     assert r.exit_code == 2 and "exceeds the model's window of 512" in r.stderr, r
+
+
+@pytest.mark.parametrize("args", [["--late-chunking"], ["--context-tokens", "9"]])
+def test_multi_vector_keeps_plain_chunks_only(cli, write_jsonl, tmp_path, args):
+    docs = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": WORDS}])
+    r = cli("embed", docs, "-m", "fake:8", "--chunk-tokens", "5", *args, "--multi-vector")
+    assert r.exit_code == 2 and "--multi-vector keeps each chunk's own token vectors" in r.stderr

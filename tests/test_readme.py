@@ -605,6 +605,8 @@ def check_output(argv: list[str], path: Path) -> None:
         check_hits(read_records(path), argv)
     elif command in ("embed", "compress", "merge") and path.suffix == ".arrow":
         check_vectors_file(path)
+        if "--multi-vector" in argv or "--fde" in argv:  # token vectors made or passed on
+            assert "token_vectors" in arrow_columns(path)[0], path
     elif command == "convert":
         check_converted(read_records(path), argv)
     elif command == "mine-negatives":

@@ -16,7 +16,7 @@ LEAVES = {" ".join(path[1:]): cmd for path, cmd in command_tree()
 COMMAND_SPECIFIC = {
     "embed": {"--no-normalize",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
-              "--glob"},
+              "--glob", "--multi-vector"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
               "--keep-vectors", "--append", "--delete", "--lexical", "--stemmer", "--stopwords",
               "--k1", "--b", "--bm25-method"},
@@ -26,7 +26,8 @@ COMMAND_SPECIFIC = {
                "--hybrid", "--hybrid-depth", "--calibrator", "--min-prob"},
     "compress": {"--pca", "--pca-center", "--calibration-rows", "--clip-quantile",
                  "--save-codec", "--report", "--report-queries", "--save-report", "--bits",
-                 "--pq-m", "--pq-bits", "--opq", "--budget"},
+                 "--pq-m", "--pq-bits", "--opq", "--budget", "--fde", "--fde-reps",
+                 "--fde-simhash", "--fde-proj-dim", "--fde-dim", "--fde-seed", "--fde-side"},
     "eval retrieval": {"--qrels-depth", "--all-queries", "--permutations"},
     "eval calibrate": {"--fit-depth", "--space"},
     "eval beir": {"--save-run", "--grid"},
