@@ -26,13 +26,14 @@ def run(index: Annotated[str, typer.Argument(
         k: options.TopK = None,
         exact: options.Exact = False,
         ef: options.Ef = None,
-        rescore: Annotated[Optional[int], typer.Option(
-            "--rescore", min=1, help="Fetch k*MULT candidates from a compressed index and "
-                                     "rescore them with the kept full vectors (or the float "
-                                     "query against the codes: i8 indexes do that on k*4 by "
-                                     "default, bit planes on k*10; pq's scan ranks by the codes "
-                                     "already).", metavar="MULT",
-            show_default=False)] = None,
+        rescore: Annotated[Optional[str], typer.Option(
+            "--rescore", help="Fetch k*MULT candidates from a compressed index and "
+                              "rescore them with the kept full vectors (or the float "
+                              "query against the codes: i8 indexes do that on k*4 by "
+                              "default, bit planes on k*10; pq's scan ranks by the codes "
+                              "already). An index of FDEs (compress --fde) rescores by exact "
+                              "Chamfer on its token vectors: `chamfer` is chamfer:10.",
+            metavar="MULT|chamfer[:MULT]", show_default=False)] = None,
         min_score: options.MinScore = None,
         max_hits: Annotated[Optional[int], typer.Option(
             "--max-hits", min=1, help="Range search: every hit scoring at least --min-score, at "
@@ -196,12 +197,14 @@ def run(index: Annotated[str, typer.Argument(
                          text_fields=text_fields or ["text"],
                          device=device, force=force, input_format=input_format,
                          model_batch_size=batch_size, backend=backend)
+    rescore, chamfer = _parse_rescore(rescore)
     if os.path.isdir(index):
         if metric is not None:
             raise UsageError("--metric applies to an embeddings-stream INDEX; an index folder "
                              "has its own")
         if hybrid:
-            _check_hybrid_options(like=like, min_score=min_score, max_hits=max_hits)
+            _check_hybrid_options(like=like, min_score=min_score, max_hits=max_hits,
+                                  chamfer=chamfer)
             lists = [index, *hybrid]
             searcher = HybridSearch(lists, k, options.fusion(fuse or "rrf", fuse_norm, rrf_k,
                                                              fuse_weights, len(lists)),
@@ -212,7 +215,8 @@ def run(index: Annotated[str, typer.Argument(
             _check_fusion_options(fuse=fuse, fuse_norm=fuse_norm, rrf_k=rrf_k is not None,
                                   fuse_weights=fuse_weights, hybrid_depth=hybrid_depth)
             searcher = IndexSearch(index, k, exact, ef, rescore, min_score, filter_text,
-                                   fields, all_fields, threads, like=like, unlike=unlike)
+                                   fields, all_fields, threads, like=like, unlike=unlike,
+                                   chamfer=chamfer)
         if not searcher.needs_vectors:
             _check_lexical_options(model=model, prompt=prompt, prompt_name=prompt_name,
                                    like=like)
@@ -289,6 +293,26 @@ def _check_like_options(like, unlike, queries, query, **text_query_options) -> N
     both = sorted(set(like) & set(unlike or ()))
     if both:
         raise UsageError(f"{both[0]!r} is given to both --like and --unlike")
+
+
+CHAMFER_MULTIPLE = 10  # --rescore chamfer: the FDE search's k*10 candidates
+
+
+def _parse_rescore(value: str | None) -> tuple[int | None, bool]:
+    """--rescore MULT | chamfer | chamfer:MULT -> (the multiple, whether chamfer was named)."""
+    from vecpipe.formats.errors import UsageError
+
+    if value is None:
+        return None, False
+    chamfer = value == "chamfer" or value.startswith("chamfer:")
+    try:
+        number = CHAMFER_MULTIPLE if value == "chamfer" else int(value.removeprefix("chamfer:"))
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise UsageError(f"--rescore {value!r}: give a multiple of k (an integer >= 1), "
+                         "chamfer, or chamfer:MULT")
+    return number, chamfer
 
 
 def _check_lexical_options(**vector_options) -> None:
@@ -1063,10 +1087,15 @@ class IndexSearch:
     max_hits = None
 
     def __init__(self, path, k, exact, ef, rescore, min_score, filter_text, fields, all_fields,
-                 threads, like=None, unlike=None):
+                 threads, like=None, unlike=None, chamfer=False):
         from vecpipe.core.index_open import open_index
 
         self.index = open_index(path)
+        if chamfer and not self.index.metadata.get("fde"):
+            from vecpipe.formats.errors import UsageError
+
+            raise UsageError("--rescore chamfer: INDEX is not an index of FDEs (compress "
+                             "--fde), so it has no token vectors to score", source=path)
         self.needs_vectors = self.index.layout != "lexical"
         self.source = path
         self.metadata = self.index.metadata
@@ -1192,7 +1221,8 @@ HYBRID_REFUSALS = {
     "like": "--like searches with one index's stored vectors; --hybrid fuses query searches",
     "min_score": "--min-score does not apply to --hybrid: the lists fused score on different "
                  "scales",
-    "max_hits": "--max-hits does not apply to --hybrid: range search needs one score scale"}
+    "max_hits": "--max-hits does not apply to --hybrid: range search needs one score scale",
+    "chamfer": "--rescore chamfer rescores one index of FDEs; --hybrid fuses several lists"}
 
 
 def _check_hybrid_options(**given) -> None:

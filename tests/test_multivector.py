@@ -168,15 +168,16 @@ def hits_by_query(records):
     return out
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_search_rescore_returns_the_exact_chamfer_top_hits(cli, multi, parse_records, flat):
+@pytest.mark.parametrize("flat,rescore", [(False, "6"), (True, "6"), (False, "chamfer:6")])
+def test_search_rescore_returns_the_exact_chamfer_top_hits(cli, multi, parse_records, flat,
+                                                           rescore):
     _round_trip(cli, multi, *(["--flat"] if flat else []))
     manifest = json.loads((multi / "idx" / "manifest.json").read_text())
     assert manifest["tokens"] == {"dim": 16} and manifest["metric"] == "ip"
     assert {"tokens.npy", "token_offsets.npy"} <= set(manifest["files"])
     # k * rescore covers every document: the rescored top 5 is exact Chamfer's
-    result = cli("search", multi / "idx", multi / "queries.arrow", "-k", "5", "--rescore", "6",
-                 "--output-format", "jsonl")
+    result = cli("search", multi / "idx", multi / "queries.arrow", "-k", "5", "--rescore",
+                 rescore, "--output-format", "jsonl")
     assert result.exit_code == 0, result.stderr
     got = hits_by_query(parse_records(result.stdout_bytes))
     for query_id, (ids, scores) in exact_chamfer_top(multi, 5).items():
@@ -390,3 +391,18 @@ def test_compress_fde_reads_token_vectors_from_jsonl(cli, multi, write_jsonl, pa
                                             {"id": "b", "token_vectors": [[0.1], [0.3, 0.4]]}])
     result = cli("compress", bad, "--fde")
     assert result.exit_code == 1 and "bad.jsonl:2" in result.stderr, result.stderr
+
+
+def test_rescore_chamfer_needs_an_index_of_fdes_and_a_multiple_is_an_integer(cli, tmp_path):
+    docs = tmp_path / "d.jsonl"
+    docs.write_text('{"id": "a", "text": "one two"}\n{"id": "b", "text": "three"}\n')
+    assert cli("embed", docs, "-m", "fake:8", "-o", tmp_path / "v.arrow").exit_code == 0
+    assert cli("index", tmp_path / "v.arrow", "-o", tmp_path / "idx").exit_code == 0
+    result = cli("search", tmp_path / "idx", "--query", "one", "-m", "fake:8", "--rescore",
+                 "chamfer")
+    assert result.exit_code == 2 and "--rescore chamfer: INDEX is not an index of FDEs" in \
+        result.stderr, result
+    for bad in ("0", "chamfer:x", "chamfers"):
+        result = cli("search", tmp_path / "idx", "--query", "one", "-m", "fake:8",
+                     "--rescore", bad)
+        assert result.exit_code == 2 and "give a multiple of k" in result.stderr, result
