@@ -927,14 +927,8 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
     as a pyarrow array, seconds spent embedding)."""
     import tempfile
 
-    import pyarrow as pa
-
-    from vecpipe.cli import console
-    from vecpipe.core import notices
     from vecpipe.core.vectors import ExactSearch
-    from vecpipe.formats.beir import corpus_batches
 
-    id_chunks, offset, embed_seconds = [], 0, 0.0
     with tempfile.TemporaryDirectory(prefix="vecpipe-eval-") as tmp:
         if isinstance(query_vectors, dict):
             search = _DimSearches(query_vectors, depth)
@@ -942,30 +936,49 @@ def _search_corpus(path, encode, query_vectors, depth, prompt, index_dtype, ef, 
             search = _IndexSearch(query_vectors, depth, index_dtype, ef, model_name, tmp)
         else:
             search = ExactSearch(query_vectors, depth, "ip", _QUERY_BLOCK)
-        with console.progress(desc="corpus", unit="doc",
-                              count=notices.input_records([path])) as bar:
-            for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
-                if not texts:
-                    continue
-                started = time.perf_counter()
-                doc_vectors = encode(texts, prompt, progress=bar.update)
-                embed_seconds += time.perf_counter() - started
-                if index_dtype:
-                    search.add(doc_vectors, offset, ids)
-                else:
-                    search.add(doc_vectors, offset)
-                id_chunks.append(ids)
-                offset += len(ids)
-                if offset > bar.n:  # the block's cache hits
-                    bar.update(offset - bar.n)
-        if not id_chunks:
-            from vecpipe.formats.errors import DataError
 
-            raise DataError("the corpus is empty", source=path)
+        def add(ids, texts, offset, bar) -> float:
+            started = time.perf_counter()
+            doc_vectors = encode(texts, prompt, progress=bar.update)
+            seconds = time.perf_counter() - started
+            if index_dtype:
+                search.add(doc_vectors, offset, ids)
+            else:
+                search.add(doc_vectors, offset)
+            return seconds
+
+        doc_ids, embed_seconds = _scan_corpus(path, add)
         hits = search.hits()
     tops = {dim: _found(h) for dim, h in hits.items()} if isinstance(hits, dict) \
         else _found(hits)
-    return tops, pa.concat_arrays(id_chunks), embed_seconds
+    return tops, doc_ids, embed_seconds
+
+
+def _scan_corpus(path, add):
+    """Read the corpus block by block, each block handed to `add(ids, texts, first_row, bar)`,
+    which embeds and searches it and returns its seconds embedding. Returns (the doc ids as a
+    pyarrow array, the seconds embedding)."""
+    import pyarrow as pa
+
+    from vecpipe.cli import console
+    from vecpipe.core import notices
+    from vecpipe.formats.beir import corpus_batches
+    from vecpipe.formats.errors import DataError
+
+    id_chunks, offset, embed_seconds = [], 0, 0.0
+    with console.progress(desc="corpus", unit="doc",
+                          count=notices.input_records([path])) as bar:
+        for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
+            if not texts:
+                continue
+            embed_seconds += add(ids, texts, offset, bar)
+            id_chunks.append(ids)
+            offset += len(ids)
+            if offset > bar.n:  # the block's cache hits
+                bar.update(offset - bar.n)
+    if not id_chunks:
+        raise DataError("the corpus is empty", source=path)
+    return pa.concat_arrays(id_chunks), embed_seconds
 
 
 class _ChunkBlock:
@@ -982,37 +995,26 @@ def _search_chunked_corpus(path, encode, query_vectors, depth, prompt, chunking,
 
     Returns ((rows, scores) per query, doc ids, seconds embedding, chunk count)."""
     import numpy as np
-    import pyarrow as pa
 
-    from vecpipe.cli import console
-    from vecpipe.core import notices
     from vecpipe.core.chunking import aggregate
     from vecpipe.core.vectors import ExactSearch
-    from vecpipe.formats.beir import corpus_batches
 
     search = ExactSearch(query_vectors, depth, query_block=_QUERY_BLOCK,
                          score=lambda queries, block: aggregate(queries @ block.vectors.T,
                                                                 block.parents, how))
-    id_chunks, offset, embed_seconds, chunk_count = [], 0, 0.0, 0
-    with console.progress(desc="corpus", unit="doc",
-                          count=notices.input_records([path])) as bar:
-        for ids, texts in corpus_batches(path, _CORPUS_BLOCK):
-            if not texts:
-                continue
-            started = time.perf_counter()
-            vectors, parents = _chunk_vectors(encode, texts, prompt, chunking, bar)
-            embed_seconds += time.perf_counter() - started
-            search.add(_ChunkBlock(vectors, np.asarray(parents)), offset)
-            id_chunks.append(ids)
-            offset += len(ids)
-            chunk_count += len(parents)
-            if offset > bar.n:
-                bar.update(offset - bar.n)
-    if not id_chunks:
-        from vecpipe.formats.errors import DataError
+    chunk_count = 0
 
-        raise DataError("the corpus is empty", source=path)
-    return _found(search.hits()), pa.concat_arrays(id_chunks), embed_seconds, chunk_count
+    def add(ids, texts, offset, bar) -> float:
+        nonlocal chunk_count
+        started = time.perf_counter()
+        vectors, parents = _chunk_vectors(encode, texts, prompt, chunking, bar)
+        seconds = time.perf_counter() - started
+        search.add(_ChunkBlock(vectors, np.asarray(parents)), offset)
+        chunk_count += len(parents)
+        return seconds
+
+    doc_ids, embed_seconds = _scan_corpus(path, add)
+    return _found(search.hits()), doc_ids, embed_seconds, chunk_count
 
 
 def _chunk_vectors(encode, texts, prompt, chunking, bar):

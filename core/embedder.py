@@ -143,13 +143,7 @@ class Embedder:
                 embedded = self.st(batch_to_device(features, self.st.device))
             else:
                 embedded = self._pool(features, self.runtime(features))
-            vectors = embedded["sentence_embedding"]
-            if dim is not None:
-                vectors = vectors[:, :dim]
-            vectors = vectors.float()
-            if normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return vectors.cpu().numpy()
+            return pooled_vectors(embedded, normalize, dim).cpu().numpy()
 
     def _pool(self, features, token_embeddings):
         """Run sentence-transformers' modules after the transformer (pooling, dense, normalize)."""
@@ -413,6 +407,19 @@ class _first_layers:
         if self.swapped is not None:
             module, name, child = self.swapped
             setattr(module, name, child)
+
+
+def pooled_vectors(embedded, normalize: bool, dim: int | None):
+    """A forward pass's sentence embeddings (torch) cut to `dim`, as float32, normalized."""
+    import torch
+
+    vectors = embedded["sentence_embedding"]
+    if dim is not None:
+        vectors = vectors[:, :dim]
+    vectors = vectors.float()
+    if normalize:
+        vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+    return vectors
 
 
 def _finish_numpy(vectors, normalize: bool, dim: int | None):

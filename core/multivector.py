@@ -243,15 +243,12 @@ class _SinglePass:
         import torch
         from sentence_transformers.util import batch_to_device
 
+        from vecpipe.core.embedder import pooled_vectors
+
         texts = self._texts.popleft()
         with torch.inference_mode():
             embedded = self._model.st(batch_to_device(features, self._model.st.device))
-            vectors = embedded["sentence_embedding"]
-            if dim is not None:
-                vectors = vectors[:, :dim]
-            vectors = vectors.float()
-            if normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            vectors = pooled_vectors(embedded, normalize, dim)
             tokens = torch.nn.functional.normalize(embedded["token_embeddings"].float(), p=2,
                                                    dim=-1)
             mask = embedded["attention_mask"].bool()
