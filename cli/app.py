@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -132,6 +133,30 @@ def main() -> None:
     except KeyboardInterrupt:  # during argument parsing or imports, outside a command
         print("vecpipe: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as done:
+        if "pyarrow._csv" not in sys.modules:
+            raise
+        _exit_past_pyarrow_csv(done.code)
+
+
+def _exit_past_pyarrow_csv(code) -> None:
+    """Exit once a CSV was read without the interpreter's finalization: pyarrow's CSV reader
+    leaves a C++ thread that aborts about one such exit in six at static destruction
+    ("terminate called without an active exception", exit 134, after all output was
+    written). The atexit handlers still run; the streams are flushed first."""
+    import atexit
+
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, a closed stream: said already
+            pass
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 if __name__ == "__main__":

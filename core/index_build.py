@@ -416,11 +416,12 @@ def interruptible():
     """Around usearch's add and search, which run Python's signal handlers themselves and,
     when one raises (Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated), stop with an exception
     of their own that loses the handler's (RuntimeError from add, MemoryError from an exact
-    search): the handler's exception is raised instead."""
+    search; or SystemError, "returned a result with an exception set", when the search
+    returns after the handler raised): the handler's exception is raised instead."""
     with _SignalWatch() as watch:
         try:
             yield
-        except (RuntimeError, MemoryError):
+        except (RuntimeError, MemoryError, SystemError):
             if watch.raised is not None:
                 raise watch.raised from None
             raise
