@@ -173,8 +173,16 @@ def chunking(tokens, overlap, context_tokens, template, late):
     try:
         return Chunking(tokens, overlap, context_tokens, template or DEFAULT_TEMPLATE, late)
     except ParameterError as err:
-        raise UsageError("--" + err.parameter.replace("_", "-")
-                         + err.message.removeprefix(err.parameter)) from None
+        raise as_option_error(err) from None
+
+
+def as_option_error(err):
+    """A core ParameterError (its message starts with its parameter's name) worded with the
+    option that set the parameter: `chunk_tokens 9 ...` -> `--chunk-tokens 9 ...`."""
+    from vecpipe.formats.errors import UsageError
+
+    option = "--" + err.parameter.replace("_", "-")
+    return UsageError(option + err.message.removeprefix(err.parameter), hint=err.hint)
 
 
 def unescaped(template: str | None) -> str | None:

@@ -414,9 +414,8 @@ def flag_hints(device: str):
 
     try:
         yield
-    except ParameterError as err:  # its message starts with the parameter's name
-        option = "--" + err.parameter.replace("_", "-")
-        raise UsageError(option + err.message.removeprefix(err.parameter)) from None
+    except ParameterError as err:
+        raise options.as_option_error(err) from None
     except MissingTextField as err:
         err.hint = "--text-field NAME names the field to embed (repeat it to join several)"
         raise

@@ -674,7 +674,7 @@ def _chunk_aggregate(aggregate, chunking, other_search) -> str | None:
 def _check_chunks_fit(chunking, loaded, doc_prompt: str) -> None:
     """embed's checks of the chunking against the model, worded with the options."""
     from vecpipe.core.embedding import Plan, check_fits
-    from vecpipe.formats.errors import ParameterError, UsageError
+    from vecpipe.formats.errors import ParameterError
 
     if chunking is None:
         return
@@ -684,8 +684,7 @@ def _check_chunks_fit(chunking, loaded, doc_prompt: str) -> None:
     try:
         check_fits(plan, loaded)
     except ParameterError as err:
-        raise UsageError("--" + err.parameter.replace("_", "-")
-                         + err.message.removeprefix(err.parameter)) from None
+        raise options.as_option_error(err) from None
 
 
 def _check_search_options(index_dtype, ef) -> None:

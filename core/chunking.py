@@ -187,9 +187,12 @@ def late_chunk_vectors(model, documents: list[LateDocument], prompt: str = ""):
               for first, end in late_windows(len(ids), window)]
     outputs = model.window_token_outputs([prompt_ids + token_ids[row][first:end]
                                           for row, first, end in pieces], len(prompt_ids))
+    pieces_of: dict = {}
+    for i, (row, first, end) in enumerate(pieces):
+        pieces_of.setdefault(row, []).append((i, (first, end)))
     vectors = []
     for row, (document, ids) in enumerate(zip(documents, token_ids)):
-        mine = [(i, (first, end)) for i, (r, first, end) in enumerate(pieces) if r == row]
+        mine = pieces_of[row]
         tokens = np.zeros((len(ids), outputs[mine[0][0]].shape[1]), dtype=np.float32)
         owner = owners(len(ids), [w for _, w in mine])
         for j, (piece, (first, end)) in enumerate(mine):
