@@ -56,21 +56,22 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def amx_cpu(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has AMX-BF16 tiles (core.cpu reads the flags)."""
-    from vecpipe.core.cpu import has_amx_bf16
+def bf16_cpu(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware, AMX-BF16 or AVX512-BF16 (core.cpu reads
+    the flags)."""
+    from vecpipe.core.cpu import has_bf16_math
 
-    return has_amx_bf16(cpuinfo)
+    return has_bf16_math(cpuinfo)
 
 
 def embed_precision(precision: str, device: str, backend: str, model: str | None):
-    """(precision, backend) for `embed`'s `auto`: on a CPU with AMX, torch in bfloat16, which
-    embeds NFCorpus 2.5x faster than float32 (start-up left out) at mean cosine 0.99995 to it
-    (min 0.9999; bench/precision.py); elsewhere what was asked. Only `embed` chooses so: eval
-    and search keep float32, and queries embedded in float32 search bfloat16 documents as
-    well."""
+    """(precision, backend) for `embed`'s `auto`: on a CPU with AMX-BF16 or AVX512-BF16, torch
+    in bfloat16, which embeds NFCorpus 2.5-2.9x faster than float32 (start-up left out) at mean
+    cosine 0.99995 to it (min 0.9999; bench/precision.py, on a Sapphire Rapids and an EPYC);
+    elsewhere what was asked. Only `embed` chooses so: eval and search keep float32, and
+    queries embedded in float32 search bfloat16 documents as well."""
     if precision != "auto" or backend not in ("auto", "torch") or \
-            (model or "").startswith("fake:") or not amx_cpu():
+            (model or "").startswith("fake:") or not bf16_cpu():
         return precision, backend
     if resolve_device(device) != "cpu":
         return precision, backend

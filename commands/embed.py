@@ -289,7 +289,8 @@ def load_embed_model(request: Request, precision: str, device: str = "auto"):
 
     chosen, backend = embed_precision(precision, device, request.backend, request.model)
     if chosen != precision:
-        console.info(f"{chosen} (this CPU has AMX; --precision float32 for float32)")
+        console.info(f"{chosen} (this CPU multiplies bfloat16 in hardware; --precision "
+                     "float32 for float32)")
     return load_model(request.model, device, dtype=chosen,
                       trust_remote_code=request.trust_remote_code, backend=backend,
                       max_length=request.max_length, export_dir=request.cache,

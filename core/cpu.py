@@ -18,8 +18,10 @@ def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
     return frozenset()
 
 
-def has_amx_bf16(cpuinfo: str | None = None) -> bool:
-    return "amx_bf16" in cpu_flags(cpuinfo)
+def has_bf16_math(cpuinfo: str | None = None) -> bool:
+    """bfloat16 matrix products in hardware: AMX-BF16 tiles, or AVX512-BF16's dot products
+    (the AMD EPYCs with AVX-512 have them, without AMX)."""
+    return not cpu_flags(cpuinfo).isdisjoint({"amx_bf16", "avx512_bf16"})
 
 
 def has_vnni(cpuinfo: str | None = None) -> bool:
