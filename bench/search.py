@@ -28,8 +28,9 @@ Data:
   a pessimistic case (iid Gaussian vectors, without even the spectrum, are worse still).
 
 Every index is built with `vecpipe index` (a subprocess, default HNSW settings M=16,
-expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search) from
-an Arrow file. Its peak RSS counts the pages of that memory-mapped file, which the kernel can
+expansion_add=128, expansion_search=64; "flat" variants: `--flat`, no graph, exact search;
+"faiss graph" variants: `--library faiss`, the same folder with faiss's HNSW) from an Arrow
+file. Its peak RSS counts the pages of that memory-mapped file, which the kernel can
 drop at will; piping an Arrow stream into `vecpipe index -` instead measures about the usearch
 index plus 140 MB of interpreter and ~60 MB per 100k rows (the ids, buffers). Searches run
 in-process through `index_search.Searcher` on 1,000 query vectors (embedding time excluded),
@@ -66,6 +67,10 @@ VARIANTS = [  # (name, index options, search options)
     ("f32 ef128", ["--dtype", "f32"], {"ef": 128}),
     ("f32 ef256", ["--dtype", "f32"], {"ef": 256}),
     ("f16", ["--dtype", "f16"], {}),
+    ("faiss graph f32", ["--dtype", "f32", "--library", "faiss"], {}),
+    ("faiss graph f32 ef128", ["--dtype", "f32", "--library", "faiss"], {"ef": 128}),
+    ("faiss graph f32 ef256", ["--dtype", "f32", "--library", "faiss"], {"ef": 256}),
+    ("faiss graph f16", ["--dtype", "f16", "--library", "faiss"], {}),
     ("i8 (default: k*4 rescored)", ["--dtype", "i8"], {}),
     ("i8 rescore1", ["--dtype", "i8"], {"rescore": 1}),
     ("b1 hnsw", ["--dtype", "b1", "--keep-vectors"], {}),
@@ -221,7 +226,7 @@ def build_vecpipe(arrow, folder, options):
 
 
 def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=()):
-    from vecpipe.core.index_format import FLAT_VECTORS, FULL, VECTORS
+    from vecpipe.core.index_format import FULL, graph_file
     from vecpipe.core.index_open import open_index
 
     rows = []
@@ -242,7 +247,7 @@ def measure_vecpipe(arrow, folder, queries, truth, built: dict, dtypes, skip=())
         files = index.manifest["files"]
         rows.append({"engine": "vecpipe", "variant": name, "build_s": round(build_s, 1),
                      "build_peak_rss_mb": round(rss / 2**20),
-                     "index_bytes": files[FLAT_VECTORS if index.flat else VECTORS]["bytes"],
+                     "index_bytes": files[graph_file(index.manifest)]["bytes"],
                      "full_vectors_bytes": files.get(FULL, {}).get("bytes", 0),
                      "qps": round(len(queries) / seconds),
                      "recall@10": round(recall_at_k(hits.rows, truth), 4)})

@@ -376,8 +376,8 @@ def precision(value: str | None):
 Precision = Annotated[str, shared(
     "--precision", callback=precision, help="auto|float32|float16|bfloat16 model precision (auto: float16 on CUDA "
                         "(train: mixed bfloat16 where the GPU has it, float32 on a CPU), "
-                        "embed: bfloat16 with torch on a CPU with AMX, else float32; openvino "
-                        "takes float32 or bfloat16); output vectors "
+                        "embed: bfloat16 with torch on a CPU with AMX or AVX512-BF16, else "
+                        "float32; openvino takes float32 or bfloat16); output vectors "
                         "are float32, and a precision other than float32 is recorded in the "
                         "metadata.")]
 StorageDtype = Annotated[Optional[str], shared(

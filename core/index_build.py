@@ -17,9 +17,10 @@ import threading
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, PLANES, ROWS, VECTORS, CommitOnExit, check_target,
+    FAISS_VECTORS, FLAT_VECTORS, FULL, ID, PLANES, ROWS, VECTORS, CommitOnExit, check_target,
     clean_leftovers, file_facts, full_numpy_dtype, hnsw_options, index_numpy_dtype,
-    index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, write_manifest)
+    index_width, new_manifest, real_folder, swap_into_place, temporary_sibling, vectors_file,
+    write_manifest)
 from vecpipe.core.index_delete import compact_graph, kept_rows
 from vecpipe.core.index_spec import IndexSpec
 from vecpipe.formats.errors import ParameterError
@@ -140,7 +141,7 @@ class IndexBuilder(CommitOnExit):
         self.tmp = temporary_sibling(self.path, "building")
         try:
             self._vectors = self._start_flat(base) if self.spec.flat else \
-                self._start_usearch(base)
+                self._start_graph(base)
             self._full = self._start_full(base)
             self._planes = self._start_planes(base)
             self._tokens = self._start_tokens(base)
@@ -155,7 +156,9 @@ class IndexBuilder(CommitOnExit):
         if base is not None:
             self._take_base(base)
 
-    def _start_usearch(self, base):
+    def _start_graph(self, base):
+        if self.spec.library == "faiss":
+            return self._start_faiss(base)
         from usearch.index import Index
 
         if base is not None:
@@ -175,6 +178,25 @@ class IndexBuilder(CommitOnExit):
         self.spec.expansion_add = index.expansion_add
         self.spec.expansion_search = index.expansion_search
         return index
+
+    def _start_faiss(self, base):
+        from vecpipe.core.faiss_graph import FaissGraph
+
+        spec = self.spec
+        if base is None:
+            graph = FaissGraph.new(spec.dim, spec.metric, spec.dtype, spec.connectivity,
+                                   spec.expansion_add, spec.expansion_search)
+        else:
+            graph = FaissGraph.restore(os.path.join(base.path, FAISS_VECTORS), spec.dtype,
+                                       spec.metric, view=False)
+            if self._keep is not None:
+                graph.compact(self._keep, self.threads)
+        graph.expansion_search = spec.expansion_search or graph.expansion_search
+        if spec.expansion_add:
+            graph.expansion_add = spec.expansion_add
+        spec.connectivity, spec.expansion_add = graph.connectivity, graph.expansion_add
+        spec.expansion_search = graph.expansion_search
+        return graph
 
     def _start_flat(self, base):
         writer = _NpyWriter(os.path.join(self.tmp, FLAT_VECTORS),
@@ -279,6 +301,9 @@ class IndexBuilder(CommitOnExit):
         if len(keys):
             self._vectors.add(keys, vectors[new_pos], threads=self.threads)
         for row, pos in zip(replace_rows, replace_pos):
+            if self.spec.library == "faiss":
+                self._vectors.replace(row, vectors[pos])
+                continue
             self._vectors.remove(row)
             self._vectors.add(row, vectors[pos])
 
@@ -357,6 +382,9 @@ class IndexBuilder(CommitOnExit):
         try:
             if self.spec.flat:
                 self._vectors.close()
+            elif self.spec.library == "faiss":
+                with interruptible():
+                    self._vectors.save(os.path.join(self.tmp, FAISS_VECTORS), self.threads)
             else:
                 self._vectors.save(os.path.join(self.tmp, VECTORS))
             rows = pa.concat_tables(self._tables).take(pa.array(self._position[:self.count]))
@@ -365,7 +393,7 @@ class IndexBuilder(CommitOnExit):
             raise write_error(err, self.path) from None
         except RuntimeError as err:  # usearch says only "Failed to serialize into stream"
             raise _save_error(err, self.tmp, self.path) from None
-        files = [FLAT_VECTORS if self.spec.flat else VECTORS, ROWS]
+        files = [vectors_file(self.spec.layout, self.spec.library), ROWS]
         for writer, name in ((self._full, FULL), (self._planes, PLANES)):
             if writer is not None:
                 writer.close()
@@ -386,8 +414,9 @@ class IndexBuilder(CommitOnExit):
         spec = self.spec
         planes = {"planes": spec.planes} if spec.planes > 1 else {}
         return {"flat": spec.flat, "hnsw": None if spec.flat else {
-            "connectivity": spec.connectivity, "expansion_add": spec.expansion_add,
-            "expansion_search": spec.expansion_search}, **planes}
+            "library": spec.library, "connectivity": spec.connectivity,
+            "expansion_add": spec.expansion_add, "expansion_search": spec.expansion_search},
+            **planes}
 
     def abort(self) -> None:
         if getattr(self, "_tokens", None) is not None:

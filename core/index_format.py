@@ -5,6 +5,8 @@ checksums, code conversion for usearch, and the atomic replacement of a folder.
                          the stream metadata of the indexed vectors (model, prompt, codec...),
                          stored fields, file sizes and sha256 checksums
     idx/vectors.usearch  layout hnsw: usearch HNSW; keys are row numbers (uint64)
+    idx/vectors.faiss    layout hnsw with "library": "faiss" in `hnsw`: faiss HNSW instead
+                         (core/faiss_graph.py); ids are row numbers
     idx/vectors.npy      layout flat: the index-space vectors alone, row i = key i,
                          memory-mapped and searched exactly (no graph)
     idx/rows.parquet     row number (= position) -> `id` and the stored fields
@@ -45,6 +47,7 @@ FORMAT = "vecpipe-index"
 FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
 FLAT_VECTORS, PLANES = "vectors.npy", "planes.npy"
+FAISS_VECTORS = "vectors.faiss"
 TOKENS, TOKEN_OFFSETS = "tokens.npy", "token_offsets.npy"  # core.multivector's token store
 SHARDS = "shards"
 LAYOUTS = ("hnsw", "flat", "linked", "lexical")
@@ -116,7 +119,24 @@ def hnsw_options(manifest: dict) -> dict:
         return {"flat": True}
     hnsw = manifest["hnsw"]
     return {"connectivity": hnsw["connectivity"], "expansion_add": hnsw["expansion_add"],
-            "expansion_search": hnsw["expansion_search"]}
+            "expansion_search": hnsw["expansion_search"], "library": graph_library(manifest)}
+
+
+def graph_library(manifest: dict) -> str:
+    """usearch | faiss: the library of an hnsw layout's graph (manifests before faiss: none)."""
+    return (manifest.get("hnsw") or {}).get("library", "usearch")
+
+
+def graph_file(manifest: dict) -> str:
+    """The file of an index's index-space vectors (`vectors_file`)."""
+    return vectors_file(layout_of(manifest), graph_library(manifest))
+
+
+def vectors_file(layout: str, library: str = "usearch") -> str:
+    """The graph's file, or vectors.npy when the layout is flat."""
+    if layout == "flat":
+        return FLAT_VECTORS
+    return FAISS_VECTORS if library == "faiss" else VECTORS
 
 
 def new_manifest(layout: str, count: int, dim: int, metric: str, dtype: str,
@@ -203,13 +223,15 @@ def check_manifest(manifest: dict, path: str) -> None:
     if layout == "hnsw":
         _field(manifest, path, "hnsw", lambda v: isinstance(v, dict) and all(
             _is_int(v.get(key)) and v[key] >= 1
-            for key in ("connectivity", "expansion_add", "expansion_search")),
-            "an object of positive connectivity/expansion_add/expansion_search")
+            for key in ("connectivity", "expansion_add", "expansion_search")) and
+            v.get("library", "usearch") in ("usearch", "faiss"),
+            "an object of positive connectivity/expansion_add/expansion_search (and an "
+            "library, usearch|faiss)")
     _field(manifest, path, "planes", lambda v: _is_int(v) and 2 <= v <= 8 and
            manifest["dtype"] == "b1", "2 to 8 (bit planes of a b1 index)", optional=True)
     if manifest["dtype"] == "pq" and layout != "flat":
         raise DataError("manifest.json: pq codes are kept in a flat index only", source=path)
-    expected = {FLAT_VECTORS if layout == "flat" else VECTORS, ROWS}
+    expected = {graph_file(manifest), ROWS}
     if manifest.get("full"):
         expected.add(FULL)
     if manifest.get("planes"):

@@ -9,9 +9,9 @@ import os
 from typing import TYPE_CHECKING, Sequence
 
 from vecpipe.core.index_format import (
-    FLAT_VECTORS, FULL, ID, PLANES, VECTORS, check_arrays, check_files, from_index_codes,
-    hnsw_options, index_numpy_dtype, index_width, layout_of, read_manifest, read_rows,
-    stored_columns, to_index_codes)
+    FLAT_VECTORS, FULL, ID, PLANES, check_arrays, check_files, from_index_codes,
+    graph_file, graph_library, hnsw_options, index_numpy_dtype, index_width, layout_of,
+    read_manifest, read_rows, stored_columns, to_index_codes)
 from vecpipe.core.index_linked import LinkedIndex
 from vecpipe.core.index_search import Searcher
 from vecpipe.core.index_spec import unit_ip
@@ -82,7 +82,8 @@ class OpenIndex:
         self.layout: str = layout_of(manifest)
         self.flat: bool = self.layout == "flat"
         self.planes: int = manifest.get("planes") or 1
-        self._usearch = self._rows = self._full = self._flat = self._later_planes = None
+        self.library: str = graph_library(manifest)
+        self._graph = self._rows = self._full = self._flat = self._later_planes = None
         self.codec = None
         if self.metadata.get("codec"):
             from vecpipe.core.codec import codec_from_meta
@@ -91,19 +92,28 @@ class OpenIndex:
         _check_codes(self)
 
     @property
-    def usearch(self):
+    def graph(self):
+        """The HNSW graph, memory-mapped on first use: a usearch Index, or a
+        core.faiss_graph.FaissGraph (the same calls) when the manifest's library is faiss."""
         if self.flat:
             raise UsageError("a flat index has no HNSW graph; it is searched exactly")
-        if self._usearch is None:
-            from usearch.index import Index
+        if self._graph is None:
+            name = graph_file(self.manifest)
+            if self.library == "faiss":
+                from vecpipe.core.faiss_graph import FaissGraph
 
-            index = Index.restore(os.path.join(self.path, VECTORS), view=True)
+                index = FaissGraph.restore(os.path.join(self.path, name), self.dtype,
+                                           self.metric)
+            else:
+                from usearch.index import Index
+
+                index = Index.restore(os.path.join(self.path, name), view=True)
             if index is None or index.size != self.count:
-                raise DataError("vectors.usearch does not hold the manifest's "
-                                f"{self.count} vectors", source=self.path)
+                raise DataError(f"{name} does not hold the manifest's {self.count} vectors",
+                                source=self.path)
             index.expansion_search = self.manifest["hnsw"]["expansion_search"]
-            self._usearch = index
-        return self._usearch
+            self._graph = index
+        return self._graph
 
     def rows(self, columns: Sequence[str] | None = None) -> "pa.Table":
         """The stored fields (all, or `columns`), row i = key i, memory-mapped."""
@@ -181,7 +191,7 @@ class OpenIndex:
             return np.zeros((0, width), dtype=index_numpy_dtype(self.dtype))
         if self.flat:
             return np.asarray(self.flat_vectors()[rows.astype(np.int64)])
-        return np.vstack(self.usearch.get(rows)).reshape(len(rows), width)
+        return np.vstack(self.graph.get(rows)).reshape(len(rows), width)
 
     def query_vectors(self, rows) -> "np.ndarray":
         """Float vectors of `rows` in the query space (query_dim columns, float32), as close to

@@ -181,12 +181,12 @@ class Searcher:
             return Hits(np.full((len(coded), 0), -1, np.int64),
                         np.zeros((len(coded), 0), np.float32))
         if self.plan == "exact":
-            return self._usearch(coded, min(self.want, n), exact=True)
+            return self._search_graph(coded, min(self.want, n), exact=True)
         if self.plan == "exact-subset":
             return self._exact_subset(coded)
         if self.plan == "ann":
-            return self._complete(coded, self._usearch(coded, self.want, exact=False), n,
-                                  lambda q: self._usearch(q, self.want, exact=True))
+            return self._complete(coded, self._search_graph(coded, self.want, exact=False), n,
+                                  lambda q: self._search_graph(q, self.want, exact=True))
         return self._complete(coded, self._ann_filtered(coded), len(self.allowed),
                               self._exact_subset)
 
@@ -203,11 +203,11 @@ class Searcher:
         rows[short], scores[short] = _padded(redo, width)
         return Hits(rows, scores)
 
-    def _usearch(self, coded, count: int, exact: bool) -> Hits:
+    def _search_graph(self, coded, count: int, exact: bool) -> Hits:
         if self.index.flat:
             found = self._scan(self.index.flat_vectors(), coded, count)
         else:
-            graph = self.index.usearch
+            graph = self.index.graph
             # set for each search: searchers with other ef may share the opened index
             graph.expansion_search = self.ef or self.index.manifest["hnsw"]["expansion_search"]
             with interruptible():
@@ -242,7 +242,7 @@ class Searcher:
     def _ann_filtered(self, coded) -> Hits:
         import numpy as np
 
-        hits = self._usearch(coded, self._fetch(), exact=False)
+        hits = self._search_graph(coded, self._fetch(), exact=False)
         allowed = np.zeros(self.index.count + 1, dtype=bool)
         allowed[self.allowed] = True
         ok = allowed[hits.rows]  # row -1 reads the sentinel False at the end

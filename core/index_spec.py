@@ -35,6 +35,7 @@ class IndexSpec:
     flat: bool = False
     planes: int = 1
     tokens: dict | None = None  # {"dim": N}: every row's token vectors kept (core.multivector)
+    library: str = "usearch"    # the graph's library: usearch | faiss (core.faiss_graph)
 
     @property
     def layout(self) -> str:
@@ -78,6 +79,12 @@ class IndexSpec:
         if self.flat and (self.connectivity or self.expansion_add or self.expansion_search):
             raise ParameterError("a flat index has no HNSW graph: its connectivity and "
                                  "expansion parameters do not apply", "hnsw")
+        from vecpipe.core.faiss_graph import check_library
+
+        check_library(self.library, self.metric, self.dtype, self.flat)
+        if self.library == "faiss" and self.tokens:
+            raise ParameterError("an index keeping token vectors (multi-vector) has a "
+                                 "usearch graph", "library")
 
 
 def vector_kind(arrow_type, meta: dict, codec) -> str:

@@ -17,7 +17,7 @@ COMMAND_SPECIFIC = {
     "embed": {"--no-normalize",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
               "--glob", "--multi-vector"},
-    "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat",
+    "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat", "--library",
               "--keep-vectors", "--append", "--delete", "--lexical", "--stemmer", "--stopwords",
               "--k1", "--b", "--bm25-method"},
     "search": {"--rescore", "--query-batch", "--query", "--like", "--unlike", "--rerank",
