@@ -30,6 +30,11 @@ def run(inputs: options.Inputs = None,
             "--no-normalize", help="Do not L2-normalize (a model that normalizes itself "
                                    "still does).")] = False,
         batch_size: options.BatchSize = 32,
+        batch_tokens: Annotated[Optional[int], typer.Option(
+            "--batch-tokens", min=1, metavar="N", show_default=False,
+            help="Fill each model call with up to N padded tokens (texts x the longest) "
+                 "instead of --batch-size texts: many short texts to a call, few long ones "
+                 "(token-budget batching, for GPUs; e.g. 16384).")] = None,
         device: options.Device = "auto",
         precision: options.Precision = "auto",
         old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision",
@@ -102,7 +107,8 @@ def run(inputs: options.Inputs = None,
                       input_format=input_format, model=model, text_fields=text_fields,
                       id_field=id_field, prompt=prompt, prompt_name=prompt_name, dim=dim,
                       layers=layers, pooling=pooling,
-                      no_normalize=no_normalize, batch_size=batch_size, device=device,
+                      no_normalize=no_normalize, batch_size=batch_size,
+                      batch_tokens=batch_tokens, device=device,
                       precision=precision, backend=backend,
                       max_length=max_length, chunk_tokens=chunk_tokens,
                       chunk_overlap=chunk_overlap, context_tokens=context_tokens,
@@ -157,6 +163,7 @@ class Request:
     context_template: str | None = None
     late_chunking: bool = False
     multi_vector: bool = False  # --multi-vector: token vectors too (core.multivector)
+    batch_tokens: int | None = None  # --batch-tokens: a token budget per model call
 
     @property
     def joined_fields(self) -> tuple:
@@ -177,8 +184,23 @@ def check_options(request: Request, on_ray: bool = False) -> None:
     if request.pooling is not None and request.pooling not in options.POOLING_MODES:
         raise UsageError(f"--pooling {request.pooling!r}: use {'|'.join(options.POOLING_MODES)}")
     check_folder_inputs(request, on_ray)
+    check_batch_tokens(request)
     if request.multi_vector:
         check_multi_vector(request, on_ray)
+
+
+def check_batch_tokens(request: Request) -> None:
+    """A token budget batches the texts this process tokenizes for one model."""
+    from vecpipe.cli.models import parse_devices
+
+    if request.batch_tokens is None:
+        return
+    for flag, given in (("--late-chunking", request.late_chunking),
+                        ("--multi-vector", request.multi_vector),
+                        ("several --device values", len(parse_devices(request.device)) > 1)):
+        if given:
+            raise UsageError(f"--batch-tokens batches texts for one model in this process: "
+                             f"leave out {flag} (it batches by --batch-size)")
 
 
 def check_multi_vector(request: Request, on_ray: bool) -> None:
@@ -270,7 +292,8 @@ def embed_task_of(request: Request, precision: str):
     load = functools.partial(load_embed_model, request, precision)
     plan = Plan(fields=request.joined_fields, id_field=request.id_field,
                 normalize=not request.no_normalize, dim=request.dim,
-                batch_size=request.batch_size, chunk_tokens=request.chunk_tokens,
+                batch_size=request.batch_size, batch_tokens=request.batch_tokens,
+                chunk_tokens=request.chunk_tokens,
                 chunk_overlap=request.chunk_overlap, context_tokens=request.context_tokens,
                 context_template=request.context_template,
                 late_chunking=request.late_chunking, drop_text=request.drop_text,
@@ -502,7 +525,8 @@ def dry_run_plan(request: Request, on_ray: bool) -> dict:
         "chunking": None if plan.chunking is None else plan.chunking.describe(),
         "output": output or "stdout", "output_format": output_format,
         "shard": str(request.shard) if request.shard else None, "cache": request.cache,
-        "window": plan.window, "batch_size": plan.batch_size, "device": ",".join(devices),
+        "window": plan.window, "batch_size": plan.batch_size,
+        "batch_tokens": plan.batch_tokens, "device": ",".join(devices),
         "backend": request.backend, "precision": request.precision,
     }
 

@@ -245,6 +245,16 @@ class Embedder:
         """Fake vectors of another layer count or pooling are other vectors."""
         return "" if not (self.layers or self.pooling) else f"{self.layers}|{self.pooling}|"
 
+    def token_lengths(self, texts: list[str], prompt: str = "") -> list[int]:
+        """Model tokens of each text with the prompt, special tokens included, truncated to the
+        window: what a batch of them pads to."""
+        if self.st is None:
+            return [len(_FAKE_TOKEN.findall(prompt + text)) + 2 for text in texts]
+        encoded = self.tokenizer([prompt + text for text in texts], add_special_tokens=True,
+                                 truncation=bool(self.max_length), max_length=self.max_length,
+                                 return_attention_mask=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     def count_truncated(self, texts: list[str], features, prompt: str = "") -> int:
         """How many texts of a tokenized batch did not fit the model's window."""
         if self.st is None or not self.max_length:

@@ -38,6 +38,7 @@ class Plan:
     normalize: bool = True
     dim: int | None = None
     batch_size: int = 32
+    batch_tokens: int | None = None  # a token budget per model call instead of batch_size texts
     chunk_tokens: int | None = None
     chunk_overlap: int = 0
     context_tokens: int | None = None  # situated chunks: the context around each chunk
@@ -603,15 +604,27 @@ class Encoder:
                     yield "batch", window, (slots, documents)
                 yield "end", window, None
                 continue
-            order = sorted(window.todo.tolist(), key=lambda s: -len(window.unique[s]))
-            for start in range(0, len(order), self.plan.batch_size):
-                slots = order[start:start + self.plan.batch_size]
+            for slots in self._batches(window):
                 texts = [window.unique[s] for s in slots]
                 features = self.model.tokenize(texts, self.plan.prompt)
                 self.stats.truncated += self.model.count_truncated(texts, features,
                                                                    self.plan.prompt)
                 yield "batch", window, (slots, None if self.pool is not None else features)
             yield "end", window, None
+
+    def _batches(self, window):
+        """The window's slots still to embed, longest first, in model batches: batch_size
+        texts each, or with a token budget as many as fit it (token_batches)."""
+        if self.plan.batch_tokens is None or self.pool is not None:
+            order = sorted(window.todo.tolist(), key=lambda s: -len(window.unique[s]))
+            for start in range(0, len(order), self.plan.batch_size):
+                yield order[start:start + self.plan.batch_size]
+            return
+        slots = window.todo.tolist()
+        lengths = self.model.token_lengths([window.unique[s] for s in slots], self.plan.prompt)
+        order = sorted(range(len(slots)), key=lambda i: -lengths[i])
+        for batch in token_batches([lengths[i] for i in order], self.plan.batch_tokens):
+            yield [slots[order[i]] for i in batch]
 
     def _windows(self, parts):
         """Windows of exactly the sizes window_sizes gives (parts split at their edges); the
@@ -640,6 +653,18 @@ class Encoder:
         self.stats.from_cache += len(window.unique) - len(window.todo)
         self.stats.embedded += len(window.todo)
         return vectors
+
+
+def token_batches(lengths, budget: int):
+    """Consecutive ranges of `lengths` (token counts, longest first) whose padded size, rows x
+    the first (longest) row's tokens, stays within `budget` (one row at least): short texts go
+    many to a model call, long ones few, as TEI and infinity batch, instead of a fixed count
+    that pads a GPU's batch of short texts into idle work or overflows memory on long ones."""
+    start = 0
+    while start < len(lengths):
+        rows = max(1, budget // max(1, lengths[start]))
+        yield range(start, min(start + rows, len(lengths)))
+        start += rows
 
 
 def late_batches(window, batch_size: int):

@@ -263,3 +263,55 @@ def test_eval_beir_bar_moves_every_few_model_batches_with_a_total(cli, monkeypat
     assert again.exit_code == 0 and "(16 texts from the cache)" in again.stderr, again
     [bar] = [b for b in bars if b.options.get("unit") == "doc"]
     assert bar.moves == [6, 11]
+
+
+# -- token-budget batches (--batch-tokens) ----------------------------------------------------
+
+def test_token_batches_fill_the_budget_with_padded_rows():
+    lengths = [100, 50, 50, 10, 10, 10, 10, 3]
+    batches = list(embedding.token_batches(lengths, 200))
+    assert [list(b) for b in batches] == [[0, 1], [2, 3, 4, 5], [6, 7]]
+    assert list(itertools.chain(*batches)) == list(range(len(lengths)))
+    for batch in batches:  # padded to its first (longest) row
+        assert len(batch) * lengths[batch[0]] <= 200
+    assert [list(b) for b in embedding.token_batches([300, 20], 200)] == [[0], [1]]  # too long
+    assert list(embedding.token_batches([], 200)) == []
+
+
+def test_batch_tokens_refuses_what_batches_by_count(cli, tmp_path, write_jsonl):
+    source = write_jsonl(tmp_path / "in.jsonl", _records(5))
+    for extra, needle in ((["--late-chunking", "--chunk-tokens", "8"], "--late-chunking"),
+                          (["--multi-vector"], "--multi-vector"),
+                          (["--device", "cpu,cpu"], "several --device")):
+        r = cli("embed", source, "--batch-tokens", "512", *extra, "-o", tmp_path / "o.arrow")
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+    r = cli("embed", source, "-m", "fake:8", "--batch-tokens", "512", "--dry-run")
+    assert r.exit_code == 0 and "512" in r.stderr + r.stdout
+
+
+@pytest.mark.slow
+def test_batch_tokens_gives_the_same_vectors_in_batches_of_the_budget(
+        cli, tmp_path, write_jsonl, bundled_model, monkeypatch):
+    """Texts of very different lengths: each model call holds at most the budget's padded
+    tokens (many short texts, few long ones), and the vectors are sentence-transformers'."""
+    from vecpipe.core.embedder import Embedder
+
+    records = [{"id": f"d{i}", "text": f"item {i} " + "word " * (150 + i if i % 6 == 0 else i % 5)}
+               for i in range(120)]  # one long text in six
+    source = write_jsonl(tmp_path / "in.jsonl", records)
+    shapes = []
+    embed_features = Embedder.embed_features
+
+    def recorded(self, features, *args, **kwargs):
+        shapes.append(tuple(features["input_ids"].shape))
+        return embed_features(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "embed_features", recorded)
+    r = cli("embed", source, "--batch-tokens", "1024", "--output-format", "arrow")
+    assert r.exit_code == 0, r.stderr
+    assert sum(rows for rows, _ in shapes) == 120
+    assert all(rows * tokens <= 1024 or rows == 1 for rows, tokens in shapes)
+    assert max(rows for rows, _ in shapes) > 32 > min(rows for rows, _ in shapes)
+    vectors = np.array([row["embedding"] for row in r.records()])
+    reference = bundled_model.encode([row["text"] for row in records], normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, reference, atol=1e-5)

@@ -16,7 +16,7 @@ LEAVES = {" ".join(path[1:]): cmd for path, cmd in command_tree()
 COMMAND_SPECIFIC = {
     "embed": {"--no-normalize",
               "--engine", "--address", "--parts", "--skip-invalid", "--drop-text", "--window",
-              "--glob", "--multi-vector"},
+              "--glob", "--multi-vector", "--batch-tokens"},
     "index": {"--connectivity", "--expansion-add", "--expansion-search", "--flat", "--library",
               "--keep-vectors", "--append", "--delete", "--lexical", "--stemmer", "--stopwords",
               "--k1", "--b", "--bm25-method"},
