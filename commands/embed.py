@@ -34,7 +34,7 @@ def run(inputs: options.Inputs = None,
             "--batch-tokens", min=1, metavar="N", show_default=False,
             help="Fill each model call with up to N padded tokens (texts x the longest) "
                  "instead of --batch-size texts: many short texts to a call, few long ones "
-                 "(token-budget batching, for GPUs; e.g. 16384).")] = None,
+                 "(token-budget batching, for GPUs: 16384 is a start).")] = None,
         device: options.Device = "auto",
         precision: options.Precision = "auto",
         old_dtype: options.alias(Optional[str], "--dtype", "--precision", "precision",
