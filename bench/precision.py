@@ -1,5 +1,6 @@
 """embed's default precision (issue 22, target 1): `vecpipe embed` with `--precision auto` (torch
-bfloat16 on a CPU with AMX, float32 elsewhere) against sentence-transformers' own `encode` in
+bfloat16 on a CPU with AMX-BF16 or AVX512-BF16, float32 elsewhere; also with token-budget
+batches) against sentence-transformers' own `encode` in
 float32 and in bfloat16, `vecpipe embed --precision float32` (torch) and `--backend numpy`
 (float32, no torch), on the first N NFCorpus documents (title + text), batch 32.
 
@@ -33,7 +34,9 @@ from machine import machine_line  # noqa: E402  (bench/machine.py; bench/ is on 
 
 REPO = Path(__file__).resolve().parent.parent
 VECPIPE = os.path.join(os.path.dirname(sys.executable), "vecpipe")
-PIPELINES = {"vecpipe embed (auto)": [], "vecpipe embed --precision float32 --backend torch":
+PIPELINES = {"vecpipe embed (auto)": [], "vecpipe embed --batch-tokens 4096 (auto)":
+             ["--batch-tokens", "4096"],
+             "vecpipe embed --precision float32 --backend torch":
              ["--precision", "float32", "--backend", "torch"],
              "vecpipe embed --backend numpy (float32)": ["--backend", "numpy"]}
 
