@@ -92,6 +92,12 @@ class FaissGraph:
         except RuntimeError as err:
             raise DataError(f"vectors.faiss cannot be read: {str(err).splitlines()[0]}",
                             source=os.path.dirname(path)) from None
+        expected = faiss.IndexHNSWFlat if dtype == "f32" else faiss.IndexHNSWSQ
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        if not isinstance(index, expected) or index.metric_type != faiss_metric:
+            raise DataError(f"vectors.faiss holds a {type(index).__name__}, not the "
+                            f"{expected.__name__} of {dtype} {metric} vectors the manifest "
+                            "describes: the index is damaged", source=os.path.dirname(path))
         return cls(index, dtype, metric)
 
     @property

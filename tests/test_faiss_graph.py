@@ -235,3 +235,18 @@ def test_without_faiss_installed_the_error_says_how_to_get_it(cli, tmp_path, vec
         assert r.exit_code == 2, r.stderr
         assert "faiss-cpu" in r.stderr and "vecpipe[faiss]" in r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_graph_file_of_another_kind_is_a_damaged_index(tmp_path, vectors):
+    """The manifest's checksum guards the file (info --verify); opened unverified, a graph of
+    another metric or kind is still refused in one line, not used."""
+    from vecpipe.core.faiss_graph import FaissGraph
+    from vecpipe.formats.errors import DataError
+
+    for name, other in (("ip.faiss", faiss.IndexHNSWFlat(DIM, 16, faiss.METRIC_INNER_PRODUCT)),
+                        ("flat.faiss", faiss.IndexFlatL2(DIM))):
+        other.add(vectors[:200])
+        faiss.write_index(other, str(tmp_path / name))
+        with pytest.raises(DataError, match="damaged"):
+            FaissGraph.restore(str(tmp_path / name), "f32", "l2sq")
+    assert FaissGraph.restore(str(tmp_path / "ip.faiss"), "f32", "ip").size == 200
