@@ -483,7 +483,7 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     """Validate everything that can be checked before reading vectors; no output yet."""
     from vecpipe.formats import schema as names
     from vecpipe.core.codec import codec_from_meta
-    from vecpipe.core.index_spec import spec_for_input, vector_kind
+    from vecpipe.core.index_spec import spec_for_input, use_library, vector_kind
     from vecpipe.formats.errors import DataError, ParameterError, UsageError
     from vecpipe.formats.readers import shown_name
 
@@ -525,30 +525,12 @@ def plan_index(stream, output, metric, dtype, connectivity, expansion_add, expan
     spec.query_prompt = query_prompt
     spec.tokens = tokens
     if library is not None:
-        _use_library(spec, library, codec or encoder)
+        try:
+            use_library(spec, library, coded=(codec or encoder) is not None)
+        except ParameterError as err:
+            raise flagged(err) from None
     return IndexPlan(stream, spec, fields, None, kind, codec, encoder=encoder,
                      fit_codec=fit_codec, keep_vectors=keep_vectors)
-
-
-def _use_library(spec, library: str, codec) -> None:
-    """Put the spec's graph in `library`; faiss scores cosine as the inner product of unit
-    vectors (scaled on their way in), as usearch's ip graph of unit vectors does."""
-    from vecpipe.core.faiss_graph import check_library, import_faiss
-    from vecpipe.formats.errors import ParameterError
-
-    if library == "faiss" and spec.metric == "cos":
-        if codec is not None:
-            raise flagged(ParameterError(
-                "a faiss graph scores cosine only of vectors without a codec", "library",
-                hint="index the float vectors, or use a usearch graph"))
-        spec.metric = "ip"
-    try:
-        check_library(library, spec.metric, spec.dtype, spec.flat)
-    except ParameterError as err:
-        raise flagged(err) from None
-    if library == "faiss":
-        import_faiss()  # before any record is read: a missing faiss-cpu is a usage error
-    spec.library = library
 
 
 def _token_spec(schema, meta, source, encoder, dtype) -> dict | None:

@@ -1,10 +1,10 @@
 """faiss's HNSW as the graph of an index folder (`"library": "faiss"` in the manifest's
-`hnsw`, the graph in vectors.faiss), behind the same calls the folder makes on a usearch index: add,
-replace, compact, save, search, get.
+`hnsw`, the graph in vectors.faiss), behind the same calls the folder makes on a usearch
+index: add, replace, compact, save, search, get.
 
 Why a second library: on the same 100k real MiniLM vectors, faiss's IndexHNSWFlat answered
-2.8x the queries per second of usearch at the same ef and recall on one core, and built its graph
-2.2x faster (bench/search.py, BENCHMARKS.md). usearch stays the default: it is a core
+2.8x the queries per second of usearch at the same ef and recall on one core, and built its
+graph 2.2x faster (bench/search.py, BENCHMARKS.md). usearch stays the default: it is a core
 dependency, memory-maps the whole graph, removes and renames nodes in place, and holds i8 and
 b1 codes; faiss-cpu is the optional `faiss` extra.
 
@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
+from vecpipe.core.index_format import GRAPH_LIBRARIES
 from vecpipe.formats.errors import DataError, ParameterError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
 
-LIBRARIES = ("usearch", "faiss")
 FAISS_DTYPES = ("f32", "f16")
 FAISS_METRICS = ("ip", "l2sq")
 _ADD_BLOCK = 8192  # rows per faiss add while rebuilding: a signal is handled between blocks
@@ -43,8 +43,8 @@ def import_faiss():
 
 def check_library(library: str, metric: str, dtype: str, flat: bool) -> None:
     """What a faiss graph can hold: f32 or f16 vectors under ip/l2sq, in a graph."""
-    if library not in LIBRARIES:
-        raise ParameterError(f"unknown library {library!r}; use {'|'.join(LIBRARIES)}",
+    if library not in GRAPH_LIBRARIES:
+        raise ParameterError(f"unknown library {library!r}; use {'|'.join(GRAPH_LIBRARIES)}",
                              "library")
     if library == "usearch":
         return
@@ -150,23 +150,27 @@ class FaissGraph:
 
     def compact(self, keep: "np.ndarray", threads: int = 0) -> None:
         """Keep only the rows `keep` (sorted), numbered again 0..len(keep)-1: a new graph."""
-        self._build_from(self.get(keep), threads)
+        self._build_again(keep, threads)
 
     def save(self, path: str, threads: int = 0) -> None:
         if self._rebuild:
-            self._build_from(self.get(range(self.size)), threads)
+            self._build_again(None, threads)
         faiss = import_faiss()
         faiss.write_index(self._index, path)
 
-    def _build_from(self, vectors, threads: int) -> None:
-        old = self._index
+    def _build_again(self, rows, threads: int) -> None:
+        """A new graph of the stored vectors (all, or `rows`), read from the old storage a
+        block at a time: never a second whole copy beside both indexes."""
+        old, stored = self._index, self.vectors()  # `old` keeps the view's memory alive
         self._index = _empty_index(old.d, self.metric, self.dtype, self.connectivity)
         self._index.hnsw.efConstruction = old.hnsw.efConstruction
         self._index.hnsw.efSearch = old.hnsw.efSearch
         self._rebuild = False
-        for start in range(0, len(vectors), _ADD_BLOCK):
-            self.add(range(start, min(start + _ADD_BLOCK, len(vectors))),
-                     vectors[start:start + _ADD_BLOCK], threads)
+        total = len(stored) if rows is None else len(rows)
+        for start in range(0, total, _ADD_BLOCK):
+            stop = min(start + _ADD_BLOCK, total)
+            block = stored[start:stop] if rows is None else stored[rows[start:stop]]
+            self.add(range(start, stop), block, threads)
 
     def search(self, queries, count: int, exact: bool = False, threads: int = 0) -> Matches:
         """The top `count` rows of each query, in usearch's distances; `exact`: every stored

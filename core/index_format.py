@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 MANIFEST, VECTORS, ROWS, FULL = "manifest.json", "vectors.usearch", "rows.parquet", "full.npy"
 FLAT_VECTORS, PLANES = "vectors.npy", "planes.npy"
 FAISS_VECTORS = "vectors.faiss"
+GRAPH_LIBRARIES = ("usearch", "faiss")  # the library of an hnsw layout's graph (`hnsw.library`)
 TOKENS, TOKEN_OFFSETS = "tokens.npy", "token_offsets.npy"  # core.multivector's token store
 SHARDS = "shards"
 LAYOUTS = ("hnsw", "flat", "linked", "lexical")
@@ -224,9 +225,9 @@ def check_manifest(manifest: dict, path: str) -> None:
         _field(manifest, path, "hnsw", lambda v: isinstance(v, dict) and all(
             _is_int(v.get(key)) and v[key] >= 1
             for key in ("connectivity", "expansion_add", "expansion_search")) and
-            v.get("library", "usearch") in ("usearch", "faiss"),
-            "an object of positive connectivity/expansion_add/expansion_search (and an "
-            "library, usearch|faiss)")
+            v.get("library", "usearch") in GRAPH_LIBRARIES,
+            "an object of positive connectivity/expansion_add/expansion_search (and a "
+            f"library, {'|'.join(GRAPH_LIBRARIES)})")
     _field(manifest, path, "planes", lambda v: _is_int(v) and 2 <= v <= 8 and
            manifest["dtype"] == "b1", "2 to 8 (bit planes of a b1 index)", optional=True)
     if manifest["dtype"] == "pq" and layout != "flat":

@@ -120,6 +120,25 @@ def unit_ip(metric: str, score_metric: str | None) -> bool:
     return metric == "ip" and score_metric == "cos"
 
 
+def use_library(spec: IndexSpec, library: str, coded: bool = False) -> None:
+    """Put the spec's graph in `library` (checked here, before any record is read; a missing
+    faiss-cpu too). faiss scores cosine as the inner product of unit vectors, scaled on their
+    way in, as usearch's ip graph of unit vectors does; `coded`: the vectors come through a
+    codec, whose output a faiss graph does not scale."""
+    from vecpipe.core.faiss_graph import check_library, import_faiss
+
+    if library == "faiss" and spec.metric == "cos":
+        if coded:
+            raise ParameterError("a faiss graph scores cosine only of vectors without a codec",
+                                 "library", hint="index the float vectors, or use a usearch "
+                                                 "graph")
+        spec.metric = "ip"
+    check_library(library, spec.metric, spec.dtype, spec.flat)
+    if library == "faiss":
+        import_faiss()
+    spec.library = library
+
+
 def spec_for_input(kind: str, arrow_type, codec, meta: dict, metric: str | None = None,
                    dtype: str | None = None, keep_vectors: bool = False):
     """The IndexSpec of an input whose vectors are `kind` (`vector_kind`), and the codec target
