@@ -1,6 +1,6 @@
-"""Start-up cost of the CLI: `vecpipe --help` (and light commands) vs a bare interpreter, and
-with --index a text query, `vecpipe search IDX --query TEXT -k 10`, end to end and by stage:
-the default (`--backend auto`: the numpy runtime, core/numpy_encoder.py) and `--backend torch`
+"""Start-up cost of the CLI: `vecpipe --help` (and light commands, and a one-record embed) vs a
+bare interpreter, and with --index a text query, `vecpipe search IDX --query TEXT -k 10`, end to end and by stage:
+the default (`--backend auto`: the numpy runtime, core/bert_encoder.py) and `--backend torch`
 side by side, alternating run by run.
 
     .venv/bin/python bench/startup.py [--runs 20]
@@ -39,6 +39,8 @@ COMMANDS = {
     "vecpipe info small.jsonl": [sys.executable, "-m", "vecpipe.cli", "info", "{small}"],
     "vecpipe convert small.jsonl": [sys.executable, "-m", "vecpipe.cli", "convert", "{small}",
                                     "-q"],
+    "vecpipe embed small.jsonl -o out.arrow (one record, the bundled model)": [
+        sys.executable, "-m", "vecpipe.cli", "embed", "{small}", "-o", "{out}", "-q"],
 }
 SEARCH_ARGV = [sys.executable, "-m", "vecpipe.cli", "search", "{index}", "--query", QUERY,
                "-k", "10", "-q"]
@@ -231,7 +233,8 @@ def main():
         else:
             print("| command | median s | CPU s |\n|---|---|---|")
         for label, argv in commands.items():
-            argv = [a.format(small=small, index=args.index) for a in argv]
+            argv = [a.format(small=small, index=args.index, out=os.path.join(tmp, "out.arrow"))
+                    for a in argv]
             medians = compare(argv, args.runs, args.base)
             cells = " | ".join(f"{wall:.3f} | {cpu:.3f}" for wall, cpu in medians.values())
             print(f"| {label} | {cells} |", flush=True)

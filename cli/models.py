@@ -8,9 +8,11 @@ Backends: `torch` (sentence-transformers as it is), `onnx` / `onnx-int8` (the tr
 once with torch.onnx and run by onnxruntime), `openvino` (the same ONNX file compiled by OpenVINO).
 Only the transformer runs elsewhere: tokenization, pooling and the modules after it stay
 sentence-transformers' own, so every backend sees the same inputs and pools the same way.
-`numpy` is core.numpy_encoder's runtime for plain BERT-family folders (no torch imported: quick to
+`numpy` is core.bert_encoder's runtime for plain BERT-family folders (no torch imported: quick to
 start, so search's default); `auto` = numpy where that runtime can run the model exactly, else
-torch (the reason shown under VECPIPE_DEBUG=1).
+torch (the reason shown under VECPIPE_DEBUG=1). A caller that wants only vectors (embed) gets
+the torch backend through core.bert_encoder's torch forward on such folders on a CPU: torch
+without sentence-transformers' imports.
 
 The runtime itself (encode, tokenize, pools, fake vectors) is core.embedder's.
 """
@@ -145,7 +147,8 @@ def parse_fake(spec: str) -> int:
 def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool | None = None, backend: str = "torch",
                max_length: int | None = None, export_dir: str | None = None,
-               layers: int | None = None, pooling: str | None = None) -> Embedder:
+               layers: int | None = None, pooling: str | None = None,
+               needs_st: bool = True) -> Embedder:
     """Load (once per process) the model named by `spec`: None/default = bundled MiniLM.
 
     `backend` picks the runtime (see BACKENDS); `max_length` lowers the token window;
@@ -153,16 +156,20 @@ def load_model(spec: str | None = None, device: str = "auto", dtype: str = "auto
     `trust_remote_code` None: the command has no --trust-remote-code (such models are refused).
     `layers`, `pooling`: the model cut to its first layers, pooled another way (see
     Embedder.with_space; the weights are loaded once for all of them).
+    `needs_st` False: the caller wants vectors only (not the sentence-transformers model's
+    modules, token outputs or device pool), so on a CPU the torch backend runs a plain
+    BERT-family folder through core.bert_encoder's torch forward: the same vectors without
+    importing sentence-transformers and transformers (6-8 s of a short run).
     """
     if backend not in BACKENDS and backend != "auto":
         raise UsageError(f"unknown backend {backend!r}; use {'|'.join(BACKENDS)}")
     if layers is not None and backend not in ("torch", "numpy", "auto"):
         raise UsageError(f"--layers: the {backend} backend runs the whole exported model; "
                          "use --backend torch or numpy")
-    key = (spec, device, dtype, trust_remote_code, backend, max_length)
+    key = (spec, device, dtype, trust_remote_code, backend, max_length, needs_st)
     if key not in _cache:
         _cache[key] = _load(spec, device, dtype, trust_remote_code, backend, max_length,
-                            export_dir)
+                            export_dir, needs_st)
     if layers is None and pooling is None:
         return _cache[key]
     if key + (layers, pooling) not in _cache:
@@ -191,7 +198,8 @@ def space_options(meta) -> dict:
     return {"layers": None if layers is None else int(layers), "pooling": meta.get("pooling")}
 
 
-def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_dir) -> Embedder:
+def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_dir,
+          needs_st) -> Embedder:
     if spec and spec.startswith("fake:"):
         return Embedder(name=spec, sha=None, dim=parse_fake(spec), max_length=None,
                            device="cpu", backend="torch")
@@ -204,6 +212,10 @@ def _load(spec, device, dtype, trust_remote_code, backend, max_length, export_di
             return model
         backend = "torch"
     _quiet_libraries(offline=local)
+    if backend == "torch" and not needs_st and local:
+        model = _torch_bert_model(spec, path, name, device, dtype, max_length)
+        if model is not None:
+            return model
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use {'|'.join(DTYPES)}")
     if backend != "torch":
@@ -255,10 +267,10 @@ def _model_path(spec: str | None) -> tuple[str, str]:
 
 
 def _numpy_model(spec, path, name, device, dtype, max_length, required: bool):
-    """core.numpy_encoder's model for `path`; when it cannot run it: an error if `required`
+    """core.bert_encoder's model for `path`; when it cannot run it: an error if `required`
     (--backend numpy), else None (auto: the caller loads torch) with the reason under
     VECPIPE_DEBUG=1."""
-    from vecpipe.core import numpy_encoder
+    from vecpipe.core import bert_encoder
 
     reason = None
     if not os.path.isdir(path):
@@ -269,8 +281,8 @@ def _numpy_model(spec, path, name, device, dtype, max_length, required: bool):
         reason = f"the numpy runtime computes float32, not {dtype}"
     if reason is None:
         try:
-            model = numpy_encoder.load(path, name, weights_sha(path))
-        except numpy_encoder.NotEligible as err:
+            model = bert_encoder.load(path, name, weights_sha(path))
+        except bert_encoder.NotEligible as err:
             reason = str(err)
         else:
             if max_length is not None:
@@ -280,12 +292,41 @@ def _numpy_model(spec, path, name, device, dtype, max_length, required: bool):
     if required:
         raise DataError(f"--backend numpy cannot run model {spec or name!r}: {reason}",
                         hint="use --backend torch")
+    _debug_notice(f"model {spec or name}: the torch backend, as the numpy runtime cannot run "
+                  f"it: {reason}")
+    return None
+
+
+def _torch_bert_model(spec, path, name, device, dtype, max_length):
+    """core.bert_encoder's model with the torch forward, or None (sentence-transformers then
+    runs it) for another device or precision, a window raised past the model's, or a folder
+    that runtime cannot run (the reason under VECPIPE_DEBUG=1)."""
+    from vecpipe.core import bert_encoder
+    from vecpipe.core.torch_bert import PRECISIONS
+
+    precision = "float32" if dtype == "auto" else dtype
+    if precision not in PRECISIONS or resolve_device(device) != "cpu":
+        return None
+    try:
+        model = bert_encoder.load(path, name, weights_sha(path), forward="torch",
+                                  precision=precision)
+    except bert_encoder.NotEligible as err:
+        _debug_notice(f"model {spec or name}: sentence-transformers runs it, as "
+                      f"core.bert_encoder cannot: {err}")
+        return None
+    if max_length is not None:
+        if max_length > model.max_length:
+            return None  # sentence-transformers raises a BERT window up to its position table
+        _check_max_length(max_length, model.max_length)
+        model.limit_window(max_length)
+    return model
+
+
+def _debug_notice(message: str) -> None:
     if os.environ.get("VECPIPE_DEBUG", "") not in ("", "0"):
         from vecpipe.core import notices
 
-        notices.info(f"model {spec or name}: the torch backend, as the numpy runtime cannot "
-                     f"run it: {reason}")
-    return None
+        notices.info(message)
 
 
 def _exported_runtime(model: Embedder, backend: str, device: str, export_dir, dtype: str):

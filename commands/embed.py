@@ -308,16 +308,18 @@ def load_embed_model(request: Request, precision: str, device: str = "auto"):
     """The model of the request on `device`, loaded when the checks have passed; `auto`
     precision is chosen here, on the machine that runs the model (models.embed_precision)."""
     from vecpipe.cli import console
-    from vecpipe.cli.models import embed_precision, load_model
+    from vecpipe.cli.models import embed_precision, load_model, parse_devices
 
     chosen, backend = embed_precision(precision, device, request.backend, request.model)
     if chosen != precision:
         console.info(f"{chosen} (this CPU multiplies bfloat16 in hardware; --precision "
                      "float32 for float32)")
+    needs_st = request.multi_vector or request.late_chunking or \
+        len(parse_devices(request.device)) > 1  # token outputs, a pool of devices
     return load_model(request.model, device, dtype=chosen,
                       trust_remote_code=request.trust_remote_code, backend=backend,
                       max_length=request.max_length, export_dir=request.cache,
-                      layers=request.layers, pooling=request.pooling)
+                      layers=request.layers, pooling=request.pooling, needs_st=needs_st)
 
 
 def task_inputs(request: Request) -> tuple:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from vecpipe.cli import models
+from vecpipe.core.cpu import has_vnni
 from vecpipe.core.embedder import fake_vectors
 from vecpipe.formats import schema as names
 
@@ -128,7 +129,8 @@ def test_onnx_int8_uses_the_whole_range_on_a_vnni_cpu(cli, tmp_path, write_jsonl
                                                        bundled_model, bundled_model_path,
                                                        monkeypatch):
     """Without VNNI the weights keep 7 bits (AVX2's u8*s8 pair sums saturate at 16 bits); with
-    it they use all 8, and land closer to float32."""
+    it they use all 8, and land closer to float32: on a CPU that has VNNI (elsewhere the
+    whole range saturates, which is why it is only chosen on one)."""
     pytest.importorskip("onnxruntime")
     texts = synthetic_texts(32, seed=5, longest=300)
     src = write_jsonl(tmp_path / "in.jsonl", records_of(texts))
@@ -152,8 +154,11 @@ def test_onnx_int8_uses_the_whole_range_on_a_vnni_cpu(cli, tmp_path, write_jsonl
     full = next(path for name, path in files.items() if name.endswith("-int8-full.onnx"))
     assert max(int(np.abs(w).max()) for w in int8_weights(reduced)) <= 64
     assert max(int(np.abs(w).max()) for w in int8_weights(full)) == 127
-    assert cosines["int8"].min() > 0.97
-    assert cosines["int8"].mean() > cosines["int8-reduced-range"].mean()
+    if has_vnni("/proc/cpuinfo"):
+        assert cosines["int8"].min() > 0.97
+        assert cosines["int8"].mean() > cosines["int8-reduced-range"].mean()
+    else:
+        assert cosines["int8-reduced-range"].mean() > cosines["int8"].mean()
 
 
 @pytest.fixture

@@ -294,19 +294,22 @@ def test_batch_tokens_gives_the_same_vectors_in_batches_of_the_budget(
         cli, tmp_path, write_jsonl, bundled_model, monkeypatch):
     """Texts of very different lengths: each model call holds at most the budget's padded
     tokens (many short texts, few long ones), and the vectors are sentence-transformers'."""
+    from vecpipe.core.bert_encoder import BertEncoder
     from vecpipe.core.embedder import Embedder
 
     records = [{"id": f"d{i}", "text": f"item {i} " + "word " * (150 + i if i % 6 == 0 else i % 5)}
                for i in range(120)]  # one long text in six
     source = write_jsonl(tmp_path / "in.jsonl", records)
     shapes = []
-    embed_features = Embedder.embed_features
 
-    def recorded(self, features, *args, **kwargs):
-        shapes.append(tuple(features["input_ids"].shape))
-        return embed_features(self, features, *args, **kwargs)
+    def recording(embed_features):
+        def recorded(self, features, *args, **kwargs):
+            shapes.append(tuple(features["input_ids"].shape))
+            return embed_features(self, features, *args, **kwargs)
+        return recorded
 
-    monkeypatch.setattr(Embedder, "embed_features", recorded)
+    for runtime in (Embedder, BertEncoder):  # sentence-transformers', core.torch_bert's
+        monkeypatch.setattr(runtime, "embed_features", recording(runtime.embed_features))
     r = cli("embed", source, "--batch-tokens", "1024", "--output-format", "arrow")
     assert r.exit_code == 0, r.stderr
     assert sum(rows for rows, _ in shapes) == 120

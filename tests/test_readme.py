@@ -381,9 +381,13 @@ def make_fixtures(root: Path, nfcorpus: Path, model: str) -> Path:
                                             for d, s in ds.items()))
     jsonl(work / "pairs.jsonl", [{"query_id": q["_id"], "query": q["text"], "positive_id": d}
                                  for q in train_queries for d in qrels["train"][q["_id"]]])
-    today = datetime.date.today().isoformat()  # the cron example's "new/$(date +%F).jsonl"
-    jsonl(work / "new" / f"{today}.jsonl", [with_fields(d, n) for n, d in enumerate(spare[:40])]
-          + records[:5])  # 5 documents again: --on-duplicate last replaces them
+    # the cron example's "new/$(date +%F).jsonl": today's, and tomorrow's for a run that passes
+    # midnight (local dates, as the shell's date; 5 documents again: --on-duplicate last
+    # replaces them)
+    today = datetime.date.today()
+    for day in (today, today + datetime.timedelta(days=1)):
+        jsonl(work / "new" / f"{day.isoformat()}.jsonl",
+              [with_fields(d, n) for n, d in enumerate(spare[:40])] + records[:5])
     # labelled sets for eval classification and clustering: the documents relevant to a test
     # query, labelled by it (their topic); every other one to train and to test
     topic = {}

@@ -1,7 +1,7 @@
 """Search start-up (bench/startup.py measures it): a text query with a fake model imports none
 of the heavy packages (nor pyarrow.dataset); a Ctrl-C while the model loads exits 130 in one
 line; real query vectors are sentence-transformers' own, with the default (numpy) runtime and
-with --backend torch (tests/test_numpy_encoder.py checks the numpy runtime's imports)."""
+with --backend torch (tests/test_bert_encoder.py checks the numpy runtime's imports)."""
 import hashlib
 import json
 import signal

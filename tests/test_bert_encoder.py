@@ -1,7 +1,9 @@
-"""core.numpy_encoder, the torch-free runtime: its GELU against math.erf, which folders it takes
-and why it refuses the others (the CLI then falls back to torch), and, against
-sentence-transformers itself, its token ids, vectors (batched, long, prompted), truncation
-counts and search results; and that search --query with it imports no torch."""
+"""core.bert_encoder, BERT folders without sentence-transformers: its GELU against math.erf,
+which folders it takes and why it refuses the others (the CLI then falls back to
+sentence-transformers), and, against sentence-transformers itself, its token ids, vectors
+(batched, long, prompted; the numpy forward and core.torch_bert's, float32 and bfloat16),
+truncation counts and search results; that search --query with the numpy forward imports no
+torch, and embed with the torch one no sentence-transformers or transformers."""
 import json
 import math
 import os
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 
 from vecpipe.cli import models
 from vecpipe.cli.app import app
-from vecpipe.core import notices, numpy_encoder
+from vecpipe.core import notices, bert_encoder
 from vecpipe.formats.errors import DataError, UsageError
 
 DOCS = [{"id": f"d{i}", "text": f"document {i} about topic {i % 3}: "
@@ -60,18 +62,18 @@ def _setting(**changes):
 def test_gelu_is_the_exact_erf_gelu_to_float32_rounding():
     x = np.concatenate([np.linspace(-12, 12, 240_001), [-1e4, -40.0, 0.0, 40.0, 1e4]])
     exact = np.array([v * 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x])
-    got = numpy_encoder.gelu(x.astype(np.float32)).astype(np.float64)
+    got = bert_encoder.gelu(x.astype(np.float32)).astype(np.float64)
     error = np.abs(got - exact) / np.maximum(np.abs(x), 1.0)
     assert error.max() <= 2.5e-7
     tanh_approximation = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     assert (np.abs(tanh_approximation - exact) / np.maximum(np.abs(x), 1.0)).max() > 1e-4
-    assert numpy_encoder.gelu(np.float32([-30.0]))[0] == 0.0  # 0 as torch gives, no denormal
+    assert bert_encoder.gelu(np.float32([-30.0]))[0] == 0.0  # 0 as torch gives, no denormal
 
 
 # ---- which folders it runs ----------------------------------------------------------------------
 
 def test_the_bundled_model_is_eligible(bundled_model_path):
-    plan = numpy_encoder.read_plan(bundled_model_path)
+    plan = bert_encoder.read_plan(bundled_model_path)
     assert (plan.pooling, plan.normalize, plan.max_length) == ("mean", True, 256)
 
 
@@ -100,8 +102,8 @@ def test_the_bundled_model_is_eligible(bundled_model_path):
 def test_folders_it_cannot_run_exactly_are_refused_with_the_reason(bundled_model_path, tmp_path,
                                                                    edits, reason):
     folder = _copy_of(bundled_model_path, tmp_path, edits)
-    with pytest.raises(numpy_encoder.NotEligible, match=re.escape(reason)):
-        numpy_encoder.read_plan(str(folder))
+    with pytest.raises(bert_encoder.NotEligible, match=re.escape(reason)):
+        bert_encoder.read_plan(str(folder))
     with pytest.raises(DataError, match="--backend numpy cannot run model .*" + re.escape(reason)):
         models.load_model(str(folder), backend="numpy")
 
@@ -111,7 +113,7 @@ def test_cls_and_max_pooling_are_taken(bundled_model_path, tmp_path, pooling):
     key = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens"}[pooling]
     edits = {"1_Pooling/config.json": _setting(pooling_mode_mean_tokens=False, **{key: True})}
     folder = _copy_of(bundled_model_path, tmp_path, edits)
-    assert numpy_encoder.read_plan(str(folder)).pooling == pooling
+    assert bert_encoder.read_plan(str(folder)).pooling == pooling
 
 
 def test_numpy_is_refused_for_other_devices_and_precisions(bundled_model_path, fresh_model_cache):
@@ -146,7 +148,7 @@ def test_search_backend_choices(cli, tmp_path, write_jsonl):
 
 @pytest.fixture(scope="module")
 def numpy_model():
-    return numpy_encoder.load(models.bundled_model_path(), models.BUNDLED_NAME,
+    return bert_encoder.load(models.bundled_model_path(), models.BUNDLED_NAME,
                               models.weights_sha(models.bundled_model_path()))
 
 
@@ -256,16 +258,91 @@ def test_search_results_equal_the_torch_backend(cli, real_index, write_jsonl, tm
 
 
 @pytest.mark.slow
-def test_embed_backend_numpy_equals_torch(cli, real_index, tmp_path):
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_embed_equals_sentence_transformers(cli, real_index, bundled_model, backend):
     docs = real_index / "docs.jsonl"
-    made = cli("embed", docs, "--backend", "numpy", "--dim", "128", "-o", "-",
+    made = cli("embed", docs, "--backend", backend, "--dim", "128", "-o", "-",
                "--output-format", "jsonl", "-q")
-    reference = cli("embed", docs, "--dim", "128", "-o", "-", "--output-format", "jsonl", "-q")
     assert made.exit_code == 0, made.stderr
     got = np.array([r["embedding"] for r in made.records()])
-    expected = np.array([r["embedding"] for r in reference.records()])
+    expected = bundled_model.encode([d["text"] for d in DOCS], truncate_dim=128,
+                                    normalize_embeddings=True)
     assert got.shape == (len(DOCS), 128)
     assert np.abs(got - expected).max() <= 1e-5
+
+
+# ---- the torch forward (core.torch_bert): embed's torch backend on a CPU ----------------------
+
+@pytest.mark.slow
+def test_the_torch_forward_equals_sentence_transformers(bundled_model, fresh_model_cache):
+    from vecpipe.core.torch_bert import TorchBert
+
+    model = models.load_model(None, device="cpu", needs_st=False)
+    assert isinstance(model.bert, TorchBert) and (model.backend, model.precision) == \
+        ("torch", "float32")
+    reference = models.load_model(None, device="cpu")  # sentence-transformers' Embedder
+    assert reference.st is not None
+    for prompt in ("", "query: "):
+        expected = bundled_model.encode(MIXED, batch_size=4, prompt=prompt or None,
+                                        normalize_embeddings=True)
+        assert np.abs(model.encode(MIXED, batch_size=4, prompt=prompt) - expected).max() \
+            <= 1e-5
+        assert model.token_lengths(MIXED, prompt) == reference.token_lengths(MIXED, prompt)
+    assert model.metadata(prompt="query: ", dim=64) == \
+        reference.metadata(prompt="query: ", dim=64)
+    for layers, pooling in ((3, None), (None, "cls"), (2, "max")):
+        cut = models.load_model(None, device="cpu", needs_st=False, layers=layers,
+                                pooling=pooling)
+        same = models.load_model(None, device="cpu", layers=layers, pooling=pooling)
+        assert np.abs(cut.encode(MIXED) - same.encode(MIXED)).max() <= 1e-5
+        assert cut.metadata() == same.metadata()
+
+
+@pytest.mark.slow
+def test_the_torch_forward_in_bfloat16_keeps_cosine_0_9999(fresh_model_cache):
+    exact = models.load_model(None, device="cpu", needs_st=False).encode(MIXED)
+    model = models.load_model(None, device="cpu", dtype="bfloat16", needs_st=False)
+    assert isinstance(model, bert_encoder.BertEncoder) and model.precision == "bfloat16"
+    assert model.metadata()["precision"] == "bfloat16"
+    cosines = (model.encode(MIXED) * exact).sum(axis=1)
+    assert cosines.mean() >= 0.9999 and cosines.min() >= 0.999, cosines
+
+
+@pytest.mark.slow
+def test_sentence_transformers_runs_what_the_torch_forward_cannot(bundled_model_path, tmp_path,
+                                                                  capsys, monkeypatch,
+                                                                  fresh_model_cache):
+    lowered = models.load_model(None, device="cpu", max_length=8, needs_st=False)
+    assert isinstance(lowered, bert_encoder.BertEncoder) and lowered.max_length == 8
+    for kwargs in ({"dtype": "float16"}, {"max_length": 300}, {"needs_st": True}):
+        model = models.load_model(None, device="cpu", **{"needs_st": False, **kwargs})
+        assert model.st is not None, kwargs
+    assert models.load_model(None, device="cpu", max_length=300, needs_st=False).max_length \
+        == 300  # past the trained window, up to the position table, as sentence-transformers
+    folder = _copy_of(bundled_model_path, tmp_path, {"config.json": _setting(hidden_act="relu")})
+    monkeypatch.setenv("VECPIPE_DEBUG", "1")
+    notices.configure("vecpipe")
+    assert models.load_model(str(folder), device="cpu", needs_st=False).st is not None
+    assert "sentence-transformers runs it, as core.bert_encoder cannot: config.json " \
+        "hidden_act is 'relu'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--batch-tokens", "2048"], ["--chunk-tokens", "40"]])
+def test_embed_imports_neither_transformers_nor_sentence_transformers(real_index, tmp_path,
+                                                                      extra):
+    out = tmp_path / "out.jsonl"
+    script = ("import sys\n"
+              "from vecpipe.cli.app import main\n"
+              f"sys.argv = ['vecpipe', 'embed', {str(real_index / 'docs.jsonl')!r}, *{extra!r},"
+              f" '-o', {str(out)!r}, '-q']\n"
+              "try:\n    main()\nexcept SystemExit as stop:\n    assert not stop.code, stop\n"
+              f"print(sorted(set({HEAVY!r}) & set(sys.modules)))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "['torch']"
+    assert len(out.read_text().splitlines()) >= len(DOCS)
 
 
 @pytest.mark.slow

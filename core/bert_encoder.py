@@ -1,10 +1,13 @@
-"""A second runtime for plain BERT-family sentence-transformers folders: tokenizers + safetensors +
-numpy, no torch. It loads in a fraction of a second, so one-off query encodings (search) start
-fast; it computes what sentence-transformers computes (fp32, exact GELU, the same token ids), so
-its vectors equal the torch backend's to float rounding.
+"""A runtime for plain BERT-family sentence-transformers folders without sentence-transformers:
+tokenizers + safetensors + a BERT forward pass of its own, in numpy (Bert: no torch at all, loads
+in a fraction of a second, so one-off query encodings start fast: search's default) or in torch
+(core.torch_bert: torch's speed without the seconds transformers and sentence-transformers take
+to import: embed's torch backend on a CPU). It computes what sentence-transformers computes (the
+same token ids, exact GELU, the same pooling), so its vectors equal the sentence-transformers
+model's to float rounding.
 
 Only folders it can run exactly are taken; anything else raises NotEligible with the reason, and
-the caller falls back to the torch Embedder (cli/models.py decides).
+the caller falls back to the sentence-transformers Embedder (cli/models.py decides).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 from vecpipe.core.embedder import Embedder
 
@@ -147,34 +151,54 @@ def _pooling_mode(folder: str, module: dict, config: dict) -> str:
     return modes[0]
 
 
-def load(folder: str, name: str, sha: str | None) -> NumpyEncoder:
-    """The folder's model, ready to encode; NotEligible when this runtime cannot run it."""
+def load(folder: str, name: str, sha: str | None, forward: str = "numpy",
+         precision: str = "float32") -> BertEncoder:
+    """The folder's model, ready to encode, its forward pass in `forward` (numpy, or torch in
+    `precision`: float32 or bfloat16); NotEligible when this runtime cannot run it."""
     plan = read_plan(folder)
-    from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(plan.max_length)
+    weights_path = os.path.join(folder, "model.safetensors")
     try:
-        bert = Bert(plan.config, load_file(os.path.join(folder, "model.safetensors")))
+        if forward == "torch":
+            from safetensors.torch import load_file
+
+            from vecpipe.core.torch_bert import TorchBert
+
+            bert = TorchBert(plan.config, partial(bert_weight, load_file(weights_path)),
+                             precision)
+        else:
+            from safetensors.numpy import load_file
+
+            bert = Bert(plan.config, partial(bert_weight, load_file(weights_path)))
     except KeyError as err:
         raise NotEligible(f"model.safetensors has no weight {err}") from None
-    return NumpyEncoder(name=name, sha=sha, dim=plan.config["hidden_size"],
-                        max_length=plan.max_length, device="cpu", prompts=plan.prompts,
-                        backend="numpy", path=folder, bert=bert, text_tokenizer=tokenizer,
-                        model_pooling=plan.pooling, normalized_by_model=plan.normalize)
+    return BertEncoder(name=name, sha=sha, dim=plan.config["hidden_size"],
+                       max_length=plan.max_length, device="cpu", prompts=plan.prompts,
+                       backend=forward, path=folder, bert=bert, text_tokenizer=tokenizer,
+                       model_pooling=plan.pooling, normalized_by_model=plan.normalize,
+                       precision=precision)
+
+
+def bert_weight(weights: dict, key: str):
+    """A BertModel weight by its name, in a file saved from BertModel or from a model around it
+    (`bert.`/`model.` prefixes); KeyError naming it when absent."""
+    for prefix in ("", "bert.", "model."):
+        if prefix + key in weights:
+            return weights[prefix + key]
+    raise KeyError(key)
 
 
 class Bert:
     """BertModel's forward pass (inference: no dropout) in float32 numpy."""
 
-    def __init__(self, config: dict, weights: dict):
+    def __init__(self, config: dict, weight_named):
+        """`weight_named(key)`: the BertModel weight of that name (bert_weight)."""
         def weight(key):
-            for prefix in ("", "bert.", "model."):
-                if prefix + key in weights:
-                    return weights[prefix + key].astype("float32", copy=False)
-            raise KeyError(key)
+            return weight_named(key).astype("float32", copy=False)
 
         self.heads = config["num_attention_heads"]
         self.eps = config["layer_norm_eps"]
@@ -261,7 +285,7 @@ def _layer_norm(x, gain, bias, eps):
 
 # erfc(z) for z >= 0: Numerical Recipes' erfcc, a Chebyshev fit with fractional error < 1.2e-7.
 # Evaluated in float32, GELU through it stays within 2.5e-7 * max(|x|, 1) of the exact-erf GELU
-# (tests/test_numpy_encoder.py measures it against math.erf): about float32's own rounding.
+# (tests/test_bert_encoder.py measures it against math.erf): about float32's own rounding.
 _ERFC_COEFFICIENTS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
                       0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
 
@@ -298,10 +322,11 @@ def gelu(x):
 
 
 @dataclass
-class NumpyEncoder(Embedder):
-    """An Embedder (same interface) whose model runs in numpy; features are numpy arrays."""
+class BertEncoder(Embedder):
+    """An Embedder (same interface) whose forward pass is Bert (numpy) or TorchBert; features
+    are numpy arrays."""
 
-    bert: object = None
+    bert: object = None                  # Bert or core.torch_bert.TorchBert
     text_tokenizer: object = None        # a tokenizers.Tokenizer, truncating to max_length
     model_pooling: str = "mean"          # the folder's own pooling (`pooling` overrides it)
     normalized_by_model: bool = False
@@ -358,6 +383,10 @@ class NumpyEncoder(Embedder):
         if dim is not None:
             vectors = np.ascontiguousarray(vectors[:, :dim])
         return _unit(vectors) if normalize else vectors
+
+    def token_lengths(self, texts: list[str], prompt: str = "") -> list[int]:
+        encodings = self.text_tokenizer.encode_batch([prompt + text for text in texts])
+        return [len(encoding.ids) for encoding in encodings]
 
     def count_truncated(self, texts: list[str], features, prompt: str = "") -> int:
         lengths = features["attention_mask"].sum(axis=1).tolist()
