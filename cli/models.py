@@ -302,10 +302,9 @@ def _torch_bert_model(spec, path, name, device, dtype, max_length):
     runs it) for another device or precision, a window raised past the model's, or a folder
     that runtime cannot run (the reason under VECPIPE_DEBUG=1)."""
     from vecpipe.core import bert_encoder
-    from vecpipe.core.torch_bert import PRECISIONS
 
     precision = "float32" if dtype == "auto" else dtype
-    if precision not in PRECISIONS or resolve_device(device) != "cpu":
+    if precision not in bert_encoder.TORCH_PRECISIONS or resolve_device(device) != "cpu":
         return None
     try:
         model = bert_encoder.load(path, name, weights_sha(path), forward="torch",

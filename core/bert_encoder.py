@@ -1,8 +1,8 @@
 """A runtime for plain BERT-family sentence-transformers folders without sentence-transformers:
 tokenizers + safetensors + a BERT forward pass of its own, in numpy (Bert: no torch at all, loads
 in a fraction of a second, so one-off query encodings start fast: search's default) or in torch
-(core.torch_bert: torch's speed without the seconds transformers and sentence-transformers take
-to import: embed's torch backend on a CPU). It computes what sentence-transformers computes (the
+(TorchBert: torch's speed without the seconds transformers and sentence-transformers take to
+import: embed's torch backend on a CPU). It computes what sentence-transformers computes (the
 same token ids, exact GELU, the same pooling), so its vectors equal the sentence-transformers
 model's to float rounding.
 
@@ -29,6 +29,7 @@ _OTHER_POOLING_KEYS = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weight
 # BertTokenizer settings that override tokenizer.json's normalizer when they disagree with it.
 _NORMALIZER_SETTINGS = {"do_lower_case": "lowercase", "strip_accents": "strip_accents",
                         "tokenize_chinese_chars": "handle_chinese_chars"}
+TORCH_PRECISIONS = ("float32", "bfloat16")  # TorchBert's
 
 
 class NotEligible(Exception):
@@ -166,8 +167,6 @@ def load(folder: str, name: str, sha: str | None, forward: str = "numpy",
         if forward == "torch":
             from safetensors.torch import load_file
 
-            from vecpipe.core.torch_bert import TorchBert
-
             bert = TorchBert(plan.config, partial(bert_weight, load_file(weights_path)),
                              precision)
         else:
@@ -181,6 +180,31 @@ def load(folder: str, name: str, sha: str | None, forward: str = "numpy",
                        backend=forward, path=folder, bert=bert, text_tokenizer=tokenizer,
                        model_pooling=plan.pooling, normalized_by_model=plan.normalize,
                        precision=precision)
+
+
+def bert_parts(config: dict, weight, linear) -> tuple[tuple, list[dict]]:
+    """BertModel's weights by role, in a forward pass's own form: `weight(key)` gives one
+    weight, `linear(*keys)` the (matrix, bias) of those projections taken as one product.
+    Returns (word table, position table, token type 0's row, (gain, bias) of the embeddings'
+    norm) and one dict per layer."""
+    embeddings = (weight("embeddings.word_embeddings.weight"),
+                  weight("embeddings.position_embeddings.weight"),
+                  weight("embeddings.token_type_embeddings.weight")[0],
+                  (weight("embeddings.LayerNorm.weight"), weight("embeddings.LayerNorm.bias")))
+    layers = []
+    for i in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        layers.append({
+            "qkv": linear(*(p + "attention.self." + name for name in ("query", "key", "value"))),
+            "attention_out": linear(p + "attention.output.dense"),
+            "attention_norm": (weight(p + "attention.output.LayerNorm.weight"),
+                               weight(p + "attention.output.LayerNorm.bias")),
+            "intermediate": linear(p + "intermediate.dense"),
+            "output": linear(p + "output.dense"),
+            "output_norm": (weight(p + "output.LayerNorm.weight"),
+                            weight(p + "output.LayerNorm.bias")),
+        })
+    return embeddings, layers
 
 
 def bert_weight(weights: dict, key: str):
@@ -197,35 +221,19 @@ class Bert:
 
     def __init__(self, config: dict, weight_named):
         """`weight_named(key)`: the BertModel weight of that name (bert_weight)."""
+        import numpy as np
+
         def weight(key):
             return weight_named(key).astype("float32", copy=False)
 
+        def linear(*keys):  # x @ matrix + bias; several projections of x as one product
+            return (np.concatenate([weight(key + ".weight").T for key in keys], axis=1),
+                    np.concatenate([weight(key + ".bias") for key in keys]))
+
         self.heads = config["num_attention_heads"]
         self.eps = config["layer_norm_eps"]
-        self.word = weight("embeddings.word_embeddings.weight")
-        self.position = weight("embeddings.position_embeddings.weight")
-        self.token_type = weight("embeddings.token_type_embeddings.weight")[0]
-        self.embed_norm = (weight("embeddings.LayerNorm.weight"),
-                           weight("embeddings.LayerNorm.bias"))
-
-        def linear(key):
-            return weight(key + ".weight").T, weight(key + ".bias")
-
-        self.layers = []
-        for i in range(config["num_hidden_layers"]):
-            p = f"encoder.layer.{i}."
-            self.layers.append({
-                "query": linear(p + "attention.self.query"),
-                "key": linear(p + "attention.self.key"),
-                "value": linear(p + "attention.self.value"),
-                "attention_out": linear(p + "attention.output.dense"),
-                "attention_norm": (weight(p + "attention.output.LayerNorm.weight"),
-                                   weight(p + "attention.output.LayerNorm.bias")),
-                "intermediate": linear(p + "intermediate.dense"),
-                "output": linear(p + "output.dense"),
-                "output_norm": (weight(p + "output.LayerNorm.weight"),
-                                weight(p + "output.LayerNorm.bias")),
-            })
+        embeddings, self.layers = bert_parts(config, weight, linear)
+        self.word, self.position, self.token_type, self.embed_norm = embeddings
 
     def __call__(self, input_ids, attention_mask, layers: int | None = None):
         """Token embeddings (batch x tokens x hidden) after the first `layers` layers (None:
@@ -248,11 +256,9 @@ class Bert:
         hidden = x.shape[1]
         width = hidden // self.heads
 
-        def heads(name):
-            split = _linear(x, *layer[name]).reshape(batch, length, self.heads, width)
-            return np.ascontiguousarray(split.transpose(0, 2, 1, 3))  # BLAS needs contiguous
-
-        query, key, value = heads("query"), heads("key"), heads("value")
+        qkv = _linear(x, *layer["qkv"]).reshape(batch, length, 3, self.heads, width)
+        query, key, value = (np.ascontiguousarray(qkv[:, :, i].transpose(0, 2, 1, 3))
+                             for i in range(3))  # BLAS needs contiguous
         keys_t = np.ascontiguousarray(key.transpose(0, 1, 3, 2))
         scores = query @ keys_t / np.float32(math.sqrt(width)) + key_bias
         scores -= scores.max(-1, keepdims=True)
@@ -264,6 +270,63 @@ class Bert:
         inner = gelu(_linear(x, *layer["intermediate"]))
         return _layer_norm(_linear(inner, *layer["output"]) + x, *layer["output_norm"],
                            self.eps)
+
+
+class TorchBert:
+    """BertModel's forward pass in torch, called like Bert: numpy token ids and mask in,
+    float32 numpy token embeddings out; weights and activations in `precision` (float32 or
+    bfloat16). The attention is torch's scaled_dot_product_attention, as transformers' own
+    BERT uses, so it runs at the speed of sentence-transformers' torch backend."""
+
+    def __init__(self, config: dict, weight_named, precision: str = "float32"):
+        """`weight_named(key)`: the BertModel weight of that name (bert_weight)."""
+        import torch
+
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+
+        def weight(key):
+            return weight_named(key).to(dtype).contiguous()
+
+        def linear(*keys):  # several projections of one input as one matrix product
+            return (torch.cat([weight(key + ".weight") for key in keys]),
+                    torch.cat([weight(key + ".bias") for key in keys]))
+
+        self.heads = config["num_attention_heads"]
+        self.eps = config["layer_norm_eps"]
+        embeddings, self.layers = bert_parts(config, weight, linear)
+        self.word, self.position, self.token_type, self.embed_norm = embeddings
+
+    def __call__(self, input_ids, attention_mask, layers: int | None = None):
+        """Token embeddings (batch x tokens x hidden, float32 numpy) after the first `layers`
+        layers (None: all), right-padded inputs."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            ids = torch.from_numpy(input_ids)
+            length = ids.shape[1]
+            x = F.embedding(ids, self.word) + self.position[:length] + self.token_type
+            x = F.layer_norm(x, x.shape[-1:], *self.embed_norm, self.eps)
+            attends = torch.from_numpy(attention_mask).bool()[:, None, None, :]
+            for layer in self.layers[:layers]:
+                x = self._layer(x, layer, attends)
+            return x.float().numpy()
+
+    def _layer(self, x, layer, attends):
+        import torch.nn.functional as F
+
+        batch, length, hidden = x.shape
+        width = hidden // self.heads
+        qkv = F.linear(x, *layer["qkv"]).view(batch, length, 3, self.heads, width)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attends,
+                                                 scale=1.0 / math.sqrt(width))
+        context = context.transpose(1, 2).reshape(batch, length, hidden)
+        x = F.layer_norm(F.linear(context, *layer["attention_out"]) + x, (hidden,),
+                         *layer["attention_norm"], self.eps)
+        inner = F.gelu(F.linear(x, *layer["intermediate"]))
+        return F.layer_norm(F.linear(inner, *layer["output"]) + x, (hidden,),
+                            *layer["output_norm"], self.eps)
 
 
 def _linear(x, weight_t, bias):
@@ -326,7 +389,7 @@ class BertEncoder(Embedder):
     """An Embedder (same interface) whose forward pass is Bert (numpy) or TorchBert; features
     are numpy arrays."""
 
-    bert: object = None                  # Bert or core.torch_bert.TorchBert
+    bert: object = None                  # Bert or TorchBert
     text_tokenizer: object = None        # a tokenizers.Tokenizer, truncating to max_length
     model_pooling: str = "mean"          # the folder's own pooling (`pooling` overrides it)
     normalized_by_model: bool = False

@@ -1,7 +1,7 @@
 """core.bert_encoder, BERT folders without sentence-transformers: its GELU against math.erf,
 which folders it takes and why it refuses the others (the CLI then falls back to
 sentence-transformers), and, against sentence-transformers itself, its token ids, vectors
-(batched, long, prompted; the numpy forward and core.torch_bert's, float32 and bfloat16),
+(batched, long, prompted; the numpy forward and the torch one, float32 and bfloat16),
 truncation counts and search results; that search --query with the numpy forward imports no
 torch, and embed with the torch one no sentence-transformers or transformers."""
 import json
@@ -271,14 +271,12 @@ def test_embed_equals_sentence_transformers(cli, real_index, bundled_model, back
     assert np.abs(got - expected).max() <= 1e-5
 
 
-# ---- the torch forward (core.torch_bert): embed's torch backend on a CPU ----------------------
+# ---- the torch forward (TorchBert): embed's torch backend on a CPU ------------------------------
 
 @pytest.mark.slow
 def test_the_torch_forward_equals_sentence_transformers(bundled_model, fresh_model_cache):
-    from vecpipe.core.torch_bert import TorchBert
-
     model = models.load_model(None, device="cpu", needs_st=False)
-    assert isinstance(model.bert, TorchBert) and (model.backend, model.precision) == \
+    assert isinstance(model.bert, bert_encoder.TorchBert) and (model.backend, model.precision) == \
         ("torch", "float32")
     reference = models.load_model(None, device="cpu")  # sentence-transformers' Embedder
     assert reference.st is not None

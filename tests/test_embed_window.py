@@ -308,7 +308,7 @@ def test_batch_tokens_gives_the_same_vectors_in_batches_of_the_budget(
             return embed_features(self, features, *args, **kwargs)
         return recorded
 
-    for runtime in (Embedder, BertEncoder):  # sentence-transformers', core.torch_bert's
+    for runtime in (Embedder, BertEncoder):  # sentence-transformers', TorchBert's
         monkeypatch.setattr(runtime, "embed_features", recording(runtime.embed_features))
     r = cli("embed", source, "--batch-tokens", "1024", "--output-format", "arrow")
     assert r.exit_code == 0, r.stderr

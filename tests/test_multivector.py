@@ -278,7 +278,8 @@ def test_real_token_vectors_are_sentence_transformers_token_embeddings(
     ids = bundled_model.tokenizer(texts[1])["input_ids"]
     assert table.column("token_count")[1].as_py() == len(ids)
     # one forward pass makes both: the pooled vectors are sentence-transformers' own, as a
-    # plain embed's are (which runs core.torch_bert: equal to float rounding)
+    # plain embed's are (which runs bert_encoder.TorchBert: equal to float
+    # rounding)
     pooled = names.vectors_to_numpy(table.column("embedding"))
     np.testing.assert_allclose(pooled, bundled_model.encode(texts, normalize_embeddings=True),
                                atol=1e-6)
