@@ -1,7 +1,7 @@
 """Start-up cost of the CLI: `vecpipe --help` (and light commands, and a one-record embed) vs a
-bare interpreter, and with --index a text query, `vecpipe search IDX --query TEXT -k 10`, end to end and by stage:
-the default (`--backend auto`: the numpy runtime, core/bert_encoder.py) and `--backend torch`
-side by side, alternating run by run.
+bare interpreter, and with --index a text query, `vecpipe search IDX --query TEXT -k 10`, end to
+end and by stage: the default (`--backend auto`: the numpy runtime, core/bert_encoder.py) and
+`--backend torch` side by side, alternating run by run.
 
     .venv/bin/python bench/startup.py [--runs 20]
     .venv/bin/python bench/startup.py --index IDX --runs 7 [--base DIR] [--only-search]

@@ -307,6 +307,8 @@ def _torch_bert_model(spec, path, name, device, dtype, max_length):
     if precision not in bert_encoder.TORCH_PRECISIONS or resolve_device(device) != "cpu":
         return None
     try:
+        if max_length is not None and max_length > bert_encoder.read_plan(path).max_length:
+            return None  # sentence-transformers raises a BERT window up to its position table
         model = bert_encoder.load(path, name, weights_sha(path), forward="torch",
                                   precision=precision)
     except bert_encoder.NotEligible as err:
@@ -314,8 +316,6 @@ def _torch_bert_model(spec, path, name, device, dtype, max_length):
                       f"core.bert_encoder cannot: {err}")
         return None
     if max_length is not None:
-        if max_length > model.max_length:
-            return None  # sentence-transformers raises a BERT window up to its position table
         _check_max_length(max_length, model.max_length)
         model.limit_window(max_length)
     return model
